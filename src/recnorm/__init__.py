@@ -1,0 +1,60 @@
+"""recnorm: normalization that works in recurrent networks, and the evidence of when it helps.
+
+Public API:
+
+* layers ``LSTM``, ``GRU``, ``RNN`` and cells ``LSTMCell``, ``GRUCell``, ``RNNCell``: drop-in
+  replacements for torch.nn's, with ``norm=`` one of :func:`list_norms`;
+* ``list_norms``, ``get_norm``, ``norm_options``, ``register_norm``: the normalization registry;
+* ``recnorm.init``: named initialisation schemes;
+* ``recompute_population_statistics`` and ``recnorm.diagnostics``: statistics and gradient flow.
+"""
+
+from typing import Any, Dict
+
+from recnorm import diagnostics, init
+from recnorm.diagnostics import recompute_population_statistics
+from recnorm.nn import (
+    GRU,
+    LSTM,
+    RNN,
+    GroupedLayerNorm,
+    GRUCell,
+    LSTMCell,
+    NormSpec,
+    RecurrentBatchNorm,
+    RNNCell,
+    get_norm,
+    list_cells,
+    list_norms,
+    register_norm,
+)
+
+__version__ = "0.1.0"
+
+
+def norm_options(name: str) -> Dict[str, Any]:
+    """The ``norm_kwargs`` that normalization ``name`` accepts, with their defaults."""
+    spec = get_norm(name)
+    return {} if spec is None else dict(spec.options)
+
+
+__all__ = [
+    "LSTM",
+    "GRU",
+    "RNN",
+    "LSTMCell",
+    "GRUCell",
+    "RNNCell",
+    "RecurrentBatchNorm",
+    "GroupedLayerNorm",
+    "NormSpec",
+    "list_norms",
+    "get_norm",
+    "norm_options",
+    "register_norm",
+    "list_cells",
+    "recompute_population_statistics",
+    "diagnostics",
+    "init",
+    "__version__",
+]

@@ -1,0 +1,45 @@
+"""Time-loop implementations and the one place that chooses between them.
+
+``reference`` is the readable loop that autograd differentiates; it is the oracle every fast path is
+tested against. Set the environment variable ``RECNORM_KERNEL=reference`` (or pass ``kernel="reference"``
+to a layer) to force it when debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from recnorm.kernels.reference import DirectionParams, project_inputs
+from recnorm.kernels.reference import run_direction as reference_run_direction
+from recnorm.nn.cells import CellType
+
+__all__ = ["DirectionParams", "project_inputs", "run_direction", "KERNELS", "resolve_kernel"]
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "reference")
+
+
+def resolve_kernel(kernel: Optional[str]) -> str:
+    """The kernel to use: the argument, else ``$RECNORM_KERNEL``, else ``"auto"``."""
+    name = kernel or os.environ.get("RECNORM_KERNEL") or "auto"
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; expected one of {KERNELS}")
+    return name
+
+
+def run_direction(
+    cell: CellType,
+    x: Tensor,
+    batch_sizes: Sequence[int],
+    state: Tuple[Tensor, ...],
+    p: DirectionParams,
+    on_output: Optional[Callable[[int, Tensor], None]] = None,
+    kernel: str = "auto",
+):
+    """Run one layer direction with the chosen implementation (see :mod:`recnorm.kernels.reference`)."""
+    return reference_run_direction(cell, x, batch_sizes, state, p, on_output)

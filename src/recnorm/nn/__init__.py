@@ -1,0 +1,15 @@
+"""Layers, cells and normalizations."""
+
+from recnorm.nn.cells import CELLS, CellType, get_cell, list_cells, register_cell
+from recnorm.nn.norms import (
+    NORMS,
+    GroupedLayerNorm,
+    NormSpec,
+    RecurrentBatchNorm,
+    create_norm,
+    get_norm,
+    list_norms,
+    register_norm,
+    resolve_norm_kwargs,
+)
+from recnorm.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RecurrentBase, RNNCell

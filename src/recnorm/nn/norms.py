@@ -1,0 +1,457 @@
+"""Normalization modules and the registry of normalization schemes.
+
+Two modules do all the work:
+
+* :class:`RecurrentBatchNorm` -- batch normalization whose running statistics are indexed by a time step
+  slot. With ``max_steps=T`` it is the per-step BN of Cooijmans et al.; with ``max_steps=1`` it is one
+  BatchNorm shared across time (the naive horizontal BN) or, applied once to all time steps at once,
+  sequence-wise BN (Laurent et al.).
+* :class:`GroupedLayerNorm` -- layer normalization over groups of features of each row (Ba et al.).
+
+A *normalization scheme* (``"batch"``, ``"layer"``, ...) says which module sits at which *site* of a
+recurrent cell:
+
+* ``"ih"``: the input term ``W_ih x_t`` (shape ``(B, G*H)``),
+* ``"hh"``: the recurrent term ``W_hh h_{t-1}`` (shape ``(B, G*H)``),
+* ``"cell"``: the LSTM cell ``c_t`` inside the output ``tanh`` (shape ``(B, H)``).
+
+Every norm module takes ``num_features`` first, keyword options after, and is called as
+``norm(x, step=t, mask=None)``. Its class attribute ``scope`` tells the time loop how it may be applied:
+``"row"`` (per example; may run once on all time steps), ``"sequence"`` (statistics over all valid
+(t, b) positions; must run once on all time steps) or ``"step"`` (statistics per call; runs inside the
+loop with the step index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recnorm.nn.stats import batch_moments, count_valid, degenerate_features
+
+__all__ = [
+    "RecurrentBatchNorm",
+    "GroupedLayerNorm",
+    "NormSpec",
+    "NORMS",
+    "register_norm",
+    "list_norms",
+    "get_norm",
+    "create_norm",
+    "resolve_norm_kwargs",
+    "SITES",
+]
+
+log = logging.getLogger(__name__)
+
+SITES = ("ih", "hh", "cell")
+
+
+class RecurrentBatchNorm(nn.Module):
+    r"""Batch normalization with running statistics indexed by time step.
+
+    For a call ``bn(x, step=t)`` with ``x`` of shape ``(N, F)`` in training mode:
+
+    .. math::
+        \mu_t = \frac{1}{n}\sum_{b \in V} x_b, \quad
+        \sigma^2_t = \frac{1}{n}\sum_{b \in V} (x_b - \mu_t)^2, \quad
+        y_b = \gamma \frac{x_b - \mu_t}{\sqrt{\sigma^2_t + \epsilon}} + \beta
+
+    where :math:`V` are the valid rows (all rows, or those where ``mask`` is True) and :math:`n = |V|`.
+    The running statistics of slot :math:`s = \min(t, S-1)` (``S = max_steps``) move towards
+    :math:`\mu_t` and the unbiased variance with ``momentum`` (``None``: cumulative average).
+    :math:`\gamma` and :math:`\beta` are shared by all slots.
+
+    In eval mode, step :math:`t` uses the population statistics of slot :math:`\min(t, s_{last})`, where
+    :math:`s_{last}` is the last slot that has ever been updated: every step at or beyond the last
+    tracked step reuses the last step's statistics (Cooijmans et al., section 4).
+
+    Special cases, handled instead of returning NaN or inf:
+
+    * fewer than 2 valid rows in training (say the last sequence of a packed batch, or an unbatched
+      input): there is no batch variance, so the call normalizes with the slot's population statistics
+      (as in eval) and leaves them unchanged;
+    * a feature whose values are identical across the valid rows (zero batch variance; see
+      :func:`recnorm.nn.stats.degenerate_features`): the output is centred with the batch mean as usual
+      (so it equals :math:`\beta`), but scaled by the population variance instead of the zero batch
+      variance, so the gradient stays bounded through long runs of constant input.
+
+    Args:
+        num_features: F.
+        max_steps: S, number of time-step slots of running statistics. 1 shares them across time.
+        gain_init: initial :math:`\gamma`.
+        shift: learn :math:`\beta` (initialised to 0). Without it, :math:`\beta = 0`.
+        momentum: running-average factor, or ``None`` for a cumulative average.
+        eps: added to the variance.
+    """
+
+    scope = "step"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        max_steps: int = 1,
+        gain_init: float = 1.0,
+        shift: bool = True,
+        momentum: Optional[float] = 0.1,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        if int(max_steps) < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        if momentum is not None and not (0.0 <= float(momentum) <= 1.0):
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        if not float(eps) > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.num_features = int(num_features)
+        self.max_steps = int(max_steps)
+        self.gain_init = float(gain_init)
+        self.momentum = momentum
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(self.num_features, **fk))
+        self.bias = nn.Parameter(torch.empty(self.num_features, **fk)) if shift else None
+        self.register_buffer("running_mean", torch.zeros(self.max_steps, self.num_features, **fk))
+        self.register_buffer("running_var", torch.ones(self.max_steps, self.num_features, **fk))
+        self.register_buffer("num_batches_tracked", torch.zeros(self.max_steps, dtype=torch.long, device=device))
+        self._last_slot: Optional[int] = None  # cached s_last for eval; reset whenever buffers change
+        self._accumulator: Optional[Dict[str, Tensor]] = None  # set by population-statistics passes
+        self._observers: List[Callable[[int, Tensor, Tensor, int], None]] = []
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+        self._last_slot = None
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        with torch.no_grad():
+            self.weight.fill_(self.gain_init)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, max_steps={self.max_steps}, gain_init={self.gain_init}, "
+            f"shift={self.bias is not None}, momentum={self.momentum}, eps={self.eps}"
+        )
+
+    # -- slots -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        self._last_slot = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._last_slot = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def last_tracked_slot(self) -> int:
+        """Index of the last slot with population statistics (``max_steps - 1`` if none has any)."""
+        if self._last_slot is None:
+            tracked = torch.nonzero(self.num_batches_tracked > 0)
+            self._last_slot = int(tracked.max()) if tracked.numel() else self.max_steps - 1
+        return self._last_slot
+
+    def _slot(self, step: int, use_population: bool) -> int:
+        if step < 0:
+            raise ValueError(f"step must be a non-negative time index, got {step}")
+        if use_population:
+            return min(step, self.last_tracked_slot())
+        return min(step, self.max_steps - 1)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, step: int = 0, mask: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected input of shape (N, {self.num_features}), got {tuple(x.shape)}")
+        step = int(step)
+        n = count_valid(x, mask)
+        if not self.training or n < 2:
+            s = self._slot(step, use_population=True)
+            mean, var = self.running_mean[s], self.running_var[s]
+            y = (x - mean) * torch.rsqrt(var + self.eps)
+        else:
+            s = self._slot(step, use_population=False)
+            mean, var = batch_moments(x, mask)
+            var = torch.where(degenerate_features(mean, var), self.running_var[s], var)
+            y = (x - mean) * torch.rsqrt(var + self.eps)
+            self._update(s, x, mask, mean.detach(), var.detach(), n)
+            for observe in self._observers:
+                observe(step, mean.detach(), var.detach(), n)
+        y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    @torch.no_grad()
+    def _update(self, s: int, x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, n: int) -> None:
+        if self._accumulator is not None:
+            acc = self._accumulator
+            xd = x.detach().double()
+            if mask is not None:
+                xd = xd[mask]
+            acc["count"][s] += xd.shape[0]
+            acc["sum"][s] += xd.sum(0)
+            acc["sumsq"][s] += (xd * xd).sum(0)
+            return
+        self.num_batches_tracked[s] += 1
+        self._last_slot = None
+        if self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked[s])
+        else:
+            factor = float(self.momentum)
+        unbiased = var * (n / (n - 1))
+        self.running_mean[s].lerp_(mean, factor)
+        self.running_var[s].lerp_(unbiased, factor)
+
+    # -- exact population statistics -----------------------------------------------------------------
+    def begin_population_pass(self) -> None:
+        """Start pooling exact per-slot sums instead of updating running averages."""
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.running_mean.device)  # noqa: E731
+        self._accumulator = {
+            "count": z(self.max_steps),
+            "sum": z(self.max_steps, self.num_features),
+            "sumsq": z(self.max_steps, self.num_features),
+        }
+
+    @torch.no_grad()
+    def end_population_pass(self) -> None:
+        """Replace the running statistics by the pooled statistics of the pass.
+
+        Slot ``s`` gets the mean and unbiased variance of every valid row seen at that slot. Slots that
+        saw no row are reset (mean 0, variance 1, untracked), so eval reuses the last seen slot.
+        """
+        acc, self._accumulator = self._accumulator, None
+        if acc is None:
+            raise RuntimeError("end_population_pass() called without begin_population_pass()")
+        self.reset_running_stats()
+        count = acc["count"]
+        seen = count > 0
+        n = count.clamp(min=1).unsqueeze(1)
+        mean = acc["sum"] / n
+        var = (acc["sumsq"] - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
+        self.running_mean[seen] = mean[seen].to(self.running_mean.dtype)
+        self.running_var[seen] = var[seen].to(self.running_var.dtype)
+        self.num_batches_tracked[seen] = 1
+
+
+class GroupedLayerNorm(nn.Module):
+    r"""Layer normalization of each row over groups of features.
+
+    For a row :math:`a` split into groups :math:`a^{(k)}` of sizes ``groups``:
+
+    .. math::
+        y^{(k)} = \frac{a^{(k)} - \mu^{(k)}}{\sqrt{\sigma^{2(k)} + \epsilon}}, \qquad
+        y = \gamma \odot y + \beta
+
+    with :math:`\mu^{(k)}, \sigma^{2(k)}` the mean and biased variance of the row's group. Statistics
+    belong to the example and the step alone: nothing is carried across time or batches, and training
+    and eval compute the same thing.
+
+    Args:
+        num_features: F.
+        groups: sizes of the feature groups (summing to F); default one group of F.
+        gain_init: initial :math:`\gamma`.
+        shift: learn :math:`\beta` (initialised to 0). Without it, :math:`\beta = 0`.
+        eps: added to the variance.
+    """
+
+    scope = "row"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        groups: Optional[Sequence[int]] = None,
+        gain_init: float = 1.0,
+        shift: bool = True,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.num_features = int(num_features)
+        self.groups: Tuple[int, ...] = tuple(int(g) for g in groups) if groups else (self.num_features,)
+        if sum(self.groups) != self.num_features or min(self.groups) < 1:
+            raise ValueError(f"groups must be positive sizes summing to {self.num_features}, got {self.groups}")
+        if not float(eps) > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.gain_init = float(gain_init)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(self.num_features, **fk))
+        self.bias = nn.Parameter(torch.empty(self.num_features, **fk)) if shift else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(self.gain_init)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.groups}, gain_init={self.gain_init}, shift={self.bias is not None}, eps={self.eps}"
+
+    def forward(self, x: Tensor, step: Optional[int] = None, mask: Optional[Tensor] = None) -> Tensor:
+        if x.shape[-1] != self.num_features:
+            raise ValueError(f"expected input with last dimension {self.num_features}, got {tuple(x.shape)}")
+        if len(self.groups) == 1:
+            return F.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps)
+        parts = [F.layer_norm(p, (p.shape[-1],), None, None, self.eps) for p in x.split(self.groups, dim=-1)]
+        y = torch.cat(parts, dim=-1) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry of normalization schemes
+# ---------------------------------------------------------------------------------------------------
+
+NormBuilder = Callable[..., Optional[nn.Module]]
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """A normalization scheme: which module sits at which site of a cell.
+
+    Attributes:
+        name: registry key.
+        build: ``build(site, num_features, groups, **options, device=, dtype=)`` returns the module for
+            ``site`` (one of :data:`SITES`) or ``None`` if the scheme leaves that site alone. ``groups``
+            are the cell's layer-norm groups for gate sites (``None`` for the cell site).
+        options: the ``norm_kwargs`` the scheme accepts, with their defaults.
+        summary: one line for listings.
+    """
+
+    name: str
+    build: NormBuilder
+    options: Dict[str, Any]
+    summary: str
+
+
+NORMS: Dict[str, NormSpec] = {}
+
+
+def register_norm(spec: NormSpec) -> NormSpec:
+    if spec.name in NORMS:
+        raise ValueError(f"normalization {spec.name!r} is already registered")
+    NORMS[spec.name] = spec
+    return spec
+
+
+def list_norms() -> List[str]:
+    """Names of the registered normalization schemes (``None`` means no normalization)."""
+    return sorted(NORMS)
+
+
+def get_norm(name: Optional[str]) -> Optional[NormSpec]:
+    """Resolve a scheme name; ``None`` and ``"none"`` mean no normalization."""
+    if name is None or name == "none":
+        return None
+    if not isinstance(name, str) or name not in NORMS:
+        raise ValueError(f"unknown norm {name!r}; expected None or one of {list_norms()}")
+    return NORMS[name]
+
+
+def resolve_norm_kwargs(name: Optional[str], norm_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The scheme's options with ``norm_kwargs`` applied; unknown keys raise ValueError."""
+    spec = get_norm(name)
+    norm_kwargs = dict(norm_kwargs or {})
+    if spec is None:
+        if norm_kwargs:
+            raise ValueError(f"norm_kwargs {sorted(norm_kwargs)} given but norm is None; pass a norm from {list_norms()}")
+        return {}
+    unknown = sorted(set(norm_kwargs) - set(spec.options))
+    if unknown:
+        raise ValueError(f"unknown norm_kwargs {unknown} for norm {name!r}; expected a subset of {sorted(spec.options)}")
+    return {**spec.options, **norm_kwargs}
+
+
+def create_norm(
+    name: Optional[str],
+    site: str,
+    num_features: int,
+    groups: Optional[Sequence[int]] = None,
+    norm_kwargs: Optional[Dict[str, Any]] = None,
+    **factory_kwargs: Any,
+) -> Optional[nn.Module]:
+    """Build the module that scheme ``name`` puts at ``site`` (or ``None``)."""
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+    spec = get_norm(name)
+    if spec is None:
+        return None
+    options = resolve_norm_kwargs(name, norm_kwargs)
+    return spec.build(site, num_features, groups, **options, **factory_kwargs)
+
+
+def _build_layer(site, num_features, groups, *, gain_init, eps, **fk):
+    if site == "cell":
+        return GroupedLayerNorm(num_features, gain_init=gain_init, shift=True, eps=eps, **fk)
+    return GroupedLayerNorm(num_features, groups=groups, gain_init=gain_init, shift=False, eps=eps, **fk)
+
+
+def _build_batch(site, num_features, groups, *, gain_init, max_steps, momentum, eps, **fk):
+    # Gate terms carry no BN shift: the cell's bias b covers it (beta_x = beta_h = 0 in Cooijmans et al.).
+    return RecurrentBatchNorm(
+        num_features, max_steps=max_steps, gain_init=gain_init, shift=(site == "cell"), momentum=momentum, eps=eps, **fk
+    )
+
+
+def _build_sequence_batch(site, num_features, groups, *, gain_init, momentum, eps, **fk):
+    if site != "ih":
+        return None
+    bn = RecurrentBatchNorm(num_features, max_steps=1, gain_init=gain_init, shift=False, momentum=momentum, eps=eps, **fk)
+    bn.scope = "sequence"  # statistics over all valid (t, b): applied once to the hoisted projection
+    return bn
+
+
+def _build_shared_batch(site, num_features, groups, *, gain_init, momentum, eps, **fk):
+    # One slot: every step's call normalizes with its own batch statistics but reads and writes the same
+    # running statistics, exactly what calling one nn.BatchNorm1d at every step does.
+    return RecurrentBatchNorm(
+        num_features, max_steps=1, gain_init=gain_init, shift=(site == "cell"), momentum=momentum, eps=eps, **fk
+    )
+
+
+register_norm(
+    NormSpec(
+        "layer",
+        _build_layer,
+        {"gain_init": 1.0, "eps": 1e-5},
+        "layer norm (Ba et al. 2016) of W_ih x_t, W_hh h_{t-1} and c_t inside tanh",
+    )
+)
+register_norm(
+    NormSpec(
+        "batch",
+        _build_batch,
+        {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.1, "eps": 1e-5},
+        "recurrent batch norm (Cooijmans et al. 2017): per-step statistics on W_ih x_t, W_hh h_{t-1}, c_t",
+    )
+)
+register_norm(
+    NormSpec(
+        "sequence_batch",
+        _build_sequence_batch,
+        {"gain_init": 1.0, "momentum": 0.1, "eps": 1e-5},
+        "sequence-wise batch norm of W_ih x_t over all valid (t, b) (Laurent et al. 2016; Deep Speech 2)",
+    )
+)
+register_norm(
+    NormSpec(
+        "shared_batch",
+        _build_shared_batch,
+        {"gain_init": 1.0, "momentum": 0.1, "eps": 1e-5},
+        "ANTI-PATTERN: one BatchNorm reused at every step (statistics and gains shared across time)",
+    )
+)
