@@ -78,9 +78,14 @@ class RecurrentBatchNorm(nn.Module):
       input): there is no batch variance, so the call normalizes with the slot's population statistics
       (as in eval) and leaves them unchanged;
     * a feature whose values are identical across the valid rows (zero batch variance; see
-      :func:`recnorm.nn.stats.degenerate_features`): the output is centred with the batch mean as usual
-      (so it equals :math:`\beta`), but scaled by the population variance instead of the zero batch
-      variance, so the gradient stays bounded through long runs of constant input.
+      :func:`recnorm.nn.stats.degenerate_features`): its normalized value is exactly 0 (so the output
+      is :math:`\beta`) and no gradient flows back through it. The exact gradient there is
+      :math:`\gamma/\sqrt{\epsilon}\,(g_b - \bar g)`: it has zero mean over the batch, so while the
+      inputs are identical across the batch it contributes nothing to any parameter's gradient, yet
+      its repeated factor :math:`\gamma/\sqrt{\epsilon}` overflows after a few dozen constant steps
+      (Cooijmans et al., section 5.1). Dropping it leaves parameter gradients unchanged and finite;
+      only the per-example gradient with respect to such constant inputs or initial states loses that
+      zero-mean part.
 
     Args:
         num_features: F.
@@ -183,8 +188,9 @@ class RecurrentBatchNorm(nn.Module):
         else:
             s = self._slot(step, use_population=False)
             mean, var = batch_moments(x, mask)
-            var = torch.where(degenerate_features(mean, var), self.running_var[s], var)
             y = (x - mean) * torch.rsqrt(var + self.eps)
+            # No spread across the batch: normalize to exactly 0 and pass no gradient (see class docs).
+            y = torch.where(degenerate_features(mean, var), torch.zeros((), dtype=y.dtype, device=y.device), y)
             self._update(s, x, mask, mean.detach(), var.detach(), n)
             for observe in self._observers:
                 observe(step, mean.detach(), var.detach(), n)

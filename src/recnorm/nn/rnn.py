@@ -52,7 +52,8 @@ _NORM_DOC = r"""
 
     Batch statistics only ever see valid positions of packed batches. A training step with fewer than
     2 valid sequences normalizes with population statistics instead of batch statistics; a feature
-    that is constant across the batch is scaled by its population variance (see
+    that is constant across the batch normalizes to 0 and passes no gradient, which keeps long runs
+    of constant input (blank image rows, zero padding) free of inf and NaN (see
     :class:`recnorm.nn.norms.RecurrentBatchNorm`).
 """
 

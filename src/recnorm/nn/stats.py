@@ -58,7 +58,8 @@ def degenerate_features(mean: Tensor, var: Tensor) -> Tensor:
     image, zero padding, or a hidden state that is still identical across the batch. Normalizing by
     such a variance multiplies the gradient by ``gain / sqrt(eps)`` (about 316 * gain) at every step,
     which overflows after a few dozen steps. The threshold is a few units of rounding relative to the
-    feature's magnitude, so a feature with any real spread across the batch is never caught.
+    feature's magnitude (and exactly zero variance for a feature that is zero everywhere), so a
+    feature with any real spread across the batch is never caught.
     """
     tol = 16.0 * torch.finfo(var.dtype).eps
     return var <= (tol * mean.detach()).square()

@@ -1,0 +1,228 @@
+"""Public API: registries, error messages, init schemes, diagnostics."""
+
+import math
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import recnorm
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors say what was expected and what arrived, before any computation
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_unknown_norm_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown norm 'bn'.*\['batch', 'layer', 'sequence_batch', 'shared_batch'\]"):
+        recnorm.LSTM(3, 4, norm="bn")
+
+
+def test_unknown_norm_kwargs_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown norm_kwargs \['gamma'\].*\['eps', 'gain_init', 'max_steps', 'momentum'\]"):
+        recnorm.GRU(3, 4, norm="batch", norm_kwargs={"gamma": 0.1})
+    with pytest.raises(ValueError, match="norm is None"):
+        recnorm.GRU(3, 4, norm_kwargs={"eps": 1e-3})
+    with pytest.raises(ValueError, match="max_steps"):
+        recnorm.LSTM(3, 4, norm="batch", norm_kwargs={"max_steps": 0})
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: recnorm.GRU(3, 4, proj_size=2), "proj_size argument is only supported for LSTM, not GRU"),
+        (lambda: recnorm.RNN(3, 4, proj_size=2), "proj_size argument is only supported for LSTM, not RNN"),
+        (lambda: recnorm.LSTM(3, 4, proj_size=4), "proj_size has to be smaller than hidden_size"),
+        (lambda: recnorm.LSTM(3, 0), "hidden_size should be an integer >= 1, got 0"),
+        (lambda: recnorm.LSTM(3, 4, num_layers=0), "num_layers should be an integer >= 1"),
+        (lambda: recnorm.LSTM(3, 4, dropout=1.5), r"dropout should be a number in range \[0, 1\]"),
+        (lambda: recnorm.RNN(3, 4, nonlinearity="sigmoid"), "unknown nonlinearity 'sigmoid'"),
+        (lambda: recnorm.LSTM(3, 4, kernel="cuda"), "unknown kernel 'cuda'"),
+    ],
+)
+def test_bad_constructor_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_inputs():
+    m = recnorm.LSTM(3, 4, num_layers=2)
+    with pytest.raises(ValueError, match=r"expected input to be 2-D .* or 3-D batched, got 4-D"):
+        m(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="Expected 3, got 5"):
+        m(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match=r"expected h_0 of shape \(2, 3, 4\), got \(1, 3, 4\)"):
+        m(torch.randn(2, 3, 3), (torch.zeros(1, 3, 4), torch.zeros(2, 3, 4)))
+    with pytest.raises(ValueError, match=r"expected c_0 of shape \(2, 3, 4\), got \(2, 2, 4\)"):
+        m(torch.randn(2, 3, 3), (torch.zeros(2, 3, 4), torch.zeros(2, 2, 4)))
+    with pytest.raises(ValueError, match="for batched 3-D input, h_0 should be 3-D, got a 2-D"):
+        m(torch.randn(2, 3, 3), (torch.zeros(2, 4), torch.zeros(2, 4)))
+    with pytest.raises(TypeError, match=r"expected hx to be a tuple \(h_0, c_0\)"):
+        m(torch.randn(2, 3, 3), torch.zeros(2, 3, 4))
+    with pytest.raises(TypeError, match="expected a floating point input, got dtype torch.int64"):
+        m(torch.ones(2, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        m(torch.randn(2, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-empty input"):
+        m(torch.randn(0, 3, 3))
+    g = recnorm.GRU(3, 4)
+    with pytest.raises(ValueError, match=r"expected h_0 of shape \(1, 2, 4\), got \(1, 2, 5\)"):
+        g(torch.randn(5, 2, 3), torch.zeros(1, 2, 5))
+
+
+def test_cell_errors():
+    cell = recnorm.LSTMCell(3, 4, norm="batch")
+    with pytest.raises(ValueError, match="keeps statistics per time step; pass step=t"):
+        cell(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+        cell(torch.randn(2, 3), step=-1)
+    with pytest.raises(ValueError, match="inconsistent input_size: got 5, expected 3"):
+        cell(torch.randn(2, 5), step=0)
+    with pytest.raises(ValueError, match=r"expected hidden state of shape \(2, 4\), got \(3, 4\)"):
+        cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4)), step=0)
+    # layer norm keeps no per-step statistics: no step needed
+    out = recnorm.GRUCell(3, 4, norm="layer")(torch.randn(2, 3))
+    assert out.shape == (2, 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# registries
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_registry_listing_and_options():
+    assert recnorm.list_norms() == ["batch", "layer", "sequence_batch", "shared_batch"]
+    assert recnorm.norm_options("batch") == {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.1, "eps": 1e-5}
+    assert recnorm.norm_options("layer")["gain_init"] == 1.0
+    assert recnorm.norm_options(None) == {}
+    assert recnorm.list_cells() == ["gru", "lstm", "rnn"]
+    with pytest.raises(ValueError, match="unknown cell"):
+        recnorm.nn.get_cell("indrnn")
+
+
+def test_a_registered_norm_is_usable_by_every_layer():
+    def build(site, num_features, groups, *, gain_init, **fk):
+        if site != "hh":
+            return None
+        return recnorm.GroupedLayerNorm(num_features, gain_init=gain_init, shift=False, **fk)
+
+    spec = recnorm.NormSpec("test_hh_only_layer", build, {"gain_init": 2.0}, "LN on the recurrent term only")
+    recnorm.register_norm(spec)
+    try:
+        m = recnorm.GRU(3, 4, norm="test_hh_only_layer")
+        assert m.norm_ih_l0 is None and float(m.norm_hh_l0.weight[0].detach()) == 2.0
+        assert m(torch.randn(5, 2, 3))[0].shape == (5, 2, 4)
+    finally:
+        recnorm.nn.NORMS.pop("test_hh_only_layer")
+
+
+# ---------------------------------------------------------------------------------------------------
+# init schemes
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", recnorm.init.list_inits())
+@pytest.mark.parametrize("layer", [recnorm.LSTM, recnorm.GRU, recnorm.RNN, torch.nn.LSTM])
+def test_init_schemes_apply_to_every_layer(scheme, layer):
+    m = layer(6, 8, num_layers=2, bidirectional=True)
+    recnorm.init.initialize(m, scheme, gain=1.5)
+    w = m.weight_hh_l1_reverse
+    blocks = w.split(8, 0)
+    if scheme == "orthogonal":
+        for b in blocks:
+            torch.testing.assert_close(b @ b.T, 1.5**2 * torch.eye(8), atol=1e-5, rtol=1e-5)
+    elif scheme == "identity":
+        for b in blocks:
+            torch.testing.assert_close(b, 1.5 * torch.eye(8))
+    elif scheme == "xavier":
+        bound = 1.5 * math.sqrt(6 / (8 + 8))
+        assert w.abs().max() <= bound
+    elif scheme == "normal":
+        torch.manual_seed(0)
+        big = layer(6, 400)
+        recnorm.init.initialize(big, "normal", gain=1.5)
+        assert abs(big.weight_hh_l0.std().item() - 1.5 / math.sqrt(400)) < 0.01 / math.sqrt(400) * 10
+    elif scheme == "default":
+        assert w.abs().max() <= 1.5 / math.sqrt(8)
+    if scheme != "default":
+        assert m.bias_ih_l0.abs().sum() == 0
+
+
+def test_init_leaves_norm_parameters_and_sets_forget_bias():
+    m = recnorm.LSTM(3, 4, norm="batch")
+    recnorm.init.initialize(m, "orthogonal", forget_bias=1.0)
+    torch.testing.assert_close(m.bias_ih_l0.detach(), torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 8))
+    torch.testing.assert_close(m.bias_hh_l0.detach(), torch.zeros(16))
+    torch.testing.assert_close(m.norm_hh_l0.weight.detach(), torch.full((16,), 0.1))
+    with pytest.raises(ValueError, match="forget_bias applies to LSTM layers only"):
+        recnorm.init.initialize(recnorm.GRU(3, 4), "orthogonal", forget_bias=1.0)
+    with pytest.raises(ValueError, match="unknown init scheme 'he'"):
+        recnorm.init.initialize(m, "he")
+    with pytest.raises(ValueError, match="gain must be a positive finite number"):
+        recnorm.init.initialize(m, "orthogonal", gain=-1)
+    with pytest.raises(ValueError, match="no recurrent weights"):
+        recnorm.init.initialize(torch.nn.Linear(3, 4))
+
+
+def test_normalized_forward_is_invariant_to_recurrent_weight_scale():
+    """Layer and batch norm on W_hh h separately: scaling W_hh changes nothing in the forward pass."""
+    for norm in ("layer", "batch"):
+        torch.manual_seed(0)
+        # eps breaks the invariance where the variance is tiny (early steps): make it negligible
+        m = recnorm.LSTM(3, 4, norm=norm, norm_kwargs={"eps": 1e-12}, dtype=torch.float64)
+        x = torch.randn(6, 5, 3, dtype=torch.float64)
+        a = m(x)[0]
+        with torch.no_grad():
+            m.weight_hh_l0.mul_(7.0)
+        torch.testing.assert_close(m(x)[0], a)
+
+
+# ---------------------------------------------------------------------------------------------------
+# diagnostics
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_capture_reports_total_gradient_through_time():
+    torch.manual_seed(0)
+    m = recnorm.RNN(2, 3, dtype=torch.float64)
+    x = torch.randn(4, 2, 2, dtype=torch.float64)
+    with recnorm.diagnostics.capture(m) as cap:
+        out, _ = m(x)
+        out[-1].sum().backward()
+    g = cap.hidden_grad_norms()["rnn.l0"]
+    assert g.shape == (4,)
+    # by hand: dL/dh_t = W_hh^T diag(1 - h_{t+1}^2) dL/dh_{t+1}, starting from ones at the last step
+    hs = cap.hidden_states()["rnn.l0"]
+    d = torch.ones(2, 3, dtype=torch.float64)
+    expect = [d.norm(dim=1).mean()]
+    for t in range(3, 0, -1):
+        d = (d * (1 - hs[t].detach() ** 2)) @ m.weight_hh_l0.detach()
+        expect.append(d.norm(dim=1).mean())
+    torch.testing.assert_close(g, torch.stack(expect[::-1]))
+    assert m._step_observer is None  # the context cleans up
+
+
+def test_population_stats_and_capture_batch_stats():
+    m = torch.nn.Sequential()
+    m.add_module("rnn", recnorm.LSTM(3, 4, norm="batch", norm_kwargs={"max_steps": 10}))
+    with recnorm.diagnostics.capture(m) as cap:
+        m.rnn(torch.randn(7, 5, 3))
+    stats = cap.batch_stats()
+    assert set(stats) == {"rnn.norm_ih_l0", "rnn.norm_hh_l0", "rnn.norm_c_l0"}
+    assert stats["rnn.norm_c_l0"]["mean"].shape == (7, 4)
+    pop = recnorm.diagnostics.population_stats(m)
+    assert pop["rnn.norm_hh_l0"]["mean"].shape == (10, 16)
+    assert pop["rnn.norm_hh_l0"]["tracked"].tolist() == [1] * 7 + [0] * 3
+    assert m.rnn.norm_c_l0._observers == []
+
+
+def test_packed_output_is_a_packed_sequence_with_torch_metadata():
+    m = recnorm.LSTM(3, 4, bidirectional=True)
+    x = torch.randn(5, 3, 3)
+    packed = pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=False)
+    out, (h, c) = m(packed)
+    assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    assert torch.equal(out.unsorted_indices, packed.unsorted_indices)
+    assert h.shape == (2, 3, 4) and out.data.shape == (10, 8)
