@@ -8,7 +8,16 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import recnorm
 
-torch.set_default_dtype(torch.float64)  # parity to ~1e-12 rather than float32 rounding
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Parity to ~1e-12 rather than float32 rounding; restored for the other test files."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 I, H, P = 4, 5, 3
 LENGTHS = [5, 2, 4]  # unsorted on purpose: exercises sorted/unsorted indices of PackedSequence
@@ -29,13 +38,13 @@ def _cases():
             yield pytest.param(cell, layers, bidir, batch_first, proj, kind, give_hx, id=f"{cell}-L{layers}-bi{int(bidir)}-bf{int(batch_first)}-p{proj}-{kind}-hx{int(give_hx)}")
 
 
-def _make(cell, layers, bidir, batch_first, proj, dropout=0.0):
+def _make(cell, layers, bidir, batch_first, proj, dropout=0.0, kernel=None):
     ours_cls, torch_cls, extra = PAIRS[cell]
     kwargs = dict(num_layers=layers, bidirectional=bidir, batch_first=batch_first, dropout=dropout, **extra)
     if proj:
         kwargs["proj_size"] = proj
     ref = torch_cls(I, H, **kwargs)
-    ours = ours_cls(I, H, **kwargs)
+    ours = ours_cls(I, H, **kwargs, kernel=kernel)
     missing = ours.load_state_dict(ref.state_dict())  # strict: identical names and shapes
     assert not missing.missing_keys and not missing.unexpected_keys
     return ours, ref
@@ -80,10 +89,11 @@ def _run(model, x, hx, kind, batch_first):
     return out, states
 
 
+@pytest.mark.parametrize("kernel", ["reference", "auto"])
 @pytest.mark.parametrize("cell,layers,bidir,batch_first,proj,kind,give_hx", list(_cases()))
-def test_layer_matches_torch(cell, layers, bidir, batch_first, proj, kind, give_hx):
+def test_layer_matches_torch(cell, layers, bidir, batch_first, proj, kind, give_hx, kernel):
     gen = torch.Generator().manual_seed(1234)
-    ours, ref = _make(cell, layers, bidir, batch_first, proj)
+    ours, ref = _make(cell, layers, bidir, batch_first, proj, kernel=kernel)
     x, hx = _inputs(cell, layers, bidir, batch_first, proj, kind, give_hx, gen)
     results = []
     for model in (ref, ours):

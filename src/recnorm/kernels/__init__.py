@@ -1,8 +1,12 @@
 """Time-loop implementations and the one place that chooses between them.
 
-``reference`` is the readable loop that autograd differentiates; it is the oracle every fast path is
-tested against. Set the environment variable ``RECNORM_KERNEL=reference`` (or pass ``kernel="reference"``
-to a layer) to force it when debugging.
+* ``reference``: the readable loop that autograd differentiates; the oracle every fast path is
+  tested against.
+* ``native``: torch's own fused RNN op, for directions whose recurrence is torch.nn's (no norm, or
+  sequence-wise BN folded into the input weights); see :mod:`recnorm.kernels.native`.
+
+``"auto"`` picks the fastest path that supports the case. Set ``RECNORM_KERNEL=reference`` (or pass
+``kernel="reference"`` to a layer) to force the reference loop when debugging.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 from torch import Tensor
 
+from recnorm.kernels import native
 from recnorm.kernels.reference import DirectionParams, project_inputs
 from recnorm.kernels.reference import run_direction as reference_run_direction
 from recnorm.nn.cells import CellType
@@ -21,7 +26,7 @@ __all__ = ["DirectionParams", "project_inputs", "run_direction", "KERNELS", "res
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "reference")
+KERNELS = ("auto", "reference", "native")
 
 
 def resolve_kernel(kernel: Optional[str]) -> str:
@@ -42,4 +47,8 @@ def run_direction(
     kernel: str = "auto",
 ):
     """Run one layer direction with the chosen implementation (see :mod:`recnorm.kernels.reference`)."""
+    if kernel in ("auto", "native") and native.supports(cell, p, on_output):
+        return native.run_direction(cell, x, batch_sizes, state, p)
+    if kernel == "native":
+        raise ValueError("kernel='native' serves norm=None and norm='sequence_batch' only (and no diagnostics capture)")
     return reference_run_direction(cell, x, batch_sizes, state, p, on_output)

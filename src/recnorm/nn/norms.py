@@ -179,36 +179,59 @@ class RecurrentBatchNorm(nn.Module):
     def forward(self, x: Tensor, step: int = 0, mask: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected input of shape (N, {self.num_features}), got {tuple(x.shape)}")
-        step = int(step)
-        n = count_valid(x, mask)
-        if not self.training or n < 2:
-            s = self._slot(step, use_population=True)
-            mean, var = self.running_mean[s], self.running_var[s]
-            y = (x - mean) * torch.rsqrt(var + self.eps)
-        else:
-            s = self._slot(step, use_population=False)
-            mean, var = batch_moments(x, mask)
-            y = (x - mean) * torch.rsqrt(var + self.eps)
+        mean, var, degenerate = self.statistics(lambda: batch_moments(x, mask), count_valid(x, mask), int(step))
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if degenerate is not None:
             # No spread across the batch: normalize to exactly 0 and pass no gradient (see class docs).
-            y = torch.where(degenerate_features(mean, var), torch.zeros((), dtype=y.dtype, device=y.device), y)
-            self._update(s, x, mask, mean.detach(), var.detach(), n)
-            for observe in self._observers:
-                observe(step, mean.detach(), var.detach(), n)
+            y = torch.where(degenerate, torch.zeros((), dtype=y.dtype, device=y.device), y)
         y = y * self.weight
         if self.bias is not None:
             y = y + self.bias
         return y
 
+    def statistics(
+        self, moments: Callable[[], Tuple[Tensor, Tensor]], n: int, step: int = 0
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The mean and variance to normalize with at ``step``, updating the running statistics.
+
+        ``moments()`` returns the batch mean and biased variance of the ``n`` valid rows; it is only
+        called when batch statistics are used (training with ``n >= 2``). Returns ``(mean, var,
+        degenerate)`` where ``degenerate`` marks zero-variance features (``None`` with population
+        statistics). Fast paths that fold the normalization into weights call this too, so that every
+        path shares the same rules.
+        """
+        if not self.training or n < 2:
+            s = self._slot(step, use_population=True)
+            return self.running_mean[s], self.running_var[s], None
+        s = self._slot(step, use_population=False)
+        mean, var = moments()
+        self._update(s, None, None, mean.detach(), var.detach(), n)
+        for observe in self._observers:
+            observe(step, mean.detach(), var.detach(), n)
+        return mean, var, degenerate_features(mean, var)
+
+    def affine(self, moments: Callable[[], Tuple[Tensor, Tensor]], n: int, step: int = 0) -> Tuple[Tensor, Tensor]:
+        """``(scale, shift)`` with ``bn(x) == x * scale + shift`` for the rows ``moments`` describes.
+
+        Lets a caller fold sequence-wise BN of ``W x`` into the weights: ``BN(W x) = (scale * W) x +
+        shift``. Same statistics, updates and zero-variance rule as :meth:`forward`.
+        """
+        mean, var, degenerate = self.statistics(moments, n, step)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        if degenerate is not None:
+            scale = torch.where(degenerate, torch.zeros((), dtype=scale.dtype, device=scale.device), scale)
+        shift = -mean * scale
+        return scale, (shift if self.bias is None else shift + self.bias)
+
     @torch.no_grad()
-    def _update(self, s: int, x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, n: int) -> None:
+    def _update(self, s: int, x: Optional[Tensor], mask: Optional[Tensor], mean: Tensor, var: Tensor, n: int) -> None:
+        """Record the batch statistics of slot ``s`` (``x``/``mask`` are unused; kept for callers)."""
         if self._accumulator is not None:
             acc = self._accumulator
-            xd = x.detach().double()
-            if mask is not None:
-                xd = xd[mask]
-            acc["count"][s] += xd.shape[0]
-            acc["sum"][s] += xd.sum(0)
-            acc["sumsq"][s] += (xd * xd).sum(0)
+            mean64, var64 = mean.double(), var.double()
+            acc["count"][s] += n
+            acc["sum"][s] += n * mean64
+            acc["sumsq"][s] += n * (var64 + mean64 * mean64)
             return
         self.num_batches_tracked[s] += 1
         self._last_slot = None

@@ -1,0 +1,85 @@
+"""The native fast path (torch's fused RNN op) agrees with the reference loop, norm=None and
+sequence-wise BN folded into the input weights included."""
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import recnorm
+from recnorm.kernels import native
+
+DT = torch.float64
+LAYERS = {"lstm": recnorm.LSTM, "gru": recnorm.GRU, "rnn": recnorm.RNN}
+
+
+def _pair(cell, norm, **kw):
+    torch.manual_seed(0)
+    ref = LAYERS[cell](3, 5, dtype=DT, norm=norm, kernel="reference", **kw)
+    fast = LAYERS[cell](3, 5, dtype=DT, norm=norm, kernel="native", **kw)
+    fast.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.startswith("norm_"):
+                p.uniform_(0.5, 1.5)
+                getattr(fast, name.split(".")[0]).get_parameter(name.split(".")[1]).copy_(p)
+    return ref, fast
+
+
+@pytest.mark.parametrize(
+    "cell,norm,packed,bidir,bias,mode",
+    list(itertools.product(LAYERS, [None, "sequence_batch"], [False, True], [False, True], [True, False], ["train", "eval"])),
+)
+def test_native_matches_reference(cell, norm, packed, bidir, bias, mode):
+    ref, fast = _pair(cell, norm, num_layers=2, bidirectional=bidir, bias=bias)
+    if mode == "eval":
+        for m in (ref, fast):
+            m(torch.randn(6, 7, 3, dtype=DT, generator=torch.Generator().manual_seed(9)))
+            m.eval()
+    x = torch.randn(6, 4, 3, dtype=DT)
+    lengths = torch.tensor([6, 2, 5, 1])
+    results = []
+    for m in (ref, fast):
+        xl = x.clone().requires_grad_(True)
+        inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if packed else xl
+        out, state = m(inp)
+        out = pad_packed_sequence(out)[0] if packed else out
+        hn = state[0] if cell == "lstm" else state
+        loss = (out * torch.linspace(-1, 2, out.numel(), dtype=DT).view_as(out)).sum() + hn.square().sum()
+        grads = torch.autograd.grad(loss, [xl] + list(m.parameters()))
+        stats = [b.clone() for n, b in m.named_buffers()]
+        results.append((out, hn, grads, stats))
+    (o1, h1, g1, s1), (o2, h2, g2, s2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(h2, h1, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    for a, b in zip(s2, s1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_auto_picks_native_only_where_the_math_is_torchs():
+    from recnorm.kernels import reference
+
+    for norm, expect in [(None, True), ("sequence_batch", True), ("layer", False), ("batch", False), ("shared_batch", False)]:
+        m = recnorm.LSTM(3, 4, norm=norm)
+        assert native.supports(m.cell, m._direction_params(0, 0)) is expect, norm
+    m = recnorm.LSTM(3, 4)
+    assert not native.supports(m.cell, m._direction_params(0, 0), on_output=lambda t, h: None)
+    with pytest.raises(ValueError, match="kernel='native' serves"):
+        recnorm.LSTM(3, 4, norm="layer", kernel="native")(torch.randn(2, 2, 3))
+
+
+def test_env_var_forces_reference(monkeypatch):
+    calls = []
+    import recnorm.kernels as k
+
+    monkeypatch.setenv("RECNORM_KERNEL", "reference")
+    monkeypatch.setattr(k.native, "run_direction", lambda *a, **kw: calls.append(1))
+    recnorm.LSTM(3, 4)(torch.randn(2, 2, 3))
+    assert calls == []
+    monkeypatch.setenv("RECNORM_KERNEL", "auto")
+    with pytest.raises(TypeError):  # the stub returns None: proves the native path was taken
+        recnorm.LSTM(3, 4)(torch.randn(2, 2, 3))
+    assert calls == [1]
