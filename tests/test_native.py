@@ -60,8 +60,6 @@ def test_native_matches_reference(cell, norm, packed, bidir, bias, mode):
 
 
 def test_auto_picks_native_only_where_the_math_is_torchs():
-    from recnorm.kernels import reference
-
     for norm, expect in [(None, True), ("sequence_batch", True), ("layer", False), ("batch", False), ("shared_batch", False)]:
         m = recnorm.LSTM(3, 4, norm=norm)
         assert native.supports(m.cell, m._direction_params(0, 0)) is expect, norm

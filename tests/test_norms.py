@@ -269,7 +269,8 @@ def test_unbatched_input_trains_without_nan(norm):
 
 
 @pytest.mark.parametrize("norm", NORMS)
-def test_constant_leading_steps_keep_gradients_finite(norm):
+@pytest.mark.parametrize("init", ["default", "orthogonal"])  # orthogonal zeroes the biases: h, c stay 0
+def test_constant_leading_steps_keep_gradients_finite(norm, init):
     """Blank leading rows of real Fashion-MNIST images: constant across the batch (zero variance)."""
     from recnorm.experiments.tasks import create_task
 
@@ -278,6 +279,7 @@ def test_constant_leading_steps_keep_gradients_finite(norm):
     x = torch.cat([torch.zeros(60, 32, 28), batch.x])  # 60 blank rows, then the images
     torch.manual_seed(0)
     m = recnorm.LSTM(28, 32, norm=norm)
+    recnorm.init.initialize(m, init)
     x.requires_grad_(True)
     out, (h, c) = m(x)
     loss = torch.nn.functional.cross_entropy(out[-1, :, :10], batch.y)

@@ -13,3 +13,10 @@ from recnorm.nn.norms import (
     resolve_norm_kwargs,
 )
 from recnorm.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RecurrentBase, RNNCell
+
+__all__ = [
+    "CELLS", "CellType", "get_cell", "list_cells", "register_cell",
+    "NORMS", "GroupedLayerNorm", "NormSpec", "RecurrentBatchNorm", "create_norm", "get_norm", "list_norms",
+    "register_norm", "resolve_norm_kwargs",
+    "GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RecurrentBase", "RNNCell",
+]

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recnorm.nn.stats import batch_moments, count_valid, degenerate_features
@@ -287,6 +285,11 @@ class GroupedLayerNorm(nn.Module):
     belong to the example and the step alone: nothing is carried across time or batches, and training
     and eval compute the same thing.
 
+    A group whose values are all equal (zero variance: an all-zero ``h`` or ``c`` at the start of a
+    sequence, after zero-initialised biases and blank input rows) normalizes to exactly 0 and passes
+    no gradient. There the exact Jacobian is :math:`\gamma/\sqrt{\epsilon}` (about 316 gamma); over
+    a run of such steps it overflows to inf (the layer-norm form of Cooijmans et al.'s section 5.1).
+
     Args:
         num_features: F.
         groups: sizes of the feature groups (summing to F); default one group of F.
@@ -334,10 +337,14 @@ class GroupedLayerNorm(nn.Module):
     def forward(self, x: Tensor, step: Optional[int] = None, mask: Optional[Tensor] = None) -> Tensor:
         if x.shape[-1] != self.num_features:
             raise ValueError(f"expected input with last dimension {self.num_features}, got {tuple(x.shape)}")
-        if len(self.groups) == 1:
-            return F.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps)
-        parts = [F.layer_norm(p, (p.shape[-1],), None, None, self.eps) for p in x.split(self.groups, dim=-1)]
-        y = torch.cat(parts, dim=-1) * self.weight
+        parts = []
+        for part in x.split(self.groups, dim=-1) if len(self.groups) > 1 else (x,):
+            var, mean = torch.var_mean(part, dim=-1, correction=0, keepdim=True)
+            y = (part - mean) * torch.rsqrt(var + self.eps)
+            # A constant row (an all-zero state) normalizes to 0 and passes no gradient (class docs).
+            parts.append(torch.where(degenerate_features(mean, var), torch.zeros((), dtype=y.dtype, device=y.device), y))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        y = y * self.weight
         return y if self.bias is None else y + self.bias
 
 
