@@ -1,0 +1,372 @@
+"""Command line: ``recnorm`` (or ``python -m recnorm``). Parses arguments, then calls the library.
+
+Subcommands::
+
+    recnorm compare [--preset default] [--smoke] [--workers N] [--out DIR]   run a preset sweep + report
+    recnorm train [--config FILE] [--task digits --norm batch ...] [--set k=v] [--out DIR]
+    recnorm sweep (--spec FILE | --preset NAME) [--grid k=v1,v2] [--set k=v] [--out DIR] [--workers N]
+    recnorm report DIR                                                       HTML + Markdown report
+    recnorm tasks | norms | inits | presets                                  listings
+
+This module is the only one that writes to the terminal; the library logs through ``logging``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, true/false/null, lists, dicts, quoted strings),
+    ``none``/``None`` as None, otherwise the string itself."""
+    if text in ("none", "None"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_assignment(text: str) -> tuple:
+    """``key=value`` -> (key, parsed value)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_value(value)
+
+
+def parse_grid_axis(text: str) -> tuple:
+    """``key=v1,v2,...`` (or ``key=[JSON list]``) -> (key, [values])."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,..., got {text!r}")
+    key, values = text.split("=", 1)
+    values = values.strip()
+    if values.startswith("["):
+        parsed = parse_value(values)
+        if not isinstance(parsed, list):
+            raise argparse.ArgumentTypeError(f"expected a JSON list after {key}=, got {values!r}")
+        return key.strip(), parsed
+    return key.strip(), [parse_value(v) for v in values.split(",")]
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per RunConfig field (values parsed by :func:`parse_value`)."""
+    from recnorm.experiments.config import field_help
+
+    group = parser.add_argument_group("run config fields (override --config)")
+    for name, help_text in field_help().items():
+        group.add_argument("--" + name.replace("_", "-"), dest="field_" + name, type=parse_value, metavar="VALUE",
+                           default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recnorm",
+        description="Normalized LSTM/GRU/RNN layers and the evidence engine that tests when normalization helps.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("compare", help="run a preset comparison (default: the main one) and write its report")
+    p.add_argument("--preset", default="default", help="preset name (see `recnorm presets`); default: default")
+    p.add_argument("--smoke", action="store_true", help="the preset's tiny smoke variant (one step per run)")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
+    p.add_argument("--out", default=None, help="sweep directory (default: runs/compare, or runs/<preset>)")
+    p.add_argument("--no-report", action="store_true", help="skip writing the report")
+
+    p = sub.add_parser("train", help="train and evaluate one run")
+    p.add_argument("--config", help="JSON file with run config fields")
+    p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
+                   help="set a config field; dotted keys set dict entries (task_options.train_size=1000)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/train/<run_id>)")
+    p.add_argument("--report", action="store_true", help="write a report for the run")
+    _add_config_flags(p)
+
+    p = sub.add_parser("sweep", help="run a grid of configs (resumable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--spec", help="JSON sweep spec: {name, base: {...}, grids: [{field: [values]}]}")
+    src.add_argument("--preset", help="start from a preset (see `recnorm presets`)")
+    p.add_argument("--smoke", action="store_true", help="with --preset: its smoke variant")
+    p.add_argument("--name", default=None, help="sweep name (default: from the spec, or 'sweep')")
+    p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
+                   help="set a field of the base config")
+    p.add_argument("--grid", dest="grid", action="append", type=parse_grid_axis, default=[], metavar="KEY=V1,V2",
+                   help="add an axis to every grid (e.g. --grid norm=none,layer,batch --grid seed=0,1,2)")
+    p.add_argument("--out", default=None, help="sweep directory (default: runs/<name>)")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
+    p.add_argument("--max-runs", type=int, default=None, help="run at most this many unfinished runs now")
+    p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+
+    p = sub.add_parser("report", help="write report.html and report.md for a run or sweep directory")
+    p.add_argument("run_dir", help="a run directory (result.json) or a sweep directory (sweep.json)")
+    p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR)")
+
+    sub.add_parser("tasks", help="list the tasks with their sizes")
+    sub.add_parser("norms", help="list the normalizations and their options")
+    sub.add_parser("inits", help="list the initialization schemes")
+    sub.add_parser("presets", help="list the preset sweeps")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- terminal
+class _TqdmHandler(logging.Handler):
+    """Log records written with ``tqdm.write`` so that they do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    root = logging.getLogger("recnorm")
+    root.setLevel(level)
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def _out(text: str = "") -> None:
+    print(text)
+
+
+def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Optional[int] = None) -> Any:
+    from tqdm import tqdm
+
+    from recnorm.experiments.sweep import run_sweep
+
+    bar: Dict[str, Any] = {}
+
+    def progress(event: str, info: Dict[str, Any]) -> None:
+        if event == "start":
+            _out(f"sweep {spec.name}: {info['total']} runs, {info['skipped']} already finished, "
+                 f"{info['todo']} to run with {workers} worker(s) -> {out_dir}")
+            bar["bar"] = tqdm(total=info["todo"], unit="run", dynamic_ncols=True)
+            bar["counts"] = {}
+        else:
+            counts = bar["counts"]
+            counts[info["status"]] = counts.get(info["status"], 0) + 1
+            bar["bar"].set_postfix(counts)
+            bar["bar"].update(1)
+            if info["error"]:
+                bar["bar"].write(f"run {info['run_id']} failed: {info['error']}")
+
+    try:
+        return run_sweep(spec, out_dir, workers=workers, progress=progress, max_runs=max_runs)
+    finally:
+        if "bar" in bar:
+            bar["bar"].close()
+
+
+def _report(path: str, out: Optional[str] = None) -> int:
+    from recnorm.experiments.report import write_report
+
+    paths = write_report(path, out)
+    _out(f"report: {paths['html']}")
+    _out(f"        {paths['markdown']}")
+    verdicts = paths["verdicts"]
+    if verdicts:
+        _out("verdicts:")
+        for task, claim, _evidence, effect, seeds, verdict in verdicts:
+            _out(f"  [{task}] {claim}: {verdict.strip('*')} (seeds: {seeds})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from recnorm.experiments.presets import get_preset
+
+    spec = get_preset(args.preset, smoke=args.smoke)
+    out = args.out or os.path.join("runs", ("compare" if args.preset == "default" else args.preset)
+                                   + ("-smoke" if args.smoke else ""))
+    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1)
+    if outcome.failed:
+        _out(f"{len(outcome.failed)} run(s) failed (see their error.json); re-run the same command to retry")
+    if not args.no_report:
+        return _report(out) or (1 if outcome.failed else 0)
+    return 1 if outcome.failed else 0
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    from recnorm.experiments.config import RunConfig, set_field
+
+    data: Dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as f:
+            data = json.load(f)
+        data.pop("run_id", None)  # a config.json written by a run carries its id
+    for key, value in vars(args).items():
+        if key.startswith("field_"):
+            data[key[len("field_"):]] = value
+    for key, value in args.sets:
+        set_field(data, key, value)
+    return RunConfig.from_dict(data)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from recnorm.experiments.train import train_and_evaluate
+
+    config = _config_from_args(args).validate()
+    out = args.out or os.path.join("runs", "train", config.run_id)
+    _out(f"run {config.run_id} -> {out}")
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True)
+
+    def progress(step: int, total: int, info: Dict[str, Any]) -> None:
+        bar.total = total
+        if "loss" in info:
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.4f}")
+        elif "valid" in info:
+            bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in info["valid"].items()
+                                                          if v is not None))
+
+    try:
+        result = train_and_evaluate(config, out, progress=progress)
+    finally:
+        bar.close()
+    if result.status == "diverged":
+        _out(f"diverged: {result.diverged_reason}")
+    else:
+        _out("final: " + json.dumps({k: v for k, v in result.final.items() if isinstance(v, dict)}))
+    if args.report:
+        _report(out)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from recnorm.experiments.presets import get_preset
+    from recnorm.experiments.sweep import SweepSpec, load_spec
+
+    if args.smoke and not args.preset:
+        raise ValueError("--smoke: expected --preset NAME with it")
+    if args.spec:
+        spec = load_spec(args.spec)
+    elif args.preset:
+        spec = get_preset(args.preset, smoke=args.smoke)
+    else:
+        spec = SweepSpec(name="sweep")
+    if args.name:
+        spec.name = args.name
+    if args.sets:
+        spec.base = spec.base.replace(**dict(args.sets))
+    for key, values in args.grid:
+        spec.grids = [{**g, key: values} for g in (spec.grids or [{}])]
+    configs = spec.expand()
+    out = args.out or os.path.join("runs", spec.name)
+    if args.dry_run:
+        _out(f"{len(configs)} runs -> {out}")
+        for c in configs:
+            _out(f"  {c.run_id}")
+        return 0
+    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs)
+    _out(f"{len(outcome.completed)} run(s) finished now, {len(outcome.skipped)} before, {len(outcome.failed)} failed")
+    if args.report:
+        _report(out)
+    return 1 if outcome.failed else 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from recnorm.experiments.tasks.base import DataMissingError, create_task, get_task, list_tasks
+
+    rows = [["task", "kind", "metric", "T", "input", "vocab", "outputs", "examples train/valid/test"]]
+    for name in list_tasks():
+        try:
+            task = create_task(name)
+        except DataMissingError as exc:
+            rows.append([name, get_task(name).kind, get_task(name).metric, "", "", "", "", f"data missing: {exc}"])
+            continue
+        count = getattr(task, "num_examples", None)
+        if count is not None:
+            sizes = "/".join(str(count(s)) for s in ("train", "valid", "test"))
+        else:  # generated tasks: an endless training stream; show their options
+            opts = getattr(task, "options", {}) or {}
+            sizes = "generated; " + ", ".join(f"{k}={v}" for k, v in opts.items())
+        rows.append([name, task.kind, task.metric, str(task.seq_len), str(task.input_size),
+                     str(task.vocab_size or "-"), str(task.num_outputs), sizes])
+    _table(rows)
+    return 0
+
+
+def _cmd_norms(args: argparse.Namespace) -> int:
+    import recnorm
+
+    rows = [["norm", "options (defaults)"], ["none", "-"]]
+    for name in recnorm.list_norms():
+        rows.append([name, ", ".join(f"{k}={v}" for k, v in recnorm.norm_options(name).items())])
+    _table(rows)
+    return 0
+
+
+def _cmd_inits(args: argparse.Namespace) -> int:
+    from recnorm import init
+
+    for name in init.list_inits():
+        _out(name)
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from recnorm.experiments.presets import PRESETS, get_preset
+
+    for name in sorted(PRESETS):
+        spec = get_preset(name)
+        n = len(spec.expand())
+        summary = " ".join((PRESETS[name].__doc__ or "").strip().split("\n\n")[0].split())
+        _out(f"{name} ({n} runs): {summary}")
+        for line in (PRESETS[name].__doc__ or "").splitlines():
+            if line.strip().startswith(("Command:", "Running time:")):
+                _out(f"    {line.strip()}")
+    return 0
+
+
+def _table(rows: List[List[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        _out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+_COMMANDS = {"compare": _cmd_compare, "train": _cmd_train, "sweep": _cmd_sweep,
+             "report": lambda args: _report(args.run_dir, args.out), "tasks": _cmd_tasks, "norms": _cmd_norms,
+             "inits": _cmd_inits, "presets": _cmd_presets}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``recnorm`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    from recnorm.experiments.config import ConfigError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"recnorm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into a command that stopped reading (e.g. `| head`)
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Sweeps: a grid over any config fields, run in parallel worker processes, resumable at any point.
+
+A :class:`SweepSpec` is a base :class:`~recnorm.experiments.config.RunConfig` plus a list of grids; each
+grid maps field names to lists of values and expands to their Cartesian product (a scalar is a fixed
+override), and the sweep is the union of its grids. Dotted names set one entry of a dict field
+(``"norm_kwargs.gain_init"``, ``"task_options.train_size"``).
+
+On disk (see :mod:`recnorm.experiments.results`)::
+
+    OUT/sweep.json             the manifest: the spec, the run ids in order, the fields that vary
+    OUT/runs/<run_id>/         one directory per run, keyed by the run's config hash
+    OUT/runs/<run_id>/result.json   present exactly when the run finished (atomic rename)
+    OUT/runs/<run_id>/error.json    a run that raised (retried on the next invocation)
+
+Resuming: :func:`run_sweep` skips every run whose ``result.json`` exists and wipes and redoes any other run
+directory (a partial run of a killed sweep). Killing the sweep at any moment therefore loses at most the
+runs in flight and never leaves a corrupt result; re-running the same command finishes the rest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import importlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from recnorm.experiments.config import ConfigError, RunConfig, set_field
+from recnorm.experiments.results import SWEEP_FILE, is_run_dir, read_json, write_json_atomic
+
+__all__ = ["SweepSpec", "SweepOutcome", "run_sweep", "varied_fields", "flatten_config", "ERROR_FILE"]
+
+logger = logging.getLogger(__name__)
+
+ERROR_FILE = "error.json"
+#: ``progress(event, info)``: event "start" (info: total, todo, skipped) then "done" per finished run
+#: (info: run_id, status, seconds, error).
+SweepProgressFn = Callable[[str, Dict[str, Any]], None]
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    """A named grid of runs.
+
+    Attributes:
+        name: short name (used in the report's title).
+        base: the config every run starts from.
+        grids: list of ``{field: [values]}``; each expands to a Cartesian product, the sweep is their union
+            (duplicates, by run id, are kept once, in first-seen order).
+        description: what the sweep tests (shown in the report).
+        imports: modules imported by every worker before it runs (to register a custom task).
+        report: hints for the report, e.g. ``{"target": 0.75}`` (the metric level used for the steps- and
+            seconds-to-target tables) or ``{"reference": {"init_gain": 1.0}}`` (the runs compared for
+            convergence speed).
+    """
+
+    name: str
+    base: RunConfig = dataclasses.field(default_factory=RunConfig)
+    grids: List[Dict[str, Any]] = dataclasses.field(default_factory=lambda: [{}])
+    description: str = ""
+    imports: List[str] = dataclasses.field(default_factory=list)
+    report: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def expand(self) -> List[RunConfig]:
+        """Every run of the sweep as a validated :class:`RunConfig` (raises :class:`ConfigError` first)."""
+        self._import_plugins()
+        base = self.base.to_dict()
+        configs: List[RunConfig] = []
+        seen = set()
+        for i, grid in enumerate(self.grids or [{}]):
+            if not isinstance(grid, dict):
+                raise ConfigError(f"grids[{i}]: expected a dict of field -> list of values, got {grid!r}")
+            keys = list(grid)
+            values = [v if isinstance(v, list) else [v] for v in grid.values()]
+            for key, vals in zip(keys, values):
+                if not vals:
+                    raise ConfigError(f"grids[{i}].{key}: expected a non-empty list of values, got []")
+            for combo in itertools.product(*values):
+                data = json.loads(json.dumps(base))
+                for key, value in zip(keys, combo):
+                    set_field(data, key, value)
+                try:
+                    config = RunConfig.from_dict(data)
+                    config.validate()
+                except ConfigError as exc:
+                    raise ConfigError(f"sweep {self.name!r}, grids[{i}] {dict(zip(keys, combo))}: {exc}") from None
+                if config.run_id not in seen:
+                    seen.add(config.run_id)
+                    configs.append(config)
+        return configs
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "description": self.description, "base": self.base.to_dict(),
+                "grids": json.loads(json.dumps(self.grids)), "imports": list(self.imports),
+                "report": dict(self.report)}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "SweepSpec":
+        """From a dict; ``"grid"`` (one grid) is accepted for ``"grids"``."""
+        data = dict(data)
+        if "grid" in data:
+            if "grids" in data:
+                raise ConfigError("sweep spec: expected one of 'grid' or 'grids', got both")
+            data["grids"] = [data.pop("grid")]
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"sweep spec: unknown key(s) {unknown}; expected a subset of {names}")
+        base = data.get("base", {})
+        data["base"] = base if isinstance(base, RunConfig) else RunConfig.from_dict(base)
+        if not isinstance(data.get("grids", [{}]), list):
+            raise ConfigError(f"sweep spec: 'grids' expected a list of dicts, got {data['grids']!r}")
+        return cls(**data)
+
+    def _import_plugins(self) -> None:
+        for module in self.imports:
+            importlib.import_module(module)
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+    """What one invocation of :func:`run_sweep` did."""
+
+    out_dir: str
+    run_ids: List[str]
+    completed: List[str]  # runs finished by this invocation
+    skipped: List[str]  # runs already finished before it
+    failed: Dict[str, str]  # run id -> error message (the traceback is in the run's error.json)
+
+    @property
+    def finished(self) -> bool:
+        return not self.failed and len(self.completed) + len(self.skipped) == len(self.run_ids)
+
+
+def flatten_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A config dict with dict fields spread as dotted keys (``norm_kwargs.gain_init``)."""
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def varied_fields(configs: Sequence[Dict[str, Any]]) -> List[str]:
+    """The (flattened) fields whose values differ between ``configs``, in field order."""
+    flats = [flatten_config(c) for c in configs]
+    order = [f.name for f in dataclasses.fields(RunConfig)]
+
+    def position(key: str) -> Tuple[int, str]:
+        head, _, sub = key.partition(".")
+        return (order.index(head) if head in order else len(order), sub)
+
+    keys = sorted({k for f in flats for k in f}, key=position)
+    marker = object()
+    return [k for k in keys if k != "threads" and len({json.dumps(f.get(k, marker), default=str) for f in flats}) > 1]
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _watch_parent(parent_pid: int) -> None:
+    # A worker whose sweep process died (killed) exits instead of finishing runs nobody waits for.
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(3)
+        time.sleep(0.5)
+
+
+def _worker_init(imports: List[str], parent_pid: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    for module in imports:
+        importlib.import_module(module)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _run_one(config_data: Dict[str, Any], run_dir: str) -> Tuple[str, str, Optional[str], float]:
+    """Run one config into ``run_dir``; never raises (an exception is written to ``error.json``)."""
+    from recnorm.experiments.train import train_and_evaluate
+
+    config = RunConfig.from_dict(config_data)
+    start = time.perf_counter()
+    try:
+        result = train_and_evaluate(config, run_dir)
+        return config.run_id, result.status, None, time.perf_counter() - start
+    except Exception as exc:  # recorded, not fatal: the other runs of the sweep go on
+        message = f"{type(exc).__name__}: {exc}"
+        write_json_atomic(os.path.join(run_dir, ERROR_FILE),
+                          {"run_id": config.run_id, "error": message, "traceback": traceback.format_exc()})
+        logger.error("run %s failed: %s", config.run_id, message)
+        return config.run_id, "failed", message, time.perf_counter() - start
+
+
+def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optional[SweepProgressFn] = None,
+              max_runs: Optional[int] = None) -> SweepOutcome:
+    """Run every unfinished run of ``spec`` into ``out_dir``; finished runs are skipped.
+
+    Args:
+        spec: the sweep.
+        out_dir: the sweep directory (created). Runs of an earlier, different spec in the same directory
+            are kept on disk but left out of the manifest.
+        workers: worker processes (spawned; one torch thread each). ``1`` runs in this process.
+        progress: optional callback, see :data:`SweepProgressFn`.
+        max_runs: run at most this many unfinished runs now (the rest stay for a later invocation).
+
+    Returns:
+        A :class:`SweepOutcome`. Failed runs do not raise; they are listed in ``failed`` and retried next
+        time. KeyboardInterrupt stops the sweep (finished runs are kept).
+    """
+    if workers < 1:
+        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+    configs = spec.expand()
+    if workers > 1:
+        configs = [c.replace(threads=1) for c in configs]
+    run_ids = [c.run_id for c in configs]
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    manifest = {
+        "name": spec.name,
+        "spec": spec.to_dict(),
+        "runs": run_ids,
+        "varied": varied_fields([c.to_dict() for c in configs]),
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(os.path.join(out_dir, SWEEP_FILE), manifest)
+
+    todo: List[RunConfig] = []
+    skipped: List[str] = []
+    for config in configs:
+        run_dir = os.path.join(out_dir, "runs", config.run_id)
+        if is_run_dir(run_dir):
+            skipped.append(config.run_id)
+            continue
+        if os.path.exists(run_dir):  # a partial run (killed or failed): start it again from scratch
+            logger.info("removing partial run directory %s", run_dir)
+            shutil.rmtree(run_dir)
+        todo.append(config)
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    logger.info("sweep %s: %d runs, %d finished before, %d to run with %d worker(s)", spec.name, len(configs),
+                len(skipped), len(todo), workers)
+    if progress is not None:
+        progress("start", {"total": len(configs), "todo": len(todo), "skipped": len(skipped)})
+
+    completed: List[str] = []
+    failed: Dict[str, str] = {}
+
+    def record(outcome: Tuple[str, str, Optional[str], float]) -> None:
+        run_id, status, error, seconds = outcome
+        if error is None:
+            completed.append(run_id)
+        else:
+            failed[run_id] = error
+        if progress is not None:
+            progress("done", {"run_id": run_id, "status": status, "seconds": seconds, "error": error})
+
+    jobs = [(c.to_dict(), os.path.join(out_dir, "runs", c.run_id)) for c in todo]
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            record(_run_one(*job))
+    else:
+        context = multiprocessing.get_context("spawn")
+        executor = cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
+                                          initializer=_worker_init, initargs=(list(spec.imports), os.getpid()))
+        try:
+            futures = [executor.submit(_run_one, *job) for job in jobs]
+            for future in cf.as_completed(futures):
+                record(future.result())
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        executor.shutdown(wait=True)
+    return SweepOutcome(out_dir=os.path.abspath(out_dir), run_ids=run_ids, completed=completed, skipped=skipped,
+                        failed=failed)
+
+
+def load_spec(path: str) -> SweepSpec:
+    """Read a sweep spec from a JSON file (or a ``sweep.json`` manifest, which embeds its spec)."""
+    data = read_json(path)
+    if "spec" in data and "runs" in data:
+        data = data["spec"]
+    return SweepSpec.from_dict(data)

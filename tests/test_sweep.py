@@ -1,0 +1,160 @@
+"""Tests of sweeps: grid expansion, parallel workers, failures, and resuming after a kill or a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recnorm.experiments.config import ConfigError, RunConfig
+from recnorm.experiments.results import load_records, read_json
+from recnorm.experiments.sweep import ERROR_FILE, SweepSpec, load_spec, run_sweep, varied_fields
+from recnorm.experiments.train import train_and_evaluate
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def small_spec(steps: int = 3, seeds=(0, 1)) -> SweepSpec:
+    base = RunConfig(task="adding", task_options={"length": 8, "valid_size": 16, "test_size": 16}, hidden_size=8,
+                     batch_size=8, steps=steps, eval_every=max(1, steps // 2), eval_batch_size=16, diag_every=None,
+                     popstat_batches=1)
+    return SweepSpec(name="small", base=base,
+                     grids=[{"norm": [None, "layer"], "seed": list(seeds)},
+                            {"norm": "batch", "norm_kwargs.gain_init": [0.1, 1.0], "seed": list(seeds)}])
+
+
+def curves(out_dir: str) -> dict:
+    return {r["run_id"]: (r["train"]["loss"], r["final"]) for r in load_records(out_dir)}
+
+
+def started(out_dir: str) -> dict:
+    return {r["run_id"]: r["timing"]["started_at"] for r in load_records(out_dir)}
+
+
+def test_expand_grid_product_union_and_dedup():
+    spec = small_spec()
+    configs = spec.expand()
+    assert len(configs) == 2 * 2 + 2 * 2
+    assert len({c.run_id for c in configs}) == len(configs)
+    assert {c.norm_kwargs.get("gain_init") for c in configs if c.norm == "batch"} == {0.1, 1.0}
+    # A duplicate grid adds nothing.
+    spec.grids.append({"norm": None, "seed": [0]})
+    assert [c.run_id for c in spec.expand()] == [c.run_id for c in configs]
+    assert varied_fields([c.to_dict() for c in configs]) == ["norm", "norm_kwargs.gain_init", "seed"]
+
+
+def test_expand_validates_before_running(tmp_path):
+    spec = small_spec()
+    spec.grids = [{"cell": ["lstm", "conv"]}]
+    with pytest.raises(ConfigError, match=r"grids\[0\] \{'cell': 'conv'\}: cell: expected one of"):
+        run_sweep(spec, str(tmp_path))
+    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
+
+
+def test_spec_json_roundtrip(tmp_path):
+    spec = small_spec()
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    again = load_spec(str(path))
+    assert [c.run_id for c in again.expand()] == [c.run_id for c in spec.expand()]
+    with pytest.raises(ConfigError, match="unknown key"):
+        SweepSpec.from_dict({"name": "x", "gird": {}})
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
+    spec = small_spec()
+    ids = [c.run_id for c in spec.expand()]
+    full = str(tmp_path / "full")
+    assert run_sweep(spec, full, workers=1).finished
+
+    part = str(tmp_path / "part")
+    first = run_sweep(spec, part, workers=1, max_runs=3)  # "killed" after three runs...
+    assert len(first.completed) == 3
+    # ...while a fourth was in flight: its directory holds a config and a half-written file, no result.
+    partial = os.path.join(part, "runs", ids[3])
+    os.makedirs(partial)
+    with open(os.path.join(partial, "config.json"), "w") as f:
+        f.write("{}")
+    with open(os.path.join(partial, "result.json.123.tmp"), "w") as f:
+        f.write('{"trunc')
+    before = started(part)
+
+    second = run_sweep(spec, part, workers=1)
+    assert sorted(second.skipped) == sorted(first.completed)  # no finished run is repeated
+    assert sorted(second.completed) == sorted(set(ids) - set(first.completed))
+    assert {k: v for k, v in started(part).items() if k in before} == before
+    assert not os.path.exists(os.path.join(partial, "result.json.123.tmp"))  # partial dir redone cleanly
+    assert curves(part) == curves(full)  # same set of results, bit for bit
+    assert read_json(os.path.join(part, "sweep.json"))["runs"] == ids
+
+    third = run_sweep(spec, part, workers=1)
+    assert third.completed == [] and sorted(third.skipped) == sorted(ids)
+
+
+def test_failed_run_is_recorded_and_retried(tmp_path):
+    spec = small_spec(seeds=(0,))
+    # length 1 passes config validation (option names) but the task rejects it when built.
+    spec.grids = [{"norm": [None], "task_options.length": [8, 1]}]
+    outcome = run_sweep(spec, str(tmp_path), workers=1)
+    assert len(outcome.completed) == 1 and len(outcome.failed) == 1
+    (bad_id, message), = outcome.failed.items()
+    assert "length" in message
+    error = read_json(os.path.join(tmp_path, "runs", bad_id, ERROR_FILE))
+    assert "Traceback" in error["traceback"]
+    assert not os.path.exists(os.path.join(tmp_path, "runs", bad_id, "result.json"))
+    again = run_sweep(spec, str(tmp_path), workers=1)
+    assert list(again.failed) == [bad_id] and again.skipped == outcome.completed
+
+
+def _spawn_sweep(spec_path: str, out: str, workers: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "recnorm", "sweep", "--spec", spec_path, "--out", out,
+                             "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_killed_parallel_sweep_resumes_without_repeats(tmp_path):
+    spec = small_spec(steps=40, seeds=(0, 1, 2))
+    ids = [c.run_id for c in spec.expand()]
+    spec_path = str(tmp_path / "spec.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec.to_dict(), f)
+    out = str(tmp_path / "sweep")
+
+    proc = _spawn_sweep(spec_path, out, workers=2)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(load_records(out) if os.path.exists(out) else []) < 2:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep finished before it could be killed; make the runs longer"
+        os.kill(proc.pid, signal.SIGKILL)  # kill the sweep process only: its workers must notice and exit
+        proc.wait(10)
+        time.sleep(1.5)  # the workers' parent watchdog polls every 0.5 s
+        done_before = started(out)
+        assert 2 <= len(done_before) < len(ids)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of this test's process group still alive
+        except ProcessLookupError:
+            pass
+
+    # Workers exited with the sweep: nothing appears after the kill.
+    time.sleep(0.5)
+    assert started(out) == done_before
+
+    outcome = run_sweep(load_spec(spec_path), out, workers=1)
+    assert sorted(outcome.skipped) == sorted(done_before)
+    assert sorted(outcome.completed) == sorted(set(ids) - set(done_before))
+    after = started(out)
+    assert {k: after[k] for k in done_before} == done_before
+    assert sorted(after) == sorted(ids)
+    # Results computed by spawned workers before the kill equal those computed in-process.
+    by_id = {c.run_id: c for c in spec.expand()}
+    for run_id in sorted(done_before)[:2]:
+        reference = train_and_evaluate(by_id[run_id], str(tmp_path / "reference" / run_id))
+        assert curves(os.path.join(out, "runs", run_id))[run_id] == (reference.train["loss"], reference.final)
