@@ -16,7 +16,7 @@ recurrent cell:
 * ``"cell"``: the LSTM cell ``c_t`` inside the output ``tanh`` (shape ``(B, H)``).
 
 Every norm module takes ``num_features`` first, keyword options after, and is called as
-``norm(x, step=t, mask=None)``. Its class attribute ``scope`` tells the time loop how it may be applied:
+``norm(x, step=t, mask=None)``. Its attribute ``scope`` tells the time loop how it may be applied:
 ``"row"`` (per example; may run once on all time steps), ``"sequence"`` (statistics over all valid
 (t, b) positions; must run once on all time steps) or ``"step"`` (statistics per call; runs inside the
 loop with the step index).
@@ -92,9 +92,9 @@ class RecurrentBatchNorm(nn.Module):
         shift: learn :math:`\beta` (initialised to 0). Without it, :math:`\beta = 0`.
         momentum: running-average factor, or ``None`` for a cumulative average.
         eps: added to the variance.
+        scope: ``"step"`` (called inside the time loop, once per step) or ``"sequence"`` (called once on
+            the rows of all time steps; statistics over every valid (t, b) position).
     """
-
-    scope = "step"
 
     def __init__(
         self,
@@ -105,11 +105,15 @@ class RecurrentBatchNorm(nn.Module):
         shift: bool = True,
         momentum: Optional[float] = 0.1,
         eps: float = 1e-5,
+        scope: str = "step",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
+        if scope not in ("step", "sequence"):
+            raise ValueError(f"scope must be 'step' or 'sequence', got {scope!r}")
+        self.scope = scope
         if int(max_steps) < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         if momentum is not None and not (0.0 <= float(momentum) <= 1.0):
@@ -203,7 +207,7 @@ class RecurrentBatchNorm(nn.Module):
             return self.running_mean[s], self.running_var[s], None
         s = self._slot(step, use_population=False)
         mean, var = moments()
-        self._update(s, None, None, mean.detach(), var.detach(), n)
+        self._update(s, mean.detach(), var.detach(), n)
         for observe in self._observers:
             observe(step, mean.detach(), var.detach(), n)
         return mean, var, degenerate_features(mean, var)
@@ -222,8 +226,8 @@ class RecurrentBatchNorm(nn.Module):
         return scale, (shift if self.bias is None else shift + self.bias)
 
     @torch.no_grad()
-    def _update(self, s: int, x: Optional[Tensor], mask: Optional[Tensor], mean: Tensor, var: Tensor, n: int) -> None:
-        """Record the batch statistics of slot ``s`` (``x``/``mask`` are unused; kept for callers)."""
+    def _update(self, s: int, mean: Tensor, var: Tensor, n: int) -> None:
+        """Record the batch mean and biased variance of ``n`` rows at slot ``s``."""
         if self._accumulator is not None:
             acc = self._accumulator
             mean64, var64 = mean.double(), var.double()
@@ -446,9 +450,10 @@ def _build_batch(site, num_features, groups, *, gain_init, max_steps, momentum, 
 def _build_sequence_batch(site, num_features, groups, *, gain_init, momentum, eps, **fk):
     if site != "ih":
         return None
-    bn = RecurrentBatchNorm(num_features, max_steps=1, gain_init=gain_init, shift=False, momentum=momentum, eps=eps, **fk)
-    bn.scope = "sequence"  # statistics over all valid (t, b): applied once to the hoisted projection
-    return bn
+    # statistics over all valid (t, b): applied once to the hoisted input projection
+    return RecurrentBatchNorm(
+        num_features, max_steps=1, gain_init=gain_init, shift=False, momentum=momentum, eps=eps, scope="sequence", **fk
+    )
 
 
 def _build_shared_batch(site, num_features, groups, *, gain_init, momentum, eps, **fk):
