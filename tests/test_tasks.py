@@ -78,6 +78,12 @@ def valid_mask(batch: Batch) -> torch.Tensor:
     return torch.arange(batch.seq_len).unsqueeze(1) < batch.lengths.unsqueeze(0)
 
 
+def _shipped_tasks():
+    """Registered tasks, less those that other test files register for themselves (names starting
+    with "_"), so that the generic contract tests do not depend on test collection order."""
+    return [n for n in list_tasks() if not n.startswith("_")]
+
+
 # --------------------------------------------------------------------------------------------------
 # registry
 
@@ -138,7 +144,7 @@ def test_bad_split_and_batch_size_raise():
 # generic contract, for every registered task
 
 
-@pytest.mark.parametrize("name", list_tasks())
+@pytest.mark.parametrize("name", _shipped_tasks())
 def test_attributes_and_describe(name):
     task = small(name)
     assert task.kind in ("classification", "regression", "per_step")
@@ -182,7 +188,7 @@ def check_batch(task: Task, batch: Batch, batch_size: int) -> None:
         assert int(y.min()) >= 0 and int(y.max()) < task.num_outputs
 
 
-@pytest.mark.parametrize("name", list_tasks())
+@pytest.mark.parametrize("name", _shipped_tasks())
 def test_batch_contract(name):
     task = small(name)
     for batch in take(task.batches("train", B, seed=0), 3):
@@ -199,7 +205,7 @@ def test_batch_contract(name):
             assert sum(b.batch_size for b in batches) == EVAL_SIZES[split]
 
 
-@pytest.mark.parametrize("name", list_tasks())
+@pytest.mark.parametrize("name", _shipped_tasks())
 def test_eval_passes_deterministic(name):
     task = small(name)
     for split in ("valid", "test"):
@@ -209,7 +215,7 @@ def test_eval_passes_deterministic(name):
     assert not same(next(iter(task.batches("valid", B))), next(iter(task.batches("test", B))))
 
 
-@pytest.mark.parametrize("name", list_tasks())
+@pytest.mark.parametrize("name", _shipped_tasks())
 def test_train_stream_seeded(name):
     task = small(name)
     a = take(task.batches("train", B, seed=0), 6)
@@ -239,7 +245,7 @@ def perfect_outputs(task: Task, batch: Batch) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("name", list_tasks())
+@pytest.mark.parametrize("name", _shipped_tasks())
 def test_loss_and_metrics_by_hand(name):
     task = small(name)
     batches = list(task.batches("valid", B))
