@@ -26,7 +26,7 @@ __all__ = ["DirectionParams", "project_inputs", "run_direction", "KERNELS", "res
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "reference", "native")
+KERNELS = ("auto", "reference", "native", "fused")
 
 
 def resolve_kernel(kernel: Optional[str]) -> str:
@@ -51,4 +51,14 @@ def run_direction(
         return native.run_direction(cell, x, batch_sizes, state, p)
     if kernel == "native":
         raise ValueError("kernel='native' serves norm=None and norm='sequence_batch' only (and no diagnostics capture)")
+    if kernel in ("auto", "fused"):
+        from recnorm.kernels import fused_cpu  # lazy: its C++ extension is built on first use
+
+        if fused_cpu.supports(cell, p, on_output, x):
+            return fused_cpu.run_direction(cell, x, batch_sizes, state, p)
+        if kernel == "fused":
+            raise ValueError(
+                "kernel='fused' serves LSTM with norm None, 'layer', 'batch' or 'shared_batch' on CPU float32/float64 "
+                "tensors (no proj_size, no diagnostics capture) and needs the C++ extension to build; see the log"
+            )
     return reference_run_direction(cell, x, batch_sizes, state, p, on_output)

@@ -1,0 +1,1116 @@
+// Fused CPU time loop of one LSTM direction with layer or recurrent batch normalization.
+//
+// The Python side (recnorm/kernels/fused_cpu.py) wraps `forward` and `backward` in an autograd Function;
+// recnorm/kernels/reference.py is the oracle this file must agree with (outputs, final states,
+// gradients, running statistics).
+//
+// Layout: packed rows. Step t owns rows [off[t], off[t] + bs[t]) of x, out and every saved (N, .)
+// buffer; bs is non-increasing, so the rows valid at step t are the first bs[t] rows of step t - 1.
+//
+// Per step the forward does one GEMM (h_{t-1} W_hh^T) and one fused pass over the step's rows:
+// normalization of the input term (hoisted GEMM for all steps before the loop) and of the recurrent
+// term, gates, cell update, cell normalization and output. The backward (BPTT) does one fused pass and
+// one GEMM (dh_{t-1} = dG_hh W_hh) per step, and the weight gradients as a few large GEMMs over chunks
+// of consecutive steps.
+//
+// Modes (all three sites use the same kind):
+//   0 (none):  pre = W_ih x + W_hh h + b
+//   1 (layer): pre = g_ih * LN(W_ih x) + g_hh * LN(W_hh h) + b, h = o * tanh(g_c * LN(c) + beta_c)
+//   2 (batch): the same with per-step batch statistics over the valid rows (population statistics in
+//              eval mode and for steps with fewer than 2 valid rows), running statistics updated as
+//              RecurrentBatchNorm._update does.
+// In both normalized modes a feature (BN: a column over the batch; LN: a row) whose values are all
+// equal normalizes to exactly 0 and passes no gradient (recnorm.nn.stats.degenerate_features); this
+// is stored as rstd = 0.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <ctime>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+enum Mode : int64_t { kNone = 0, kLayer = 1, kBatch = 2 };
+
+// Development timers (built only with -DRECNORM_FUSED_TIMING).
+#ifdef RECNORM_FUSED_TIMING
+double g_timers[8] = {0};
+inline double timer_now() {  // thread CPU time: robust to other load when run with one thread
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+#define TIC(i) const double tic_##i = timer_now()
+#define TOC(i) g_timers[i] += timer_now() - tic_##i
+#else
+#define TIC(i) (void)0
+#define TOC(i) (void)0
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// Vector helpers. Every loop walks a row segment in steps of Vec::size() with a possibly shorter
+// tail (count n): loads zero-fill and stores write only the first n lanes.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+inline Vec<T> ld(const T* p, int64_t n) {
+  return n >= Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+
+template <typename T>
+inline void st(T* p, const Vec<T>& v, int64_t n) {
+  if (n >= Vec<T>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, n);
+  }
+}
+
+template <typename T>
+inline Vec<T> lanes(const Vec<T>& v, int64_t n) {  // zero the lanes >= n
+  return n >= Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, n);
+}
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T a[Vec<T>::size()];
+  v.store(a);
+  T s = 0;
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += a[i];
+  return s;
+}
+
+template <typename T>
+inline Vec<T> fma(const Vec<T>& a, const Vec<T>& b, const Vec<T>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+
+// exp. float64 and non-AVX2 builds use SLEEF's exp (what torch.exp uses). float32 with AVX2 uses a
+// shorter form within ~2 ulp over the range that matters here: clamp to [-87, 88] (NaN passes
+// through), n = round(x / ln 2), r = x - n ln 2 (in two parts), e^r = 1 + r + r^2 Q(r) with a degree-4
+// Q fitted for this file on [-ln2/2, ln2/2], times 2^n built in the exponent bits.
+template <typename T>
+inline Vec<T> exp_(const Vec<T>& x) {
+  return x.exp();
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(RECNORM_SLEEF_EXP)
+template <>
+inline Vec<float> exp_<float>(const Vec<float>& xv) {
+  __m256 x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), __m256(xv)));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(0.001381457777162311f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.00836870078675251f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.041668387197908774f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.16666520765564605f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.4999999345495444f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return Vec<float>(_mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  return (Vec<T>(T(1)) + exp_(x.neg())).reciprocal();
+}
+
+// tanh. float64 keeps SLEEF's tanh (what torch.tanh uses). float32 uses a cheaper form that stays
+// within ~3 ulp: an odd polynomial x + x^3 P(x^2) below |x| = 0.625 (coefficients fitted for this
+// file to minimize the relative error), and 1 - 2 / (exp(2|x|) + 1) above, with the sign restored.
+template <typename T>
+inline Vec<T> tanh_(const Vec<T>& x) {
+  return x.tanh();
+}
+
+template <>
+inline Vec<float> tanh_<float>(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V ax = x.abs();
+  const V z = ax * ax;
+  V p(-0.005705338139803117f);
+  p = fma(p, z, V(0.02063939546500803f));
+  p = fma(p, z, V(-0.05373980737091641f));
+  p = fma(p, z, V(0.13331443271771376f));
+  p = fma(p, z, V(-0.33333281980023094f));
+  const V small = fma(ax * z, p, ax);
+  const V big = V(1.0f) - V(2.0f) / (exp_(ax + ax) + V(1.0f));
+  const V t = V::blendv(big, small, ax < V(0.625f));
+  return V::blendv(t, t.neg(), x < V(0.0f));
+}
+
+// Threshold of recnorm.nn.stats.degenerate_features: var <= (16 eps |mean|)^2.
+template <typename T>
+constexpr T degenerate_tol() {
+  return T(16) * std::numeric_limits<T>::epsilon();
+}
+
+// Mean and biased variance of x[0:n], shifted two-pass: exact (var = 0) for a constant row.
+template <typename T>
+inline void row_moments(const T* x, int64_t n, T& mean, T& var) {
+  constexpr int64_t VS = Vec<T>::size();
+  const Vec<T> x0(x[0]);
+  Vec<T> s0(T(0)), s1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * VS <= n; j += 2 * VS) {
+    s0 += Vec<T>::loadu(x + j) - x0;
+    s1 += Vec<T>::loadu(x + j + VS) - x0;
+  }
+  for (; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    s0 += lanes(ld(x + j, c) - x0, c);
+  }
+  mean = x[0] + hsum(s0 + s1) / T(n);
+  const Vec<T> m(mean);
+  Vec<T> q0(T(0)), q1(T(0));
+  j = 0;
+  for (; j + 2 * VS <= n; j += 2 * VS) {
+    const Vec<T> d0 = Vec<T>::loadu(x + j) - m, d1 = Vec<T>::loadu(x + j + VS) - m;
+    q0 = fma(d0, d0, q0);
+    q1 = fma(d1, d1, q1);
+  }
+  for (; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    const Vec<T> d = lanes(ld(x + j, c) - m, c);
+    q0 = fma(d, d, q0);
+  }
+  var = hsum(q0 + q1) / T(n);
+}
+
+template <typename T>
+inline T ln_rstd(T mean, T var, T eps) {
+  const T tol = degenerate_tol<T>() * mean;
+  if (var <= tol * tol) return T(0);
+  return T(1) / std::sqrt(var + eps);
+}
+
+// torch's lerp with a scalar weight (ATen/native/Lerp.h).
+template <typename T>
+inline Vec<T> lerp(const Vec<T>& self, const Vec<T>& end, T w) {
+  if (std::abs(w) < T(0.5)) return fma(Vec<T>(w), end - self, self);
+  return end - (end - self) * Vec<T>(T(1) - w);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Recurrent batch norm: one site's running statistics and the decision for one step.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct BNSite {
+  T* rm = nullptr;  // (S, F)
+  T* rv = nullptr;  // (S, F)
+  int64_t* nbt = nullptr;  // (S,)
+  int64_t S = 1;
+  int64_t F = 0;
+  double momentum = 0.1;
+  bool cumulative = false;
+  T eps = T(1e-5);
+  int64_t last = -1;  // last slot with num_batches_tracked > 0 (kept up to date while the loop runs)
+
+  void init(const Tensor& rm_, const Tensor& rv_, const Tensor& nbt_, double mom, double eps_) {
+    rm = rm_.data_ptr<T>();
+    rv = rv_.data_ptr<T>();
+    nbt = nbt_.data_ptr<int64_t>();
+    S = rm_.size(0);
+    F = rm_.size(1);
+    cumulative = mom < 0;
+    momentum = mom;
+    eps = T(eps_);
+    last = -1;
+    for (int64_t s = 0; s < S; ++s)
+      if (nbt[s] > 0) last = s;
+  }
+};
+
+// What one BN site does at one step.
+template <typename T>
+struct BNStep {
+  bool batch = false;  // batch statistics (and a running-statistics update) vs population statistics
+  T* rm = nullptr;     // slot row of the running mean (read for population, updated for batch)
+  T* rv = nullptr;
+  T factor = 0;        // lerp weight of the update
+  T unbias = 1;        // n / (n - 1)
+  T eps = 0;
+};
+
+template <typename T>
+inline BNStep<T> bn_begin_step(BNSite<T>& site, int64_t step, bool batch, int64_t n) {
+  BNStep<T> s;
+  s.batch = batch;
+  s.eps = site.eps;
+  int64_t slot;
+  if (batch) {
+    slot = std::min(step, site.S - 1);
+    site.nbt[slot] += 1;
+    site.last = std::max(site.last, slot);
+    const double factor = site.cumulative ? 1.0 / double(site.nbt[slot]) : site.momentum;
+    s.factor = T(factor);
+    s.unbias = T(double(n) / double(n - 1));
+  } else {
+    const int64_t last = site.last >= 0 ? site.last : site.S - 1;
+    slot = std::min(step, last);
+  }
+  s.rm = site.rm + slot * site.F;
+  s.rv = site.rv + slot * site.F;
+  return s;
+}
+
+// Statistics of `cnt` adjacent columns (starting at column `col` of the site) over n rows of X (row
+// stride `stride`): batch statistics (updating the running statistics) or the slot's population
+// statistics. Writes the mean and rstd (0 for a degenerate column) of those columns.
+template <typename T>
+inline void bn_columns(const T* X, int64_t stride, int64_t n, int64_t cnt, int64_t col, const BNStep<T>& s, T* mean_out,
+                       T* rstd_out) {
+  Vec<T> mean, rstd;
+  if (s.batch) {
+    const Vec<T> x0 = ld(X, cnt);
+    Vec<T> acc(T(0));
+    for (int64_t b = 1; b < n; ++b) acc += ld(X + b * stride, cnt) - x0;
+    mean = x0 + acc / Vec<T>(T(n));
+    Vec<T> q(T(0));
+    for (int64_t b = 0; b < n; ++b) {
+      const Vec<T> d = ld(X + b * stride, cnt) - mean;
+      q = fma(d, d, q);
+    }
+    const Vec<T> var = q / Vec<T>(T(n));
+    const Vec<T> tol = mean * Vec<T>(degenerate_tol<T>());
+    const Vec<T> degenerate = var <= tol * tol;
+    rstd = Vec<T>::blendv((var + Vec<T>(s.eps)).rsqrt(), Vec<T>(T(0)), degenerate);
+    const Vec<T> rm = ld(s.rm + col, cnt), rv = ld(s.rv + col, cnt);
+    st(s.rm + col, lerp(rm, mean, s.factor), cnt);
+    st(s.rv + col, lerp(rv, var * Vec<T>(s.unbias), s.factor), cnt);
+  } else {
+    mean = ld(s.rm + col, cnt);
+    rstd = (ld(s.rv + col, cnt) + Vec<T>(s.eps)).rsqrt();
+  }
+  st(mean_out, mean, cnt);
+  st(rstd_out, rstd, cnt);
+}
+
+// Input projection of one row: y[0:G) = sum_k x[k] W_ih^T[k, 0:G)  (wt is W_ih^T, (I, G)).
+template <typename T>
+inline void project_row(const T* xr, const T* wt, int64_t I, int64_t G, T* y) {
+  constexpr int64_t VS = Vec<T>::size();
+  for (int64_t j = 0; j < G; j += VS) {
+    const int64_t n = std::min(VS, G - j);
+    Vec<T> acc(T(0));
+    for (int64_t k = 0; k < I; ++k) acc = fma(Vec<T>(xr[k]), ld(wt + k * G + j, n), acc);
+    st(y + j, acc, n);
+  }
+}
+
+// The same for columns [q, q + n) only.
+template <typename T>
+inline void project_cols(const T* xr, const T* wt, int64_t I, int64_t G, int64_t q, int64_t n, T* y) {
+  Vec<T> acc(T(0));
+  for (int64_t k = 0; k < I; ++k) acc = fma(Vec<T>(xr[k]), ld(wt + k * G + q, n), acc);
+  st(y + q, acc, n);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Problem description shared by forward and backward.
+// ------------------------------------------------------------------------------------------------
+
+struct Shape {
+  int64_t T = 0, B0 = 0, N = 0, H = 0, G = 0, I = 0;
+  std::vector<int64_t> bs, off;  // off has T + 1 entries
+
+  Shape(const std::vector<int64_t>& batch_sizes, int64_t hidden, int64_t input) : bs(batch_sizes) {
+    T = int64_t(bs.size());
+    TORCH_CHECK(T > 0, "fused LSTM: empty sequence");
+    B0 = bs[0];
+    off.resize(T + 1);
+    off[0] = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(bs[t] > 0 && (t == 0 || bs[t] <= bs[t - 1]), "fused LSTM: batch_sizes must be positive and non-increasing");
+      off[t + 1] = off[t] + bs[t];
+    }
+    N = off[T];
+    H = hidden;
+    G = 4 * hidden;
+    I = input;
+  }
+  int64_t next_bs(int64_t t) const { return t + 1 < T ? bs[t + 1] : 0; }
+};
+
+template <typename T>
+inline const T* ptr_or(const c10::optional<Tensor>& t, const T* fallback) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : fallback;
+}
+
+inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Per-thread scratch indexed by at::get_thread_num().
+inline int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// torch's oneDNN linear with a prepacked weight (mkldnn::_linear_pointwise, what torch.compile uses on
+// CPU): y = x W^T. For some shapes (small batch, wide layers) it beats MKL's sgemm; the Python side
+// decides and prepacks W with mkldnn::_reorder_linear_weight. Looked up once; absent -> MKL.
+using DnnLinearFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                           c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>);
+
+const std::optional<c10::TypedOperatorHandle<DnnLinearFn>>& dnn_linear_op() {
+  static const std::optional<c10::TypedOperatorHandle<DnnLinearFn>> op = []() -> std::optional<c10::TypedOperatorHandle<DnnLinearFn>> {
+    try {
+      auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+      if (handle) return handle->typed<DnnLinearFn>();
+    } catch (const std::exception&) {
+    }
+    return std::nullopt;
+  }();
+  return op;
+}
+
+bool dnn_linear_available() { return dnn_linear_op().has_value(); }
+
+// x @ W^T with W given either as wt = W^T (contiguous) or prepacked for oneDNN. Returns the tensor that
+// holds the result: `out` itself, or a fresh tensor from oneDNN.
+inline Tensor step_gemm(const Tensor& x, const Tensor& wt, const c10::optional<Tensor>& packed, Tensor out) {
+  if (packed.has_value() && packed->defined()) {
+    return dnn_linear_op()->call(x, *packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
+  at::mm_out(out, x, wt);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                 const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih_t,
+                                 const c10::optional<Tensor>& g_hh_t, const c10::optional<Tensor>& g_c_t,
+                                 const c10::optional<Tensor>& beta_c_t, const Shape& sh, int64_t mode,
+                                 const std::vector<double>& eps, bool training, bool save, int64_t step_offset,
+                                 const std::vector<c10::optional<Tensor>>& bn_buffers, const std::vector<double>& momentum,
+                                 int64_t inproj_max, int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed) {
+  constexpr int64_t VS = Vec<T>::size();
+  const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
+  auto opts = x.options();
+
+  std::vector<T> zeros_g(G, T(0)), ones_g(G, T(1)), zeros_h(H, T(0)), ones_h(H, T(1));
+  const T* b = ptr_or<T>(bias, zeros_g.data());
+  const T* gih = ptr_or<T>(g_ih_t, ones_g.data());
+  const T* ghh = ptr_or<T>(g_hh_t, ones_g.data());
+  const T* gc = ptr_or<T>(g_c_t, ones_h.data());
+  const T* betac = ptr_or<T>(beta_c_t, zeros_h.data());
+  const T eps_ih = T(eps[0]), eps_hh = T(eps[1]), eps_c = T(eps[2]);
+
+  BNSite<T> bn[3];
+  if (mode == kBatch) {
+    for (int s = 0; s < 3; ++s) bn[s].init(*bn_buffers[3 * s], *bn_buffers[3 * s + 1], *bn_buffers[3 * s + 2], momentum[s], eps[s]);
+  }
+
+  // Input projection W_ih x: GEMMs over chunks of consecutive steps (about inproj_rows rows each),
+  // each just before its steps run, so that the pass finds its rows in cache; or, for a narrow input
+  // (I <= inproj_max, where a GEMM with a tiny inner dimension is slow), computed row by row inside
+  // the step pass from x and W_ih^T.
+  TIC(6);
+  const int64_t I = sh.I;
+  const bool hoisted = I > inproj_max;
+  int64_t xi_rows = save ? N : B0;
+  if (hoisted && !save) {
+    xi_rows = 0;
+    for (int64_t t = 0; t < Tn;) {
+      int64_t t2 = t + 1;
+      while (t2 < Tn && sh.off[t2 + 1] - sh.off[t] <= inproj_rows) ++t2;
+      xi_rows = std::max(xi_rows, sh.off[t2] - sh.off[t]);
+      t = t2;
+    }
+  }
+  Tensor XI = at::empty({xi_rows, G}, opts);
+  const Tensor WT = w_ih.t().contiguous();  // (I, G)
+  const T* wt = WT.data_ptr<T>();
+  const T* x_p = x.data_ptr<T>();
+  int64_t proj_end = 0, proj_base = 0;  // steps [.., proj_end) are projected; XI row 0 is packed row proj_base
+  Tensor XH = at::empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
+  Tensor C = at::empty({save ? N : 2 * B0, H}, opts);
+  Tensor out = at::empty({N, H}, opts);
+  Tensor hn = at::empty({B0, H}, opts), cn = at::empty({B0, H}, opts);
+  Tensor O = at::empty({B0, H}, opts);  // output gate of the current step
+  // Saved statistics: LN (4, N): rstd_ih, rstd_hh, mean_c, rstd_c per row; BN: (2, T, G) rstd_ih, rstd_hh
+  // and (2, T, H) mean_c, rstd_c per step and feature.
+  Tensor stats_g, stats_h, means;
+  if (mode == kLayer) {
+    stats_g = at::empty({4, save ? N : B0}, opts);
+  } else if (mode == kBatch) {
+    stats_g = at::empty({2, save ? Tn : 1, G}, opts);
+    stats_h = at::empty({2, save ? Tn : 1, H}, opts);
+    means = at::empty({2, G}, opts);  // this step's batch means of the two gate terms
+  }
+
+  T* xi_all = XI.data_ptr<T>();
+  T* xh_all = XH.data_ptr<T>();
+  T* c_all = C.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  T* o_p = O.data_ptr<T>();
+  T* hn_p = hn.data_ptr<T>();
+  T* cn_p = cn.data_ptr<T>();
+  const T* c0_p = c0.data_ptr<T>();
+  const Tensor w_hh_t = w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
+
+  for (int64_t t = 0; t < Tn; ++t) {
+    const int64_t Bt = sh.bs[t], o0 = sh.off[t];
+    const int64_t step = t + step_offset;
+    if (hoisted && t >= proj_end) {
+      int64_t t2 = t + 1;
+      while (t2 < Tn && sh.off[t2 + 1] - o0 <= inproj_rows) ++t2;
+      const int64_t rows = sh.off[t2] - o0;
+      proj_base = save ? 0 : o0;
+      Tensor dst = XI.narrow(0, o0 - proj_base, rows);
+      TIC(0);
+      at::mm_out(dst, x.narrow(0, o0, rows), WT);
+      TOC(0);
+      proj_end = t2;
+    }
+    T* xi = hoisted ? xi_all + (o0 - proj_base) * G : (save ? xi_all + o0 * G : xi_all);
+    T* xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
+    T* cc = save ? c_all + o0 * H : c_all + (t % 2) * B0 * H;
+    const T* cp = t == 0 ? c0_p : (save ? c_all + sh.off[t - 1] * H : c_all + ((t - 1) % 2) * B0 * H);
+    T* hout = out_p + o0 * H;
+    const T* xrows = x_p + o0 * I;
+
+    // Recurrent GEMM for the rows valid at t (raw term read from xh, normalized term written to xh_dst).
+    Tensor gh;
+    {
+      Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
+      TIC(1);
+      gh = step_gemm(hprev, w_hh_t, w_hh_packed, save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt));
+      TOC(1);
+    }
+    T* xh = gh.data_ptr<T>();
+
+    TIC(2);
+    if (mode == kNone || mode == kLayer) {
+      T* rs = nullptr;
+      if (mode == kLayer) rs = stats_g.data_ptr<T>();
+      const int64_t rstride = save ? N : B0;  // stats row stride
+      const int64_t rbase = save ? o0 : 0;
+      at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+        for (int64_t bb = b0; bb < b1; ++bb) {
+          T* xir = xi + bb * G;
+          const T* xhr = xh + bb * G;
+          T* xhw = xh_dst + bb * G;
+          const T* cpr = cp + bb * H;
+          T* ccr = cc + bb * H;
+          T* orow = o_p + bb * H;
+          T* hr = hout + bb * H;
+          if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
+          T mi = 0, ri = 0, mh = 0, rh = 0;
+          if (mode == kLayer) {
+            T var;
+            row_moments(xir, G, mi, var);
+            ri = ln_rstd(mi, var, eps_ih);
+            row_moments(xhr, G, mh, var);
+            rh = ln_rstd(mh, var, eps_hh);
+            rs[0 * rstride + rbase + bb] = ri;
+            rs[1 * rstride + rbase + bb] = rh;
+          }
+          const Vec<T> vmi(mi), vri(ri), vmh(mh), vrh(rh);
+          for (int64_t j = 0; j < H; j += VS) {
+            const int64_t n = std::min(VS, H - j);
+            Vec<T> pre[4];
+            for (int k = 0; k < 4; ++k) {
+              const int64_t q = k * H + j;
+              if (mode == kLayer) {
+                const Vec<T> a = (ld(xir + q, n) - vmi) * vri, h = (ld(xhr + q, n) - vmh) * vrh;
+                if (save) {  // keep the normalized terms for backward
+                  st(xir + q, a, n);
+                  st(xhw + q, h, n);
+                }
+                pre[k] = fma(ld(gih + q, n), a, fma(ld(ghh + q, n), h, ld(b + q, n)));
+              } else {
+                pre[k] = ld(xir + q, n) + ld(xhr + q, n) + ld(b + q, n);
+              }
+            }
+            const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+            const Vec<T> c = fma(f, ld(cpr + j, n), i * g);
+            st(ccr + j, c, n);
+            if (mode == kLayer) {
+              st(orow + j, o, n);
+            } else {
+              st(hr + j, o * tanh_(c), n);
+            }
+            if (save && mode == kNone) {  // keep the activations for backward in place of W_ih x
+              st(xir + j, i, n);
+              st(xir + H + j, f, n);
+              st(xir + 2 * H + j, g, n);
+              st(xir + 3 * H + j, o, n);
+            }
+          }
+          if (mode == kLayer) {
+            T mean, var;
+            row_moments(ccr, H, mean, var);
+            const T rstd = ln_rstd(mean, var, eps_c);
+            rs[2 * rstride + rbase + bb] = mean;
+            rs[3 * rstride + rbase + bb] = rstd;
+            const Vec<T> m(mean), r(rstd);
+            for (int64_t j = 0; j < H; j += VS) {
+              const int64_t n = std::min(VS, H - j);
+              const Vec<T> cn_ = fma(ld(gc + j, n), (ld(ccr + j, n) - m) * r, ld(betac + j, n));
+              st(hr + j, ld(orow + j, n) * tanh_(cn_), n);
+            }
+          }
+        }
+      });
+    } else {  // kBatch: every hidden unit j is independent of the others (column-parallel)
+      const bool batch = training && Bt >= 2;
+      const BNStep<T> s_ih = bn_begin_step(bn[0], step, batch, Bt);
+      const BNStep<T> s_hh = bn_begin_step(bn[1], step, batch, Bt);
+      const BNStep<T> s_c = bn_begin_step(bn[2], step, batch, Bt);
+      const int64_t ts = save ? t : 0;
+      T* r_ih = stats_g.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
+      T* r_hh = stats_g.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
+      T* m_c = stats_h.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * H;
+      T* r_c = stats_h.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * H;
+      T* m_ih = means.data_ptr<T>();
+      T* m_hh = m_ih + G;
+      const int64_t nchunks = (H + VS - 1) / VS;
+      at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t kc = k0; kc < k1; ++kc) {
+          const int64_t j = kc * VS;
+          const int64_t n = std::min(VS, H - j);
+          if (!hoisted) {
+            for (int64_t bb = 0; bb < Bt; ++bb)
+              for (int k = 0; k < 4; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
+          }
+          for (int k = 0; k < 4; ++k) {
+            const int64_t q = k * H + j;
+            bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
+            bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
+          }
+          Vec<T> vg[4], vh[4], vb[4], mi[4], ri[4], mh[4], rh[4];
+          for (int k = 0; k < 4; ++k) {
+            const int64_t q = k * H + j;
+            vg[k] = ld(gih + q, n);
+            vh[k] = ld(ghh + q, n);
+            vb[k] = ld(b + q, n);
+            mi[k] = ld(m_ih + q, n);
+            ri[k] = ld(r_ih + q, n);
+            mh[k] = ld(m_hh + q, n);
+            rh[k] = ld(r_hh + q, n);
+          }
+          for (int64_t bb = 0; bb < Bt; ++bb) {
+            T* xir = xi + bb * G + j;
+            const T* xhr = xh + bb * G + j;
+            T* xhw = xh_dst + bb * G + j;
+            Vec<T> pre[4];
+            for (int k = 0; k < 4; ++k) {
+              const Vec<T> a = (ld(xir + k * H, n) - mi[k]) * ri[k], h = (ld(xhr + k * H, n) - mh[k]) * rh[k];
+              if (save) {  // keep the normalized terms for backward
+                st(xir + k * H, a, n);
+                st(xhw + k * H, h, n);
+              }
+              pre[k] = fma(vg[k], a, fma(vh[k], h, vb[k]));
+            }
+            const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+            st(cc + bb * H + j, fma(f, ld(cp + bb * H + j, n), i * g), n);
+            st(o_p + bb * H + j, o, n);
+          }
+          bn_columns(cc + j, H, Bt, n, j, s_c, m_c + j, r_c + j);
+          const Vec<T> m = ld(m_c + j, n), r = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
+          for (int64_t bb = 0; bb < Bt; ++bb) {
+            const Vec<T> cn_ = fma(gcv, (ld(cc + bb * H + j, n) - m) * r, bcv);
+            st(hout + bb * H + j, ld(o_p + bb * H + j, n) * tanh_(cn_), n);
+          }
+        }
+      });
+    }
+
+    TOC(2);
+    // Sequences whose last step is t: rows [bs[t+1], bs[t]).
+    const int64_t nb = sh.next_bs(t);
+    if (nb < Bt) {
+      std::copy(hout + nb * H, hout + Bt * H, hn_p + nb * H);
+      std::copy(cc + nb * H, cc + Bt * H, cn_p + nb * H);
+    }
+  }
+
+  TOC(6);
+  if (!save) return {out, hn, cn};
+  if (mode == kNone) XH = Tensor();
+  return {out, hn, cn, XI, XH, C, stats_g, stats_h};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c10::optional<Tensor>& d_hn_t,
+                                  const c10::optional<Tensor>& d_cn_t, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias,
+                                  const c10::optional<Tensor>& g_ih_t, const c10::optional<Tensor>& g_hh_t,
+                                  const c10::optional<Tensor>& g_c_t, const c10::optional<Tensor>& beta_c_t, const Tensor& out,
+                                  const Tensor& XI, const c10::optional<Tensor>& XH_t, const Tensor& C,
+                                  const c10::optional<Tensor>& stats_g_t, const c10::optional<Tensor>& stats_h_t, const Shape& sh,
+                                  int64_t mode, bool training, bool need_dx, int64_t chunk_rows,
+                                  const c10::optional<Tensor>& w_hh_packed) {
+  constexpr int64_t VS = Vec<T>::size();
+  const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
+  auto opts = x.options();
+
+  TIC(7);
+  std::vector<T> zeros_g(G, T(0)), ones_g(G, T(1)), zeros_h(H, T(0)), ones_h(H, T(1));
+  const T* b = ptr_or<T>(bias, zeros_g.data());
+  const T* gih = ptr_or<T>(g_ih_t, ones_g.data());
+  const T* ghh = ptr_or<T>(g_hh_t, ones_g.data());
+  const T* gc = ptr_or<T>(g_c_t, ones_h.data());
+  const T* betac = ptr_or<T>(beta_c_t, zeros_h.data());
+  const T* d_out = ptr_or<T>(d_out_t, static_cast<const T*>(nullptr));
+
+  Tensor dh_rec = has(d_hn_t) ? d_hn_t->clone() : at::zeros({B0, H}, opts);
+  Tensor dc_rec = has(d_cn_t) ? d_cn_t->clone() : at::zeros({B0, H}, opts);
+  T* dhr_p = dh_rec.data_ptr<T>();
+  T* dcr_p = dc_rec.data_ptr<T>();
+
+  const T* xi_all = XI.data_ptr<T>();
+  const T* xh_all = has(XH_t) ? XH_t->data_ptr<T>() : nullptr;
+  const T* c_all = C.data_ptr<T>();
+  const T* c0_p = c0.data_ptr<T>();
+  const T* sg = has(stats_g_t) ? stats_g_t->data_ptr<T>() : nullptr;
+  const T* sh_ = has(stats_h_t) ? stats_h_t->data_ptr<T>() : nullptr;
+
+  // Parameter-gradient accumulators: per thread for the row-parallel modes, shared (column-exclusive)
+  // for batch mode. Layout per slot: db (G), dg_ih (G), dg_hh (G), dg_c (H), dbeta_c (H).
+  const int64_t nthreads = max_threads();
+  const int64_t PW = 3 * G + 2 * H;
+  const int64_t nslots = mode == kBatch ? 1 : nthreads;
+  std::vector<T> partial(nslots * PW, T(0));
+  // Per-thread row scratch (none/layer): acts (G), dO, dyc, chat (3H).
+  const int64_t SW = G + 3 * H;
+  std::vector<T> scratch;
+  if (mode != kBatch) scratch.resize(nthreads * SW);
+  // Batch mode scratch per step: acts (B0, G), dO/dyc/chat (3, B0, H).
+  Tensor bscratch;
+  T* bs_p = nullptr;
+  if (mode == kBatch) {
+    bscratch = at::empty({B0 * (G + 3 * H)}, opts);
+    bs_p = bscratch.data_ptr<T>();
+  }
+
+  // Chunks of consecutive steps for the weight-gradient GEMMs.
+  const int64_t rmax = std::max<int64_t>(chunk_rows, B0);
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t t1 = Tn - 1; t1 >= 0;) {
+    int64_t t0 = t1;
+    while (t0 > 0 && sh.off[t1 + 1] - sh.off[t0 - 1] <= rmax) --t0;
+    chunks.emplace_back(t0, t1);
+    t1 = t0 - 1;
+  }
+  int64_t cap = 0;
+  for (auto& c : chunks) cap = std::max(cap, sh.off[c.second + 1] - sh.off[c.first]);
+  Tensor DGH = at::empty({cap, G}, opts);
+  Tensor DGI = mode == kNone ? DGH : at::empty({cap, G}, opts);
+  Tensor Hprev = at::empty({cap, H}, opts);
+  T* dgh_p = DGH.data_ptr<T>();
+  T* dgi_p = DGI.data_ptr<T>();
+
+  Tensor dW_ih = at::zeros_like(w_ih);
+  Tensor dW_hh = at::zeros_like(w_hh);
+  Tensor dx = need_dx ? at::empty_like(x) : Tensor();
+
+  for (const auto& chunk : chunks) {
+    const int64_t t0 = chunk.first, t1 = chunk.second;
+    const int64_t cbase = sh.off[t0];
+    for (int64_t t = t1; t >= t0; --t) {
+      const int64_t Bt = sh.bs[t], o0 = sh.off[t];
+      const T* xi = xi_all + o0 * G;
+      const T* xh = xh_all ? xh_all + o0 * G : nullptr;
+      const T* cc = c_all + o0 * H;
+      const T* cp = t == 0 ? c0_p : c_all + sh.off[t - 1] * H;
+      const T* dout = d_out ? d_out + o0 * H : nullptr;
+      T* dgi = dgi_p + (o0 - cbase) * G;
+      T* dgh = dgh_p + (o0 - cbase) * G;
+
+      TIC(3);
+      if (mode == kNone || mode == kLayer) {
+        at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+          const int64_t tid = at::get_thread_num();
+          T* pdb = partial.data() + tid * PW;
+          T* pdgi = pdb + G;
+          T* pdgh = pdgi + G;
+          T* pdgc = pdgh + G;
+          T* pdbc = pdgc + H;
+          T* sa = scratch.data() + tid * SW;
+          T* sdo = sa + G;
+          T* sdy = sdo + H;
+          T* sch = sdy + H;
+          const Vec<T> one(T(1));
+          // Rows go in groups: per row, the cell and gate gradients (dpre, parked in the DGH row);
+          // then, column by column over the group, the parameter-gradient sums and the two gate-norm
+          // backward steps (dpre -> DGI, DGH rows).
+          constexpr int64_t RB = 8;
+          T rsum[4 * RB], rstd[2 * RB];
+          for (int64_t g0 = b0; g0 < b1; g0 += RB) {
+            const int64_t g1 = std::min(b1, g0 + RB);
+            for (int64_t bb = g0; bb < g1; ++bb) {
+              const int64_t r = o0 + bb;
+              const T* xir = xi + bb * G;
+              const T* ccr = cc + bb * H;
+              const T* cpr = cp + bb * H;
+              const T* doutr = dout ? dout + bb * H : nullptr;
+              T* dhr = dhr_p + bb * H;
+              T* dcr = dcr_p + bb * H;
+              T* dghr = dgh + bb * G;
+              if (mode == kNone) {
+                for (int64_t j = 0; j < H; j += VS) {
+                  const int64_t n = std::min(VS, H - j);
+                  const Vec<T> i = ld(xir + j, n), f = ld(xir + H + j, n), g = ld(xir + 2 * H + j, n), o = ld(xir + 3 * H + j, n);
+                  const Vec<T> th = tanh_(ld(ccr + j, n));
+                  Vec<T> dh = ld(dhr + j, n);
+                  if (doutr) dh += ld(doutr + j, n);
+                  const Vec<T> dc = fma(dh * o, one - th * th, ld(dcr + j, n));
+                  st(dcr + j, dc * f, n);
+                  st(dghr + j, dc * g * i * (one - i), n);
+                  st(dghr + H + j, dc * ld(cpr + j, n) * f * (one - f), n);
+                  st(dghr + 2 * H + j, dc * i * (one - g * g), n);
+                  st(dghr + 3 * H + j, dh * th * o * (one - o), n);
+                }
+                continue;
+              }
+              // kLayer
+              const T mc = sg[2 * N + r], rc = sg[3 * N + r];
+              const T* xhr = xh + bb * G;
+              const Vec<T> vmc(mc), vrc(rc);
+              Vec<T> s1(T(0)), s2(T(0));
+              for (int64_t j = 0; j < H; j += VS) {  // pass A: gates, output and cell-norm terms
+                const int64_t n = std::min(VS, H - j);
+                Vec<T> a[4];
+                for (int k = 0; k < 4; ++k) {
+                  const int64_t q = k * H + j;
+                  a[k] = fma(ld(gih + q, n), ld(xir + q, n), fma(ld(ghh + q, n), ld(xhr + q, n), ld(b + q, n)));
+                }
+                a[0] = sigmoid(a[0]);
+                a[1] = sigmoid(a[1]);
+                a[2] = tanh_(a[2]);
+                a[3] = sigmoid(a[3]);
+                for (int k = 0; k < 4; ++k) st(sa + k * H + j, a[k], n);
+                const Vec<T> chat = (ld(ccr + j, n) - vmc) * vrc;
+                const Vec<T> th = tanh_(fma(ld(gc + j, n), chat, ld(betac + j, n)));
+                Vec<T> dh = ld(dhr + j, n);
+                if (doutr) dh += ld(doutr + j, n);
+                const Vec<T> dcn = dh * a[3] * (one - th * th);
+                st(pdgc + j, fma(dcn, chat, ld(pdgc + j, n)), n);
+                st(pdbc + j, ld(pdbc + j, n) + dcn, n);
+                const Vec<T> dyc = dcn * ld(gc + j, n);
+                s1 += lanes(dyc, n);
+                s2 += lanes(dyc * chat, n);
+                st(sdo + j, dh * th, n);
+                st(sdy + j, dyc, n);
+                st(sch + j, chat, n);
+              }
+              const Vec<T> m1(hsum(s1) / T(H)), m2(hsum(s2) / T(H));
+              Vec<T> si1(T(0)), si2(T(0)), sh1(T(0)), sh2(T(0));
+              for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
+                const int64_t n = std::min(VS, H - j);
+                const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, ld(dcr + j, n));
+                const Vec<T> i = ld(sa + j, n), f = ld(sa + H + j, n), g = ld(sa + 2 * H + j, n), o = ld(sa + 3 * H + j, n);
+                const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cpr + j, n) * f * (one - f), dc * i * (one - g * g),
+                                      ld(sdo + j, n) * o * (one - o)};
+                st(dcr + j, dc * f, n);
+                for (int k = 0; k < 4; ++k) {
+                  const int64_t q = k * H + j;
+                  const Vec<T> dyi = lanes(dp[k] * ld(gih + q, n), n), dyh = lanes(dp[k] * ld(ghh + q, n), n);
+                  si1 += dyi;
+                  si2 = fma(dyi, ld(xir + q, n), si2);
+                  sh1 += dyh;
+                  sh2 = fma(dyh, ld(xhr + q, n), sh2);
+                  st(dghr + q, dp[k], n);
+                }
+              }
+              const int64_t lr = bb - g0;
+              rsum[4 * lr + 0] = hsum(si1) / T(G);
+              rsum[4 * lr + 1] = hsum(si2) / T(G);
+              rsum[4 * lr + 2] = hsum(sh1) / T(G);
+              rsum[4 * lr + 3] = hsum(sh2) / T(G);
+              rstd[2 * lr + 0] = sg[0 * N + r];
+              rstd[2 * lr + 1] = sg[1 * N + r];
+            }
+            // Column pass over the group: parameter-gradient sums (in registers across the group's
+            // rows) and, in layer mode, the backward of the two gate layer norms.
+            for (int64_t q = 0; q < G; q += VS) {
+              const int64_t n = std::min(VS, G - q);
+              Vec<T> adb = ld(pdb + q, n);
+              if (mode == kNone) {
+                for (int64_t bb = g0; bb < g1; ++bb) adb += ld(dgh + bb * G + q, n);
+                st(pdb + q, adb, n);
+                continue;
+              }
+              Vec<T> adgi = ld(pdgi + q, n), adgh = ld(pdgh + q, n);
+              const Vec<T> vgi = ld(gih + q, n), vgh = ld(ghh + q, n);
+              for (int64_t bb = g0; bb < g1; ++bb) {
+                const int64_t lr = bb - g0;
+                T* dghr = dgh + bb * G + q;
+                const Vec<T> dp = ld(dghr, n), vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
+                adb += dp;
+                adgi = fma(dp, vxi, adgi);
+                adgh = fma(dp, vxh, adgh);
+                st(dgi + bb * G + q, Vec<T>(rstd[2 * lr]) * (dp * vgi - Vec<T>(rsum[4 * lr]) - vxi * Vec<T>(rsum[4 * lr + 1])), n);
+                st(dghr, Vec<T>(rstd[2 * lr + 1]) * (dp * vgh - Vec<T>(rsum[4 * lr + 2]) - vxh * Vec<T>(rsum[4 * lr + 3])), n);
+              }
+              st(pdb + q, adb, n);
+              st(pdgi + q, adgi, n);
+              st(pdgh + q, adgh, n);
+            }
+          }
+        });
+      } else {  // kBatch, column-parallel
+        const bool batch = training && Bt >= 2;
+        const T* r_ih = sg + (0 * Tn + t) * G;
+        const T* r_hh = sg + (1 * Tn + t) * G;
+        const T* m_c = sh_ + (0 * Tn + t) * H;
+        const T* r_c = sh_ + (1 * Tn + t) * H;
+        T* pdb = partial.data();
+        T* pdgi = pdb + G;
+        T* pdgh = pdgi + G;
+        T* pdgc = pdgh + G;
+        T* pdbc = pdgc + H;
+        T* sa = bs_p;
+        T* sdo = sa + B0 * G;
+        T* sdy = sdo + B0 * H;
+        T* sch = sdy + B0 * H;
+        const T invn = T(1) / T(Bt);
+        const int64_t nchunks = (H + VS - 1) / VS;
+        at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+          const Vec<T> one(T(1));
+          for (int64_t kc = k0; kc < k1; ++kc) {
+            const int64_t j = kc * VS;
+            const int64_t n = std::min(VS, H - j);
+            Vec<T> vgi[4], vgh[4], vb[4];
+            for (int k = 0; k < 4; ++k) {
+              vgi[k] = ld(gih + k * H + j, n);
+              vgh[k] = ld(ghh + k * H + j, n);
+              vb[k] = ld(b + k * H + j, n);
+            }
+            const Vec<T> mc = ld(m_c + j, n), rc = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
+            Vec<T> S1(T(0)), S2(T(0)), agc(T(0)), abc(T(0));
+            for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A
+              const T* xir = xi + bb * G + j;
+              const T* xhr = xh + bb * G + j;
+              Vec<T> a[4];
+              for (int k = 0; k < 4; ++k) a[k] = fma(vgi[k], ld(xir + k * H, n), fma(vgh[k], ld(xhr + k * H, n), vb[k]));
+              a[0] = sigmoid(a[0]);
+              a[1] = sigmoid(a[1]);
+              a[2] = tanh_(a[2]);
+              a[3] = sigmoid(a[3]);
+              for (int k = 0; k < 4; ++k) st(sa + bb * G + k * H + j, a[k], n);
+              const Vec<T> chat = (ld(cc + bb * H + j, n) - mc) * rc;
+              const Vec<T> th = tanh_(fma(gcv, chat, bcv));
+              Vec<T> dh = ld(dhr_p + bb * H + j, n);
+              if (dout) dh += ld(dout + bb * H + j, n);
+              const Vec<T> dcn = dh * a[3] * (one - th * th);
+              agc = fma(dcn, chat, agc);
+              abc += dcn;
+              const Vec<T> dyc = dcn * gcv;
+              S1 += dyc;
+              S2 = fma(dyc, chat, S2);
+              st(sdo + bb * H + j, dh * th, n);
+              st(sdy + bb * H + j, dyc, n);
+              st(sch + bb * H + j, chat, n);
+            }
+            st(pdgc + j, ld(pdgc + j, n) + agc, n);
+            st(pdbc + j, ld(pdbc + j, n) + abc, n);
+            const Vec<T> m1 = S1 * Vec<T>(invn), m2 = S2 * Vec<T>(invn);
+            Vec<T> P1[4], Pi[4], Ph[4];
+            for (int k = 0; k < 4; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
+            for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
+              const Vec<T> dyc = ld(sdy + bb * H + j, n);
+              const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
+              const Vec<T> dc = dcn_norm + ld(dcr_p + bb * H + j, n);
+              const T* sar = sa + bb * G + j;
+              const Vec<T> i = ld(sar, n), f = ld(sar + H, n), g = ld(sar + 2 * H, n), o = ld(sar + 3 * H, n);
+              const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cp + bb * H + j, n) * f * (one - f), dc * i * (one - g * g),
+                                    ld(sdo + bb * H + j, n) * o * (one - o)};
+              st(dcr_p + bb * H + j, dc * f, n);
+              const T* xir = xi + bb * G + j;
+              const T* xhr = xh + bb * G + j;
+              T* dghr = dgh + bb * G + j;
+              for (int k = 0; k < 4; ++k) {
+                P1[k] += dp[k];
+                Pi[k] = fma(dp[k], ld(xir + k * H, n), Pi[k]);
+                Ph[k] = fma(dp[k], ld(xhr + k * H, n), Ph[k]);
+                st(dghr + k * H, dp[k], n);
+              }
+            }
+            for (int k = 0; k < 4; ++k) {
+              const int64_t q = k * H + j;
+              st(pdb + q, ld(pdb + q, n) + P1[k], n);
+              st(pdgi + q, ld(pdgi + q, n) + Pi[k], n);
+              st(pdgh + q, ld(pdgh + q, n) + Ph[k], n);
+            }
+            Vec<T> ri[4], rh[4], mp[4], mpi[4], mph[4];
+            for (int k = 0; k < 4; ++k) {
+              const int64_t q = k * H + j;
+              ri[k] = ld(r_ih + q, n) * vgi[k];
+              rh[k] = ld(r_hh + q, n) * vgh[k];
+              mp[k] = P1[k] * Vec<T>(invn);
+              mpi[k] = Pi[k] * Vec<T>(invn);
+              mph[k] = Ph[k] * Vec<T>(invn);
+            }
+            for (int64_t bb = 0; bb < Bt; ++bb) {  // pass C: through the two gate batch norms
+              const T* xir = xi + bb * G + j;
+              const T* xhr = xh + bb * G + j;
+              T* dghr = dgh + bb * G + j;
+              T* dgir = dgi + bb * G + j;
+              for (int k = 0; k < 4; ++k) {
+                const Vec<T> dp = ld(dghr + k * H, n);
+                if (batch) {
+                  st(dgir + k * H, ri[k] * (dp - mp[k] - ld(xir + k * H, n) * mpi[k]), n);
+                  st(dghr + k * H, rh[k] * (dp - mp[k] - ld(xhr + k * H, n) * mph[k]), n);
+                } else {
+                  st(dgir + k * H, ri[k] * dp, n);
+                  st(dghr + k * H, rh[k] * dp, n);
+                }
+              }
+            }
+          }
+        });
+      }
+
+      TOC(3);
+      // dh_{t-1} for the rows valid at t.
+      Tensor dst = dh_rec.narrow(0, 0, Bt);
+      TIC(4);
+      Tensor res = step_gemm(DGH.narrow(0, o0 - cbase, Bt), w_hh, w_hh_packed, dst);
+      if (!res.is_same(dst)) dst.copy_(res);
+      TOC(4);
+    }
+
+    // Weight and input gradients of the chunk.
+    const int64_t R = sh.off[t1 + 1] - cbase;
+    bool contiguous = t0 > 0;
+    for (int64_t t = t0; contiguous && t <= t1; ++t) contiguous = sh.bs[t] == sh.bs[t0 - 1];
+    Tensor hp;
+    if (contiguous) {
+      hp = out.narrow(0, sh.off[t0 - 1], R);
+    } else {
+      for (int64_t t = t0; t <= t1; ++t) {
+        Tensor src = t == 0 ? h0.narrow(0, 0, sh.bs[0]) : out.narrow(0, sh.off[t - 1], sh.bs[t]);
+        Hprev.narrow(0, sh.off[t] - cbase, sh.bs[t]).copy_(src);
+      }
+      hp = Hprev.narrow(0, 0, R);
+    }
+    TIC(5);
+    dW_hh.addmm_(DGH.narrow(0, 0, R).t(), hp);
+    Tensor dgi_c = DGI.narrow(0, 0, R);
+    dW_ih.addmm_(dgi_c.t(), x.narrow(0, cbase, R));
+    if (need_dx) {
+      Tensor dst = dx.narrow(0, cbase, R);
+      at::mm_out(dst, dgi_c, w_ih);
+    }
+    TOC(5);
+  }
+
+  TOC(7);
+  // Reduce the per-thread accumulators.
+  std::vector<T> acc(PW, T(0));
+  for (int64_t s = 0; s < nslots; ++s)
+    for (int64_t q = 0; q < PW; ++q) acc[q] += partial[s * PW + q];
+  auto vec_tensor = [&](int64_t start, int64_t len) {
+    Tensor r = at::empty({len}, opts);
+    std::copy(acc.begin() + start, acc.begin() + start + len, r.data_ptr<T>());
+    return r;
+  };
+  Tensor db = vec_tensor(0, G);
+  Tensor dg_ih, dg_hh, dg_c, dbeta_c;
+  if (mode != kNone) {
+    dg_ih = vec_tensor(G, G);
+    dg_hh = vec_tensor(2 * G, G);
+    dg_c = vec_tensor(3 * G, H);
+    dbeta_c = vec_tensor(3 * G + H, H);
+  }
+  return {dx, dh_rec, dc_rec, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Entry points
+// ------------------------------------------------------------------------------------------------
+
+void check_common(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, int64_t mode) {
+  TORCH_CHECK(mode == kNone || mode == kLayer || mode == kBatch, "fused LSTM: unknown mode ", mode);
+  TORCH_CHECK(x.device().is_cpu(), "fused LSTM: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fused LSTM: float32 or float64 only");
+  for (const Tensor* t : {&x, &h0, &c0, &w_ih, &w_hh}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type(), "fused LSTM: expected contiguous tensors of one dtype");
+  }
+  TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(1) == x.size(1) && w_hh.size(0) == 4 * w_hh.size(1),
+              "fused LSTM: bad shapes");
+}
+
+std::vector<Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                            const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh,
+                            const c10::optional<Tensor>& g_c, const c10::optional<Tensor>& beta_c, std::vector<int64_t> batch_sizes,
+                            int64_t mode, std::vector<double> eps, bool training, bool save, int64_t step_offset,
+                            std::vector<c10::optional<Tensor>> bn_buffers, std::vector<double> momentum, int64_t inproj_max,
+                            int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed) {
+  check_common(x, h0, c0, w_ih, w_hh, mode);
+  Shape sh(batch_sizes, w_hh.size(1), x.size(1));
+  TORCH_CHECK(x.size(0) == sh.N && h0.size(0) == sh.B0 && c0.size(0) == sh.B0, "fused LSTM: rows do not match batch_sizes");
+  TORCH_CHECK(eps.size() == 3 && momentum.size() == 3 && bn_buffers.size() == 9, "fused LSTM: bad norm arguments");
+  if (mode == kBatch) {
+    for (auto& t : bn_buffers) TORCH_CHECK(has(t) && t->is_contiguous(), "fused LSTM: batch mode needs running statistics");
+  }
+  std::vector<Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_forward", [&] {
+    res = forward_impl<scalar_t>(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, sh, mode, eps, training, save, step_offset,
+                                 bn_buffers, momentum, inproj_max, inproj_rows, w_hh_packed);
+  });
+  return res;
+}
+
+std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::optional<Tensor>& d_hn, const c10::optional<Tensor>& d_cn,
+                             const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                             const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh,
+                             const c10::optional<Tensor>& g_c, const c10::optional<Tensor>& beta_c, const Tensor& out, const Tensor& XI,
+                             const c10::optional<Tensor>& XH, const Tensor& C, const c10::optional<Tensor>& stats_g,
+                             const c10::optional<Tensor>& stats_h, std::vector<int64_t> batch_sizes, int64_t mode, bool training,
+                             bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+  check_common(x, h0, c0, w_ih, w_hh, mode);
+  Shape sh(batch_sizes, w_hh.size(1), x.size(1));
+  for (const c10::optional<Tensor>* g : {&d_out, &d_hn, &d_cn}) {
+    TORCH_CHECK(!has(*g) || ((*g)->is_contiguous() && (*g)->scalar_type() == x.scalar_type()), "fused LSTM: bad gradient");
+  }
+  std::vector<Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_backward", [&] {
+    res = backward_impl<scalar_t>(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g,
+                                  stats_h, sh, mode, training, need_dx, chunk_rows, w_hh_packed);
+  });
+  return res;
+}
+
+}  // namespace
+
+#ifdef RECNORM_FUSED_TIMING
+std::vector<double> timers() {
+  std::vector<double> r(g_timers, g_timers + 8);
+  std::fill(g_timers, g_timers + 8, 0.0);
+  return r;
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "recnorm fused CPU LSTM time loop (forward and BPTT backward)";
+  m.def("forward", &forward, "fused LSTM direction forward");
+  m.def("backward", &backward, "fused LSTM direction backward");
+  m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
+  m.attr("VERSION") = 1;
+#ifdef RECNORM_FUSED_TIMING
+  m.def("timers", &timers, "development timers: fwd input GEMM, fwd step GEMM, fwd pass, bwd pass, bwd step GEMM, bwd chunk GEMMs, fwd, bwd (s)");
+#endif
+}
