@@ -2,8 +2,8 @@
 
 The whole loop -- forward and a hand-derived backward through time -- runs in a C++ extension
 (``csrc/fused_lstm.cpp``), built against torch with :func:`torch.utils.cpp_extension.load` on first use
-and cached in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Per step it does one GEMM for the recurrent term and one fused,
+and cached (see :mod:`recnorm.kernels._build` for where, and how a build killed half-way is recovered
+from). Per step it does one GEMM for the recurrent term and one fused,
 vectorized pass for the norms, gates and cell update; the input projection of all steps is one GEMM
 before the loop. The backward does one fused pass and one GEMM per step, and the weight gradients as a
 few large GEMMs over chunks of consecutive steps.
@@ -69,17 +69,11 @@ def load_extension():
     with _LOCK:
         if _EXT is None and _EXT_ERROR is None:
             try:
-                from torch.utils import cpp_extension
+                from recnorm.kernels import _build
 
                 tag, flags = _build_flags()
                 source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_lstm.cpp")
-                _EXT = cpp_extension.load(
-                    name=f"recnorm_fused_lstm_{tag}",
-                    sources=[source],
-                    extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                _EXT = _build.load(f"recnorm_fused_lstm_{tag}", [source], flags, ["-fopenmp"])
             except Exception as exc:  # no compiler, no ninja, build error, ...
                 text = str(exc).strip().splitlines()
                 _EXT_ERROR = f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,109 @@
+"""Building the C++ extensions never hangs: a lock left by a killed build is recovered from, a build held
+by a live process is waited for with a time limit, and a changed source builds in its own directory."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from recnorm.kernels import _build
+
+
+@pytest.fixture
+def fake_load(monkeypatch, tmp_path):
+    """Replace torch's compiler driver: record each call and whether torch's lock file existed then."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        calls.append({"name": name, "dir": build_directory, "lock_present": os.path.exists(os.path.join(build_directory, "lock"))})
+        return "module"
+
+    monkeypatch.setenv("RECNORM_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(cpp_extension, "load", load)
+    source = tmp_path / "k.cpp"
+    source.write_text("// v1\n")
+    return calls, source
+
+
+def test_stale_torch_lock_is_removed_before_building(fake_load):
+    calls, source = fake_load
+    directory = _build.build_directory("k", [str(source)], ["-O2", "|"])
+    os.makedirs(directory)
+    open(os.path.join(directory, "lock"), "w").close()  # what a build killed half-way leaves behind
+    assert _build.load("k", [str(source)], ["-O2"], []) == "module"
+    assert calls == [{"name": "k", "dir": directory, "lock_present": False}]
+
+
+def test_changed_source_or_flags_build_in_their_own_directory(fake_load):
+    calls, source = fake_load
+    _build.load("k", [str(source)], ["-O2"], [])
+    _build.load("k", [str(source)], ["-O3"], [])
+    source.write_text("// v2\n")
+    _build.load("k", [str(source)], ["-O2"], [])
+    assert len({c["dir"] for c in calls}) == 3
+
+
+def test_a_live_builder_is_waited_for_with_a_time_limit(fake_load, monkeypatch):
+    import fcntl
+
+    calls, source = fake_load
+    directory = _build.build_directory("k", [str(source)], ["|"])
+    os.makedirs(directory)
+    monkeypatch.setenv("RECNORM_BUILD_TIMEOUT", "0.5")
+    with open(os.path.join(directory, "recnorm.lock"), "a") as held:  # another open file: conflicts like another process
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match="building"):
+            _build.load("k", [str(source)], [], [])
+    assert calls == []
+    _build.load("k", [str(source)], [], [])  # released: goes ahead
+    assert len(calls) == 1
+
+
+def test_a_killed_builder_releases_its_lock(fake_load, monkeypatch):
+    calls, source = fake_load
+    directory = _build.build_directory("k", [str(source)], ["|"])
+    os.makedirs(directory)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, sys, time
+            f = open({os.path.join(directory, 'recnorm.lock')!r}, 'a')
+            fcntl.flock(f, fcntl.LOCK_EX)
+            open({os.path.join(directory, 'lock')!r}, 'w').close()
+            print('held', flush=True)
+            time.sleep(600)
+        """)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+        monkeypatch.setenv("RECNORM_BUILD_TIMEOUT", "30")
+        assert _build.load("k", [str(source)], [], []) == "module"
+        assert calls[0]["lock_present"] is False
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_real_extension_loads_despite_a_stale_lock():
+    """End to end, in a fresh process: the regression that hung a CI run for its whole time limit."""
+    from recnorm.kernels import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip(f"the fused C++ extension could not be built here: {fused_cpu._EXT_ERROR}")
+    tag, flags = fused_cpu._build_flags()
+    source = os.path.join(os.path.dirname(fused_cpu.__file__), "csrc", "fused_lstm.cpp")
+    directory = _build.build_directory(f"recnorm_fused_lstm_{tag}", [source], flags + ["|", "-fopenmp"])
+    assert os.path.isdir(directory), "the build directory naming in the test and in fused_cpu disagree"
+    open(os.path.join(directory, "lock"), "w").close()
+    code = "from recnorm.kernels import fused_cpu; import sys; sys.exit(0 if fused_cpu.available() else 3)"
+    result = subprocess.run([sys.executable, "-c", code], timeout=600, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not os.path.exists(os.path.join(directory, "lock"))
