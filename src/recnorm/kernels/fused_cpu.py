@@ -2,17 +2,21 @@
 
 The whole loop -- forward and a hand-derived backward through time -- runs in a C++ extension
 (``csrc/fused_lstm.cpp``), built against torch with :func:`torch.utils.cpp_extension.load` on first use
-and cached (see :mod:`recnorm.kernels._build` for where, and how a build killed half-way is recovered
-from). Per step it does one GEMM for the recurrent term and one fused,
-vectorized pass for the norms, gates and cell update; the input projection of all steps is one GEMM
-before the loop. The backward does one fused pass and one GEMM per step, and the weight gradients as a
-few large GEMMs over chunks of consecutive steps.
+(needs a C++ compiler and ninja) and cached (see :mod:`recnorm.kernels._build` for where, and how a
+build killed half-way is recovered from). Per step it does one GEMM for the recurrent term and one
+fused, vectorized pass (AVX2 where torch has it) for the norm statistics, the normalization, the gates,
+the cell update and the cell norm; the input projection runs as GEMMs over chunks of steps just before
+they are used (or, for inputs of at most :data:`INPROJ_MAX` features, inside the pass). The backward
+does one fused pass and one GEMM per step, and the weight gradients as a few large GEMMs over chunks of
+consecutive steps. Activations are recomputed in backward from the saved normalized terms, so training
+keeps about as much memory as ``torch.nn.LSTM``.
 
 It computes exactly what :func:`recnorm.kernels.reference.run_direction` computes (the oracle it is
 tested against): packed rows, per-step batch statistics over the valid rows, running statistics updated
 as :meth:`recnorm.nn.norms.RecurrentBatchNorm._update` does, population statistics in eval mode and for
 steps with fewer than two valid rows, and zero-variance ("degenerate") features normalizing to 0 with no
-gradient.
+gradient. In float32 the sigmoid/tanh/exp and reciprocals use short polynomial forms within ~3 ulp;
+float64 uses SLEEF's functions, as torch does.
 
 Served: LSTM directions without ``proj_size`` whose three sites are all unnormalized, all
 :class:`~recnorm.nn.norms.GroupedLayerNorm` (one group) or all per-step
@@ -20,7 +24,16 @@ Served: LSTM directions without ``proj_size`` whose three sites are all unnormal
 ``None``), float32/float64 CPU tensors, no diagnostics (observers, ``on_output``) and no
 population-statistics pass in progress. Anything else returns False from :func:`supports` and runs on
 the reference loop. If the extension cannot be built, one warning is logged and :func:`supports` returns
-False.
+False. Double backward is not supported (``once_differentiable``).
+
+Performance knobs (environment, read per call unless noted):
+
+* ``RECNORM_FUSED_POOL_MB`` (read at load, default 1024): large buffers freed by one call are kept for
+  the next, up to this many MiB, instead of being returned to the OS; first-touch page faults otherwise
+  cost about as much as the passes. :func:`empty_cache` releases them.
+* ``RECNORM_FUSED_ONEDNN``: ``0``/``1`` or a mask such as ``011`` forcing which GEMMs use oneDNN's
+  linear instead of MKL (see :func:`_onednn_plan`).
+* ``RECNORM_FUSED_CHUNK_ROWS``, ``RECNORM_FUSED_INPROJ_ROWS`` (read at import): GEMM chunk sizes.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from recnorm.kernels.reference import DirectionParams
 from recnorm.nn.cells import CellType, LSTMCellType
 from recnorm.nn.norms import GroupedLayerNorm, RecurrentBatchNorm
 
-__all__ = ["supports", "run_direction", "load_extension", "available"]
+__all__ = ["supports", "run_direction", "load_extension", "available", "empty_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +86,9 @@ def load_extension():
 
                 tag, flags = _build_flags()
                 source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_lstm.cpp")
-                _EXT = _build.load(f"recnorm_fused_lstm_{tag}", [source], flags, ["-fopenmp"])
+                ext = _build.load(f"recnorm_fused_lstm_{tag}", [source], flags, ["-fopenmp"])
+                ext.set_pool_capacity(int(float(os.environ.get("RECNORM_FUSED_POOL_MB", "1024")) * 2**20))
+                _EXT = ext
             except Exception as exc:  # no compiler, no ninja, build error, ...
                 text = str(exc).strip().splitlines()
                 _EXT_ERROR = f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -82,6 +97,14 @@ def load_extension():
                     _EXT_ERROR,
                 )
     return _EXT
+
+
+def empty_cache() -> None:
+    """Release the freed buffers the kernel keeps for reuse (see ``RECNORM_FUSED_POOL_MB``)."""
+    if _EXT is not None:
+        cap = int(float(os.environ.get("RECNORM_FUSED_POOL_MB", "1024")) * 2**20)
+        _EXT.set_pool_capacity(0)
+        _EXT.set_pool_capacity(cap)
 
 
 def available() -> bool:
@@ -164,7 +187,7 @@ class _Config:
     chunk_rows: int
     inproj_max: int
     inproj_rows: int
-    onednn: Tuple[bool, bool]  # oneDNN (instead of MKL) for the forward / backward per-step GEMM
+    onednn: Tuple[bool, bool, bool]  # oneDNN instead of MKL: input projection, forward / backward step GEMM
 
 
 # Inputs at most this wide are projected inside the step pass instead of by one GEMM before the loop
@@ -182,20 +205,25 @@ def _chunk_rows(n_rows: int) -> int:
     return max(2048, n_rows // 4)
 
 
-def _onednn_plan(batch: int, hidden: int, dtype: torch.dtype) -> Tuple[bool, bool]:
-    """Whether the per-step GEMMs go to oneDNN's linear (forward, backward) instead of MKL's sgemm.
+def _onednn_plan(batch: int, hidden: int, input_size: int, dtype: torch.dtype) -> Tuple[bool, bool, bool]:
+    """Which GEMMs go to oneDNN's linear instead of MKL's sgemm: (input projection, forward step,
+    backward step).
 
-    Measured on a 2-core AMD EPYC (AVX2), 2 threads: with a prepacked weight oneDNN is 10-40% faster
-    for the forward product ``h W_hh^T`` once H >= 256, and for the backward product ``dG W_hh`` only
-    when H >= 512 with a batch of at most 64; MKL wins the rest. ``RECNORM_FUSED_ONEDNN=0`` or ``1``
-    forces either choice.
+    Measured on a 2-core AMD EPYC (AVX2), 2 threads, with prepacked weights: oneDNN is 10-40% faster for
+    the forward product ``h W_hh^T`` once H >= 256, and for the backward product ``dG W_hh`` when H >= 512
+    with a batch of at most 64. For the chunked input projection it won in isolation but not inside the
+    loop, so MKL keeps it by default.
+    ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice (or a mask such as ``011``).
     """
+    hoisted = input_size > INPROJ_MAX
     env = os.environ.get("RECNORM_FUSED_ONEDNN", "")
     if env == "0" or dtype != torch.float32 or not _onednn_available():
-        return (False, False)
+        return (False, False, False)
     if env == "1":
-        return (True, True)
-    return (hidden >= 256, hidden >= 512 and batch <= 64)
+        return (hoisted, True, True)
+    if len(env) == 3 and set(env) <= {"0", "1"}:  # a mask, e.g. "011"
+        return (hoisted and env[0] == "1", env[1] == "1", env[2] == "1")
+    return (False, hidden >= 256, hidden >= 512 and batch <= 64)
 
 
 _ONEDNN: Optional[bool] = None
@@ -220,6 +248,14 @@ def _pack(w: Tensor, batch: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch)
 
 
+def _packed(cfg: _Config, w_ih: Tensor, w_hh: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The forward's prepacked weights: (W_hh for the step GEMM, W_ih for the input projection)."""
+    return (
+        _pack(w_hh, cfg.batch_sizes[0]) if cfg.onednn[1] else None,
+        _pack(w_ih, cfg.inproj_rows) if cfg.onednn[0] else None,
+    )
+
+
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
@@ -237,7 +273,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         out, hn, cn, xi, xh, cells, stats_g, stats_h = ext.forward(
             x, h0, c0, w_ih, w_hh, b, g_ih, g_hh, g_c, beta_c, cfg.batch_sizes, cfg.mode, cfg.eps, cfg.training, True,
             cfg.step_offset, cfg.bn_buffers, cfg.momentum, cfg.inproj_max, cfg.inproj_rows,
-            _pack(w_hh, cfg.batch_sizes[0]) if cfg.onednn[0] else None,
+            *_packed(cfg, w_ih, w_hh),
         )  # fmt: skip
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -253,7 +289,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         dx, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c = load_extension().backward(
             _contig(d_out), _contig(d_hn), _contig(d_cn), x, h0, c0, w_ih, w_hh, b, g_ih, g_hh, g_c, beta_c, out, xi, xh,
             cells, stats_g, stats_h, cfg.batch_sizes, cfg.mode, cfg.training, bool(need[1]), cfg.chunk_rows,
-            _pack(w_hh.t(), cfg.batch_sizes[0]) if cfg.onednn[1] else None,
+            _pack(w_hh.t(), cfg.batch_sizes[0]) if cfg.onednn[2] else None,
         )  # fmt: skip
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c)
         return (None,) + tuple(g if n else None for g, n in zip(grads, need[1:]))
@@ -291,7 +327,7 @@ def prepare(x: Tensor, batch_sizes: Sequence[int], state, p: DirectionParams, st
     batch_sizes = [int(v) for v in batch_sizes]
     cfg = _Config(
         batch_sizes, _MODES[mode], eps, training, int(step_offset), bn_buffers, momentum, _chunk_rows(sum(batch_sizes)), INPROJ_MAX,
-        INPROJ_ROWS, _onednn_plan(batch_sizes[0], p.weight_hh.shape[1], x.dtype),
+        INPROJ_ROWS, _onednn_plan(batch_sizes[0], p.weight_hh.shape[1], x.shape[1], x.dtype),
     )  # fmt: skip
     tensors = (x.contiguous(), h0.contiguous(), c0.contiguous(), p.weight_ih.contiguous(), p.weight_hh.contiguous(), b) + gains
     return cfg, tensors
@@ -315,7 +351,7 @@ def run_direction(
     else:
         out, hn, cn = load_extension().forward(
             *tensors, cfg.batch_sizes, cfg.mode, cfg.eps, cfg.training, False, cfg.step_offset, cfg.bn_buffers, cfg.momentum,
-            cfg.inproj_max, cfg.inproj_rows, _pack(p.weight_hh, cfg.batch_sizes[0]) if cfg.onednn[0] else None,
+            cfg.inproj_max, cfg.inproj_rows, *_packed(cfg, p.weight_ih, p.weight_hh),
         )  # fmt: skip
     if cfg.mode == _MODES["batch"] and cfg.training:
         for n in (p.norm_ih, p.norm_hh, p.norm_c):

@@ -7,11 +7,15 @@
 // Layout: packed rows. Step t owns rows [off[t], off[t] + bs[t]) of x, out and every saved (N, .)
 // buffer; bs is non-increasing, so the rows valid at step t are the first bs[t] rows of step t - 1.
 //
-// Per step the forward does one GEMM (h_{t-1} W_hh^T) and one fused pass over the step's rows:
-// normalization of the input term (hoisted GEMM for all steps before the loop) and of the recurrent
-// term, gates, cell update, cell normalization and output. The backward (BPTT) does one fused pass and
-// one GEMM (dh_{t-1} = dG_hh W_hh) per step, and the weight gradients as a few large GEMMs over chunks
-// of consecutive steps.
+// Per step the forward does one GEMM (h_{t-1} W_hh^T; MKL, or oneDNN with a prepacked weight where the
+// Python side finds it faster) and one fused pass over the step's rows: statistics and normalization
+// of the input term (projected by a GEMM over a chunk of steps just before, or in the pass for narrow
+// inputs) and of the recurrent term, gates, cell update, cell normalization and output. LN and mode
+// none run row-parallel; BN runs column-parallel (every hidden unit is independent), except in eval
+// without autograd, where the population statistics fold into per-step coefficients (row-parallel).
+// The backward (BPTT) recomputes the activations from the saved normalized terms, does one fused pass
+// and one GEMM (dh_{t-1} = dG_hh W_hh) per step, and the weight gradients as a few large GEMMs over
+// chunks of consecutive steps. Large buffers come from a small caching pool (see BufferPool).
 //
 // Modes (all three sites use the same kind):
 //   0 (none):  pre = W_ih x + W_hh h + b
@@ -31,9 +35,12 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
-#include <ctime>
 #include <cmath>
+#include <cstdlib>
+#include <ctime>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -124,9 +131,25 @@ inline Vec<float> exp_<float>(const Vec<float>& xv) {
 }
 #endif
 
+// 1 / d. float32 with AVX2: the hardware estimate refined by one Newton step (within ~2 ulp); a
+// quotient's divider is the slowest unit in these passes.
+template <typename T>
+inline Vec<T> recip_(const Vec<T>& d) {
+  return d.reciprocal();
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vec<float> recip_<float>(const Vec<float>& dv) {
+  const __m256 d = dv;
+  const __m256 r = _mm256_rcp_ps(d);
+  return Vec<float>(_mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f))));
+}
+#endif
+
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {
-  return (Vec<T>(T(1)) + exp_(x.neg())).reciprocal();
+  return recip_(Vec<T>(T(1)) + exp_(x.neg()));
 }
 
 // tanh. float64 keeps SLEEF's tanh (what torch.tanh uses). float32 uses a cheaper form that stays
@@ -148,7 +171,7 @@ inline Vec<float> tanh_<float>(const Vec<float>& x) {
   p = fma(p, z, V(0.13331443271771376f));
   p = fma(p, z, V(-0.33333281980023094f));
   const V small = fma(ax * z, p, ax);
-  const V big = V(1.0f) - V(2.0f) / (exp_(ax + ax) + V(1.0f));
+  const V big = V(1.0f) - V(2.0f) * recip_(exp_(ax + ax) + V(1.0f));
   const V t = V::blendv(big, small, ax < V(0.625f));
   return V::blendv(t, t.neg(), x < V(0.0f));
 }
@@ -354,6 +377,90 @@ inline const T* ptr_or(const c10::optional<Tensor>& t, const T* fallback) {
 
 inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
+// ------------------------------------------------------------------------------------------------
+// Buffer pool. The large per-call buffers ((N, 4H) and (N, H) tensors) would otherwise come fresh from
+// the OS on every call (glibc serves big blocks with mmap), and first-touch page faults cost about as
+// much as the pass that fills them. Freed buffers are kept here, up to `capacity` bytes, for the next
+// call, as PyTorch's CUDA caching allocator does. set_pool_capacity(0) disables and empties it. Only
+// buffers internal to the kernel are pooled; tensors handed back to the caller (outputs, states,
+// gradients) are ordinary torch allocations.
+// ------------------------------------------------------------------------------------------------
+
+class BufferPool {
+ public:
+  void* get(size_t bytes, size_t& got) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= bytes + bytes / 4) {
+        void* p = it->second;
+        got = it->first;
+        cached_ -= got;
+        free_.erase(it);
+        return p;
+      }
+    }
+    got = (bytes + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, got);
+    TORCH_CHECK(p != nullptr, "fused LSTM: out of memory allocating ", got, " bytes");
+    return p;
+  }
+  void put(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cached_ + bytes <= capacity_) {
+        free_.emplace(bytes, p);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  void set_capacity(size_t bytes) {
+    std::multimap<size_t, void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      capacity_ = bytes;
+      while (cached_ > capacity_ && !free_.empty()) {
+        auto it = std::prev(free_.end());
+        cached_ -= it->first;
+        drop.emplace(it->first, it->second);
+        free_.erase(it);
+      }
+    }
+    for (auto& kv : drop) std::free(kv.second);
+  }
+  size_t cached() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+  size_t capacity_ = size_t(1) << 30;
+};
+
+BufferPool& pool() {
+  static BufferPool* p = new BufferPool();  // never destroyed: tensors may be freed at interpreter exit
+  return *p;
+}
+
+// An uninitialized tensor whose memory comes from (and returns to) the pool.
+Tensor pool_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (int64_t d : sizes) numel *= d;
+  const size_t bytes = std::max<size_t>(1, size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes < (size_t(1) << 20)) return at::empty(sizes, opts);  // small: the default allocator does fine
+  size_t got = 0;
+  void* ptr = pool().get(bytes, got);
+  return at::from_blob(ptr, sizes, [got](void* q) { pool().put(q, got); }, opts);
+}
+
+void set_pool_capacity(int64_t bytes) { pool().set_capacity(size_t(std::max<int64_t>(0, bytes))); }
+int64_t pool_cached() { return int64_t(pool().cached()); }
+
 // Per-thread scratch indexed by at::get_thread_num().
 inline int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
@@ -398,7 +505,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
                                  const c10::optional<Tensor>& beta_c_t, const Shape& sh, int64_t mode,
                                  const std::vector<double>& eps, bool training, bool save, int64_t step_offset,
                                  const std::vector<c10::optional<Tensor>>& bn_buffers, const std::vector<double>& momentum,
-                                 int64_t inproj_max, int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed) {
+                                 int64_t inproj_max, int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
+                                 const c10::optional<Tensor>& w_ih_packed) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
   auto opts = x.options();
@@ -433,24 +541,28 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       t = t2;
     }
   }
-  Tensor XI = at::empty({xi_rows, G}, opts);
+  const bool dnn_in = hoisted && w_ih_packed.has_value() && w_ih_packed->defined();
+  if (dnn_in && !save) xi_rows = 0;  // oneDNN returns each chunk's projection in a tensor of its own
+  Tensor XI = pool_empty({xi_rows, G}, opts);
+  Tensor gx_chunk;  // the current chunk's projection (hoisted)
+  int64_t chunk_o0 = 0;
   const Tensor WT = w_ih.t().contiguous();  // (I, G)
   const T* wt = WT.data_ptr<T>();
   const T* x_p = x.data_ptr<T>();
-  int64_t proj_end = 0, proj_base = 0;  // steps [.., proj_end) are projected; XI row 0 is packed row proj_base
-  Tensor XH = at::empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
-  Tensor C = at::empty({save ? N : 2 * B0, H}, opts);
-  Tensor out = at::empty({N, H}, opts);
+  int64_t proj_end = 0;  // steps [.., proj_end) are projected
+  Tensor XH = pool_empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
+  Tensor C = pool_empty({save ? N : 2 * B0, H}, opts);
+  Tensor out = at::empty({N, H}, opts);  // returned to the caller: an ordinary (resizable) tensor, not pooled
   Tensor hn = at::empty({B0, H}, opts), cn = at::empty({B0, H}, opts);
   Tensor O = at::empty({B0, H}, opts);  // output gate of the current step
   // Saved statistics: LN (4, N): rstd_ih, rstd_hh, mean_c, rstd_c per row; BN: (2, T, G) rstd_ih, rstd_hh
   // and (2, T, H) mean_c, rstd_c per step and feature.
   Tensor stats_g, stats_h, means;
   if (mode == kLayer) {
-    stats_g = at::empty({4, save ? N : B0}, opts);
+    stats_g = pool_empty({4, save ? N : B0}, opts);
   } else if (mode == kBatch) {
-    stats_g = at::empty({2, save ? Tn : 1, G}, opts);
-    stats_h = at::empty({2, save ? Tn : 1, H}, opts);
+    stats_g = pool_empty({2, save ? Tn : 1, G}, opts);
+    stats_h = pool_empty({2, save ? Tn : 1, H}, opts);
     means = at::empty({2, G}, opts);  // this step's batch means of the two gate terms
   }
 
@@ -463,6 +575,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   T* cn_p = cn.data_ptr<T>();
   const T* c0_p = c0.data_ptr<T>();
   const Tensor w_hh_t = w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
+  std::vector<T> fold(mode == kBatch && !training && !save ? 3 * G + 2 * H : 0);
 
   for (int64_t t = 0; t < Tn; ++t) {
     const int64_t Bt = sh.bs[t], o0 = sh.off[t];
@@ -471,14 +584,15 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       int64_t t2 = t + 1;
       while (t2 < Tn && sh.off[t2 + 1] - o0 <= inproj_rows) ++t2;
       const int64_t rows = sh.off[t2] - o0;
-      proj_base = save ? 0 : o0;
-      Tensor dst = XI.narrow(0, o0 - proj_base, rows);
       TIC(0);
-      at::mm_out(dst, x.narrow(0, o0, rows), WT);
+      gx_chunk = step_gemm(x.narrow(0, o0, rows), WT, w_ih_packed, dnn_in ? Tensor() : XI.narrow(0, save ? o0 : 0, rows));
       TOC(0);
+      chunk_o0 = o0;
       proj_end = t2;
     }
-    T* xi = hoisted ? xi_all + (o0 - proj_base) * G : (save ? xi_all + o0 * G : xi_all);
+    // Input term: read (raw) from xi, normalized term (or activations, mode none) kept in xi_dst.
+    T* xi = hoisted ? gx_chunk.data_ptr<T>() + (o0 - chunk_o0) * G : (save ? xi_all + o0 * G : xi_all);
+    T* xi_dst = save ? xi_all + o0 * G : xi;
     T* xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
     T* cc = save ? c_all + o0 * H : c_all + (t % 2) * B0 * H;
     const T* cp = t == 0 ? c0_p : (save ? c_all + sh.off[t - 1] * H : c_all + ((t - 1) % 2) * B0 * H);
@@ -496,78 +610,118 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     T* xh = gh.data_ptr<T>();
 
     TIC(2);
-    if (mode == kNone || mode == kLayer) {
+    // Batch norm in eval without autograd: every step uses population statistics, so each norm is an
+    // affine map per feature, folded into per-step coefficients; the pass is then row-parallel.
+    const bool folded = mode == kBatch && !training && !save;
+    const T *fa_i = nullptr, *fa_h = nullptr, *fb = nullptr, *fa_c = nullptr, *fb_c = nullptr;
+    if (folded) {
+      const BNStep<T> s_ih = bn_begin_step(bn[0], step, false, Bt);
+      const BNStep<T> s_hh = bn_begin_step(bn[1], step, false, Bt);
+      const BNStep<T> s_c = bn_begin_step(bn[2], step, false, Bt);
+      T* f = fold.data();
+      for (int64_t q = 0; q < G; ++q) {
+        const T ai = gih[q] / std::sqrt(s_ih.rv[q] + s_ih.eps), ah = ghh[q] / std::sqrt(s_hh.rv[q] + s_hh.eps);
+        f[q] = ai;
+        f[G + q] = ah;
+        f[2 * G + q] = b[q] - ai * s_ih.rm[q] - ah * s_hh.rm[q];
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        const T ac = gc[j] / std::sqrt(s_c.rv[j] + s_c.eps);
+        f[3 * G + j] = ac;
+        f[3 * G + H + j] = betac[j] - ac * s_c.rm[j];
+      }
+      fa_i = f;
+      fa_h = f + G;
+      fb = f + 2 * G;
+      fa_c = f + 3 * G;
+      fb_c = f + 3 * G + H;
+    }
+    if (mode == kNone || mode == kLayer || folded) {
       T* rs = nullptr;
       if (mode == kLayer) rs = stats_g.data_ptr<T>();
       const int64_t rstride = save ? N : B0;  // stats row stride
       const int64_t rbase = save ? o0 : 0;
-      at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
-        for (int64_t bb = b0; bb < b1; ++bb) {
-          T* xir = xi + bb * G;
-          const T* xhr = xh + bb * G;
-          T* xhw = xh_dst + bb * G;
-          const T* cpr = cp + bb * H;
-          T* ccr = cc + bb * H;
-          T* orow = o_p + bb * H;
-          T* hr = hout + bb * H;
-          if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
-          T mi = 0, ri = 0, mh = 0, rh = 0;
-          if (mode == kLayer) {
-            T var;
-            row_moments(xir, G, mi, var);
-            ri = ln_rstd(mi, var, eps_ih);
-            row_moments(xhr, G, mh, var);
-            rh = ln_rstd(mh, var, eps_hh);
-            rs[0 * rstride + rbase + bb] = ri;
-            rs[1 * rstride + rbase + bb] = rh;
-          }
-          const Vec<T> vmi(mi), vri(ri), vmh(mh), vrh(rh);
-          for (int64_t j = 0; j < H; j += VS) {
-            const int64_t n = std::min(VS, H - j);
-            Vec<T> pre[4];
-            for (int k = 0; k < 4; ++k) {
-              const int64_t q = k * H + j;
-              if (mode == kLayer) {
-                const Vec<T> a = (ld(xir + q, n) - vmi) * vri, h = (ld(xhr + q, n) - vmh) * vrh;
-                if (save) {  // keep the normalized terms for backward
-                  st(xir + q, a, n);
-                  st(xhw + q, h, n);
+      auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
+        constexpr bool kTail = decltype(tail)::value;
+        at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+          for (int64_t bb = b0; bb < b1; ++bb) {
+            T* xir = xi + bb * G;
+            T* xiw = xi_dst + bb * G;
+            const T* xhr = xh + bb * G;
+            T* xhw = xh_dst + bb * G;
+            const T* cpr = cp + bb * H;
+            T* ccr = cc + bb * H;
+            T* orow = o_p + bb * H;
+            T* hr = hout + bb * H;
+            if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
+            T mi = 0, ri = 0, mh = 0, rh = 0;
+            if (mode == kLayer) {
+              T var;
+              row_moments(xir, G, mi, var);
+              ri = ln_rstd(mi, var, eps_ih);
+              row_moments(xhr, G, mh, var);
+              rh = ln_rstd(mh, var, eps_hh);
+              rs[0 * rstride + rbase + bb] = ri;
+              rs[1 * rstride + rbase + bb] = rh;
+            }
+            const Vec<T> vmi(mi), vri(ri), vmh(mh), vrh(rh);
+            for (int64_t j = 0; j < H; j += VS) {
+              const int64_t n = kTail ? std::min(VS, H - j) : VS;
+              Vec<T> pre[4];
+              for (int k = 0; k < 4; ++k) {
+                const int64_t q = k * H + j;
+                if (mode == kLayer) {
+                  const Vec<T> a = (ld(xir + q, n) - vmi) * vri, h = (ld(xhr + q, n) - vmh) * vrh;
+                  if (save) {  // keep the normalized terms for backward
+                    st(xiw + q, a, n);
+                    st(xhw + q, h, n);
+                  }
+                  pre[k] = fma(ld(gih + q, n), a, fma(ld(ghh + q, n), h, ld(b + q, n)));
+                } else if (folded) {
+                  pre[k] = fma(ld(fa_i + q, n), ld(xir + q, n), fma(ld(fa_h + q, n), ld(xhr + q, n), ld(fb + q, n)));
+                } else {
+                  pre[k] = ld(xir + q, n) + ld(xhr + q, n) + ld(b + q, n);
                 }
-                pre[k] = fma(ld(gih + q, n), a, fma(ld(ghh + q, n), h, ld(b + q, n)));
+              }
+              const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+              const Vec<T> c = fma(f, ld(cpr + j, n), i * g);
+              st(ccr + j, c, n);
+
+              if (mode == kLayer) {
+                st(orow + j, o, n);
+              } else if (folded) {
+                st(hr + j, o * tanh_(fma(ld(fa_c + j, n), c, ld(fb_c + j, n))), n);
               } else {
-                pre[k] = ld(xir + q, n) + ld(xhr + q, n) + ld(b + q, n);
+                st(hr + j, o * tanh_(c), n);
+              }
+              if (save && mode == kNone) {  // keep the activations for backward in place of W_ih x
+                st(xiw + j, i, n);
+                st(xiw + H + j, f, n);
+                st(xiw + 2 * H + j, g, n);
+                st(xiw + 3 * H + j, o, n);
               }
             }
-            const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
-            const Vec<T> c = fma(f, ld(cpr + j, n), i * g);
-            st(ccr + j, c, n);
             if (mode == kLayer) {
-              st(orow + j, o, n);
-            } else {
-              st(hr + j, o * tanh_(c), n);
-            }
-            if (save && mode == kNone) {  // keep the activations for backward in place of W_ih x
-              st(xir + j, i, n);
-              st(xir + H + j, f, n);
-              st(xir + 2 * H + j, g, n);
-              st(xir + 3 * H + j, o, n);
-            }
-          }
-          if (mode == kLayer) {
-            T mean, var;
-            row_moments(ccr, H, mean, var);
-            const T rstd = ln_rstd(mean, var, eps_c);
-            rs[2 * rstride + rbase + bb] = mean;
-            rs[3 * rstride + rbase + bb] = rstd;
-            const Vec<T> m(mean), r(rstd);
-            for (int64_t j = 0; j < H; j += VS) {
-              const int64_t n = std::min(VS, H - j);
-              const Vec<T> cn_ = fma(ld(gc + j, n), (ld(ccr + j, n) - m) * r, ld(betac + j, n));
-              st(hr + j, ld(orow + j, n) * tanh_(cn_), n);
+              T mean, var;
+              row_moments(ccr, H, mean, var);
+              const T rstd = ln_rstd(mean, var, eps_c);
+              rs[2 * rstride + rbase + bb] = mean;
+              rs[3 * rstride + rbase + bb] = rstd;
+              const Vec<T> m(mean), r(rstd);
+              for (int64_t j = 0; j < H; j += VS) {
+                const int64_t n = kTail ? std::min(VS, H - j) : VS;
+                const Vec<T> cn_ = fma(ld(gc + j, n), (ld(ccr + j, n) - m) * r, ld(betac + j, n));
+                st(hr + j, ld(orow + j, n) * tanh_(cn_), n);
+              }
             }
           }
-        }
-      });
+        });
+      };
+      if (H % VS == 0) {
+        pass(std::false_type{});
+      } else {
+        pass(std::true_type{});
+      }
     } else {  // kBatch: every hidden unit j is independent of the others (column-parallel)
       const bool batch = training && Bt >= 2;
       const BNStep<T> s_ih = bn_begin_step(bn[0], step, batch, Bt);
@@ -581,55 +735,65 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       T* m_ih = means.data_ptr<T>();
       T* m_hh = m_ih + G;
       const int64_t nchunks = (H + VS - 1) / VS;
-      at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t kc = k0; kc < k1; ++kc) {
-          const int64_t j = kc * VS;
-          const int64_t n = std::min(VS, H - j);
-          if (!hoisted) {
-            for (int64_t bb = 0; bb < Bt; ++bb)
-              for (int k = 0; k < 4; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
-          }
-          for (int k = 0; k < 4; ++k) {
-            const int64_t q = k * H + j;
-            bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
-            bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
-          }
-          Vec<T> vg[4], vh[4], vb[4], mi[4], ri[4], mh[4], rh[4];
-          for (int k = 0; k < 4; ++k) {
-            const int64_t q = k * H + j;
-            vg[k] = ld(gih + q, n);
-            vh[k] = ld(ghh + q, n);
-            vb[k] = ld(b + q, n);
-            mi[k] = ld(m_ih + q, n);
-            ri[k] = ld(r_ih + q, n);
-            mh[k] = ld(m_hh + q, n);
-            rh[k] = ld(r_hh + q, n);
-          }
-          for (int64_t bb = 0; bb < Bt; ++bb) {
-            T* xir = xi + bb * G + j;
-            const T* xhr = xh + bb * G + j;
-            T* xhw = xh_dst + bb * G + j;
-            Vec<T> pre[4];
-            for (int k = 0; k < 4; ++k) {
-              const Vec<T> a = (ld(xir + k * H, n) - mi[k]) * ri[k], h = (ld(xhr + k * H, n) - mh[k]) * rh[k];
-              if (save) {  // keep the normalized terms for backward
-                st(xir + k * H, a, n);
-                st(xhw + k * H, h, n);
-              }
-              pre[k] = fma(vg[k], a, fma(vh[k], h, vb[k]));
+      auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
+        constexpr bool kTail = decltype(tail)::value;
+        at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+          for (int64_t kc = k0; kc < k1; ++kc) {
+            const int64_t j = kc * VS;
+            const int64_t n = kTail ? std::min(VS, H - j) : VS;
+            if (!hoisted) {
+              for (int64_t bb = 0; bb < Bt; ++bb)
+                for (int k = 0; k < 4; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
             }
-            const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
-            st(cc + bb * H + j, fma(f, ld(cp + bb * H + j, n), i * g), n);
-            st(o_p + bb * H + j, o, n);
+            for (int k = 0; k < 4; ++k) {
+              const int64_t q = k * H + j;
+              bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
+              bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
+            }
+            Vec<T> vg[4], vh[4], vb[4], mi[4], ri[4], mh[4], rh[4];
+            for (int k = 0; k < 4; ++k) {
+              const int64_t q = k * H + j;
+              vg[k] = ld(gih + q, n);
+              vh[k] = ld(ghh + q, n);
+              vb[k] = ld(b + q, n);
+              mi[k] = ld(m_ih + q, n);
+              ri[k] = ld(r_ih + q, n);
+              mh[k] = ld(m_hh + q, n);
+              rh[k] = ld(r_hh + q, n);
+            }
+            for (int64_t bb = 0; bb < Bt; ++bb) {
+              const T* xir = xi + bb * G + j;
+              T* xiw = xi_dst + bb * G + j;
+              const T* xhr = xh + bb * G + j;
+              T* xhw = xh_dst + bb * G + j;
+              Vec<T> pre[4];
+              for (int k = 0; k < 4; ++k) {
+                const Vec<T> a = (ld(xir + k * H, n) - mi[k]) * ri[k], h = (ld(xhr + k * H, n) - mh[k]) * rh[k];
+                if (save) {  // keep the normalized terms for backward
+                  st(xiw + k * H, a, n);
+                  st(xhw + k * H, h, n);
+                }
+                pre[k] = fma(vg[k], a, fma(vh[k], h, vb[k]));
+              }
+              const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+              st(cc + bb * H + j, fma(f, ld(cp + bb * H + j, n), i * g), n);
+              st(o_p + bb * H + j, o, n);
+
+            }
+            bn_columns(cc + j, H, Bt, n, j, s_c, m_c + j, r_c + j);
+            const Vec<T> m = ld(m_c + j, n), r = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
+            for (int64_t bb = 0; bb < Bt; ++bb) {
+              const Vec<T> cn_ = fma(gcv, (ld(cc + bb * H + j, n) - m) * r, bcv);
+              st(hout + bb * H + j, ld(o_p + bb * H + j, n) * tanh_(cn_), n);
+            }
           }
-          bn_columns(cc + j, H, Bt, n, j, s_c, m_c + j, r_c + j);
-          const Vec<T> m = ld(m_c + j, n), r = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
-          for (int64_t bb = 0; bb < Bt; ++bb) {
-            const Vec<T> cn_ = fma(gcv, (ld(cc + bb * H + j, n) - m) * r, bcv);
-            st(hout + bb * H + j, ld(o_p + bb * H + j, n) * tanh_(cn_), n);
-          }
-        }
-      });
+        });
+      };
+      if (H % VS == 0) {
+        pass(std::false_type{});
+      } else {
+        pass(std::true_type{});
+      }
     }
 
     TOC(2);
@@ -715,15 +879,15 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   }
   int64_t cap = 0;
   for (auto& c : chunks) cap = std::max(cap, sh.off[c.second + 1] - sh.off[c.first]);
-  Tensor DGH = at::empty({cap, G}, opts);
-  Tensor DGI = mode == kNone ? DGH : at::empty({cap, G}, opts);
-  Tensor Hprev = at::empty({cap, H}, opts);
+  Tensor DGH = pool_empty({cap, G}, opts);
+  Tensor DGI = mode == kNone ? DGH : pool_empty({cap, G}, opts);
+  Tensor Hprev = pool_empty({cap, H}, opts);
   T* dgh_p = DGH.data_ptr<T>();
   T* dgi_p = DGI.data_ptr<T>();
 
   Tensor dW_ih = at::zeros_like(w_ih);
   Tensor dW_hh = at::zeros_like(w_hh);
-  Tensor dx = need_dx ? at::empty_like(x) : Tensor();
+  Tensor dx = need_dx ? at::empty(x.sizes(), opts) : Tensor();  // may become x.grad: not pooled
 
   for (const auto& chunk : chunks) {
     const int64_t t0 = chunk.first, t1 = chunk.second;
@@ -740,136 +904,147 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
 
       TIC(3);
       if (mode == kNone || mode == kLayer) {
-        at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
-          const int64_t tid = at::get_thread_num();
-          T* pdb = partial.data() + tid * PW;
-          T* pdgi = pdb + G;
-          T* pdgh = pdgi + G;
-          T* pdgc = pdgh + G;
-          T* pdbc = pdgc + H;
-          T* sa = scratch.data() + tid * SW;
-          T* sdo = sa + G;
-          T* sdy = sdo + H;
-          T* sch = sdy + H;
-          const Vec<T> one(T(1));
-          // Rows go in groups: per row, the cell and gate gradients (dpre, parked in the DGH row);
-          // then, column by column over the group, the parameter-gradient sums and the two gate-norm
-          // backward steps (dpre -> DGI, DGH rows).
-          constexpr int64_t RB = 8;
-          T rsum[4 * RB], rstd[2 * RB];
-          for (int64_t g0 = b0; g0 < b1; g0 += RB) {
-            const int64_t g1 = std::min(b1, g0 + RB);
-            for (int64_t bb = g0; bb < g1; ++bb) {
-              const int64_t r = o0 + bb;
-              const T* xir = xi + bb * G;
-              const T* ccr = cc + bb * H;
-              const T* cpr = cp + bb * H;
-              const T* doutr = dout ? dout + bb * H : nullptr;
-              T* dhr = dhr_p + bb * H;
-              T* dcr = dcr_p + bb * H;
-              T* dghr = dgh + bb * G;
-              if (mode == kNone) {
-                for (int64_t j = 0; j < H; j += VS) {
-                  const int64_t n = std::min(VS, H - j);
-                  const Vec<T> i = ld(xir + j, n), f = ld(xir + H + j, n), g = ld(xir + 2 * H + j, n), o = ld(xir + 3 * H + j, n);
-                  const Vec<T> th = tanh_(ld(ccr + j, n));
+        auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
+          constexpr bool kTail = decltype(tail)::value;
+          at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+            const int64_t tid = at::get_thread_num();
+            T* pdb = partial.data() + tid * PW;
+            T* pdgi = pdb + G;
+            T* pdgh = pdgi + G;
+            T* pdgc = pdgh + G;
+            T* pdbc = pdgc + H;
+            T* sa = scratch.data() + tid * SW;
+            T* sdo = sa + G;
+            T* sdy = sdo + H;
+            T* sch = sdy + H;
+            const Vec<T> one(T(1));
+            // Rows go in groups: per row, the cell and gate gradients (dpre, parked in the DGH row);
+            // then, column by column over the group, the parameter-gradient sums and the two gate-norm
+            // backward steps (dpre -> DGI, DGH rows).
+            constexpr int64_t RB = 8;
+            T rsum[4 * RB], rstd[2 * RB];
+            for (int64_t g0 = b0; g0 < b1; g0 += RB) {
+              const int64_t g1 = std::min(b1, g0 + RB);
+              for (int64_t bb = g0; bb < g1; ++bb) {
+                const int64_t r = o0 + bb;
+                const T* xir = xi + bb * G;
+                const T* ccr = cc + bb * H;
+                const T* cpr = cp + bb * H;
+                const T* doutr = dout ? dout + bb * H : nullptr;
+                T* dhr = dhr_p + bb * H;
+                T* dcr = dcr_p + bb * H;
+                T* dghr = dgh + bb * G;
+                if (mode == kNone) {
+                  for (int64_t j = 0; j < H; j += VS) {
+                    const int64_t n = kTail ? std::min(VS, H - j) : VS;
+                    const Vec<T> i = ld(xir + j, n), f = ld(xir + H + j, n), g = ld(xir + 2 * H + j, n), o = ld(xir + 3 * H + j, n);
+                    const Vec<T> th = tanh_(ld(ccr + j, n));
+                    Vec<T> dh = ld(dhr + j, n);
+                    if (doutr) dh += ld(doutr + j, n);
+                    const Vec<T> dc = fma(dh * o, one - th * th, ld(dcr + j, n));
+                    st(dcr + j, dc * f, n);
+                    st(dghr + j, dc * g * i * (one - i), n);
+                    st(dghr + H + j, dc * ld(cpr + j, n) * f * (one - f), n);
+                    st(dghr + 2 * H + j, dc * i * (one - g * g), n);
+                    st(dghr + 3 * H + j, dh * th * o * (one - o), n);
+                  }
+                  continue;
+                }
+                // kLayer
+                const T mc = sg[2 * N + r], rc = sg[3 * N + r];
+                const T* xhr = xh + bb * G;
+                const Vec<T> vmc(mc), vrc(rc);
+                Vec<T> s1(T(0)), s2(T(0));
+                const T* sar = sa;  // gate activations of this row
+                for (int64_t j = 0; j < H; j += VS) {  // pass A: gates, output and cell-norm terms
+                  const int64_t n = kTail ? std::min(VS, H - j) : VS;
+                  // Recompute the activations from the saved normalized terms (cheaper than keeping them).
+                  Vec<T> a[4];
+                  for (int k = 0; k < 4; ++k) {
+                    const int64_t q = k * H + j;
+                    a[k] = fma(ld(gih + q, n), ld(xir + q, n), fma(ld(ghh + q, n), ld(xhr + q, n), ld(b + q, n)));
+                  }
+                  a[0] = sigmoid(a[0]);
+                  a[1] = sigmoid(a[1]);
+                  a[2] = tanh_(a[2]);
+                  a[3] = sigmoid(a[3]);
+                  for (int k = 0; k < 4; ++k) st(sa + k * H + j, a[k], n);
+                  const Vec<T> o_gate = a[3];
+                  const Vec<T> chat = (ld(ccr + j, n) - vmc) * vrc;
+                  const Vec<T> th = tanh_(fma(ld(gc + j, n), chat, ld(betac + j, n)));
                   Vec<T> dh = ld(dhr + j, n);
                   if (doutr) dh += ld(doutr + j, n);
-                  const Vec<T> dc = fma(dh * o, one - th * th, ld(dcr + j, n));
+                  const Vec<T> dcn = dh * o_gate * (one - th * th);
+                  st(pdgc + j, fma(dcn, chat, ld(pdgc + j, n)), n);
+                  st(pdbc + j, ld(pdbc + j, n) + dcn, n);
+                  const Vec<T> dyc = dcn * ld(gc + j, n);
+                  s1 += lanes(dyc, n);
+                  s2 += lanes(dyc * chat, n);
+                  st(sdo + j, dh * th, n);
+                  st(sdy + j, dyc, n);
+                  st(sch + j, chat, n);
+                }
+                const Vec<T> m1(hsum(s1) / T(H)), m2(hsum(s2) / T(H));
+                Vec<T> si1(T(0)), si2(T(0)), sh1(T(0)), sh2(T(0));
+                for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
+                  const int64_t n = kTail ? std::min(VS, H - j) : VS;
+                  const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, ld(dcr + j, n));
+                  const Vec<T> i = ld(sar + j, n), f = ld(sar + H + j, n), g = ld(sar + 2 * H + j, n), o = ld(sar + 3 * H + j, n);
+                  const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cpr + j, n) * f * (one - f), dc * i * (one - g * g),
+                                        ld(sdo + j, n) * o * (one - o)};
                   st(dcr + j, dc * f, n);
-                  st(dghr + j, dc * g * i * (one - i), n);
-                  st(dghr + H + j, dc * ld(cpr + j, n) * f * (one - f), n);
-                  st(dghr + 2 * H + j, dc * i * (one - g * g), n);
-                  st(dghr + 3 * H + j, dh * th * o * (one - o), n);
+                  for (int k = 0; k < 4; ++k) {
+                    const int64_t q = k * H + j;
+                    const Vec<T> dyi = lanes(dp[k] * ld(gih + q, n), n), dyh = lanes(dp[k] * ld(ghh + q, n), n);
+                    si1 += dyi;
+                    si2 = fma(dyi, ld(xir + q, n), si2);
+                    sh1 += dyh;
+                    sh2 = fma(dyh, ld(xhr + q, n), sh2);
+                    st(dghr + q, dp[k], n);
+                  }
                 }
-                continue;
-              }
-              // kLayer
-              const T mc = sg[2 * N + r], rc = sg[3 * N + r];
-              const T* xhr = xh + bb * G;
-              const Vec<T> vmc(mc), vrc(rc);
-              Vec<T> s1(T(0)), s2(T(0));
-              for (int64_t j = 0; j < H; j += VS) {  // pass A: gates, output and cell-norm terms
-                const int64_t n = std::min(VS, H - j);
-                Vec<T> a[4];
-                for (int k = 0; k < 4; ++k) {
-                  const int64_t q = k * H + j;
-                  a[k] = fma(ld(gih + q, n), ld(xir + q, n), fma(ld(ghh + q, n), ld(xhr + q, n), ld(b + q, n)));
-                }
-                a[0] = sigmoid(a[0]);
-                a[1] = sigmoid(a[1]);
-                a[2] = tanh_(a[2]);
-                a[3] = sigmoid(a[3]);
-                for (int k = 0; k < 4; ++k) st(sa + k * H + j, a[k], n);
-                const Vec<T> chat = (ld(ccr + j, n) - vmc) * vrc;
-                const Vec<T> th = tanh_(fma(ld(gc + j, n), chat, ld(betac + j, n)));
-                Vec<T> dh = ld(dhr + j, n);
-                if (doutr) dh += ld(doutr + j, n);
-                const Vec<T> dcn = dh * a[3] * (one - th * th);
-                st(pdgc + j, fma(dcn, chat, ld(pdgc + j, n)), n);
-                st(pdbc + j, ld(pdbc + j, n) + dcn, n);
-                const Vec<T> dyc = dcn * ld(gc + j, n);
-                s1 += lanes(dyc, n);
-                s2 += lanes(dyc * chat, n);
-                st(sdo + j, dh * th, n);
-                st(sdy + j, dyc, n);
-                st(sch + j, chat, n);
-              }
-              const Vec<T> m1(hsum(s1) / T(H)), m2(hsum(s2) / T(H));
-              Vec<T> si1(T(0)), si2(T(0)), sh1(T(0)), sh2(T(0));
-              for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
-                const int64_t n = std::min(VS, H - j);
-                const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, ld(dcr + j, n));
-                const Vec<T> i = ld(sa + j, n), f = ld(sa + H + j, n), g = ld(sa + 2 * H + j, n), o = ld(sa + 3 * H + j, n);
-                const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cpr + j, n) * f * (one - f), dc * i * (one - g * g),
-                                      ld(sdo + j, n) * o * (one - o)};
-                st(dcr + j, dc * f, n);
-                for (int k = 0; k < 4; ++k) {
-                  const int64_t q = k * H + j;
-                  const Vec<T> dyi = lanes(dp[k] * ld(gih + q, n), n), dyh = lanes(dp[k] * ld(ghh + q, n), n);
-                  si1 += dyi;
-                  si2 = fma(dyi, ld(xir + q, n), si2);
-                  sh1 += dyh;
-                  sh2 = fma(dyh, ld(xhr + q, n), sh2);
-                  st(dghr + q, dp[k], n);
-                }
-              }
-              const int64_t lr = bb - g0;
-              rsum[4 * lr + 0] = hsum(si1) / T(G);
-              rsum[4 * lr + 1] = hsum(si2) / T(G);
-              rsum[4 * lr + 2] = hsum(sh1) / T(G);
-              rsum[4 * lr + 3] = hsum(sh2) / T(G);
-              rstd[2 * lr + 0] = sg[0 * N + r];
-              rstd[2 * lr + 1] = sg[1 * N + r];
-            }
-            // Column pass over the group: parameter-gradient sums (in registers across the group's
-            // rows) and, in layer mode, the backward of the two gate layer norms.
-            for (int64_t q = 0; q < G; q += VS) {
-              const int64_t n = std::min(VS, G - q);
-              Vec<T> adb = ld(pdb + q, n);
-              if (mode == kNone) {
-                for (int64_t bb = g0; bb < g1; ++bb) adb += ld(dgh + bb * G + q, n);
-                st(pdb + q, adb, n);
-                continue;
-              }
-              Vec<T> adgi = ld(pdgi + q, n), adgh = ld(pdgh + q, n);
-              const Vec<T> vgi = ld(gih + q, n), vgh = ld(ghh + q, n);
-              for (int64_t bb = g0; bb < g1; ++bb) {
                 const int64_t lr = bb - g0;
-                T* dghr = dgh + bb * G + q;
-                const Vec<T> dp = ld(dghr, n), vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
-                adb += dp;
-                adgi = fma(dp, vxi, adgi);
-                adgh = fma(dp, vxh, adgh);
-                st(dgi + bb * G + q, Vec<T>(rstd[2 * lr]) * (dp * vgi - Vec<T>(rsum[4 * lr]) - vxi * Vec<T>(rsum[4 * lr + 1])), n);
-                st(dghr, Vec<T>(rstd[2 * lr + 1]) * (dp * vgh - Vec<T>(rsum[4 * lr + 2]) - vxh * Vec<T>(rsum[4 * lr + 3])), n);
+                rsum[4 * lr + 0] = hsum(si1) / T(G);
+                rsum[4 * lr + 1] = hsum(si2) / T(G);
+                rsum[4 * lr + 2] = hsum(sh1) / T(G);
+                rsum[4 * lr + 3] = hsum(sh2) / T(G);
+                rstd[2 * lr + 0] = sg[0 * N + r];
+                rstd[2 * lr + 1] = sg[1 * N + r];
               }
-              st(pdb + q, adb, n);
-              st(pdgi + q, adgi, n);
-              st(pdgh + q, adgh, n);
+              // Column pass over the group: parameter-gradient sums (in registers across the group's
+              // rows) and, in layer mode, the backward of the two gate layer norms.
+              for (int64_t q = 0; q < G; q += VS) {
+                const int64_t n = kTail ? std::min(VS, G - q) : VS;
+                Vec<T> adb = ld(pdb + q, n);
+                if (mode == kNone) {
+                  for (int64_t bb = g0; bb < g1; ++bb) adb += ld(dgh + bb * G + q, n);
+                  st(pdb + q, adb, n);
+                  continue;
+                }
+                Vec<T> adgi = ld(pdgi + q, n), adgh = ld(pdgh + q, n);
+                const Vec<T> vgi = ld(gih + q, n), vgh = ld(ghh + q, n);
+                for (int64_t bb = g0; bb < g1; ++bb) {
+                  const int64_t lr = bb - g0;
+                  T* dghr = dgh + bb * G + q;
+                  const Vec<T> dp = ld(dghr, n), vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
+                  adb += dp;
+                  adgi = fma(dp, vxi, adgi);
+                  adgh = fma(dp, vxh, adgh);
+                  st(dgi + bb * G + q, Vec<T>(rstd[2 * lr]) * (dp * vgi - Vec<T>(rsum[4 * lr]) - vxi * Vec<T>(rsum[4 * lr + 1])), n);
+                  st(dghr, Vec<T>(rstd[2 * lr + 1]) * (dp * vgh - Vec<T>(rsum[4 * lr + 2]) - vxh * Vec<T>(rsum[4 * lr + 3])), n);
+                }
+                st(pdb + q, adb, n);
+                st(pdgi + q, adgi, n);
+                st(pdgh + q, adgh, n);
+              }
             }
-          }
-        });
+          });
+        };
+        if (H % VS == 0) {
+          pass(std::false_type{});
+        } else {
+          pass(std::true_type{});
+        }
       } else {  // kBatch, column-parallel
         const bool batch = training && Bt >= 2;
         const T* r_ih = sg + (0 * Tn + t) * G;
@@ -881,106 +1056,115 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
         T* pdgh = pdgi + G;
         T* pdgc = pdgh + G;
         T* pdbc = pdgc + H;
-        T* sa = bs_p;
-        T* sdo = sa + B0 * G;
+        T* sa = bs_p;  // gate activations of the step's rows
+        T* sdo = bs_p + B0 * G;
         T* sdy = sdo + B0 * H;
         T* sch = sdy + B0 * H;
         const T invn = T(1) / T(Bt);
         const int64_t nchunks = (H + VS - 1) / VS;
-        at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-          const Vec<T> one(T(1));
-          for (int64_t kc = k0; kc < k1; ++kc) {
-            const int64_t j = kc * VS;
-            const int64_t n = std::min(VS, H - j);
-            Vec<T> vgi[4], vgh[4], vb[4];
-            for (int k = 0; k < 4; ++k) {
-              vgi[k] = ld(gih + k * H + j, n);
-              vgh[k] = ld(ghh + k * H + j, n);
-              vb[k] = ld(b + k * H + j, n);
-            }
-            const Vec<T> mc = ld(m_c + j, n), rc = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
-            Vec<T> S1(T(0)), S2(T(0)), agc(T(0)), abc(T(0));
-            for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A
-              const T* xir = xi + bb * G + j;
-              const T* xhr = xh + bb * G + j;
-              Vec<T> a[4];
-              for (int k = 0; k < 4; ++k) a[k] = fma(vgi[k], ld(xir + k * H, n), fma(vgh[k], ld(xhr + k * H, n), vb[k]));
-              a[0] = sigmoid(a[0]);
-              a[1] = sigmoid(a[1]);
-              a[2] = tanh_(a[2]);
-              a[3] = sigmoid(a[3]);
-              for (int k = 0; k < 4; ++k) st(sa + bb * G + k * H + j, a[k], n);
-              const Vec<T> chat = (ld(cc + bb * H + j, n) - mc) * rc;
-              const Vec<T> th = tanh_(fma(gcv, chat, bcv));
-              Vec<T> dh = ld(dhr_p + bb * H + j, n);
-              if (dout) dh += ld(dout + bb * H + j, n);
-              const Vec<T> dcn = dh * a[3] * (one - th * th);
-              agc = fma(dcn, chat, agc);
-              abc += dcn;
-              const Vec<T> dyc = dcn * gcv;
-              S1 += dyc;
-              S2 = fma(dyc, chat, S2);
-              st(sdo + bb * H + j, dh * th, n);
-              st(sdy + bb * H + j, dyc, n);
-              st(sch + bb * H + j, chat, n);
-            }
-            st(pdgc + j, ld(pdgc + j, n) + agc, n);
-            st(pdbc + j, ld(pdbc + j, n) + abc, n);
-            const Vec<T> m1 = S1 * Vec<T>(invn), m2 = S2 * Vec<T>(invn);
-            Vec<T> P1[4], Pi[4], Ph[4];
-            for (int k = 0; k < 4; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
-            for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
-              const Vec<T> dyc = ld(sdy + bb * H + j, n);
-              const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
-              const Vec<T> dc = dcn_norm + ld(dcr_p + bb * H + j, n);
-              const T* sar = sa + bb * G + j;
-              const Vec<T> i = ld(sar, n), f = ld(sar + H, n), g = ld(sar + 2 * H, n), o = ld(sar + 3 * H, n);
-              const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cp + bb * H + j, n) * f * (one - f), dc * i * (one - g * g),
-                                    ld(sdo + bb * H + j, n) * o * (one - o)};
-              st(dcr_p + bb * H + j, dc * f, n);
-              const T* xir = xi + bb * G + j;
-              const T* xhr = xh + bb * G + j;
-              T* dghr = dgh + bb * G + j;
+        auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
+          constexpr bool kTail = decltype(tail)::value;
+          at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+            const Vec<T> one(T(1));
+            for (int64_t kc = k0; kc < k1; ++kc) {
+              const int64_t j = kc * VS;
+              const int64_t n = kTail ? std::min(VS, H - j) : VS;
+              Vec<T> vgi[4], vgh[4], vb[4];
               for (int k = 0; k < 4; ++k) {
-                P1[k] += dp[k];
-                Pi[k] = fma(dp[k], ld(xir + k * H, n), Pi[k]);
-                Ph[k] = fma(dp[k], ld(xhr + k * H, n), Ph[k]);
-                st(dghr + k * H, dp[k], n);
+                vgi[k] = ld(gih + k * H + j, n);
+                vgh[k] = ld(ghh + k * H + j, n);
+                vb[k] = ld(b + k * H + j, n);
               }
-            }
-            for (int k = 0; k < 4; ++k) {
-              const int64_t q = k * H + j;
-              st(pdb + q, ld(pdb + q, n) + P1[k], n);
-              st(pdgi + q, ld(pdgi + q, n) + Pi[k], n);
-              st(pdgh + q, ld(pdgh + q, n) + Ph[k], n);
-            }
-            Vec<T> ri[4], rh[4], mp[4], mpi[4], mph[4];
-            for (int k = 0; k < 4; ++k) {
-              const int64_t q = k * H + j;
-              ri[k] = ld(r_ih + q, n) * vgi[k];
-              rh[k] = ld(r_hh + q, n) * vgh[k];
-              mp[k] = P1[k] * Vec<T>(invn);
-              mpi[k] = Pi[k] * Vec<T>(invn);
-              mph[k] = Ph[k] * Vec<T>(invn);
-            }
-            for (int64_t bb = 0; bb < Bt; ++bb) {  // pass C: through the two gate batch norms
-              const T* xir = xi + bb * G + j;
-              const T* xhr = xh + bb * G + j;
-              T* dghr = dgh + bb * G + j;
-              T* dgir = dgi + bb * G + j;
+              const Vec<T> mc = ld(m_c + j, n), rc = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
+              Vec<T> S1(T(0)), S2(T(0)), agc(T(0)), abc(T(0));
+              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A
+                const T* xir = xi + bb * G + j;
+                const T* xhr = xh + bb * G + j;
+                Vec<T> a[4];  // recompute the activations from the saved normalized terms
+                for (int k = 0; k < 4; ++k) a[k] = fma(vgi[k], ld(xir + k * H, n), fma(vgh[k], ld(xhr + k * H, n), vb[k]));
+                a[0] = sigmoid(a[0]);
+                a[1] = sigmoid(a[1]);
+                a[2] = tanh_(a[2]);
+                a[3] = sigmoid(a[3]);
+                for (int k = 0; k < 4; ++k) st(sa + bb * G + k * H + j, a[k], n);
+                const Vec<T> o_gate = a[3];
+                const Vec<T> chat = (ld(cc + bb * H + j, n) - mc) * rc;
+                const Vec<T> th = tanh_(fma(gcv, chat, bcv));
+                Vec<T> dh = ld(dhr_p + bb * H + j, n);
+                if (dout) dh += ld(dout + bb * H + j, n);
+                const Vec<T> dcn = dh * o_gate * (one - th * th);
+                agc = fma(dcn, chat, agc);
+                abc += dcn;
+                const Vec<T> dyc = dcn * gcv;
+                S1 += dyc;
+                S2 = fma(dyc, chat, S2);
+                st(sdo + bb * H + j, dh * th, n);
+                st(sdy + bb * H + j, dyc, n);
+                st(sch + bb * H + j, chat, n);
+              }
+              st(pdgc + j, ld(pdgc + j, n) + agc, n);
+              st(pdbc + j, ld(pdbc + j, n) + abc, n);
+              const Vec<T> m1 = S1 * Vec<T>(invn), m2 = S2 * Vec<T>(invn);
+              Vec<T> P1[4], Pi[4], Ph[4];
+              for (int k = 0; k < 4; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
+              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
+                const Vec<T> dyc = ld(sdy + bb * H + j, n);
+                const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
+                const Vec<T> dc = dcn_norm + ld(dcr_p + bb * H + j, n);
+                const T* sar = sa + bb * G + j;
+                const Vec<T> i = ld(sar, n), f = ld(sar + H, n), g = ld(sar + 2 * H, n), o = ld(sar + 3 * H, n);
+                const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cp + bb * H + j, n) * f * (one - f), dc * i * (one - g * g),
+                                      ld(sdo + bb * H + j, n) * o * (one - o)};
+                st(dcr_p + bb * H + j, dc * f, n);
+                const T* xir = xi + bb * G + j;
+                const T* xhr = xh + bb * G + j;
+                T* dghr = dgh + bb * G + j;
+                for (int k = 0; k < 4; ++k) {
+                  P1[k] += dp[k];
+                  Pi[k] = fma(dp[k], ld(xir + k * H, n), Pi[k]);
+                  Ph[k] = fma(dp[k], ld(xhr + k * H, n), Ph[k]);
+                  st(dghr + k * H, dp[k], n);
+                }
+              }
               for (int k = 0; k < 4; ++k) {
-                const Vec<T> dp = ld(dghr + k * H, n);
-                if (batch) {
-                  st(dgir + k * H, ri[k] * (dp - mp[k] - ld(xir + k * H, n) * mpi[k]), n);
-                  st(dghr + k * H, rh[k] * (dp - mp[k] - ld(xhr + k * H, n) * mph[k]), n);
-                } else {
-                  st(dgir + k * H, ri[k] * dp, n);
-                  st(dghr + k * H, rh[k] * dp, n);
+                const int64_t q = k * H + j;
+                st(pdb + q, ld(pdb + q, n) + P1[k], n);
+                st(pdgi + q, ld(pdgi + q, n) + Pi[k], n);
+                st(pdgh + q, ld(pdgh + q, n) + Ph[k], n);
+              }
+              Vec<T> ri[4], rh[4], mp[4], mpi[4], mph[4];
+              for (int k = 0; k < 4; ++k) {
+                const int64_t q = k * H + j;
+                ri[k] = ld(r_ih + q, n) * vgi[k];
+                rh[k] = ld(r_hh + q, n) * vgh[k];
+                mp[k] = P1[k] * Vec<T>(invn);
+                mpi[k] = Pi[k] * Vec<T>(invn);
+                mph[k] = Ph[k] * Vec<T>(invn);
+              }
+              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass C: through the two gate batch norms
+                const T* xir = xi + bb * G + j;
+                const T* xhr = xh + bb * G + j;
+                T* dghr = dgh + bb * G + j;
+                T* dgir = dgi + bb * G + j;
+                for (int k = 0; k < 4; ++k) {
+                  const Vec<T> dp = ld(dghr + k * H, n);
+                  if (batch) {
+                    st(dgir + k * H, ri[k] * (dp - mp[k] - ld(xir + k * H, n) * mpi[k]), n);
+                    st(dghr + k * H, rh[k] * (dp - mp[k] - ld(xhr + k * H, n) * mph[k]), n);
+                  } else {
+                    st(dgir + k * H, ri[k] * dp, n);
+                    st(dghr + k * H, rh[k] * dp, n);
+                  }
                 }
               }
             }
-          }
-        });
+          });
+        };
+        if (H % VS == 0) {
+          pass(std::false_type{});
+        } else {
+          pass(std::true_type{});
+        }
       }
 
       TOC(3);
@@ -1058,7 +1242,8 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
                             const c10::optional<Tensor>& g_c, const c10::optional<Tensor>& beta_c, std::vector<int64_t> batch_sizes,
                             int64_t mode, std::vector<double> eps, bool training, bool save, int64_t step_offset,
                             std::vector<c10::optional<Tensor>> bn_buffers, std::vector<double> momentum, int64_t inproj_max,
-                            int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed) {
+                            int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
+                            const c10::optional<Tensor>& w_ih_packed) {
   check_common(x, h0, c0, w_ih, w_hh, mode);
   Shape sh(batch_sizes, w_hh.size(1), x.size(1));
   TORCH_CHECK(x.size(0) == sh.N && h0.size(0) == sh.B0 && c0.size(0) == sh.B0, "fused LSTM: rows do not match batch_sizes");
@@ -1069,7 +1254,7 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_forward", [&] {
     res = forward_impl<scalar_t>(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, sh, mode, eps, training, save, step_offset,
-                                 bn_buffers, momentum, inproj_max, inproj_rows, w_hh_packed);
+                                 bn_buffers, momentum, inproj_max, inproj_rows, w_hh_packed, w_ih_packed);
   });
   return res;
 }
@@ -1106,9 +1291,12 @@ std::vector<double> timers() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "recnorm fused CPU LSTM time loop (forward and BPTT backward)";
-  m.def("forward", &forward, "fused LSTM direction forward");
-  m.def("backward", &backward, "fused LSTM direction backward");
+  // The loops touch no Python object: let other Python threads run meanwhile.
+  m.def("forward", &forward, "fused LSTM direction forward", py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "fused LSTM direction backward", py::call_guard<py::gil_scoped_release>());
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
+  m.def("set_pool_capacity", &set_pool_capacity, "bytes of freed buffers kept for reuse (0: none)");
+  m.def("pool_cached", &pool_cached, "bytes currently kept in the buffer pool");
   m.attr("VERSION") = 1;
 #ifdef RECNORM_FUSED_TIMING
   m.def("timers", &timers, "development timers: fwd input GEMM, fwd step GEMM, fwd pass, bwd pass, bwd step GEMM, bwd chunk GEMMs, fwd, bwd (s)");
