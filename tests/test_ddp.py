@@ -1,7 +1,7 @@
 """recnorm layers under DistributedDataParallel (2 CPU processes, gloo): a training step runs,
 gradients are averaged across processes, and the batch-norm buffers are broadcast from rank 0.
 
-Batch statistics are per process (like torch.nn.BatchNorm without SyncBatchNorm)."""
+Batch statistics are per process here (like torch.nn.BatchNorm); test_sync.py covers synchronized ones."""
 
 import os
 

@@ -6,6 +6,7 @@ Public API:
   replacements for torch.nn's, with ``norm=`` one of :func:`list_norms`;
 * ``list_norms``, ``get_norm``, ``norm_options``, ``register_norm``: the normalization registry;
 * ``recnorm.init``: named initialisation schemes;
+* ``convert_sync_batchnorm``: batch statistics synchronized across data-parallel processes;
 * ``recompute_population_statistics`` and ``recnorm.diagnostics``: statistics and gradient flow.
 """
 
@@ -23,6 +24,7 @@ from recnorm.nn import (
     NormSpec,
     RecurrentBatchNorm,
     RNNCell,
+    convert_sync_batchnorm,
     get_norm,
     list_cells,
     list_norms,
@@ -47,6 +49,7 @@ __all__ = [
     "RNNCell",
     "RecurrentBatchNorm",
     "GroupedLayerNorm",
+    "convert_sync_batchnorm",
     "NormSpec",
     "list_norms",
     "get_norm",

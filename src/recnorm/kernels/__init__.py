@@ -47,6 +47,12 @@ def run_direction(
     kernel: str = "auto",
 ):
     """Run one layer direction with the chosen implementation (see :mod:`recnorm.kernels.reference`)."""
+    if any(callable(getattr(n, "synced", None)) and n.synced() for n in (p.norm_ih, p.norm_hh, p.norm_c)):
+        # Statistics synchronized across processes (recnorm.convert_sync_batchnorm): only the reference
+        # loop takes them through recnorm.nn.stats; the fast paths compute them locally.
+        if kernel in ("native", "fused"):
+            raise ValueError(f"kernel={kernel!r} does not synchronize batch statistics across processes; use 'auto' or 'reference'")
+        return reference_run_direction(cell, x, batch_sizes, state, p, on_output)
     if kernel in ("auto", "native") and native.supports(cell, p, on_output):
         return native.run_direction(cell, x, batch_sizes, state, p)
     if kernel == "native":

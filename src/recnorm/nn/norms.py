@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from recnorm.nn.stats import batch_moments, count_valid, degenerate_features
+from recnorm.nn.stats import batch_moments, count_valid, degenerate_features, sync_active
 
 __all__ = [
     "RecurrentBatchNorm",
@@ -44,6 +44,7 @@ __all__ = [
     "create_norm",
     "resolve_norm_kwargs",
     "SITES",
+    "convert_sync_batchnorm",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,12 @@ class RecurrentBatchNorm(nn.Module):
       (Cooijmans et al., section 5.1). Dropping it leaves parameter gradients unchanged and finite;
       only the per-example gradient with respect to such constant inputs or initial states loses that
       zero-mean part.
+
+    Data parallel: by default each process normalizes with its own batch, as ``torch.nn.BatchNorm1d``
+    does. With ``sync = True`` (set by :func:`recnorm.convert_sync_batchnorm`), training calls take
+    :math:`V` over the valid rows of every process of ``process_group`` (see :mod:`recnorm.nn.stats`),
+    so all processes normalize with, and record, the same statistics; the "fewer than 2 rows" rule then
+    counts the rows of all processes. Eval makes no collective call.
 
     Args:
         num_features: F.
@@ -133,7 +140,13 @@ class RecurrentBatchNorm(nn.Module):
         self._last_slot: Optional[int] = None  # cached s_last for eval; reset whenever buffers change
         self._accumulator: Optional[Dict[str, Tensor]] = None  # set by population-statistics passes
         self._observers: List[Callable[[int, Tensor, Tensor, int], None]] = []
+        self.sync = False  # synchronized statistics across processes (recnorm.convert_sync_batchnorm)
+        self.process_group: Any = None  # None: the default (world) group
         self.reset_parameters()
+
+    def synced(self) -> bool:
+        """Whether this call's statistics would involve other processes (training, sync, group of 2+)."""
+        return self.training and sync_active(self.sync, self.process_group)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -151,7 +164,7 @@ class RecurrentBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, max_steps={self.max_steps}, gain_init={self.gain_init}, "
-            f"shift={self.bias is not None}, momentum={self.momentum}, eps={self.eps}"
+            f"shift={self.bias is not None}, momentum={self.momentum}, eps={self.eps}" + (", sync=True" if self.sync else "")
         )
 
     # -- slots -------------------------------------------------------------------------------------
@@ -181,7 +194,9 @@ class RecurrentBatchNorm(nn.Module):
     def forward(self, x: Tensor, step: int = 0, mask: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected input of shape (N, {self.num_features}), got {tuple(x.shape)}")
-        mean, var, degenerate = self.statistics(lambda: batch_moments(x, mask), count_valid(x, mask), int(step))
+        sync = {"sync": self.sync and self.training, "process_group": self.process_group}
+        n = count_valid(x, mask, **sync)
+        mean, var, degenerate = self.statistics(lambda: batch_moments(x, mask, **sync), n, int(step))
         y = (x - mean) * torch.rsqrt(var + self.eps)
         if degenerate is not None:
             # No spread across the batch: normalize to exactly 0 and pass no gradient (see class docs).
@@ -274,6 +289,23 @@ class RecurrentBatchNorm(nn.Module):
         self.running_mean[seen] = mean[seen].to(self.running_mean.dtype)
         self.running_var[seen] = var[seen].to(self.running_var.dtype)
         self.num_batches_tracked[seen] = 1
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Make every :class:`RecurrentBatchNorm` in ``module`` synchronize its training statistics across
+    the processes of ``process_group`` (default: the world), like
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`. Changes ``module`` in place and returns it.
+
+    Every process must then run the same layers in the same order (as DistributedDataParallel does);
+    batches may differ in size and length between processes, including sequences that end at
+    different steps: per-step statistics at step t pool the rows that are valid at t on every process.
+    Synchronized layers run the reference time loop (the fused kernels compute statistics locally).
+    """
+    for m in module.modules():
+        if isinstance(m, RecurrentBatchNorm):
+            m.sync = True
+            m.process_group = process_group
+    return module
 
 
 class GroupedLayerNorm(nn.Module):

@@ -1,8 +1,12 @@
 """Batch statistics: the one place where recnorm computes means and variances over a batch.
 
 Every batch-normalizing module (per-step, shared-over-time and sequence-wise) takes its statistics from
-:func:`batch_moments`, so synchronizing statistics across data-parallel processes (SyncBN) is a change
-to this file alone.
+:func:`batch_moments` and its row count from :func:`count_valid`. With ``sync=True`` both are taken over
+the rows of every process of a ``torch.distributed`` group (synchronized BN, as
+:class:`torch.nn.SyncBatchNorm` does): the count, the per-feature sums and then the centred sums of
+squares are all-reduced, the last two with :func:`torch.distributed.nn.functional.all_reduce`, whose
+backward all-reduces the gradient, so every process gets the gradient of the global statistics.
+Synchronized calls are collective: every process of the group must make them in the same order.
 
 Rows that are padding never reach these functions when recnorm layers run on packed batches: the time
 loop hands each norm only the rows of sequences that are still valid at that step. An explicit
@@ -11,36 +15,60 @@ loop hands each norm only the rows of sequences that are still valid at that ste
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_moments", "degenerate_features", "count_valid"]
+__all__ = ["batch_moments", "degenerate_features", "count_valid", "sync_active", "sync_max"]
 
 
-def count_valid(x: Tensor, mask: Optional[Tensor]) -> int:
-    """Number of rows of ``x`` (``(N, F)``) that the statistics are taken over."""
-    if mask is None:
-        return int(x.shape[0])
-    return int(mask.sum())
+def sync_active(sync: bool, process_group: Any = None) -> bool:
+    """Whether synchronized statistics really involve other processes (an initialized group of 2+)."""
+    if not sync or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    return torch.distributed.get_world_size(process_group) > 1
 
 
-def batch_moments(x: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def sync_max(value: int, process_group: Any = None) -> int:
+    """The largest ``value`` over the processes of the group (a collective call)."""
+    t = torch.tensor([int(value)], dtype=torch.long)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=process_group)
+    return int(t.item())
+
+
+def count_valid(x: Tensor, mask: Optional[Tensor], *, sync: bool = False, process_group: Any = None) -> int:
+    """Number of rows of ``x`` (``(N, F)``) that the statistics are taken over (over all processes of
+    the group when ``sync``)."""
+    n = int(x.shape[0]) if mask is None else int(mask.sum())
+    if sync_active(sync, process_group):
+        t = torch.tensor([n], dtype=torch.long)
+        torch.distributed.all_reduce(t, group=process_group)
+        n = int(t.item())
+    return n
+
+
+def batch_moments(
+    x: Tensor, mask: Optional[Tensor] = None, *, sync: bool = False, process_group: Any = None
+) -> Tuple[Tensor, Tensor]:
     """Per-feature mean and biased variance of ``x`` over its rows.
 
     Args:
         x: ``(N, F)`` values.
         mask: optional ``(N,)`` bool tensor; only rows where it is True are counted.
+        sync: take the moments over the rows of every process of ``process_group`` (default: the
+            world) instead of this process's rows alone. A process may hold no rows.
 
     Returns:
         ``(mean, var)``, each ``(F,)``; ``var`` is the biased (divide-by-n) variance that
         normalization uses. Both are differentiable with respect to ``x``. The caller guarantees at
-        least one counted row.
+        least one counted row (over all processes when ``sync``).
 
     The variance is computed from centred values (two passes), not as E[x^2] - E[x]^2, so it never
     comes out negative and stays accurate for features with a large mean.
     """
+    if sync_active(sync, process_group):
+        return _synced_moments(x, mask, process_group)
     if mask is None:
         var, mean = torch.var_mean(x, dim=0, correction=0)
         return mean, var
@@ -48,6 +76,20 @@ def batch_moments(x: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Ten
     n = w.sum()
     mean = (x * w).sum(0) / n
     var = (((x - mean) * w) ** 2).sum(0) / n
+    return mean, var
+
+
+def _synced_moments(x: Tensor, mask: Optional[Tensor], process_group: Any) -> Tuple[Tensor, Tensor]:
+    from torch.distributed.nn.functional import all_reduce  # differentiable: backward all-reduces the gradient
+
+    kw = {} if process_group is None else {"group": process_group}
+    w = None if mask is None else mask.to(x.dtype).unsqueeze(1)
+    n_local = x.new_full((1,), float(x.shape[0])) if w is None else w.sum().reshape(1)
+    total = all_reduce(torch.cat([(x if w is None else x * w).sum(0), n_local]), **kw)
+    n = total[-1].detach()
+    mean = total[:-1] / n
+    centred = (x - mean) if w is None else (x - mean) * w
+    var = all_reduce(centred.square().sum(0), **kw) / n
     return mean, var
 
 
