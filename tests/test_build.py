@@ -39,13 +39,15 @@ def test_stale_torch_lock_is_removed_before_building(fake_load):
     assert calls == [{"name": "k", "dir": directory, "lock_present": False}]
 
 
-def test_changed_source_or_flags_build_in_their_own_directory(fake_load):
+def test_changed_source_header_or_flags_build_in_their_own_directory(fake_load):
     calls, source = fake_load
     _build.load("k", [str(source)], ["-O2"], [])
     _build.load("k", [str(source)], ["-O3"], [])
     source.write_text("// v2\n")
     _build.load("k", [str(source)], ["-O2"], [])
-    assert len({c["dir"] for c in calls}) == 3
+    (source.parent / "k_common.h").write_text("// a header beside the source\n")
+    _build.load("k", [str(source)], ["-O2"], [])
+    assert len({c["dir"] for c in calls}) == 4
 
 
 def test_a_live_builder_is_waited_for_with_a_time_limit(fake_load, monkeypatch):

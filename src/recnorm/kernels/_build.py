@@ -5,8 +5,8 @@ itself. A process killed while it holds that file (Ctrl-C during the first build
 out-of-memory kill) leaves it behind, and every later ``load`` of the same extension then waits for it
 forever. recnorm therefore:
 
-* builds each extension in its own directory named after a hash of its source, its compiler flags and
-  the torch version, under ``$RECNORM_EXTENSIONS_DIR`` (default: ``recnorm`` inside torch's extensions
+* builds each extension in its own directory named after a hash of its source (and the headers beside
+  it), its compiler flags and the torch version, under ``$RECNORM_EXTENSIONS_DIR`` (default: ``recnorm`` inside torch's extensions
   directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), so a changed source never
   waits on, or reuses, an older build;
 * holds an OS file lock (``fcntl.flock``) around the build. The OS drops that lock when its holder dies,
@@ -40,10 +40,19 @@ def _root() -> str:
     return os.path.join(torch_dir, "recnorm")
 
 
-def build_directory(name: str, sources: Sequence[str], flags: Sequence[str]) -> str:
-    """The directory an extension is built in: one per (source text, flags, torch version)."""
-    digest = hashlib.sha256()
+def _inputs(sources: Sequence[str]) -> List[str]:
+    """The sources and every header (``*.h``) in their directories: what a build reads."""
+    headers = set()
     for path in sources:
+        folder = os.path.dirname(os.path.abspath(path))
+        headers.update(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".h"))
+    return list(sources) + sorted(headers)
+
+
+def build_directory(name: str, sources: Sequence[str], flags: Sequence[str]) -> str:
+    """The directory an extension is built in: one per (source and header text, flags, torch version)."""
+    digest = hashlib.sha256()
+    for path in _inputs(sources):
         with open(path, "rb") as f:
             digest.update(f.read())
     digest.update("\0".join(flags).encode())
