@@ -4,6 +4,8 @@
   tested against.
 * ``native``: torch's own fused RNN op, for directions whose recurrence is torch.nn's (no norm, or
   sequence-wise BN folded into the input weights); see :mod:`recnorm.kernels.native`.
+* ``fused``: recnorm's C++ CPU loops with a hand-derived backward, for per-step layer and batch norms:
+  :mod:`recnorm.kernels.fused_cpu` (LSTM) and :mod:`recnorm.kernels.fused_cpu_gru_rnn` (GRU, RNN).
 
 ``"auto"`` picks the fastest path that supports the case. Set ``RECNORM_KERNEL=reference`` (or pass
 ``kernel="reference"`` to a layer) to force the reference loop when debugging.
@@ -62,9 +64,14 @@ def run_direction(
 
         if fused_cpu.supports(cell, p, on_output, x):
             return fused_cpu.run_direction(cell, x, batch_sizes, state, p)
+        from recnorm.kernels import fused_cpu_gru_rnn
+
+        if fused_cpu_gru_rnn.supports(cell, p, on_output, x):
+            return fused_cpu_gru_rnn.run_direction(cell, x, batch_sizes, state, p)
         if kernel == "fused":
             raise ValueError(
-                "kernel='fused' serves LSTM with norm None, 'layer', 'batch' or 'shared_batch' on CPU float32/float64 "
-                "tensors (no proj_size, no diagnostics capture) and needs the C++ extension to build; see the log"
+                "kernel='fused' serves LSTM with norm None, 'layer', 'batch' or 'shared_batch' (no proj_size), and GRU "
+                "and RNN (tanh, relu) with norm 'layer', 'batch' or 'shared_batch', on CPU float32/float64 tensors with "
+                "no diagnostics capture, and needs the C++ extensions to build; see the log"
             )
     return reference_run_direction(cell, x, batch_sizes, state, p, on_output)
