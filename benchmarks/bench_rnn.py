@@ -6,7 +6,8 @@ For every size, cell and norm it measures
 * eval: one forward in eval mode under ``torch.no_grad()`` (population statistics for batch norms),
 * peak memory of one training step, as the rise of the process's resident-set high-water mark
   (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the step) in a fresh subprocess, so
-  that allocator caches of other candidates do not count. Linux only.
+  that allocator caches of other candidates do not count (after a tiny warm-up step that loads
+  libraries and extensions, which every candidate gets). Linux only.
 
 The machine this runs on is shared and noisy, so timings are taken in *interleaved rounds*: each round
 times every candidate once (after a warm-up), and the reported figure is the median over rounds of the
@@ -27,6 +28,7 @@ haste-pytorch-cpu``). FlashRNN's CPU backends need a Triton/CUDA-free setup and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,17 +44,33 @@ import recnorm
 
 SIZES: List[Tuple[int, int, int, int]] = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512), (784, 64, 1, 128)]
 NORMS = [None, "layer", "batch", "sequence_batch", "shared_batch"]
-TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
-OURS = {"lstm": recnorm.LSTM, "gru": recnorm.GRU}
+TORCH = {
+    "lstm": torch.nn.LSTM,
+    "gru": torch.nn.GRU,
+    "rnn": torch.nn.RNN,
+    "rnn_relu": functools.partial(torch.nn.RNN, nonlinearity="relu"),
+}
+OURS = {
+    "lstm": recnorm.LSTM,
+    "gru": recnorm.GRU,
+    "rnn": recnorm.RNN,
+    "rnn_relu": functools.partial(recnorm.RNN, nonlinearity="relu"),
+}
+_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "rnn_relu": "RNN[relu]"}
+
+
+def torch_label(cell: str) -> str:
+    """The row label of torch.nn's layer for ``cell``: the baseline of that cell's ratios."""
+    return f"torch.nn.{_NAMES[cell]}"
 
 
 def _candidates(cells: List[str], norms: List[str | None]) -> List[Tuple[str, str, str | None]]:
     """(label, cell, norm): label ``torch`` for torch.nn, ``haste``/``haste_ln`` for peers."""
     out = []
     for cell in cells:
-        out.append((f"torch.nn.{cell.upper()}", cell, "torch"))
+        out.append((torch_label(cell), cell, "torch"))
         for norm in norms:
-            out.append((f"recnorm.{cell.upper()}(norm={norm!r})", cell, norm))
+            out.append((f"recnorm.{_NAMES[cell]}(norm={norm!r})", cell, norm))
         if cell == "lstm" and _haste_available():
             out.append(("haste.LSTM", cell, "haste"))
             out.append(("haste.LayerNormLSTM", cell, "haste_ln"))
@@ -120,7 +138,7 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print) -> Li
                     times.setdefault((label, mode), []).append(_time(fn))
             log(f"  size {size}: round {r + 1}/{rounds} done")
         for label, cell, norm in cands:
-            base = f"torch.nn.{cell.upper()}"
+            base = torch_label(cell)
             for mode in ("train", "eval"):
                 ts, bs = times[(label, mode)], times[(base, mode)]
                 rows.append(
@@ -146,6 +164,10 @@ import bench_rnn
 torch.set_num_threads({threads})
 cell, norm, size, kernel = json.loads(sys.argv[1])
 model, x = bench_rnn.build(cell, norm, tuple(size), kernel)
+# A tiny step first loads what every candidate loads once per process (C++ extensions, oneDNN/MKL
+# kernels) without leaving large buffers behind; the measured step then allocates its gradients anew.
+bench_rnn._train_step(model, x[:2, :2].contiguous())
+model.zero_grad(set_to_none=True)
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -196,7 +218,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict) -> str:
             if tr is None:
                 cells.append("–")
                 continue
-            base = "torch.nn." + tr["cell"].upper()
+            base = torch_label(tr["cell"])
             mem = memory.get((c, s))
             mem_base = memory.get((base, s))
             mem_s = f"{mem / mem_base:.2f} ({mem:.0f})" if mem is not None and mem_base else "–"
@@ -210,7 +232,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cells", nargs="+", default=["lstm", "gru"], choices=sorted(TORCH))
+    ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"], choices=sorted(TORCH))
     ap.add_argument("--norms", nargs="+", default=[str(n) for n in NORMS], help="None and/or names from recnorm.list_norms()")
     ap.add_argument("--sizes", nargs="+", default=None, help="T,B,I,H tuples such as 28,128,28,128")
     ap.add_argument("--kernel", default=None, help="force a recnorm kernel (reference, native, ...); default auto")
