@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import sys
 import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -39,9 +39,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from recnorm.kernels import _fused_common as common
+from recnorm.kernels._fused_common import INPROJ_MAX, INPROJ_ROWS, chunk_rows, contig, pack, sum_present
 from recnorm.kernels.reference import DirectionParams
 from recnorm.nn.cells import CellType, GRUCellType, RNNCellType
-from recnorm.nn.norms import GroupedLayerNorm, RecurrentBatchNorm
+from recnorm.nn.norms import GroupedLayerNorm
 
 __all__ = ["supports", "run_direction", "load_extension", "available", "FusedGRURNNFunction"]
 
@@ -49,33 +51,17 @@ log = logging.getLogger(__name__)
 
 _MODES = {"layer": 1, "batch": 2}
 _CELLS = {"gru": 0, "rnn_tanh": 1, "rnn_relu": 2}
+# The extension and why it could not be built, and whether it can call oneDNN: kept here by
+# recnorm.kernels._fused_common (setting them to None makes the next call try again).
 _EXT = None
 _EXT_ERROR: Optional[str] = None
+_ONEDNN: Optional[bool] = None
 _LOCK = threading.Lock()
 
 
 def load_extension():
     """The compiled extension, building it on first use; ``None`` if it cannot be built."""
-    global _EXT, _EXT_ERROR
-    if _EXT is not None or _EXT_ERROR is not None:
-        return _EXT
-    with _LOCK:
-        if _EXT is None and _EXT_ERROR is None:
-            try:
-                from recnorm.kernels import _build
-                from recnorm.kernels.fused_cpu import _build_flags
-
-                tag, flags = _build_flags()
-                source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_gru_rnn.cpp")
-                _EXT = _build.load(f"recnorm_fused_gru_rnn_{tag}", [source], flags, ["-fopenmp"])
-            except Exception as exc:  # no compiler, no ninja, build error, ...
-                text = str(exc).strip().splitlines()
-                _EXT_ERROR = f"{type(exc).__name__}: {text[0] if text else ''}"
-                log.warning(
-                    "recnorm: the fused CPU GRU/RNN kernel could not be built (%s); falling back to the reference loop",
-                    _EXT_ERROR,
-                )
-    return _EXT
+    return common.load_extension(sys.modules[__name__], "recnorm_fused_gru_rnn", "fused_gru_rnn.cpp", "GRU/RNN")
 
 
 def available() -> bool:
@@ -100,12 +86,7 @@ def _cell_code(cell: CellType) -> Optional[int]:
 def _site_kind(module, groups: Tuple[int, ...]) -> Optional[str]:
     if type(module) is GroupedLayerNorm and tuple(module.groups) == tuple(groups):
         return "layer"
-    if (
-        type(module) is RecurrentBatchNorm
-        and getattr(module, "scope", None) == "step"
-        and module._accumulator is None
-        and not module._observers
-    ):
+    if common.batch_site(module):
         return "batch"
     return None
 
@@ -122,20 +103,10 @@ def _mode(cell: CellType, p: DirectionParams) -> Optional[str]:
 
 
 def _tensors_ok(x: Tensor, p: DirectionParams, gates: int) -> bool:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 2:
+    if not common.tensors_ok(x, p, (p.norm_ih, p.norm_hh)):
         return False
     hidden = p.weight_hh.shape[1]
-    if tuple(p.weight_hh.shape) != (gates * hidden, hidden) or tuple(p.weight_ih.shape) != (gates * hidden, x.shape[1]):
-        return False
-    tensors = [p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh]
-    for norm in (p.norm_ih, p.norm_hh):
-        tensors += [norm.weight, norm.bias]
-        if isinstance(norm, RecurrentBatchNorm):
-            tensors += [norm.running_mean, norm.running_var]
-    for t in tensors:
-        if t is not None and (t.device != x.device or t.dtype != x.dtype):
-            return False
-    return True
+    return tuple(p.weight_hh.shape) == (gates * hidden, hidden) and tuple(p.weight_ih.shape) == (gates * hidden, x.shape[1])
 
 
 def supports(cell: CellType, params: DirectionParams, on_output=None, x: Optional[Tensor] = None) -> bool:
@@ -173,60 +144,19 @@ class _Config:
     onednn: Tuple[bool, bool]  # oneDNN (instead of MKL) for the forward / backward per-step GEMM
 
 
-# Inputs at most this wide are projected inside the step pass instead of by GEMMs before the loop
-# (a GEMM with a tiny inner dimension runs far below peak and writes a large (N, G) buffer).
-INPROJ_MAX = 8
-# Otherwise the projection runs as GEMMs over chunks of consecutive steps of about this many rows, each
-# just before its steps, so that the step pass finds them in cache.
-INPROJ_ROWS = int(os.environ.get("RECNORM_FUSED_INPROJ_ROWS", "1024"))
-
-
-def _chunk_rows(n_rows: int) -> int:
-    env = os.environ.get("RECNORM_FUSED_CHUNK_ROWS")
-    if env:
-        return max(1, int(env))
-    return max(2048, n_rows // 4)
-
-
-_ONEDNN: Optional[bool] = None
-
-
 def _onednn_available() -> bool:
-    global _ONEDNN
-    if _ONEDNN is None:
-        try:
-            _ONEDNN = bool(
-                torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                and load_extension().onednn_available()
-            )
-        except Exception:
-            _ONEDNN = False
-    return _ONEDNN
+    return common.onednn_available(sys.modules[__name__])
 
 
 def _onednn_plan(batch: int, hidden: int, dtype: torch.dtype) -> Tuple[bool, bool]:
     """Whether the per-step GEMMs go to oneDNN's linear (forward, backward) instead of MKL's sgemm.
 
-    ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice; the default follows the LSTM kernel's
-    measurements (:func:`recnorm.kernels.fused_cpu._onednn_plan`): oneDNN for the forward product once
-    H >= 256, for the backward product when H >= 512 with a batch of at most 64.
+    The LSTM kernel's plan and measurements (:func:`recnorm.kernels._fused_common.onednn_plan`) without
+    the input projection, which stays with MKL here: oneDNN for the forward product once H >= 256, for the
+    backward product when H >= 512 with a batch of at most 64; ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces
+    either choice, a mask such as ``011`` each (its first digit, the input projection, does not apply).
     """
-    env = os.environ.get("RECNORM_FUSED_ONEDNN", "")
-    if env == "0" or dtype != torch.float32 or not _onednn_available():
-        return (False, False)
-    if env == "1":
-        return (True, True)
-    return (hidden >= 256, hidden >= 512 and batch <= 64)
-
-
-def _pack(w: Tensor, batch: int) -> Tensor:
-    """``w`` (out, in) prepacked for oneDNN's linear ``x w^T``."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch)
-
-
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+    return common.onednn_plan(batch, hidden, False, dtype, _onednn_available)[1:]
 
 
 class FusedGRURNNFunction(torch.autograd.Function):
@@ -242,7 +172,7 @@ class FusedGRURNNFunction(torch.autograd.Function):
         out, hn, xi, xh, stats = load_extension().forward(
             x, h0, w_ih, w_hh, b, b_hn, g_ih, g_hh, cfg.batch_sizes, cfg.cell, cfg.mode, cfg.eps, cfg.training, True,
             cfg.step_offset, cfg.bn_buffers, cfg.momentum, cfg.inproj_max, cfg.inproj_rows,
-            _pack(w_hh, cfg.batch_sizes[0]) if cfg.onednn[0] else None,
+            pack(w_hh, cfg.batch_sizes[0]) if cfg.onednn[0] else None,
         )  # fmt: skip
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -256,27 +186,19 @@ class FusedGRURNNFunction(torch.autograd.Function):
         x, h0, w_ih, w_hh, b, b_hn, g_ih, g_hh, out, xi, xh, stats = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = load_extension().backward(
-            _contig(d_out), _contig(d_hn), x, h0, w_ih, w_hh, b, b_hn, g_ih, g_hh, out, xi, xh, stats, cfg.batch_sizes,
+            contig(d_out), contig(d_hn), x, h0, w_ih, w_hh, b, b_hn, g_ih, g_hh, out, xi, xh, stats, cfg.batch_sizes,
             cfg.cell, cfg.mode, cfg.training, bool(need[1]), cfg.chunk_rows,
-            _pack(w_hh.t(), cfg.batch_sizes[0]) if cfg.onednn[1] else None,
+            pack(w_hh.t(), cfg.batch_sizes[0]) if cfg.onednn[1] else None,
         )  # fmt: skip
         return (None,) + tuple(g if n else None for g, n in zip(grads, need[1:], strict=True))
 
 
-def _sum(*ts: Optional[Tensor]) -> Optional[Tensor]:
-    total = None
-    for t in ts:
-        if t is not None:
-            total = t if total is None else total + t
-    return total
-
-
 def _biases(gru: bool, hidden: int, p: DirectionParams) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(b, b_hn)`` of :class:`FusedGRURNNFunction` (differentiable functions of the parameters)."""
-    b_i = _sum(p.bias_ih, p.norm_ih.bias)  # gate-norm shifts (none in the registered schemes) add here
-    b_h = _sum(p.bias_hh, p.norm_hh.bias)
+    b_i = sum_present(p.bias_ih, p.norm_ih.bias)  # gate-norm shifts (none in the registered schemes) add here
+    b_h = sum_present(p.bias_hh, p.norm_hh.bias)
     if not gru:
-        b = _sum(b_i, b_h)
+        b = sum_present(b_i, b_h)
         return (None if b is None else b.contiguous()), None
     if b_h is None:
         return (None if b_i is None else b_i.contiguous()), None
@@ -294,17 +216,10 @@ def prepare(cell: CellType, x: Tensor, batch_sizes: Sequence[int], state, p: Dir
     b, b_hn = _biases(code == _CELLS["gru"], hidden, p)
     norms = (p.norm_ih, p.norm_hh)
     eps = [float(n.eps) for n in norms]
-    bn_buffers: List[Optional[Tensor]] = [None] * 6
-    momentum = [0.1, 0.1]
-    training = False
-    if mode == "batch":
-        training = bool(p.norm_ih.training)
-        for i, n in enumerate(norms):
-            bn_buffers[3 * i : 3 * i + 3] = [n.running_mean, n.running_var, n.num_batches_tracked]
-            momentum[i] = -1.0 if n.momentum is None else float(n.momentum)
+    training, bn_buffers, momentum = common.bn_arguments(norms, mode == "batch")
     batch_sizes = [int(v) for v in batch_sizes]
     cfg = _Config(
-        batch_sizes, code, _MODES[mode], eps, training, int(step_offset), bn_buffers, momentum, _chunk_rows(sum(batch_sizes)),
+        batch_sizes, code, _MODES[mode], eps, training, int(step_offset), bn_buffers, momentum, chunk_rows(sum(batch_sizes)),
         INPROJ_MAX, INPROJ_ROWS, _onednn_plan(batch_sizes[0], hidden, x.dtype),
     )  # fmt: skip
     tensors = (
@@ -332,7 +247,7 @@ def run_direction(
     else:
         out, hn = load_extension().forward(
             *tensors, cfg.batch_sizes, cfg.cell, cfg.mode, cfg.eps, cfg.training, False, cfg.step_offset, cfg.bn_buffers,
-            cfg.momentum, cfg.inproj_max, cfg.inproj_rows, _pack(p.weight_hh, cfg.batch_sizes[0]) if cfg.onednn[0] else None,
+            cfg.momentum, cfg.inproj_max, cfg.inproj_rows, pack(p.weight_hh, cfg.batch_sizes[0]) if cfg.onednn[0] else None,
         )  # fmt: skip
     if cfg.mode == _MODES["batch"] and cfg.training:
         for n in (p.norm_ih, p.norm_hh):

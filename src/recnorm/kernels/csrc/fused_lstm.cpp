@@ -27,29 +27,18 @@
 // equal normalizes to exactly 0 and passes no gradient (recnorm.nn.stats.degenerate_features); this
 // is stored as rstd = 0.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdlib>
 #include <ctime>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <vector>
 
+#include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, statistics, BN sites, Shape, GEMMs
+
 namespace {
-
-using at::Tensor;
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-enum Mode : int64_t { kNone = 0, kLayer = 1, kBatch = 2 };
 
 // Development timers (built only with -DRECNORM_FUSED_TIMING).
 #ifdef RECNORM_FUSED_TIMING
@@ -66,316 +55,11 @@ inline double timer_now() {  // thread CPU time: robust to other load when run w
 #define TOC(i) (void)0
 #endif
 
-// ------------------------------------------------------------------------------------------------
-// Vector helpers. Every loop walks a row segment in steps of Vec::size() with a possibly shorter
-// tail (count n): loads zero-fill and stores write only the first n lanes.
-// ------------------------------------------------------------------------------------------------
-
+// sigmoid and tanh with the fast reciprocal (fused_common.h).
 template <typename T>
-inline Vec<T> ld(const T* p, int64_t n) {
-  return n >= Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
-}
-
+inline Vec<T> sigmoid(const Vec<T>& x) { return sigmoid_v<true>(x); }
 template <typename T>
-inline void st(T* p, const Vec<T>& v, int64_t n) {
-  if (n >= Vec<T>::size()) {
-    v.store(p);
-  } else {
-    v.store(p, n);
-  }
-}
-
-template <typename T>
-inline Vec<T> lanes(const Vec<T>& v, int64_t n) {  // zero the lanes >= n
-  return n >= Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, n);
-}
-
-template <typename T>
-inline T hsum(const Vec<T>& v) {
-  alignas(64) T a[Vec<T>::size()];
-  v.store(a);
-  T s = 0;
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += a[i];
-  return s;
-}
-
-template <typename T>
-inline Vec<T> fma(const Vec<T>& a, const Vec<T>& b, const Vec<T>& c) {
-  return at::vec::fmadd(a, b, c);
-}
-
-// exp. float64 and non-AVX2 builds use SLEEF's exp (what torch.exp uses). float32 with AVX2 uses a
-// shorter form within ~2 ulp over the range that matters here: clamp to [-87, 88] (NaN passes
-// through), n = round(x / ln 2), r = x - n ln 2 (in two parts), e^r = 1 + r + r^2 Q(r) with a degree-4
-// Q fitted for this file on [-ln2/2, ln2/2], times 2^n built in the exponent bits.
-template <typename T>
-inline Vec<T> exp_(const Vec<T>& x) {
-  return x.exp();
-}
-
-#if defined(CPU_CAPABILITY_AVX2) && !defined(RECNORM_SLEEF_EXP)
-template <>
-inline Vec<float> exp_<float>(const Vec<float>& xv) {
-  __m256 x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), __m256(xv)));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(0.001381457777162311f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.00836870078675251f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.041668387197908774f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.16666520765564605f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.4999999345495444f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return Vec<float>(_mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-#endif
-
-// 1 / d. float32 with AVX2: the hardware estimate refined by one Newton step (within ~2 ulp); a
-// quotient's divider is the slowest unit in these passes.
-template <typename T>
-inline Vec<T> recip_(const Vec<T>& d) {
-  return d.reciprocal();
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-template <>
-inline Vec<float> recip_<float>(const Vec<float>& dv) {
-  const __m256 d = dv;
-  const __m256 r = _mm256_rcp_ps(d);
-  return Vec<float>(_mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f))));
-}
-#endif
-
-template <typename T>
-inline Vec<T> sigmoid(const Vec<T>& x) {
-  return recip_(Vec<T>(T(1)) + exp_(x.neg()));
-}
-
-// tanh. float64 keeps SLEEF's tanh (what torch.tanh uses). float32 uses a cheaper form that stays
-// within ~3 ulp: an odd polynomial x + x^3 P(x^2) below |x| = 0.625 (coefficients fitted for this
-// file to minimize the relative error), and 1 - 2 / (exp(2|x|) + 1) above, with the sign restored.
-template <typename T>
-inline Vec<T> tanh_(const Vec<T>& x) {
-  return x.tanh();
-}
-
-template <>
-inline Vec<float> tanh_<float>(const Vec<float>& x) {
-  using V = Vec<float>;
-  const V ax = x.abs();
-  const V z = ax * ax;
-  V p(-0.005705338139803117f);
-  p = fma(p, z, V(0.02063939546500803f));
-  p = fma(p, z, V(-0.05373980737091641f));
-  p = fma(p, z, V(0.13331443271771376f));
-  p = fma(p, z, V(-0.33333281980023094f));
-  const V small = fma(ax * z, p, ax);
-  const V big = V(1.0f) - V(2.0f) * recip_(exp_(ax + ax) + V(1.0f));
-  const V t = V::blendv(big, small, ax < V(0.625f));
-  return V::blendv(t, t.neg(), x < V(0.0f));
-}
-
-// Threshold of recnorm.nn.stats.degenerate_features: var <= (16 eps |mean|)^2.
-template <typename T>
-constexpr T degenerate_tol() {
-  return T(16) * std::numeric_limits<T>::epsilon();
-}
-
-// Mean and biased variance of x[0:n], shifted two-pass: exact (var = 0) for a constant row.
-template <typename T>
-inline void row_moments(const T* x, int64_t n, T& mean, T& var) {
-  constexpr int64_t VS = Vec<T>::size();
-  const Vec<T> x0(x[0]);
-  Vec<T> s0(T(0)), s1(T(0));
-  int64_t j = 0;
-  for (; j + 2 * VS <= n; j += 2 * VS) {
-    s0 += Vec<T>::loadu(x + j) - x0;
-    s1 += Vec<T>::loadu(x + j + VS) - x0;
-  }
-  for (; j < n; j += VS) {
-    const int64_t c = std::min(VS, n - j);
-    s0 += lanes(ld(x + j, c) - x0, c);
-  }
-  mean = x[0] + hsum(s0 + s1) / T(n);
-  const Vec<T> m(mean);
-  Vec<T> q0(T(0)), q1(T(0));
-  j = 0;
-  for (; j + 2 * VS <= n; j += 2 * VS) {
-    const Vec<T> d0 = Vec<T>::loadu(x + j) - m, d1 = Vec<T>::loadu(x + j + VS) - m;
-    q0 = fma(d0, d0, q0);
-    q1 = fma(d1, d1, q1);
-  }
-  for (; j < n; j += VS) {
-    const int64_t c = std::min(VS, n - j);
-    const Vec<T> d = lanes(ld(x + j, c) - m, c);
-    q0 = fma(d, d, q0);
-  }
-  var = hsum(q0 + q1) / T(n);
-}
-
-template <typename T>
-inline T ln_rstd(T mean, T var, T eps) {
-  const T tol = degenerate_tol<T>() * mean;
-  if (var <= tol * tol) return T(0);
-  return T(1) / std::sqrt(var + eps);
-}
-
-// torch's lerp with a scalar weight (ATen/native/Lerp.h).
-template <typename T>
-inline Vec<T> lerp(const Vec<T>& self, const Vec<T>& end, T w) {
-  if (std::abs(w) < T(0.5)) return fma(Vec<T>(w), end - self, self);
-  return end - (end - self) * Vec<T>(T(1) - w);
-}
-
-// ------------------------------------------------------------------------------------------------
-// Recurrent batch norm: one site's running statistics and the decision for one step.
-// ------------------------------------------------------------------------------------------------
-
-template <typename T>
-struct BNSite {
-  T* rm = nullptr;  // (S, F)
-  T* rv = nullptr;  // (S, F)
-  int64_t* nbt = nullptr;  // (S,)
-  int64_t S = 1;
-  int64_t F = 0;
-  double momentum = 0.1;
-  bool cumulative = false;
-  T eps = T(1e-5);
-  int64_t last = -1;  // last slot with num_batches_tracked > 0 (kept up to date while the loop runs)
-
-  void init(const Tensor& rm_, const Tensor& rv_, const Tensor& nbt_, double mom, double eps_) {
-    rm = rm_.data_ptr<T>();
-    rv = rv_.data_ptr<T>();
-    nbt = nbt_.data_ptr<int64_t>();
-    S = rm_.size(0);
-    F = rm_.size(1);
-    cumulative = mom < 0;
-    momentum = mom;
-    eps = T(eps_);
-    last = -1;
-    for (int64_t s = 0; s < S; ++s)
-      if (nbt[s] > 0) last = s;
-  }
-};
-
-// What one BN site does at one step.
-template <typename T>
-struct BNStep {
-  bool batch = false;  // batch statistics (and a running-statistics update) vs population statistics
-  T* rm = nullptr;     // slot row of the running mean (read for population, updated for batch)
-  T* rv = nullptr;
-  T factor = 0;        // lerp weight of the update
-  T unbias = 1;        // n / (n - 1)
-  T eps = 0;
-};
-
-template <typename T>
-inline BNStep<T> bn_begin_step(BNSite<T>& site, int64_t step, bool batch, int64_t n) {
-  BNStep<T> s;
-  s.batch = batch;
-  s.eps = site.eps;
-  int64_t slot;
-  if (batch) {
-    slot = std::min(step, site.S - 1);
-    site.nbt[slot] += 1;
-    site.last = std::max(site.last, slot);
-    const double factor = site.cumulative ? 1.0 / double(site.nbt[slot]) : site.momentum;
-    s.factor = T(factor);
-    s.unbias = T(double(n) / double(n - 1));
-  } else {
-    const int64_t last = site.last >= 0 ? site.last : site.S - 1;
-    slot = std::min(step, last);
-  }
-  s.rm = site.rm + slot * site.F;
-  s.rv = site.rv + slot * site.F;
-  return s;
-}
-
-// Statistics of `cnt` adjacent columns (starting at column `col` of the site) over n rows of X (row
-// stride `stride`): batch statistics (updating the running statistics) or the slot's population
-// statistics. Writes the mean and rstd (0 for a degenerate column) of those columns.
-template <typename T>
-inline void bn_columns(const T* X, int64_t stride, int64_t n, int64_t cnt, int64_t col, const BNStep<T>& s, T* mean_out,
-                       T* rstd_out) {
-  Vec<T> mean, rstd;
-  if (s.batch) {
-    const Vec<T> x0 = ld(X, cnt);
-    Vec<T> acc(T(0));
-    for (int64_t b = 1; b < n; ++b) acc += ld(X + b * stride, cnt) - x0;
-    mean = x0 + acc / Vec<T>(T(n));
-    Vec<T> q(T(0));
-    for (int64_t b = 0; b < n; ++b) {
-      const Vec<T> d = ld(X + b * stride, cnt) - mean;
-      q = fma(d, d, q);
-    }
-    const Vec<T> var = q / Vec<T>(T(n));
-    const Vec<T> tol = mean * Vec<T>(degenerate_tol<T>());
-    const Vec<T> degenerate = var <= tol * tol;
-    rstd = Vec<T>::blendv((var + Vec<T>(s.eps)).rsqrt(), Vec<T>(T(0)), degenerate);
-    const Vec<T> rm = ld(s.rm + col, cnt), rv = ld(s.rv + col, cnt);
-    st(s.rm + col, lerp(rm, mean, s.factor), cnt);
-    st(s.rv + col, lerp(rv, var * Vec<T>(s.unbias), s.factor), cnt);
-  } else {
-    mean = ld(s.rm + col, cnt);
-    rstd = (ld(s.rv + col, cnt) + Vec<T>(s.eps)).rsqrt();
-  }
-  st(mean_out, mean, cnt);
-  st(rstd_out, rstd, cnt);
-}
-
-// Input projection of one row: y[0:G) = sum_k x[k] W_ih^T[k, 0:G)  (wt is W_ih^T, (I, G)).
-template <typename T>
-inline void project_row(const T* xr, const T* wt, int64_t I, int64_t G, T* y) {
-  constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < G; j += VS) {
-    const int64_t n = std::min(VS, G - j);
-    Vec<T> acc(T(0));
-    for (int64_t k = 0; k < I; ++k) acc = fma(Vec<T>(xr[k]), ld(wt + k * G + j, n), acc);
-    st(y + j, acc, n);
-  }
-}
-
-// The same for columns [q, q + n) only.
-template <typename T>
-inline void project_cols(const T* xr, const T* wt, int64_t I, int64_t G, int64_t q, int64_t n, T* y) {
-  Vec<T> acc(T(0));
-  for (int64_t k = 0; k < I; ++k) acc = fma(Vec<T>(xr[k]), ld(wt + k * G + q, n), acc);
-  st(y + q, acc, n);
-}
-
-// ------------------------------------------------------------------------------------------------
-// Problem description shared by forward and backward.
-// ------------------------------------------------------------------------------------------------
-
-struct Shape {
-  int64_t T = 0, B0 = 0, N = 0, H = 0, G = 0, I = 0;
-  std::vector<int64_t> bs, off;  // off has T + 1 entries
-
-  Shape(const std::vector<int64_t>& batch_sizes, int64_t hidden, int64_t input) : bs(batch_sizes) {
-    T = int64_t(bs.size());
-    TORCH_CHECK(T > 0, "fused LSTM: empty sequence");
-    B0 = bs[0];
-    off.resize(T + 1);
-    off[0] = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      TORCH_CHECK(bs[t] > 0 && (t == 0 || bs[t] <= bs[t - 1]), "fused LSTM: batch_sizes must be positive and non-increasing");
-      off[t + 1] = off[t] + bs[t];
-    }
-    N = off[T];
-    H = hidden;
-    G = 4 * hidden;
-    I = input;
-  }
-  int64_t next_bs(int64_t t) const { return t + 1 < T ? bs[t + 1] : 0; }
-};
-
-template <typename T>
-inline const T* ptr_or(const c10::optional<Tensor>& t, const T* fallback) {
-  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : fallback;
-}
-
-inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+inline Vec<T> tanh_(const Vec<T>& x) { return tanh_v<true>(x); }
 
 // ------------------------------------------------------------------------------------------------
 // Buffer pool. The large per-call buffers ((N, 4H) and (N, H) tensors) would otherwise come fresh from
@@ -461,39 +145,6 @@ Tensor pool_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 void set_pool_capacity(int64_t bytes) { pool().set_capacity(size_t(std::max<int64_t>(0, bytes))); }
 int64_t pool_cached() { return int64_t(pool().cached()); }
 
-// Per-thread scratch indexed by at::get_thread_num().
-inline int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
-
-// torch's oneDNN linear with a prepacked weight (mkldnn::_linear_pointwise, what torch.compile uses on
-// CPU): y = x W^T. For some shapes (small batch, wide layers) it beats MKL's sgemm; the Python side
-// decides and prepacks W with mkldnn::_reorder_linear_weight. Looked up once; absent -> MKL.
-using DnnLinearFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
-                           c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>);
-
-const std::optional<c10::TypedOperatorHandle<DnnLinearFn>>& dnn_linear_op() {
-  static const std::optional<c10::TypedOperatorHandle<DnnLinearFn>> op = []() -> std::optional<c10::TypedOperatorHandle<DnnLinearFn>> {
-    try {
-      auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-      if (handle) return handle->typed<DnnLinearFn>();
-    } catch (const std::exception&) {
-    }
-    return std::nullopt;
-  }();
-  return op;
-}
-
-bool dnn_linear_available() { return dnn_linear_op().has_value(); }
-
-// x @ W^T with W given either as wt = W^T (contiguous) or prepacked for oneDNN. Returns the tensor that
-// holds the result: `out` itself, or a fresh tensor from oneDNN.
-inline Tensor step_gemm(const Tensor& x, const Tensor& wt, const c10::optional<Tensor>& packed, Tensor out) {
-  if (packed.has_value() && packed->defined()) {
-    return dnn_linear_op()->call(x, *packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-  }
-  at::mm_out(out, x, wt);
-  return out;
-}
-
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
@@ -532,16 +183,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   const int64_t I = sh.I;
   const bool hoisted = I > inproj_max;
   int64_t xi_rows = save ? N : B0;
-  if (hoisted && !save) {
-    xi_rows = 0;
-    for (int64_t t = 0; t < Tn;) {
-      int64_t t2 = t + 1;
-      while (t2 < Tn && sh.off[t2 + 1] - sh.off[t] <= inproj_rows) ++t2;
-      xi_rows = std::max(xi_rows, sh.off[t2] - sh.off[t]);
-      t = t2;
-    }
-  }
-  const bool dnn_in = hoisted && w_ih_packed.has_value() && w_ih_packed->defined();
+  if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
+  const bool dnn_in = hoisted && use_packed(w_ih_packed);
   if (dnn_in && !save) xi_rows = 0;  // oneDNN returns each chunk's projection in a tensor of its own
   Tensor XI = pool_empty({xi_rows, G}, opts);
   Tensor gx_chunk;  // the current chunk's projection (hoisted)
@@ -581,8 +224,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     const int64_t Bt = sh.bs[t], o0 = sh.off[t];
     const int64_t step = t + step_offset;
     if (hoisted && t >= proj_end) {
-      int64_t t2 = t + 1;
-      while (t2 < Tn && sh.off[t2 + 1] - o0 <= inproj_rows) ++t2;
+      const int64_t t2 = sh.proj_chunk_end(t, inproj_rows);
       const int64_t rows = sh.off[t2] - o0;
       TIC(0);
       gx_chunk = step_gemm(x.narrow(0, o0, rows), WT, w_ih_packed, dnn_in ? Tensor() : XI.narrow(0, save ? o0 : 0, rows));
@@ -869,16 +511,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   }
 
   // Chunks of consecutive steps for the weight-gradient GEMMs.
-  const int64_t rmax = std::max<int64_t>(chunk_rows, B0);
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  for (int64_t t1 = Tn - 1; t1 >= 0;) {
-    int64_t t0 = t1;
-    while (t0 > 0 && sh.off[t1 + 1] - sh.off[t0 - 1] <= rmax) --t0;
-    chunks.emplace_back(t0, t1);
-    t1 = t0 - 1;
-  }
   int64_t cap = 0;
-  for (auto& c : chunks) cap = std::max(cap, sh.off[c.second + 1] - sh.off[c.first]);
+  const auto chunks = sh.grad_chunks(chunk_rows, cap);
   Tensor DGH = pool_empty({cap, G}, opts);
   Tensor DGI = mode == kNone ? DGH : pool_empty({cap, G}, opts);
   Tensor Hprev = pool_empty({cap, H}, opts);
@@ -1176,48 +810,21 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
       TOC(4);
     }
 
-    // Weight and input gradients of the chunk.
-    const int64_t R = sh.off[t1 + 1] - cbase;
-    bool contiguous = t0 > 0;
-    for (int64_t t = t0; contiguous && t <= t1; ++t) contiguous = sh.bs[t] == sh.bs[t0 - 1];
-    Tensor hp;
-    if (contiguous) {
-      hp = out.narrow(0, sh.off[t0 - 1], R);
-    } else {
-      for (int64_t t = t0; t <= t1; ++t) {
-        Tensor src = t == 0 ? h0.narrow(0, 0, sh.bs[0]) : out.narrow(0, sh.off[t - 1], sh.bs[t]);
-        Hprev.narrow(0, sh.off[t] - cbase, sh.bs[t]).copy_(src);
-      }
-      hp = Hprev.narrow(0, 0, R);
-    }
     TIC(5);
-    dW_hh.addmm_(DGH.narrow(0, 0, R).t(), hp);
-    Tensor dgi_c = DGI.narrow(0, 0, R);
-    dW_ih.addmm_(dgi_c.t(), x.narrow(0, cbase, R));
-    if (need_dx) {
-      Tensor dst = dx.narrow(0, cbase, R);
-      at::mm_out(dst, dgi_c, w_ih);
-    }
+    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, DGH, DGI, Hprev, dW_ih, dW_hh, dx);
     TOC(5);
   }
 
   TOC(7);
   // Reduce the per-thread accumulators.
-  std::vector<T> acc(PW, T(0));
-  for (int64_t s = 0; s < nslots; ++s)
-    for (int64_t q = 0; q < PW; ++q) acc[q] += partial[s * PW + q];
-  auto vec_tensor = [&](int64_t start, int64_t len) {
-    Tensor r = at::empty({len}, opts);
-    std::copy(acc.begin() + start, acc.begin() + start + len, r.data_ptr<T>());
-    return r;
-  };
-  Tensor db = vec_tensor(0, G);
+  const std::vector<T> acc = reduce_slots(partial, nslots, PW);
+  Tensor db = vec_tensor(acc, 0, G, opts);
   Tensor dg_ih, dg_hh, dg_c, dbeta_c;
   if (mode != kNone) {
-    dg_ih = vec_tensor(G, G);
-    dg_hh = vec_tensor(2 * G, G);
-    dg_c = vec_tensor(3 * G, H);
-    dbeta_c = vec_tensor(3 * G + H, H);
+    dg_ih = vec_tensor(acc, G, G, opts);
+    dg_hh = vec_tensor(acc, 2 * G, G, opts);
+    dg_c = vec_tensor(acc, 3 * G, H, opts);
+    dbeta_c = vec_tensor(acc, 3 * G + H, H, opts);
   }
   return {dx, dh_rec, dc_rec, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c};
 }
@@ -1245,7 +852,7 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
                             int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
                             const c10::optional<Tensor>& w_ih_packed) {
   check_common(x, h0, c0, w_ih, w_hh, mode);
-  Shape sh(batch_sizes, w_hh.size(1), x.size(1));
+  Shape sh(batch_sizes, w_hh.size(1), x.size(1), 4, "fused LSTM");
   TORCH_CHECK(x.size(0) == sh.N && h0.size(0) == sh.B0 && c0.size(0) == sh.B0, "fused LSTM: rows do not match batch_sizes");
   TORCH_CHECK(eps.size() == 3 && momentum.size() == 3 && bn_buffers.size() == 9, "fused LSTM: bad norm arguments");
   if (mode == kBatch) {
@@ -1267,7 +874,7 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
                              const c10::optional<Tensor>& stats_h, std::vector<int64_t> batch_sizes, int64_t mode, bool training,
                              bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
   check_common(x, h0, c0, w_ih, w_hh, mode);
-  Shape sh(batch_sizes, w_hh.size(1), x.size(1));
+  Shape sh(batch_sizes, w_hh.size(1), x.size(1), 4, "fused LSTM");
   for (const c10::optional<Tensor>* g : {&d_out, &d_hn, &d_cn}) {
     TORCH_CHECK(!has(*g) || ((*g)->is_contiguous() && (*g)->scalar_type() == x.scalar_type()), "fused LSTM: bad gradient");
   }
