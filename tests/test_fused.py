@@ -301,3 +301,25 @@ def test_returned_tensors_are_ordinary_torch_tensors():
     for t in (out, h, c, x.grad):
         assert t.untyped_storage().resizable()
     out.detach().resize_(80, 32, 128)  # what torch.nn.LSTM's output allows
+
+
+@pytest.mark.parametrize("cls", [recnorm.LSTM, recnorm.GRU, recnorm.RNN])
+def test_double_backward_refused_clearly_and_served_by_the_reference(cls):
+    """create_graph=True through a fused kernel raises (instead of returning gradients that silently
+    count as constants in a penalty); the reference loop differentiates twice."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 2, dtype=DT, requires_grad=True)
+    fast = cls(2, 3, norm="layer", dtype=DT, kernel="fused")
+    out, _ = fast(x)
+    with pytest.raises(RuntimeError, match="kernel='reference'"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    ref = cls(2, 3, norm="layer", dtype=DT, kernel="reference")
+    ref.load_state_dict(fast.state_dict())
+    w = ref.weight_hh_l0
+
+    def penalty(weight):
+        out, _ = torch.func.functional_call(ref, {"weight_hh_l0": weight}, (x,))
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        return g.square().sum()
+
+    assert torch.autograd.gradcheck(penalty, (w.detach().clone().requires_grad_(True),), eps=1e-6, atol=1e-6)

@@ -12,12 +12,14 @@ The functions that keep state keep it in the wrapper module they are given (``_E
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from recnorm.kernels.reference import DirectionParams
 from recnorm.nn.norms import RecurrentBatchNorm
@@ -28,6 +30,31 @@ INPROJ_MAX = 8
 # Otherwise the projection runs as GEMMs over chunks of consecutive steps of about this many rows, each
 # just before its steps, so that the step pass finds them in cache.
 INPROJ_ROWS = int(os.environ.get("RECNORM_FUSED_INPROJ_ROWS", "1024"))
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "recnorm's fused CPU kernels differentiate once (like cuDNN's RNNs), and this backward was asked to build "
+    "a graph (create_graph=True, double backward). Run the layer on the reference loop for that: pass "
+    "kernel='reference' to it or set RECNORM_KERNEL=reference."
+)
+
+
+def differentiable_once(backward: Callable) -> Callable:
+    """``once_differentiable`` that refuses ``create_graph=True`` outright.
+
+    Plain ``once_differentiable`` returns gradients without a graph when the incoming gradients need
+    none, so a gradient penalty built on them would silently count as a constant. Autograd enables grad
+    mode during backward exactly when it is asked to build a graph, so that is checked first.
+    """
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        return inner(ctx, *grads)
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ Served: LSTM directions without ``proj_size`` whose three sites are all unnormal
 ``None``), float32/float64 CPU tensors, no diagnostics (observers, ``on_output``) and no
 population-statistics pass in progress. Anything else returns False from :func:`supports` and runs on
 the reference loop. If the extension cannot be built, one warning is logged and :func:`supports` returns
-False. Double backward is not supported (``once_differentiable``).
+False. Double backward (``create_graph=True``) raises a RuntimeError that points to the reference loop.
 
 Performance knobs (environment, read per call unless noted):
 
@@ -47,7 +47,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from recnorm.kernels import _fused_common as common
 from recnorm.kernels._fused_common import INPROJ_MAX, INPROJ_ROWS, chunk_rows, contig, pack, sum_present
@@ -189,7 +188,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         return out, hn, cn
 
     @staticmethod
-    @once_differentiable
+    @common.differentiable_once
     def backward(ctx, d_out, d_hn, d_cn):
         cfg = ctx.cfg
         x, h0, c0, w_ih, w_hh, b, g_ih, g_hh, g_c, beta_c, out, xi, xh, cells, stats_g, stats_h = ctx.saved_tensors

@@ -37,7 +37,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from recnorm.kernels import _fused_common as common
 from recnorm.kernels._fused_common import INPROJ_MAX, INPROJ_ROWS, chunk_rows, contig, pack, sum_present
@@ -180,7 +179,7 @@ class FusedGRURNNFunction(torch.autograd.Function):
         return out, hn
 
     @staticmethod
-    @once_differentiable
+    @common.differentiable_once
     def backward(ctx, d_out, d_hn):
         cfg = ctx.cfg
         x, h0, w_ih, w_hh, b, b_hn, g_ih, g_hh, out, xi, xh, stats = ctx.saved_tensors
