@@ -89,8 +89,8 @@ def cooijmans(smoke: bool = False) -> SweepSpec:
     helps more on the permuted task and that γ0 = 1 is worse than 0.1 (App. B).
 
     Command: ``recnorm compare --preset cooijmans --out runs/cooijmans``.
-    Running time: about 8 minutes on 2 CPU cores (estimated from 25-step pilots: 0.07 s/step with or
-    without BN, plus about 2 s per evaluation of a BN model); ``--smoke``: about 35 s.
+    Running time: about 10 minutes on 2 CPU cores (measured 9 min 38 s with ``--workers 2``; its report
+    is committed under ``docs/cooijmans``); ``--smoke``: about 35 s.
     """
     base = RunConfig(task="fashion_pixels",
                      task_options={"downsample": True, "train_size": 5000, "valid_size": 500, "test_size": 1000},
