@@ -59,14 +59,14 @@ def _add(x: Tensor, b: Optional[Tensor]) -> Tensor:
     return x if b is None else x + b
 
 
-def _synchronized_steps(batch_sizes: Sequence[int], p: DirectionParams) -> Sequence[int]:
+def _synchronized_steps(batch_sizes: Sequence[int], p: DirectionParams, device) -> Sequence[int]:
     """Steps padded with empty ones up to the longest batch of all processes, when a per-step norm
     synchronizes its statistics: every process must then make the same collective calls at every step,
     whatever the length of its own batch. An empty step contributes no rows to any statistic."""
     synced = [n for n in (p.norm_ih, p.norm_hh, p.norm_c) if getattr(n, "scope", None) == "step" and n.synced()]
     if not synced:
         return batch_sizes
-    steps = sync_max(len(batch_sizes), synced[0].process_group)
+    steps = sync_max(len(batch_sizes), synced[0].process_group, device)
     return list(batch_sizes) + [0] * (steps - len(batch_sizes))
 
 
@@ -95,7 +95,7 @@ def run_direction(
         ``(out, final_state)``: ``out`` is ``(N, P or H)`` packed like ``x``; each final state tensor is
         ``(B, ·)``, holding for every sequence its state after its own last valid step.
     """
-    batch_sizes = _synchronized_steps(batch_sizes, p)
+    batch_sizes = _synchronized_steps(batch_sizes, p, x.device)
     gx, per_step = project_inputs(x, p)
     finished: List[State] = []  # states of sequences that ended, in the order they ended
     outputs: List[Tensor] = []

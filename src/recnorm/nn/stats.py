@@ -30,9 +30,10 @@ def sync_active(sync: bool, process_group: Any = None) -> bool:
     return torch.distributed.get_world_size(process_group) > 1
 
 
-def sync_max(value: int, process_group: Any = None) -> int:
-    """The largest ``value`` over the processes of the group (a collective call)."""
-    t = torch.tensor([int(value)], dtype=torch.long)
+def sync_max(value: int, process_group: Any = None, device: Any = None) -> int:
+    """The largest ``value`` over the processes of the group (a collective call). ``device``: where the
+    backend communicates (CUDA tensors for NCCL)."""
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=process_group)
     return int(t.item())
 
@@ -42,7 +43,7 @@ def count_valid(x: Tensor, mask: Optional[Tensor], *, sync: bool = False, proces
     the group when ``sync``)."""
     n = int(x.shape[0]) if mask is None else int(mask.sum())
     if sync_active(sync, process_group):
-        t = torch.tensor([n], dtype=torch.long)
+        t = torch.tensor([n], dtype=torch.long, device=x.device)  # on the data's device: NCCL needs CUDA tensors
         torch.distributed.all_reduce(t, group=process_group)
         n = int(t.item())
     return n
