@@ -59,9 +59,9 @@ def default(smoke: bool = False) -> SweepSpec:
     large effect): 75 runs.
 
     Command: ``recnorm compare`` (or ``recnorm compare --preset default --workers 2 --out runs/compare``).
-    Running time: about 8-10 minutes on 2 CPU cores (measured 7 min 23 s with ``--workers 2`` while other
-    jobs kept the load average at 3-4; a run takes 9 s without norm, 18 s with per-step or shared batch
-    norm, two thirds of which is evaluation with exactly recomputed statistics); ``--smoke``: about 20 s.
+    Running time: about 4 minutes on 2 CPU cores (measured 3 min 35 s with ``--workers 2``, the per-step
+    norms on the fused kernel; evaluation with exactly recomputed statistics takes a good part of each
+    batch-norm run); ``--smoke``: about 20 s.
     """
     spec = SweepSpec(
         name="default",
