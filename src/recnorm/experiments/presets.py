@@ -145,8 +145,8 @@ def horizontal(smoke: bool = False) -> SweepSpec:
     the gradient norm exceeded 1.
 
     Command: ``recnorm compare --preset horizontal --out runs/horizontal``.
-    Running time: about 7 minutes on 2 CPU cores (measured 6 min 47 s with ``--workers 2``; the BN and
-    shared-BN tanh RNN runs, 20-35 s each, dominate); ``--smoke``: about 25 s.
+    Running time: about 5 minutes on 2 CPU cores (measured 4 min 21 s with ``--workers 2``; its report is
+    committed under ``docs/horizontal``); ``--smoke``: about 25 s.
     """
     base = RunConfig(task="digits", cell="rnn", hidden_size=64, init="orthogonal", h0_noise=0.1,
                      optimizer="adam", lr=1e-3, clip=1.0, batch_size=64, steps=300, eval_every=50,
