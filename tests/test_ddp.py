@@ -3,8 +3,6 @@ gradients are averaged across processes, and the batch-norm buffers are broadcas
 
 Batch statistics are per process here (like torch.nn.BatchNorm); test_sync.py covers synchronized ones."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -950,7 +950,6 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[_Doc, List[Li
     hints = spec.get("report", {}) or {}
     from recnorm.experiments.sweep import varied_fields
 
-    varied = varied_fields([r["config"] for r in records])
     doc = _Doc(figdir or os.path.join(path, "figures"))
     title = spec.get("name") or os.path.basename(os.path.abspath(path))
     doc.h(1, f"recnorm report: {title}")

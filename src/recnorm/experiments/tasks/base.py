@@ -14,7 +14,6 @@ import abc
 import dataclasses
 from typing import Any, ClassVar, Dict, Iterator, Optional, Tuple, Type
 
-import torch
 from torch import Tensor
 
 __all__ = ["Batch", "Task", "register_task", "get_task", "create_task", "list_tasks", "TASKS", "DataMissingError"]
