@@ -60,6 +60,22 @@ inline Vec<T> act_grad(const Vec<T>& h, bool relu) {  // relu: 1 where h > 0 (to
   return Vec<T>(T(1)) - h * h;
 }
 
+// The optional per-gate vectors of forward and backward, absent ones read as their identity: the
+// biases b and b_hn as 0, the layer-norm gains as 1.
+template <typename T>
+struct GateVectors {
+  std::vector<T> zeros, ones;
+  const T *b, *bhn, *gih, *ghh;
+  GateVectors(int64_t G, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& b_hn,
+              const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh)
+      : zeros(G, T(0)),
+        ones(G, T(1)),
+        b(ptr_or<T>(bias, zeros.data())),
+        bhn(ptr_or<T>(b_hn, zeros.data())),
+        gih(ptr_or<T>(g_ih, ones.data())),
+        ghh(ptr_or<T>(g_hh, ones.data())) {}
+};
+
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
@@ -78,11 +94,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   const int64_t S = gru ? 2 * H : G;  // first layer-norm group: the GRU's (r, z) block, or the whole row
   auto opts = x.options();
 
-  std::vector<T> zeros_g(G, T(0)), ones_g(G, T(1));
-  const T* b = ptr_or<T>(bias, zeros_g.data());
-  const T* bhn = ptr_or<T>(b_hn_t, zeros_g.data());
-  const T* gih = ptr_or<T>(g_ih_t, ones_g.data());
-  const T* ghh = ptr_or<T>(g_hh_t, ones_g.data());
+  const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
+  const T *b = gv.b, *bhn = gv.bhn, *gih = gv.gih, *ghh = gv.ghh;
   const T eps_ih = T(eps[0]), eps_hh = T(eps[1]);
 
   BNSite<T> bn[2];
@@ -295,11 +308,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   const int64_t S = gru ? 2 * H : G;
   auto opts = x.options();
 
-  std::vector<T> zeros_g(G, T(0)), ones_g(G, T(1));
-  const T* b = ptr_or<T>(bias, zeros_g.data());
-  const T* bhn = ptr_or<T>(b_hn_t, zeros_g.data());
-  const T* gih = ptr_or<T>(g_ih_t, ones_g.data());
-  const T* ghh = ptr_or<T>(g_hh_t, ones_g.data());
+  const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
+  const T *b = gv.b, *bhn = gv.bhn, *gih = gv.gih, *ghh = gv.ghh;
   const T* d_out = ptr_or<T>(d_out_t, static_cast<const T*>(nullptr));
 
   // dh_rec rows [0, bs[t]) hold dL/dh_t while step t runs; afterwards (GEMM) dL/dh_{t-1}.
