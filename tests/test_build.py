@@ -109,3 +109,13 @@ def test_real_extension_loads_despite_a_stale_lock():
     result = subprocess.run([sys.executable, "-c", code], timeout=600, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not os.path.exists(os.path.join(directory, "lock"))
+
+
+def test_build_extensions_reports_each_kernel_and_then_counts_as_built():
+    from recnorm import kernels
+
+    status = kernels.build_extensions()
+    assert set(status) == {"LSTM", "GRU/RNN"}
+    if any(status.values()):
+        pytest.skip(f"the fused C++ extensions could not be built here: {status}")
+    assert kernels.extensions_built()

@@ -24,7 +24,7 @@ from recnorm.kernels.reference import DirectionParams, project_inputs
 from recnorm.kernels.reference import run_direction as reference_run_direction
 from recnorm.nn.cells import CellType
 
-__all__ = ["DirectionParams", "project_inputs", "run_direction", "KERNELS", "resolve_kernel"]
+__all__ = ["DirectionParams", "project_inputs", "run_direction", "KERNELS", "resolve_kernel", "extensions_built", "build_extensions"]
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +75,36 @@ def run_direction(
                 "no diagnostics capture, and needs the C++ extensions to build; see the log"
             )
     return reference_run_direction(cell, x, batch_sizes, state, p, on_output)
+
+
+def _extension_modules():
+    from recnorm.kernels import fused_cpu, fused_cpu_gru_rnn  # lazy: importing them builds nothing
+
+    return {"LSTM": fused_cpu, "GRU/RNN": fused_cpu_gru_rnn}
+
+
+def extensions_built() -> bool:
+    """Whether every fused C++ extension is already compiled for this machine and torch (nothing to build)."""
+    from recnorm.kernels import _build, _fused_common
+
+    tag, flags = _fused_common.build_flags()
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+    for name, source in (("recnorm_fused_lstm", "fused_lstm.cpp"), ("recnorm_fused_gru_rnn", "fused_gru_rnn.cpp")):
+        full = f"{name}_{tag}"
+        directory = _build.build_directory(full, [os.path.join(folder, source)], flags + ["|", "-fopenmp"])
+        if not os.path.exists(os.path.join(directory, f"{full}.so")):
+            return False
+    return True
+
+
+def build_extensions() -> dict:
+    """Build (or load from the cache) every fused C++ extension now, instead of on first use.
+
+    Returns ``{kernel: None}`` for each kernel that is ready, or ``{kernel: reason}`` for one that could
+    not be built (its layers then run the reference loop). Takes about a minute per extension the first
+    time, then well under a second.
+    """
+    status = {}
+    for what, module in _extension_modules().items():
+        status[what] = None if module.load_extension() is not None else (module._EXT_ERROR or "unknown error")
+    return status
