@@ -64,7 +64,7 @@ def test_bad_inputs():
         m(torch.ones(2, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="dtype torch.float64"):
         m(torch.randn(2, 3, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="non-empty input"):
+    with pytest.raises(ValueError, match="expected a non-empty sequence, got sequence length 0"):
         m(torch.randn(0, 3, 3))
     g = recnorm.GRU(3, 4)
     with pytest.raises(ValueError, match=r"expected h_0 of shape \(1, 2, 4\), got \(1, 2, 5\)"):
@@ -114,7 +114,7 @@ def test_a_registered_norm_is_usable_by_every_layer():
         assert m.norm_ih_l0 is None and float(m.norm_hh_l0.weight[0].detach()) == 2.0
         assert m(torch.randn(5, 2, 3))[0].shape == (5, 2, 4)
     finally:
-        recnorm.nn.NORMS.pop("test_hh_only_layer")
+        recnorm.nn.NORMS.unregister("test_hh_only_layer")
 
 
 # ---------------------------------------------------------------------------------------------------

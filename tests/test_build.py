@@ -96,16 +96,15 @@ def test_a_killed_builder_releases_its_lock(fake_load, monkeypatch):
 
 def test_real_extension_loads_despite_a_stale_lock():
     """End to end, in a fresh process: the regression that hung a CI run for its whole time limit."""
-    from recnorm.kernels import fused_cpu
+    from recnorm.kernels import fused
 
-    if not fused_cpu.available():
-        pytest.skip(f"the fused C++ extension could not be built here: {fused_cpu._EXT_ERROR}")
-    tag, flags = fused_cpu._build_flags()
-    source = os.path.join(os.path.dirname(fused_cpu.__file__), "csrc", "fused_lstm.cpp")
+    assert fused.available(), f"the fused C++ extension could not be built here: {fused.EXTENSIONS['lstm'].error}"
+    tag, flags = fused.build_flags()
+    source = os.path.join(os.path.dirname(fused.__file__), "csrc", "fused_lstm.cpp")
     directory = _build.build_directory(f"recnorm_fused_lstm_{tag}", [source], flags + ["|", "-fopenmp"])
-    assert os.path.isdir(directory), "the build directory naming in the test and in fused_cpu disagree"
+    assert os.path.isdir(directory), "the build directory naming in the test and in recnorm.kernels.fused disagree"
     open(os.path.join(directory, "lock"), "w").close()
-    code = "from recnorm.kernels import fused_cpu; import sys; sys.exit(0 if fused_cpu.available() else 3)"
+    code = "from recnorm.kernels import fused; import sys; sys.exit(0 if fused.available() else 3)"
     result = subprocess.run([sys.executable, "-c", code], timeout=600, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not os.path.exists(os.path.join(directory, "lock"))

@@ -195,10 +195,8 @@ def recompute_population_statistics(
             bn.end_population_pass()
     finally:
         for bn in bns:
-            bn._accumulator = None
+            bn.abort_population_pass()
         for m, mode in modes.items():
             m.training = mode
-        for bn in bns:
-            bn._last_slot = None
     log.debug("recomputed population statistics of %d batch norms from %d batches", len(bns), n)
     return n

@@ -1,34 +1,65 @@
-"""Time-loop implementations and the one place that chooses between them.
+"""Time-loop implementations behind one data contract, and the one place that chooses between them.
 
-* ``reference``: the readable loop that autograd differentiates; the oracle every fast path is
-  tested against.
-* ``native``: torch's own fused RNN op, for directions whose recurrence is torch.nn's (no norm, or
-  sequence-wise BN folded into the input weights); see :mod:`recnorm.kernels.native`.
-* ``fused``: recnorm's C++ CPU loops with a hand-derived backward, for per-step layer and batch norms:
-  :mod:`recnorm.kernels.fused_cpu` (LSTM) and :mod:`recnorm.kernels.fused_cpu_gru_rnn` (GRU, RNN).
+A layer describes one direction of one layer as a :class:`~recnorm.kernels.contract.DirectionWork`
+(plain data: weights, a cell descriptor and norm descriptors) and calls :func:`run_direction`. This
+package imports nothing from :mod:`recnorm.nn`.
 
-``"auto"`` picks the fastest path that supports the case. Set ``RECNORM_KERNEL=reference`` (or pass
-``kernel="reference"`` to a layer) to force the reference loop when debugging.
+Implementations, each with ``supports(work, x, batch_sizes, mode)`` giving the reason it cannot serve a
+case (None when it can):
+
+* ``reference`` (:mod:`.reference`): the readable loop that autograd differentiates; the oracle every
+  other path is tested against. Serves everything in eager mode and under ``torch.compile``.
+* ``native`` (:mod:`.native`): torch's own fused RNN op, for directions whose recurrence is torch.nn's
+  (no norm, or sequence-wise BN folded into the input weights). Called directly in eager mode, and as
+  the registered operator ``recnorm::native_rnn`` under ``torch.compile`` and ``torch.jit.trace``.
+* ``fused`` (:mod:`.fused`): recnorm's C++ CPU loops with a hand-derived backward, the registered
+  operators ``recnorm::fused_lstm`` and ``recnorm::fused_gru_rnn``.
+* ``scan`` (:mod:`.scan`): the loop as ``torch._higher_order_ops.scan``, for ``torch.export`` and ONNX.
+
+``"auto"`` picks by what the caller is doing (:func:`execution_mode`):
+
+* exporting (``torch.export``, ``torch.onnx.export``): ``scan``;
+* tracing (``torch.jit.trace``): the registered operators (``fused``, ``native``), whose shapes follow
+  the traced input's; a case neither serves raises an error instead of tracing a loop that would be
+  right only for the example's length;
+* eager: ``native`` where it serves the case, then ``fused``, then ``reference``;
+* compiling: the same without autograd; with autograd ``fused``, then ``reference``.
+
+``kernel=`` on a layer (or ``$RECNORM_KERNEL``) forces one implementation; one that cannot serve the case
+raises ValueError with the reason.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
-from recnorm.kernels import native
-from recnorm.kernels.reference import DirectionParams, project_inputs
-from recnorm.kernels.reference import run_direction as reference_run_direction
-from recnorm.nn.cells import CellType
+from recnorm.kernels import fused, native, reference, scan
+from recnorm.kernels.contract import BatchMoments, CellDesc, DirectionResult, DirectionWork, NormDesc
 
-__all__ = ["DirectionParams", "project_inputs", "run_direction", "KERNELS", "resolve_kernel", "extensions_built", "build_extensions"]
+__all__ = [
+    "DirectionWork",
+    "CellDesc",
+    "NormDesc",
+    "BatchMoments",
+    "DirectionResult",
+    "run_direction",
+    "choose",
+    "execution_mode",
+    "KERNELS",
+    "resolve_kernel",
+    "extensions_built",
+    "build_extensions",
+]
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "reference", "native", "fused")
+KERNELS = ("auto", "reference", "native", "fused", "scan")
+_IMPLS = {"reference": reference, "native": native, "fused": fused, "scan": scan}
 
 
 def resolve_kernel(kernel: Optional[str]) -> str:
@@ -39,72 +70,110 @@ def resolve_kernel(kernel: Optional[str]) -> str:
     return name
 
 
+def execution_mode() -> str:
+    """``"export"``, ``"trace"``, ``"compile"`` or ``"eager"``: what is running this code."""
+    if torch.compiler.is_exporting():
+        return "export"
+    if torch.jit.is_tracing():
+        return "trace"
+    if torch.compiler.is_compiling():
+        return "compile"
+    return "eager"
+
+
+def _needs_grad(work: DirectionWork, x: Tensor, state: Sequence[Tensor]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [x, *state, work.weight_ih, work.weight_hh, work.bias_ih, work.bias_hh, work.weight_hr]
+    tensors += [t for d in work.present_norms().values() for t in (d.weight, d.bias)]
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _candidates(mode: str, grad: bool) -> List[str]:
+    if mode == "export":
+        return ["scan"]
+    if mode == "trace":
+        return ["fused", "native"]
+    if grad:
+        # Under compile, the native operator's recompute backward cannot be traced: training runs fused.
+        return ["fused", "reference"] if mode == "compile" else ["native", "fused", "reference"]
+    return ["native", "fused", "reference"]
+
+
+def choose(
+    work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Sequence[Tensor], kernel: str = "auto"
+) -> Tuple[str, str]:
+    """``(implementation, mode)`` that runs this direction; raises when none can serve it correctly."""
+    mode = execution_mode()
+    if kernel != "auto":
+        why = _IMPLS[kernel].supports(work, x, batch_sizes, mode)
+        if why is not None:
+            raise ValueError(f"kernel={kernel!r} cannot run this layer: {why}")
+        return kernel, mode
+    reasons = []
+    for name in _candidates(mode, _needs_grad(work, x, state)):
+        why = _IMPLS[name].supports(work, x, batch_sizes, mode)
+        if why is None:
+            return name, mode
+        reasons.append(f"{name}: {why}")
+    if mode == "trace":
+        raise RuntimeError(
+            "recnorm: torch.jit.trace cannot record this layer so that it stays right for other input shapes ("
+            + "; ".join(reasons)
+            + "). Use torch.export.export (or torch.onnx.export) with dynamic shapes, or torch.compile, instead."
+        )
+    if mode == "export":
+        raise RuntimeError("recnorm: this layer cannot be exported: " + "; ".join(reasons))
+    raise RuntimeError("recnorm: no implementation serves this layer: " + "; ".join(reasons))  # pragma: no cover
+
+
 def run_direction(
-    cell: CellType,
+    work: DirectionWork,
     x: Tensor,
-    batch_sizes: Sequence[int],
+    batch_sizes: Optional[Tensor],
     state: Tuple[Tensor, ...],
-    p: DirectionParams,
-    on_output: Optional[Callable[[int, Tensor], None]] = None,
     kernel: str = "auto",
-):
-    """Run one layer direction with the chosen implementation (see :mod:`recnorm.kernels.reference`)."""
-    if any(callable(getattr(n, "synced", None)) and n.synced() for n in (p.norm_ih, p.norm_hh, p.norm_c)):
-        # Statistics synchronized across processes (recnorm.convert_sync_batchnorm): only the reference
-        # loop takes them through recnorm.nn.stats; the fast paths compute them locally.
-        if kernel in ("native", "fused"):
-            raise ValueError(f"kernel={kernel!r} does not synchronize batch statistics across processes; use 'auto' or 'reference'")
-        return reference_run_direction(cell, x, batch_sizes, state, p, on_output)
-    if kernel in ("auto", "native") and native.supports(cell, p, on_output):
-        return native.run_direction(cell, x, batch_sizes, state, p)
-    if kernel == "native":
-        raise ValueError("kernel='native' serves norm=None and norm='sequence_batch' only (and no diagnostics capture)")
-    if kernel in ("auto", "fused"):
-        from recnorm.kernels import fused_cpu  # lazy: its C++ extension is built on first use
+) -> DirectionResult:
+    """Run one layer direction with the chosen implementation.
 
-        if fused_cpu.supports(cell, p, on_output, x):
-            return fused_cpu.run_direction(cell, x, batch_sizes, state, p)
-        from recnorm.kernels import fused_cpu_gru_rnn
-
-        if fused_cpu_gru_rnn.supports(cell, p, on_output, x):
-            return fused_cpu_gru_rnn.run_direction(cell, x, batch_sizes, state, p)
-        if kernel == "fused":
-            raise ValueError(
-                "kernel='fused' serves LSTM with norm None, 'layer', 'batch' or 'shared_batch' (no proj_size), and GRU "
-                "and RNN (tanh, relu) with norm 'layer', 'batch' or 'shared_batch', on CPU float32/float64 tensors with "
-                "no diagnostics capture, and needs the C++ extensions to build; see the log"
-            )
-    return reference_run_direction(cell, x, batch_sizes, state, p, on_output)
+    ``x`` is ``(N, F)`` packed rows; ``batch_sizes`` a 1-D int64 CPU tensor of rows per step, or None for a
+    full batch of ``B = state[0].shape[0]`` rows at every step (see :mod:`recnorm.kernels.reference`).
+    """
+    name, mode = choose(work, x, batch_sizes, state, kernel)
+    if name == "native":
+        return native.run_direction(work, x, batch_sizes, state, as_op=mode != "eager")
+    if name == "reference":
+        return reference.run_direction(work, x, None if batch_sizes is None else batch_sizes.tolist(), state)
+    return _IMPLS[name].run_direction(work, x, batch_sizes, state)
 
 
-def _extension_modules():
-    from recnorm.kernels import fused_cpu, fused_cpu_gru_rnn  # lazy: importing them builds nothing
-
-    return {"LSTM": fused_cpu, "GRU/RNN": fused_cpu_gru_rnn}
+# ---------------------------------------------------------------------------------------------------
+# The C++ extensions
+# ---------------------------------------------------------------------------------------------------
 
 
 def extensions_built() -> bool:
     """Whether every fused C++ extension is already compiled for this machine and torch (nothing to build)."""
-    from recnorm.kernels import _build, _fused_common
+    from recnorm.kernels import _build
 
-    tag, flags = _fused_common.build_flags()
+    tag, flags = fused.build_flags()
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-    for name, source in (("recnorm_fused_lstm", "fused_lstm.cpp"), ("recnorm_fused_gru_rnn", "fused_gru_rnn.cpp")):
-        full = f"{name}_{tag}"
-        directory = _build.build_directory(full, [os.path.join(folder, source)], flags + ["|", "-fopenmp"])
+    for ext in fused.EXTENSIONS.values():
+        full = f"{ext.name}_{tag}"
+        directory = _build.build_directory(full, [os.path.join(folder, ext.source)], flags + ["|", "-fopenmp"])
         if not os.path.exists(os.path.join(directory, f"{full}.so")):
             return False
     return True
 
 
-def build_extensions() -> dict:
+def build_extensions() -> Dict[str, Optional[str]]:
     """Build (or load from the cache) every fused C++ extension now, instead of on first use.
 
     Returns ``{kernel: None}`` for each kernel that is ready, or ``{kernel: reason}`` for one that could
     not be built (its layers then run the reference loop). Takes about a minute per extension the first
     time, then well under a second.
     """
-    status = {}
-    for what, module in _extension_modules().items():
-        status[what] = None if module.load_extension() is not None else (module._EXT_ERROR or "unknown error")
+    status: Dict[str, Optional[str]] = {}
+    for ext in fused.EXTENSIONS.values():
+        status[ext.what] = None if ext.load() is not None else (ext.error or "unknown error")
     return status

@@ -1,96 +1,209 @@
 """Fast path through torch's own fused RNN kernels (oneDNN/MKL on CPU, cuDNN on CUDA).
 
-It serves every case whose recurrence is torch.nn's exactly:
+It serves every direction whose recurrence is torch.nn's exactly:
 
-* ``norm=None``: the same ATen op ``torch.nn.LSTM`` calls, on one direction of one layer.
-* ``norm="sequence_batch"``: sequence-wise BN of ``W_ih x`` is an affine map per gate feature with
-  batch-wide statistics, so it folds into the input weights,
+* no normalization: the same ATen op ``torch.nn.LSTM`` calls, on one direction of one layer;
+* sequence-wise BN of ``W_ih x`` (and nothing else): an affine map per gate feature with batch-wide
+  statistics, which :func:`fold_sequence_norm` folds into the input weights,
 
   .. code-block:: text
 
       BN(W x) + b = (s * W) x + (b - s * mu),   s = gamma / sqrt(var + eps)
       mu = W mean(x),   var_j = w_j^T Cov(x) w_j     (over all valid rows of x)
 
-  and the folded weights go to the fused kernel. Autograd differentiates through the fold, so the
-  gradients are those of the reference loop; the moments come from the input's mean and covariance
-  (``O(N I^2)``) instead of a second ``(N, G*H)`` projection.
+  Autograd differentiates through the fold, so the gradients are those of the reference loop; the
+  moments come from the input's mean and covariance (``O(N I^2)``) instead of a second ``(N, G*H)``
+  projection. ``x`` is scaled by a power of two before the covariance, so inputs near the float range
+  (|x| ~ 1e19 in float32) do not overflow where the reference loop stays finite.
+
+Two entry points: :func:`run_direction` calls the ATen op directly (eager mode: autograd uses ATen's own
+backward), and the registered operator ``torch.ops.recnorm.native_rnn`` wraps the same call with a fake
+kernel whose shapes follow symbolic T and B, for ``torch.compile`` and ``torch.jit.trace``. The
+operator's registered backward recomputes the forward under autograd, as ATen exposes no backward of its
+fused CPU RNN op; under ``torch.compile`` recnorm runs it without autograd only (inference), and the
+fused kernels serve training.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from recnorm.kernels.reference import DirectionParams
-from recnorm.nn.cells import CellType, GRUCellType, LSTMCellType, RNNCellType
-from recnorm.nn.norms import RecurrentBatchNorm
+from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork
+from recnorm.kernels.stats import degenerate_features, stats_dtype
 
-__all__ = ["supports", "run_direction"]
+__all__ = ["supports", "run_direction", "fold_sequence_norm"]
+
+NAME = "native"
+_OPS = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
 
 
-def _op(cell: CellType):
-    if isinstance(cell, LSTMCellType):
-        return torch._VF.lstm
-    if isinstance(cell, GRUCellType):
-        return torch._VF.gru
-    if isinstance(cell, RNNCellType):
-        return torch._VF.rnn_tanh if cell.nonlinearity == "tanh" else torch._VF.rnn_relu
+def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode: str) -> Optional[str]:
+    if work.cell.kind not in _OPS:
+        return "it computes torch.nn's LSTM, GRU and RNN cells only"
+    if work.on_output is not None:
+        return "it does not report per-step outputs (diagnostics capture)"
+    norms = work.present_norms()
+    if set(norms) - {"ih"} or ("ih" in norms and norms["ih"].stat != "sequence"):
+        return "it serves norm=None and sequence-wise batch norm of the input term only"
+    if "ih" in norms and norms["ih"].sync and norms["ih"].batch_stats:
+        return "it does not synchronize batch statistics across processes"
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return f"dtype {x.dtype}"
     return None
 
 
-def supports(cell: CellType, p: DirectionParams, on_output=None) -> bool:
-    """Whether this direction's math is torch.nn's, up to a foldable sequence-wise input BN."""
-    if on_output is not None or _op(cell) is None or p.norm_hh is not None or p.norm_c is not None:
-        return False
-    bn = p.norm_ih
-    return bn is None or (isinstance(bn, RecurrentBatchNorm) and bn.scope == "sequence")
+# ---------------------------------------------------------------------------------------------------
+# Sequence-wise batch norm folded into the input weights
+# ---------------------------------------------------------------------------------------------------
 
 
-def _folded_input_weights(x: Tensor, p: DirectionParams) -> Tuple[Tensor, Optional[Tensor]]:
-    bn = p.norm_ih
-    if bn is None:
-        return p.weight_ih, p.bias_ih
-    w = p.weight_ih  # (G*H, F)
+def _input_moments(x: Tensor, w: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased variance of every feature of ``x W^T`` over the rows of ``x``, from the moments of
+    ``x``: ``(mean, var / scale^2, scale)``. ``x`` is divided by a power of two near its largest magnitude
+    first, so its covariance cannot overflow; the caller folds ``scale`` back in without forming
+    ``var`` itself, which may not fit the dtype."""
+    dt = stats_dtype(x.dtype)
+    xs, ws = x.to(dt), w.to(dt)
+    amax = xs.detach().abs().amax().clamp(min=1.0)
+    scale = torch.exp2(torch.floor(torch.log2(amax)))  # exact: a power of two, 1 for ordinary inputs
+    xs = xs / scale
+    n = xs.shape[0]
+    xm = xs.mean(0) if center else torch.zeros_like(xs[0])
+    xc = xs - xm
+    cov = xc.t().matmul(xc) / n  # (F, F), biased like the normalization's variance
+    mean = ws.matmul(xm) * scale
+    var_scaled = (ws.matmul(cov) * ws).sum(1).clamp(min=0)
+    return mean, var_scaled, scale
+
+
+def fold_sequence_norm(work: DirectionWork, x: Tensor) -> Tuple[DirectionWork, Dict[str, BatchMoments]]:
+    """The same direction with its sequence-wise input norm folded into ``weight_ih`` and ``bias_ih``
+    (same statistics, population fallback and zero-variance rule as the reference loop)."""
+    d = work.norm("ih")
+    if d is None or d.stat != "sequence":
+        return work, {}
     n = x.shape[0]
+    moments: Dict[str, BatchMoments] = {}
+    if d.batch_stats and n >= 2:
+        mean, var_s, scale = _input_moments(x, work.weight_ih, d.center)
+        degenerate = degenerate_features(mean / scale, var_s)
+        rstd = torch.rsqrt(var_s + d.eps / (scale * scale)) / scale  # = 1 / sqrt(var + eps)
+        rstd = torch.where(degenerate, torch.zeros((), dtype=rstd.dtype, device=rstd.device), rstd)
+        var = var_s * scale * scale
+        moments["ih"] = BatchMoments(
+            steps=torch.zeros(1, dtype=torch.long, device=x.device),
+            mean=mean.detach().unsqueeze(0),
+            var=var.detach().unsqueeze(0),
+            count=torch.full((1,), n, dtype=torch.long, device=x.device),
+        )
+    else:
+        dt = stats_dtype(x.dtype)
+        mean, var = d.running_mean[0].to(dt), d.running_var[0].to(dt)  # one slot
+        if not d.center:
+            mean = torch.zeros_like(mean)
+        rstd = torch.rsqrt(var + d.eps)
+    scale = rstd if d.weight is None else rstd * d.weight
+    shift = -mean * scale if d.center else torch.zeros_like(scale)
+    if d.bias is not None:
+        shift = shift + d.bias
+    w = (work.weight_ih.to(scale.dtype) * scale.unsqueeze(1)).to(work.weight_ih.dtype)
+    b = shift if work.bias_ih is None else work.bias_ih + shift
+    bias_hh = work.bias_hh
+    if bias_hh is None:  # a bias=False layer whose fold brings a shift: torch's op takes both or neither
+        bias_hh = torch.zeros_like(b)
+    return work.replace(weight_ih=w, bias_ih=b.to(work.weight_ih.dtype), bias_hh=bias_hh, norms={}), moments
 
-    def moments():
-        xm = x.mean(0)  # (F,)
-        xc = x - xm
-        cov = xc.t().matmul(xc) / n  # (F, F), biased like the normalization's variance
-        return w.matmul(xm), (w.matmul(cov) * w).sum(1).clamp(min=0)  # (G*H,) each
 
-    scale, shift = bn.affine(moments, n, 0)
-    w = w * scale.unsqueeze(1)
-    return w, (shift if p.bias_ih is None else p.bias_ih + shift)
+# ---------------------------------------------------------------------------------------------------
+# The ATen call
+# ---------------------------------------------------------------------------------------------------
+
+
+def _aten(kind: str, x: Tensor, batch_sizes: Optional[Tensor], hx: List[Tensor], weights: List[Tensor], has_bias: bool, train: bool):
+    """torch's fused RNN op on one layer and direction; returns ``(out (N, H'), [h_n, (c_n)])``."""
+    op = getattr(torch._VF, _OPS[kind])
+    states = [s.unsqueeze(0) for s in hx]  # (1, B, ·): one layer, one direction
+    hx_arg = tuple(states) if kind == "lstm" else states[0]
+    if batch_sizes is None:
+        B = hx[0].shape[0]
+        res = op(x.view(-1, B, x.shape[1]), hx_arg, weights, has_bias, 1, 0.0, train, False, False)
+        out = res[0].reshape(-1, res[0].shape[-1])
+    else:
+        res = op(x, batch_sizes, hx_arg, weights, has_bias, 1, 0.0, train, False)
+        out = res[0]
+    return out, [r.squeeze(0) for r in res[1:]]
+
+
+def _weights(work: DirectionWork) -> Tuple[List[Tensor], bool]:
+    has_bias = work.bias_ih is not None
+    weights = [work.weight_ih, work.weight_hh] + ([work.bias_ih, work.bias_hh] if has_bias else [])
+    if work.weight_hr is not None:
+        weights.append(work.weight_hr)
+    return weights, has_bias
 
 
 def run_direction(
-    cell: CellType, x: Tensor, batch_sizes: Sequence[int], state: Tuple[Tensor, ...], p: DirectionParams
-) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """Same contract as :func:`recnorm.kernels.reference.run_direction` (one layer, one direction)."""
-    w_ih, b_ih = _folded_input_weights(x, p)
-    b_hh = p.bias_hh
-    has_bias = b_ih is not None
-    if has_bias and b_hh is None:  # bias=False layer whose folded BN brings a shift
-        b_hh = torch.zeros_like(b_ih)
-    weights = [w_ih, p.weight_hh] + ([b_ih, b_hh] if has_bias else [])
-    if p.weight_hr is not None:
-        weights.append(p.weight_hr)
-    hx = tuple(s.unsqueeze(0) for s in state)  # (1, B, ·): one layer, one direction
-    hx_arg = hx if len(hx) == 2 else hx[0]
-    op = _op(cell)
-    # "train" tells oneDNN/cuDNN to keep what backward needs; dropout is 0 either way
-    train = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    uniform = all(b == batch_sizes[0] for b in batch_sizes)
-    if uniform:
-        T, B = len(batch_sizes), batch_sizes[0]
-        res = op(x.view(T, B, -1), hx_arg, weights, has_bias, 1, 0.0, train, False, False)
-        out = res[0].reshape(T * B, -1)
+    work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...], as_op: bool = False
+) -> DirectionResult:
+    """One direction through torch's op: directly (``as_op=False``) or through the registered operator."""
+    work, moments = fold_sequence_norm(work, x)
+    weights, has_bias = _weights(work)
+    if as_op:
+        res = torch.ops.recnorm.native_rnn(x, batch_sizes, list(state), weights, work.cell.kind, has_bias)
+        out, finals = res[0], tuple(res[1 : 1 + len(state)])
     else:
-        bs = torch.tensor(list(batch_sizes), dtype=torch.long)
-        res = op(x, bs, hx_arg, weights, has_bias, 1, 0.0, train, False)
-        out = res[0]
-    finals = tuple(r.squeeze(0) for r in res[1:])
-    return out, finals
+        # "train" tells oneDNN/cuDNN to keep what backward needs; dropout is 0 either way
+        train = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights) or any(s.requires_grad for s in state))
+        out, finals = _aten(work.cell.kind, x, batch_sizes, list(state), weights, has_bias, train)
+        finals = tuple(finals)
+    return DirectionResult(out, finals, moments)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registered operator
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("recnorm::native_rnn", mutates_args=())
+def _native_rnn(
+    x: Tensor, batch_sizes: Optional[Tensor], hx: List[Tensor], weights: List[Tensor], kind: str, has_bias: bool
+) -> List[Tensor]:
+    """``[out (N, H'), h_n (B, H'), (c_n (B, H))]`` of torch's fused RNN op on one direction."""
+    with torch.no_grad():
+        out, finals = _aten(kind, x, batch_sizes, hx, weights, has_bias, False)
+    return [out.contiguous()] + [f.contiguous() for f in finals]
+
+
+@_native_rnn.register_fake
+def _native_rnn_fake(x, batch_sizes, hx, weights, kind, has_bias):
+    # W_hh is (G*H, H'): its width is the output's (the projection's size with proj_size)
+    return [x.new_empty(x.shape[0], weights[1].shape[1])] + [s.new_empty(s.shape) for s in hx]
+
+
+def _native_setup(ctx, inputs, output):
+    x, batch_sizes, hx, weights, kind, has_bias = inputs
+    ctx.kind, ctx.has_bias, ctx.n_hx, ctx.batch_sizes = kind, has_bias, len(hx), batch_sizes
+    ctx.save_for_backward(x, *hx, *weights)
+
+
+def _native_backward(ctx, grads):
+    """Gradients by recomputing the forward under autograd (ATen exposes no backward of its fused CPU RNN
+    op). recnorm differentiates through this operator only outside torch.compile (in a traced module
+    being trained); compiled training runs the fused kernels."""
+    from recnorm.kernels.fused import refuse_double_backward
+
+    refuse_double_backward()
+    saved = ctx.saved_tensors
+    leaves = [t.detach().requires_grad_(True) for t in saved]
+    n_hx = ctx.n_hx
+    with torch.enable_grad():
+        out, finals = _aten(ctx.kind, leaves[0], ctx.batch_sizes, leaves[1 : 1 + n_hx], leaves[1 + n_hx :], ctx.has_bias, True)
+        got = torch.autograd.grad([out] + list(finals), leaves, list(grads), allow_unused=True)
+    got = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, got)]
+    return got[0], None, list(got[1 : 1 + n_hx]), list(got[1 + n_hx :]), None, None
+
+
+_native_rnn.register_autograd(_native_backward, setup_context=_native_setup)

@@ -3,117 +3,173 @@
 Data layout. A layer direction runs on *packed rows*: ``x`` is ``(N, F)`` with the rows of time step 0
 first, then those of step 1, and so on; step ``t`` holds ``batch_sizes[t]`` rows, the sequences (sorted
 by decreasing length) that are still valid at ``t``. An ordinary ``(T, B, F)`` batch is the special
-case ``batch_sizes = [B] * T`` and costs only a ``view``. Because a step sees only its valid rows,
-padding cannot reach outputs, states, gradients or batch statistics: there is nothing to mask.
+case ``batch_sizes = None`` (every step holds all B rows) and costs only a ``view``. Because a step sees
+only its valid rows, padding cannot reach outputs, states, gradients or batch statistics: there is
+nothing to mask.
+
+Per step, with the descriptors of :class:`~recnorm.kernels.contract.DirectionWork`::
+
+    gi = N_ih(W_ih x_t) + b_ih            gh = N_hh(W_hh h_{t-1}) + b_hh
+    (joint:  gi = N_gates(W_ih x_t + W_hh h_{t-1}) + b_ih + b_hh,  gh = None)
+    h_t, state_t = cell.step(gi, gh, state_{t-1}, N_cell, carry, W_hr)
+
+Input-side norms whose statistics are not per step (row, sequence-wise) run once on the projection of
+all steps. Batch statistics are taken per call over the call's valid rows; every site that used them
+returns them in :attr:`~recnorm.kernels.contract.DirectionResult.moments`. A step that has fewer than
+2 valid rows normalizes with the population statistics as they were when the call started.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from recnorm.nn.cells import CellType
-from recnorm.nn.stats import sync_max
+from recnorm.kernels import functional as fn
+from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork, NormDesc, batch_sizes_list
+from recnorm.kernels.stats import batch_moments, degenerate_features, sync_max
 
-__all__ = ["DirectionParams", "project_inputs", "run_direction"]
+__all__ = ["run_direction", "supports", "project_inputs"]
 
 State = Tuple[Tensor, ...]
+NAME = "reference"
 
 
-@dataclasses.dataclass
-class DirectionParams:
-    """Everything one direction of one layer computes with."""
-
-    weight_ih: Tensor  # (G*H, F)
-    weight_hh: Tensor  # (G*H, P or H)
-    bias_ih: Optional[Tensor]  # (G*H,)
-    bias_hh: Optional[Tensor]  # (G*H,)
-    weight_hr: Optional[Tensor] = None  # (P, H), LSTM with proj_size only
-    norm_ih: Optional[nn.Module] = None
-    norm_hh: Optional[nn.Module] = None
-    norm_c: Optional[nn.Module] = None
+def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode: str) -> Optional[str]:
+    """Why this implementation cannot serve the case (None: it can)."""
+    if mode in ("trace", "export"):
+        return "its Python time loop unrolls over the traced length, so the result would only be right for that length"
+    return None
 
 
-def project_inputs(x: Tensor, p: DirectionParams) -> Tuple[Tensor, bool]:
-    """Input projection of all time steps at once: ``W_ih x`` for every row of ``x`` ``(N, F)``.
+class _Moments:
+    """Collects the batch moments of one call, per site."""
 
-    Row-wise and sequence-wise input norms (layer norm, sequence-wise BN) and the bias are applied here
-    too. Returns ``(gx, per_step)``; when ``per_step`` is True the input norm keeps statistics per step,
-    so the loop still has to normalize each step's rows and add ``b_ih``.
-    """
-    norm = p.norm_ih
-    if norm is None:
-        return F.linear(x, p.weight_ih, p.bias_ih), False  # (N, G*H)
-    gx = F.linear(x, p.weight_ih)
-    if norm.scope == "step":
-        return gx, True
-    gx = norm(gx, 0)
-    return (gx if p.bias_ih is None else gx + p.bias_ih), False
+    def __init__(self) -> None:
+        self.rows: Dict[str, List[Tuple[int, Tensor, Tensor, int]]] = {}
+
+    def add(self, site: str, step: int, moments: Optional[Tuple[Tensor, Tensor, int]]) -> None:
+        if moments is not None:
+            self.rows.setdefault(site, []).append((step,) + moments)
+
+    def result(self, device) -> Dict[str, BatchMoments]:
+        out = {}
+        for site, rows in self.rows.items():
+            out[site] = BatchMoments(
+                steps=torch.tensor([r[0] for r in rows], dtype=torch.long, device=device),
+                mean=torch.stack([r[1] for r in rows]),
+                var=torch.stack([r[2] for r in rows]),
+                count=torch.tensor([r[3] for r in rows], dtype=torch.long, device=device),
+            )
+        return out
+
+
+def _apply(d: Optional[NormDesc], site: str, x: Tensor, step: int, moments: _Moments) -> Tensor:
+    if d is None:
+        return x
+    if d.stat == "row":
+        return fn.row_norm(d, x)
+    y, m = fn.batch_norm(d, x, step)
+    moments.add(site, step, m)
+    return y
 
 
 def _add(x: Tensor, b: Optional[Tensor]) -> Tensor:
     return x if b is None else x + b
 
 
-def _synchronized_steps(batch_sizes: Sequence[int], p: DirectionParams, device) -> Sequence[int]:
+def _sequence_norm(d: NormDesc, gx: Tensor, moments: _Moments) -> Tensor:
+    """Sequence-wise BN of every valid row at once (one call, step 0)."""
+    return _apply(d, "ih", gx, 0, moments)
+
+
+def project_inputs(x: Tensor, work: DirectionWork, moments: _Moments) -> Tuple[Tensor, bool]:
+    """``W_ih x`` for every row of ``x`` ``(N, F)``, with the input norm and ``b_ih`` when its statistics
+    are not per step. Returns ``(gx, per_step)``: when ``per_step`` the loop still normalizes each step
+    and adds ``b_ih``."""
+    d = work.norm("ih")
+    if d is None:
+        if work.norm("gates") is not None:
+            return F.linear(x, work.weight_ih), True
+        return F.linear(x, work.weight_ih, work.bias_ih), False  # (N, G*H)
+    gx = F.linear(x, work.weight_ih)
+    if d.per_step:
+        return gx, True
+    gx = fn.row_norm(d, gx) if d.stat == "row" else _sequence_norm(d, gx, moments)
+    return _add(gx, work.bias_ih), False
+
+
+def _synchronized_steps(batch_sizes: List[int], work: DirectionWork, device) -> List[int]:
     """Steps padded with empty ones up to the longest batch of all processes, when a per-step norm
     synchronizes its statistics: every process must then make the same collective calls at every step,
     whatever the length of its own batch. An empty step contributes no rows to any statistic."""
-    synced = [n for n in (p.norm_ih, p.norm_hh, p.norm_c) if getattr(n, "scope", None) == "step" and n.synced()]
-    if not synced:
+    synced = [d for d in work.present_norms().values() if d.per_step and d.sync and d.batch_stats]
+    if not synced or not synced[0].sync:
+        return batch_sizes
+    from recnorm.kernels.stats import sync_active
+
+    if not sync_active(True, synced[0].process_group):
         return batch_sizes
     steps = sync_max(len(batch_sizes), synced[0].process_group, device)
     return list(batch_sizes) + [0] * (steps - len(batch_sizes))
 
 
-def run_direction(
-    cell: CellType,
-    x: Tensor,
-    batch_sizes: Sequence[int],
-    state: State,
-    p: DirectionParams,
-    on_output: Optional[Callable[[int, Tensor], None]] = None,
-    step_offset: int = 0,
-) -> Tuple[Tensor, State]:
+def _cell_norm(work: DirectionWork, step: int, moments: _Moments):
+    d = work.norm("cell")
+    if d is None:
+        return None
+    return lambda c: _apply(d, "cell", c, step, moments)
+
+
+def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Sequence[int]], state: State) -> DirectionResult:
     """Run one direction of one layer over packed rows.
 
     Args:
-        cell: the cell type.
+        work: weights, cell and norm descriptors.
         x: ``(N, F)`` packed rows (see the module docstring).
-        batch_sizes: rows per step, non-increasing, summing to N.
+        batch_sizes: rows per step, non-increasing, summing to N; None for a full batch of
+            ``B = state[0].shape[0]`` rows at every step.
         state: initial state tuple, each ``(B, ·)`` with ``B = batch_sizes[0]``.
-        p: weights and norms.
-        on_output: called as ``on_output(t, h_t)`` after each step (diagnostics).
-        step_offset: index of the first step, for norms with per-step statistics (a cell run one step
-            at a time, or truncated back-propagation through time).
 
     Returns:
-        ``(out, final_state)``: ``out`` is ``(N, P or H)`` packed like ``x``; each final state tensor is
-        ``(B, ·)``, holding for every sequence its state after its own last valid step.
+        a :class:`~recnorm.kernels.contract.DirectionResult`: ``output`` ``(N, P or H)`` packed like
+        ``x``; final states ``(B, ·)``, holding for every sequence its state after its own last valid
+        step; and the batch moments of every site that used batch statistics.
     """
-    batch_sizes = _synchronized_steps(batch_sizes, p, x.device)
-    gx, per_step = project_inputs(x, p)
+    sizes = batch_sizes_list(batch_sizes, x.shape[0], state[0].shape[0])
+    sizes = _synchronized_steps(sizes, work, x.device)
+    moments = _Moments()
+    gx, per_step = project_inputs(x, work, moments)
+    d_ih, d_hh, d_gates = work.norm("ih"), work.norm("hh"), work.norm("gates")
     finished: List[State] = []  # states of sequences that ended, in the order they ended
     outputs: List[Tensor] = []
-    for t, gi in enumerate(gx.split(list(batch_sizes)), start=step_offset):  # gi: (B_t, G*H); never gx[t]
+    for t, gi in enumerate(gx.split(sizes), start=work.step_offset):  # gi: (B_t, G*H); never gx[t]
         nb = gi.shape[0]
         if nb < state[0].shape[0]:
             finished.append(tuple(s[nb:] for s in state))
             state = tuple(s[:nb] for s in state)
-        if per_step:
-            gi = _add(p.norm_ih(gi, t), p.bias_ih)
-        if p.norm_hh is None:
-            gh = F.linear(state[0], p.weight_hh, p.bias_hh)  # (B_t, G*H)
+        if d_gates is not None:  # one norm over the sum of both terms
+            g = _apply(d_gates, "gates", gi + F.linear(state[0], work.weight_hh), t, moments)
+            gi, gh = _add(_add(g, work.bias_ih), work.bias_hh), None
         else:
-            gh = _add(p.norm_hh(F.linear(state[0], p.weight_hh), t), p.bias_hh)
-        h, state = cell.step(gi, gh, state, t, p.norm_c, p.weight_hr)
-        if on_output is not None:
-            on_output(t, h)
+            if per_step:
+                gi = _add(_apply(d_ih, "ih", gi, t, moments), work.bias_ih)
+            if d_hh is None:
+                gh = F.linear(state[0], work.weight_hh, work.bias_hh)  # (B_t, G*H)
+            else:
+                gh = _add(_apply(d_hh, "hh", F.linear(state[0], work.weight_hh), t, moments), work.bias_hh)
+        h, state = work.cell.step(gi, gh, state, _cell_norm(work, t, moments), work.carry_cell_norm, work.weight_hr)
+        if work.on_output is not None:
+            work.on_output(t, h)
         outputs.append(h)
     finished.append(state)
     final = tuple(torch.cat([f[i] for f in reversed(finished)], 0) for i in range(len(state)))
-    return torch.cat(outputs, 0), final
+    return DirectionResult(torch.cat(outputs, 0), final, moments.result(x.device))
+
+
+# kept for the fast paths' tests: the moments of a whole batch, as the sequence statistic takes them
+def sequence_moments(gx: Tensor, center: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    mean, var = batch_moments(gx, center=center)
+    return mean, var, degenerate_features(mean, var)

@@ -1,4 +1,4 @@
-r"""Cell types: the gate math of one time step, independent of any normalization.
+r"""Cell types: the gate math of one time step, the cell's weight shapes, and its normalization sites.
 
 A cell type is a small object with its gate layout and a ``step`` function. The time loop computes the
 two gate terms (each already normalized by whatever the chosen scheme puts at the ``"ih"`` and ``"hh"``
@@ -8,18 +8,18 @@ sites, and with its bias added), then calls ``step``:
 
     gi = N_ih(W_ih x_t) + b_ih        # (B, G*H)
     gh = N_hh(W_hh h_{t-1}) + b_hh    # (B, G*H)
-    h_t, state_t = cell.step(gi, gh, state_{t-1}, ...)
+    h_t, state_t = cell.step(gi, gh, state_{t-1}, N_cell, carry, W_hr)
 
-With no normalization (``N = identity``) these are exactly torch.nn's equations, gate order included:
+With a joint gate norm (the ``"gates"`` site), ``gi = N_gates(W_ih x_t + W_hh h_{t-1}) + b_ih + b_hh`` and
+``gh`` is None. With no normalization (``N = identity``) these are exactly torch.nn's equations, gate order
+included:
 
 * LSTM (gates i, f, g, o)::
 
       i, f, g, o = split(gi + gh)
-      c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
-      h_t = sigmoid(o) * tanh(N_c(c_t))            # then h_t = W_hr h_t when proj_size > 0
-
-  ``c_t`` is carried to the next step unnormalized; ``N_c`` (the ``"cell"`` site) acts only inside
-  the output tanh.
+      c~_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+      h_t = sigmoid(o) * tanh(N_c(c~_t))          # then h_t = W_hr h_t when proj_size > 0
+      c_t = c~_t  (or N_c(c~_t) when the normalized cell is carried)
 
 * GRU (gates r, z, n; ``b_hn`` stays inside the reset product, as in torch)::
 
@@ -29,74 +29,122 @@ With no normalization (``N = identity``) these are exactly torch.nn's equations,
 
 * RNN: ``h_t = act(gi + gh)`` with ``act`` tanh or relu.
 
-A new cell type is one subclass of :class:`CellType` registered with :func:`register_cell`.
+A new cell type is one subclass of :class:`CellType` registered in :data:`CELLS`. Its ``kernel_kind``
+names the math recnorm's fast kernels implement for it; a subclass that overrides ``step`` without
+declaring its own ``kernel_kind`` gets None, so no fast kernel ever runs math other than its own.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["CellType", "LSTMCellType", "GRUCellType", "RNNCellType", "register_cell", "get_cell", "list_cells", "CELLS"]
+from recnorm.kernels.contract import CellDesc
+from recnorm.registry import Registry
+
+__all__ = ["CellType", "LSTMCellType", "GRUCellType", "RNNCellType", "CELLS", "register_cell", "get_cell", "list_cells"]
 
 State = Tuple[Tensor, ...]
 
 
 class CellType:
-    """Gate layout and one-step math of a recurrent cell.
+    """Gate layout, weight shapes and one-step math of a recurrent cell.
 
     Attributes:
         name: registry key.
         num_gates: G, the number of H-sized blocks in the gate pre-activations.
         state_size: number of state tensors (1 for ``h``; 2 for ``(h, c)``).
-        sites: normalization sites the cell offers (a subset of ``("ih", "hh", "cell")``).
+        sites: normalization sites the cell offers (a subset of ``("ih", "hh", "gates", "cell")``).
+        has_projection: whether the cell accepts ``proj_size`` (LSTM).
+        kernel_kind: the math the fast kernels implement for this cell (one of
+            :data:`recnorm.kernels.contract.CELL_KINDS`), or None.
     """
 
     name: str = ""
     num_gates: int = 1
     state_size: int = 1
-    sites: Tuple[str, ...] = ("ih", "hh")
+    sites: Tuple[str, ...] = ("ih", "hh", "gates")
+    has_projection: bool = False
+    kernel_kind: Optional[str] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that changes the math without naming it must not be run by a kernel that hard-codes
+        # its parent's math.
+        if "step" in cls.__dict__ and "kernel_kind" not in cls.__dict__:
+            cls.kernel_kind = None
+
+    def kind(self) -> Optional[str]:
+        """The kernel math of this instance (None: only the reference loop and the export path run it)."""
+        return self.kernel_kind
+
+    @classmethod
+    def variants(cls):
+        """Constructor options of the instances tests should cover (one empty dict: the default)."""
+        return [{}]
 
     def gate_groups(self, hidden_size: int) -> Tuple[int, ...]:
         """Feature groups that layer norm normalizes separately in a gate term."""
         return (self.num_gates * hidden_size,)
 
-    def step(
-        self, gi: Tensor, gh: Tensor, state: State, t: int, cell_norm=None, weight_hr: Optional[Tensor] = None
-    ) -> Tuple[Tensor, State]:
+    def weight_shapes(self, input_size: int, hidden_size: int, proj_size: int = 0, bias: bool = True) -> Dict[str, Tuple[int, ...]]:
+        """The parameters of one layer direction, in torch.nn's order and names (without the suffix)."""
+        gates = self.num_gates * hidden_size
+        real_hidden = proj_size or hidden_size
+        shapes = {"weight_ih": (gates, input_size), "weight_hh": (gates, real_hidden)}
+        if bias:
+            shapes["bias_ih"] = (gates,)
+            shapes["bias_hh"] = (gates,)
+        if proj_size:
+            shapes["weight_hr"] = (proj_size, hidden_size)
+        return shapes
+
+    def descriptor(self) -> CellDesc:
+        return CellDesc(kind=self.kind(), num_gates=self.num_gates, state_size=self.state_size, step=self.step)
+
+    def step(self, gi: Tensor, gh: Optional[Tensor], state: State, norm_c=None, carry: bool = False, weight_hr: Optional[Tensor] = None):
         """One step. Returns the output ``h_t`` and the new state tuple."""
         raise NotImplementedError
+
+
+def _sum(gi: Tensor, gh: Optional[Tensor]) -> Tensor:
+    return gi if gh is None else gi + gh
 
 
 class LSTMCellType(CellType):
     name = "lstm"
     num_gates = 4
     state_size = 2
-    sites = ("ih", "hh", "cell")
+    sites = ("ih", "hh", "gates", "cell")
+    has_projection = True
+    kernel_kind = "lstm"
 
-    def step(self, gi, gh, state, t, cell_norm=None, weight_hr=None):
+    def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
         h, c = state
-        i, f, g, o = (gi + gh).chunk(4, 1)  # each (B, H)
+        i, f, g, o = _sum(gi, gh).chunk(4, 1)  # each (B, H)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        cn = c if cell_norm is None else cell_norm(c, t)
+        cn = c if norm_c is None else norm_c(c)
         h = torch.sigmoid(o) * torch.tanh(cn)
         if weight_hr is not None:
             h = h.matmul(weight_hr.t())  # (B, P)
-        return h, (h, c)
+        return h, (h, cn if carry else c)
 
 
 class GRUCellType(CellType):
     name = "gru"
     num_gates = 3
     state_size = 1
+    # no "gates": the reset gate multiplies the recurrent term alone, so a joint norm of both terms is not defined
+    sites = ("ih", "hh")
+    kernel_kind = "gru"
 
     def gate_groups(self, hidden_size):
         # Ba et al. (2016), eqs. 26-28: one layer norm over the (r, z) block, another over the n block.
         return (2 * hidden_size, hidden_size)
 
-    def step(self, gi, gh, state, t, cell_norm=None, weight_hr=None):
+    def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
         (h,) = state
         i_r, i_z, i_n = gi.chunk(3, 1)
         h_r, h_z, h_n = gh.chunk(3, 1)
@@ -107,44 +155,50 @@ class GRUCellType(CellType):
         return h, (h,)
 
 
+_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"tanh": torch.tanh, "relu": torch.relu}
+
+
 class RNNCellType(CellType):
+    name = "rnn"
     num_gates = 1
     state_size = 1
+    kernel_kind = "rnn"  # resolved per nonlinearity by kind()
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
         if nonlinearity not in _ACTIVATIONS:
             raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {sorted(_ACTIVATIONS)}")
         self.nonlinearity = nonlinearity
-        self.name = f"rnn_{nonlinearity}"
         self._act = _ACTIVATIONS[nonlinearity]
 
-    def step(self, gi, gh, state, t, cell_norm=None, weight_hr=None):
-        h = self._act(gi + gh)
+    def kind(self) -> Optional[str]:
+        return None if self.kernel_kind is None else f"rnn_{self.nonlinearity}"
+
+    @classmethod
+    def variants(cls):
+        return [{"nonlinearity": a} for a in sorted(_ACTIVATIONS, key=lambda a: a != "tanh")]
+
+    def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
+        h = self._act(_sum(gi, gh))
         return h, (h,)
 
 
-_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"tanh": torch.tanh, "relu": torch.relu}
-
-CELLS: Dict[str, Callable[..., CellType]] = {}
-
-
-def register_cell(name: str, factory: Callable[..., CellType]) -> None:
-    if name in CELLS:
-        raise ValueError(f"cell {name!r} is already registered")
-    CELLS[name] = factory
+CELLS: Registry[type] = Registry("cell")
+CELLS.register("lstm", LSTMCellType)
+CELLS.register("gru", GRUCellType)
+CELLS.register("rnn", RNNCellType)
 
 
-def list_cells() -> List[str]:
-    return sorted(CELLS)
+def register_cell(name: str, cls: type, *, replace: bool = False) -> type:
+    """Register a :class:`CellType` subclass under ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, CellType)):
+        raise ValueError(f"a cell is a CellType subclass, got {cls!r}")
+    return CELLS.register(name, cls, replace=replace)
+
+
+def list_cells():
+    return CELLS.names()
 
 
 def get_cell(name: str, **options) -> CellType:
     """Build a cell type by name (``"lstm"``, ``"gru"``, ``"rnn"``)."""
-    if name not in CELLS:
-        raise ValueError(f"unknown cell {name!r}; expected one of {list_cells()}")
-    return CELLS[name](**options)
-
-
-register_cell("lstm", LSTMCellType)
-register_cell("gru", GRUCellType)
-register_cell("rnn", RNNCellType)
+    return CELLS.get(name)(**options)

@@ -1,37 +1,44 @@
 """Normalization modules and the registry of normalization schemes.
 
-Two modules do all the work:
+Two modules hold every normalization's parameters and state, and describe themselves to the kernels as
+plain data (:meth:`descriptor`, a :class:`~recnorm.kernels.contract.NormDesc`):
 
 * :class:`RecurrentBatchNorm` -- batch normalization whose running statistics are indexed by a time step
   slot. With ``max_steps=T`` it is the per-step BN of Cooijmans et al.; with ``max_steps=1`` it is one
-  BatchNorm shared across time (the naive horizontal BN) or, applied once to all time steps at once,
-  sequence-wise BN (Laurent et al.).
-* :class:`GroupedLayerNorm` -- layer normalization over groups of features of each row (Ba et al.).
+  BatchNorm shared across time (the naive horizontal BN) or, with ``scope="sequence"``, sequence-wise BN
+  over every valid (t, b) position (Laurent et al.).
+* :class:`GroupedLayerNorm` -- layer normalization (or, with ``center=False``, RMSNorm) over groups of
+  features of each row (Ba et al.; Zhang and Sennrich).
 
 A *normalization scheme* (``"batch"``, ``"layer"``, ...) says which module sits at which *site* of a
 recurrent cell:
 
 * ``"ih"``: the input term ``W_ih x_t`` (shape ``(B, G*H)``),
 * ``"hh"``: the recurrent term ``W_hh h_{t-1}`` (shape ``(B, G*H)``),
+* ``"gates"``: the joint term ``W_ih x_t + W_hh h_{t-1}``, instead of ``"ih"`` and ``"hh"``,
 * ``"cell"``: the LSTM cell ``c_t`` inside the output ``tanh`` (shape ``(B, H)``).
 
-Every norm module takes ``num_features`` first, keyword options after, and is called as
-``norm(x, step=t, mask=None)``. Its attribute ``scope`` tells the time loop how it may be applied:
-``"row"`` (per example; may run once on all time steps), ``"sequence"`` (statistics over all valid
-(t, b) positions; must run once on all time steps) or ``"step"`` (statistics per call; runs inside the
-loop with the step index).
+Kernels never touch these modules. A call that normalized with batch statistics returns them
+(:class:`~recnorm.kernels.contract.BatchMoments`), and the layer hands them to :meth:`RecurrentBatchNorm.record`,
+which updates the running averages (or pools them during :func:`recnorm.recompute_population_statistics`,
+or reports them to :func:`recnorm.diagnostics.capture`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import math
+import numbers
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from recnorm.nn.stats import batch_moments, count_valid, degenerate_features, sync_active
+from recnorm.kernels import functional as kfn
+from recnorm.kernels.contract import BatchMoments, NormDesc
+from recnorm.kernels.stats import batch_moments, count_valid, degenerate_features, stats_dtype, sync_active
+from recnorm.registry import Registry
 
 __all__ = [
     "RecurrentBatchNorm",
@@ -45,39 +52,42 @@ __all__ = [
     "resolve_norm_kwargs",
     "SITES",
     "convert_sync_batchnorm",
+    "OPTION_CHECKS",
 ]
 
 log = logging.getLogger(__name__)
 
-SITES = ("ih", "hh", "cell")
+SITES = ("ih", "hh", "gates", "cell")
 
 
 class RecurrentBatchNorm(nn.Module):
     r"""Batch normalization with running statistics indexed by time step.
 
-    For a call ``bn(x, step=t)`` with ``x`` of shape ``(N, F)`` in training mode:
+    For a call at step ``t`` on rows ``x`` of shape ``(N, F)`` in training mode:
 
     .. math::
         \mu_t = \frac{1}{n}\sum_{b \in V} x_b, \quad
         \sigma^2_t = \frac{1}{n}\sum_{b \in V} (x_b - \mu_t)^2, \quad
         y_b = \gamma \frac{x_b - \mu_t}{\sqrt{\sigma^2_t + \epsilon}} + \beta
 
-    where :math:`V` are the valid rows (all rows, or those where ``mask`` is True) and :math:`n = |V|`.
-    The running statistics of slot :math:`s = \min(t, S-1)` (``S = max_steps``) move towards
-    :math:`\mu_t` and the unbiased variance with ``momentum`` (``None``: cumulative average).
+    where :math:`V` are the valid rows and :math:`n = |V|` (with ``center=False``, :math:`\mu_t = 0` and
+    :math:`\sigma^2_t` is the mean square). Afterwards the running statistics of slot
+    :math:`s = \min(t, S-1)` (``S = max_steps``) move towards :math:`\mu_t` and the unbiased variance
+    with ``momentum`` (``None``: cumulative average); calls of one sequence update them in step order.
     :math:`\gamma` and :math:`\beta` are shared by all slots.
 
     In eval mode, step :math:`t` uses the population statistics of slot :math:`\min(t, s_{last})`, where
     :math:`s_{last}` is the last slot that has ever been updated: every step at or beyond the last
-    tracked step reuses the last step's statistics (Cooijmans et al., section 4).
+    tracked step reuses the last step's statistics (Cooijmans et al., section 4). :math:`s_{last}` is read
+    from ``num_batches_tracked`` at every call, so buffers written in place are always seen.
 
     Special cases, handled instead of returning NaN or inf:
 
     * fewer than 2 valid rows in training (say the last sequence of a packed batch, or an unbatched
-      input): there is no batch variance, so the call normalizes with the slot's population statistics
-      (as in eval) and leaves them unchanged;
+      input): there is no batch variance, so the step normalizes with the slot's population statistics
+      as they were when the call started, and records nothing;
     * a feature whose values are identical across the valid rows (zero batch variance; see
-      :func:`recnorm.nn.stats.degenerate_features`): its normalized value is exactly 0 (so the output
+      :func:`recnorm.kernels.stats.degenerate_features`): its normalized value is exactly 0 (so the output
       is :math:`\beta`) and no gradient flows back through it. The exact gradient there is
       :math:`\gamma/\sqrt{\epsilon}\,(g_b - \bar g)`: it has zero mean over the batch, so while the
       inputs are identical across the batch it contributes nothing to any parameter's gradient, yet
@@ -86,11 +96,17 @@ class RecurrentBatchNorm(nn.Module):
       only the per-example gradient with respect to such constant inputs or initial states loses that
       zero-mean part.
 
+    Low precision: statistics of bfloat16 and float16 inputs are taken in float32.
+
     Data parallel: by default each process normalizes with its own batch, as ``torch.nn.BatchNorm1d``
     does. With ``sync = True`` (set by :func:`recnorm.convert_sync_batchnorm`), training calls take
-    :math:`V` over the valid rows of every process of ``process_group`` (see :mod:`recnorm.nn.stats`),
-    so all processes normalize with, and record, the same statistics; the "fewer than 2 rows" rule then
-    counts the rows of all processes. Eval makes no collective call.
+    :math:`V` over the valid rows of every process of ``process_group``, so all processes normalize
+    with, and record, the same statistics; the "fewer than 2 rows" rule then counts the rows of all
+    processes. Eval makes no collective call.
+
+    Checkpoints store the running statistics of the tracked slots only (slots ``0 .. s_last``), so a
+    ``state_dict`` does not grow with ``max_steps``; loading pads the rest as untracked, and checkpoints
+    holding all ``max_steps`` slots load as before.
 
     Args:
         num_features: F.
@@ -99,8 +115,9 @@ class RecurrentBatchNorm(nn.Module):
         shift: learn :math:`\beta` (initialised to 0). Without it, :math:`\beta = 0`.
         momentum: running-average factor, or ``None`` for a cumulative average.
         eps: added to the variance.
-        scope: ``"step"`` (called inside the time loop, once per step) or ``"sequence"`` (called once on
-            the rows of all time steps; statistics over every valid (t, b) position).
+        scope: ``"step"`` (statistics per step inside the time loop) or ``"sequence"`` (one call on the
+            rows of all time steps; statistics over every valid (t, b) position).
+        center: subtract the mean (batch norm) or only divide by the root mean square.
     """
 
     def __init__(
@@ -113,6 +130,7 @@ class RecurrentBatchNorm(nn.Module):
         momentum: Optional[float] = 0.1,
         eps: float = 1e-5,
         scope: str = "step",
+        center: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -121,38 +139,56 @@ class RecurrentBatchNorm(nn.Module):
         if scope not in ("step", "sequence"):
             raise ValueError(f"scope must be 'step' or 'sequence', got {scope!r}")
         self.scope = scope
-        if int(max_steps) < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-        if momentum is not None and not (0.0 <= float(momentum) <= 1.0):
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
-        if not float(eps) > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.max_steps = _check_option("max_steps", max_steps)
+        self.momentum = _check_option("momentum", momentum)
+        self.eps = _check_option("eps", eps)
+        self.gain_init = _check_option("gain_init", gain_init)
         self.num_features = int(num_features)
-        self.max_steps = int(max_steps)
-        self.gain_init = float(gain_init)
-        self.momentum = momentum
-        self.eps = float(eps)
+        self.center = bool(center)
         self.weight = nn.Parameter(torch.empty(self.num_features, **fk))
         self.bias = nn.Parameter(torch.empty(self.num_features, **fk)) if shift else None
         self.register_buffer("running_mean", torch.zeros(self.max_steps, self.num_features, **fk))
         self.register_buffer("running_var", torch.ones(self.max_steps, self.num_features, **fk))
         self.register_buffer("num_batches_tracked", torch.zeros(self.max_steps, dtype=torch.long, device=device))
-        self._last_slot: Optional[int] = None  # cached s_last for eval; reset whenever buffers change
-        self._accumulator: Optional[Dict[str, Tensor]] = None  # set by population-statistics passes
+        self._population: Optional[Dict[str, Tensor]] = None  # set by begin_population_pass
         self._observers: List[Callable[[int, Tensor, Tensor, int], None]] = []
         self.sync = False  # synchronized statistics across processes (recnorm.convert_sync_batchnorm)
         self.process_group: Any = None  # None: the default (world) group
         self.reset_parameters()
 
+    @property
+    def stat(self) -> str:
+        """The statistic kind of the kernel contract: ``"step"``, ``"shared"`` or ``"sequence"``."""
+        if self.scope == "sequence":
+            return "sequence"
+        return "step" if self.max_steps > 1 else "shared"
+
     def synced(self) -> bool:
         """Whether this call's statistics would involve other processes (training, sync, group of 2+)."""
         return self.training and sync_active(self.sync, self.process_group)
 
+    def descriptor(self) -> NormDesc:
+        return NormDesc(
+            stat=self.stat,
+            num_features=self.num_features,
+            center=self.center,
+            weight=self.weight,
+            bias=self.bias,
+            eps=self.eps,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            num_batches_tracked=self.num_batches_tracked,
+            momentum=self.momentum,
+            batch_stats=self.training,
+            sync=self.sync and self.training,
+            process_group=self.process_group,
+        )
+
     def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
-        self._last_slot = None
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -164,107 +200,96 @@ class RecurrentBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, max_steps={self.max_steps}, gain_init={self.gain_init}, "
-            f"shift={self.bias is not None}, momentum={self.momentum}, eps={self.eps}" + (", sync=True" if self.sync else "")
+            f"shift={self.bias is not None}, momentum={self.momentum}, eps={self.eps}"
+            + ("" if self.center else ", center=False")
+            + (", scope='sequence'" if self.scope == "sequence" else "")
+            + (", sync=True" if self.sync else "")
         )
-
-    # -- slots -------------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        self._last_slot = None
-        return super().train(mode)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._last_slot = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def last_tracked_slot(self) -> int:
         """Index of the last slot with population statistics (``max_steps - 1`` if none has any)."""
-        if self._last_slot is None:
-            tracked = torch.nonzero(self.num_batches_tracked > 0)
-            self._last_slot = int(tracked.max()) if tracked.numel() else self.max_steps - 1
-        return self._last_slot
+        tracked = torch.nonzero(self.num_batches_tracked > 0)
+        return int(tracked.max()) if tracked.numel() else self.max_steps - 1
 
-    def _slot(self, step: int, use_population: bool) -> int:
-        if step < 0:
-            raise ValueError(f"step must be a non-negative time index, got {step}")
-        if use_population:
-            return min(step, self.last_tracked_slot())
-        return min(step, self.max_steps - 1)
-
-    # -- forward -----------------------------------------------------------------------------------
+    # -- standalone use ----------------------------------------------------------------------------
     def forward(self, x: Tensor, step: int = 0, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize the rows ``x`` ``(N, F)`` of one step (``mask``: the valid rows), updating the running
+        statistics in training mode. The recurrent layers do not call this: their kernels read
+        :meth:`descriptor` and hand the batch statistics to :meth:`record`."""
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected input of shape (N, {self.num_features}), got {tuple(x.shape)}")
-        sync = {"sync": self.sync and self.training, "process_group": self.process_group}
-        n = count_valid(x, mask, **sync)
-        mean, var, degenerate = self.statistics(lambda: batch_moments(x, mask, **sync), n, int(step))
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        if degenerate is not None:
-            # No spread across the batch: normalize to exactly 0 and pass no gradient (see class docs).
-            y = torch.where(degenerate, torch.zeros((), dtype=y.dtype, device=y.device), y)
-        y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
+        d = self.descriptor()
+        sync = {"sync": d.sync, "process_group": self.process_group}
+        n = count_valid(x, mask, **sync) if d.batch_stats else 0
+        if n < 2:
+            mean, var = kfn.population_moments(d, torch.tensor([int(step)], device=x.device))
+            dt = stats_dtype(x.dtype)
+            mean, var = mean[0].to(dt), var[0].to(dt)
+            return kfn.normalize_with(d, x, mean if self.center else torch.zeros_like(mean), var, None)
+        mean, var = batch_moments(x, mask, center=self.center, **sync)
+        y = kfn.normalize_with(d, x, mean, var, degenerate_features(mean, var))
+        self.record(BatchMoments(
+            steps=torch.tensor([int(step)], device=x.device), mean=mean.detach().unsqueeze(0), var=var.detach().unsqueeze(0),
+            count=torch.tensor([n], device=x.device),
+        ))  # fmt: skip
         return y
 
-    def statistics(
-        self, moments: Callable[[], Tuple[Tensor, Tensor]], n: int, step: int = 0
-    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """The mean and variance to normalize with at ``step``, updating the running statistics.
-
-        ``moments()`` returns the batch mean and biased variance of the ``n`` valid rows; it is only
-        called when batch statistics are used (training with ``n >= 2``). Returns ``(mean, var,
-        degenerate)`` where ``degenerate`` marks zero-variance features (``None`` with population
-        statistics). Fast paths that fold the normalization into weights call this too, so that every
-        path shares the same rules.
-        """
-        if not self.training or n < 2:
-            s = self._slot(step, use_population=True)
-            return self.running_mean[s], self.running_var[s], None
-        s = self._slot(step, use_population=False)
-        mean, var = moments()
-        self._update(s, mean.detach(), var.detach(), n)
-        for observe in self._observers:
-            observe(step, mean.detach(), var.detach(), n)
-        return mean, var, degenerate_features(mean, var)
-
-    def affine(self, moments: Callable[[], Tuple[Tensor, Tensor]], n: int, step: int = 0) -> Tuple[Tensor, Tensor]:
-        """``(scale, shift)`` with ``bn(x) == x * scale + shift`` for the rows ``moments`` describes.
-
-        Lets a caller fold sequence-wise BN of ``W x`` into the weights: ``BN(W x) = (scale * W) x +
-        shift``. Same statistics, updates and zero-variance rule as :meth:`forward`.
-        """
-        mean, var, degenerate = self.statistics(moments, n, step)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        if degenerate is not None:
-            scale = torch.where(degenerate, torch.zeros((), dtype=scale.dtype, device=scale.device), scale)
-        shift = -mean * scale
-        return scale, (shift if self.bias is None else shift + self.bias)
-
+    # -- running statistics ------------------------------------------------------------------------
     @torch.no_grad()
-    def _update(self, s: int, mean: Tensor, var: Tensor, n: int) -> None:
-        """Record the batch mean and biased variance of ``n`` rows at slot ``s``."""
-        if self._accumulator is not None:
-            acc = self._accumulator
-            mean64, var64 = mean.double(), var.double()
-            acc["count"][s] += n
-            acc["sum"][s] += n * mean64
-            acc["sumsq"][s] += n * (var64 + mean64 * mean64)
+    def record(self, m: BatchMoments) -> None:
+        """Fold a call's batch moments into the running statistics (steps in order, as if each step had
+        updated them in turn); or pool them during a population pass; and report them to observers."""
+        if m.steps.numel() == 0:
             return
-        self.num_batches_tracked[s] += 1
-        self._last_slot = None
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked[s])
+        for observe in self._observers:
+            for k in range(m.steps.shape[0]):
+                if int(m.count[k]) >= 2:
+                    observe(int(m.steps[k]), m.mean[k], m.var[k], int(m.count[k]))
+        if self._population is not None:
+            self._pool(m)
+            return
+        S = self.max_steps
+        dev = self.running_mean.device
+        slots = m.steps.to(dev).clamp(max=S - 1)
+        valid = m.count.to(dev) >= 2  # (K,)
+        n = m.count.to(dev).clamp(min=2).to(self.running_var.dtype)
+        mean = m.mean.to(self.running_mean.dtype)
+        unbiased = m.var.to(self.running_var.dtype) * (n / (n - 1)).unsqueeze(1)
+        vf = valid.to(mean.dtype)
+        tail = slots == S - 1  # steps sharing the last slot: possibly several per call, applied in order
+        if self.momentum is None:  # cumulative average: the k-th update of a slot has weight 1/k
+            before = self.num_batches_tracked.index_select(0, slots).to(mean.dtype)
+            rank = torch.where(tail, torch.cumsum(vf * tail, 0), vf)
+            f = vf / (before + rank).clamp(min=1)
         else:
-            factor = float(self.momentum)
-        unbiased = var * (n / (n - 1))
-        self.running_mean[s].lerp_(mean, factor)
-        self.running_var[s].lerp_(unbiased, factor)
+            f = vf * float(self.momentum)
+        # Slot S-1: new = prod(1 - f) * old + sum_k f_k prod_{j > k} (1 - f_j) value_k over its steps.
+        g = torch.where(tail, 1 - f, torch.ones_like(f))
+        suffix = torch.flip(torch.cumprod(torch.flip(g, [0]), 0), [0])  # prod_{j >= k}
+        after = torch.cat([suffix[1:], suffix.new_ones(1)])  # prod_{j > k}
+        w_tail = (f * after * tail).unsqueeze(1)
+        keep_tail = suffix[0]
+        for buf, value in ((self.running_mean, mean), (self.running_var, unbiased)):
+            old = buf.index_select(0, slots)
+            own = old + f.unsqueeze(1) * (value - old)  # lerp: a slot of its own
+            shared = keep_tail * old + (w_tail * value).sum(0, keepdim=True)
+            buf.index_copy_(0, slots, torch.where(tail.unsqueeze(1), shared, own))
+        self.num_batches_tracked.index_add_(0, slots, valid.to(self.num_batches_tracked.dtype))
+
+    def _pool(self, m: BatchMoments) -> None:
+        acc = self._population
+        slots = m.steps.to(acc["count"].device).clamp(max=self.max_steps - 1)
+        n = m.count.to(acc["count"].device).to(torch.float64) * (m.count >= 2).to(acc["count"].device)
+        mean64, var64 = m.mean.double(), m.var.double()
+        acc["count"].index_add_(0, slots, n)
+        acc["sum"].index_add_(0, slots, n.unsqueeze(1) * mean64)
+        acc["sumsq"].index_add_(0, slots, n.unsqueeze(1) * (var64 + mean64 * mean64))
 
     # -- exact population statistics -----------------------------------------------------------------
     def begin_population_pass(self) -> None:
         """Start pooling exact per-slot sums instead of updating running averages."""
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.running_mean.device)  # noqa: E731
-        self._accumulator = {
+        self._population = {
             "count": z(self.max_steps),
             "sum": z(self.max_steps, self.num_features),
             "sumsq": z(self.max_steps, self.num_features),
@@ -274,10 +299,11 @@ class RecurrentBatchNorm(nn.Module):
     def end_population_pass(self) -> None:
         """Replace the running statistics by the pooled statistics of the pass.
 
-        Slot ``s`` gets the mean and unbiased variance of every valid row seen at that slot. Slots that
-        saw no row are reset (mean 0, variance 1, untracked), so eval reuses the last seen slot.
+        Slot ``s`` gets the mean and unbiased variance (mean square when not centred) of every valid row
+        seen at that slot. Slots that saw no row are reset (mean 0, variance 1, untracked), so eval reuses
+        the last seen slot.
         """
-        acc, self._accumulator = self._accumulator, None
+        acc, self._population = self._population, None
         if acc is None:
             raise RuntimeError("end_population_pass() called without begin_population_pass()")
         self.reset_running_stats()
@@ -285,10 +311,42 @@ class RecurrentBatchNorm(nn.Module):
         seen = count > 0
         n = count.clamp(min=1).unsqueeze(1)
         mean = acc["sum"] / n
-        var = (acc["sumsq"] - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
+        if self.center:
+            var = (acc["sumsq"] - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
+        else:
+            var = acc["sumsq"] / (n - 1).clamp(min=1)
+            mean = torch.zeros_like(mean)
         self.running_mean[seen] = mean[seen].to(self.running_mean.dtype)
         self.running_var[seen] = var[seen].to(self.running_var.dtype)
         self.num_batches_tracked[seen] = 1
+
+    def abort_population_pass(self) -> None:
+        self._population = None
+
+    # -- checkpoints: the tracked slots only -------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        tracked = torch.nonzero(self.num_batches_tracked > 0)
+        keep = int(tracked.max()) + 1 if tracked.numel() else 0
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            key = prefix + name
+            if key in destination:
+                destination[key] = destination[key][:keep]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        fills = {"running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}
+        for name, fill in fills.items():
+            key = prefix + name
+            value = state_dict.get(key)
+            if not isinstance(value, Tensor):
+                continue
+            own = getattr(self, name)
+            if value.dim() != own.dim() or value.shape[1:] != own.shape[1:] or value.shape[0] > own.shape[0]:
+                continue  # torch reports the mismatch
+            if value.shape[0] < own.shape[0]:  # a checkpoint of the tracked slots only: the rest untracked
+                pad = torch.full((own.shape[0] - value.shape[0],) + tuple(own.shape[1:]), fill, dtype=value.dtype, device=value.device)
+                state_dict[key] = torch.cat([value, pad], 0)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -299,7 +357,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     Every process must then run the same layers in the same order (as DistributedDataParallel does);
     batches may differ in size and length between processes, including sequences that end at
     different steps: per-step statistics at step t pool the rows that are valid at t on every process.
-    Synchronized layers run the reference time loop (the fused kernels compute statistics locally).
+    Synchronized layers run the reference loop (the fused kernels compute statistics locally).
     """
     for m in module.modules():
         if isinstance(m, RecurrentBatchNorm):
@@ -309,7 +367,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
 
 
 class GroupedLayerNorm(nn.Module):
-    r"""Layer normalization of each row over groups of features.
+    r"""Layer normalization (or RMSNorm) of each row over groups of features.
 
     For a row :math:`a` split into groups :math:`a^{(k)}` of sizes ``groups``:
 
@@ -317,14 +375,16 @@ class GroupedLayerNorm(nn.Module):
         y^{(k)} = \frac{a^{(k)} - \mu^{(k)}}{\sqrt{\sigma^{2(k)} + \epsilon}}, \qquad
         y = \gamma \odot y + \beta
 
-    with :math:`\mu^{(k)}, \sigma^{2(k)}` the mean and biased variance of the row's group. Statistics
-    belong to the example and the step alone: nothing is carried across time or batches, and training
-    and eval compute the same thing.
+    with :math:`\mu^{(k)}, \sigma^{2(k)}` the mean and biased variance of the row's group (Ba et al. 2016).
+    With ``center=False`` it is RMSNorm (Zhang and Sennrich 2019): :math:`\mu^{(k)} = 0` and
+    :math:`\sigma^{2(k)}` is the group's mean square. Statistics belong to the example and the step alone:
+    nothing is carried across time or batches, and training and eval compute the same thing.
 
     A group whose values are all equal (zero variance: an all-zero ``h`` or ``c`` at the start of a
-    sequence, after zero-initialised biases and blank input rows) normalizes to exactly 0 and passes
-    no gradient. There the exact Jacobian is :math:`\gamma/\sqrt{\epsilon}` (about 316 gamma); over
-    a run of such steps it overflows to inf (the layer-norm form of Cooijmans et al.'s section 5.1).
+    sequence, after zero-initialised biases and blank input rows; for RMSNorm, an all-zero group)
+    normalizes to exactly 0 and passes no gradient. There the exact Jacobian is
+    :math:`\gamma/\sqrt{\epsilon}` (about 316 gamma); over a run of such steps it overflows to inf (the
+    layer-norm form of Cooijmans et al.'s section 5.1).
 
     Args:
         num_features: F.
@@ -332,6 +392,7 @@ class GroupedLayerNorm(nn.Module):
         gain_init: initial :math:`\gamma`.
         shift: learn :math:`\beta` (initialised to 0). Without it, :math:`\beta = 0`.
         eps: added to the variance.
+        center: subtract the mean (layer norm) or not (RMSNorm).
     """
 
     scope = "row"
@@ -344,6 +405,7 @@ class GroupedLayerNorm(nn.Module):
         gain_init: float = 1.0,
         shift: bool = True,
         eps: float = 1e-5,
+        center: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -353,10 +415,9 @@ class GroupedLayerNorm(nn.Module):
         self.groups: Tuple[int, ...] = tuple(int(g) for g in groups) if groups else (self.num_features,)
         if sum(self.groups) != self.num_features or min(self.groups) < 1:
             raise ValueError(f"groups must be positive sizes summing to {self.num_features}, got {self.groups}")
-        if not float(eps) > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
-        self.gain_init = float(gain_init)
-        self.eps = float(eps)
+        self.eps = _check_option("eps", eps)
+        self.gain_init = _check_option("gain_init", gain_init)
+        self.center = bool(center)
         self.weight = nn.Parameter(torch.empty(self.num_features, **fk))
         self.bias = nn.Parameter(torch.empty(self.num_features, **fk)) if shift else None
         self.reset_parameters()
@@ -368,20 +429,85 @@ class GroupedLayerNorm(nn.Module):
                 self.bias.zero_()
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, groups={self.groups}, gain_init={self.gain_init}, shift={self.bias is not None}, eps={self.eps}"
+        return (
+            f"{self.num_features}, groups={self.groups}, gain_init={self.gain_init}, shift={self.bias is not None}, eps={self.eps}"
+            + ("" if self.center else ", center=False")
+        )
+
+    def descriptor(self) -> NormDesc:
+        return NormDesc(
+            stat="row", num_features=self.num_features, center=self.center, groups=self.groups,
+            weight=self.weight, bias=self.bias, eps=self.eps,
+        )  # fmt: skip
 
     def forward(self, x: Tensor, step: Optional[int] = None, mask: Optional[Tensor] = None) -> Tensor:
         if x.shape[-1] != self.num_features:
             raise ValueError(f"expected input with last dimension {self.num_features}, got {tuple(x.shape)}")
-        parts = []
-        for part in x.split(self.groups, dim=-1) if len(self.groups) > 1 else (x,):
-            var, mean = torch.var_mean(part, dim=-1, correction=0, keepdim=True)
-            y = (part - mean) * torch.rsqrt(var + self.eps)
-            # A constant row (an all-zero state) normalizes to 0 and passes no gradient (class docs).
-            parts.append(torch.where(degenerate_features(mean, var), torch.zeros((), dtype=y.dtype, device=y.device), y))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        y = y * self.weight
-        return y if self.bias is None else y + self.bias
+        return kfn.row_norm(self.descriptor(), x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options: one validation for every scheme
+# ---------------------------------------------------------------------------------------------------
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite_number(value: Any) -> float:
+    if not _real(value) or not math.isfinite(float(value)):
+        raise TypeError("a finite number")
+    return float(value)
+
+
+def _positive_number(value: Any) -> float:
+    v = _finite_number(value) if _real(value) else None
+    if v is None or v <= 0:
+        raise TypeError("a positive finite number")
+    return v
+
+
+def _momentum(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if not _real(value) or not 0.0 <= float(value) <= 1.0:
+        raise TypeError("a number in [0, 1], or None for a cumulative average")
+    return float(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise TypeError("an integer >= 1")
+    return int(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("True or False")
+    return value
+
+
+# What each option name accepts: a function that returns the normalized value or raises TypeError with
+# a description of what is expected. Schemes may add their own (NormSpec.checks).
+OPTION_CHECKS: Dict[str, Callable[[Any], Any]] = {
+    "gain_init": _finite_number,
+    "eps": _positive_number,
+    "momentum": _momentum,
+    "max_steps": _positive_int,
+    "joint": _flag,
+    "carry_cell": _flag,
+}
+
+
+def _check_option(name: str, value: Any, checks: Optional[Mapping[str, Callable[[Any], Any]]] = None, where: str = "") -> Any:
+    check = (checks or {}).get(name) or OPTION_CHECKS.get(name)
+    if check is None:
+        return value
+    try:
+        return check(value)
+    except TypeError as exc:
+        raise ValueError(f"{name}{where}: expected {exc}, got {value!r} ({type(value).__name__})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,30 +525,36 @@ class NormSpec:
         name: registry key.
         build: ``build(site, num_features, groups, **options, device=, dtype=)`` returns the module for
             ``site`` (one of :data:`SITES`) or ``None`` if the scheme leaves that site alone. ``groups``
-            are the cell's layer-norm groups for gate sites (``None`` for the cell site).
+            are the cell's layer-norm groups for gate sites (``None`` for the cell site). Every module it
+            returns has a ``descriptor()`` (see :mod:`recnorm.kernels.contract`).
         options: the ``norm_kwargs`` the scheme accepts, with their defaults.
         summary: one line for listings.
+        batch_statistics: whether the scheme normalizes with batch statistics (running averages, a
+            train/eval difference, batch-size effects).
+        checks: validators for options :data:`OPTION_CHECKS` does not know.
+        label: a short display name for reports.
     """
 
     name: str
     build: NormBuilder
     options: Dict[str, Any]
     summary: str
+    batch_statistics: bool = False
+    checks: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+    label: str = ""
 
 
-NORMS: Dict[str, NormSpec] = {}
+NORMS: Registry[NormSpec] = Registry("norm")
 
 
-def register_norm(spec: NormSpec) -> NormSpec:
-    if spec.name in NORMS:
-        raise ValueError(f"normalization {spec.name!r} is already registered")
-    NORMS[spec.name] = spec
-    return spec
+def register_norm(spec: NormSpec, *, replace: bool = False) -> NormSpec:
+    """Register a normalization scheme; it is then usable as ``norm=spec.name`` by every layer."""
+    return NORMS.register(spec.name, spec, replace=replace)
 
 
 def list_norms() -> List[str]:
     """Names of the registered normalization schemes (``None`` means no normalization)."""
-    return sorted(NORMS)
+    return NORMS.names()
 
 
 def get_norm(name: Optional[str]) -> Optional[NormSpec]:
@@ -431,13 +563,19 @@ def get_norm(name: Optional[str]) -> Optional[NormSpec]:
         return None
     if not isinstance(name, str) or name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; expected None or one of {list_norms()}")
-    return NORMS[name]
+    return NORMS.get(name)
 
 
-def resolve_norm_kwargs(name: Optional[str], norm_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The scheme's options with ``norm_kwargs`` applied; unknown keys raise ValueError."""
+def resolve_norm_kwargs(name: Optional[str], norm_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The scheme's options with ``norm_kwargs`` applied and validated. An unknown name, or a value of the
+    wrong type or range, raises ValueError naming the option, what was expected and what arrived."""
     spec = get_norm(name)
-    norm_kwargs = dict(norm_kwargs or {})
+    if norm_kwargs is None:
+        norm_kwargs = {}
+    if not isinstance(norm_kwargs, Mapping):
+        raise ValueError(
+            f"norm_kwargs must be a dict of options such as {{'eps': 1e-5}}, got {norm_kwargs!r} ({type(norm_kwargs).__name__})"
+        )
     if spec is None:
         if norm_kwargs:
             raise ValueError(f"norm_kwargs {sorted(norm_kwargs)} given but norm is None; pass a norm from {list_norms()}")
@@ -445,7 +583,8 @@ def resolve_norm_kwargs(name: Optional[str], norm_kwargs: Optional[Dict[str, Any
     unknown = sorted(set(norm_kwargs) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown norm_kwargs {unknown} for norm {name!r}; expected a subset of {sorted(spec.options)}")
-    return {**spec.options, **norm_kwargs}
+    where = f" (norm_kwargs of norm {name!r})"
+    return {k: _check_option(k, v, spec.checks, where) for k, v in {**spec.options, **dict(norm_kwargs)}.items()}
 
 
 def create_norm(
@@ -467,12 +606,16 @@ def create_norm(
 
 
 def _build_layer(site, num_features, groups, *, gain_init, eps, **fk):
+    if site == "gates":
+        return None
     if site == "cell":
         return GroupedLayerNorm(num_features, gain_init=gain_init, shift=True, eps=eps, **fk)
     return GroupedLayerNorm(num_features, groups=groups, gain_init=gain_init, shift=False, eps=eps, **fk)
 
 
 def _build_batch(site, num_features, groups, *, gain_init, max_steps, momentum, eps, **fk):
+    if site == "gates":
+        return None
     # Gate terms carry no BN shift: the cell's bias b covers it (beta_x = beta_h = 0 in Cooijmans et al.).
     return RecurrentBatchNorm(
         num_features, max_steps=max_steps, gain_init=gain_init, shift=(site == "cell"), momentum=momentum, eps=eps, **fk
@@ -489,6 +632,8 @@ def _build_sequence_batch(site, num_features, groups, *, gain_init, momentum, ep
 
 
 def _build_shared_batch(site, num_features, groups, *, gain_init, momentum, eps, **fk):
+    if site == "gates":
+        return None
     # One slot: every step's call normalizes with its own batch statistics but reads and writes the same
     # running statistics, exactly what calling one nn.BatchNorm1d at every step does.
     return RecurrentBatchNorm(
@@ -502,6 +647,7 @@ register_norm(
         _build_layer,
         {"gain_init": 1.0, "eps": 1e-5},
         "layer norm (Ba et al. 2016) of W_ih x_t, W_hh h_{t-1} and c_t inside tanh",
+        label="layer norm",
     )
 )
 register_norm(
@@ -510,6 +656,8 @@ register_norm(
         _build_batch,
         {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.1, "eps": 1e-5},
         "recurrent batch norm (Cooijmans et al. 2017): per-step statistics on W_ih x_t, W_hh h_{t-1}, c_t",
+        batch_statistics=True,
+        label="per-step BN",
     )
 )
 register_norm(
@@ -518,6 +666,8 @@ register_norm(
         _build_sequence_batch,
         {"gain_init": 1.0, "momentum": 0.1, "eps": 1e-5},
         "sequence-wise batch norm of W_ih x_t over all valid (t, b) (Laurent et al. 2016; Deep Speech 2)",
+        batch_statistics=True,
+        label="sequence-wise BN",
     )
 )
 register_norm(
@@ -526,5 +676,7 @@ register_norm(
         _build_shared_batch,
         {"gain_init": 1.0, "momentum": 0.1, "eps": 1e-5},
         "ANTI-PATTERN: one BatchNorm reused at every step (statistics and gains shared across time)",
+        batch_statistics=True,
+        label="shared BN",
     )
 )

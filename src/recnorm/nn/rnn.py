@@ -19,13 +19,14 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from recnorm import kernels
-from recnorm.kernels import DirectionParams
-from recnorm.nn.cells import CellType, GRUCellType, LSTMCellType, RNNCellType
+from recnorm.kernels.contract import BatchMoments, DirectionWork
+from recnorm.kernels.packing import check_batch_sizes, reverse_packed
+from recnorm.nn.cells import CELLS, CellType
 from recnorm.nn.norms import create_norm, get_norm, resolve_norm_kwargs
 
 __all__ = ["RecurrentBase", "LSTM", "GRU", "RNN", "CellBase", "LSTMCell", "GRUCell", "RNNCell"]
 
-_SITE_ATTR = {"ih": "norm_ih", "hh": "norm_hh", "cell": "norm_c"}
+_SITE_ATTR = {"ih": "norm_ih", "hh": "norm_hh", "gates": "norm_gates", "cell": "norm_c"}
 
 _NORM_DOC = r"""
     Normalization (``norm``):
@@ -64,12 +65,57 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-class RecurrentBase(nn.Module):
-    """Shared machinery of :class:`LSTM`, :class:`GRU` and :class:`RNN`; not used directly."""
+class _NormSetup:
+    """What the layers and the cells share: resolving the scheme, and building its module at every site
+    the cell offers, under torch.nn-style names (``norm_ih_l0``, ``norm_c_l1_reverse``, ...)."""
+
+    def _setup_norm(self, norm: Optional[str], norm_kwargs: Optional[Dict[str, Any]]) -> None:
+        self.norm = None if norm in (None, "none") else norm
+        get_norm(self.norm)  # validates the name
+        self.norm_kwargs = resolve_norm_kwargs(self.norm, norm_kwargs)
+
+    def _build_norms(self, suffix: str, fk: Dict[str, Any]) -> Dict[str, str]:
+        """Create the scheme's module at each site; returns ``{site: attribute name}`` of those that exist."""
+        cell: CellType = self.cell
+        gate_size = cell.num_gates * self.hidden_size
+        names = {}
+        for site in SITES_IN_ORDER:
+            if site not in cell.sites:
+                continue
+            nf = self.hidden_size if site == "cell" else gate_size
+            groups = None if site == "cell" else cell.gate_groups(self.hidden_size)
+            module = create_norm(self.norm, site, nf, groups, self.norm_kwargs, **fk)
+            name = _SITE_ATTR[site] + suffix
+            setattr(self, name, module)  # None where the scheme leaves the site alone, as torch.nn does for absent biases
+            if module is not None:
+                if not hasattr(module, "descriptor"):
+                    raise TypeError(f"norm {self.norm!r} built a {type(module).__name__} for site {site!r}, which has no descriptor()")
+                names[site] = name
+        if "gates" in names and ("ih" in names or "hh" in names):
+            raise ValueError(f"norm {self.norm!r} puts a joint 'gates' norm and a separate 'ih'/'hh' norm on one cell")
+        return names
+
+    def _norms(self, names: Dict[str, str]) -> Dict[str, nn.Module]:
+        return {site: getattr(self, name) for site, name in names.items()}
+
+
+SITES_IN_ORDER = ("ih", "hh", "gates", "cell")
+
+
+class RecurrentBase(_NormSetup, nn.Module):
+    """One multi-layer recurrent layer for every registered cell; :class:`LSTM`, :class:`GRU` and
+    :class:`RNN` are this class with their cell.
+
+    It owns everything that does not depend on the cell or the normalization: argument validation,
+    ``batch_first``, unbatched and packed input, initial states, layers times directions, and dropout
+    between layers. The cell (``cell``: a :class:`~recnorm.nn.cells.CellType` or a name from
+    :data:`~recnorm.nn.cells.CELLS`) gives the weight shapes and the step math; the norm registry gives
+    the module at each site; :mod:`recnorm.kernels` runs each direction from their descriptors.
+    """
 
     def __init__(
         self,
-        cell: CellType,
+        cell: Union[str, CellType],
         input_size: int,
         hidden_size: int,
         num_layers: int = 1,
@@ -87,6 +133,7 @@ class RecurrentBase(nn.Module):
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
+        self.cell = CELLS.get(cell)() if isinstance(cell, str) else cell
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.num_layers = _check_positive_int("num_layers", num_layers)
@@ -98,49 +145,30 @@ class RecurrentBase(nn.Module):
                 "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
                 f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}"
             )
+        if self.proj_size and not self.cell.has_projection:
+            raise ValueError(f"proj_size argument is only supported for LSTM, not {type(self).__name__}")
         if self.proj_size >= self.hidden_size:
             raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and hidden_size={hidden_size}")
-        self.cell = cell
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
-        self.norm = None if norm in (None, "none") else norm
-        get_norm(self.norm)  # validates the name
-        self.norm_kwargs = resolve_norm_kwargs(self.norm, norm_kwargs)
+        self._setup_norm(norm, norm_kwargs)
         self.kernel = kernels.resolve_kernel(kernel) if kernel is not None else None
         self._step_observer = None  # set by recnorm.diagnostics.capture
 
         num_directions = 2 if bidirectional else 1
         real_hidden = self.proj_size or self.hidden_size
-        gate_size = cell.num_gates * self.hidden_size
         self._flat_weights_names: List[str] = []
-        self._norm_names: List[Tuple[str, ...]] = []
+        self._norm_sites: List[Dict[str, str]] = []  # per (layer, direction): site -> attribute name
         for layer in range(self.num_layers):
             for direction in range(num_directions):
                 layer_input = self.input_size if layer == 0 else real_hidden * num_directions
-                sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                params = {
-                    "weight_ih": torch.empty(gate_size, layer_input, **fk),
-                    "weight_hh": torch.empty(gate_size, real_hidden, **fk),
-                }
-                if self.bias:
-                    params["bias_ih"] = torch.empty(gate_size, **fk)
-                    params["bias_hh"] = torch.empty(gate_size, **fk)
-                if self.proj_size > 0:
-                    params["weight_hr"] = torch.empty(self.proj_size, self.hidden_size, **fk)
-                for name, value in params.items():
-                    setattr(self, name + sfx, nn.Parameter(value))
+                sfx = _suffix(layer, direction)
+                for name, shape in self.cell.weight_shapes(layer_input, self.hidden_size, self.proj_size, self.bias).items():
+                    setattr(self, name + sfx, nn.Parameter(torch.empty(shape, **fk)))
                     self._flat_weights_names.append(name + sfx)
-                names = []
-                for site in cell.sites:
-                    nf = self.hidden_size if site == "cell" else gate_size
-                    groups = None if site == "cell" else cell.gate_groups(self.hidden_size)
-                    module = create_norm(self.norm, site, nf, groups, self.norm_kwargs, **fk)
-                    name = _SITE_ATTR[site] + sfx
-                    setattr(self, name, module)
-                    names.append(name if module is not None else None)
-                self._norm_names.append(tuple(names))
+                self._norm_sites.append(self._build_norms(sfx, fk))
         self.reset_parameters()
 
     # -- torch.nn compatibility -------------------------------------------------------------------
@@ -181,24 +209,41 @@ class RecurrentBase(nn.Module):
             s += f", norm={self.norm!r}"
         return s
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile recnorm.{type(self).__name__}: its forward dispatches among Python "
+            "time loops and registered C++ operators that TorchScript's compiler cannot read. Use "
+            "torch.jit.trace (the traced model follows the input's length and batch size), torch.export.export "
+            "or torch.onnx.export(..., dynamo=True) with dynamic shapes, or torch.compile instead."
+        )
+
     # -- helpers ------------------------------------------------------------------------------------
     @property
     def _num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    def _direction_params(self, layer: int, direction: int) -> DirectionParams:
-        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+    def direction_work(self, layer: int, direction: int, on_output=None) -> DirectionWork:
+        """The data one direction of one layer computes with (see :mod:`recnorm.kernels.contract`)."""
+        sfx = _suffix(layer, direction)
         get = lambda n: getattr(self, n + sfx, None)  # noqa: E731
-        return DirectionParams(
+        norms = self._norms(self._norm_sites[layer * self._num_directions + direction])
+        return DirectionWork(
+            cell=self.cell.descriptor(),
             weight_ih=get("weight_ih"),
             weight_hh=get("weight_hh"),
             bias_ih=get("bias_ih"),
             bias_hh=get("bias_hh"),
             weight_hr=get("weight_hr"),
-            norm_ih=get("norm_ih"),
-            norm_hh=get("norm_hh"),
-            norm_c=get("norm_c"),
+            norms={site: m.descriptor() for site, m in norms.items()},
+            carry_cell_norm=bool(getattr(norms.get("cell"), "carry", False)),
+            on_output=on_output,
         )
+
+    def _record(self, layer: int, direction: int, moments: Dict[str, BatchMoments]) -> None:
+        if moments:
+            norms = self._norms(self._norm_sites[layer * self._num_directions + direction])
+            for site, m in moments.items():
+                norms[site].record(m)
 
     def _state_shapes(self, batch: int) -> List[Tuple[int, int, int]]:
         n = self.num_layers * self._num_directions
@@ -215,9 +260,8 @@ class RecurrentBase(nn.Module):
             raise TypeError(f"{self._name()}: expected a floating point {what}, got dtype {x.dtype}")
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{self._name()}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
-        ref = self._flat_weights_names[0]
-        w = getattr(self, ref)
-        if x.dtype != w.dtype or x.device != w.device:
+        w = getattr(self, self._flat_weights_names[0])
+        if x.device != w.device or (x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)):
             raise ValueError(
                 f"{self._name()}: input has dtype {x.dtype} on {x.device} but the parameters have dtype {w.dtype} on {w.device}"
             )
@@ -249,23 +293,47 @@ class RecurrentBase(nn.Module):
                 expected = shape if is_batched else (shape[0], shape[2])
                 got = tuple(s.shape) if is_batched else (s.shape[0], s.shape[2])
                 raise ValueError(f"{self._name()}: expected {name} of shape {expected}, got {got}")
-            if s.dtype != like.dtype or s.device != like.device:
+            if s.device != like.device or (s.dtype != like.dtype and not torch.is_autocast_enabled(like.device.type)):
                 raise ValueError(f"{self._name()}: {name} has dtype {s.dtype} on {s.device}, expected {like.dtype} on {like.device} like the input")
             if sorted_indices is not None:
                 s = s.index_select(1, sorted_indices)
-            out.append(s)
+            out.append(s.to(like.dtype))
         return tuple(out)
+
+    def _check_packed(self, x: Tensor, batch_sizes: Tensor, sorted_indices, unsorted_indices) -> int:
+        """Validate a (possibly hand-built) PackedSequence once, whatever kernel runs it; returns B."""
+        name = f"{self._name()}: PackedSequence"
+        if x.dim() != 2:
+            raise ValueError(f"{name} data must be 2-D (N, input_size), got shape {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            return int(sorted_indices.shape[0]) if sorted_indices is not None else int(batch_sizes[0])
+        sizes = check_batch_sizes(batch_sizes, x.shape[0], name)
+        batch = sizes[0]
+        for what, idx in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
+            if idx is None:
+                continue
+            if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64 or idx.numel() != batch:
+                got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+                raise ValueError(f"{name}: expected {what} to be a 1-D int64 tensor of {batch} indices, got a {got}")
+            if not torch.equal(torch.sort(idx.cpu()).values, torch.arange(batch)):
+                raise ValueError(f"{name}: {what} must be a permutation of 0..{batch - 1}, got {idx.tolist()}")
+        if (sorted_indices is None) != (unsorted_indices is None):
+            raise ValueError(f"{name}: give both sorted_indices and unsorted_indices, or neither")
+        return batch
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         """Run the layer. Inputs and outputs are those of the corresponding torch.nn layer."""
         if isinstance(input, PackedSequence):
-            x, batch_sizes_t, sorted_indices, unsorted_indices = input
-            if x.dim() != 2:
-                raise ValueError(f"{self._name()}: expected PackedSequence data to be 2-D (N, input_size), got shape {tuple(x.shape)}")
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            if torch.jit.is_tracing():
+                raise RuntimeError(
+                    f"{self._name()}: torch.jit.trace of a PackedSequence input would bake its batch sizes into the "
+                    "trace. Trace with a padded tensor instead, or use torch.export / torch.compile."
+                )
+            batch = self._check_packed(x, batch_sizes, sorted_indices, unsorted_indices)
             self._check_input(x, "PackedSequence")
-            batch_sizes = batch_sizes_t.tolist()
-            batch, seq_len, is_batched = batch_sizes[0], len(batch_sizes), True
+            is_batched = True
         elif isinstance(input, Tensor):
             if input.dim() not in (2, 3):
                 raise ValueError(
@@ -278,19 +346,22 @@ class RecurrentBase(nn.Module):
             elif self.batch_first:
                 input = input.transpose(0, 1)
             seq_len, batch, _ = input.shape
-            if seq_len == 0 or batch == 0:
-                raise ValueError(f"{self._name()}: expected a non-empty input, got sequence length {seq_len} and batch size {batch}")
+            if seq_len == 0:
+                raise ValueError(f"{self._name()}: expected a non-empty sequence, got sequence length 0")
+            if batch == 0:
+                return self._empty_result(input, hx, is_batched)
             x = input.reshape(seq_len * batch, self.input_size)  # packed rows of a full batch
-            batch_sizes = [batch] * seq_len
-            sorted_indices = unsorted_indices = None
+            batch_sizes = sorted_indices = unsorted_indices = None
         else:
             raise TypeError(f"{self._name()}: expected a Tensor or PackedSequence input, got {type(input).__name__}")
 
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dtype)
         state = self._prepare_state(hx, batch, is_batched, x, sorted_indices)
-        output, finals = self._run_layers(x, batch_sizes, state)
+        output, finals = self._run_layers(x, batch_sizes, batch, state)
 
         if isinstance(input, PackedSequence):
-            out: Union[Tensor, PackedSequence] = PackedSequence(output, batch_sizes_t, sorted_indices, unsorted_indices)
+            out: Union[Tensor, PackedSequence] = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 finals = tuple(f.index_select(1, unsorted_indices) for f in finals)
         else:
@@ -302,9 +373,16 @@ class RecurrentBase(nn.Module):
                 out = out.transpose(0, 1)
         return out, (finals if self.cell.state_size == 2 else finals[0])
 
-    def _run_layers(self, x: Tensor, batch_sizes: List[int], state: Tuple[Tensor, ...]):
+    def _empty_result(self, input: Tensor, hx, is_batched: bool):
+        """torch.nn's answer for a batch of 0 sequences: empty outputs and states of the right shapes."""
+        state = self._prepare_state(hx, 0, is_batched, input, None)
+        out = input.new_zeros(input.shape[0], 0, (self.proj_size or self.hidden_size) * self._num_directions)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (state if self.cell.state_size == 2 else state[0])
+
+    def _run_layers(self, x: Tensor, batch_sizes: Optional[Tensor], batch: int, state: Tuple[Tensor, ...]):
         D = self._num_directions
-        reverse = _Reverser(batch_sizes, x.device) if D == 2 else None
         kernel = kernels.resolve_kernel(self.kernel)
         finals: List[List[Tensor]] = [[] for _ in state]
         layer_input = x
@@ -312,13 +390,13 @@ class RecurrentBase(nn.Module):
             outs = []
             for direction in range(D):
                 idx = layer * D + direction
-                inp = layer_input if direction == 0 else reverse(layer_input)
+                inp = layer_input if direction == 0 else reverse_packed(layer_input, batch_sizes, batch)
                 observer = self._step_observer(self, layer, direction, batch_sizes) if self._step_observer else None
-                out, fin = kernels.run_direction(
-                    self.cell, inp, batch_sizes, tuple(s[idx] for s in state), self._direction_params(layer, direction), observer, kernel
-                )
-                outs.append(out if direction == 0 else reverse(out))
-                for i, f in enumerate(fin):
+                work = self.direction_work(layer, direction, observer)
+                res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel)
+                self._record(layer, direction, res.moments)
+                outs.append(res.output if direction == 0 else reverse_packed(res.output, batch_sizes, batch))
+                for i, f in enumerate(res.state):
                     finals[i].append(f)
             layer_input = outs[0] if D == 1 else torch.cat(outs, 1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -326,26 +404,8 @@ class RecurrentBase(nn.Module):
         return layer_input, tuple(torch.stack(f, 0) for f in finals)
 
 
-class _Reverser:
-    """Reverses each sequence within its own length, on packed rows (an involution)."""
-
-    def __init__(self, batch_sizes: Sequence[int], device) -> None:
-        self.uniform = all(b == batch_sizes[0] for b in batch_sizes)
-        self.T, self.B = len(batch_sizes), batch_sizes[0]
-        if not self.uniform:
-            bs = torch.tensor(batch_sizes, dtype=torch.long)
-            offsets = torch.cumsum(bs, 0) - bs  # (T,) first row of each step
-            b = torch.arange(self.B).unsqueeze(0)  # (1, B)
-            t = torch.arange(self.T).unsqueeze(1)  # (T, 1)
-            valid = b < bs.unsqueeze(1)  # (T, B)
-            lengths = valid.sum(0)  # (B,)
-            src = offsets[(lengths.unsqueeze(0) - 1 - t).clamp(min=0)] + b  # (T, B)
-            self.index = src[valid].to(device)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.uniform:
-            return x.view(self.T, self.B, -1).flip(0).reshape(self.T * self.B, -1)
-        return x.index_select(0, self.index)
+def _suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction == 1 else "")
 
 
 class LSTM(RecurrentBase):
@@ -398,7 +458,7 @@ class LSTM(RecurrentBase):
         kernel: Optional[str] = None,
     ) -> None:
         super().__init__(
-            LSTMCellType(), input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+            "lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
             device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel,
         )  # fmt: skip
 
@@ -435,7 +495,7 @@ class GRU(RecurrentBase):
     ) -> None:
         _reject_unsupported("GRU", unsupported)
         super().__init__(
-            GRUCellType(), input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            "gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
             device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel,
         )  # fmt: skip
 
@@ -475,7 +535,7 @@ class RNN(RecurrentBase):
         _reject_unsupported("RNN", unsupported)
         self.nonlinearity = nonlinearity
         super().__init__(
-            RNNCellType(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            CELLS.get("rnn")(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
             device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel,
         )  # fmt: skip
 
@@ -497,12 +557,13 @@ def _reject_unsupported(name: str, unsupported: Dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-class CellBase(nn.Module):
-    """Shared machinery of the single-step cells; parameter names follow ``torch.nn.LSTMCell``."""
+class CellBase(_NormSetup, nn.Module):
+    """Shared machinery of the single-step cells; parameter names follow ``torch.nn.LSTMCell``. The cell
+    type gives the weight shapes and the math, and the norm setup is the layers' own."""
 
     def __init__(
         self,
-        cell: CellType,
+        cell: Union[str, CellType],
         input_size: int,
         hidden_size: int,
         bias: bool = True,
@@ -514,26 +575,18 @@ class CellBase(nn.Module):
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        self.cell = cell
+        self.cell = CELLS.get(cell)() if isinstance(cell, str) else cell
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.bias = bool(bias)
-        self.norm = None if norm in (None, "none") else norm
-        get_norm(self.norm)
-        self.norm_kwargs = resolve_norm_kwargs(self.norm, norm_kwargs)
-        gate_size = cell.num_gates * self.hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(gate_size, self.input_size, **fk))
-        self.weight_hh = nn.Parameter(torch.empty(gate_size, self.hidden_size, **fk))
-        if self.bias:
-            self.bias_ih = nn.Parameter(torch.empty(gate_size, **fk))
-            self.bias_hh = nn.Parameter(torch.empty(gate_size, **fk))
-        else:
-            self.register_parameter("bias_ih", None)
-            self.register_parameter("bias_hh", None)
-        for site in cell.sites:
-            nf = self.hidden_size if site == "cell" else gate_size
-            groups = None if site == "cell" else cell.gate_groups(self.hidden_size)
-            setattr(self, _SITE_ATTR[site], create_norm(self.norm, site, nf, groups, self.norm_kwargs, **fk))
+        self._setup_norm(norm, norm_kwargs)
+        shapes = self.cell.weight_shapes(self.input_size, self.hidden_size, 0, True)
+        for name, shape in shapes.items():
+            if name.startswith("bias") and not self.bias:
+                self.register_parameter(name, None)
+            else:
+                setattr(self, name, nn.Parameter(torch.empty(shape, **fk)))
+        self._norm_names = self._build_norms("", fk)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -555,7 +608,7 @@ class CellBase(nn.Module):
         return s
 
     def _needs_step(self) -> bool:
-        return any(getattr(m, "scope", None) == "step" and getattr(m, "max_steps", 1) > 1 for m in self.children())
+        return any(getattr(m, "stat", None) == "step" for m in self._norms(self._norm_names).values())
 
     def forward(self, input: Tensor, hx=None, step: Optional[int] = None):
         name = type(self).__name__
@@ -574,11 +627,19 @@ class CellBase(nn.Module):
         x = input if is_batched else input.unsqueeze(0)
         batch = x.shape[0]
         states = self._prepare_state(hx, batch, is_batched, x)
-        p = DirectionParams(
-            self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None,
-            getattr(self, "norm_ih", None), getattr(self, "norm_hh", None), getattr(self, "norm_c", None),
+        if batch == 0:
+            return states if self.cell.state_size == 2 else states[0]
+        norms = self._norms(self._norm_names)
+        work = DirectionWork(
+            cell=self.cell.descriptor(), weight_ih=self.weight_ih, weight_hh=self.weight_hh, bias_ih=self.bias_ih,
+            bias_hh=self.bias_hh, norms={site: m.descriptor() for site, m in norms.items()},
+            carry_cell_norm=bool(getattr(norms.get("cell"), "carry", False)), step_offset=int(step),
         )  # fmt: skip
-        _, new = kernels.reference.run_direction(self.cell, x, [batch], states, p, step_offset=int(step))
+        # One step: the readable reference math, which every tool can trace for any batch size.
+        res = kernels.reference.run_direction(work, x, None, states)
+        for site, m in res.moments.items():
+            norms[site].record(m)
+        new = res.state
         if not is_batched:
             new = tuple(s.squeeze(0) for s in new)
         return new if self.cell.state_size == 2 else new[0]
@@ -611,7 +672,7 @@ class LSTMCell(CellBase):
     )
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, norm=None, norm_kwargs=None):
-        super().__init__(LSTMCellType(), input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
+        super().__init__("lstm", input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
 
 
 class GRUCell(CellBase):
@@ -624,7 +685,7 @@ class GRUCell(CellBase):
     )
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, norm=None, norm_kwargs=None):
-        super().__init__(GRUCellType(), input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
+        super().__init__("gru", input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
 
 
 class RNNCell(CellBase):
@@ -640,4 +701,4 @@ class RNNCell(CellBase):
         self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh", device=None, dtype=None, *, norm=None, norm_kwargs=None
     ):
         self.nonlinearity = nonlinearity
-        super().__init__(RNNCellType(nonlinearity), input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
+        super().__init__(CELLS.get("rnn")(nonlinearity), input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)

@@ -29,8 +29,36 @@ using at::Tensor;
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Normalization of the gate terms (the GRU/RNN kernel serves kLayer and kBatch only).
+// The statistic family of a site's norm descriptor (recnorm/kernels/contract.py), as the Python side
+// passes it: none, per row (layer norm, RMSNorm), or per step over the batch (recurrent batch norm; the
+// shared-over-time form is the same with one slot of running statistics). Together with the site's
+// `center` flag (subtract the mean, or only divide by the root mean square) these are all the kernels
+// read about a norm: a new member of a family needs no change here.
 enum Mode : int64_t { kNone = 0, kLayer = 1, kBatch = 2 };
+
+// The family every site of a kernel call uses: the kernels serve calls whose normalized sites share one
+// family (the Python side checks; this is the last line of defence).
+inline Mode family_of(const std::vector<int64_t>& stat, const char* what) {
+  TORCH_CHECK(!stat.empty(), what, ": no sites");
+  for (int64_t s : stat) {
+    TORCH_CHECK(s >= kNone && s <= kBatch, what, ": unknown statistic ", s);
+    TORCH_CHECK(s == stat[0], what, ": every site of a call must use the same statistic family");
+  }
+  return Mode(stat[0]);
+}
+
+// Rows per step, from an optional int64 tensor of batch sizes (packed) or a full batch of B rows.
+inline std::vector<int64_t> batch_sizes_of(const c10::optional<Tensor>& bs, int64_t N, int64_t B, const char* what) {
+  if (bs.has_value() && bs->defined()) {
+    TORCH_CHECK(bs->dim() == 1 && bs->scalar_type() == at::kLong && bs->device().is_cpu(), what,
+                ": batch_sizes must be a 1-D int64 CPU tensor");
+    const Tensor c = bs->contiguous();
+    const int64_t* p = c.data_ptr<int64_t>();
+    return std::vector<int64_t>(p, p + c.numel());
+  }
+  TORCH_CHECK(B > 0 && N % B == 0, what, ": ", N, " rows do not make full steps of ", B);
+  return std::vector<int64_t>(N / B, B);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Vector helpers. Every loop walks a row segment in steps of Vec::size() with a possibly shorter
@@ -155,7 +183,7 @@ inline Vec<T> tanh_v(const Vec<T>& x) {
   }
 }
 
-// Threshold of recnorm.nn.stats.degenerate_features: var <= (16 eps |mean|)^2.
+// Threshold of recnorm.kernels.stats.degenerate_features: var <= (16 eps |mean|)^2.
 template <typename T>
 constexpr T degenerate_tol() {
   return T(16) * std::numeric_limits<T>::epsilon();
@@ -193,6 +221,31 @@ inline void row_moments(const T* x, int64_t n, T& mean, T& var) {
   var = hsum(q0 + q1) / T(n);
 }
 
+// Row statistics of a layer norm (centred: mean and biased variance) or of an RMSNorm (mean 0 and the
+// mean square).
+template <typename T>
+inline void row_stats(const T* x, int64_t n, bool center, T& mean, T& var) {
+  if (center) {
+    row_moments(x, n, mean, var);
+    return;
+  }
+  constexpr int64_t VS = Vec<T>::size();
+  Vec<T> q0(T(0)), q1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * VS <= n; j += 2 * VS) {
+    const Vec<T> a = Vec<T>::loadu(x + j), b = Vec<T>::loadu(x + j + VS);
+    q0 = fma(a, a, q0);
+    q1 = fma(b, b, q1);
+  }
+  for (; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    const Vec<T> a = lanes(ld(x + j, c), c);
+    q0 = fma(a, a, q0);
+  }
+  mean = T(0);
+  var = hsum(q0 + q1) / T(n);
+}
+
 template <typename T>
 inline T ln_rstd(T mean, T var, T eps) {
   const T tol = degenerate_tol<T>() * mean;
@@ -200,103 +253,112 @@ inline T ln_rstd(T mean, T var, T eps) {
   return T(1) / std::sqrt(var + eps);
 }
 
-// torch's lerp with a scalar weight (ATen/native/Lerp.h).
-template <typename T>
-inline Vec<T> lerp(const Vec<T>& self, const Vec<T>& end, T w) {
-  if (std::abs(w) < T(0.5)) return fma(Vec<T>(w), end - self, self);
-  return end - (end - self) * Vec<T>(T(1) - w);
-}
-
 // ------------------------------------------------------------------------------------------------
-// Recurrent batch norm: one site's running statistics and the decision for one step.
+// Recurrent batch norm: one site's population statistics and the decision for one step.
+//
+// Kernels never write running statistics. A step that normalizes with batch statistics writes its
+// batch mean and biased variance (mean square when not centred) to the call's `moments` output, row t,
+// and the Python side folds them into the running averages; population statistics are read from the
+// slot min(step, last slot with num_batches_tracked > 0) as they were when the call started.
 // ------------------------------------------------------------------------------------------------
 
 template <typename T>
 struct BNSite {
-  T* rm = nullptr;  // (S, F)
-  T* rv = nullptr;  // (S, F)
-  int64_t* nbt = nullptr;  // (S,)
+  const T* rm = nullptr;  // (S, F)
+  const T* rv = nullptr;  // (S, F)
   int64_t S = 1;
   int64_t F = 0;
-  double momentum = 0.1;
-  bool cumulative = false;
+  bool center = true;
   T eps = T(1e-5);
-  int64_t last = -1;  // last slot with num_batches_tracked > 0 (kept up to date while the loop runs)
+  int64_t last = -1;   // last slot with num_batches_tracked > 0
+  T* mo = nullptr;     // moments output: batch means of step t at mo + t * stride
+  T* vo = nullptr;     // batch variances
+  int64_t stride = 0;
 
-  void init(const Tensor& rm_, const Tensor& rv_, const Tensor& nbt_, double mom, double eps_) {
+  void init(const Tensor& rm_, const Tensor& rv_, const Tensor& nbt_, bool center_, double eps_, T* mean_out, T* var_out,
+            int64_t stride_) {
     rm = rm_.data_ptr<T>();
     rv = rv_.data_ptr<T>();
-    nbt = nbt_.data_ptr<int64_t>();
     S = rm_.size(0);
     F = rm_.size(1);
-    cumulative = mom < 0;
-    momentum = mom;
+    center = center_;
     eps = T(eps_);
     last = -1;
+    const int64_t* nbt = nbt_.data_ptr<int64_t>();
     for (int64_t s = 0; s < S; ++s)
       if (nbt[s] > 0) last = s;
+    mo = mean_out;
+    vo = var_out;
+    stride = stride_;
   }
 };
 
 // What one BN site does at one step.
 template <typename T>
 struct BNStep {
-  bool batch = false;  // batch statistics (and a running-statistics update) vs population statistics
-  T* rm = nullptr;     // slot row of the running mean (read for population, updated for batch)
-  T* rv = nullptr;
-  T factor = 0;        // lerp weight of the update
-  T unbias = 1;        // n / (n - 1)
+  bool batch = false;     // batch statistics vs population statistics
+  bool center = true;
+  const T* rm = nullptr;  // slot row of the population statistics (population)
+  const T* rv = nullptr;
+  T* mo = nullptr;        // where the batch moments go (batch)
+  T* vo = nullptr;
   T eps = 0;
 };
 
 template <typename T>
-inline BNStep<T> bn_begin_step(BNSite<T>& site, int64_t step, bool batch, int64_t n) {
+inline BNStep<T> bn_begin_step(const BNSite<T>& site, int64_t t, int64_t step, bool batch) {
   BNStep<T> s;
   s.batch = batch;
+  s.center = site.center;
   s.eps = site.eps;
-  int64_t slot;
   if (batch) {
-    slot = std::min(step, site.S - 1);
-    site.nbt[slot] += 1;
-    site.last = std::max(site.last, slot);
-    const double factor = site.cumulative ? 1.0 / double(site.nbt[slot]) : site.momentum;
-    s.factor = T(factor);
-    s.unbias = T(double(n) / double(n - 1));
+    s.mo = site.mo + t * site.stride;
+    s.vo = site.vo + t * site.stride;
   } else {
     const int64_t last = site.last >= 0 ? site.last : site.S - 1;
-    slot = std::min(step, last);
+    const int64_t slot = std::min(step, last);
+    s.rm = site.rm + slot * site.F;
+    s.rv = site.rv + slot * site.F;
   }
-  s.rm = site.rm + slot * site.F;
-  s.rv = site.rv + slot * site.F;
   return s;
 }
 
 // Statistics of `cnt` adjacent columns (starting at column `col` of the site) over n rows of X (row
-// stride `stride`): batch statistics (updating the running statistics) or the slot's population
-// statistics. Writes the mean and rstd (0 for a degenerate column) of those columns.
+// stride `stride`): batch statistics (written to the moments output) or the slot's population
+// statistics. Writes the mean (0 when not centred) and rstd (0 for a degenerate column) of those columns.
 template <typename T>
 inline void bn_columns(const T* X, int64_t stride, int64_t n, int64_t cnt, int64_t col, const BNStep<T>& s, T* mean_out,
                        T* rstd_out) {
   Vec<T> mean, rstd;
   if (s.batch) {
-    const Vec<T> x0 = ld(X, cnt);
-    Vec<T> acc(T(0));
-    for (int64_t b = 1; b < n; ++b) acc += ld(X + b * stride, cnt) - x0;
-    mean = x0 + acc / Vec<T>(T(n));
-    Vec<T> q(T(0));
-    for (int64_t b = 0; b < n; ++b) {
-      const Vec<T> d = ld(X + b * stride, cnt) - mean;
-      q = fma(d, d, q);
+    Vec<T> var;
+    if (s.center) {
+      const Vec<T> x0 = ld(X, cnt);
+      Vec<T> acc(T(0));
+      for (int64_t b = 1; b < n; ++b) acc += ld(X + b * stride, cnt) - x0;
+      mean = x0 + acc / Vec<T>(T(n));
+      Vec<T> q(T(0));
+      for (int64_t b = 0; b < n; ++b) {
+        const Vec<T> d = ld(X + b * stride, cnt) - mean;
+        q = fma(d, d, q);
+      }
+      var = q / Vec<T>(T(n));
+    } else {
+      mean = Vec<T>(T(0));
+      Vec<T> q(T(0));
+      for (int64_t b = 0; b < n; ++b) {
+        const Vec<T> d = ld(X + b * stride, cnt);
+        q = fma(d, d, q);
+      }
+      var = q / Vec<T>(T(n));
     }
-    const Vec<T> var = q / Vec<T>(T(n));
     const Vec<T> tol = mean * Vec<T>(degenerate_tol<T>());
     const Vec<T> degenerate = var <= tol * tol;
     rstd = Vec<T>::blendv((var + Vec<T>(s.eps)).rsqrt(), Vec<T>(T(0)), degenerate);
-    const Vec<T> rm = ld(s.rm + col, cnt), rv = ld(s.rv + col, cnt);
-    st(s.rm + col, lerp(rm, mean, s.factor), cnt);
-    st(s.rv + col, lerp(rv, var * Vec<T>(s.unbias), s.factor), cnt);
+    st(s.mo + col, mean, cnt);
+    st(s.vo + col, var, cnt);
   } else {
-    mean = ld(s.rm + col, cnt);
+    mean = s.center ? ld(s.rm + col, cnt) : Vec<T>(T(0));
     rstd = (ld(s.rv + col, cnt) + Vec<T>(s.eps)).rsqrt();
   }
   st(mean_out, mean, cnt);

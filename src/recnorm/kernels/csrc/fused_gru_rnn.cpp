@@ -1,10 +1,11 @@
 // Fused CPU time loop of one GRU or Elman RNN (tanh / relu) direction with layer or recurrent batch
 // normalization of the two gate terms.
 //
-// The Python side (recnorm/kernels/fused_cpu_gru_rnn.py) wraps `forward` and `backward` in an autograd
-// Function; recnorm/kernels/reference.py is the oracle this file must agree with (outputs, final
-// states, gradients, running statistics). The LSTM kernel (fused_lstm.cpp) is the model: same packed
-// layout, same statistics rules; the helpers both use are in fused_common.h.
+// The Python side (recnorm/kernels/fused.py) registers `forward` and `backward` as the torch.library
+// operators recnorm::fused_gru_rnn and recnorm::fused_gru_rnn_backward; recnorm/kernels/reference.py is
+// the oracle this file must agree with (outputs, final states, gradients, batch moments). The LSTM kernel
+// (fused_lstm.cpp) is the model: same packed layout, same statistics rules; the helpers both use are in
+// fused_common.h.
 //
 // Layout: packed rows. Step t owns rows [off[t], off[t] + bs[t]) of x, out and every saved (N, .)
 // buffer; bs is non-increasing, so the rows valid at step t are the first bs[t] rows of step t - 1.
@@ -15,14 +16,14 @@
 //        n = tanh(a_i,n + b_in + r * (a_h,n + b_hn)),  h = n + z * (h_{t-1} - n)
 //        (b_r, b_z = b_ih + b_hh of those blocks; b_in, b_hn kept apart, b_hn inside the reset product)
 //   RNN: h = act(a_i + a_h + b), act = tanh or relu
-// Modes:
-//   1 (layer): N = layer norm of each row; the GRU normalizes the (r, z) block and the n block
-//              separately (GroupedLayerNorm groups (2H, H)), the RNN the whole row.
-//   2 (batch): per-step batch statistics over the valid rows (population statistics in eval mode and
-//              for steps with fewer than 2 valid rows), running statistics updated as
-//              RecurrentBatchNorm._update does.
+// Statistic families (both sites use the same one; `center` per site picks LN/BN or RMS):
+//   none:  N = identity (the row pass with mean 0 and rstd 1)
+//   row:   N = layer norm (or RMSNorm) of each row; the GRU normalizes the (r, z) block and the n block
+//          separately (groups (2H, H)), the RNN the whole row.
+//   batch: per-step batch statistics over the valid rows (population statistics in eval mode and
+//          for steps with fewer than 2 valid rows); the batch moments go to the `moments` output.
 // A feature (BN: a column over the batch; LN: a row group) whose values are all equal normalizes to
-// exactly 0 and passes no gradient (recnorm.nn.stats.degenerate_features); stored as rstd = 0.
+// exactly 0 and passes no gradient (recnorm.kernels.stats.degenerate_features); stored as rstd = 0.
 //
 // Per step the forward does one GEMM (h_{t-1} W_hh^T) and one fused pass over the step's rows
 // (statistics, normalization, gates, state update); the input projection runs as GEMMs over chunks of
@@ -84,9 +85,9 @@ template <typename T>
 std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
                                  const c10::optional<Tensor>& bias, const c10::optional<Tensor>& b_hn_t,
                                  const c10::optional<Tensor>& g_ih_t, const c10::optional<Tensor>& g_hh_t, const Shape& sh,
-                                 int64_t cell, int64_t mode, const std::vector<double>& eps, bool training, bool save,
-                                 int64_t step_offset, const std::vector<c10::optional<Tensor>>& bn_buffers,
-                                 const std::vector<double>& momentum, int64_t inproj_max, int64_t inproj_rows,
+                                 int64_t cell, int64_t mode, const std::vector<int64_t>& center,
+                                 const std::vector<double>& eps, bool training, bool save, int64_t step_offset,
+                                 const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max, int64_t inproj_rows,
                                  const c10::optional<Tensor>& w_hh_packed) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T, K = sh.K;
@@ -97,10 +98,19 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
   const T *b = gv.b, *bhn = gv.bhn, *gih = gv.gih, *ghh = gv.ghh;
   const T eps_ih = T(eps[0]), eps_hh = T(eps[1]);
+  const bool cen_ih = center[0] != 0, cen_hh = center[1] != 0;
+  const bool norm_on = mode != kNone;  // none: the row pass with mean 0 and rstd 1
 
+  // Batch moments of the steps that use batch statistics: (2, T, 2G) means and variances of the input
+  // and the recurrent term per step (rows of other steps stay 0).
+  Tensor moments = mode == kBatch && training ? at::zeros({2, Tn, 2 * G}, opts) : at::empty({0}, opts);
   BNSite<T> bn[2];
   if (mode == kBatch) {
-    for (int s = 0; s < 2; ++s) bn[s].init(*bn_buffers[3 * s], *bn_buffers[3 * s + 1], *bn_buffers[3 * s + 2], momentum[s], eps[s]);
+    const int64_t W = 2 * G;
+    T* mp = training ? moments.data_ptr<T>() : nullptr;
+    for (int s = 0; s < 2; ++s)
+      bn[s].init(*pop[3 * s], *pop[3 * s + 1], *pop[3 * s + 2], center[s] != 0, eps[s], mp ? mp + s * G : nullptr,
+                 mp ? mp + Tn * W + s * G : nullptr, W);
   }
 
   // Input projection W_ih x: GEMMs over chunks of consecutive steps (about inproj_rows rows each),
@@ -122,7 +132,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   // Saved statistics. Layer: (4, rows) rstd of the ih groups a, b and the hh groups a, b per row
   // (group b is the GRU's n block). Batch: (2, steps, G) rstd_ih, rstd_hh per step and feature.
   Tensor stats, means;
-  if (mode == kLayer) {
+  if (mode != kBatch) {
     stats = at::empty({4, save ? N : B0}, opts);
   } else {
     stats = at::empty({2, save ? Tn : 1, G}, opts);
@@ -163,7 +173,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       xh = gh.data_ptr<T>();
     }
 
-    if (mode == kLayer) {
+    if (mode != kBatch) {
       T* rs = stats.data_ptr<T>();
       const int64_t rstride = save ? N : B0;
       const int64_t rbase = save ? o0 : 0;
@@ -175,16 +185,18 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
           const T* hpr = hp + bb * H;
           T* hr = hout + bb * H;
           if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
-          T mia, ria, mib = 0, rib = 0, mha, rha, mhb = 0, rhb = 0, var;
-          row_moments(xir, S, mia, var);
-          ria = ln_rstd(mia, var, eps_ih);
-          row_moments(xhr, S, mha, var);
-          rha = ln_rstd(mha, var, eps_hh);
-          if (gru) {
-            row_moments(xir + S, H, mib, var);
-            rib = ln_rstd(mib, var, eps_ih);
-            row_moments(xhr + S, H, mhb, var);
-            rhb = ln_rstd(mhb, var, eps_hh);
+          T mia = 0, ria = 1, mib = 0, rib = 1, mha = 0, rha = 1, mhb = 0, rhb = 1, var;
+          if (norm_on) {
+            row_stats(xir, S, cen_ih, mia, var);
+            ria = ln_rstd(mia, var, eps_ih);
+            row_stats(xhr, S, cen_hh, mha, var);
+            rha = ln_rstd(mha, var, eps_hh);
+            if (gru) {
+              row_stats(xir + S, H, cen_ih, mib, var);
+              rib = ln_rstd(mib, var, eps_ih);
+              row_stats(xhr + S, H, cen_hh, mhb, var);
+              rhb = ln_rstd(mhb, var, eps_hh);
+            }
           }
           rs[0 * rstride + rbase + bb] = ria;
           rs[1 * rstride + rbase + bb] = rib;
@@ -222,8 +234,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       });
     } else {  // kBatch: every hidden unit j is independent of the others (column-parallel)
       const bool batch = training && Bt >= 2;
-      const BNStep<T> s_ih = bn_begin_step(bn[0], step, batch, Bt);
-      const BNStep<T> s_hh = bn_begin_step(bn[1], step, batch, Bt);
+      const BNStep<T> s_ih = bn_begin_step(bn[0], t, step, batch);
+      const BNStep<T> s_hh = bn_begin_step(bn[1], t, step, batch);
       const int64_t ts = save ? t : 0;
       T* r_ih = stats.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
       T* r_hh = stats.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
@@ -287,8 +299,10 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     if (nb < Bt) std::copy(hout + nb * H, hout + Bt * H, hn_p + nb * H);
   }
 
-  if (!save) return {out, hn};
-  return {out, hn, XI, XH, stats};
+  // Outputs of a registered operator must not alias each other: a fresh empty tensor for each unused one.
+  auto none = [&]() { return at::empty({0}, opts); };
+  if (!save) return {out, hn, none(), none(), none(), moments};
+  return {out, hn, XI, XH, stats, moments};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -300,8 +314,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                                   const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias,
                                   const c10::optional<Tensor>& b_hn_t, const c10::optional<Tensor>& g_ih_t,
                                   const c10::optional<Tensor>& g_hh_t, const Tensor& out, const Tensor& XI, const Tensor& XH,
-                                  const Tensor& stats, const Shape& sh, int64_t cell, int64_t mode, bool training, bool need_dx,
-                                  int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+                                  const Tensor& stats, const Shape& sh, int64_t cell, int64_t mode, const std::vector<int64_t>& center,
+                                  bool training, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
   const bool gru = cell == kGRU, relu = cell == kRelu;
@@ -311,6 +325,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
   const T *b = gv.b, *bhn = gv.bhn, *gih = gv.gih, *ghh = gv.ghh;
   const T* d_out = ptr_or<T>(d_out_t, static_cast<const T*>(nullptr));
+  // The layer-norm backward's row sums (0 without a norm); its mean-of-gradient terms only when centred.
+  const T on = T(mode != kNone), ci = on * T(center[0] != 0), ch = on * T(center[1] != 0);
 
   // dh_rec rows [0, bs[t]) hold dL/dh_t while step t runs; afterwards (GEMM) dL/dh_{t-1}.
   Tensor dh_rec = has(d_hn_t) ? d_hn_t->clone() : at::zeros({B0, H}, opts);
@@ -356,7 +372,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
       T* dgi = dgi_p + (o0 - cbase) * G;
       T* dgh = dgh_p + (o0 - cbase) * G;
 
-      if (mode == kLayer) {
+      if (mode != kBatch) {
         at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
           const int64_t tid = at::get_thread_num();
           T* pdb = partial.data() + tid * PW;
@@ -436,14 +452,14 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               }
               const int64_t lr = bb - g0;
               const int64_t rstride = N;
-              rsum[8 * lr + 0] = hsum(sia1) / T(S);
-              rsum[8 * lr + 1] = hsum(sia2) / T(S);
-              rsum[8 * lr + 2] = gru ? hsum(sib1) / T(H) : T(0);
-              rsum[8 * lr + 3] = gru ? hsum(sib2) / T(H) : T(0);
-              rsum[8 * lr + 4] = hsum(sha1) / T(S);
-              rsum[8 * lr + 5] = hsum(sha2) / T(S);
-              rsum[8 * lr + 6] = gru ? hsum(shb1) / T(H) : T(0);
-              rsum[8 * lr + 7] = gru ? hsum(shb2) / T(H) : T(0);
+              rsum[8 * lr + 0] = ci * hsum(sia1) / T(S);
+              rsum[8 * lr + 1] = on * hsum(sia2) / T(S);
+              rsum[8 * lr + 2] = gru ? ci * hsum(sib1) / T(H) : T(0);
+              rsum[8 * lr + 3] = gru ? on * hsum(sib2) / T(H) : T(0);
+              rsum[8 * lr + 4] = ch * hsum(sha1) / T(S);
+              rsum[8 * lr + 5] = on * hsum(sha2) / T(S);
+              rsum[8 * lr + 6] = gru ? ch * hsum(shb1) / T(H) : T(0);
+              rsum[8 * lr + 7] = gru ? on * hsum(shb2) / T(H) : T(0);
               for (int k = 0; k < 4; ++k) rstd[4 * lr + k] = st_p[k * rstride + r];
             }
             // Column pass over the group: parameter-gradient sums (in registers across the group's
@@ -559,9 +575,9 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               const int64_t q = k * H + j;
               si[k] = ld(r_ih + q, n) * vgi[k];
               sgh[k] = ld(r_hh + q, n) * vgh[k];
-              mi[k] = P1[k] * Vec<T>(invn);
+              mi[k] = P1[k] * Vec<T>(ci * invn);
               mih[k] = Pi[k] * Vec<T>(invn);
-              mh[k] = ((gru && k == 2) ? Pbh : P1[k]) * Vec<T>(invn);
+              mh[k] = ((gru && k == 2) ? Pbh : P1[k]) * Vec<T>(ch * invn);
               mhh[k] = Ph[k] * Vec<T>(invn);
             }
             for (int64_t bb = 0; bb < Bt; ++bb) {
@@ -610,7 +626,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   Tensor db = vec_tensor(acc, 0, G, opts);
   Tensor dg_ih = vec_tensor(acc, G, G, opts);
   Tensor dg_hh = vec_tensor(acc, 2 * G, G, opts);
-  Tensor db_hn = gru ? vec_tensor(acc, 3 * G + 2 * H, H, opts) : Tensor();
+  Tensor db_hn = gru ? vec_tensor(acc, 3 * G + 2 * H, H, opts) : at::empty({0}, opts);
   return {dx, dh_rec, dW_ih, dW_hh, db, db_hn, dg_ih, dg_hh};
 }
 
@@ -618,8 +634,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
 // Entry points
 // ------------------------------------------------------------------------------------------------
 
-int64_t check_common(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, int64_t cell, int64_t mode) {
-  TORCH_CHECK(mode == kLayer || mode == kBatch, "fused GRU/RNN: unknown mode ", mode);
+int64_t check_common(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, int64_t cell) {
   TORCH_CHECK(cell == kGRU || cell == kTanh || cell == kRelu, "fused GRU/RNN: unknown cell ", cell);
   TORCH_CHECK(x.device().is_cpu(), "fused GRU/RNN: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fused GRU/RNN: float32 or float64 only");
@@ -638,52 +653,60 @@ void check_vec(const c10::optional<Tensor>& t, const Tensor& x, int64_t len, con
   TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->numel() == len, "fused GRU/RNN: bad ", what);
 }
 
-std::vector<Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias,
-                            const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh,
-                            std::vector<int64_t> batch_sizes, int64_t cell, int64_t mode, std::vector<double> eps, bool training,
-                            bool save, int64_t step_offset, std::vector<c10::optional<Tensor>> bn_buffers,
-                            std::vector<double> momentum, int64_t inproj_max, int64_t inproj_rows,
+// Sites: input term, recurrent term. `stat` and `center` are the sites' descriptor fields, `pop` their
+// population statistics (running mean, running variance, num_batches_tracked per site; read only).
+// Returns out, h_n, what backward needs (the two normalized terms and the row or column statistics;
+// empty when `save` is false) and the batch moments of a training call with batch statistics, (2, T, 2G).
+std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& w_ih,
+                            const Tensor& w_hh, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& b_hn,
+                            const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh, std::vector<c10::optional<Tensor>> pop,
+                            int64_t cell, std::vector<int64_t> stat, std::vector<int64_t> center, std::vector<double> eps,
+                            bool batch_stats, bool save, int64_t step_offset, int64_t inproj_max, int64_t inproj_rows,
                             const c10::optional<Tensor>& w_hh_packed) {
-  const int64_t K = check_common(x, h0, w_ih, w_hh, cell, mode);
-  Shape sh(batch_sizes, w_hh.size(1), x.size(1), K, "fused GRU/RNN");
+  const int64_t K = check_common(x, h0, w_ih, w_hh, cell);
+  const Mode mode = family_of(stat, "fused GRU/RNN");
+  Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused GRU/RNN"), w_hh.size(1), x.size(1), K, "fused GRU/RNN");
   TORCH_CHECK(x.size(0) == sh.N && h0.dim() == 2 && h0.size(0) == sh.B0 && h0.size(1) == sh.H, "fused GRU/RNN: rows do not match batch_sizes");
-  TORCH_CHECK(eps.size() == 2 && momentum.size() == 2 && bn_buffers.size() == 6, "fused GRU/RNN: bad norm arguments");
+  TORCH_CHECK(stat.size() == 2 && center.size() == 2 && eps.size() == 2 && pop.size() == 6, "fused GRU/RNN: bad norm arguments");
   check_vec(bias, x, sh.G, "bias");
   check_vec(b_hn, x, sh.H, "b_hn");
   check_vec(g_ih, x, sh.G, "g_ih");
   check_vec(g_hh, x, sh.G, "g_hh");
   if (mode == kBatch) {
     for (int s = 0; s < 2; ++s) {
-      const auto &rm = bn_buffers[3 * s], &rv = bn_buffers[3 * s + 1], &nbt = bn_buffers[3 * s + 2];
+      const auto &rm = pop[3 * s], &rv = pop[3 * s + 1], &nbt = pop[3 * s + 2];
       TORCH_CHECK(has(rm) && has(rv) && has(nbt) && rm->is_contiguous() && rv->is_contiguous() && nbt->is_contiguous() &&
                       rm->scalar_type() == x.scalar_type() && rv->scalar_type() == x.scalar_type() && nbt->scalar_type() == at::kLong &&
                       rm->dim() == 2 && rm->size(1) == sh.G && rv->sizes() == rm->sizes() && nbt->numel() == rm->size(0),
-                  "fused GRU/RNN: batch mode needs running statistics of shape (S, G)");
+                  "fused GRU/RNN: batch statistics need population statistics of shape (S, G)");
     }
   }
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_forward", [&] {
-    res = forward_impl<scalar_t>(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, sh, cell, mode, eps, training, save, step_offset, bn_buffers,
-                                 momentum, inproj_max, inproj_rows, w_hh_packed);
+    res = forward_impl<scalar_t>(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, sh, cell, mode, center, eps, batch_stats, save, step_offset,
+                                 pop, inproj_max, inproj_rows, w_hh_packed);
   });
   return res;
 }
 
-std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::optional<Tensor>& d_hn, const Tensor& x, const Tensor& h0,
-                             const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& b_hn,
-                             const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh, const Tensor& out, const Tensor& XI,
-                             const Tensor& XH, const Tensor& stats, std::vector<int64_t> batch_sizes, int64_t cell, int64_t mode,
-                             bool training, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
-  const int64_t K = check_common(x, h0, w_ih, w_hh, cell, mode);
-  Shape sh(batch_sizes, w_hh.size(1), x.size(1), K, "fused GRU/RNN");
+std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::optional<Tensor>& d_hn, const Tensor& x,
+                             const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                             const c10::optional<Tensor>& bias, const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& g_ih,
+                             const c10::optional<Tensor>& g_hh, const Tensor& out, const Tensor& XI, const Tensor& XH,
+                             const Tensor& stats, int64_t cell, std::vector<int64_t> stat, std::vector<int64_t> center,
+                             bool batch_stats, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+  const int64_t K = check_common(x, h0, w_ih, w_hh, cell);
+  const Mode mode = family_of(stat, "fused GRU/RNN");
+  TORCH_CHECK(center.size() == 2, "fused GRU/RNN: bad norm arguments");
+  Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused GRU/RNN"), w_hh.size(1), x.size(1), K, "fused GRU/RNN");
   for (const c10::optional<Tensor>* g : {&d_out, &d_hn}) {
     TORCH_CHECK(!has(*g) || ((*g)->is_contiguous() && (*g)->scalar_type() == x.scalar_type()), "fused GRU/RNN: bad gradient");
   }
   TORCH_CHECK(out.size(0) == sh.N && XI.size(0) == sh.N && XH.size(0) == sh.N, "fused GRU/RNN: saved tensors do not match batch_sizes");
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_backward", [&] {
-    res = backward_impl<scalar_t>(d_out, d_hn, x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, sh, cell, mode, training,
-                                  need_dx, chunk_rows, w_hh_packed);
+    res = backward_impl<scalar_t>(d_out, d_hn, x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, sh, cell, mode, center,
+                                  batch_stats, need_dx, chunk_rows, w_hh_packed);
   });
   return res;
 }
@@ -692,8 +715,9 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "recnorm fused CPU GRU / RNN time loop (forward and BPTT backward)";
-  m.def("forward", &forward, "fused GRU/RNN direction forward");
-  m.def("backward", &backward, "fused GRU/RNN direction backward");
+  // The loops touch no Python object: let other Python threads run meanwhile.
+  m.def("forward", &forward, "fused GRU/RNN direction forward", py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "fused GRU/RNN direction backward", py::call_guard<py::gil_scoped_release>());
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
-  m.attr("VERSION") = 1;
+  m.attr("VERSION") = 2;
 }

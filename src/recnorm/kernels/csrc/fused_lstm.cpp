@@ -1,8 +1,8 @@
 // Fused CPU time loop of one LSTM direction with layer or recurrent batch normalization.
 //
-// The Python side (recnorm/kernels/fused_cpu.py) wraps `forward` and `backward` in an autograd Function;
-// recnorm/kernels/reference.py is the oracle this file must agree with (outputs, final states,
-// gradients, running statistics).
+// The Python side (recnorm/kernels/fused.py) registers `forward` and `backward` as the torch.library
+// operators recnorm::fused_lstm and recnorm::fused_lstm_backward; recnorm/kernels/reference.py is the
+// oracle this file must agree with (outputs, final states, gradients, batch moments).
 //
 // Layout: packed rows. Step t owns rows [off[t], off[t] + bs[t]) of x, out and every saved (N, .)
 // buffer; bs is non-increasing, so the rows valid at step t are the first bs[t] rows of step t - 1.
@@ -17,12 +17,13 @@
 // and one GEMM (dh_{t-1} = dG_hh W_hh) per step, and the weight gradients as a few large GEMMs over
 // chunks of consecutive steps. Large buffers come from a small caching pool (see BufferPool).
 //
-// Modes (all three sites use the same kind):
-//   0 (none):  pre = W_ih x + W_hh h + b
-//   1 (layer): pre = g_ih * LN(W_ih x) + g_hh * LN(W_hh h) + b, h = o * tanh(g_c * LN(c) + beta_c)
-//   2 (batch): the same with per-step batch statistics over the valid rows (population statistics in
-//              eval mode and for steps with fewer than 2 valid rows), running statistics updated as
-//              RecurrentBatchNorm._update does.
+// Statistic families (all three sites use the same one; `center` per site picks LN/BN or RMS):
+//   none:  pre = W_ih x + W_hh h + b
+//   row:   pre = g_ih * N(W_ih x) + g_hh * N(W_hh h) + b, h = o * tanh(g_c * N(c) + beta_c), N the
+//          layer norm (centred) or RMSNorm of each row
+//   batch: the same with per-step batch statistics over the valid rows (population statistics in
+//          eval mode and for steps with fewer than 2 valid rows); the batch moments go to the
+//          `moments` output, and the Python side updates the running statistics from them.
 // In both normalized modes a feature (BN: a column over the batch; LN: a row) whose values are all
 // equal normalizes to exactly 0 and passes no gradient (recnorm.nn.stats.degenerate_features); this
 // is stored as rstd = 0.
@@ -154,9 +155,9 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
                                  const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih_t,
                                  const c10::optional<Tensor>& g_hh_t, const c10::optional<Tensor>& g_c_t,
                                  const c10::optional<Tensor>& beta_c_t, const Shape& sh, int64_t mode,
-                                 const std::vector<double>& eps, bool training, bool save, int64_t step_offset,
-                                 const std::vector<c10::optional<Tensor>>& bn_buffers, const std::vector<double>& momentum,
-                                 int64_t inproj_max, int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
+                                 const std::vector<int64_t>& center, const std::vector<double>& eps, bool training, bool save,
+                                 int64_t step_offset, const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max,
+                                 int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
                                  const c10::optional<Tensor>& w_ih_packed) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
@@ -169,10 +170,19 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   const T* gc = ptr_or<T>(g_c_t, ones_h.data());
   const T* betac = ptr_or<T>(beta_c_t, zeros_h.data());
   const T eps_ih = T(eps[0]), eps_hh = T(eps[1]), eps_c = T(eps[2]);
+  const bool cen_ih = center[0] != 0, cen_hh = center[1] != 0, cen_c = center[2] != 0;
 
+  // Batch moments of the steps that use batch statistics: (2, T, 2G + H) means and variances of the
+  // input term, the recurrent term and the cell, per step (rows of other steps stay 0).
+  Tensor moments = mode == kBatch && training ? at::zeros({2, Tn, 2 * G + H}, opts) : at::empty({0}, opts);
   BNSite<T> bn[3];
   if (mode == kBatch) {
-    for (int s = 0; s < 3; ++s) bn[s].init(*bn_buffers[3 * s], *bn_buffers[3 * s + 1], *bn_buffers[3 * s + 2], momentum[s], eps[s]);
+    const int64_t W = 2 * G + H;
+    T* mp = training ? moments.data_ptr<T>() : nullptr;
+    const int64_t col[3] = {0, G, 2 * G};
+    for (int s = 0; s < 3; ++s)
+      bn[s].init(*pop[3 * s], *pop[3 * s + 1], *pop[3 * s + 2], center[s] != 0, eps[s], mp ? mp + col[s] : nullptr,
+                 mp ? mp + Tn * W + col[s] : nullptr, W);
   }
 
   // Input projection W_ih x: GEMMs over chunks of consecutive steps (about inproj_rows rows each),
@@ -257,20 +267,20 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     const bool folded = mode == kBatch && !training && !save;
     const T *fa_i = nullptr, *fa_h = nullptr, *fb = nullptr, *fa_c = nullptr, *fb_c = nullptr;
     if (folded) {
-      const BNStep<T> s_ih = bn_begin_step(bn[0], step, false, Bt);
-      const BNStep<T> s_hh = bn_begin_step(bn[1], step, false, Bt);
-      const BNStep<T> s_c = bn_begin_step(bn[2], step, false, Bt);
+      const BNStep<T> s_ih = bn_begin_step(bn[0], t, step, false);
+      const BNStep<T> s_hh = bn_begin_step(bn[1], t, step, false);
+      const BNStep<T> s_c = bn_begin_step(bn[2], t, step, false);
       T* f = fold.data();
       for (int64_t q = 0; q < G; ++q) {
         const T ai = gih[q] / std::sqrt(s_ih.rv[q] + s_ih.eps), ah = ghh[q] / std::sqrt(s_hh.rv[q] + s_hh.eps);
         f[q] = ai;
         f[G + q] = ah;
-        f[2 * G + q] = b[q] - ai * s_ih.rm[q] - ah * s_hh.rm[q];
+        f[2 * G + q] = b[q] - (cen_ih ? ai * s_ih.rm[q] : T(0)) - (cen_hh ? ah * s_hh.rm[q] : T(0));
       }
       for (int64_t j = 0; j < H; ++j) {
         const T ac = gc[j] / std::sqrt(s_c.rv[j] + s_c.eps);
         f[3 * G + j] = ac;
-        f[3 * G + H + j] = betac[j] - ac * s_c.rm[j];
+        f[3 * G + H + j] = betac[j] - (cen_c ? ac * s_c.rm[j] : T(0));
       }
       fa_i = f;
       fa_h = f + G;
@@ -299,9 +309,9 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
             T mi = 0, ri = 0, mh = 0, rh = 0;
             if (mode == kLayer) {
               T var;
-              row_moments(xir, G, mi, var);
+              row_stats(xir, G, cen_ih, mi, var);
               ri = ln_rstd(mi, var, eps_ih);
-              row_moments(xhr, G, mh, var);
+              row_stats(xhr, G, cen_hh, mh, var);
               rh = ln_rstd(mh, var, eps_hh);
               rs[0 * rstride + rbase + bb] = ri;
               rs[1 * rstride + rbase + bb] = rh;
@@ -345,7 +355,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
             }
             if (mode == kLayer) {
               T mean, var;
-              row_moments(ccr, H, mean, var);
+              row_stats(ccr, H, cen_c, mean, var);
               const T rstd = ln_rstd(mean, var, eps_c);
               rs[2 * rstride + rbase + bb] = mean;
               rs[3 * rstride + rbase + bb] = rstd;
@@ -366,9 +376,9 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       }
     } else {  // kBatch: every hidden unit j is independent of the others (column-parallel)
       const bool batch = training && Bt >= 2;
-      const BNStep<T> s_ih = bn_begin_step(bn[0], step, batch, Bt);
-      const BNStep<T> s_hh = bn_begin_step(bn[1], step, batch, Bt);
-      const BNStep<T> s_c = bn_begin_step(bn[2], step, batch, Bt);
+      const BNStep<T> s_ih = bn_begin_step(bn[0], t, step, batch);
+      const BNStep<T> s_hh = bn_begin_step(bn[1], t, step, batch);
+      const BNStep<T> s_c = bn_begin_step(bn[2], t, step, batch);
       const int64_t ts = save ? t : 0;
       T* r_ih = stats_g.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
       T* r_hh = stats_g.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
@@ -448,9 +458,11 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   }
 
   TOC(6);
-  if (!save) return {out, hn, cn};
-  if (mode == kNone) XH = Tensor();
-  return {out, hn, cn, XI, XH, C, stats_g, stats_h};
+  // Outputs of a registered operator must not alias each other: a fresh empty tensor for each unused one.
+  auto none = [&]() { return at::empty({0}, opts); };
+  if (!save) return {out, hn, cn, none(), none(), none(), none(), none(), moments};
+  if (mode == kNone) XH = none();
+  return {out, hn, cn, XI, XH, C, stats_g.defined() ? stats_g : none(), stats_h.defined() ? stats_h : none(), moments};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -465,8 +477,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                                   const c10::optional<Tensor>& g_c_t, const c10::optional<Tensor>& beta_c_t, const Tensor& out,
                                   const Tensor& XI, const c10::optional<Tensor>& XH_t, const Tensor& C,
                                   const c10::optional<Tensor>& stats_g_t, const c10::optional<Tensor>& stats_h_t, const Shape& sh,
-                                  int64_t mode, bool training, bool need_dx, int64_t chunk_rows,
-                                  const c10::optional<Tensor>& w_hh_packed) {
+                                  int64_t mode, const std::vector<int64_t>& center, bool training, bool need_dx,
+                                  int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
   auto opts = x.options();
@@ -479,6 +491,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   const T* gc = ptr_or<T>(g_c_t, ones_h.data());
   const T* betac = ptr_or<T>(beta_c_t, zeros_h.data());
   const T* d_out = ptr_or<T>(d_out_t, static_cast<const T*>(nullptr));
+  // 1 for a centred norm, 0 for RMS: the backward's mean-of-gradient terms exist only when centred.
+  const T cen_ih = T(center[0] != 0), cen_hh = T(center[1] != 0), cen_c = T(center[2] != 0);
 
   Tensor dh_rec = has(d_hn_t) ? d_hn_t->clone() : at::zeros({B0, H}, opts);
   Tensor dc_rec = has(d_cn_t) ? d_cn_t->clone() : at::zeros({B0, H}, opts);
@@ -618,7 +632,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   st(sdy + j, dyc, n);
                   st(sch + j, chat, n);
                 }
-                const Vec<T> m1(hsum(s1) / T(H)), m2(hsum(s2) / T(H));
+                const Vec<T> m1(cen_c * hsum(s1) / T(H)), m2(hsum(s2) / T(H));
                 Vec<T> si1(T(0)), si2(T(0)), sh1(T(0)), sh2(T(0));
                 for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
                   const int64_t n = kTail ? std::min(VS, H - j) : VS;
@@ -638,9 +652,9 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   }
                 }
                 const int64_t lr = bb - g0;
-                rsum[4 * lr + 0] = hsum(si1) / T(G);
+                rsum[4 * lr + 0] = cen_ih * hsum(si1) / T(G);
                 rsum[4 * lr + 1] = hsum(si2) / T(G);
-                rsum[4 * lr + 2] = hsum(sh1) / T(G);
+                rsum[4 * lr + 2] = cen_hh * hsum(sh1) / T(G);
                 rsum[4 * lr + 3] = hsum(sh2) / T(G);
                 rstd[2 * lr + 0] = sg[0 * N + r];
                 rstd[2 * lr + 1] = sg[1 * N + r];
@@ -738,7 +752,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               }
               st(pdgc + j, ld(pdgc + j, n) + agc, n);
               st(pdbc + j, ld(pdbc + j, n) + abc, n);
-              const Vec<T> m1 = S1 * Vec<T>(invn), m2 = S2 * Vec<T>(invn);
+              const Vec<T> m1 = S1 * Vec<T>(cen_c * invn), m2 = S2 * Vec<T>(invn);
               Vec<T> P1[4], Pi[4], Ph[4];
               for (int k = 0; k < 4; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
               for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
@@ -783,8 +797,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 for (int k = 0; k < 4; ++k) {
                   const Vec<T> dp = ld(dghr + k * H, n);
                   if (batch) {
-                    st(dgir + k * H, ri[k] * (dp - mp[k] - ld(xir + k * H, n) * mpi[k]), n);
-                    st(dghr + k * H, rh[k] * (dp - mp[k] - ld(xhr + k * H, n) * mph[k]), n);
+                    st(dgir + k * H, ri[k] * (dp - Vec<T>(cen_ih) * mp[k] - ld(xir + k * H, n) * mpi[k]), n);
+                    st(dghr + k * H, rh[k] * (dp - Vec<T>(cen_hh) * mp[k] - ld(xhr + k * H, n) * mph[k]), n);
                   } else {
                     st(dgir + k * H, ri[k] * dp, n);
                     st(dghr + k * H, rh[k] * dp, n);
@@ -833,8 +847,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
 // Entry points
 // ------------------------------------------------------------------------------------------------
 
-void check_common(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, int64_t mode) {
-  TORCH_CHECK(mode == kNone || mode == kLayer || mode == kBatch, "fused LSTM: unknown mode ", mode);
+void check_common(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh) {
   TORCH_CHECK(x.device().is_cpu(), "fused LSTM: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fused LSTM: float32 or float64 only");
   for (const Tensor* t : {&x, &h0, &c0, &w_ih, &w_hh}) {
@@ -844,44 +857,53 @@ void check_common(const Tensor& x, const Tensor& h0, const Tensor& c0, const Ten
               "fused LSTM: bad shapes");
 }
 
-std::vector<Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                            const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh,
-                            const c10::optional<Tensor>& g_c, const c10::optional<Tensor>& beta_c, std::vector<int64_t> batch_sizes,
-                            int64_t mode, std::vector<double> eps, bool training, bool save, int64_t step_offset,
-                            std::vector<c10::optional<Tensor>> bn_buffers, std::vector<double> momentum, int64_t inproj_max,
-                            int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
+// Sites: input term, recurrent term, cell. `stat` and `center` are the sites' descriptor fields
+// (statistic family and centring), `pop` their population statistics (running mean, running variance,
+// num_batches_tracked per site; read only). Returns out, h_n, c_n, what backward needs (the input term,
+// the recurrent term, the cells, the row or column statistics; empty when `save` is false) and the batch
+// moments of a training call with batch statistics, (2, T, 2G + H).
+std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
+                            const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias,
+                            const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh, const c10::optional<Tensor>& g_c,
+                            const c10::optional<Tensor>& beta_c, std::vector<c10::optional<Tensor>> pop, std::vector<int64_t> stat,
+                            std::vector<int64_t> center, std::vector<double> eps, bool batch_stats, bool save, int64_t step_offset,
+                            int64_t inproj_max, int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
                             const c10::optional<Tensor>& w_ih_packed) {
-  check_common(x, h0, c0, w_ih, w_hh, mode);
-  Shape sh(batch_sizes, w_hh.size(1), x.size(1), 4, "fused LSTM");
+  check_common(x, h0, c0, w_ih, w_hh);
+  const Mode mode = family_of(stat, "fused LSTM");
+  Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused LSTM"), w_hh.size(1), x.size(1), 4, "fused LSTM");
   TORCH_CHECK(x.size(0) == sh.N && h0.size(0) == sh.B0 && c0.size(0) == sh.B0, "fused LSTM: rows do not match batch_sizes");
-  TORCH_CHECK(eps.size() == 3 && momentum.size() == 3 && bn_buffers.size() == 9, "fused LSTM: bad norm arguments");
+  TORCH_CHECK(stat.size() == 3 && center.size() == 3 && eps.size() == 3 && pop.size() == 9, "fused LSTM: bad norm arguments");
   if (mode == kBatch) {
-    for (auto& t : bn_buffers) TORCH_CHECK(has(t) && t->is_contiguous(), "fused LSTM: batch mode needs running statistics");
+    for (auto& t : pop) TORCH_CHECK(has(t) && t->is_contiguous(), "fused LSTM: batch statistics need population statistics");
   }
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_forward", [&] {
-    res = forward_impl<scalar_t>(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, sh, mode, eps, training, save, step_offset,
-                                 bn_buffers, momentum, inproj_max, inproj_rows, w_hh_packed, w_ih_packed);
+    res = forward_impl<scalar_t>(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, sh, mode, center, eps, batch_stats, save,
+                                 step_offset, pop, inproj_max, inproj_rows, w_hh_packed, w_ih_packed);
   });
   return res;
 }
 
 std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::optional<Tensor>& d_hn, const c10::optional<Tensor>& d_cn,
-                             const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                             const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh,
-                             const c10::optional<Tensor>& g_c, const c10::optional<Tensor>& beta_c, const Tensor& out, const Tensor& XI,
-                             const c10::optional<Tensor>& XH, const Tensor& C, const c10::optional<Tensor>& stats_g,
-                             const c10::optional<Tensor>& stats_h, std::vector<int64_t> batch_sizes, int64_t mode, bool training,
-                             bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
-  check_common(x, h0, c0, w_ih, w_hh, mode);
-  Shape sh(batch_sizes, w_hh.size(1), x.size(1), 4, "fused LSTM");
+                             const Tensor& x, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
+                             const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias,
+                             const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh, const c10::optional<Tensor>& g_c,
+                             const c10::optional<Tensor>& beta_c, const Tensor& out, const Tensor& XI, const c10::optional<Tensor>& XH,
+                             const Tensor& C, const c10::optional<Tensor>& stats_g, const c10::optional<Tensor>& stats_h,
+                             std::vector<int64_t> stat, std::vector<int64_t> center, bool batch_stats, bool need_dx,
+                             int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+  check_common(x, h0, c0, w_ih, w_hh);
+  const Mode mode = family_of(stat, "fused LSTM");
+  TORCH_CHECK(center.size() == 3, "fused LSTM: bad norm arguments");
+  Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused LSTM"), w_hh.size(1), x.size(1), 4, "fused LSTM");
   for (const c10::optional<Tensor>* g : {&d_out, &d_hn, &d_cn}) {
     TORCH_CHECK(!has(*g) || ((*g)->is_contiguous() && (*g)->scalar_type() == x.scalar_type()), "fused LSTM: bad gradient");
   }
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_backward", [&] {
     res = backward_impl<scalar_t>(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g,
-                                  stats_h, sh, mode, training, need_dx, chunk_rows, w_hh_packed);
+                                  stats_h, sh, mode, center, batch_stats, need_dx, chunk_rows, w_hh_packed);
   });
   return res;
 }
@@ -904,7 +926,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
   m.def("set_pool_capacity", &set_pool_capacity, "bytes of freed buffers kept for reuse (0: none)");
   m.def("pool_cached", &pool_cached, "bytes currently kept in the buffer pool");
-  m.attr("VERSION") = 1;
+  m.attr("VERSION") = 2;
 #ifdef RECNORM_FUSED_TIMING
   m.def("timers", &timers, "development timers: fwd input GEMM, fwd step GEMM, fwd pass, bwd pass, bwd step GEMM, bwd chunk GEMMs, fwd, bwd (s)");
 #endif

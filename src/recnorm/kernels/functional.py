@@ -1,0 +1,100 @@
+"""Normalizations as functions of a :class:`~recnorm.kernels.contract.NormDesc`: the readable math that the
+reference loop and the export path apply, and that the fused kernels are tested against.
+
+For ``x`` of shape ``(..., F)``:
+
+* row statistic (layer norm, RMSNorm): for each row and each feature group ``k``,
+  ``mu = mean(x_k)`` (0 when not centred), ``v = mean((x_k - mu)^2)``,
+  ``y_k = (x_k - mu) / sqrt(v + eps)``;
+* batch statistic at one step: ``mu``, ``v`` per feature over the ``n`` valid rows (or the population
+  statistics of the step's slot when normalizing with population statistics, or when ``n < 2``);
+
+then ``y * weight + bias``. A *degenerate* feature or group (zero spread up to rounding:
+:func:`recnorm.kernels.stats.degenerate_features`) normalizes to exactly 0 and passes no gradient.
+Statistics of 16-bit inputs are taken, and the normalization done, in float32; the result has the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from recnorm.kernels.contract import NormDesc
+from recnorm.kernels.stats import batch_moments, count_valid, degenerate_features, stats_dtype
+
+__all__ = ["slot_index", "population_moments", "row_norm", "batch_norm", "affine", "normalize_with"]
+
+
+def slot_index(num_batches_tracked: Tensor, steps: Tensor) -> Tensor:
+    """The population slot each step reads: ``min(step, s_last)``, where ``s_last`` is the last slot
+    updated at least once (``S - 1`` if none was). Pure tensor ops: no host synchronization."""
+    S = num_batches_tracked.shape[0]
+    positions = torch.arange(S, device=num_batches_tracked.device)
+    last = torch.where(num_batches_tracked > 0, positions, -1).max()
+    last = torch.where(last < 0, S - 1, last)
+    return torch.minimum(steps.to(positions.device), last)
+
+
+def population_moments(d: NormDesc, steps: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(mean, var)`` ``(K, F)`` of the population statistics the given steps read."""
+    index = slot_index(d.num_batches_tracked, steps)
+    return d.running_mean.index_select(0, index), d.running_var.index_select(0, index)
+
+
+def affine(d: NormDesc, y: Tensor) -> Tensor:
+    if d.weight is not None:
+        y = y * d.weight
+    if d.bias is not None:
+        y = y + d.bias
+    return y
+
+
+def normalize_with(d: NormDesc, x: Tensor, mean: Tensor, var: Tensor, degenerate: Optional[Tensor]) -> Tensor:
+    """``affine((x - mean) / sqrt(var + eps))`` in the statistics' dtype, degenerate features set to 0,
+    returned in ``x``'s dtype."""
+    y = (x.to(mean.dtype) - mean) * torch.rsqrt(var + d.eps) if d.center else x.to(var.dtype) * torch.rsqrt(var + d.eps)
+    if degenerate is not None:
+        y = torch.where(degenerate, torch.zeros((), dtype=y.dtype, device=y.device), y)
+    return affine(d, y).to(x.dtype)
+
+
+def row_norm(d: NormDesc, x: Tensor) -> Tensor:
+    """Layer norm (``center``) or RMSNorm of each row of ``x`` ``(..., F)`` over each feature group."""
+    xs = x.to(stats_dtype(x.dtype))
+    parts = []
+    for part in xs.split(list(d.groups), dim=-1) if len(d.groups) > 1 else (xs,):
+        if d.center:
+            var, mean = torch.var_mean(part, dim=-1, correction=0, keepdim=True)
+            y = (part - mean) * torch.rsqrt(var + d.eps)
+        else:
+            var = part.square().mean(-1, keepdim=True)
+            mean = torch.zeros_like(var)
+            y = part * torch.rsqrt(var + d.eps)
+        # A constant row (an all-zero state) normalizes to 0 and passes no gradient.
+        parts.append(torch.where(degenerate_features(mean, var), torch.zeros((), dtype=y.dtype, device=y.device), y))
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return affine(d, y).to(x.dtype)
+
+
+def batch_norm(d: NormDesc, x: Tensor, step: int) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor, int]]]:
+    """Batch-normalize the rows ``x`` ``(n, F)`` of one call at absolute step ``step``.
+
+    Returns ``(y, moments)``: ``moments = (mean, var, n)`` of the batch when batch statistics were used
+    (detached; for the running averages), else None.
+    """
+    sync = {"sync": d.sync and d.batch_stats, "process_group": d.process_group}
+    n = count_valid(x, None, **sync) if d.batch_stats else 0
+    if not d.batch_stats or n < 2:
+        steps = torch.tensor([min(step, 2**62)], device=x.device)
+        mean, var = population_moments(d, steps)
+        dt = stats_dtype(x.dtype)
+        mean, var = mean[0].to(dt), var[0].to(dt)
+        if not d.center:
+            mean = torch.zeros_like(mean)
+        return normalize_with(d, x, mean, var, None), None
+    mean, var = batch_moments(x, center=d.center, **sync)
+    y = normalize_with(d, x, mean, var, degenerate_features(mean, var))
+    return y, (mean.detach(), var.detach(), n)

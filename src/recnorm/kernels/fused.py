@@ -1,0 +1,586 @@
+"""Fused C++ CPU time loops for LSTM, GRU and RNN directions, as registered torch.library operators.
+
+The whole loop -- forward and a hand-derived backward through time -- runs in a C++ extension
+(``csrc/fused_lstm.cpp`` for the LSTM, ``csrc/fused_gru_rnn.cpp`` for the GRU and the RNN; what they
+share is in ``csrc/fused_common.h``), built against torch on first use (needs a C++ compiler and ninja)
+and cached (see :mod:`recnorm.kernels._build`). Per step it does one GEMM for the recurrent term and one
+fused, vectorized pass (AVX2 where torch has it) for the norm statistics, the normalization, the gates,
+the state update and the LSTM's cell norm; the input projection runs as GEMMs over chunks of steps just
+before they are used (or, for inputs of at most :data:`INPROJ_MAX` features, inside the pass). The
+backward does one fused pass and one GEMM per step, and the weight gradients as a few large GEMMs over
+chunks of consecutive steps. Activations are recomputed in backward from the saved normalized terms.
+
+The kernels are the operators ``torch.ops.recnorm.fused_lstm`` and ``torch.ops.recnorm.fused_gru_rnn``
+(and their ``_backward``), each with a schema, a CPU kernel, a fake kernel whose shapes follow symbolic
+T and B, and registered autograd, so ``torch.compile``, ``torch.jit.trace`` and ``torch.export`` see
+them as what they are. They read norm descriptors' fields (statistic family, centring, eps, affine
+tensors, population statistics) and never write module state: a training call returns the batch moments
+of every step, and the layer updates its running statistics from them.
+
+They compute exactly what :func:`recnorm.kernels.reference.run_direction` computes (the oracle they are
+tested against): packed rows, per-step batch statistics over the valid rows, population statistics in
+eval mode and for steps with fewer than two valid rows, and zero-variance ("degenerate") features
+normalizing to 0 with no gradient. In float32 the sigmoid/tanh/exp and reciprocals use short polynomial
+forms within ~3 ulp; float64 uses SLEEF's functions, as torch does.
+
+Served (:func:`supports`): the LSTM, GRU and RNN (tanh, relu) cells without ``proj_size``, where every
+normalized site uses the same statistic family (none, row, or per-step batch) with the cell's own feature
+groups, on float32/float64 CPU tensors, without diagnostics capture or synchronized statistics. Double
+backward (``create_graph=True``) raises a RuntimeError that points to the reference loop.
+
+Performance knobs (environment, read per call unless noted):
+
+* ``RECNORM_FUSED_POOL_MB`` (read at load, default 1024): large buffers freed by one LSTM call are kept for
+  the next, up to this many MiB; first-touch page faults otherwise cost about as much as the passes.
+  :func:`empty_cache` releases them.
+* ``RECNORM_FUSED_ONEDNN``: ``0``/``1`` or a mask such as ``011`` forcing which GEMMs use oneDNN's linear
+  instead of MKL (see :func:`onednn_plan`).
+* ``RECNORM_FUSED_CHUNK_ROWS``, ``RECNORM_FUSED_INPROJ_ROWS`` (read at import): GEMM chunk sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork
+from recnorm.kernels.native import fold_sequence_norm
+
+__all__ = ["supports", "run_direction", "available", "load_extension", "empty_cache", "refuse_double_backward"]
+
+log = logging.getLogger(__name__)
+NAME = "fused"
+
+# Inputs at most this wide are projected inside the step pass instead of by GEMMs before their steps
+# (a GEMM with a tiny inner dimension runs far below peak and writes a large (N, G) buffer).
+INPROJ_MAX = 8
+# Otherwise the projection runs as GEMMs over chunks of consecutive steps of about this many rows, each
+# just before its steps, so that the step pass finds them in cache.
+INPROJ_ROWS = int(os.environ.get("RECNORM_FUSED_INPROJ_ROWS", "1024"))
+
+DOUBLE_BACKWARD_ERROR = (
+    "recnorm's fused CPU kernels differentiate once (like cuDNN's RNNs), and this backward was asked to build "
+    "a graph (create_graph=True, double backward). Run the layer on the reference loop for that: pass "
+    "kernel='reference' to it or set RECNORM_KERNEL=reference."
+)
+
+_FAMILY = {"none": 0, "row": 1, "step": 2, "shared": 2}
+_CELL_CODES = {"gru": 0, "rnn_tanh": 1, "rnn_relu": 2}
+
+
+def refuse_double_backward() -> None:
+    """Raise when a backward is asked to build a graph (autograd enables grad mode exactly then).
+
+    A backward without a graph would make a gradient penalty built on it silently count as a constant.
+    Tracing a backward for ``torch.compile`` is not a double backward and passes.
+    """
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building and loading
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Extension:
+    """One C++ extension, built on first use; a failure is logged once and remembered."""
+
+    def __init__(self, name: str, source: str, what: str) -> None:
+        self.name, self.source, self.what = name, source, what
+        self.module = None
+        self.error: Optional[str] = None
+        self.onednn: Optional[bool] = None
+        self._lock = threading.Lock()
+
+    def load(self):
+        if self.module is not None or self.error is not None:
+            return self.module
+        with self._lock:
+            if self.module is None and self.error is None:
+                try:
+                    from recnorm.kernels import _build
+
+                    tag, flags = build_flags()
+                    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", self.source)
+                    module = _build.load(f"{self.name}_{tag}", [path], flags, ["-fopenmp"])
+                    if hasattr(module, "set_pool_capacity"):
+                        module.set_pool_capacity(_pool_bytes())
+                    self.module = module
+                except Exception as exc:  # no compiler, no ninja, a build error, ...
+                    text = str(exc).strip().splitlines()
+                    self.error = f"{type(exc).__name__}: {text[0] if text else ''}"
+                    log.warning(
+                        "recnorm: the fused CPU %s kernel could not be built (%s); falling back to the reference loop",
+                        self.what,
+                        self.error,
+                    )
+        return self.module
+
+    def reset(self) -> None:
+        """Forget the extension and any failure, so the next use tries again (tests)."""
+        self.module, self.error, self.onednn = None, None, None
+
+
+EXTENSIONS = {
+    "lstm": _Extension("recnorm_fused_lstm", "fused_lstm.cpp", "LSTM"),
+    "gru_rnn": _Extension("recnorm_fused_gru_rnn", "fused_gru_rnn.cpp", "GRU/RNN"),
+}
+
+
+def build_flags() -> Tuple[str, List[str]]:
+    """``(tag, compiler flags)`` of the extensions on this CPU; the tag ends the extension's name."""
+    flags = ["-O3", "-fopenmp"]
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        capability = "DEFAULT"
+    if capability in ("AVX2", "AVX512"):
+        # AVX2 vectors with torch's own SLEEF exp/tanh (the functions torch.sigmoid/tanh use).
+        return "avx2", flags + ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
+    return "default", flags
+
+
+def _pool_bytes() -> int:
+    return int(float(os.environ.get("RECNORM_FUSED_POOL_MB", "1024")) * 2**20)
+
+
+def load_extension(family: str = "lstm"):
+    """The compiled extension of ``family`` (``"lstm"`` or ``"gru_rnn"``), built on first use; None if it
+    cannot be built."""
+    return EXTENSIONS[family].load()
+
+
+def available(family: str = "lstm") -> bool:
+    """Whether the extension is (or can be) built on this machine."""
+    return load_extension(family) is not None
+
+
+def empty_cache() -> None:
+    """Release the freed buffers the LSTM kernel keeps for reuse (see ``RECNORM_FUSED_POOL_MB``)."""
+    ext = EXTENSIONS["lstm"].module
+    if ext is not None:
+        ext.set_pool_capacity(0)
+        ext.set_pool_capacity(_pool_bytes())
+
+
+def _ext(family: str):
+    ext = load_extension(family)
+    if ext is None:
+        raise RuntimeError(f"recnorm's fused {EXTENSIONS[family].what} kernel is not available: {EXTENSIONS[family].error}")
+    return ext
+
+
+# ---------------------------------------------------------------------------------------------------
+# oneDNN's linear instead of MKL's sgemm
+# ---------------------------------------------------------------------------------------------------
+
+
+def _onednn_available(family: str) -> bool:
+    e = EXTENSIONS[family]
+    if e.onednn is None:
+        try:
+            e.onednn = bool(
+                torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and _ext(family).onednn_available()
+            )
+        except Exception:
+            e.onednn = False
+    return e.onednn
+
+
+def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, family: str) -> Tuple[bool, bool, bool]:
+    """Which GEMMs go to oneDNN's linear instead of MKL's sgemm: (input projection, forward step,
+    backward step). ``hoisted``: whether the input projection runs as GEMMs at all.
+
+    Measured on a 2-core AMD EPYC (AVX2), 2 threads, with prepacked weights: oneDNN is 10-40% faster for
+    the forward product ``h W_hh^T`` once H >= 256, and for the backward product ``dG W_hh`` when H >= 512
+    with a batch of at most 64. For the chunked input projection it won in isolation but not inside the
+    loop, so MKL keeps it by default (and the GRU/RNN kernel always keeps MKL for it).
+    ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice (or a mask such as ``011``). float32 only.
+    """
+    env = os.environ.get("RECNORM_FUSED_ONEDNN", "")
+    if env == "0" or dtype != torch.float32 or not _onednn_available(family):
+        return (False, False, False)
+    if env == "1":
+        return (hoisted, True, True)
+    if len(env) == 3 and set(env) <= {"0", "1"}:  # a mask, e.g. "011"
+        return (hoisted and env[0] == "1", env[1] == "1", env[2] == "1")
+    return (False, hidden >= 256, hidden >= 512 and batch <= 64)
+
+
+def _pack(w: Tensor, batch: int) -> Tensor:
+    """``w`` (out, in) prepacked for oneDNN's linear ``x w^T``."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch)
+
+
+def _chunk_rows(n_rows: int) -> int:
+    """Rows per chunk of the backward's weight-gradient GEMMs (``$RECNORM_FUSED_CHUNK_ROWS`` if set)."""
+    env = os.environ.get("RECNORM_FUSED_CHUNK_ROWS")
+    if env:
+        return max(1, int(env))
+    return max(2048, n_rows // 4)
+
+
+def _none_to_empty(ts: Sequence[Optional[Tensor]], like: Tensor) -> List[Tensor]:
+    return [like.new_empty(0) if t is None else t for t in ts]
+
+
+def _no_grads(ts: Sequence[Optional[Tensor]]):
+    """The "no gradient" of a ``Tensor?[]`` argument in the structure autograd expects: a list of None
+    for a list of tensors, a single None for a list holding None (custom_op keeps that one whole)."""
+    return [None] * len(ts) if all(t is not None for t in ts) else None
+
+
+def _steps(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor):
+    return batch_sizes.shape[0] if batch_sizes is not None else x.shape[0] // h0.shape[0]
+
+
+def _batch_of(batch_sizes: Optional[Tensor], h0: Tensor) -> int:
+    return h0.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LSTM operator
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("recnorm::fused_lstm", mutates_args=(), device_types="cpu")
+def _fused_lstm(
+    x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
+    g_ih: Optional[Tensor], g_hh: Optional[Tensor], g_c: Optional[Tensor], beta_c: Optional[Tensor], pop: List[Optional[Tensor]],
+    stat: List[int], center: List[int], eps: List[float], batch_stats: bool, save: bool, step_offset: int,
+) -> List[Tensor]:
+    """``[out, h_n, c_n, XI, XH, C, stats_g, stats_h, moments]`` of one LSTM direction (see the C++)."""
+    B, H, I = h0.shape[0], w_hh.shape[1], x.shape[1]
+    hoisted = I > INPROJ_MAX
+    plan = onednn_plan(B, H, hoisted, x.dtype, "lstm")
+    res = _ext("lstm").forward(
+        x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, list(pop), list(stat), list(center), list(eps),
+        batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS,
+        _pack(w_hh, B) if plan[1] else None, _pack(w_ih, INPROJ_ROWS) if plan[0] else None,
+    )  # fmt: skip
+    return list(res)
+
+
+@_fused_lstm.register_fake
+def _fused_lstm_fake(x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, pop, stat, center, eps, batch_stats, save, step_offset):
+    N, B, H = x.shape[0], h0.shape[0], w_hh.shape[1]
+    G, T = 4 * H, _steps(x, batch_sizes, h0)
+    fam = stat[0]
+    e = x.new_empty
+    saved = [e(0)] * 5
+    if save:
+        saved = [
+            e(N, G),
+            e(N, G) if fam != 0 else e(0),
+            e(N, H),
+            e(4, N) if fam == 1 else (e(2, T, G) if fam == 2 else e(0)),
+            e(2, T, H) if fam == 2 else e(0),
+        ]
+    moments = e(2, T, 2 * G + H) if fam == 2 and batch_stats else e(0)
+    return [e(N, H), e(B, H), e(B, H)] + saved + [moments]
+
+
+@torch.library.custom_op("recnorm::fused_lstm_backward", mutates_args=(), device_types="cpu")
+def _fused_lstm_backward(
+    d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor], x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
+    c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], g_ih: Optional[Tensor], g_hh: Optional[Tensor],
+    g_c: Optional[Tensor], beta_c: Optional[Tensor], out: Tensor, XI: Tensor, XH: Tensor, C: Tensor, stats_g: Tensor,
+    stats_h: Tensor, stat: List[int], center: List[int], batch_stats: bool, need_dx: bool,
+) -> List[Tensor]:
+    """``[dx, dh0, dc0, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c]`` (empty where not computed)."""
+    B, H = h0.shape[0], w_hh.shape[1]
+    plan = onednn_plan(B, H, x.shape[1] > INPROJ_MAX, x.dtype, "lstm")
+    res = _ext("lstm").backward(
+        d_out, d_hn, d_cn, x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h,
+        list(stat), list(center), batch_stats, need_dx, _chunk_rows(x.shape[0]), _pack(w_hh.t(), B) if plan[2] else None,
+    )  # fmt: skip
+    return _none_to_empty(res, x)
+
+
+@_fused_lstm_backward.register_fake
+def _fused_lstm_backward_fake(d_out, d_hn, d_cn, x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C,
+                              stats_g, stats_h, stat, center, batch_stats, need_dx):  # fmt: skip
+    H = w_hh.shape[1]
+    G = 4 * H
+    e = x.new_empty
+    norm = stat[0] != 0
+    return [
+        e(x.shape) if need_dx else e(0), e(h0.shape), e(c0.shape), e(w_ih.shape), e(w_hh.shape), e(G),
+        e(G) if norm else e(0), e(G) if norm else e(0), e(H) if norm else e(0), e(H) if norm else e(0),
+    ]  # fmt: skip
+
+
+def _lstm_setup(ctx, inputs, output):
+    x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, pop, stat, center, eps, batch_stats, save, step_offset = inputs
+    out, hn, cn, XI, XH, C, stats_g, stats_h, moments = output
+    ctx.batch_sizes, ctx.stat, ctx.center, ctx.batch_stats = batch_sizes, stat, center, batch_stats
+    ctx.pop_grad = _no_grads(pop)
+    ctx.optional = [t is not None for t in (bias, g_ih, g_hh, g_c, beta_c)]
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h)
+
+
+def _lstm_backward(ctx, grads):
+    refuse_double_backward()
+    d_out, d_hn, d_cn = (g.contiguous() if g is not None else None for g in grads[:3])
+    x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h = ctx.saved_tensors
+    if XI.numel() == 0 and out.numel() > 0:
+        raise RuntimeError("recnorm: this fused LSTM call saved nothing for backward (it ran without autograd)")
+    g = torch.ops.recnorm.fused_lstm_backward(
+        d_out, d_hn, d_cn, x, ctx.batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h,
+        ctx.stat, ctx.center, ctx.batch_stats, bool(ctx.needs_input_grad[0]),
+    )  # fmt: skip
+    dx, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c = g
+    opt = [o and (t.numel() > 0) for o, t in zip(ctx.optional, (db, dg_ih, dg_hh, dg_c, dbeta_c))]
+    db, dg_ih, dg_hh, dg_c, dbeta_c = (t if o else None for t, o in zip((db, dg_ih, dg_hh, dg_c, dbeta_c), opt))
+    return (dx if dx.numel() or x.numel() == 0 else None, None, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c,
+            ctx.pop_grad, None, None, None, None, None, None)  # fmt: skip
+
+
+_fused_lstm.register_autograd(_lstm_backward, setup_context=_lstm_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GRU / RNN operator
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("recnorm::fused_gru_rnn", mutates_args=(), device_types="cpu")
+def _fused_gru_rnn(
+    x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], b_hn: Optional[Tensor],
+    g_ih: Optional[Tensor], g_hh: Optional[Tensor], pop: List[Optional[Tensor]], cell: int, stat: List[int], center: List[int],
+    eps: List[float], batch_stats: bool, save: bool, step_offset: int,
+) -> List[Tensor]:
+    """``[out, h_n, XI, XH, stats, moments]`` of one GRU or RNN direction (see the C++)."""
+    B, H = h0.shape[0], w_hh.shape[1]
+    plan = onednn_plan(B, H, False, x.dtype, "gru_rnn")
+    res = _ext("gru_rnn").forward(
+        x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, list(pop), int(cell), list(stat), list(center), list(eps),
+        batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS, _pack(w_hh, B) if plan[1] else None,
+    )  # fmt: skip
+    return list(res)
+
+
+@_fused_gru_rnn.register_fake
+def _fused_gru_rnn_fake(x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, pop, cell, stat, center, eps, batch_stats, save, step_offset):
+    N, B, H = x.shape[0], h0.shape[0], w_hh.shape[1]
+    G, T = w_hh.shape[0], _steps(x, batch_sizes, h0)
+    fam = stat[0]
+    e = x.new_empty
+    saved = [e(0)] * 3
+    if save:
+        saved = [e(N, G), e(N, G), e(2, T, G) if fam == 2 else e(4, N)]
+    moments = e(2, T, 2 * G) if fam == 2 and batch_stats else e(0)
+    return [e(N, H), e(B, H)] + saved + [moments]
+
+
+@torch.library.custom_op("recnorm::fused_gru_rnn_backward", mutates_args=(), device_types="cpu")
+def _fused_gru_rnn_backward(
+    d_out: Optional[Tensor], d_hn: Optional[Tensor], x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    bias: Optional[Tensor], b_hn: Optional[Tensor], g_ih: Optional[Tensor], g_hh: Optional[Tensor], out: Tensor, XI: Tensor,
+    XH: Tensor, stats: Tensor, cell: int, stat: List[int], center: List[int], batch_stats: bool, need_dx: bool,
+) -> List[Tensor]:
+    """``[dx, dh0, dW_ih, dW_hh, db, db_hn, dg_ih, dg_hh]`` (empty where not computed)."""
+    B, H = h0.shape[0], w_hh.shape[1]
+    plan = onednn_plan(B, H, False, x.dtype, "gru_rnn")
+    res = _ext("gru_rnn").backward(
+        d_out, d_hn, x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, int(cell), list(stat),
+        list(center), batch_stats, need_dx, _chunk_rows(x.shape[0]), _pack(w_hh.t(), B) if plan[2] else None,
+    )  # fmt: skip
+    return _none_to_empty(res, x)
+
+
+@_fused_gru_rnn_backward.register_fake
+def _fused_gru_rnn_backward_fake(d_out, d_hn, x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, cell, stat,
+                                 center, batch_stats, need_dx):  # fmt: skip
+    H, G = w_hh.shape[1], w_hh.shape[0]
+    e = x.new_empty
+    return [e(x.shape) if need_dx else e(0), e(h0.shape), e(w_ih.shape), e(w_hh.shape), e(G), e(H) if cell == 0 else e(0), e(G), e(G)]
+
+
+def _gru_setup(ctx, inputs, output):
+    x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, pop, cell, stat, center, eps, batch_stats, save, step_offset = inputs
+    out, hn, XI, XH, stats, moments = output
+    ctx.batch_sizes, ctx.cell, ctx.stat, ctx.center, ctx.batch_stats = batch_sizes, cell, stat, center, batch_stats
+    ctx.pop_grad = _no_grads(pop)
+    ctx.optional = [t is not None for t in (bias, b_hn, g_ih, g_hh)]
+    ctx.save_for_backward(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats)
+
+
+def _gru_backward(ctx, grads):
+    refuse_double_backward()
+    d_out, d_hn = (g.contiguous() if g is not None else None for g in grads[:2])
+    x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats = ctx.saved_tensors
+    if XI.numel() == 0 and out.numel() > 0:
+        raise RuntimeError("recnorm: this fused GRU/RNN call saved nothing for backward (it ran without autograd)")
+    g = torch.ops.recnorm.fused_gru_rnn_backward(
+        d_out, d_hn, x, ctx.batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, ctx.cell, ctx.stat, ctx.center,
+        ctx.batch_stats, bool(ctx.needs_input_grad[0]),
+    )  # fmt: skip
+    dx, dh0, dw_ih, dw_hh, db, db_hn, dg_ih, dg_hh = g
+    db, db_hn, dg_ih, dg_hh = (t if o else None for t, o in zip((db, db_hn, dg_ih, dg_hh), ctx.optional))
+    return (dx if dx.numel() or x.numel() == 0 else None, None, dh0, dw_ih, dw_hh, db, db_hn, dg_ih, dg_hh, ctx.pop_grad,
+            None, None, None, None, None, None, None)  # fmt: skip
+
+
+_fused_gru_rnn.register_autograd(_gru_backward, setup_context=_gru_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which cases this path serves, and the call
+# ---------------------------------------------------------------------------------------------------
+
+_SITES = {"lstm": ("ih", "hh", "cell"), "gru": ("ih", "hh"), "rnn_tanh": ("ih", "hh"), "rnn_relu": ("ih", "hh")}
+
+
+def _folded_view(work: DirectionWork) -> DirectionWork:
+    """The direction as the kernel sees it: a sequence-wise input norm is folded into the input weights
+    before the kernel runs (:func:`recnorm.kernels.native.fold_sequence_norm`), so it counts as none."""
+    ih = work.norm("ih")
+    if ih is None or ih.stat != "sequence":
+        return work
+    if ih.sync and ih.batch_stats:
+        return work  # refused below: no synchronized statistics here
+    return work.replace(norms={s: d for s, d in work.norms.items() if s != "ih"})
+
+
+def _family(work: DirectionWork) -> Optional[str]:
+    """The one statistic family every site of the cell uses ("none", "row", "batch"), or None."""
+    kinds = set()
+    for site in _SITES[work.cell.kind]:
+        d = work.norm(site)
+        kinds.add("none" if d is None else ("batch" if d.stat in ("step", "shared") else d.stat))
+    return kinds.pop() if len(kinds) == 1 and kinds <= {"none", "row", "batch"} else None
+
+
+def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode: str) -> Optional[str]:
+    """Why the fused kernels cannot serve this direction (None: they can)."""
+    kind = work.cell.kind
+    if kind not in _SITES:
+        return "it computes torch.nn's LSTM, GRU and RNN (tanh, relu) cells only"
+    if work.weight_hr is not None:
+        return "it does not serve proj_size"
+    if work.on_output is not None:
+        return "it does not report per-step outputs (diagnostics capture)"
+    work = _folded_view(work)
+    if set(work.present_norms()) - set(_SITES[kind]):
+        return "it serves norms at the input term, the recurrent term and the LSTM cell"
+    if work.carry_cell_norm:
+        return "it does not carry a normalized cell"
+    family = _family(work)
+    if family is None:
+        return "every normalized site must use the same statistic family (none, per row, or per step)"
+    hidden = work.weight_hh.shape[1]
+    groups = {"lstm": (4 * hidden,), "gru": (2 * hidden, hidden)}.get(kind, (hidden,))
+    for site, d in work.present_norms().items():
+        want = (hidden,) if site == "cell" else groups
+        if d.stat == "row" and tuple(d.groups) != want:
+            return f"layer-norm groups {tuple(d.groups)} at site {site!r} are not the cell's {want}"
+        if d.sync and d.batch_stats:
+            return "it does not synchronize batch statistics across processes"
+    if family == "batch" and len({d.batch_stats for d in work.present_norms().values()}) > 1:
+        return "its batch-norm sites must all be in training mode or all in eval mode"
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return f"it runs on float32/float64 CPU tensors (got {x.dtype} on {x.device.type})"
+    for t in [work.weight_ih, work.weight_hh, work.bias_ih, work.bias_hh] + [u for d in work.present_norms().values() for u in d.tensors()]:
+        if t is not None and t.device != x.device:
+            return "its weights and statistics must be on the input's device"
+        if t is not None and t.is_floating_point() and t.dtype != x.dtype:
+            return f"its weights and statistics must have the input's dtype ({x.dtype})"
+    if not available("lstm" if kind == "lstm" else "gru_rnn"):
+        return "its C++ extension could not be built (see the log)"
+    return None
+
+
+def _sum_present(*ts: Optional[Tensor]) -> Optional[Tensor]:
+    total = None
+    for t in ts:
+        if t is not None:
+            total = t if total is None else total + t
+    return total
+
+
+def _site_args(work: DirectionWork, sites: Sequence[str]):
+    """Per site: statistic family code, centring, eps, and the population statistics (None without)."""
+    stat, center, eps, pop = [], [], [], []
+    for site in sites:
+        d = work.norm(site)
+        stat.append(0 if d is None else _FAMILY[d.stat])
+        center.append(1 if d is None or d.center else 0)
+        eps.append(1e-5 if d is None else float(d.eps))
+        pop += [None, None, None] if d is None or not d.is_batch else [d.running_mean, d.running_var, d.num_batches_tracked]
+    return stat, center, eps, pop
+
+
+def _moments(work: DirectionWork, sites: Sequence[str], moments: Tensor, widths: Sequence[int], counts: Tensor) -> Dict[str, BatchMoments]:
+    """The batch moments output ``(2, T, sum(widths))`` split by site."""
+    if moments.numel() == 0:
+        return {}
+    steps = torch.arange(moments.shape[1], device=moments.device) + work.step_offset
+    out, col = {}, 0
+    for site, w in zip(sites, widths):
+        d = work.norm(site)
+        if d is not None and d.is_batch:
+            out[site] = BatchMoments(steps, moments[0, :, col : col + w], moments[1, :, col : col + w], counts)
+        col += w
+    return out
+
+
+def _needs_grad(*ts: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...]) -> DirectionResult:
+    """One direction on the fused kernel (the caller checked :func:`supports`)."""
+    work, folded = fold_sequence_norm(work, x)
+    kind = work.cell.kind
+    H = work.weight_hh.shape[1]
+    x = x.contiguous()
+    h0 = state[0].contiguous()
+    counts = batch_sizes if batch_sizes is not None else torch.full((x.shape[0] // max(h0.shape[0], 1),), h0.shape[0], dtype=torch.long)
+    d = work.present_norms()
+    batch_stats = any(n.batch_stats for n in d.values() if n.is_batch)
+    gain = lambda site: None if work.norm(site) is None else work.norm(site).weight  # noqa: E731
+    shift = lambda site: None if work.norm(site) is None else work.norm(site).bias  # noqa: E731
+    if kind == "lstm":
+        sites = ("ih", "hh", "cell")
+        stat, center, eps, pop = _site_args(work, sites)
+        bias = _sum_present(work.bias_ih, work.bias_hh, shift("ih"), shift("hh"))  # gate-norm shifts add to the bias
+        c0 = state[1].contiguous()
+        args = (x, batch_sizes, h0, c0, work.weight_ih.contiguous(), work.weight_hh.contiguous(), bias, gain("ih"), gain("hh"),
+                gain("cell"), shift("cell"))  # fmt: skip
+        save = _needs_grad(*args, *[t for n in d.values() for t in (n.weight, n.bias)])
+        res = torch.ops.recnorm.fused_lstm(*args, pop, stat, center, eps, batch_stats, save, work.step_offset)
+        moments = _moments(work, sites, res[8], (4 * H, 4 * H, H), counts)
+        return DirectionResult(res[0], (res[1], res[2]), {**folded, **moments})
+    sites = ("ih", "hh")
+    stat, center, eps, pop = _site_args(work, sites)
+    b, b_hn = _gate_biases(kind == "gru", H, work, shift("ih"), shift("hh"))
+    args = (x, batch_sizes, h0, work.weight_ih.contiguous(), work.weight_hh.contiguous(), b, b_hn, gain("ih"), gain("hh"))
+    save = _needs_grad(*args)
+    res = torch.ops.recnorm.fused_gru_rnn(*args, pop, _CELL_CODES[kind], stat, center, eps, batch_stats, save, work.step_offset)
+    G = work.weight_hh.shape[0]
+    return DirectionResult(res[0], (res[1],), {**folded, **_moments(work, sites, res[5], (G, G), counts)})
+
+
+def _gate_biases(gru: bool, hidden: int, work: DirectionWork, shift_ih, shift_hh) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(b, b_hn)`` of the GRU/RNN kernel: ``b`` (G) every bias added outside the GRU's reset product
+    (``b_ih + b_hh`` and gate-norm shifts for the RNN and the GRU's r, z blocks, ``b_in`` for its n block),
+    ``b_hn`` (H, GRU only) the recurrent n-block bias inside ``r * (.)``."""
+    b_i = _sum_present(work.bias_ih, shift_ih)
+    b_h = _sum_present(work.bias_hh, shift_hh)
+    if not gru:
+        b = _sum_present(b_i, b_h)
+        return (None if b is None else b.contiguous()), None
+    if b_h is None:
+        return (None if b_i is None else b_i.contiguous()), None
+    rz, hn = b_h.split([2 * hidden, hidden])
+    b = torch.cat([rz, torch.zeros_like(hn)]) if b_i is None else b_i + torch.cat([rz, torch.zeros_like(hn)])
+    return b.contiguous(), hn.contiguous()

@@ -1,0 +1,118 @@
+"""The export path: the time loop as ``torch._higher_order_ops.scan`` over standard torch operations.
+
+``torch.export`` and ``torch.onnx.export(dynamo=True)`` cannot follow a Python loop over a symbolic
+number of steps (they would unroll it for the example's length) and cannot look inside recnorm's C++
+kernels. This path writes the loop as a ``scan``, which both capture with T and B symbolic; the ONNX
+exporter turns it into an ONNX ``Scan`` with standard operators inside, so any ONNX runtime runs it,
+and an exported program needs neither recnorm's extensions nor recnorm itself to run.
+
+Equations are the reference loop's (:mod:`recnorm.kernels.reference`). It serves full batches (no
+``PackedSequence``) with every batch-statistic site on population statistics (eval mode): the input
+term's per-step normalization is then an affine map per step and runs before the scan, sequence-wise
+BN folds into the input weights, and the recurrent term's and the cell's per-step statistics enter the
+scan as inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recnorm.kernels import functional as fn
+from recnorm.kernels.contract import DirectionResult, DirectionWork, NormDesc
+from recnorm.kernels.native import fold_sequence_norm
+from recnorm.kernels.stats import stats_dtype
+
+__all__ = ["supports", "run_direction"]
+
+NAME = "scan"
+
+
+def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode: str) -> Optional[str]:
+    if batch_sizes is not None:
+        return "it serves full (padded) batches, not PackedSequence input"
+    if work.on_output is not None:
+        return "it does not report per-step outputs (diagnostics capture)"
+    if work.training_batch_norms():
+        return "it normalizes with population statistics only: call .eval() on the model first"
+    return None
+
+
+def _population(d: NormDesc, T, offset: int, device, dtype) -> Tuple[Tensor, Tensor]:
+    """``(mean, rstd)`` ``(T, F)`` of a per-step population statistic for steps ``offset .. offset+T-1``."""
+    steps = torch.arange(T, device=device) + offset
+    mean, var = fn.population_moments(d, steps)
+    dt = stats_dtype(dtype)
+    mean, var = mean.to(dt), var.to(dt)
+    if not d.center:
+        mean = torch.zeros_like(mean)
+    return mean, torch.rsqrt(var + d.eps)
+
+
+def _per_step(d: NormDesc, v: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """Normalize ``v`` (..., F) with one step's population ``mean`` and ``rstd``."""
+    y = (v.to(mean.dtype) - mean) * rstd
+    return fn.affine(d, y).to(v.dtype)
+
+
+def _apply(d: Optional[NormDesc], v: Tensor, stats) -> Tensor:
+    if d is None:
+        return v
+    if d.stat == "row":
+        return fn.row_norm(d, v)
+    return _per_step(d, v, *stats)
+
+
+def _add(x: Tensor, b: Optional[Tensor]) -> Tensor:
+    return x if b is None else x + b
+
+
+def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...]) -> DirectionResult:
+    from torch._higher_order_ops.scan import scan
+
+    work, _ = fold_sequence_norm(work, x)
+    B = state[0].shape[0]
+    xs = x.view(-1, B, x.shape[1])  # (T, B, F)
+    T = xs.shape[0]
+    d_ih, d_hh, d_g, d_c = work.norm("ih"), work.norm("hh"), work.norm("gates"), work.norm("cell")
+    dev, dt = x.device, x.dtype
+
+    gx = F.linear(xs, work.weight_ih)  # (T, B, G*H)
+    if d_ih is not None:
+        if d_ih.stat == "row":
+            gx = fn.row_norm(d_ih, gx)
+        else:  # per-step population statistics: an affine map per step
+            mean, rstd = _population(d_ih, T, work.step_offset, dev, dt)
+            gx = _per_step(d_ih, gx, mean.unsqueeze(1), rstd.unsqueeze(1))
+    if d_g is None:
+        gx = _add(gx, work.bias_ih)
+
+    per_step = {}
+    for site, d in (("hh", d_hh), ("gates", d_g), ("cell", d_c)):
+        if d is not None and d.per_step:
+            per_step[site] = _population(d, T, work.step_offset, dev, dt)
+    sites = sorted(per_step)
+    scan_inputs = [gx] + [t for s in sites for t in per_step[s]]
+    cell, carry = work.cell, work.carry_cell_norm
+    w_hh, b_ih, b_hh, w_hr = work.weight_hh, work.bias_ih, work.bias_hh, work.weight_hr
+
+    def body(carried, inputs):
+        gi = inputs[0]
+        stats = {s: (inputs[1 + 2 * i], inputs[2 + 2 * i]) for i, s in enumerate(sites)}
+        h = carried[0]
+        if d_g is not None:
+            g = _apply(d_g, gi + F.linear(h, w_hh), stats.get("gates"))
+            gi, gh = _add(_add(g, b_ih), b_hh), None
+        elif d_hh is None:
+            gh = F.linear(h, w_hh, b_hh)
+        else:
+            gh = _add(_apply(d_hh, F.linear(h, w_hh), stats.get("hh")), b_hh)
+        norm_c = None if d_c is None else (lambda c: _apply(d_c, c, stats.get("cell")))
+        out, new = cell.step(gi, gh, tuple(carried), norm_c, carry, w_hr)
+        return list(new), out.clone()
+
+    final, out = scan(body, list(state), scan_inputs)
+    return DirectionResult(out.reshape(-1, out.shape[-1]), tuple(final), {})

@@ -1,0 +1,94 @@
+"""Test cases enrolled from the registries: every registered cell (with its variants) and every registered
+norm. Registering a cell or a norm adds it to the parity, gradcheck, padding, fused-vs-reference and
+every-tool tests that build their parameters from here."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import recnorm
+from recnorm.nn import CELLS, RecurrentBase
+from recnorm.nn.norms import NORMS
+
+DT = torch.float64
+
+
+def cell_variants() -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """``{case id: (cell name, constructor options)}`` for every registered cell and its variants."""
+    out = {}
+    for name, cls in CELLS.items():
+        for opts in cls.variants():
+            key = name if not opts else name + "_" + "_".join(str(v) for v in opts.values())
+            out[key] = (name, opts)
+    return out
+
+
+CELL_IDS = list(cell_variants())
+NORM_IDS: List[Optional[str]] = [None] + NORMS.names()
+
+
+def batch_norms() -> List[str]:
+    return [n for n, spec in NORMS.items() if spec.batch_statistics]
+
+
+def make(cell_id: str, *args, **kwargs) -> RecurrentBase:
+    """A multi-layer recurrent layer of the case's cell (``recnorm.LSTM`` etc. for the built-in ones)."""
+    name, opts = cell_variants()[cell_id]
+    cell = CELLS.get(name)(**opts)
+    return RecurrentBase(cell, *args, **kwargs)
+
+
+def cases(*axes) -> List[Tuple]:
+    """The cross product of the cell ids, the norm ids and further axes."""
+    return list(itertools.product(CELL_IDS, NORM_IDS, *axes))
+
+
+def case_id(*values) -> str:
+    return "-".join("none" if v is None else str(v) for v in values)
+
+
+def randomize(m: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial norm gains, shifts, biases and running statistics (defaults would hide routing errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("norm_"):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 0.9 + 0.3)
+            elif name.startswith("bias_"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+        for name, b in m.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.2)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g, dtype=b.dtype) * 1.5 + 0.5)
+            elif name.endswith("num_batches_tracked"):
+                b.fill_(1)
+
+
+def run_and_grad(m, x, hx=None, lengths=None) -> list:
+    """Outputs, final states, gradients (input, initial states, parameters) and buffers after one call."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    xl = x.clone().requires_grad_(True)
+    hl = None
+    if hx is not None:
+        hl = tuple(s.clone().requires_grad_(True) for s in hx) if isinstance(hx, tuple) else hx.clone().requires_grad_(True)
+    inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if lengths is not None else xl
+    out, state = m(inp, hl)
+    out = pad_packed_sequence(out)[0] if lengths is not None else out
+    states = state if isinstance(state, tuple) else (state,)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * w).sum() + sum((s * s).sum() for s in states)
+    leaves = [xl] + ([] if hl is None else (list(hl) if isinstance(hl, tuple) else [hl])) + list(m.parameters())
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    return [out, *states, *grads, *[b.clone() for b in m.buffers()]]
+
+
+def assert_all_close(a, b, **tol) -> None:
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(v, u, **tol)
