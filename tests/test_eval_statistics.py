@@ -140,4 +140,5 @@ def test_first_update_is_not_diluted_by_initial_statistics(digits):
     with torch.no_grad():
         h_train = rnn.train()(x)[0]
         h_eval = rnn.eval()(x)[0]
-    assert float((h_eval - h_train).abs().max() / h_train.abs().max()) < 0.02
+    # with the rule: about 0.015 (the 64/63); today: about 1
+    assert float((h_eval - h_train).abs().max() / h_train.abs().max()) < 0.1
