@@ -1034,8 +1034,8 @@ change between consecutive evaluations is {D_today_jump} / {F_today_jump} / {B_t
   schedules to tune) to follow the lagging averages. `calibrate` removes the lag exactly, for the cost of a few
   forward passes. Not measured.
 * Measured and rejected, because they need a new (S, F) buffer for no gain: a per-feature bit "degenerate in the
-  slot's last update", and a running share of degenerate updates. Both are within 0.01 of R2 everywhere
-  (tables). Each eval batch's own statistics come close to exact ({D_batch_final} / {F_batch_final} /
+  slot's last update", and a running share of degenerate updates. Both are within 0.01 of R2 in every summary
+  table. Each eval batch's own statistics come close to exact ({D_batch_final} / {F_batch_final} /
   {B_batch_final} at the end), but they make a prediction depend on the other examples in its batch, so they are
   not a default.
 
