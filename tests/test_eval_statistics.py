@@ -5,9 +5,8 @@ input term, the cell state before the first informative input) to exactly 0. Eva
 training always did, instead of dividing the running mean's lag behind the moving weights by sqrt(eps).
 And a slot's first update must not be diluted by the initial running statistics (mean 0, variance 1).
 
-The tests marked ``PENDING`` fail on today's code, which has neither rule; they pass once the rule of
-docs/eval_statistics.md is implemented (``strict=True``: an unexpected pass is reported, so the marker
-must then be removed). The others are controls that pass today and must keep passing.
+Four tests failed before the rule of docs/eval_statistics.md (R1 and R2) was implemented; two are
+controls that passed before and must keep passing.
 
 Data: a slice of the sequential 8x8 digits (T = 64, one pixel per step). Pixel 0 (the top-left corner)
 is blank in every image, so at step 0 the input term is exactly 0 and the cell state c_0 (from the gate
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 import recnorm
 from recnorm.experiments.tasks import create_task
 
-PENDING = pytest.mark.xfail(strict=True, reason="pending the eval rule of docs/eval_statistics.md")
+
 HIDDEN = 32
 BATCH = 64
 
@@ -94,7 +93,6 @@ def test_exact_statistics_reproduce_training_at_constant_features(trained, digit
                                rtol=0, atol=1e-4)
 
 
-@PENDING
 def test_running_statistics_reproduce_training_at_constant_features(trained, digits):
     # Today: eval normalizes c_0 by (c_0 - running mean) / sqrt(running var + eps); the running variance is
     # ~0 and the running mean lags the moving gate biases, so h_0 gets several standard deviations of
@@ -104,7 +102,6 @@ def test_running_statistics_reproduce_training_at_constant_features(trained, dig
                                rtol=0, atol=1e-4)
 
 
-@PENDING
 def test_running_and_exact_statistics_agree_at_constant_features(trained, digits):
     batches, valid = digits
     net = copy.deepcopy(trained)
@@ -113,7 +110,6 @@ def test_running_and_exact_statistics_agree_at_constant_features(trained, digits
                                rtol=0, atol=1e-4)
 
 
-@PENDING
 def test_an_input_that_was_constant_in_training_does_not_reach_eval(trained, digits):
     # Pixel 0 was 0 in every training image: training normalized its input term to exactly 0 and the model
     # never saw it. Today, eval divides a nonzero pixel 0 by sqrt(running var + eps), a variance that only
@@ -127,7 +123,6 @@ def test_an_input_that_was_constant_in_training_does_not_reach_eval(trained, dig
         torch.testing.assert_close(net(poked)[0], net(valid.x)[0], rtol=0, atol=1e-5)
 
 
-@PENDING
 def test_first_update_is_not_diluted_by_initial_statistics(digits):
     # One step (T = 1) with all 64 pixels of each image as its input, so nothing compounds through time:
     # one training-mode forward, then eval on the same batch. When a slot's first update takes the batch's

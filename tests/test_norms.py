@@ -32,9 +32,7 @@ def _packed(x, lengths=LENGTHS):
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradcheck_layer(cell, norm, packed):
     torch.manual_seed(0)
-    # momentum 0 freezes the running statistics, which steps with < 2 valid sequences read: gradcheck
-    # calls the function many times and needs it to be the same function every time.
-    kwargs = {"gain_init": 0.7, "momentum": 0.0} if "batch" in norm else None
+    kwargs = {"gain_init": 0.7} if "batch" in norm else None
     model = CELLS[cell](3, 2, num_layers=2, bidirectional=True, norm=norm, norm_kwargs=kwargs)
     with torch.no_grad():  # non-zero shifts so that every parameter matters
         for name, p in model.named_parameters():
@@ -44,8 +42,14 @@ def test_gradcheck_layer(cell, norm, packed):
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     x = torch.randn(6, 4, 3, dtype=DT, requires_grad=True)
     h0 = torch.randn(4, 4, 2, dtype=DT, requires_grad=True)
+    buffers = [b.clone() for b in model.buffers()]
 
     def f(x, h0, *ps):
+        # Steps with < 2 valid sequences read the running statistics, which each call updates: restore
+        # them, so that gradcheck sees the same function at every call.
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
         inp = _packed(x) if packed else x
         hx = (h0, torch.zeros_like(h0)) if cell == "lstm" else h0
         out, state = functional_call(model, dict(zip(names, ps)), (inp, hx))
@@ -116,14 +120,22 @@ def test_recurrent_statistics_use_the_actual_hidden_states():
 
 
 def test_momentum_running_average():
+    """The k-th update of a slot has weight max(momentum, 1/k): a plain average of the first 1/momentum
+    updates (the initial mean 0 and variance 1 carry no weight), then the usual running average."""
     torch.manual_seed(2)
     m = recnorm.RNN(3, 4, dtype=DT, norm="batch", norm_kwargs={"momentum": 0.25})
-    xs = [torch.randn(2, 5, 3, dtype=DT) for _ in range(2)]
+    xs = [torch.randn(2, 5, 3, dtype=DT) for _ in range(7)]
     for x in xs:
         m(x)
-    p = [x[0] @ m.weight_ih_l0.T for x in xs]
-    expect = 0.75 * (0.75 * torch.zeros(4, dtype=DT) + 0.25 * p[0].mean(0)) + 0.25 * p[1].mean(0)
-    torch.testing.assert_close(m.norm_ih_l0.running_mean[0], expect)
+    expect_mean, expect_var = torch.zeros(4, dtype=DT), torch.ones(4, dtype=DT)
+    for k, x in enumerate(xs, start=1):
+        p = x[0] @ m.weight_ih_l0.T
+        w = max(0.25, 1 / k)
+        expect_mean = (1 - w) * expect_mean + w * p.mean(0)
+        expect_var = (1 - w) * expect_var + w * p.var(0)  # unbiased
+    torch.testing.assert_close(m.norm_ih_l0.running_mean[0], expect_mean)
+    torch.testing.assert_close(m.norm_ih_l0.running_var[0], expect_var)
+    assert m.norm_ih_l0.num_batches_tracked[0].item() == 7
 
 
 def test_sequence_batch_statistics_over_all_valid_positions():
@@ -147,7 +159,8 @@ def test_shared_batch_updates_one_running_statistic_every_step():
     proj = x @ m.weight_ih_l0.T  # (T, B, H)
     expect = torch.zeros(4, dtype=DT)
     for t in range(3):
-        expect = 0.5 * expect + 0.5 * proj[t].mean(0)
+        w = max(0.5, 1 / (t + 1))  # the slot's (t+1)-th update
+        expect = (1 - w) * expect + w * proj[t].mean(0)
     bn = m.norm_ih_l0
     assert bn.running_mean.shape == (1, 4)
     torch.testing.assert_close(bn.running_mean[0], expect)
@@ -165,7 +178,7 @@ def test_batch_norm_training_output_by_hand():
     v = x[mask]
     expect = 0.1 * (x - v.mean(0)) / torch.sqrt(v.var(0, unbiased=False) + 1e-5) + 0.2
     torch.testing.assert_close(y[mask], expect[mask])
-    torch.testing.assert_close(bn.running_mean[2], 0.1 * v.mean(0))
+    torch.testing.assert_close(bn.running_mean[2], v.mean(0))  # a slot's first update takes the batch's statistics
 
 
 def test_layer_norm_by_hand_with_gru_groups():

@@ -7,13 +7,14 @@ Public API:
 * ``list_norms``, ``get_norm``, ``norm_options``, ``register_norm``: the normalization registry;
 * ``recnorm.init``: named initialisation schemes;
 * ``convert_sync_batchnorm``: batch statistics synchronized across data-parallel processes;
-* ``recompute_population_statistics`` and ``recnorm.diagnostics``: statistics and gradient flow.
+* ``calibrate`` (exact population statistics before evaluating batch norms; also
+  ``recompute_population_statistics``) and ``recnorm.diagnostics``: statistics and gradient flow.
 """
 
 from typing import Any, Dict
 
 from recnorm import diagnostics, init
-from recnorm.diagnostics import recompute_population_statistics
+from recnorm.diagnostics import calibrate, recompute_population_statistics
 from recnorm.nn import (
     GRU,
     LSTM,
@@ -56,6 +57,7 @@ __all__ = [
     "norm_options",
     "register_norm",
     "list_cells",
+    "calibrate",
     "recompute_population_statistics",
     "diagnostics",
     "init",

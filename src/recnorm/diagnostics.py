@@ -4,8 +4,8 @@
   batch norm's per-step batch statistics; after ``loss.backward()`` it reports ``||dL/dh_t||`` for
   every step t (the total gradient, through the output and through the recurrence).
 * :func:`population_stats` reads the per-step running statistics of every batch norm.
-* :func:`recompute_population_statistics` replaces running averages by exact statistics from a pass
-  over given batches (the procedure Cooijmans et al. used for their results).
+* :func:`calibrate` (also :func:`recompute_population_statistics`) replaces running averages by exact
+  statistics from a pass over given batches (the procedure Cooijmans et al. used for their results).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from recnorm.nn.norms import RecurrentBatchNorm
 from recnorm.nn.rnn import RecurrentBase
 
-__all__ = ["capture", "Capture", "population_stats", "recompute_population_statistics"]
+__all__ = ["capture", "Capture", "population_stats", "recompute_population_statistics", "calibrate"]
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +200,22 @@ def recompute_population_statistics(
             m.training = mode
     log.debug("recomputed population statistics of %d batch norms from %d batches", len(bns), n)
     return n
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None) -> int:
+    """Store exact population statistics in every batch norm of ``model``: call it after training and
+    before evaluating a batch-normalized model.
+
+    Running averages lag weights that keep moving, and a recurrent network compounds the error over the
+    steps (``docs/eval_statistics.md``: 0.59 against 0.87 validation accuracy on sequential digits).
+    ``calibrate`` runs ``forward_fn(model, batch)`` (default ``model(batch)``, or ``model(*batch)`` for
+    tuples) on each of ``batches`` with batch statistics and no dropout, and stores, per time step, the
+    mean and unbiased variance of every valid row it saw. A few hundred rows (for example 4 training
+    batches of 64) are enough. The model's train/eval modes are restored. Returns the number of batches.
+
+    Example::
+
+        recnorm.calibrate(model, [x for x, _ in itertools.islice(train_loader, 8)])
+        model.eval()
+    """
+    return recompute_population_statistics(model, batches, forward_fn)

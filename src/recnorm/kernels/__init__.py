@@ -136,8 +136,9 @@ def run_direction(
 ) -> DirectionResult:
     """Run one layer direction with the chosen implementation.
 
-    ``x`` is ``(N, F)`` packed rows; ``batch_sizes`` a 1-D int64 CPU tensor of rows per step, or None for a
-    full batch of ``B = state[0].shape[0]`` rows at every step (see :mod:`recnorm.kernels.reference`).
+    ``x`` is ``(N, F)`` packed rows with ``batch_sizes`` a 1-D int64 CPU tensor of rows per step (see
+    :mod:`recnorm.kernels.reference`), or a full batch ``(T, B, F)`` with ``batch_sizes`` None; the output
+    has the same layout.
     """
     name, mode = choose(work, x, batch_sizes, state, kernel)
     if name == "native":

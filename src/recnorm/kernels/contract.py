@@ -176,7 +176,12 @@ class DirectionWork:
         return None if d is None or d.stat == "none" else d
 
     def present_norms(self) -> Dict[str, NormDesc]:
-        return {s: d for s in SITES if (d := self.norm(s)) is not None}
+        out = {}
+        for site in SITES:
+            d = self.norm(site)
+            if d is not None:
+                out[site] = d
+        return out
 
     def batch_norms(self) -> Dict[str, NormDesc]:
         """The sites whose descriptor takes batch statistics."""

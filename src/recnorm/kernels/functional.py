@@ -23,9 +23,15 @@ import torch
 from torch import Tensor
 
 from recnorm.kernels.contract import NormDesc
-from recnorm.kernels.stats import batch_moments, count_valid, degenerate_features, stats_dtype
+from recnorm.kernels.stats import batch_moments, count_valid, degenerate_features, population_degenerate, stats_dtype
 
 __all__ = ["slot_index", "population_moments", "row_norm", "batch_norm", "affine", "normalize_with"]
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a no-op ``to`` node (an alias, which the ONNX exporter mishandles inside
+    a scan)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def slot_index(num_batches_tracked: Tensor, steps: Tensor) -> Tensor:
@@ -38,10 +44,15 @@ def slot_index(num_batches_tracked: Tensor, steps: Tensor) -> Tensor:
     return torch.minimum(steps.to(positions.device), last)
 
 
-def population_moments(d: NormDesc, steps: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(mean, var)`` ``(K, F)`` of the population statistics the given steps read."""
+def population_moments(d: NormDesc, steps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, degenerate)`` ``(K, F)`` of the population statistics the given steps read, in the
+    statistics dtype (mean 0 when not centred); ``degenerate`` marks the features that normalize to 0."""
     index = slot_index(d.num_batches_tracked, steps)
-    return d.running_mean.index_select(0, index), d.running_var.index_select(0, index)
+    mean, var = d.running_mean.index_select(0, index), d.running_var.index_select(0, index)
+    degenerate = population_degenerate(mean, var)
+    dt = stats_dtype(d.running_var.dtype)
+    mean, var = _to(mean, dt), _to(var, dt)
+    return (mean if d.center else torch.zeros_like(mean)), var, degenerate
 
 
 def affine(d: NormDesc, y: Tensor) -> Tensor:
@@ -55,28 +66,38 @@ def affine(d: NormDesc, y: Tensor) -> Tensor:
 def normalize_with(d: NormDesc, x: Tensor, mean: Tensor, var: Tensor, degenerate: Optional[Tensor]) -> Tensor:
     """``affine((x - mean) / sqrt(var + eps))`` in the statistics' dtype, degenerate features set to 0,
     returned in ``x``'s dtype."""
-    y = (x.to(mean.dtype) - mean) * torch.rsqrt(var + d.eps) if d.center else x.to(var.dtype) * torch.rsqrt(var + d.eps)
+    y = (_to(x, mean.dtype) - mean) * torch.rsqrt(var + d.eps) if d.center else _to(x, var.dtype) * torch.rsqrt(var + d.eps)
     if degenerate is not None:
         y = torch.where(degenerate, torch.zeros((), dtype=y.dtype, device=y.device), y)
-    return affine(d, y).to(x.dtype)
+    return _to(affine(d, y), x.dtype)
 
 
-def row_norm(d: NormDesc, x: Tensor) -> Tensor:
-    """Layer norm (``center``) or RMSNorm of each row of ``x`` ``(..., F)`` over each feature group."""
-    xs = x.to(stats_dtype(x.dtype))
+def row_norm(d: NormDesc, x: Tensor, exact_degenerate: bool = True) -> Tensor:
+    """Layer norm (``center``) or RMSNorm of each row of ``x`` ``(..., F)`` over each feature group.
+
+    ``exact_degenerate=False`` (the export path) normalizes with ``F.layer_norm`` and skips the zero-spread
+    rule: a row that is constant up to rounding then normalizes to values of the order of that rounding
+    instead of exactly 0, a difference that matters for gradients, not for inference. (torch 2.13's ONNX
+    exporter fails on the explicit statistics inside a scan that follows another scan.)
+    """
+    xs = _to(x, stats_dtype(x.dtype))
     parts = []
     for part in xs.split(list(d.groups), dim=-1) if len(d.groups) > 1 else (xs,):
-        if d.center:
-            var, mean = torch.var_mean(part, dim=-1, correction=0, keepdim=True)
+        if d.center and not exact_degenerate:
+            parts.append(torch.nn.functional.layer_norm(part, (part.shape[-1],), eps=d.eps))
+            continue
+        if d.center:  # two passes in plain ops (they export to ONNX inside a scan; var_mean does not)
+            mean = part.mean(-1, keepdim=True)
+            var = (part - mean).square().mean(-1, keepdim=True)
             y = (part - mean) * torch.rsqrt(var + d.eps)
         else:
             var = part.square().mean(-1, keepdim=True)
             mean = torch.zeros_like(var)
             y = part * torch.rsqrt(var + d.eps)
         # A constant row (an all-zero state) normalizes to 0 and passes no gradient.
-        parts.append(torch.where(degenerate_features(mean, var), torch.zeros((), dtype=y.dtype, device=y.device), y))
+        parts.append(y.masked_fill(degenerate_features(mean, var), 0.0))
     y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return affine(d, y).to(x.dtype)
+    return _to(affine(d, y), x.dtype)
 
 
 def batch_norm(d: NormDesc, x: Tensor, step: int) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor, int]]]:
@@ -88,13 +109,9 @@ def batch_norm(d: NormDesc, x: Tensor, step: int) -> Tuple[Tensor, Optional[Tupl
     sync = {"sync": d.sync and d.batch_stats, "process_group": d.process_group}
     n = count_valid(x, None, **sync) if d.batch_stats else 0
     if not d.batch_stats or n < 2:
-        steps = torch.tensor([min(step, 2**62)], device=x.device)
-        mean, var = population_moments(d, steps)
+        mean, var, degenerate = population_moments(d, torch.tensor([step], device=x.device))
         dt = stats_dtype(x.dtype)
-        mean, var = mean[0].to(dt), var[0].to(dt)
-        if not d.center:
-            mean = torch.zeros_like(mean)
-        return normalize_with(d, x, mean, var, None), None
+        return normalize_with(d, x, _to(mean[0], dt), _to(var[0], dt), degenerate[0]), None
     mean, var = batch_moments(x, center=d.center, **sync)
     y = normalize_with(d, x, mean, var, degenerate_features(mean, var))
     return y, (mean.detach(), var.detach(), n)

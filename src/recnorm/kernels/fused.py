@@ -156,8 +156,10 @@ def load_extension(family: str = "lstm"):
     return EXTENSIONS[family].load()
 
 
+@torch._dynamo.assume_constant_result
 def available(family: str = "lstm") -> bool:
-    """Whether the extension is (or can be) built on this machine."""
+    """Whether the extension is (or can be) built on this machine. Under torch.compile this runs once,
+    eagerly, when the graph is traced (building the extension then if need be), and is a constant."""
     return load_extension(family) is not None
 
 
@@ -254,7 +256,7 @@ def _batch_of(batch_sizes: Optional[Tensor], h0: Tensor) -> int:
 @torch.library.custom_op("recnorm::fused_lstm", mutates_args=(), device_types="cpu")
 def _fused_lstm(
     x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
-    g_ih: Optional[Tensor], g_hh: Optional[Tensor], g_c: Optional[Tensor], beta_c: Optional[Tensor], pop: List[Optional[Tensor]],
+    g_ih: Optional[Tensor], g_hh: Optional[Tensor], g_c: Optional[Tensor], beta_c: Optional[Tensor], pop: List[Tensor],
     stat: List[int], center: List[int], eps: List[float], batch_stats: bool, save: bool, step_offset: int,
 ) -> List[Tensor]:
     """``[out, h_n, c_n, XI, XH, C, stats_g, stats_h, moments]`` of one LSTM direction (see the C++)."""
@@ -355,7 +357,7 @@ _fused_lstm.register_autograd(_lstm_backward, setup_context=_lstm_setup)
 @torch.library.custom_op("recnorm::fused_gru_rnn", mutates_args=(), device_types="cpu")
 def _fused_gru_rnn(
     x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], b_hn: Optional[Tensor],
-    g_ih: Optional[Tensor], g_hh: Optional[Tensor], pop: List[Optional[Tensor]], cell: int, stat: List[int], center: List[int],
+    g_ih: Optional[Tensor], g_hh: Optional[Tensor], pop: List[Tensor], cell: int, stat: List[int], center: List[int],
     eps: List[float], batch_stats: bool, save: bool, step_offset: int,
 ) -> List[Tensor]:
     """``[out, h_n, XI, XH, stats, moments]`` of one GRU or RNN direction (see the C++)."""
@@ -516,13 +518,14 @@ def _site_args(work: DirectionWork, sites: Sequence[str]):
         center.append(1 if d is None or d.center else 0)
         eps.append(1e-5 if d is None else float(d.eps))
         pop += [None, None, None] if d is None or not d.is_batch else [d.running_mean, d.running_var, d.num_batches_tracked]
-    return stat, center, eps, pop
+    # A Tensor[] (not Tensor?[]) argument, which torch.jit.trace can record: empty tensors stand for absent ones.
+    empty = work.weight_ih.new_empty(0)
+    return stat, center, eps, [empty if t is None else t for t in pop]
 
 
 def _moments(work: DirectionWork, sites: Sequence[str], moments: Tensor, widths: Sequence[int], counts: Tensor) -> Dict[str, BatchMoments]:
-    """The batch moments output ``(2, T, sum(widths))`` split by site."""
-    if moments.numel() == 0:
-        return {}
+    """The batch moments output ``(2, T, sum(widths))`` split by site (sites without batch statistics,
+    or a call in eval mode, have none: the output is then empty and not read)."""
     steps = torch.arange(moments.shape[1], device=moments.device) + work.step_offset
     out, col = {}, 0
     for site, w in zip(sites, widths):
@@ -542,9 +545,12 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
     work, folded = fold_sequence_norm(work, x)
     kind = work.cell.kind
     H = work.weight_hh.shape[1]
-    x = x.contiguous()
+    full = x.dim() == 3  # (T, B, F): a full batch; else packed rows
+    T, B = (x.shape[0], x.shape[1]) if full else (None, None)
+    x = (x.reshape(T * B, x.shape[2]) if full else x).contiguous()
     h0 = state[0].contiguous()
-    counts = batch_sizes if batch_sizes is not None else torch.full((x.shape[0] // max(h0.shape[0], 1),), h0.shape[0], dtype=torch.long)
+    counts = batch_sizes if batch_sizes is not None else torch.full((T,), B, dtype=torch.long)
+    unflat = (lambda out: out.view(T, B, out.shape[-1])) if full else (lambda out: out)
     d = work.present_norms()
     batch_stats = any(n.batch_stats for n in d.values() if n.is_batch)
     gain = lambda site: None if work.norm(site) is None else work.norm(site).weight  # noqa: E731
@@ -558,8 +564,8 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
                 gain("cell"), shift("cell"))  # fmt: skip
         save = _needs_grad(*args, *[t for n in d.values() for t in (n.weight, n.bias)])
         res = torch.ops.recnorm.fused_lstm(*args, pop, stat, center, eps, batch_stats, save, work.step_offset)
-        moments = _moments(work, sites, res[8], (4 * H, 4 * H, H), counts)
-        return DirectionResult(res[0], (res[1], res[2]), {**folded, **moments})
+        moments = _moments(work, sites, res[8], (4 * H, 4 * H, H), counts) if batch_stats else {}
+        return DirectionResult(unflat(res[0]), (res[1], res[2]), {**folded, **moments})
     sites = ("ih", "hh")
     stat, center, eps, pop = _site_args(work, sites)
     b, b_hn = _gate_biases(kind == "gru", H, work, shift("ih"), shift("hh"))
@@ -567,7 +573,7 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
     save = _needs_grad(*args)
     res = torch.ops.recnorm.fused_gru_rnn(*args, pop, _CELL_CODES[kind], stat, center, eps, batch_stats, save, work.step_offset)
     G = work.weight_hh.shape[0]
-    return DirectionResult(res[0], (res[1],), {**folded, **_moments(work, sites, res[5], (G, G), counts)})
+    return DirectionResult(unflat(res[0]), (res[1],), {**folded, **(_moments(work, sites, res[5], (G, G), counts) if batch_stats else {})})
 
 
 def _gate_biases(gru: bool, hidden: int, work: DirectionWork, shift_ih, shift_hh) -> Tuple[Optional[Tensor], Optional[Tensor]]:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork
-from recnorm.kernels.stats import degenerate_features, stats_dtype
+from recnorm.kernels.stats import degenerate_features, population_degenerate, stats_dtype
 
 __all__ = ["supports", "run_direction", "fold_sequence_norm"]
 
@@ -85,6 +85,7 @@ def fold_sequence_norm(work: DirectionWork, x: Tensor) -> Tuple[DirectionWork, D
     d = work.norm("ih")
     if d is None or d.stat != "sequence":
         return work, {}
+    x = x.reshape(-1, x.shape[-1])  # every valid row, whatever the layout
     n = x.shape[0]
     moments: Dict[str, BatchMoments] = {}
     if d.batch_stats and n >= 2:
@@ -101,10 +102,9 @@ def fold_sequence_norm(work: DirectionWork, x: Tensor) -> Tuple[DirectionWork, D
         )
     else:
         dt = stats_dtype(x.dtype)
-        mean, var = d.running_mean[0].to(dt), d.running_var[0].to(dt)  # one slot
-        if not d.center:
-            mean = torch.zeros_like(mean)
-        rstd = torch.rsqrt(var + d.eps)
+        rm, rv = d.running_mean[0], d.running_var[0]  # one slot
+        mean = rm.to(dt) if d.center else torch.zeros_like(rm, dtype=dt)
+        rstd = torch.rsqrt(rv.to(dt) + d.eps).masked_fill(population_degenerate(rm, rv), 0.0)
     scale = rstd if d.weight is None else rstd * d.weight
     shift = -mean * scale if d.center else torch.zeros_like(scale)
     if d.bias is not None:
@@ -123,14 +123,14 @@ def fold_sequence_norm(work: DirectionWork, x: Tensor) -> Tuple[DirectionWork, D
 
 
 def _aten(kind: str, x: Tensor, batch_sizes: Optional[Tensor], hx: List[Tensor], weights: List[Tensor], has_bias: bool, train: bool):
-    """torch's fused RNN op on one layer and direction; returns ``(out (N, H'), [h_n, (c_n)])``."""
+    """torch's fused RNN op on one layer and direction; returns ``(out, [h_n, (c_n)])`` with ``out``
+    ``(T, B, H')`` for a full batch ``x`` ``(T, B, F)``, or ``(N, H')`` for packed rows."""
     op = getattr(torch._VF, _OPS[kind])
     states = [s.unsqueeze(0) for s in hx]  # (1, B, ·): one layer, one direction
     hx_arg = tuple(states) if kind == "lstm" else states[0]
-    if batch_sizes is None:
-        B = hx[0].shape[0]
-        res = op(x.view(-1, B, x.shape[1]), hx_arg, weights, has_bias, 1, 0.0, train, False, False)
-        out = res[0].reshape(-1, res[0].shape[-1])
+    if batch_sizes is None:  # x: (T, B, F)
+        res = op(x, hx_arg, weights, has_bias, 1, 0.0, train, False, False)
+        out = res[0]
     else:
         res = op(x, batch_sizes, hx_arg, weights, has_bias, 1, 0.0, train, False)
         out = res[0]
@@ -171,7 +171,7 @@ def run_direction(
 def _native_rnn(
     x: Tensor, batch_sizes: Optional[Tensor], hx: List[Tensor], weights: List[Tensor], kind: str, has_bias: bool
 ) -> List[Tensor]:
-    """``[out (N, H'), h_n (B, H'), (c_n (B, H))]`` of torch's fused RNN op on one direction."""
+    """``[out, h_n (B, H'), (c_n (B, H))]`` of torch's fused RNN op on one direction."""
     with torch.no_grad():
         out, finals = _aten(kind, x, batch_sizes, hx, weights, has_bias, False)
     return [out.contiguous()] + [f.contiguous() for f in finals]
@@ -180,7 +180,7 @@ def _native_rnn(
 @_native_rnn.register_fake
 def _native_rnn_fake(x, batch_sizes, hx, weights, kind, has_bias):
     # W_hh is (G*H, H'): its width is the output's (the projection's size with proj_size)
-    return [x.new_empty(x.shape[0], weights[1].shape[1])] + [s.new_empty(s.shape) for s in hx]
+    return [x.new_empty(tuple(x.shape[:-1]) + (weights[1].shape[1],))] + [s.new_empty(s.shape) for s in hx]
 
 
 def _native_setup(ctx, inputs, output):

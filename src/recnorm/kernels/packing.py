@@ -68,9 +68,9 @@ def _reverse_backward(ctx, grad):
 _reverse_packed.register_autograd(_reverse_backward, setup_context=_reverse_setup)
 
 
-def reverse_packed(x: Tensor, batch_sizes: Optional[Tensor], batch: int) -> Tensor:
+def reverse_packed(x: Tensor, batch_sizes: Optional[Tensor]) -> Tensor:
     """Reverse each sequence of packed rows ``x`` within its own length (an involution). ``batch_sizes``
-    None: a full batch of ``batch`` rows per step, reversed along time."""
+    None: ``x`` is a full batch ``(T, B, F)``, reversed along time."""
     if batch_sizes is None:
-        return x.view(-1, batch, x.shape[-1]).flip(0).reshape(x.shape)
+        return x.flip(0)
     return torch.ops.recnorm.reverse_packed(x, batch_sizes)

@@ -13,6 +13,11 @@ Per step, with the descriptors of :class:`~recnorm.kernels.contract.DirectionWor
     (joint:  gi = N_gates(W_ih x_t + W_hh h_{t-1}) + b_ih + b_hh,  gh = None)
     h_t, state_t = cell.step(gi, gh, state_{t-1}, N_cell, carry, W_hr)
 
+Low precision: for bfloat16 and float16 inputs the GEMMs run in the input's dtype, but the gate terms,
+the normalizations and the state (the LSTM cell above all) are kept in float32, as fused RNN kernels do;
+outputs and final states come back in the input's dtype. Without this the cell's rounding error compounds
+over the steps.
+
 Input-side norms whose statistics are not per step (row, sequence-wise) run once on the projection of
 all steps. Batch statistics are taken per call over the call's valid rows; every site that used them
 returns them in :attr:`~recnorm.kernels.contract.DirectionResult.moments`. A step that has fewer than
@@ -29,7 +34,7 @@ from torch import Tensor
 
 from recnorm.kernels import functional as fn
 from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork, NormDesc, batch_sizes_list
-from recnorm.kernels.stats import batch_moments, degenerate_features, sync_max
+from recnorm.kernels.stats import batch_moments, degenerate_features, stats_dtype, sync_max
 
 __all__ = ["run_direction", "supports", "project_inputs"]
 
@@ -128,20 +133,26 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Sequence
 
     Args:
         work: weights, cell and norm descriptors.
-        x: ``(N, F)`` packed rows (see the module docstring).
-        batch_sizes: rows per step, non-increasing, summing to N; None for a full batch of
-            ``B = state[0].shape[0]`` rows at every step.
+        x: ``(N, F)`` packed rows (see the module docstring), or ``(T, B, F)`` for a full batch.
+        batch_sizes: rows per step, non-increasing, summing to N; None for a full batch.
         state: initial state tuple, each ``(B, ·)`` with ``B = batch_sizes[0]``.
 
     Returns:
         a :class:`~recnorm.kernels.contract.DirectionResult`: ``output`` ``(N, P or H)`` packed like
-        ``x``; final states ``(B, ·)``, holding for every sequence its state after its own last valid
+        ``x`` (``(T, B, P or H)`` for a full batch); final states ``(B, ·)``, holding for every sequence its state after its own last valid
         step; and the batch moments of every site that used batch statistics.
     """
+    full = x.dim() == 3
+    if full:
+        T, B = x.shape[0], x.shape[1]
+        x = x.reshape(T * B, x.shape[2])
     sizes = batch_sizes_list(batch_sizes, x.shape[0], state[0].shape[0])
     sizes = _synchronized_steps(sizes, work, x.device)
     moments = _Moments()
     gx, per_step = project_inputs(x, work, moments)
+    low, acc = x.dtype, stats_dtype(x.dtype)  # GEMMs in the input's dtype; the recurrence in float32 for 16-bit
+    gx = gx.to(acc)
+    state = tuple(s.to(acc) for s in state)
     d_ih, d_hh, d_gates = work.norm("ih"), work.norm("hh"), work.norm("gates")
     finished: List[State] = []  # states of sequences that ended, in the order they ended
     outputs: List[Tensor] = []
@@ -150,23 +161,22 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Sequence
         if nb < state[0].shape[0]:
             finished.append(tuple(s[nb:] for s in state))
             state = tuple(s[:nb] for s in state)
+        hh = F.linear(state[0].to(low), work.weight_hh).to(acc)  # (B_t, G*H)
         if d_gates is not None:  # one norm over the sum of both terms
-            g = _apply(d_gates, "gates", gi + F.linear(state[0], work.weight_hh), t, moments)
+            g = _apply(d_gates, "gates", gi + hh, t, moments)
             gi, gh = _add(_add(g, work.bias_ih), work.bias_hh), None
         else:
             if per_step:
                 gi = _add(_apply(d_ih, "ih", gi, t, moments), work.bias_ih)
-            if d_hh is None:
-                gh = F.linear(state[0], work.weight_hh, work.bias_hh)  # (B_t, G*H)
-            else:
-                gh = _add(_apply(d_hh, "hh", F.linear(state[0], work.weight_hh), t, moments), work.bias_hh)
+            gh = _add(hh if d_hh is None else _apply(d_hh, "hh", hh, t, moments), work.bias_hh)
         h, state = work.cell.step(gi, gh, state, _cell_norm(work, t, moments), work.carry_cell_norm, work.weight_hr)
         if work.on_output is not None:
             work.on_output(t, h)
-        outputs.append(h)
+        outputs.append(h.to(low))
     finished.append(state)
-    final = tuple(torch.cat([f[i] for f in reversed(finished)], 0) for i in range(len(state)))
-    return DirectionResult(torch.cat(outputs, 0), final, moments.result(x.device))
+    final = tuple(torch.cat([f[i] for f in reversed(finished)], 0).to(low) for i in range(len(state)))
+    out = torch.cat(outputs, 0)
+    return DirectionResult(out.view(T, B, out.shape[-1]) if full else out, final, moments.result(x.device))
 
 
 # kept for the fast paths' tests: the moments of a whole batch, as the sequence statistic takes them

@@ -10,7 +10,8 @@ Equations are the reference loop's (:mod:`recnorm.kernels.reference`). It serves
 ``PackedSequence``) with every batch-statistic site on population statistics (eval mode): the input
 term's per-step normalization is then an affine map per step and runs before the scan, sequence-wise
 BN folds into the input weights, and the recurrent term's and the cell's per-step statistics enter the
-scan as inputs.
+scan as inputs. Row statistics use ``F.layer_norm`` here, without the reference's exact zero for rows
+that are constant up to rounding (see :func:`recnorm.kernels.functional.row_norm`): inference only.
 """
 
 from __future__ import annotations
@@ -42,28 +43,33 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
 
 
 def _population(d: NormDesc, T, offset: int, device, dtype) -> Tuple[Tensor, Tensor]:
-    """``(mean, rstd)`` ``(T, F)`` of a per-step population statistic for steps ``offset .. offset+T-1``."""
+    """``(mean, rstd)`` ``(T, F)`` of a per-step population statistic for steps ``offset .. offset+T-1``
+    (rstd 0 at degenerate features, as in the reference)."""
     steps = torch.arange(T, device=device) + offset
-    mean, var = fn.population_moments(d, steps)
+    mean, var, degenerate = fn.population_moments(d, steps)
     dt = stats_dtype(dtype)
-    mean, var = mean.to(dt), var.to(dt)
-    if not d.center:
-        mean = torch.zeros_like(mean)
-    return mean, torch.rsqrt(var + d.eps)
+    rstd = torch.rsqrt(fn._to(var, dt) + d.eps).masked_fill(degenerate, 0.0)
+    return fn._to(mean, dt), rstd
 
 
 def _per_step(d: NormDesc, v: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
     """Normalize ``v`` (..., F) with one step's population ``mean`` and ``rstd``."""
-    y = (v.to(mean.dtype) - mean) * rstd
-    return fn.affine(d, y).to(v.dtype)
+    y = (fn._to(v, mean.dtype) - mean) * rstd
+    return fn._to(fn.affine(d, y), v.dtype)
 
 
 def _apply(d: Optional[NormDesc], v: Tensor, stats) -> Tensor:
     if d is None:
         return v
     if d.stat == "row":
-        return fn.row_norm(d, v)
+        return fn.row_norm(d, v, exact_degenerate=False)
     return _per_step(d, v, *stats)
+
+
+def _detached(d: NormDesc) -> NormDesc:
+    import dataclasses
+
+    return dataclasses.replace(d, weight=None if d.weight is None else d.weight.detach(), bias=None if d.bias is None else d.bias.detach())
 
 
 def _add(x: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -74,8 +80,7 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
     from torch._higher_order_ops.scan import scan
 
     work, _ = fold_sequence_norm(work, x)
-    B = state[0].shape[0]
-    xs = x.view(-1, B, x.shape[1])  # (T, B, F)
+    xs = x  # (T, B, F)
     T = xs.shape[0]
     d_ih, d_hh, d_g, d_c = work.norm("ih"), work.norm("hh"), work.norm("gates"), work.norm("cell")
     dev, dt = x.device, x.dtype
@@ -83,7 +88,7 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
     gx = F.linear(xs, work.weight_ih)  # (T, B, G*H)
     if d_ih is not None:
         if d_ih.stat == "row":
-            gx = fn.row_norm(d_ih, gx)
+            gx = fn.row_norm(d_ih, gx, exact_degenerate=False)
         else:  # per-step population statistics: an affine map per step
             mean, rstd = _population(d_ih, T, work.step_offset, dev, dt)
             gx = _per_step(d_ih, gx, mean.unsqueeze(1), rstd.unsqueeze(1))
@@ -114,5 +119,13 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
         out, new = cell.step(gi, gh, tuple(carried), norm_c, carry, w_hr)
         return list(new), out.clone()
 
-    final, out = scan(body, list(state), scan_inputs)
-    return DirectionResult(out.reshape(-1, out.shape[-1]), tuple(final), {})
+    init = list(state)
+    if torch.onnx.is_in_onnx_export():
+        # The ONNX exporter runs the scan under autograd when its inputs require grad, and torch's scan
+        # then saves symbolic sizes it cannot stack (torch 2.13). An ONNX model is for inference: detach.
+        init = [t.detach() for t in init]
+        scan_inputs = [t.detach() for t in scan_inputs]
+        w_hh, b_ih, b_hh, w_hr = (None if t is None else t.detach() for t in (w_hh, b_ih, b_hh, w_hr))
+        d_hh, d_g, d_c = (None if d is None else _detached(d) for d in (d_hh, d_g, d_c))
+    final, out = scan(body, init, scan_inputs)
+    return DirectionResult(out, tuple(final), {})

@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["batch_moments", "degenerate_features", "count_valid", "sync_active", "sync_max", "stats_dtype"]
+__all__ = ["batch_moments", "degenerate_features", "population_degenerate", "count_valid", "sync_active", "sync_max", "stats_dtype"]
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,4 +129,17 @@ def degenerate_features(mean: Tensor, var: Tensor) -> Tensor:
     feature with any real spread across the batch is never caught.
     """
     tol = 16.0 * torch.finfo(var.dtype).eps
-    return var <= (tol * mean.detach()).square()
+    return var <= (tol * mean).square()
+
+
+def population_degenerate(running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """Features whose stored (population) variance is zero up to rounding relative to the stored mean.
+
+    Normalizing with population statistics follows training's rule there: the normalized value is 0. The
+    threshold is 32 units of rounding of the buffers' dtype (training's 16 on the batch): the stored
+    variance averages updates that were each within training's threshold while the mean drifted
+    (docs/eval_statistics.md, rule R2). A feature that was 0 in every update (the input term of an
+    always-blank pixel) has mean 0 and variance 0 and is caught too.
+    """
+    tol = 32.0 * torch.finfo(running_var.dtype).eps
+    return running_var <= (tol * running_mean).square()

@@ -73,13 +73,21 @@ class RecurrentBatchNorm(nn.Module):
     where :math:`V` are the valid rows and :math:`n = |V|` (with ``center=False``, :math:`\mu_t = 0` and
     :math:`\sigma^2_t` is the mean square). Afterwards the running statistics of slot
     :math:`s = \min(t, S-1)` (``S = max_steps``) move towards :math:`\mu_t` and the unbiased variance
-    with ``momentum`` (``None``: cumulative average); calls of one sequence update them in step order.
+    with weight :math:`w = \max(\text{momentum}, 1/k)` for the slot's :math:`k`-th update (``momentum=None``:
+    :math:`w = 1/k`, a cumulative average); so the first update replaces the initial (0, 1) and the first
+    1/momentum updates are a plain average. Calls of one sequence update the slots in step order.
     :math:`\gamma` and :math:`\beta` are shared by all slots.
 
     In eval mode, step :math:`t` uses the population statistics of slot :math:`\min(t, s_{last})`, where
     :math:`s_{last}` is the last slot that has ever been updated: every step at or beyond the last
     tracked step reuses the last step's statistics (Cooijmans et al., section 4). :math:`s_{last}` is read
-    from ``num_batches_tracked`` at every call, so buffers written in place are always seen.
+    from ``num_batches_tracked`` at every call, so buffers written in place are always seen. A feature
+    whose stored variance is zero up to rounding (32 units relative to its stored mean; see
+    :func:`recnorm.kernels.stats.population_degenerate`) normalizes to 0, as training does with such a
+    feature: without it, the mean's lag behind the weights, divided by :math:`\sqrt{\epsilon}`, feeds
+    the cell values training never produced (``docs/eval_statistics.md``). Running averages lag weights
+    that keep moving: evaluate after :func:`recnorm.calibrate`, which stores exact statistics; evaluating
+    on averages that training changed since the last calibration logs a one-time warning.
 
     Special cases, handled instead of returning NaN or inf:
 
@@ -113,7 +121,8 @@ class RecurrentBatchNorm(nn.Module):
         max_steps: S, number of time-step slots of running statistics. 1 shares them across time.
         gain_init: initial :math:`\gamma`.
         shift: learn :math:`\beta` (initialised to 0). Without it, :math:`\beta = 0`.
-        momentum: running-average factor, or ``None`` for a cumulative average.
+        momentum: running-average factor (the least weight of an update), or ``None`` for a cumulative
+            average.
         eps: added to the variance.
         scope: ``"step"`` (statistics per step inside the time loop) or ``"sequence"`` (one call on the
             rows of all time steps; statistics over every valid (t, b) position).
@@ -151,6 +160,9 @@ class RecurrentBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(self.max_steps, self.num_features, **fk))
         self.register_buffer("num_batches_tracked", torch.zeros(self.max_steps, dtype=torch.long, device=device))
         self._population: Optional[Dict[str, Tensor]] = None  # set by begin_population_pass
+        # Whether training moved the running averages since the last calibration (not saved): evaluating
+        # on them then logs a one-time warning that points to recnorm.calibrate.
+        self._updated_since_calibration = False
         self._observers: List[Callable[[int, Tensor, Tensor, int], None]] = []
         self.sync = False  # synchronized statistics across processes (recnorm.convert_sync_batchnorm)
         self.process_group: Any = None  # None: the default (world) group
@@ -185,6 +197,7 @@ class RecurrentBatchNorm(nn.Module):
         )
 
     def reset_running_stats(self) -> None:
+        self._updated_since_calibration = False
         with torch.no_grad():
             self.running_mean.zero_()
             self.running_var.fill_(1.0)
@@ -222,10 +235,9 @@ class RecurrentBatchNorm(nn.Module):
         sync = {"sync": d.sync, "process_group": self.process_group}
         n = count_valid(x, mask, **sync) if d.batch_stats else 0
         if n < 2:
-            mean, var = kfn.population_moments(d, torch.tensor([int(step)], device=x.device))
+            mean, var, degenerate = kfn.population_moments(d, torch.tensor([int(step)], device=x.device))
             dt = stats_dtype(x.dtype)
-            mean, var = mean[0].to(dt), var[0].to(dt)
-            return kfn.normalize_with(d, x, mean if self.center else torch.zeros_like(mean), var, None)
+            return kfn.normalize_with(d, x, mean[0].to(dt), var[0].to(dt), degenerate[0])
         mean, var = batch_moments(x, mask, center=self.center, **sync)
         y = kfn.normalize_with(d, x, mean, var, degenerate_features(mean, var))
         self.record(BatchMoments(
@@ -239,8 +251,6 @@ class RecurrentBatchNorm(nn.Module):
     def record(self, m: BatchMoments) -> None:
         """Fold a call's batch moments into the running statistics (steps in order, as if each step had
         updated them in turn); or pool them during a population pass; and report them to observers."""
-        if m.steps.numel() == 0:
-            return
         for observe in self._observers:
             for k in range(m.steps.shape[0]):
                 if int(m.count[k]) >= 2:
@@ -257,12 +267,12 @@ class RecurrentBatchNorm(nn.Module):
         unbiased = m.var.to(self.running_var.dtype) * (n / (n - 1)).unsqueeze(1)
         vf = valid.to(mean.dtype)
         tail = slots == S - 1  # steps sharing the last slot: possibly several per call, applied in order
-        if self.momentum is None:  # cumulative average: the k-th update of a slot has weight 1/k
-            before = self.num_batches_tracked.index_select(0, slots).to(mean.dtype)
-            rank = torch.where(tail, torch.cumsum(vf * tail, 0), vf)
-            f = vf / (before + rank).clamp(min=1)
-        else:
-            f = vf * float(self.momentum)
+        # k: the number of the update of its slot that each step makes. The k-th update has weight 1/k
+        # (cumulative average), or max(momentum, 1/k): the first update replaces the initial (0, 1) and the
+        # first 1/momentum updates are a plain average (rule R1 of docs/eval_statistics.md).
+        before = self.num_batches_tracked.index_select(0, slots).to(mean.dtype)
+        k = (before + torch.where(tail, torch.cumsum(vf * tail, 0), vf)).clamp(min=1)
+        f = vf / k if self.momentum is None else vf * torch.clamp(1.0 / k, min=float(self.momentum))
         # Slot S-1: new = prod(1 - f) * old + sum_k f_k prod_{j > k} (1 - f_j) value_k over its steps.
         g = torch.where(tail, 1 - f, torch.ones_like(f))
         suffix = torch.flip(torch.cumprod(torch.flip(g, [0]), 0), [0])  # prod_{j >= k}
@@ -275,6 +285,7 @@ class RecurrentBatchNorm(nn.Module):
             shared = keep_tail * old + (w_tail * value).sum(0, keepdim=True)
             buf.index_copy_(0, slots, torch.where(tail.unsqueeze(1), shared, own))
         self.num_batches_tracked.index_add_(0, slots, valid.to(self.num_batches_tracked.dtype))
+        self._updated_since_calibration = True
 
     def _pool(self, m: BatchMoments) -> None:
         acc = self._population
@@ -319,6 +330,7 @@ class RecurrentBatchNorm(nn.Module):
         self.running_mean[seen] = mean[seen].to(self.running_mean.dtype)
         self.running_var[seen] = var[seen].to(self.running_var.dtype)
         self.num_batches_tracked[seen] = 1
+        self._updated_since_calibration = False
 
     def abort_population_pass(self) -> None:
         self._population = None
@@ -334,6 +346,7 @@ class RecurrentBatchNorm(nn.Module):
                 destination[key] = destination[key][:keep]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._updated_since_calibration = False  # a checkpoint's provenance is unknown: no warning
         fills = {"running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}
         for name, fill in fills.items():
             key = prefix + name
@@ -654,7 +667,7 @@ register_norm(
     NormSpec(
         "batch",
         _build_batch,
-        {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.1, "eps": 1e-5},
+        {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.3, "eps": 1e-5},
         "recurrent batch norm (Cooijmans et al. 2017): per-step statistics on W_ih x_t, W_hh h_{t-1}, c_t",
         batch_statistics=True,
         label="per-step BN",

@@ -8,6 +8,7 @@ normalizations in :mod:`recnorm.nn.norms`, and the time loop in :mod:`recnorm.ke
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
@@ -26,6 +27,8 @@ from recnorm.nn.norms import create_norm, get_norm, resolve_norm_kwargs
 
 __all__ = ["RecurrentBase", "LSTM", "GRU", "RNN", "CellBase", "LSTMCell", "GRUCell", "RNNCell"]
 
+log = logging.getLogger(__name__)
+
 _SITE_ATTR = {"ih": "norm_ih", "hh": "norm_hh", "gates": "norm_gates", "cell": "norm_c"}
 
 _NORM_DOC = r"""
@@ -42,8 +45,11 @@ _NORM_DOC = r"""
       carried unnormalized. Statistics per time step over the sequences valid at that step; gains
       shared across time, starting at 0.1 (``gain_init``). In eval, step t uses the population
       statistics of step ``min(t, last tracked step)``; at most ``max_steps`` (default 1000) steps are
-      tracked, later steps share the last slot. The reverse direction counts steps from each
-      sequence's own end.
+      tracked, later steps share the last slot. Running averages use momentum 0.3 (with weight 1/k
+      for a slot's first updates). Before evaluating, call ``recnorm.calibrate(model, batches)`` with
+      a few hundred training rows: it stores exact per-step statistics, which running averages of
+      moving weights are not (``docs/eval_statistics.md``). The reverse direction counts steps from
+      each sequence's own end.
     * ``"sequence_batch"`` (Laurent et al. 2016; Deep Speech 2): ``gi = BN(W_ih x_t) + b_ih`` with
       statistics over all valid (t, b) positions of the batch; the recurrent term is not normalized.
     * ``"shared_batch"`` (the naive horizontal BN, an anti-pattern shipped to be measured): one BN per
@@ -54,8 +60,8 @@ _NORM_DOC = r"""
     Batch statistics only ever see valid positions of packed batches. A training step with fewer than
     2 valid sequences normalizes with population statistics instead of batch statistics; a feature
     that is constant across the batch normalizes to 0 and passes no gradient, which keeps long runs
-    of constant input (blank image rows, zero padding) free of inf and NaN (see
-    :class:`recnorm.nn.norms.RecurrentBatchNorm`).
+    of constant input (blank image rows, zero padding) free of inf and NaN, and eval treats a feature
+    whose population variance is zero the same way (see :class:`recnorm.nn.norms.RecurrentBatchNorm`).
 """
 
 
@@ -327,10 +333,7 @@ class RecurrentBase(_NormSetup, nn.Module):
         if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             if torch.jit.is_tracing():
-                raise RuntimeError(
-                    f"{self._name()}: torch.jit.trace of a PackedSequence input would bake its batch sizes into the "
-                    "trace. Trace with a padded tensor instead, or use torch.export / torch.compile."
-                )
+                raise RuntimeError(_PACKED_TRACE_ERROR.format(self._name()))
             batch = self._check_packed(x, batch_sizes, sorted_indices, unsorted_indices)
             self._check_input(x, "PackedSequence")
             is_batched = True
@@ -346,26 +349,31 @@ class RecurrentBase(_NormSetup, nn.Module):
             elif self.batch_first:
                 input = input.transpose(0, 1)
             seq_len, batch, _ = input.shape
-            if seq_len == 0:
-                raise ValueError(f"{self._name()}: expected a non-empty sequence, got sequence length 0")
-            if batch == 0:
-                return self._empty_result(input, hx, is_batched)
-            x = input.reshape(seq_len * batch, self.input_size)  # packed rows of a full batch
+            if not torch.jit.is_tracing():  # a trace follows the input's sizes: no branch on them
+                if seq_len == 0:
+                    raise ValueError(f"{self._name()}: expected a non-empty sequence, got sequence length 0")
+                if batch == 0:
+                    return self._empty_result(input, hx, is_batched)
+            x = input  # (T, B, F): a full batch
             batch_sizes = sorted_indices = unsorted_indices = None
+        elif torch.jit.is_tracing() and isinstance(input, tuple) and len(input) == 4:  # what trace makes of a PackedSequence
+            raise RuntimeError(_PACKED_TRACE_ERROR.format(self._name()))
         else:
             raise TypeError(f"{self._name()}: expected a Tensor or PackedSequence input, got {type(input).__name__}")
 
+        if not self.training and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            _warn_if_uncalibrated(self)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x = x.to(dtype)
         state = self._prepare_state(hx, batch, is_batched, x, sorted_indices)
-        output, finals = self._run_layers(x, batch_sizes, batch, state)
+        output, finals = self._run_layers(x, batch_sizes, state)
 
         if isinstance(input, PackedSequence):
             out: Union[Tensor, PackedSequence] = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 finals = tuple(f.index_select(1, unsorted_indices) for f in finals)
         else:
-            out = output.view(seq_len, batch, -1)
+            out = output
             if not is_batched:
                 out = out.squeeze(1)
                 finals = tuple(f.squeeze(1) for f in finals)
@@ -381,7 +389,7 @@ class RecurrentBase(_NormSetup, nn.Module):
             out = out.transpose(0, 1)
         return out, (state if self.cell.state_size == 2 else state[0])
 
-    def _run_layers(self, x: Tensor, batch_sizes: Optional[Tensor], batch: int, state: Tuple[Tensor, ...]):
+    def _run_layers(self, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...]):
         D = self._num_directions
         kernel = kernels.resolve_kernel(self.kernel)
         finals: List[List[Tensor]] = [[] for _ in state]
@@ -390,18 +398,40 @@ class RecurrentBase(_NormSetup, nn.Module):
             outs = []
             for direction in range(D):
                 idx = layer * D + direction
-                inp = layer_input if direction == 0 else reverse_packed(layer_input, batch_sizes, batch)
+                inp = layer_input if direction == 0 else reverse_packed(layer_input, batch_sizes)
                 observer = self._step_observer(self, layer, direction, batch_sizes) if self._step_observer else None
                 work = self.direction_work(layer, direction, observer)
                 res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel)
                 self._record(layer, direction, res.moments)
-                outs.append(res.output if direction == 0 else reverse_packed(res.output, batch_sizes, batch))
+                outs.append(res.output if direction == 0 else reverse_packed(res.output, batch_sizes))
                 for i, f in enumerate(res.state):
                     finals[i].append(f)
-            layer_input = outs[0] if D == 1 else torch.cat(outs, 1)
+            layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
         return layer_input, tuple(torch.stack(f, 0) for f in finals)
+
+
+_WARNED_UNCALIBRATED = False
+
+
+def _warn_if_uncalibrated(layer: nn.Module) -> None:
+    """Once per process: evaluating on running averages that training moved since the last calibration."""
+    global _WARNED_UNCALIBRATED
+    if _WARNED_UNCALIBRATED:
+        return
+    if any(getattr(m, "_updated_since_calibration", False) and not m.training for m in layer.modules()):
+        _WARNED_UNCALIBRATED = True
+        log.warning(
+            "recnorm: evaluating batch norm with running averages that lag the weights; call "
+            "recnorm.calibrate(model, batches) after training for exact statistics (see docs/eval_statistics.md)"
+        )
+
+
+_PACKED_TRACE_ERROR = (
+    "{}: torch.jit.trace of a PackedSequence input would bake its batch sizes into the trace. Trace with a "
+    "padded tensor instead, or use torch.compile (which follows packed batches of any length)."
+)
 
 
 def _suffix(layer: int, direction: int) -> str:

@@ -246,6 +246,22 @@ inline void row_stats(const T* x, int64_t n, bool center, T& mean, T& var) {
   var = hsum(q0 + q1) / T(n);
 }
 
+// Population statistics (eval, and training steps with fewer than 2 rows) follow training's rule: a
+// feature whose stored variance is zero up to rounding relative to its stored mean normalizes to 0
+// (rstd = 0). 32 rather than 16 units of rounding: the stored variance averages updates that were each
+// within training's threshold while the mean drifted (docs/eval_statistics.md, rule R2).
+template <typename T>
+constexpr T population_tol() {
+  return T(32) * std::numeric_limits<T>::epsilon();
+}
+
+template <typename T>
+inline T population_rstd(T mean, T var, T eps) {
+  const T tol = population_tol<T>() * mean;
+  if (var <= tol * tol) return T(0);
+  return T(1) / std::sqrt(var + eps);
+}
+
 template <typename T>
 inline T ln_rstd(T mean, T var, T eps) {
   const T tol = degenerate_tol<T>() * mean;
@@ -358,8 +374,10 @@ inline void bn_columns(const T* X, int64_t stride, int64_t n, int64_t cnt, int64
     st(s.mo + col, mean, cnt);
     st(s.vo + col, var, cnt);
   } else {
-    mean = s.center ? ld(s.rm + col, cnt) : Vec<T>(T(0));
-    rstd = (ld(s.rv + col, cnt) + Vec<T>(s.eps)).rsqrt();
+    const Vec<T> rm = ld(s.rm + col, cnt), rv = ld(s.rv + col, cnt);
+    mean = s.center ? rm : Vec<T>(T(0));
+    const Vec<T> tol = rm * Vec<T>(population_tol<T>());
+    rstd = Vec<T>::blendv((rv + Vec<T>(s.eps)).rsqrt(), Vec<T>(T(0)), rv <= tol * tol);
   }
   st(mean_out, mean, cnt);
   st(rstd_out, rstd, cnt);

@@ -272,13 +272,14 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       const BNStep<T> s_c = bn_begin_step(bn[2], t, step, false);
       T* f = fold.data();
       for (int64_t q = 0; q < G; ++q) {
-        const T ai = gih[q] / std::sqrt(s_ih.rv[q] + s_ih.eps), ah = ghh[q] / std::sqrt(s_hh.rv[q] + s_hh.eps);
+        const T ai = gih[q] * population_rstd(s_ih.rm[q], s_ih.rv[q], s_ih.eps);
+        const T ah = ghh[q] * population_rstd(s_hh.rm[q], s_hh.rv[q], s_hh.eps);
         f[q] = ai;
         f[G + q] = ah;
         f[2 * G + q] = b[q] - (cen_ih ? ai * s_ih.rm[q] : T(0)) - (cen_hh ? ah * s_hh.rm[q] : T(0));
       }
       for (int64_t j = 0; j < H; ++j) {
-        const T ac = gc[j] / std::sqrt(s_c.rv[j] + s_c.eps);
+        const T ac = gc[j] * population_rstd(s_c.rm[j], s_c.rv[j], s_c.eps);
         f[3 * G + j] = ac;
         f[3 * G + H + j] = betac[j] - (cen_c ? ac * s_c.rm[j] : T(0));
       }

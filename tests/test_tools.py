@@ -1,0 +1,234 @@
+"""Every PyTorch tool a user may apply to a recnorm layer either gives the right answer or refuses clearly,
+for every registered cell x norm: torch.jit.trace, torch.compile (fullgraph, training and eval; dynamic
+packed batches without recompiling), torch.export with dynamic T and B, torch.onnx.export(dynamo=True)
+run in onnxruntime, and torch.jit.script (a clear refusal)."""
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from registry_cases import CELL_IDS, NORM_IDS, case_id, cell_variants, make
+
+I, H = 4, 6
+PRIMARY_CELLS = []  # one variant per registered cell: the expensive tools run on these
+for cid, (name, _) in cell_variants().items():
+    if name not in [cell_variants()[c][0] for c in PRIMARY_CELLS]:
+        PRIMARY_CELLS.append(cid)
+
+ALL = [pytest.param(c, n, id=case_id(c, n)) for c in CELL_IDS for n in NORM_IDS]
+PRIMARY = [pytest.param(c, n, id=case_id(c, n)) for c in PRIMARY_CELLS for n in NORM_IDS]
+
+
+def _trained(cell, norm, **kw):
+    """A 2-layer model after two training steps (running statistics tracked), in eval mode."""
+    torch.manual_seed(0)
+    m = make(cell, I, H, 2, norm=norm, **kw)
+    opt = torch.optim.SGD(m.parameters(), 0.1)
+    for _ in range(2):
+        out, _ = m(torch.randn(5, 3, I))
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return m.eval()
+
+
+def _out(res):
+    return res[0]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.jit.trace
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell,norm", ALL)
+def test_trace_follows_other_lengths_and_batch_sizes(cell, norm):
+    m = _trained(cell, norm)
+    torch.manual_seed(1)
+    traced = torch.jit.trace(m, (torch.randn(5, 3, I),), check_trace=False)
+    for shape in [(9, 7, I), (2, 2, I), (5, 3, I)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(_out(traced(x)), _out(m(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", None])
+def test_trace_in_training_mode_updates_running_statistics_like_eager(norm):
+    torch.manual_seed(0)
+    m = make("lstm", I, H, 2, norm=norm)
+    twin = make("lstm", I, H, 2, norm=norm)
+    traced = torch.jit.trace(m, (torch.randn(5, 3, I),), check_trace=False)
+    twin.load_state_dict(m.state_dict())  # the trace ran one training call on m
+    x = torch.randn(8, 6, I)
+    torch.testing.assert_close(_out(traced(x)), _out(twin(x)), rtol=1e-5, atol=1e-6)
+    for a, b in zip(m.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trace_refuses_packed_input_and_unserved_cases_clearly():
+    m = _trained("lstm", "batch")
+    packed = pack_padded_sequence(torch.randn(5, 3, I), torch.tensor([3, 5, 2]), enforce_sorted=False)
+    with pytest.raises(RuntimeError, match="PackedSequence input would bake its batch sizes"):
+        torch.jit.trace(m, (packed,), check_trace=False)
+    proj = make("lstm", I, H, 1, norm="layer", proj_size=3).eval()  # the fused kernels do not serve proj_size
+    with pytest.raises(RuntimeError, match="cannot record this layer so that it stays right for other input shapes"):
+        torch.jit.trace(proj, (torch.randn(5, 3, I),), check_trace=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------------
+
+
+def _compare_compiled(cell, norm, backend, train):
+    m = _trained(cell, norm)
+    twin = make(cell, I, H, 2, norm=norm)
+    twin.load_state_dict(m.state_dict())
+    m.train(train)
+    twin.train(train)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    torch.manual_seed(2)
+    x = torch.randn(7, 5, I)
+    results = []
+    for model in (compiled, twin):
+        xl = x.clone().requires_grad_(True)
+        out, _ = model(xl)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), xl.grad] + [p.grad for p in (m if model is compiled else twin).parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(m.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell,norm", PRIMARY)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_matches_eager(cell, norm, train):
+    """fullgraph=True (no graph break), outputs, gradients and running statistics equal eager's. The
+    aot_eager backend checks capture and AOTAutograd without inductor's slow C++ code generation."""
+    _compare_compiled(cell, norm, "aot_eager", train)
+
+
+@pytest.mark.parametrize("cell,norm", [("lstm", "batch"), ("gru", None)])
+def test_compile_fullgraph_with_inductor(cell, norm):
+    _compare_compiled(cell, norm, "inductor", True)
+
+
+@pytest.mark.parametrize("cell,norm,bidir", [("lstm", "batch", False), ("gru", None, True), ("rnn_tanh", "layer", True)])
+def test_compile_dynamic_packed_batches_do_not_recompile(cell, norm, bidir):
+    """30 training steps of packed batches with 30 different lengths: at most 2 compilations."""
+    torch.manual_seed(0)
+    m = make(cell, I, H, 2, norm=norm, bidirectional=bidir)
+    opt = torch.optim.SGD(m.parameters(), 0.01)
+    compilations = []
+
+    def backend(gm, example_inputs):
+        compilations.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(m, dynamic=True, backend=backend)
+    for step in range(30):
+        T = 3 + step
+        lengths = torch.randint(1, T + 1, (6,))
+        lengths[0] = T
+        out, _ = compiled(pack_padded_sequence(torch.randn(T, 6, I), lengths, enforce_sorted=False))
+        out.data.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(compilations) <= 2, f"{len(compilations)} compilations for 30 lengths"
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.export and ONNX
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dims():
+    return ({0: torch.export.Dim("T", min=2, max=4096), 1: torch.export.Dim("B", min=2, max=4096)},)
+
+
+@pytest.mark.parametrize("cell,norm", ALL)
+def test_export_with_dynamic_length_and_batch_matches_eager(cell, norm):
+    m = _trained(cell, norm)
+    ep = torch.export.export(m, (torch.randn(5, 3, I),), dynamic_shapes=_dims())
+    for shape in [(9, 7, I), (2, 2, I)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(_out(ep.module()(x)), _out(m(x)), rtol=1e-4, atol=1e-5)
+    # the exported program holds standard operators only: it runs without recnorm's extensions
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "recnorm" in t], targets
+
+
+def test_export_in_training_mode_with_batch_statistics_refuses_clearly():
+    m = _trained("lstm", "batch").train()
+    with pytest.raises(Exception, match=r"call \.eval\(\) on the model first"):
+        torch.export.export(m, (torch.randn(5, 3, I),), dynamic_shapes=_dims())
+
+
+@pytest.mark.parametrize("cell,norm", [("lstm", "layer"), ("gru", "batch"), ("rnn_relu", "sequence_batch")])
+def test_export_bidirectional_matches_eager(cell, norm):
+    m = _trained(cell, norm, bidirectional=True)
+    ep = torch.export.export(m, (torch.randn(5, 3, I),), dynamic_shapes=_dims())
+    x = torch.randn(8, 6, I)
+    torch.testing.assert_close(_out(ep.module()(x)), _out(m(x)), rtol=1e-4, atol=1e-5)
+
+
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+@pytest.mark.parametrize("cell,norm,bidir", [pytest.param(c, n, False, id=case_id(c, n)) for c in PRIMARY_CELLS for n in NORM_IDS]
+                         + [pytest.param("lstm", "layer", True, id="lstm-layer-bidirectional")])
+def test_onnx_export_runs_in_onnxruntime_on_other_shapes(cell, norm, bidir, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    m = _trained(cell, norm, bidirectional=bidir)
+    path = os.path.join(tmp_path, "model.onnx")
+    program = torch.onnx.export(m, (torch.randn(5, 3, I),), dynamic_shapes=_dims(), dynamo=True, verbose=False)
+    program.save(path)
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+
+    def nodes(graph):
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(a.g)
+
+    domains = {n.domain for n in nodes(model.graph)}
+    functions = {f.name for f in model.functions}
+    ops = {n.op_type for n in nodes(model.graph)} - functions
+    assert domains <= STANDARD_DOMAINS | {f.domain for f in model.functions}, domains
+    assert ops & {"Scan", "Loop", "LSTM", "GRU", "RNN"}, ops
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for shape in [(9, 7, I), (2, 2, I)]:
+        x = torch.randn(*shape)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), _out(m(x)).detach(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.jit.script
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", CELL_IDS)
+def test_script_refuses_with_one_clear_error(cell):
+    m = make(cell, I, H, norm="layer")
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile recnorm.*torch.jit.trace.*torch.export"):
+        torch.jit.script(m)
+    wrapper = torch.nn.Sequential(m)  # also inside a user's model
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile recnorm"):
+        torch.jit.script(wrapper)
