@@ -91,9 +91,34 @@ def test_cell_errors():
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("norm,kwargs,match", [
+    ("batch", {"eps": "1e-5"}, r"eps \(norm_kwargs of norm 'batch'\): expected a positive finite number, got '1e-5' \(str\)"),
+    ("batch", {"eps": float("inf")}, r"eps .*: expected a positive finite number, got inf"),
+    ("layer", {"eps": 0.0}, r"eps .*: expected a positive finite number, got 0.0"),
+    ("batch", {"momentum": "0.1"}, r"momentum .*: expected a number in \[0, 1\], or None .*, got '0.1' \(str\)"),
+    ("shared_batch", {"momentum": 1.5}, r"momentum .*: expected a number in \[0, 1\]"),
+    ("batch", {"gain_init": float("nan")}, r"gain_init .*: expected a finite number, got nan"),
+    ("batch", {"max_steps": 2.7}, r"max_steps .*: expected an integer >= 1, got 2.7 \(float\)"),
+    ("batch", {"max_steps": True}, r"max_steps .*: expected an integer >= 1, got True \(bool\)"),
+    ("batch", {"max_steps": 0}, r"max_steps .*: expected an integer >= 1, got 0"),
+    ("batch", "eps=1", r"norm_kwargs must be a dict of options such as \{'eps': 1e-5\}, got 'eps=1' \(str\)"),
+    ("batch", {"epsilon": 1e-3}, r"unknown norm_kwargs \['epsilon'\] for norm 'batch'; expected a subset of"),
+])
+def test_bad_norm_kwargs_name_the_option_what_was_expected_and_what_arrived(norm, kwargs, match):
+    for cls in (recnorm.LSTM, recnorm.GRUCell):
+        with pytest.raises(ValueError, match=match):
+            cls(3, 4, norm=norm, norm_kwargs=kwargs)
+
+
+def test_good_norm_kwargs_are_normalized():
+    m = recnorm.LSTM(3, 4, norm="batch", norm_kwargs={"eps": 1e-3, "momentum": None, "max_steps": 7, "gain_init": 1})
+    assert m.norm_kwargs == {"gain_init": 1.0, "max_steps": 7, "momentum": None, "eps": 1e-3}
+    assert m.norm_ih_l0.running_mean.shape == (7, 16) and m.norm_ih_l0.momentum is None
+
+
 def test_registry_listing_and_options():
     assert recnorm.list_norms() == ["batch", "layer", "sequence_batch", "shared_batch"]
-    assert recnorm.norm_options("batch") == {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.1, "eps": 1e-5}
+    assert recnorm.norm_options("batch") == {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.3, "eps": 1e-5}
     assert recnorm.norm_options("layer")["gain_init"] == 1.0
     assert recnorm.norm_options(None) == {}
     assert recnorm.list_cells() == ["gru", "lstm", "rnn"]

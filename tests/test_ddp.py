@@ -3,6 +3,8 @@ gradients are averaged across processes, and the batch-norm buffers are broadcas
 
 Batch statistics are per process here (like torch.nn.BatchNorm); test_sync.py covers synchronized ones."""
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +14,7 @@ import recnorm
 
 
 def _worker(rank, world, init_file, norm, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = recnorm.LSTM(3, 4, num_layers=2, norm=norm)

@@ -256,9 +256,9 @@ def _op_args(cell, norm, training, batch_sizes):
     randomize(m)
     m.train(training)
     work = m.direction_work(0, 0)
-    n = int(sum(batch_sizes)) if batch_sizes is not None else 12
     B = int(batch_sizes[0]) if batch_sizes is not None else 3
-    x = torch.randn(n, 2, dtype=DT, requires_grad=True)
+    shape = (int(sum(batch_sizes)), 2) if batch_sizes is not None else (4, B, 2)  # packed rows, or a full (T, B, F) batch
+    x = torch.randn(*shape, dtype=DT, requires_grad=True)
     state = tuple(torch.randn(B, 3, dtype=DT, requires_grad=True) for _ in range(m.cell.state_size))
     return work, x, state
 

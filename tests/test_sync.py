@@ -4,6 +4,8 @@ Two gloo processes each hold part of a batch of variable-length sequences, with 
 time steps. With synchronized statistics, their outputs, running statistics and (DDP-averaged, times
 the world size) gradients must equal those of one process running the whole batch."""
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -42,7 +44,8 @@ def _run(model, x, w, lengths):
 
 
 def _worker(rank, world, init_file, cell, norm, result_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A bounded timeout: a rank stuck in a collective fails the test instead of hanging the session.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     model = recnorm.convert_sync_batchnorm(_model(cell, norm))
     ddp = torch.nn.parallel.DistributedDataParallel(model)

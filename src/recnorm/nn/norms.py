@@ -475,10 +475,9 @@ def _finite_number(value: Any) -> float:
 
 
 def _positive_number(value: Any) -> float:
-    v = _finite_number(value) if _real(value) else None
-    if v is None or v <= 0:
+    if not _real(value) or not math.isfinite(float(value)) or float(value) <= 0:
         raise TypeError("a positive finite number")
-    return v
+    return float(value)
 
 
 def _momentum(value: Any) -> Optional[float]:
