@@ -165,3 +165,28 @@ def test_a_build_is_announced_as_a_warning(fake_load, caplog):
     with caplog.at_level("WARNING", logger="recnorm.kernels._build"):
         _build.load("k", [str(source)], [], [])
     assert caplog.records == []
+
+
+def _pytest_with_required_kernels(tmp_path, **env):
+    """One quick test of this file, run by pytest in a fresh process with RECNORM_REQUIRE_FUSED=1."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, RECNORM_REQUIRE_FUSED="1", **env)
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    node = f"{os.path.abspath(__file__)}::test_stale_torch_lock_is_removed_before_building"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node], env=env,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+
+
+def test_required_fused_kernels_fail_the_session_when_they_cannot_be_built(tmp_path):
+    """What CI relies on: without a working compiler the README's test command fails, instead of passing with
+    the fused kernels' tests skipped."""
+    broken = _pytest_with_required_kernels(tmp_path, RECNORM_EXTENSIONS_DIR=str(tmp_path / "ext"),
+                                           CXX=str(tmp_path / "no-such-compiler"))
+    output = broken.stdout + broken.stderr
+    assert broken.returncode == 3, output[-3000:]
+    assert "RECNORM_REQUIRE_FUSED=1, but the fused C++ kernels could not be built" in output
+    assert "0 passed" not in output and " passed" not in output  # no test ran
+
+    working = _pytest_with_required_kernels(tmp_path)  # the default compiler and cache: the test runs
+    assert working.returncode == 0, (working.stdout + working.stderr)[-3000:]
+    assert "1 passed" in working.stdout
