@@ -422,7 +422,11 @@ def _plt():
 
 def _legend_above(fig: Any, axes: Sequence[Any], title: Optional[str] = None) -> None:
     """One legend for the whole figure, above its panels: every line label found in ``axes``, once (the
-    panels share their colours and line styles, so one key serves them all)."""
+    panels share their colours and line styles, so one key serves them all). A lone panel keeps its legend
+    inside."""
+    if len(axes) == 1:
+        axes[0].legend(fontsize=10, title=title)
+        return
     handles, labels = [], []
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -753,6 +757,16 @@ def _disagree(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
         b["outcome"] == "supported")
 
 
+def _disagreement(this: Dict[str, Any], other: Dict[str, Any], other_name: str, where: str) -> str:
+    """The note that ends a verdict (closing its bold) when ``other``, the same claim judged by another
+    quantity, points the other way."""
+    if other["outcome"] == "supported":
+        return f"; but {other_name} supports it ({where})**"
+    if other["outcome"] == "contradicted":
+        return f"; but {other_name} shows the opposite ({where})**"
+    return f"; {other_name} does not confirm it ({where})**"
+
+
 def _verdict_row(claim: str, evidence: str, cmp: Dict[str, Any]) -> List[str]:
     if cmp["mean_diff"] is None:
         effect = "–"
@@ -797,8 +811,8 @@ def _verdicts(td: _TaskData) -> List[List[str]]:
                 f"{_pretty(label)} converges faster than no norm, by training loss (mean over training)",
                 f"training loss averaged over all steps (lower is faster), {where(sref)}", by_loss)
             if _disagree(by_valid, by_loss):
-                first[-1] = first[-1][:-2] + "; the training loss says otherwise (next row)**"
-                second[-1] = second[-1][:-2] + f"; the {valid_name} says otherwise (row above)**"
+                first[-1] = first[-1][:-2] + _disagreement(by_valid, by_loss, "the training loss", "next row")
+                second[-1] = second[-1][:-2] + _disagreement(by_loss, by_valid, f"the {valid_name}", "row above")
             rows.extend([first, second])
 
     # 2. sensitivity to the init gain.
