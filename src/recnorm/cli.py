@@ -557,7 +557,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except KeyboardInterrupt:
         _ignore_further_interrupts()
-        print("interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
+        if args.command in ("compare", "sweep"):
+            print("interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 
