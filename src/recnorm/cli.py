@@ -228,6 +228,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     spec = get_preset(args.preset, smoke=args.smoke)
     out = args.out or os.path.join("runs", ("compare" if args.preset == "default" else args.preset)
                                    + ("-smoke" if args.smoke else ""))
+    os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
     _build_kernels_first(spec.expand())
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1)
     if outcome.failed:
@@ -261,6 +262,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args).validate()
     out = args.out or os.path.join("runs", "train", config.run_id)
+    os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
     _build_kernels_first([config])
     _out(f"run {config.run_id} -> {out}")
     _out("loading the data and evaluating the untrained model...")
@@ -369,6 +371,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             _out(f"  {c.run_id}")
         return 0
     _need_extras("tqdm", *(("matplotlib",) if args.report else ()))
+    os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
     _build_kernels_first(configs)
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs)
     _out(f"{len(outcome.completed)} run(s) finished now, {len(outcome.skipped)} before, {len(outcome.failed)} failed")
