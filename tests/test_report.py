@@ -209,3 +209,12 @@ def test_run_files_follow_the_umask(tmp_path):
         assert os.stat(tmp_path / "run" / name).st_mode & 0o777 == 0o644, name
     # The training clock of a progress bar starts after the step-0 evaluation, right before step 1.
     assert events[:3] == [(0, ["valid"]), (0, ["training"]), (1, ["loss"])]
+
+
+def test_figures_are_named_after_their_task(sweep_dir, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(sweep_dir, copy)
+    write_report(copy)
+    names = sorted(os.listdir(os.path.join(copy, "figures")))
+    assert names and all(name.startswith("t0_adding_") for name in names), names
+    assert "t0_adding_bnstats.png" in names

@@ -709,8 +709,8 @@ def _plot_batch_stats(doc: _Doc, td: _TaskData, key: str) -> bool:
             for k, stat in enumerate(("mean", "var")):
                 ax = axes[2 * i + k][j]
                 positive = True
-                for name, key, color, style in sources:
-                    values = (where[key].get(module) or {}).get(stat)
+                for name, source, color, style in sources:
+                    values = (where[source].get(module) or {}).get(stat)
                     if values:
                         xs = list(range(1, len(values) + 1))
                         if len(values) == 1:  # statistics shared over time: one value for every step
