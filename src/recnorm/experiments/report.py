@@ -1063,7 +1063,9 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[_Doc, List[Li
           "seed-to-seed spread); *not supported: difference within seed spread* means the seeds disagree or the "
           "gap is small against their spread; *the opposite holds* means the reverse is supported. "
           "\"Seeds where it holds\" counts the seeds whose paired difference favours the claim. "
-          "Diverged runs count as chance level.")
+          "Diverged runs count as chance level. Each claim names the quantity it rests on; convergence speed is "
+          "judged twice, by the validation metric and by the training loss, each averaged over training, and "
+          "where one supports the claim and the other does not, both rows say so.")
 
     by_task: Dict[str, List[Dict[str, Any]]] = {}
     for r in records:
