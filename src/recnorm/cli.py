@@ -181,9 +181,7 @@ def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Option
     bar: Dict[str, Any] = {}
 
     def progress(event: str, info: Dict[str, Any]) -> None:
-        if event == "start":
-            for problem in info.get("redo", []):
-                _out(f"damaged result, running it again: {problem}")
+        if event == "start":  # (damaged results that are run again are named by a logged warning)
             _out(f"sweep {spec.name}: {info['total']} runs, {info['skipped']} already finished, "
                  f"{info['todo']} to run with {workers} worker(s) -> {out_dir}")
             bar["bar"] = tqdm(total=info["todo"], unit="run", dynamic_ncols=True)
