@@ -272,3 +272,26 @@ def test_ctrl_c_stops_a_parallel_sweep_promptly_and_keeps_finished_runs(tmp_path
     outcome = run_sweep(spec, out, workers=1, max_runs=0, progress=lambda e, info: events.append(info))
     assert sorted(outcome.skipped) == sorted(finished)
     assert events[0]["skipped"] == len(finished) and events[0]["redo"] == []  # the rest runs next time
+
+
+def test_a_worker_that_dies_fails_its_run_and_is_replaced(tmp_path, monkeypatch):
+    """A worker killed in the middle of a run (by the OS, say) fails that run only; the others finish."""
+    (tmp_path / "dying_task.py").write_text(
+        "import os\n"
+        "from recnorm.experiments.tasks.adding import AddingTask\n"
+        "from recnorm.experiments.tasks.base import register_task\n"
+        "@register_task\n"
+        "class DyingTask(AddingTask):\n"
+        "    name = 'dying_adding'\n"
+        "    def batches(self, split, batch_size, seed=0):\n"
+        "        if split == 'train':\n"
+        "            os._exit(9)\n"
+        "        return super().batches(split, batch_size, seed)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = small_spec(seeds=(0, 1))
+    spec.imports = ["dying_task"]
+    spec.grids = [{"task": ["adding", "dying_adding"], "seed": [0, 1, 2]}]
+    outcome = run_sweep(spec, str(tmp_path / "sweep"), workers=2)
+    assert len(outcome.completed) == 3 and len(outcome.failed) == 3
+    assert all("worker process died (exit code 9)" in m for m in outcome.failed.values())
+    assert all(run_id.startswith("dying_adding-") for run_id in outcome.failed)

@@ -29,7 +29,6 @@ is kept.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import importlib
@@ -37,6 +36,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -358,43 +358,94 @@ def _run_locked(spec: SweepSpec, configs: List[RunConfig], run_ids: List[str], o
                         failed=failed)
 
 
+def _worker_main(conn: Any, imports: List[str], parent_pid: int) -> None:
+    """A worker process: run each job received on ``conn`` and send back its outcome; ``None`` ends it."""
+    _worker_init(imports, parent_pid)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        conn.send(_run_one(*job))
+
+
 def _run_pool(jobs: List[Tuple[Dict[str, Any], str]], workers: int, imports: List[str],
               record: Callable[[Tuple[str, str, Optional[str], float]], None]) -> None:
-    """Run ``jobs`` in ``workers`` spawned processes, calling ``record`` with each outcome as it arrives."""
+    """Run ``jobs`` in ``workers`` spawned processes, calling ``record`` with each outcome as it arrives.
+
+    Each worker is a process with a pipe of its own: it gets one job at a time, so nothing is queued in a
+    worker, and the pool has no threads or queues of its own that could hang this process's exit when it
+    is interrupted. A worker that dies (killed by the OS, say) fails its run; a new one takes its place.
+    """
     context = multiprocessing.get_context("spawn")
-    executor = cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
-                                      initializer=_worker_init, initargs=(imports, os.getpid()))
+    pending = list(reversed(jobs))
+    busy: Dict[Any, Tuple[Any, Tuple[Dict[str, Any], str]]] = {}  # connection -> (process, its job)
+
+    def start_worker() -> Any:
+        conn, child = context.Pipe()
+        process = context.Process(target=_worker_main, args=(child, imports, os.getpid()), daemon=True)
+        process.start()
+        child.close()
+        return conn, process
+
+    def give(conn: Any, process: Any) -> None:
+        if pending:
+            job = pending.pop()
+            conn.send(job)
+            busy[conn] = (process, job)
+        else:
+            conn.send(None)  # no more work: the worker exits
+            conn.close()
+
+    processes = []
     try:
-        futures = [executor.submit(_run_one, *job) for job in jobs]
-        for future in cf.as_completed(futures):
-            record(future.result())
+        for _ in range(min(workers, len(jobs))):
+            conn, process = start_worker()
+            processes.append(process)
+            give(conn, process)
+        while busy:
+            for conn in multiprocessing.connection.wait(list(busy)):
+                process, job = busy.pop(conn)
+                try:
+                    outcome = conn.recv()
+                except (EOFError, OSError):  # the worker died in the middle of the run
+                    conn.close()
+                    process.join(1)
+                    run_id = os.path.basename(job[1])
+                    message = f"the worker process died (exit code {process.exitcode}) during the run"
+                    logger.error("run %s failed: %s", run_id, message)
+                    write_json_atomic(os.path.join(job[1], ERROR_FILE), {"run_id": run_id, "error": message})
+                    outcome = (run_id, "failed", message, 0.0)
+                    conn, process = start_worker()
+                    processes.append(process)
+                record(outcome)
+                give(conn, process)
+        for process in processes:
+            process.join(10)
     except BaseException:  # KeyboardInterrupt, or an error of the pool itself
-        _abandon(executor)
+        _abandon(processes)
         raise
-    executor.shutdown(wait=True)
+    _abandon(processes)  # any worker that did not exit by itself
 
 
-def _abandon(executor: cf.ProcessPoolExecutor, grace: float = 3.0) -> None:
-    """Cancel the queued runs and end the workers now: SIGTERM, then SIGKILL after ``grace`` seconds. The
-    runs they had in flight leave no result and are redone by the next invocation. Further Ctrl-Cs are
-    ignored meanwhile, so this cleanup (a few seconds at most) always completes."""
+def _abandon(processes: List[Any], grace: float = 3.0) -> None:
+    """End the workers now: SIGTERM, then SIGKILL after ``grace`` seconds. The runs they had in flight leave
+    no result and are redone by the next invocation. Further Ctrl-Cs are ignored meanwhile, so this cleanup
+    (a few seconds at most) always completes."""
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
     try:
-        processes = list((getattr(executor, "_processes", None) or {}).values())
-        executor.shutdown(wait=False, cancel_futures=True)
-        for p in processes:
-            if p.is_alive():
-                p.terminate()
+        alive = [p for p in processes if p.is_alive()]
+        for p in alive:
+            p.terminate()
         deadline = time.monotonic() + grace
-        for p in processes:
+        for p in alive:
             p.join(max(0.0, deadline - time.monotonic()))
-        for p in processes:
+        for p in alive:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
-        if processes:
-            logger.info("ended %d worker process(es); their runs in flight will be redone next time", len(processes))
+        if alive:
+            logger.info("ended %d worker process(es); their runs in flight will be redone next time", len(alive))
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
