@@ -170,8 +170,14 @@ def _spawn(spec: SweepSpec, tmp_path, out: str, workers: int, log_name: str = "s
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), RECNORM_KERNEL="reference")
     proc = subprocess.Popen([sys.executable, "-m", "recnorm", "sweep", "--spec", spec_path, "--out", out,
                              "--workers", str(workers)], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_interruptible)
     return proc, stdout, stderr
+
+
+def _interruptible() -> None:
+    # As in a terminal's foreground job. (A test session started in the background by a shell, `cmd &`,
+    # inherits an ignored SIGINT, and Python then keeps ignoring it.)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(condition, timeout: float = 120.0) -> None:
