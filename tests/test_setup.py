@@ -79,3 +79,23 @@ def test_missing_data_packages_are_named_with_their_install_command(tmp_path):
 def test_usage_without_a_command(tmp_path):
     proc = subprocess.run([RUN], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "./run test" in proc.stdout + proc.stderr
+
+
+def test_the_environment_s_programs_come_first_on_path(tmp_path):
+    """torch builds the C++ kernels with the `ninja` it finds on PATH: the environment's own (pip's ninja
+    package) must be found without activating the environment."""
+    env = _ready_environment(tmp_path)
+    ninja = tmp_path / "venv" / "bin" / "ninja"
+    ninja.write_text("#!/bin/sh\necho 1.11.1\n")
+    ninja.chmod(0o755)
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os, shutil\n"
+                     f"def test_ninja():\n    assert shutil.which('ninja') == {str(ninja)!r}\n"
+                     "    assert os.environ['RECNORM_REQUIRE_FUSED'] == '1'\n")
+    env.pop("RECNORM_REQUIRE_FUSED", None)
+    proc = subprocess.run([RUN, "test", str(probe), "-p", "no:cacheprovider"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    if "recnorm needs these Debian packages" in proc.stderr:
+        pytest.skip("this machine lacks some of the Debian packages that ./run checks for")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
