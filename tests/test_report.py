@@ -116,10 +116,16 @@ def test_report_of_empty_directory_fails_clearly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- as a person reads it
-def test_report_text_has_no_markup_or_python_lists_left(sweep_dir, tmp_path):
-    copy = str(tmp_path / "copy")
+@pytest.fixture(scope="module")
+def written(sweep_dir, tmp_path_factory):
+    """The report of a copy of the test sweep, written once for the tests that only read it."""
+    copy = str(tmp_path_factory.mktemp("written") / "copy")
     shutil.copytree(sweep_dir, copy)
-    paths = write_report(copy)
+    return copy, write_report(copy)
+
+
+def test_report_text_has_no_markup_or_python_lists_left(written):
+    copy, paths = written
     html = open(paths["html"], encoding="utf-8").read()
     md = open(paths["markdown"], encoding="utf-8").read()
     assert "<i>Supported</i>" in html and "<i>trained</i>" in html
@@ -130,14 +136,13 @@ def test_report_text_has_no_markup_or_python_lists_left(sweep_dir, tmp_path):
     assert "gains 0.5, 2" in md and "seeds 0, 1," in md
 
 
-def test_every_verdict_names_the_metric_it_rests_on(sweep_dir, tmp_path):
-    copy = str(tmp_path / "copy")
-    shutil.copytree(sweep_dir, copy)
-    for task, claim, evidence, effect, seeds, verdict in write_report(copy)["verdicts"]:
+def test_every_verdict_names_the_metric_it_rests_on(written):
+    copy, paths = written
+    for task, claim, evidence, effect, seeds, verdict in paths["verdicts"]:
         if "no baseline" in verdict:
             continue
         assert "mse" in claim or "training loss" in claim, claim
-    claims = [row[1] for row in write_report(copy)["verdicts"]]
+    claims = [row[1] for row in paths["verdicts"]]
     assert "layer norm (layer) converges faster than no norm, by validation mse (mean over training)" in claims
     assert "layer norm (layer) converges faster than no norm, by training loss (mean over training)" in claims
 
@@ -211,10 +216,8 @@ def test_run_files_follow_the_umask(tmp_path):
     assert events[:3] == [(0, ["valid"]), (0, ["training"]), (1, ["loss"])]
 
 
-def test_figures_are_named_after_their_task(sweep_dir, tmp_path):
-    copy = str(tmp_path / "copy")
-    shutil.copytree(sweep_dir, copy)
-    write_report(copy)
+def test_figures_are_named_after_their_task(written):
+    copy, _ = written
     names = sorted(os.listdir(os.path.join(copy, "figures")))
     assert names and all(name.startswith("t0_adding_") for name in names), names
     assert "t0_adding_bnstats.png" in names
