@@ -20,7 +20,8 @@ def fake_load(monkeypatch, tmp_path):
     calls = []
 
     def load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
-        calls.append({"name": name, "dir": build_directory, "lock_present": os.path.exists(os.path.join(build_directory, "lock"))})
+        calls.append({"name": name, "dir": build_directory, "lock_present": os.path.exists(os.path.join(build_directory, "lock")),
+                      "sources": list(sources)})
         return "module"
 
     monkeypatch.setenv("RECNORM_EXTENSIONS_DIR", str(tmp_path / "ext"))
@@ -36,7 +37,7 @@ def test_stale_torch_lock_is_removed_before_building(fake_load):
     os.makedirs(directory)
     open(os.path.join(directory, "lock"), "w").close()  # what a build killed half-way leaves behind
     assert _build.load("k", [str(source)], ["-O2"], []) == "module"
-    assert calls == [{"name": "k", "dir": directory, "lock_present": False}]
+    assert [(c["name"], c["dir"], c["lock_present"]) for c in calls] == [("k", directory, False)]
 
 
 def test_changed_source_header_or_flags_build_in_their_own_directory(fake_load):
@@ -118,3 +119,73 @@ def test_build_extensions_reports_each_kernel_and_then_counts_as_built():
     if any(status.values()):
         pytest.skip(f"the fused C++ extensions could not be built here: {status}")
     assert kernels.extensions_built()
+
+
+def test_each_torch_installation_builds_in_its_own_directory(fake_load, monkeypatch):
+    """Two environments with the same torch version but their own torch installation must not share (and
+    so rebuild) one build directory."""
+    import torch
+
+    calls, source = fake_load
+    here = _build.build_directory("k", [str(source)], ["|"])
+    assert _build.build_directory("k", [str(source)], ["|"]) == here  # stable
+    monkeypatch.setattr(torch, "__file__", "/other/venv/lib/python3/site-packages/torch/__init__.py")
+    elsewhere = _build.build_directory("k", [str(source)], ["|"])
+    assert elsewhere != here
+    monkeypatch.setenv("CXX", "clang++")
+    assert _build.build_directory("k", [str(source)], ["|"]) not in (here, elsewhere)
+
+
+def test_checkouts_with_the_same_sources_share_one_build(fake_load, tmp_path):
+    """The build compiles copies kept in its directory, so a second checkout of the same sources (another
+    path in the build commands) reuses the build instead of rebuilding it."""
+    calls, source = fake_load
+    other = tmp_path / "other_checkout"
+    other.mkdir()
+    (other / "k.cpp").write_text(source.read_text())
+    (source.parent / "k.h").write_text("// header\n")
+    (other / "k.h").write_text("// header\n")
+    _build.load("k", [str(source)], [], [])
+    _build.load("k", [str(other / "k.cpp")], [], [])
+    assert calls[0]["dir"] == calls[1]["dir"]
+    assert calls[0]["sources"] == calls[1]["sources"] == [os.path.join(calls[0]["dir"], "src", "k.cpp")]
+    copies = sorted(os.listdir(os.path.join(calls[0]["dir"], "src")))
+    assert copies == ["k.cpp", "k.h"]
+
+
+def test_a_build_is_announced_as_a_warning(fake_load, caplog):
+    calls, source = fake_load
+    with caplog.at_level("WARNING", logger="recnorm.kernels._build"):
+        _build.load("k", [str(source)], [], [])
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "compiling the C++ extension k" in caplog.records[0].getMessage()
+    open(os.path.join(calls[0]["dir"], "k.so"), "w").close()  # built: loading it says nothing
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recnorm.kernels._build"):
+        _build.load("k", [str(source)], [], [])
+    assert caplog.records == []
+
+
+def _pytest_with_required_kernels(tmp_path, **env):
+    """One quick test of this file, run by pytest in a fresh process with RECNORM_REQUIRE_FUSED=1."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, RECNORM_REQUIRE_FUSED="1", **env)
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    node = f"{os.path.abspath(__file__)}::test_stale_torch_lock_is_removed_before_building"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node], env=env,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+
+
+def test_required_fused_kernels_fail_the_session_when_they_cannot_be_built(tmp_path):
+    """What CI relies on: without a working compiler the README's test command fails, instead of passing with
+    the fused kernels' tests skipped."""
+    broken = _pytest_with_required_kernels(tmp_path, RECNORM_EXTENSIONS_DIR=str(tmp_path / "ext"),
+                                           CXX=str(tmp_path / "no-such-compiler"))
+    output = broken.stdout + broken.stderr
+    assert broken.returncode == 3, output[-3000:]
+    assert "RECNORM_REQUIRE_FUSED=1, but the fused C++ kernels could not be built" in output
+    assert "0 passed" not in output and " passed" not in output  # no test ran
+
+    working = _pytest_with_required_kernels(tmp_path)  # the default compiler and cache: the test runs
+    assert working.returncode == 0, (working.stdout + working.stderr)[-3000:]
+    assert "1 passed" in working.stdout

@@ -69,7 +69,11 @@ def test_train_then_report(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", *TINY, "--norm", "layer", "--steps", "2", "--out", out, "--report"]) == 0
     text = capsys.readouterr().out
-    assert "final:" in text and "report:" in text
+    assert "report:" in text
+    # A readable summary, not a JSON dump: what ran, the final numbers, the files.
+    assert "done in" in text and "2 of 2 steps, lstm with layer on adding" in text
+    assert "  test:  mse " in text and "{" not in text.split("done in", 1)[1]
+    assert f"files: {out}/ config.json, result.json, model.pt" in text
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["norm"] == "layer" and config["task_options"]["length"] == 6
     assert os.path.exists(os.path.join(out, "report.html"))
@@ -120,3 +124,164 @@ def test_compare_smoke_runs_sweep_and_report(tmp_path, capsys):
     assert f"sweep default-smoke: {n} runs" in text and "verdicts:" in text
     assert len(load_records(out)) == n
     assert os.path.exists(os.path.join(out, "report.html")) and os.path.exists(os.path.join(out, "report.md"))
+
+
+# ---------------------------------------------------------------------------------------------- as a person reads it
+def test_trained_weights_are_saved_and_reload_to_the_same_numbers(tmp_path, capsys):
+    import torch
+
+    from recnorm.experiments.train import evaluate, load_model, make_task
+
+    out = str(tmp_path / "run")
+    assert main(["train", *TINY, "--norm", "batch", "--steps", "3", "--out", out]) == 0
+    result = json.load(open(os.path.join(out, "result.json")))
+    state = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert any(k.startswith("rnn.weight_ih_l0") for k in state)
+    model = load_model(out)
+    task = make_task(result["config"]["task"], result["config"]["task_options"])
+    again = evaluate(model, task, "test", result["config"]["eval_batch_size"])
+    assert again["mse"] == pytest.approx(result["final"]["test"]["mse"], rel=1e-6)  # recomputed BN statistics kept
+
+
+def test_task_options_flag_wants_json_and_says_so(capsys):
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions
+                 if "--task-options" in a.option_strings)
+    assert "JSON object" in train.help
+    example = train.help.split("e.g. ", 1)[1].split(" (", 1)[0]  # the help's own example, as typed in a shell
+    args = parser.parse_args(["train", "--task-options", example.strip("'")])
+    assert args.field_task_options == {"train_size": 5000}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--task-options", "{'train_size': 5000}"])  # a Python dict, not JSON
+    err = capsys.readouterr().err
+    assert "argument --task-options: expected a JSON object" in err and '\'{"train_size": 1000}\'' in err
+
+
+def test_presets_listing_gives_whole_sentences_in_plain_text(capsys):
+    import inspect
+
+    from recnorm.cli import _preset_doc
+    from recnorm.experiments.presets import PRESETS
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out
+    flat = " ".join(out.split())
+    for name, fn in PRESETS.items():
+        doc = " ".join(inspect.getdoc(fn).replace("``", "").split())
+        running = doc.split("Running time:", 1)[1].strip()
+        assert _preset_doc(fn.__doc__)["Running time"] == running  # the whole sentence, to its end
+        assert f"Running time: {running}" in flat
+    assert "exclude the one-time compile" in flat
+
+
+def test_compare_help_has_a_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "Train every run of a preset comparison" in out
+
+
+def test_tasks_listing_loads_no_data(monkeypatch, capsys):
+    """`recnorm tasks` gives every size without reading or generating a data set (it took 12 s when it did)."""
+    from recnorm.experiments.tasks import digits, fashion_mnist, kjv, mnist1d_task
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recnorm tasks loaded a data set")
+
+    for module, name in ((fashion_mnist, "load_fashion_mnist"), (digits, "load_digits_arrays"),
+                         (mnist1d_task, "load_mnist1d_arrays"), (kjv, "load_kjv")):
+        monkeypatch.setattr(module, name, refuse)
+    assert main(["tasks"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "55000/5000/10000 examples" in rows["fashion_rows"] and "1297/250/250 examples" in rows["digits"]
+    assert "3500/500/1000 examples" in rows["mnist1d"]
+    assert "generated" not in rows["kjv_chars"] and "3,724,065/200,000/200,000 characters" in rows["kjv_chars"]
+    assert "generated" in rows["adding"]
+
+
+def test_sweep_without_a_name_is_named_after_its_folder(tmp_path, capsys):
+    out = str(tmp_path / "my-grid")
+    assert main(["sweep", "--set", "task=adding", "--set", "task_options.length=4", "--set", "steps=1",
+                 "--set", "hidden_size=4", "--set", "task_options.valid_size=4", "--set", "task_options.test_size=4",
+                 "--set", "popstat_batches=1", "--grid", "seed=0,1", "--workers", "1", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "sweep my-grid: 2 runs" in text and "sweep sweep" not in text
+    assert main(["sweep", "--dry-run", "--grid", "seed=0,1"]) == 0
+    assert "-> runs/grid" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- clear failures
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if the experiments extra were not installed
+    assert main(["train", *TINY, "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recnorm train: error: this command needs 'tqdm'") and "'experiments' extra" in err
+    assert "pip install 'recnorm[experiments]'" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()  # refused before any work
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "needs 'matplotlib'" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_directory_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["train", *TINY, "--steps", "1", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("recnorm train: error: Not a directory: ")
+    assert main(["compare", "--smoke", "--workers", "1", "--out", str(blocker / "cmp")]) == 2
+    assert "Not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_output_directory_is_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["train", *TINY, "--steps", "1", "--out", str(locked / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Permission denied" in err and "writable directory" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_report_on_a_mistyped_path_creates_nothing(tmp_path, capsys):
+    typo = tmp_path / "runs" / "compre"
+    assert main(["report", str(typo)]) == 2
+    assert f"recnorm report: error: no such directory: '{typo}'" in capsys.readouterr().err
+    assert not typo.exists() and not typo.parent.exists()
+
+
+def test_report_names_a_damaged_result(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", *TINY, "--steps", "1", "--out", out]) == 0
+    capsys.readouterr()
+    path = os.path.join(out, "result.json")
+    text = open(path).read()
+    open(path, "w").write(text[:200])  # truncated
+    assert main(["report", out]) == 2
+    err = capsys.readouterr().err
+    assert "no finished runs" in err and f"{path}: not valid JSON" in err and "Traceback" not in err
+    open(path, "w").write("{}")
+    assert main(["report", out]) == 2
+    assert f"{path}: not a valid result: missing 'run_id'" in capsys.readouterr().err
+
+
+def test_the_first_compile_is_announced(monkeypatch, tmp_path, capsys):
+    from recnorm import kernels
+
+    monkeypatch.setattr(kernels, "extensions_built", lambda: False)
+    monkeypatch.setattr(kernels, "build_extensions", lambda: {"LSTM": None, "GRU/RNN": None})
+    assert main(["train", *TINY, "--norm", "layer", "--steps", "1", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert out.index("compiling recnorm's C++ kernels") < out.index("run adding-")
+    assert "the time estimates below do not include it" in out
+    monkeypatch.setattr(kernels, "build_extensions", lambda: {"LSTM": "RuntimeError: no compiler", "GRU/RNN": None})
+    assert main(["train", *TINY, "--norm", "layer", "--steps", "1", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "could not build the fused LSTM kernel (RuntimeError: no compiler)" in out and "reference loop" in out
+    # Runs that need no fused kernel build nothing.
+    monkeypatch.setattr(kernels, "build_extensions", lambda: pytest.fail("built for a run without norm"))
+    assert main(["train", *TINY, "--steps", "1", "--out", str(tmp_path / "c")]) == 0

@@ -176,7 +176,7 @@ def test_train_writes_complete_result(tmp_path):
     result = train_and_evaluate(cfg, str(tmp_path))
     assert result.status == "ok" and result.steps_done == 6
     files = sorted(os.listdir(tmp_path))
-    assert files == ["config.json", "result.json"]  # no temporary files left behind
+    assert files == ["config.json", "model.pt", "result.json"]  # no temporary files left behind
     data = json.loads((tmp_path / "result.json").read_text())
     assert data["run_id"] == cfg.run_id and data["config"] == cfg.to_dict()
     assert set(data["versions"]) >= {"python", "torch", "recnorm", "platform"}

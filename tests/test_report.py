@@ -113,3 +113,111 @@ def test_report_of_a_single_run(sweep_dir, tmp_path):
 def test_report_of_empty_directory_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- as a person reads it
+@pytest.fixture(scope="module")
+def written(sweep_dir, tmp_path_factory):
+    """The report of a copy of the test sweep, written once for the tests that only read it."""
+    copy = str(tmp_path_factory.mktemp("written") / "copy")
+    shutil.copytree(sweep_dir, copy)
+    return copy, write_report(copy)
+
+
+def test_report_text_has_no_markup_or_python_lists_left(written):
+    copy, paths = written
+    html = open(paths["html"], encoding="utf-8").read()
+    md = open(paths["markdown"], encoding="utf-8").read()
+    assert "<i>Supported</i>" in html and "<i>trained</i>" in html
+    text_only = re.sub(r"<[^>]+>|src='data:[^']+'", "", html)
+    assert not re.search(r"\*\w[^*<]*\w\*", text_only)  # no literal *emphasis*
+    for doc in (md, text_only):
+        assert "['" not in doc and "[0, 1]" not in doc  # no Python lists
+    assert "gains 0.5, 2" in md and "seeds 0, 1," in md
+
+
+def test_every_verdict_names_the_metric_it_rests_on(written):
+    copy, paths = written
+    for task, claim, evidence, effect, seeds, verdict in paths["verdicts"]:
+        if "no baseline" in verdict:
+            continue
+        assert "mse" in claim or "training loss" in claim, claim
+    claims = [row[1] for row in paths["verdicts"]]
+    assert "layer norm (layer) converges faster than no norm, by validation mse (mean over training)" in claims
+    assert "layer norm (layer) converges faster than no norm, by training loss (mean over training)" in claims
+
+
+def test_disagreeing_training_loss_and_validation_metric_are_both_shown(sweep_dir, tmp_path):
+    """Layer norm made better on validation and worse on training loss, consistently over the seeds: both
+    convergence verdicts say what they rest on, and each points at the other."""
+    from recnorm.experiments.results import load_records, write_json_atomic
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(sweep_dir, copy)
+    for r in load_records(copy):
+        label = r["config"]["norm"] or "none"
+        if label not in ("layer", "none"):
+            continue
+        n_valid, n_train, seed = len(r["valid"]["step"]), len(r["train"]["loss"]), r["seed"]
+        better = label == "layer"
+        r["valid"]["mse"] = [0.1 + 0.01 * seed if better else 1.0] * n_valid
+        r["train"]["loss"] = [5.0 + 0.01 * seed if better else 1.0] * n_train
+        run_dir = r.pop("dir")
+        write_json_atomic(os.path.join(run_dir, "result.json"), r)
+    rows = {row[1]: row[-1] for row in write_report(copy)["verdicts"]}
+    by_valid = rows["layer norm (layer) converges faster than no norm, by validation mse (mean over training)"]
+    by_loss = rows["layer norm (layer) converges faster than no norm, by training loss (mean over training)"]
+    assert by_valid == "**supported; but the training loss shows the opposite (next row)**"
+    assert by_loss.startswith("**not supported: the opposite holds")
+    assert by_loss.endswith("; but the validation mse supports it (row above)**")
+
+
+def test_a_damaged_result_is_left_out_with_a_warning_naming_it(sweep_dir, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(sweep_dir, copy)
+    run = sorted(os.listdir(os.path.join(copy, "runs")))[0]
+    damaged = os.path.join(copy, "runs", run, "result.json")
+    open(damaged, "w").write('{"run_id": "x", "status"')
+    paths = write_report(copy)
+    assert len(paths["skipped"]) == 1 and paths["skipped"][0].startswith(damaged + ": not valid JSON")
+    md = open(paths["markdown"], encoding="utf-8").read()
+    assert "Warning: 1 damaged result(s) left out of this report" in md and damaged in md
+
+
+def test_result_files_follow_the_umask(tmp_path):
+    from recnorm.experiments.results import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(str(tmp_path / "open.json"), {"a": 1})
+        os.umask(0o077)
+        write_json_atomic(str(tmp_path / "private.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "open.json").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "private.json").st_mode & 0o777 == 0o600
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    from recnorm.experiments.train import train_and_evaluate
+
+    config = RunConfig(task="adding", task_options={"length": 4, "valid_size": 4, "test_size": 4}, hidden_size=4,
+                       batch_size=4, steps=1, eval_every=1, eval_batch_size=4, diag_every=None, popstat_batches=1)
+    old = os.umask(0o022)
+    try:
+        events = []
+        train_and_evaluate(config, str(tmp_path / "run"), progress=lambda step, total, info: events.append(
+            (step, sorted(info))))
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.pt", "result.json"):
+        assert os.stat(tmp_path / "run" / name).st_mode & 0o777 == 0o644, name
+    # The training clock of a progress bar starts after the step-0 evaluation, right before step 1.
+    assert events[:3] == [(0, ["valid"]), (0, ["training"]), (1, ["loss"])]
+
+
+def test_figures_are_named_after_their_task(written):
+    copy, _ = written
+    names = sorted(os.listdir(os.path.join(copy, "figures")))
+    assert names and all(name.startswith("t0_adding_") for name in names), names
+    assert "t0_adding_bnstats.png" in names

@@ -158,3 +158,146 @@ def test_killed_parallel_sweep_resumes_without_repeats(tmp_path):
     for run_id in sorted(done_before)[:2]:
         reference = train_and_evaluate(by_id[run_id], str(tmp_path / "reference" / run_id))
         assert curves(os.path.join(out, "runs", run_id))[run_id] == (reference.train["loss"], reference.final)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def _spawn(spec: SweepSpec, tmp_path, out: str, workers: int, log_name: str = "sweep") -> tuple:
+    """A real ``recnorm sweep`` in its own process group (as a terminal's foreground job), output to files."""
+    spec_path = str(tmp_path / f"{log_name}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec.to_dict(), f)
+    stdout, stderr = open(tmp_path / f"{log_name}.out", "w+"), open(tmp_path / f"{log_name}.err", "w+")
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), RECNORM_KERNEL="reference")
+    proc = subprocess.Popen([sys.executable, "-m", "recnorm", "sweep", "--spec", spec_path, "--out", out,
+                             "--workers", str(workers)], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=_interruptible)
+    return proc, stdout, stderr
+
+
+def _interruptible() -> None:
+    # As in a terminal's foreground job. (A test session started in the background by a shell, `cmd &`,
+    # inherits an ignored SIGINT, and Python then keeps ignoring it.)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_a_second_sweep_on_a_busy_directory_is_refused_and_deletes_nothing(tmp_path):
+    from recnorm.experiments.sweep import LOCK_FILE, SweepBusyError
+
+    spec = small_spec(steps=60, seeds=(0, 1))
+    out = str(tmp_path / "sweep")
+    proc, _, stderr = _spawn(spec, tmp_path, out, workers=1)
+    try:
+        # The first sweep is running: it holds the lock and has a run in flight (config.json, no result).
+        _wait_for(lambda: os.path.exists(os.path.join(out, "runs")) and any(
+            os.path.exists(os.path.join(out, "runs", d, "config.json")) for d in os.listdir(os.path.join(out, "runs"))))
+        assert os.path.exists(os.path.join(out, LOCK_FILE))
+        in_flight = set(os.listdir(os.path.join(out, "runs")))
+        with pytest.raises(SweepBusyError, match=rf"in use by another sweep \(pid {proc.pid}, running since"):
+            run_sweep(spec, out, workers=1)
+        assert in_flight <= set(os.listdir(os.path.join(out, "runs")))  # nothing of the first sweep deleted
+        assert proc.wait(180) == 0, open(stderr.name).read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert len(load_records(out)) == len(spec.expand())  # the first sweep finished every run
+    again = run_sweep(spec, out, workers=1)  # the lock went with its holder
+    assert again.completed == [] and len(again.skipped) == len(spec.expand())
+
+
+def test_damaged_results_are_named_skipped_by_readers_and_run_again(tmp_path):
+    from recnorm.experiments.results import load_records_checked
+
+    spec = small_spec(seeds=(0,))
+    out = str(tmp_path / "sweep")
+    ids = [c.run_id for c in spec.expand()]
+    assert run_sweep(spec, out, workers=1).finished
+    truncated = os.path.join(out, "runs", ids[0], "result.json")
+    text = open(truncated).read()
+    open(truncated, "w").write(text[: len(text) // 2])
+    emptied = os.path.join(out, "runs", ids[1], "result.json")
+    open(emptied, "w").write("{}")
+
+    records, problems = load_records_checked(out)
+    assert len(records) == len(ids) - 2
+    assert len(problems) == 2
+    assert problems[0].startswith(truncated + ": not valid JSON")
+    assert problems[1].startswith(emptied + ": not a valid result: missing 'run_id'")
+
+    events = []
+    outcome = run_sweep(spec, out, workers=1, progress=lambda e, info: events.append((e, info)))
+    assert sorted(outcome.completed) == sorted(ids[:2])
+    assert sorted(outcome.skipped) == sorted(ids[2:])
+    start = events[0][1]
+    assert [m.split(":")[0] for m in start["redo"]] == [truncated, emptied]
+    assert len(load_records_checked(out)[0]) == len(ids) and not load_records_checked(out)[1]
+
+
+def test_ctrl_c_stops_a_parallel_sweep_promptly_and_keeps_finished_runs(tmp_path):
+    """Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it), pressed three times in
+    a row (the second and third arrive while the first is being handled): the sweep exits within a few seconds with status 130 and one line, no traceback; no worker is
+    left; every finished result is intact, and the next invocation runs only what is missing."""
+    spec = small_spec(steps=150, seeds=(0, 1, 2))
+    ids = [c.run_id for c in spec.expand()]
+    out = str(tmp_path / "sweep")
+    proc, _, stderr = _spawn(spec, tmp_path, out, workers=2)
+    try:
+        _wait_for(lambda: os.path.exists(out) and len(load_records(out)) >= 1)
+        assert proc.poll() is None, "the sweep finished before it could be interrupted; make the runs longer"
+        t0 = time.time()
+        for _ in range(3):
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.3)
+        rc = proc.wait(30)
+        elapsed = time.time() - t0
+        _wait_for(lambda: not _group_alive(proc.pid), timeout=10)  # no worker outlives the sweep
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = open(stderr.name).read()
+    assert rc == 130, err
+    assert elapsed < 10, f"took {elapsed:.1f} s to stop"
+    assert "Traceback" not in err and "interrupted" in err, err
+    finished = [r["run_id"] for r in load_records(out)]
+    assert 1 <= len(finished) < len(ids)
+    events = []
+    outcome = run_sweep(spec, out, workers=1, max_runs=0, progress=lambda e, info: events.append(info))
+    assert sorted(outcome.skipped) == sorted(finished)
+    assert events[0]["skipped"] == len(finished) and events[0]["redo"] == []  # the rest runs next time
+
+
+def test_a_worker_that_dies_fails_its_run_and_is_replaced(tmp_path, monkeypatch):
+    """A worker killed in the middle of a run (by the OS, say) fails that run only; the others finish."""
+    (tmp_path / "dying_task.py").write_text(
+        "import os\n"
+        "from recnorm.experiments.tasks.adding import AddingTask\n"
+        "from recnorm.experiments.tasks.base import register_task\n"
+        "@register_task\n"
+        "class DyingTask(AddingTask):\n"
+        "    name = 'dying_adding'\n"
+        "    def batches(self, split, batch_size, seed=0):\n"
+        "        if split == 'train':\n"
+        "            os._exit(9)\n"
+        "        return super().batches(split, batch_size, seed)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = small_spec(seeds=(0, 1))
+    spec.imports = ["dying_task"]
+    spec.grids = [{"task": ["dying_adding"], "seed": [0]}, {"task": ["adding"], "seed": [0, 1]}]
+    outcome = run_sweep(spec, str(tmp_path / "sweep"), workers=2)
+    assert len(outcome.completed) == 2 and len(outcome.failed) == 1
+    assert all("worker process died (exit code 9)" in m for m in outcome.failed.values())
+    assert all(run_id.startswith("dying_adding-") for run_id in outcome.failed)

@@ -14,6 +14,7 @@ This module is the only one that writes to the terminal; the library logs throug
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -57,13 +58,29 @@ def parse_grid_axis(text: str) -> tuple:
     return key.strip(), [parse_value(v) for v in values.split(",")]
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per RunConfig field (values parsed by :func:`parse_value`)."""
-    from recnorm.experiments.config import field_help
+def parse_json_object(text: str) -> Dict[str, Any]:
+    """A JSON object (``'{"train_size": 1000}'``) -> dict; anything else is an argparse error saying so."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object in single quotes, such as '{{\"train_size\": 1000}}', got {text!r}")
+    return value
 
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per RunConfig field (values parsed by :func:`parse_value`; dict fields must
+    be JSON objects)."""
+    from recnorm.experiments.config import field_help, field_types
+
+    types = field_types()
     group = parser.add_argument_group("run config fields (override --config)")
     for name, help_text in field_help().items():
-        group.add_argument("--" + name.replace("_", "-"), dest="field_" + name, type=parse_value, metavar="VALUE",
+        is_dict = types[name] is dict
+        group.add_argument("--" + name.replace("_", "-"), dest="field_" + name,
+                           type=parse_json_object if is_dict else parse_value, metavar="JSON" if is_dict else "VALUE",
                            default=argparse.SUPPRESS, help=help_text)
 
 
@@ -74,14 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("compare", help="run a preset comparison (default: the main one) and write its report")
+    p = sub.add_parser(
+        "compare", help="run a preset comparison (default: the main one) and write its report",
+        description="Train every run of a preset comparison (see `recnorm presets`) in parallel worker processes "
+                    "and write its report (report.html, report.md and figures/) into the output directory. "
+                    "Interrupt it at any time: finished runs are kept, and the same command resumes.")
     p.add_argument("--preset", default="default", help="preset name (see `recnorm presets`); default: default")
     p.add_argument("--smoke", action="store_true", help="the preset's tiny smoke variant (one step per run)")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/compare, or runs/<preset>)")
     p.add_argument("--no-report", action="store_true", help="skip writing the report")
 
-    p = sub.add_parser("train", help="train and evaluate one run")
+    p = sub.add_parser(
+        "train", help="train and evaluate one run",
+        description="Train and evaluate one model. Writes config.json, model.pt (the trained weights, a "
+                    "state_dict) and result.json (curves, final metrics, diagnostics) into the run directory.")
     p.add_argument("--config", help="JSON file with run config fields")
     p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
                    help="set a config field; dotted keys set dict entries (task_options.train_size=1000)")
@@ -89,12 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="write a report for the run")
     _add_config_flags(p)
 
-    p = sub.add_parser("sweep", help="run a grid of configs (resumable)")
+    p = sub.add_parser(
+        "sweep", help="run a grid of configs (resumable)",
+        description="Train every config of a grid in parallel worker processes. Resumable: finished runs are "
+                    "skipped, so re-running the same command after an interruption finishes the rest.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--spec", help="JSON sweep spec: {name, base: {...}, grids: [{field: [values]}]}")
     src.add_argument("--preset", help="start from a preset (see `recnorm presets`)")
     p.add_argument("--smoke", action="store_true", help="with --preset: its smoke variant")
-    p.add_argument("--name", default=None, help="sweep name (default: from the spec, or 'sweep')")
+    p.add_argument("--name", default=None,
+                   help="sweep name (default: from the spec or preset, else the --out folder's name, else 'grid')")
     p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
                    help="set a field of the base config")
     p.add_argument("--grid", dest="grid", action="append", type=parse_grid_axis, default=[], metavar="KEY=V1,V2",
@@ -105,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
 
-    p = sub.add_parser("report", help="write report.html and report.md for a run or sweep directory")
+    p = sub.add_parser(
+        "report", help="write report.html and report.md for a run or sweep directory",
+        description="Rebuild the report of a run or sweep directory from the files on disk alone.")
     p.add_argument("run_dir", help="a run directory (result.json) or a sweep directory (sweep.json)")
     p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR)")
 
@@ -151,7 +181,7 @@ def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Option
     bar: Dict[str, Any] = {}
 
     def progress(event: str, info: Dict[str, Any]) -> None:
-        if event == "start":
+        if event == "start":  # (damaged results that are run again are named by a logged warning)
             _out(f"sweep {spec.name}: {info['total']} runs, {info['skipped']} already finished, "
                  f"{info['todo']} to run with {workers} worker(s) -> {out_dir}")
             bar["bar"] = tqdm(total=info["todo"], unit="run", dynamic_ncols=True)
@@ -172,9 +202,12 @@ def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Option
 
 
 def _report(path: str, out: Optional[str] = None) -> int:
+    _need_extras("matplotlib")
     from recnorm.experiments.report import write_report
 
     paths = write_report(path, out)
+    for problem in paths.get("skipped", []):
+        _out(f"skipped a damaged result: {problem}")
     _out(f"report: {paths['html']}")
     _out(f"        {paths['markdown']}")
     verdicts = paths["verdicts"]
@@ -187,11 +220,14 @@ def _report(path: str, out: Optional[str] = None) -> int:
 
 # ---------------------------------------------------------------------------------------------- commands
 def _cmd_compare(args: argparse.Namespace) -> int:
+    _need_extras("tqdm", *(() if args.no_report else ("matplotlib",)))
     from recnorm.experiments.presets import get_preset
 
     spec = get_preset(args.preset, smoke=args.smoke)
     out = args.out or os.path.join("runs", ("compare" if args.preset == "default" else args.preset)
                                    + ("-smoke" if args.smoke else ""))
+    os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
+    _build_kernels_first(spec.expand())
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1)
     if outcome.failed:
         _out(f"{len(outcome.failed)} run(s) failed (see their error.json); re-run the same command to retry")
@@ -217,35 +253,94 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _need_extras("tqdm", *(("matplotlib",) if args.report else ()))
     from tqdm import tqdm
 
     from recnorm.experiments.train import train_and_evaluate
 
     config = _config_from_args(args).validate()
     out = args.out or os.path.join("runs", "train", config.run_id)
+    os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
+    _build_kernels_first([config])
     _out(f"run {config.run_id} -> {out}")
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True)
+    _out("loading the data and evaluating the untrained model...")
+    bar: Dict[str, Any] = {}
 
     def progress(step: int, total: int, info: Dict[str, Any]) -> None:
-        bar.total = total
-        if "loss" in info:
-            bar.update(1)
-            bar.set_postfix(loss=f"{info['loss']:.4f}")
+        if "training" in info:
+            # Started here and counted from the first step, so that data loading, the step-0 evaluation and
+            # the first step's warm-up do not enter the estimate of the time left.
+            bar["bar"] = tqdm(total=total, unit="step", dynamic_ncols=True, smoothing=0)
+        elif "loss" in info:
+            b = bar["bar"]
+            if step == 1:
+                b.reset(total=total)
+                b.initial = b.n = 1
+            else:
+                b.update(1)
+            b.set_postfix(loss=f"{info['loss']:.4f}")
         elif "valid" in info:
-            bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in info["valid"].items()
-                                                          if v is not None))
+            text = f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in info["valid"].items() if v is not None)
+            bar["bar"].write(text) if "bar" in bar else _out(text)
 
     try:
         result = train_and_evaluate(config, out, progress=progress)
     finally:
-        bar.close()
-    if result.status == "diverged":
-        _out(f"diverged: {result.diverged_reason}")
-    else:
-        _out("final: " + json.dumps({k: v for k, v in result.final.items() if isinstance(v, dict)}))
+        if "bar" in bar:
+            bar["bar"].close()
+    for line in _train_summary(result, out):
+        _out(line)
     if args.report:
         _report(out)
     return 0
+
+
+def _train_summary(result: Any, out: str) -> List[str]:
+    """The end of ``recnorm train``: what was trained, its final numbers and where the files are."""
+    from recnorm.experiments.train import MODEL_FILE
+
+    c = result.config
+    norm = c["norm"] or "no norm"
+    if c.get("norm_kwargs"):
+        norm += " (" + ", ".join(f"{k}={v}" for k, v in c["norm_kwargs"].items()) + ")"
+    seconds = result.timing["total_seconds"]
+    lines = [f"{result.status if result.status != 'ok' else 'done'} in {_duration(seconds)}: "
+             f"{result.steps_done} of {result.steps_planned} steps, {c['cell']} with {norm} on {c['task']}, "
+             f"{result.num_params:,} parameters"]
+    if result.status == "diverged":
+        lines.append(f"  diverged: {result.diverged_reason}; no final metrics and no weights")
+    else:
+        metric = result.metric
+        better = "higher" if result.higher_is_better else "lower"
+
+        def numbers(split: str) -> str:
+            values = result.final.get(split) or {}
+            parts = [f"{metric} {_num(values.get(metric))}"]
+            if metric != "loss" and "loss" in values:
+                parts.append(f"loss {_num(values.get('loss'))}")
+            return ", ".join(parts)
+
+        lines.append(f"  valid: {numbers('valid')}")
+        lines.append(f"  test:  {numbers('test')}   ({metric}: {better} is better)")
+        if result.final.get("population_statistics") == "recomputed":
+            ema = (result.final.get("test_ema") or {}).get(metric)
+            batch = (result.final.get("test_batch_stats") or {}).get(metric)
+            extra = f"; test {metric} with the running averages (what .eval() uses): {_num(ema)}"
+            if batch is not None:
+                extra += f", with batch statistics: {_num(batch)}"
+            lines.append(f"  batch norm evaluated with population statistics recomputed exactly from "
+                         f"{c['popstat_batches']} training batches{extra}")
+    files = ["config.json", "result.json"] + ([MODEL_FILE] if result.status == "ok" else [])
+    lines.append(f"files: {out}/ " + ", ".join(files))
+    return lines
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -259,7 +354,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     elif args.preset:
         spec = get_preset(args.preset, smoke=args.smoke)
     else:
-        spec = SweepSpec(name="sweep")
+        spec = SweepSpec(name=os.path.basename(os.path.normpath(args.out)) if args.out else "grid")
     if args.name:
         spec.name = args.name
     if args.sets:
@@ -273,6 +368,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for c in configs:
             _out(f"  {c.run_id}")
         return 0
+    _need_extras("tqdm", *(("matplotlib",) if args.report else ()))
+    os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
+    _build_kernels_first(configs)
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs)
     _out(f"{len(outcome.completed)} run(s) finished now, {len(outcome.skipped)} before, {len(outcome.failed)} failed")
     if args.report:
@@ -283,21 +381,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from recnorm.experiments.tasks.base import DataMissingError, create_task, get_task, list_tasks
 
-    rows = [["task", "kind", "metric", "T", "input", "vocab", "outputs", "examples train/valid/test"]]
+    rows = [["task", "kind", "metric", "T", "input", "vocab", "outputs", "train/valid/test (default options)"]]
     for name in list_tasks():
         try:
-            task = create_task(name)
+            task = create_task(name)  # builds no data: sizes come from the task's options
         except DataMissingError as exc:
             rows.append([name, get_task(name).kind, get_task(name).metric, "", "", "", "", f"data missing: {exc}"])
             continue
-        count = getattr(task, "num_examples", None)
-        if count is not None:
-            sizes = "/".join(str(count(s)) for s in ("train", "valid", "test"))
-        else:  # generated tasks: an endless training stream; show their options
-            opts = getattr(task, "options", {}) or {}
-            sizes = "generated; " + ", ".join(f"{k}={v}" for k, v in opts.items())
         rows.append([name, task.kind, task.metric, str(task.seq_len), str(task.input_size),
-                     str(task.vocab_size or "-"), str(task.num_outputs), sizes])
+                     str(task.vocab_size or "-"), str(task.num_outputs), task.sizes()])
     _table(rows)
     return 0
 
@@ -323,15 +415,39 @@ def _cmd_inits(args: argparse.Namespace) -> int:
 def _cmd_presets(args: argparse.Namespace) -> int:
     from recnorm.experiments.presets import PRESETS, get_preset
 
+    import shutil
+    import textwrap
+
+    width = max(60, min(110, shutil.get_terminal_size((100, 24)).columns))
     for name in sorted(PRESETS):
-        spec = get_preset(name)
-        n = len(spec.expand())
-        summary = " ".join((PRESETS[name].__doc__ or "").strip().split("\n\n")[0].split())
-        _out(f"{name} ({n} runs): {summary}")
-        for line in (PRESETS[name].__doc__ or "").splitlines():
-            if line.strip().startswith(("Command:", "Running time:")):
-                _out(f"    {line.strip()}")
+        n = len(get_preset(name).expand())
+        doc = _preset_doc(PRESETS[name].__doc__ or "")
+        _out(textwrap.fill(f"{name} ({n} runs): {doc['summary']}", width, subsequent_indent="    "))
+        for key in ("Command", "Running time"):
+            if doc.get(key):
+                _out(textwrap.fill(f"{key}: {doc[key]}", width, initial_indent="    ", subsequent_indent="        "))
+        _out()
+    _out(textwrap.fill("Running times exclude the one-time compile of recnorm's C++ kernels (about a minute each, "
+                       "once per torch installation), which compare and sweep do first and announce.", width))
     return 0
+
+
+def _preset_doc(doc: str) -> Dict[str, str]:
+    """A preset's docstring as plain text: its first paragraph (``summary``) and the whole sentences after
+    ``Command:`` and ``Running time:``, with reStructuredText's double backticks removed."""
+    import inspect
+
+    paragraphs = [" ".join(p.split()).replace("``", "") for p in inspect.cleandoc(doc).split("\n\n")]
+    out = {"summary": paragraphs[0] if paragraphs else ""}
+    for paragraph in paragraphs[1:]:
+        for key in ("Command", "Running time"):
+            marker = key + ":"
+            if marker in paragraph:
+                text = paragraph.split(marker, 1)[1]
+                for other in ("Command:", "Running time:"):
+                    text = text.split(other, 1)[0]
+                out[key] = text.strip().rstrip(".") if key == "Command" else text.strip()
+    return out
 
 
 def _table(rows: List[List[str]]) -> None:
@@ -345,6 +461,74 @@ _COMMANDS = {"compare": _cmd_compare, "train": _cmd_train, "sweep": _cmd_sweep,
              "inits": _cmd_inits, "presets": _cmd_presets}
 
 
+# Packages of the optional extras, by the extra that installs them.
+_EXTRAS = {"tqdm": "experiments", "matplotlib": "experiments", "sklearn": "experiments", "mnist1d": "experiments"}
+
+
+class _MissingExtra(Exception):
+    """A package of an optional extra is not installed."""
+
+
+def _need_extras(*modules: str) -> None:
+    """Import ``modules`` now, so that a missing extra is named before any work starts."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            extra = _EXTRAS.get(module, "experiments")
+            raise _MissingExtra(
+                f"this command needs {module!r} ({exc}), which comes with recnorm's {extra!r} extra: "
+                f"pip install 'recnorm[{extra}]' (in a checkout: pip install -e '.[{extra}]', or ./run compare)"
+            ) from None
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an operating-system error: what failed on which path."""
+    what = exc.strerror or str(exc)
+    if exc.filename is None:
+        return what
+    hint = ""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = " (choose a writable directory, e.g. with --out)"
+    return f"{what}: {exc.filename}{hint}"
+
+
+def _build_kernels_first(configs: Sequence[Any]) -> None:
+    """Compile recnorm's C++ kernels now, with a message, when the runs need them and they are not built:
+    otherwise the first run would sit silently through the compile (about a minute per kernel)."""
+    fused = ("layer", "batch", "shared_batch")
+    if os.environ.get("RECNORM_KERNEL") == "reference" or not any(c.norm in fused for c in configs):
+        return
+    import time
+
+    from recnorm import kernels
+
+    if kernels.extensions_built():
+        return
+    _out("compiling recnorm's C++ kernels: once per torch installation, about a minute each (2 kernels)...")
+    start = time.perf_counter()
+    status = kernels.build_extensions()
+    failed = {k: v for k, v in status.items() if v}
+    if failed:
+        _out("could not build the fused " + ", ".join(f"{k} kernel ({v})" for k, v in failed.items()) +
+             "; those layers run the reference loop, several times slower than the times quoted "
+             "(a C++ compiler and the Python headers are needed: see README)")
+    else:
+        _out(f"compiled in {_duration(time.perf_counter() - start)}; the time estimates below do not include it")
+
+
+def _ignore_further_interrupts() -> None:
+    # The command is over: more Ctrl-Cs while the interpreter exits (and its thread pools are joined) would
+    # only print tracebacks.
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``recnorm`` console script; returns the exit status."""
     parser = build_parser()
@@ -354,17 +538,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     _setup_logging(args.verbose)
     from recnorm.experiments.config import ConfigError
+    from recnorm.experiments.sweep import SweepBusyError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except _MissingExtra as exc:
         print(f"recnorm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError, FileNotFoundError, SweepBusyError) as exc:
+        print(f"recnorm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable or read-only output directory, a full disk, ...
+        if args.verbose >= 2:
+            raise
+        print(f"recnorm {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into a command that stopped reading (e.g. `| head`)
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
+        _ignore_further_interrupts()
+        if args.command in ("compare", "sweep"):
+            print("interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 

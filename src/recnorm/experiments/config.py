@@ -62,12 +62,14 @@ class RunConfig:
 
     # --- task ---
     task: str = _f("digits", help="task name (see `recnorm tasks`)")
-    task_options: Dict[str, Any] = _f(help="options of the task, e.g. {'train_size': 5000}", factory=dict)
+    task_options: Dict[str, Any] = _f(help="options of the task as a JSON object, e.g. "
+                                           "'{\"train_size\": 5000}' (see `recnorm tasks`)", factory=dict)
     # --- model ---
     cell: str = _f("lstm", help="recurrent cell: lstm, gru or rnn")
     nonlinearity: str = _f("tanh", help="nonlinearity of the rnn cell: tanh or relu (rnn only)")
     norm: Optional[str] = _f(None, help="normalization (see `recnorm norms`); None or 'none' for no norm")
-    norm_kwargs: Dict[str, Any] = _f(help="options of the norm, e.g. {'gain_init': 0.1}", factory=dict)
+    norm_kwargs: Dict[str, Any] = _f(help="options of the norm as a JSON object, e.g. '{\"gain_init\": 0.1}' "
+                                          "(see `recnorm norms`)", factory=dict)
     num_layers: int = _f(1, help="number of stacked recurrent layers")
     hidden_size: int = _f(64, help="hidden units per layer")
     bidirectional: bool = _f(False, help="bidirectional recurrent layers")
@@ -319,7 +321,8 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         dict: lambda v: isinstance(v, dict),
     }[base](value)
     if not ok:
-        raise ConfigError(f"{name}: expected {'None or ' if _optional(hint) else ''}{base.__name__}, "
+        expected = "a JSON object (dict) such as {\"key\": 1}" if base is dict else base.__name__
+        raise ConfigError(f"{name}: expected {'None or ' if _optional(hint) else ''}{expected}, "
                           f"got {type(value).__name__} {value!r}")
 
 

@@ -2,7 +2,9 @@
 
 Each preset takes ``smoke=False``; ``smoke=True`` gives the same grid shape with a one-step budget and tiny
 data, for tests and for checking an installation. Running times in the docstrings were measured on the
-development machine (2 shared CPU cores, ``--workers 2``, one torch thread per worker).
+development machine (2 shared CPU cores, ``--workers 2``, one torch thread per worker). They exclude the
+one-time compile of recnorm's C++ kernels (about a minute per kernel, once per torch installation), which
+``recnorm compare`` and ``recnorm sweep`` do first and announce.
 
 ``list_presets()`` names them; ``get_preset(name, smoke)`` builds one (unknown names raise ValueError).
 """

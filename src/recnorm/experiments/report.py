@@ -19,7 +19,9 @@ seeds, so the evidence is the per-seed paired difference of a quantity. A claim 
 mean paired difference favours it and exceeds the 95% two-sided t critical value times its standard error
 (so it is larger than the seed-to-seed spread of the difference), *contradicted* when the same holds in the
 opposite direction, and otherwise *not supported: difference within seed spread*. The table gives the
-effect size and the number of seeds in which the comparison holds.
+effect size and the number of seeds in which the comparison holds. Every claim names the quantity it rests
+on; convergence speed is judged twice, by the validation metric and by the training loss (each averaged over
+training), and where the two disagree both verdicts say so.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import statistics
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from recnorm.experiments.results import (
-    SWEEP_FILE, area_under_curve, first_reach, is_sweep_dir, load_records, model_label, read_json, summary)
+    SWEEP_FILE, area_under_curve, first_reach, is_sweep_dir, load_records_checked, model_label, read_json, summary)
 
 __all__ = ["write_report", "build_report", "compare_paired", "Verdict"]
 
@@ -134,6 +136,9 @@ class _TaskData:
         initial = [r["valid"][self.metric][0] for r in records
                    if r.get("valid", {}).get(self.metric) and r["valid"][self.metric][0] is not None]
         self.chance: Optional[float] = statistics.median(initial) if initial else None
+        first_losses = [r["train"]["loss"][0] for r in records if r["train"].get("loss") and r["train"]["loss"][0] is not None]
+        # The training loss a diverged run is counted at: the median loss of the first training step.
+        self.initial_loss: Optional[float] = statistics.median(first_losses) if first_losses else None
         self._wanted = dict(hints.get("reference") or {})
         self.reference = self._pick_reference(self._wanted)
         finals = self._group_means(lambda r: _final_valid(r))
@@ -242,6 +247,13 @@ class _TaskData:
         curve = r.get("valid", {})
         return area_under_curve(curve.get("step", []), curve.get(self.metric, []), r.get("steps_planned", 0))
 
+    def mean_train_loss(self, r: Dict[str, Any]) -> Optional[float]:
+        """The training loss averaged over every step of the run (None when it did not finish its steps)."""
+        losses = r["train"].get("loss") or []
+        if r["status"] != "ok" or len(losses) < r.get("steps_planned", 0) or any(v is None for v in losses):
+            return None
+        return statistics.fmean(losses) if losses else None
+
     def reach(self, r: Dict[str, Any], axis: str) -> Optional[float]:
         if self.target is None:
             return None
@@ -314,6 +326,7 @@ class _Doc:
         self.blocks: List[Tuple] = []
         self.figdir = figdir
         self.figures: List[str] = []
+        self.skipped: List[str] = []  # damaged results left out, one message each
 
     def h(self, level: int, text: str) -> None:
         self.blocks.append(("h", level, text))
@@ -381,23 +394,48 @@ class _Doc:
 
 
 def _md_inline_to_html(text: str) -> str:
-    """Escape, then render **bold** and `code` (the only inline Markdown the report uses)."""
+    """Escape, then render **bold**, *italic* and `code` (the only inline Markdown the report uses)."""
     import re
 
     s = html.escape(text)
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    s = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", s)
     s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
     return s
 
 
 # ---------------------------------------------------------------------------------------------- plots
+# Type sizes of the figures: they are shown about 1100 pixels wide, scaled down from 90 dpi.
+_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 11,
+          "xtick.labelsize": 10, "ytick.labelsize": 10}
+
+
 def _plt():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update(_STYLE)
     return plt
+
+
+def _legend_above(fig: Any, axes: Sequence[Any], title: Optional[str] = None) -> None:
+    """One legend for the whole figure, above its panels: every line label found in ``axes``, once (the
+    panels share their colours and line styles, so one key serves them all). A lone panel keeps its legend
+    inside."""
+    if len(axes) == 1:
+        axes[0].legend(fontsize=10, title=title)
+        return
+    handles, labels = [], []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(labels), 5),
+                   frameon=False, title=title)
 
 
 def _colors(labels: List[str]) -> Dict[str, Any]:
@@ -448,16 +486,18 @@ def _plot_learning_curves(doc: _Doc, td: _TaskData, key: str) -> None:
     colors = _colors(td.labels)
     fig, axes = plt.subplots(2, len(contexts), figsize=(4.2 * len(contexts) + 1, 6.5), squeeze=False)
     for j, ctx in enumerate(contexts):
+        diverged = []
         for label in td.labels:
             runs = td.runs(label, ctx)
             if not runs:
                 continue
             failed = sum(r["status"] != "ok" for r in runs)
-            name = f"{label} (n={len(runs)}{f', {failed} diverged' if failed else ''})"
+            if failed:
+                diverged.append(f"{label} {failed} of {len(runs)}")
             curves = [(r["valid"]["step"], r["valid"].get(td.metric, [])) for r in runs]
             x, m, lo, hi = _mean_band(curves)
             ax = axes[0][j]
-            ax.plot(x, m, color=colors[label], label=name)
+            ax.plot(x, m, color=colors[label], label=label)
             ax.fill_between(x, lo, hi, color=colors[label], alpha=0.2)
             window = max(1, max(len(r["train"]["loss"]) for r in runs) // 40)
             tcurves = [(r["train"]["step"], _smooth(r["train"]["loss"], window)) for r in runs]
@@ -465,7 +505,7 @@ def _plot_learning_curves(doc: _Doc, td: _TaskData, key: str) -> None:
             ax = axes[1][j]
             ax.plot(x, m, color=colors[label], label=label)
             ax.fill_between(x, lo, hi, color=colors[label], alpha=0.2)
-        axes[0][j].set_title(td.context_name(ctx), fontsize=9)
+        axes[0][j].set_title(td.context_name(ctx) + (f"\ndiverged: {', '.join(diverged)}" if diverged else ""))
         axes[0][j].set_xlabel("step")
         axes[0][j].set_ylabel(f"valid {td.metric}")
         if td.target is not None:
@@ -473,10 +513,12 @@ def _plot_learning_curves(doc: _Doc, td: _TaskData, key: str) -> None:
         axes[1][j].set_xlabel("step")
         axes[1][j].set_ylabel("train loss (smoothed)")
         axes[1][j].set_yscale("log")
-    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    doc.figure(fig, f"{key}_curves", f"{td.task['name']}: validation {td.metric} (mean, band = min..max over seeds) "
-                                     f"and smoothed training loss, per normalization; dotted line = target")
+    _legend_above(fig, axes[0])
+    n_seeds = len({r["seed"] for r in td.records})
+    doc.figure(fig, f"{key}_curves", f"{td.task['name']}: validation {td.metric} (top) and smoothed training loss "
+                                     f"(bottom) per normalization, one column per setting: mean over {n_seeds} "
+                                     f"seed(s), band = min..max; dotted line = target")
 
     # Against training seconds, reference context only.
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -489,8 +531,8 @@ def _plot_learning_curves(doc: _Doc, td: _TaskData, key: str) -> None:
                     label=label if i == 0 else None)
     ax.set_xlabel("training seconds (1 thread)")
     ax.set_ylabel(f"valid {td.metric}")
-    ax.set_title(td.context_name(td.reference), fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(td.context_name(td.reference))
+    ax.legend(fontsize=9)
     fig.tight_layout()
     doc.figure(fig, f"{key}_curves_time", f"{td.task['name']}: validation {td.metric} against wall-clock "
                                           f"training time, one line per seed ({td.context_name(td.reference)})")
@@ -525,8 +567,8 @@ def _plot_sensitivity(doc: _Doc, td: _TaskData, key: str) -> None:
         ax.set_ylabel(f"final test {td.metric}")
         if td.chance is not None:
             ax.axhline(td.chance, color="grey", lw=0.8, ls=":")
-    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
+    _legend_above(fig, axes[0])
     doc.figure(fig, f"{key}_init", f"{td.task['name']}: final test {td.metric} against the init gain "
                                    f"(mean ± std over seeds; diverged runs omitted); dotted line = chance")
 
@@ -548,7 +590,7 @@ def _plot_depth(doc: _Doc, td: _TaskData, key: str) -> None:
             ax.errorbar(xs, ms, yerr=sds, color=colors[label], marker="o", capsize=3, label=label)
     ax.set_xlabel("recurrent layers")
     ax.set_ylabel(f"final test {td.metric}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     doc.figure(fig, f"{key}_depth", f"{td.task['name']}: final test {td.metric} against depth (mean ± std)")
 
@@ -617,14 +659,22 @@ def _plot_grad_flow(doc: _Doc, td: _TaskData, key: str) -> List[List[str]]:
             ax.set_yscale("log")
             ax.set_xlabel("time step t")
             ax.set_ylabel("||dL/dh_t||")
-            ax.set_title(f"{td.context_name(ctx)}: {layer}, {'at init' if which == 'init' else 'end of training'}",
-                         fontsize=9)
-    axes[0][0].legend(fontsize=7)
+            ax.set_title(f"{td.context_name(ctx)}: {layer}, {'at init' if which == 'init' else 'end of training'}")
     fig.tight_layout()
+    _legend_above(fig, [ax for row in axes for ax in row])
     doc.figure(fig, f"{key}_gradflow", f"{td.task['name']}: gradient norm ||dL/dh_t|| against t (geometric mean "
                                        f"over seeds); the loss is read at the last step, so small values at early "
                                        f"t mean vanishing gradients, large ones exploding gradients")
     return rows
+
+
+def _norm_site(module: str) -> str:
+    """A normalization module's name with what it normalizes: ``rnn.norm_hh_l0`` -> ``norm_hh_l0 (W_hh h)``."""
+    name = module.split(".", 1)[1] if module.startswith("rnn.") else module
+    for site, what in (("norm_ih", "W_ih x"), ("norm_hh", "W_hh h"), ("norm_c", "c")):
+        if name.startswith(site):
+            return f"{name} ({what})"
+    return name
 
 
 def _plot_batch_stats(doc: _Doc, td: _TaskData, key: str) -> bool:
@@ -642,36 +692,42 @@ def _plot_batch_stats(doc: _Doc, td: _TaskData, key: str) -> bool:
             if m not in modules:
                 modules.append(m)
     modules = modules[:3]
-    fig, axes = plt.subplots(2 * len(cases), len(modules), figsize=(4.2 * len(modules) + 1, 2.6 * 2 * len(cases)),
+    # One row per (normalization, statistic), one column per normalized quantity; the four sources have
+    # fixed colours and line styles, so one legend above the grid serves every panel.
+    sources = (("batch statistics, end of training", "final", "tab:blue", "-"),
+               ("batch statistics, at init", "init", "tab:orange", ":"),
+               ("population: running average (EMA)", "ema", "tab:green", "--"),
+               ("population: recomputed exactly", "recomputed", "tab:red", "-."))
+    fig, axes = plt.subplots(2 * len(cases), len(modules), figsize=(4.3 * len(modules) + 0.6, 3.0 * 2 * len(cases)),
                              squeeze=False)
     for i, (label, r) in enumerate(cases):
         diag = r["diagnostics"]
+        where = {"final": diag["batch_stats"].get("final", {}), "init": diag["batch_stats"].get("init", {}),
+                 "ema": diag.get("population_stats", {}).get("ema", {}),
+                 "recomputed": diag.get("population_stats", {}).get("recomputed", {})}
         for j, module in enumerate(modules):
             for k, stat in enumerate(("mean", "var")):
                 ax = axes[2 * i + k][j]
-                sources = [("batch, end", diag["batch_stats"].get("final", {})),
-                           ("batch, init", diag["batch_stats"].get("init", {})),
-                           ("population EMA", diag.get("population_stats", {}).get("ema", {})),
-                           ("population recomputed", diag.get("population_stats", {}).get("recomputed", {}))]
                 positive = True
-                for (name, src), style in zip(sources, ("-", ":", "--", "-.")):
-                    values = (src.get(module) or {}).get(stat)
+                for name, source, color, style in sources:
+                    values = (where[source].get(module) or {}).get(stat)
                     if values:
                         xs = list(range(1, len(values) + 1))
                         if len(values) == 1:  # statistics shared over time: one value for every step
                             xs = [1, td.task.get("seq_len") or 1]
                             values = values * 2
-                        ax.plot(xs, values, ls=style, label=name)
+                        ax.plot(xs, values, color=color, ls=style, label=name)
                         positive = positive and all(v is not None and v > 0 for v in values)
                 if not ax.lines:  # this model has no such norm (e.g. sequence-wise BN only normalizes W_x x)
                     ax.axis("off")
                     continue
                 if stat == "var" and positive:
                     ax.set_yscale("log")
-                ax.set_title(f"{label}: {module} {stat} (avg over units)", fontsize=8)
-                ax.set_xlabel("t")
-    axes[0][0].legend(fontsize=6)
+                ax.set_title(f"{label}: {_norm_site(module)}")
+                ax.set_ylabel(f"{stat} (average over units)" if stat == "mean" else "variance (average over units)")
+                ax.set_xlabel("time step t")
     fig.tight_layout()
+    _legend_above(fig, [ax for row in axes for ax in row])
     doc.figure(fig, f"{key}_bnstats", f"{td.task['name']}: per-step batch statistics (feature average of mean and "
                                       f"variance) at init and end of training, against the population statistics "
                                       f"(running average and exact recomputation); one seed per normalization")
@@ -692,6 +748,23 @@ def _mean_over_contexts(td: _TaskData, label: str, value: Callable[[Dict[str, An
         for r in td.runs(label, ctx):
             by_seed.setdefault(r["seed"], []).append(value(r))
     return {s: (None if any(v is None for v in vals) else statistics.fmean(vals)) for s, vals in by_seed.items()}
+
+
+def _disagree(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two judgements of one claim point different ways: one supports it and the other does not."""
+    decided = ("supported", "contradicted", "within spread")
+    return a["outcome"] in decided and b["outcome"] in decided and (a["outcome"] == "supported") != (
+        b["outcome"] == "supported")
+
+
+def _disagreement(this: Dict[str, Any], other: Dict[str, Any], other_name: str, where: str) -> str:
+    """The note that ends a verdict (closing its bold) when ``other``, the same claim judged by another
+    quantity, points the other way."""
+    if other["outcome"] == "supported":
+        return f"; but {other_name} supports it ({where})**"
+    if other["outcome"] == "contradicted":
+        return f"; but {other_name} shows the opposite ({where})**"
+    return f"; {other_name} does not confirm it ({where})**"
 
 
 def _verdict_row(claim: str, evidence: str, cmp: Dict[str, Any]) -> List[str]:
@@ -718,17 +791,29 @@ def _verdicts(td: _TaskData) -> List[List[str]]:
     def where(ctx: Tuple) -> str:
         return td.context_name(ctx)
 
-    # 1. convergence speed (area under the validation curve, reference init).
+    # 1. convergence speed at the reference init, judged by two quantities that can disagree: the validation
+    # metric averaged over training (area under its curve) and the training loss averaged over every step.
+    valid_name = f"validation {td.metric}" if td.metric != "loss" else "validation loss"
     for struct in structures:
         sref = td.reference_in(struct)
         for label in td.labels:
             if label == base:
                 continue
-            cmp = compare_paired(_per_seed(td.runs(label, sref), td.auc), _per_seed(td.runs(base, sref), td.auc),
-                                 higher, worst=worst)
-            rows.append(_verdict_row(
-                f"{_pretty(label)} converges faster than no norm",
-                f"mean valid {td.metric} over training (area under the curve), {where(sref)}", cmp))
+            by_valid = compare_paired(_per_seed(td.runs(label, sref), td.auc),
+                                      _per_seed(td.runs(base, sref), td.auc), higher, worst=worst)
+            by_loss = compare_paired(_per_seed(td.runs(label, sref), td.mean_train_loss),
+                                     _per_seed(td.runs(base, sref), td.mean_train_loss), "lower",
+                                     worst=td.initial_loss)
+            first = _verdict_row(
+                f"{_pretty(label)} converges faster than no norm, by {valid_name} (mean over training)",
+                f"{valid_name} averaged over training (area under the curve), {where(sref)}", by_valid)
+            second = _verdict_row(
+                f"{_pretty(label)} converges faster than no norm, by training loss (mean over training)",
+                f"training loss averaged over all steps (lower is faster), {where(sref)}", by_loss)
+            if _disagree(by_valid, by_loss):
+                first[-1] = first[-1][:-2] + _disagreement(by_valid, by_loss, "the training loss", "next row")
+                second[-1] = second[-1][:-2] + _disagreement(by_loss, by_valid, f"the {valid_name}", "row above")
+            rows.extend([first, second])
 
     # 2. sensitivity to the init gain.
     gains = sorted({r["config"]["init_gain"] for r in td.records})
@@ -761,10 +846,12 @@ def _verdicts(td: _TaskData) -> List[List[str]]:
                 frac = sum(td.trains(r) for r in runs) / max(1, len(runs))
                 frac_base = sum(td.trains(r) for r in base_runs) / max(1, len(base_runs))
                 setting = f"{td.structure_name(struct)}; " if td.structure_name(struct) else ""
+                gain_list = ", ".join(_fmt_value(g) for g in gains)
                 rows.append(_verdict_row(
-                    f"{_pretty(label)} is less sensitive to the init gain than no norm",
-                    f"{setting}range of final test {td.metric} over gains {[_fmt_value(g) for g in gains]} "
-                    f"(smaller = less sensitive); runs that train: {frac:.0%} vs {frac_base:.0%}", cmp))
+                    f"{_pretty(label)} is less sensitive to the init gain than no norm, by the range of final "
+                    f"test {td.metric} over gains {gain_list}",
+                    f"{setting}best minus worst final test {td.metric} over the gains (smaller = less sensitive); "
+                    f"runs that train: {frac:.0%} vs {frac_base:.0%}", cmp))
 
     # 3. naive shared BN.
     shared = [lab for lab in td.labels if lab.startswith("shared_batch")]
@@ -776,7 +863,8 @@ def _verdicts(td: _TaskData) -> List[List[str]]:
                 cmp = compare_paired(_per_seed(td.runs(other_label, sref), _final_test),
                                      _per_seed(td.runs(lab, sref), _final_test), higher, worst=worst)
                 rows.append(_verdict_row(
-                    f"naive shared BN hurts: {_pretty(lab)} ends worse than {_pretty(other_label)}",
+                    f"naive shared BN hurts: {_pretty(lab)} ends with a worse final test {td.metric} than "
+                    f"{_pretty(other_label)}",
                     f"final test {td.metric}, {where(sref)}", cmp))
 
     # 4. layer norm and the others: final metric.
@@ -819,10 +907,12 @@ def _verdicts(td: _TaskData) -> List[List[str]]:
             effect = "; ".join(f"{d} layer(s): {_fmt(e['mean_diff'])} ± {_fmt(e['sd_diff'])} ({e['outcome']})"
                                for d, e in effects.items())
             seeds = "; ".join(f"{d}: {e['wins']} of {e['n']}" for d, e in effects.items())
-            rows.append([f"sequence-wise BN helps deep stacks, not shallow ({_pretty(lab)})",
+            rows.append([f"sequence-wise BN helps deep stacks, not shallow, by final test {td.metric} "
+                         f"({_pretty(lab)})",
                          f"final test {td.metric} vs no norm at each depth", effect, seeds, f"**{text}**"])
     elif seq:
-        rows.append([f"sequence-wise BN helps deep stacks, not shallow ({_pretty(seq[0])})",
+        rows.append([f"sequence-wise BN helps deep stacks, not shallow, by final test {td.metric} "
+                     f"({_pretty(seq[0])})",
                      "needs several depths (run the laurent preset)", "–", "–", "**not tested in this sweep**"])
     return rows
 
@@ -834,7 +924,8 @@ def _task_section(doc: _Doc, td: _TaskData, key: str) -> List[List[str]]:
     seeds = sorted({r["seed"] for r in td.records})
     diverged = sum(r["status"] != "ok" for r in td.records)
     doc.p(f"{t.get('kind')} task, T = {t.get('seq_len')}, metric **{td.metric}** "
-          f"({'higher' if td.higher else 'lower'} is better). {len(td.records)} runs, seeds {seeds}, "
+          f"({'higher' if td.higher else 'lower'} is better). {len(td.records)} runs, seeds "
+          f"{', '.join(str(s) for s in seeds)}, "
           f"{diverged} diverged. Varied: {', '.join(td.varied) or 'nothing'}. Chance level (median step-0 valid "
           f"{td.metric}): {_fmt(td.chance)}; target for the speed table: {_fmt(td.target)}. "
           f"Reference setting for the speed comparisons: {td.context_name(td.reference)}.")
@@ -856,11 +947,12 @@ def _task_section(doc: _Doc, td: _TaskData, key: str) -> List[List[str]]:
         steps = [td.reach(r, "step") for r in runs]
         secs = [td.reach(r, "time") for r in runs]
         reached = sum(s is not None for s in steps)
-        rows.append([label, len(runs), _mean_sd([td.auc(r) for r in runs]), f"{reached} of {len(runs)}",
+        rows.append([label, len(runs), _mean_sd([td.auc(r) for r in runs]),
+                     _mean_sd([td.mean_train_loss(r) for r in runs]), f"{reached} of {len(runs)}",
                      _mean_sd(steps, 3) if reached else "never", _mean_sd(secs, 3) if reached else "never",
                      _fmt(statistics.fmean(r["timing"]["seconds_per_step"] for r in runs) * 1000) + " ms"])
-    doc.table(["norm", "runs", f"mean valid {td.metric} over training", f"reached {_fmt(td.target)}",
-               "steps to target", "seconds to target", "time per step"], rows)
+    doc.table(["norm", "runs", f"mean valid {td.metric} over training", "mean training loss over training",
+               f"reached {_fmt(td.target)}", "steps to target", "seconds to target", "time per step"], rows)
     doc.p("Steps and seconds to target are means over the seeds that reached it (evaluation every "
           f"{td.records[0]['config']['eval_every']} steps); seconds are training time on one thread.")
 
@@ -942,19 +1034,24 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[_Doc, List[Li
     """Read ``path`` (a run or sweep directory) and lay out the report, writing its figures to ``figdir``
     (default ``path/figures``); returns the document and all verdict rows (task first). Raises
     FileNotFoundError when no finished run is found."""
-    records = load_records(path)
+    records, skipped = load_records_checked(path)
     if not records:
-        raise FileNotFoundError(f"no finished runs (result.json) under {path!r}")
+        raise FileNotFoundError(f"no finished runs (result.json) under {path!r}" + (
+            f"; skipped {len(skipped)} damaged result(s): " + "; ".join(skipped) if skipped else ""))
     manifest = read_json(os.path.join(path, SWEEP_FILE)) if is_sweep_dir(path) else {}
     spec = manifest.get("spec", {})
     hints = spec.get("report", {}) or {}
     from recnorm.experiments.sweep import varied_fields
 
     doc = _Doc(figdir or os.path.join(path, "figures"))
+    doc.skipped = skipped
     title = spec.get("name") or os.path.basename(os.path.abspath(path))
     doc.h(1, f"recnorm report: {title}")
     if spec.get("description"):
         doc.p(spec["description"])
+    if skipped:
+        doc.p(f"**Warning: {len(skipped)} damaged result(s) left out of this report** (re-run the sweep to redo "
+              f"them): " + "; ".join(skipped))
     v = records[0].get("versions", {})
     total = sum(r["timing"]["total_seconds"] for r in records)
     doc.p(f"{len(records)} finished runs" + (f" of {len(manifest['runs'])} in the sweep" if manifest else "") +
@@ -966,7 +1063,9 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[_Doc, List[Li
           "seed-to-seed spread); *not supported: difference within seed spread* means the seeds disagree or the "
           "gap is small against their spread; *the opposite holds* means the reverse is supported. "
           "\"Seeds where it holds\" counts the seeds whose paired difference favours the claim. "
-          "Diverged runs count as chance level.")
+          "Diverged runs count as chance level. Each claim names the quantity it rests on; convergence speed is "
+          "judged twice, by the validation metric and by the training loss, each averaged over training, and "
+          "where one supports the claim and the other does not, both rows say so.")
 
     by_task: Dict[str, List[Dict[str, Any]]] = {}
     for r in records:
@@ -985,12 +1084,15 @@ def write_report(path: str, out_dir: Optional[str] = None) -> Dict[str, Any]:
     """Write ``report.html``, ``report.md`` and ``figures/*.png`` for the run or sweep directory ``path``
     (into ``out_dir``, default ``path``).
 
-    Returns ``{"html": path, "markdown": path, "verdicts": rows}``; each verdict row is
-    ``[task, claim, evidence, effect, seeds, verdict]``.
+    Returns ``{"html": path, "markdown": path, "verdicts": rows, "skipped": messages}``; each verdict row is
+    ``[task, claim, evidence, effect, seeds, verdict]``, each message names a damaged result left out. A
+    ``path`` that is not a directory raises FileNotFoundError and creates nothing.
     """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such directory: {path!r}")
     out_dir = out_dir or path
-    os.makedirs(out_dir, exist_ok=True)
     doc, verdicts = build_report(path, figdir=os.path.join(out_dir, "figures"))
+    os.makedirs(out_dir, exist_ok=True)
     title = next((b[2] for b in doc.blocks if b[0] == "h"), "recnorm report")
     html_path = os.path.join(out_dir, "report.html")
     md_path = os.path.join(out_dir, "report.md")
@@ -1000,4 +1102,4 @@ def write_report(path: str, out_dir: Optional[str] = None) -> Dict[str, Any]:
             f.write(text)
         os.replace(tmp, p)
     logger.info("report written to %s and %s (%d figures)", html_path, md_path, len(doc.figures))
-    return {"html": html_path, "markdown": md_path, "verdicts": verdicts}
+    return {"html": html_path, "markdown": md_path, "verdicts": verdicts, "skipped": list(doc.skipped)}

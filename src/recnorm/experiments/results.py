@@ -5,21 +5,30 @@ Layout written by the engine::
     RUN_DIR/config.json  RUN_DIR/result.json                 one run (``recnorm train``)
     SWEEP_DIR/sweep.json  SWEEP_DIR/runs/<run_id>/...         a sweep (``recnorm sweep``/``compare``)
 
-A run is finished exactly when its ``result.json`` exists: it is written to a temporary file and renamed
-into place, so a reader never sees half a result. A report rebuilds from these files alone.
+A run is finished exactly when its ``result.json`` exists and holds a valid result: it is written to a
+temporary file and renamed into place, so a reader never sees half a result. A result damaged afterwards
+(truncated, emptied, edited) is caught by :func:`check_result` when it is loaded: readers skip it with a
+warning that names the file, and a sweep runs it again. A report rebuilds from these files alone.
+
+Files are created with the permissions the process's umask allows (like ``open``), not the 0600 of a
+plain temporary file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import statistics
 import tempfile
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+import threading
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
-    "write_json_atomic", "read_json", "load_run", "load_records", "is_run_dir", "is_sweep_dir",
+    "write_json_atomic", "atomic_file", "read_json", "load_run", "load_records", "load_records_checked",
+    "check_result", "ResultError", "is_run_dir", "is_sweep_dir",
     "model_label", "group_records", "aggregate", "summary", "final_metric", "valid_curve",
     "area_under_curve", "first_reach", "sanitize",
 ]
@@ -27,6 +36,13 @@ __all__ = [
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 SWEEP_FILE = "sweep.json"
+
+logger = logging.getLogger(__name__)
+
+
+class ResultError(ValueError):
+    """A file of the engine that cannot be used (not JSON, or missing what a result must hold); the message
+    starts with the file's path."""
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -41,14 +57,36 @@ def sanitize(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same directory, fsync, rename."""
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore (os.umask has no read-only form)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+    """A file to write ``path`` through: a temporary file in the same directory, renamed over ``path``
+    (after fsync) only when the block completes, so readers see the old file or the whole new one. Its
+    permissions follow the umask, as for ``open``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(sanitize(obj), f, indent=1, allow_nan=False)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,9 +98,57 @@ def write_json_atomic(path: str, obj: Any) -> None:
         raise
 
 
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        json.dump(sanitize(obj), f, indent=1, allow_nan=False)
+
+
 def read_json(path: str) -> Any:
+    """The JSON in ``path``; a file that is not JSON raises :class:`ResultError` naming it."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ResultError(f"{path}: not valid JSON ({exc})") from None
+
+
+# What a result.json must hold for the report and the sweep to use it: key -> expected type(s).
+_RESULT_KEYS = {"run_id": str, "status": str, "config": dict, "task": dict, "metric": str, "higher_is_better": bool,
+                "seed": int, "train": dict, "valid": dict, "final": dict, "timing": dict}
+_CONFIG_KEYS = ("task", "norm", "init", "init_gain", "num_layers", "eval_every")
+
+
+def check_result(data: Any) -> Optional[str]:
+    """Why ``data`` (a parsed ``result.json``) is not a usable result, or None when it is."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    missing = [k for k in _RESULT_KEYS if k not in data]
+    if missing:
+        return f"missing {', '.join(repr(k) for k in missing)}"
+    for key, kind in _RESULT_KEYS.items():
+        if not isinstance(data[key], kind):
+            return f"{key!r}: expected {kind.__name__}, got {type(data[key]).__name__}"
+    if data["status"] not in ("ok", "diverged"):
+        return f"'status': expected 'ok' or 'diverged', got {data['status']!r}"
+    missing = [k for k in _CONFIG_KEYS if k not in data["config"]]
+    if missing:
+        return f"'config' lacks {', '.join(repr(k) for k in missing)}"
+    for part, keys in (("train", ("step", "loss")), ("valid", ("step", "time", data["metric"]))):
+        for key in keys:
+            if not isinstance(data[part].get(key), list):
+                return f"'{part}.{key}': expected a list, got {type(data[part].get(key)).__name__}"
+    lengths = {len(data["valid"][k]) for k in ("step", "time", data["metric"])}
+    if len(lengths) != 1:
+        return "'valid': its step, time and metric lists differ in length"
+    if data["status"] == "ok":
+        for split in ("valid", "test"):
+            if not isinstance(data["final"].get(split), dict):
+                return f"'final.{split}': expected the final {split} metrics of a finished run"
+    for key in ("total_seconds", "seconds_per_step"):
+        if not isinstance(data["timing"].get(key), (int, float)):
+            return f"'timing.{key}': expected a number"
+    return None
 
 
 def is_run_dir(path: str) -> bool:
@@ -74,30 +160,49 @@ def is_sweep_dir(path: str) -> bool:
 
 
 def load_run(run_dir: str) -> Dict[str, Any]:
-    """The record of one finished run: the contents of its ``result.json`` plus ``"dir"``."""
-    record = read_json(os.path.join(run_dir, RESULT_FILE))
+    """The record of one finished run: the contents of its ``result.json`` plus ``"dir"``. Raises
+    :class:`ResultError` naming the file when it is not a valid result (see :func:`check_result`)."""
+    path = os.path.join(run_dir, RESULT_FILE)
+    record = read_json(path)
+    problem = check_result(record)
+    if problem is not None:
+        raise ResultError(f"{path}: not a valid result: {problem}")
     record["dir"] = os.path.abspath(run_dir)
     return record
 
 
-def load_records(path: str) -> List[Dict[str, Any]]:
-    """All finished runs under ``path``: a run directory, a sweep directory (the runs its manifest lists,
-    in manifest order) or any directory (every ``result.json`` below it, sorted by path)."""
+def load_records_checked(path: str) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """``(records, problems)``: every valid finished run under ``path`` (a run directory, a sweep directory,
+    whose manifest lists its runs in order, or any directory: every ``result.json`` below it, sorted by
+    path), and one message per ``result.json`` that could not be used, naming the file and what is wrong."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such directory: {path!r}")
     if is_run_dir(path):
-        return [load_run(path)]
-    if is_sweep_dir(path):
+        run_dirs = [path]
+    elif is_sweep_dir(path):
         manifest = read_json(os.path.join(path, SWEEP_FILE))
-        records = []
-        for run_id in manifest.get("runs", []):
-            run_dir = os.path.join(path, "runs", run_id)
-            if is_run_dir(run_dir):
-                records.append(load_run(run_dir))
-        return records
-    found = []
-    for root, _dirs, files in os.walk(path):
-        if RESULT_FILE in files:
-            found.append(root)
-    return [load_run(d) for d in sorted(found)]
+        runs = manifest.get("runs") if isinstance(manifest, dict) else None
+        if not isinstance(runs, list):
+            raise ResultError(f"{os.path.join(path, SWEEP_FILE)}: expected a sweep manifest with a 'runs' list")
+        run_dirs = [d for d in (os.path.join(path, "runs", str(run_id)) for run_id in runs) if is_run_dir(d)]
+    else:
+        run_dirs = sorted(root for root, _dirs, files in os.walk(path) if RESULT_FILE in files)
+    records, problems = [], []
+    for run_dir in run_dirs:
+        try:
+            records.append(load_run(run_dir))
+        except ResultError as exc:
+            problems.append(str(exc))
+    return records, problems
+
+
+def load_records(path: str) -> List[Dict[str, Any]]:
+    """All valid finished runs under ``path`` (see :func:`load_records_checked`); each result that could
+    not be used is skipped with a logged warning naming the file."""
+    records, problems = load_records_checked(path)
+    for problem in problems:
+        logger.warning("skipped %s", problem)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- records

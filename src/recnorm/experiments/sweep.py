@@ -12,38 +12,56 @@ On disk (see :mod:`recnorm.experiments.results`)::
     OUT/runs/<run_id>/result.json   present exactly when the run finished (atomic rename)
     OUT/runs/<run_id>/error.json    a run that raised (retried on the next invocation)
 
-Resuming: :func:`run_sweep` skips every run whose ``result.json`` exists and wipes and redoes any other run
-directory (a partial run of a killed sweep). Killing the sweep at any moment therefore loses at most the
-runs in flight and never leaves a corrupt result; re-running the same command finishes the rest.
+    OUT/sweep.lock             who holds the directory (an OS lock, released when its holder dies)
+
+Resuming: :func:`run_sweep` skips every run whose ``result.json`` holds a valid result and wipes and redoes
+any other run directory (a partial run of a killed sweep, or a result damaged since: it is named in a
+warning). Killing the sweep at any moment therefore loses at most the runs in flight and never leaves a
+corrupt result; re-running the same command finishes the rest.
+
+One sweep at a time per directory: a second :func:`run_sweep` on a directory that a live process is
+sweeping raises :class:`SweepBusyError` naming that process, and touches nothing.
+
+Interrupting (Ctrl-C, ``KeyboardInterrupt``): queued runs are cancelled and the worker processes are ended
+within a few seconds (the runs they had in flight are abandoned and redone next time); every finished run
+is kept.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import dataclasses
 import importlib
 import itertools
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from recnorm.experiments.config import ConfigError, RunConfig, set_field
-from recnorm.experiments.results import SWEEP_FILE, is_run_dir, read_json, write_json_atomic
+from recnorm.experiments.results import SWEEP_FILE, ResultError, is_run_dir, load_run, read_json, write_json_atomic
 
-__all__ = ["SweepSpec", "SweepOutcome", "run_sweep", "varied_fields", "flatten_config", "ERROR_FILE"]
+__all__ = ["SweepSpec", "SweepOutcome", "SweepBusyError", "run_sweep", "varied_fields", "flatten_config",
+           "ERROR_FILE", "LOCK_FILE"]
 
 logger = logging.getLogger(__name__)
 
 ERROR_FILE = "error.json"
-#: ``progress(event, info)``: event "start" (info: total, todo, skipped) then "done" per finished run
-#: (info: run_id, status, seconds, error).
+LOCK_FILE = "sweep.lock"
+#: ``progress(event, info)``: event "start" (info: total, todo, skipped, redo: one message per damaged result
+#: that is run again) then "done" per finished run (info: run_id, status, seconds, error).
 SweepProgressFn = Callable[[str, Dict[str, Any]], None]
+
+
+class SweepBusyError(RuntimeError):
+    """Another live process is running a sweep in the same directory."""
 
 
 @dataclasses.dataclass
@@ -178,6 +196,9 @@ def _watch_parent(parent_pid: int) -> None:
 def _worker_init(imports: List[str], parent_pid: int) -> None:
     import torch
 
+    # Ctrl-C reaches every process of the terminal's foreground group; the sweep process alone handles it
+    # (it cancels the queue and ends the workers), so that no worker prints a traceback or starts a run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     for module in imports:
         importlib.import_module(module)
@@ -215,7 +236,10 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
 
     Returns:
         A :class:`SweepOutcome`. Failed runs do not raise; they are listed in ``failed`` and retried next
-        time. KeyboardInterrupt stops the sweep (finished runs are kept).
+        time. KeyboardInterrupt stops the sweep within a few seconds (finished runs are kept).
+
+    Raises:
+        SweepBusyError: another live process is running a sweep in ``out_dir`` (nothing is touched).
     """
     if workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
@@ -224,6 +248,62 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
         configs = [c.replace(threads=1) for c in configs]
     run_ids = [c.run_id for c in configs]
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    with _exclusive_sweep(out_dir):
+        return _run_locked(spec, configs, run_ids, out_dir, workers, progress, max_runs)
+
+
+@contextlib.contextmanager
+def _exclusive_sweep(out_dir: str) -> Iterator[None]:
+    """Hold ``out_dir`` for this process (an OS lock on ``sweep.lock``, which also records the holder's pid);
+    raise :class:`SweepBusyError` naming the holder when another live process has it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no protection against a second sweep
+        yield
+        return
+    path = os.path.join(out_dir, LOCK_FILE)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepBusyError(
+                f"{out_dir} is in use by another sweep ({_holder(path)}); let it finish or stop it, then run this "
+                f"command again (finished runs are kept)") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            json.dump({"pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, handle)
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder(path: str) -> str:
+    """The pid and start time recorded in a held ``sweep.lock`` (its holder may still be writing them)."""
+    for _ in range(20):
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            return f"pid {info['pid']}, running since {info['started_at']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "pid unknown"
+
+
+def _result_problem(run_dir: str, run_id: str) -> Optional[str]:
+    """Why the finished-looking ``run_dir`` cannot count as done, or None."""
+    try:
+        record = load_run(run_dir)
+    except ResultError as exc:
+        return str(exc)
+    if record["run_id"] != run_id:
+        return f"{os.path.join(run_dir, 'result.json')}: holds run {record['run_id']!r}, expected {run_id!r}"
+    return None
+
+
+def _run_locked(spec: SweepSpec, configs: List[RunConfig], run_ids: List[str], out_dir: str, workers: int,
+                progress: Optional[SweepProgressFn], max_runs: Optional[int]) -> SweepOutcome:
     manifest = {
         "name": spec.name,
         "spec": spec.to_dict(),
@@ -235,12 +315,17 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
 
     todo: List[RunConfig] = []
     skipped: List[str] = []
+    redo: List[str] = []
     for config in configs:
         run_dir = os.path.join(out_dir, "runs", config.run_id)
         if is_run_dir(run_dir):
-            skipped.append(config.run_id)
-            continue
-        if os.path.exists(run_dir):  # a partial run (killed or failed): start it again from scratch
+            problem = _result_problem(run_dir, config.run_id)
+            if problem is None:
+                skipped.append(config.run_id)
+                continue
+            logger.warning("%s; running it again", problem)
+            redo.append(problem)
+        if os.path.exists(run_dir):  # a partial run (killed or failed) or a damaged one: start it again
             logger.info("removing partial run directory %s", run_dir)
             shutil.rmtree(run_dir)
         todo.append(config)
@@ -249,7 +334,7 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
     logger.info("sweep %s: %d runs, %d finished before, %d to run with %d worker(s)", spec.name, len(configs),
                 len(skipped), len(todo), workers)
     if progress is not None:
-        progress("start", {"total": len(configs), "todo": len(todo), "skipped": len(skipped)})
+        progress("start", {"total": len(configs), "todo": len(todo), "skipped": len(skipped), "redo": redo})
 
     completed: List[str] = []
     failed: Dict[str, str] = {}
@@ -268,19 +353,102 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
         for job in jobs:
             record(_run_one(*job))
     else:
-        context = multiprocessing.get_context("spawn")
-        executor = cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
-                                          initializer=_worker_init, initargs=(list(spec.imports), os.getpid()))
-        try:
-            futures = [executor.submit(_run_one, *job) for job in jobs]
-            for future in cf.as_completed(futures):
-                record(future.result())
-        except BaseException:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
-        executor.shutdown(wait=True)
+        _run_pool(jobs, workers, list(spec.imports), record)
     return SweepOutcome(out_dir=os.path.abspath(out_dir), run_ids=run_ids, completed=completed, skipped=skipped,
                         failed=failed)
+
+
+def _worker_main(conn: Any, imports: List[str], parent_pid: int) -> None:
+    """A worker process: run each job received on ``conn`` and send back its outcome; ``None`` ends it."""
+    _worker_init(imports, parent_pid)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        conn.send(_run_one(*job))
+
+
+def _run_pool(jobs: List[Tuple[Dict[str, Any], str]], workers: int, imports: List[str],
+              record: Callable[[Tuple[str, str, Optional[str], float]], None]) -> None:
+    """Run ``jobs`` in ``workers`` spawned processes, calling ``record`` with each outcome as it arrives.
+
+    Each worker is a process with a pipe of its own: it gets one job at a time, so nothing is queued in a
+    worker, and the pool has no threads or queues of its own that could hang this process's exit when it
+    is interrupted. A worker that dies (killed by the OS, say) fails its run; a new one takes its place.
+    """
+    context = multiprocessing.get_context("spawn")
+    pending = list(reversed(jobs))
+    busy: Dict[Any, Tuple[Any, Tuple[Dict[str, Any], str]]] = {}  # connection -> (process, its job)
+
+    def start_worker() -> Any:
+        conn, child = context.Pipe()
+        process = context.Process(target=_worker_main, args=(child, imports, os.getpid()), daemon=True)
+        process.start()
+        child.close()
+        return conn, process
+
+    def give(conn: Any, process: Any) -> None:
+        if pending:
+            job = pending.pop()
+            conn.send(job)
+            busy[conn] = (process, job)
+        else:
+            conn.send(None)  # no more work: the worker exits
+            conn.close()
+
+    processes = []
+    try:
+        for _ in range(min(workers, len(jobs))):
+            conn, process = start_worker()
+            processes.append(process)
+            give(conn, process)
+        while busy:
+            for conn in multiprocessing.connection.wait(list(busy)):
+                process, job = busy.pop(conn)
+                try:
+                    outcome = conn.recv()
+                except (EOFError, OSError):  # the worker died in the middle of the run
+                    conn.close()
+                    process.join(1)
+                    run_id = os.path.basename(job[1])
+                    message = f"the worker process died (exit code {process.exitcode}) during the run"
+                    logger.error("run %s failed: %s", run_id, message)
+                    write_json_atomic(os.path.join(job[1], ERROR_FILE), {"run_id": run_id, "error": message})
+                    outcome = (run_id, "failed", message, 0.0)
+                    conn, process = start_worker()
+                    processes.append(process)
+                record(outcome)
+                give(conn, process)
+        for process in processes:
+            process.join(10)
+    except BaseException:  # KeyboardInterrupt, or an error of the pool itself
+        _abandon(processes)
+        raise
+    _abandon(processes)  # any worker that did not exit by itself
+
+
+def _abandon(processes: List[Any], grace: float = 3.0) -> None:
+    """End the workers now: SIGTERM, then SIGKILL after ``grace`` seconds. The runs they had in flight leave
+    no result and are redone by the next invocation. Further Ctrl-Cs are ignored meanwhile, so this cleanup
+    (a few seconds at most) always completes."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        alive = [p for p in processes if p.is_alive()]
+        for p in alive:
+            p.terminate()
+        deadline = time.monotonic() + grace
+        for p in alive:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in alive:
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+        if alive:
+            logger.info("ended %d worker process(es); their runs in flight will be redone next time", len(alive))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def load_spec(path: str) -> SweepSpec:

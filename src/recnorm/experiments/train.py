@@ -1,7 +1,8 @@
 """Train and evaluate one run: :func:`train_and_evaluate` (config, workdir) -> :class:`RunResult`.
 
-What a run records (all in ``workdir/result.json``, written atomically at the end, beside
-``workdir/config.json`` written at the start):
+What a run writes: ``workdir/config.json`` at the start; at the end ``workdir/model.pt`` (the trained
+model's ``state_dict``, batch norms holding the population statistics its final metrics used; reload it with
+:func:`load_model`) and then ``workdir/result.json``, each written atomically. ``result.json`` records:
 
 * the resolved config, the task description, versions (python, torch, recnorm, platform) and the seed;
 * per training step: loss, the task metric on the batch, global gradient norm (before clipping), whether
@@ -43,14 +44,18 @@ from torch import Tensor
 
 from recnorm.experiments.config import ConfigError, RunConfig, is_batch_norm
 from recnorm.experiments.model import SequenceModel, build_model
-from recnorm.experiments.results import CONFIG_FILE, RESULT_FILE, read_json, write_json_atomic
+from recnorm.experiments.results import CONFIG_FILE, RESULT_FILE, atomic_file, read_json, write_json_atomic
 
-__all__ = ["RunResult", "train_and_evaluate", "evaluate", "versions", "load_result", "make_task"]
+__all__ = ["RunResult", "train_and_evaluate", "evaluate", "versions", "load_result", "load_model", "make_task",
+           "MODEL_FILE"]
 
 logger = logging.getLogger(__name__)
 
-#: ``progress(step, total_steps, info)``: called after every training step (info has "loss") and after
-#: every evaluation (info has "valid").
+MODEL_FILE = "model.pt"
+
+#: ``progress(step, total_steps, info)``: called after every training step (info has "loss"), after every
+#: evaluation (info has "valid"), and once just before the first training step (info has "training": True;
+#: the time before it is data loading and the evaluation at step 0, not training).
 ProgressFn = Callable[[int, int, Dict[str, Any]], None]
 
 _UNITS_KEPT = 4  # per-unit trajectories kept in the statistics summaries
@@ -91,6 +96,17 @@ class RunResult:
 def load_result(workdir: str) -> RunResult:
     """Read ``workdir/result.json``."""
     return RunResult.from_dict(read_json(os.path.join(workdir, RESULT_FILE)))
+
+
+def load_model(workdir: str) -> SequenceModel:
+    """The trained model of a finished run, rebuilt from ``workdir/config.json`` with the weights of
+    ``workdir/model.pt``, in eval mode (the task's data is loaded to size the model)."""
+    data = read_json(os.path.join(workdir, CONFIG_FILE))
+    data.pop("run_id", None)
+    config = RunConfig.from_dict(data).validate()
+    model = build_model(config, make_task(config.task, dict(config.task_options)))
+    model.load_state_dict(torch.load(os.path.join(workdir, MODEL_FILE), map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 def versions() -> Dict[str, Any]:
@@ -301,7 +317,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[ProgressFn] = None) -> RunResult:
-    """Train one model as ``config`` says and evaluate it; write ``config.json`` and ``result.json``.
+    """Train one model as ``config`` says and evaluate it; write ``config.json``, ``model.pt`` (when the run
+    did not diverge) and ``result.json``.
 
     Args:
         config: the run (validated here, before anything is loaded).
@@ -381,6 +398,8 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
 
     run_eval(0)
     run_diag(0, "init")
+    if progress is not None:
+        progress(0, total_steps, {"training": True})
     step = 0
     for step in range(1, total_steps + 1):
         batch = next(train_stream)
@@ -473,6 +492,9 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
         diverged_step=diverged_step,
         diverged_reason=diverged_reason,
     )
+    if status == "ok":
+        with atomic_file(os.path.join(workdir, MODEL_FILE), "wb") as f:
+            torch.save(model.state_dict(), f)
     write_json_atomic(os.path.join(workdir, RESULT_FILE), result.to_dict())
     logger.info("run %s %s in %.1f s: test %s", config.run_id, status, time.perf_counter() - wall0,
                 final.get("test"))

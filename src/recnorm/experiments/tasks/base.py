@@ -100,6 +100,19 @@ class Task(abc.ABC):
         """Metrics of one batch as ``{name: (sum, count)}`` so that an evaluation pass can pool batches
         exactly. Must include ``self.metric`` and ``"loss"``."""
 
+    def sizes(self) -> str:
+        """The sizes of the splits in words, for listings such as ``recnorm tasks``; reads no data.
+
+        Tasks with a fixed data set report ``"train/valid/test examples"`` through ``num_examples`` (which
+        must then not load the data); generated tasks an endless training stream and their evaluation sizes.
+        """
+        count = getattr(self, "num_examples", None)
+        if count is not None:
+            return "/".join(str(count(s)) for s in ("train", "valid", "test")) + " examples"
+        opts = getattr(self, "options", {}) or {}
+        return (f"generated: an endless training stream; valid {opts.get('valid_size', '?')}, "
+                f"test {opts.get('test_size', '?')} sequences")
+
     def describe(self) -> Dict[str, Any]:
         """A JSON-able description (name, options, sizes) saved beside every run."""
         return {

@@ -90,6 +90,10 @@ class DigitsTask(ArrayClassificationTask):
         self.seq_len = 64
         check_digits()
 
+    def num_examples(self, split: str) -> int:
+        check_split(split)
+        return self._sizes[split]  # known without loading the data
+
     def split_indices(self, split: str) -> Tensor:
         """Indices of the split's examples in ``load_digits()``."""
         check_split(split)

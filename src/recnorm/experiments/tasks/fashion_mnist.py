@@ -127,6 +127,10 @@ class _FashionMNISTTask(ArrayClassificationTask):
         self.num_outputs = NUM_CLASSES
         check_fashion_mnist(data_dir)  # fail at construction when the package is missing
 
+    def num_examples(self, split: str) -> int:
+        check_split(split)  # known without reading the images
+        return {"train": self._n_train, "valid": self.options["valid_size"], "test": self._n_test}[split]
+
     def split_indices(self, split: str) -> Tensor:
         """Indices of the split's images in the official training set (train, valid) or t10k (test)."""
         check_split(split)

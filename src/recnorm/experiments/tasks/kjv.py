@@ -201,6 +201,15 @@ class KJVCharsTask(Task):
         b1, b2 = total * 9 // 10, total * 19 // 20
         return {"train": (0, b1), "valid": (b1, b2), "test": (b2, total)}[split]
 
+    def sizes(self) -> str:
+        """Characters per split of the installed text (its expected length; the text is not read)."""
+        counts = []
+        for split in ("train", "valid", "test"):
+            start, end = self.split_bounds(split)
+            cap = self.options["train_chars"] if split == "train" else self.options["eval_chars"]
+            counts.append(end - start if cap is None else min(end - start, cap))
+        return "/".join(f"{n:,}" for n in counts) + " characters of the KJV text"
+
     def split_ids(self, split: str) -> Tensor:
         """Token ids (uint8) of the split, cut to ``train_chars``/``eval_chars``."""
         _, ids = load_kjv()

@@ -102,6 +102,10 @@ class MNIST1DTask(ArrayClassificationTask):
         self.seq_len = LENGTH
         check_mnist1d()
 
+    def num_examples(self, split: str) -> int:
+        check_split(split)
+        return self._sizes[split]  # known without generating the data
+
     def split_indices(self, split: str) -> Tensor:
         """Indices into mnist1d's ``x``/``y`` (train, valid) or ``x_test``/``y_test`` (test)."""
         check_split(split)
