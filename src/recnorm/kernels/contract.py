@@ -34,7 +34,7 @@ then ``y * weight + bias``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
@@ -150,6 +150,17 @@ class DirectionWork:
     not normalized). ``step_offset`` is the index of the first step, for per-step statistics of a cell
     run one step at a time. ``on_output(t, h_t)``, if given, is called after every step (diagnostics;
     only the reference loop calls it).
+
+    ``zoneout`` (Krueger et al. 2017) holds one entry per state tensor (``h``, then the LSTM's ``c``);
+    missing entries and None leave that state alone. After each step, the new state ``s~_t`` that the cell
+    computed is mixed with the previous one:
+
+    * a float ``p`` (eval): ``s_t = p * s_{t-1} + (1 - p) * s~_t``;
+    * a tensor ``d`` (training) of 0/1 keep indicators, one row per row of ``x`` (``(N, W)`` packed rows
+      or ``(T, B, W)`` for a full batch, ``W`` the state's width): ``s_t = d_t * s_{t-1} + (1 - d_t) * s~_t``.
+
+    The zoned ``h_t`` is the step's output and the next step's input; the cell norm, gates and output of
+    step t are computed from ``s~_t``, as in the paper.
     """
 
     cell: CellDesc
@@ -162,11 +173,17 @@ class DirectionWork:
     carry_cell_norm: bool = False
     step_offset: int = 0
     on_output: Optional[Callable[[int, Tensor], None]] = None
+    zoneout: Tuple[Optional[Union[float, Tensor]], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.norms) - set(SITES)
         if unknown:
             raise ValueError(f"unknown norm sites {sorted(unknown)}; expected a subset of {SITES}")
+        if len(self.zoneout) > self.cell.state_size:
+            raise ValueError(f"zoneout has {len(self.zoneout)} entries but the cell has {self.cell.state_size} state tensor(s)")
+        for z in self.zoneout:
+            if z is not None and not isinstance(z, Tensor) and not 0.0 <= float(z) <= 1.0:
+                raise ValueError(f"a zoneout rate must be in [0, 1], got {z!r}")
         if self.norm("gates") is not None and (self.norm("ih") is not None or self.norm("hh") is not None):
             raise ValueError("a joint 'gates' norm replaces the 'ih' and 'hh' norms; give one or the other")
 
@@ -190,6 +207,17 @@ class DirectionWork:
     def training_batch_norms(self) -> Dict[str, NormDesc]:
         """The sites that normalize with batch statistics in this call (and so return them)."""
         return {s: d for s, d in self.batch_norms().items() if d.batch_stats}
+
+    def zone(self, k: int) -> Optional[Union[float, Tensor]]:
+        """The zoneout of state ``k`` (a rate, a tensor of keep indicators), or None where there is none."""
+        z = self.zoneout[k] if k < len(self.zoneout) else None
+        if z is None or (not isinstance(z, Tensor) and float(z) == 0.0):
+            return None
+        return z
+
+    @property
+    def has_zoneout(self) -> bool:
+        return any(self.zone(k) is not None for k in range(len(self.zoneout)))
 
     def replace(self, **changes: Any) -> "DirectionWork":
         return dataclasses.replace(self, **changes)

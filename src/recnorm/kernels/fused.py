@@ -258,21 +258,28 @@ def _fused_lstm(
     x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
     g_ih: Optional[Tensor], g_hh: Optional[Tensor], g_c: Optional[Tensor], beta_c: Optional[Tensor], pop: List[Tensor],
     stat: List[int], center: List[int], eps: List[float], batch_stats: bool, save: bool, step_offset: int,
+    joint: bool, carry: bool, zone_h: Optional[Tensor], zone_c: Optional[Tensor],
 ) -> List[Tensor]:
-    """``[out, h_n, c_n, XI, XH, C, stats_g, stats_h, moments]`` of one LSTM direction (see the C++)."""
+    """``[out, h_n, c_n, XI, XH, C, stats_g, stats_h, moments]`` of one LSTM direction (see the C++).
+
+    ``joint``: one norm (the input term's gain, centring and eps) over the sum of the two gate terms;
+    ``carry``: carry the cell norm's output; ``zone_h``, ``zone_c``: zoneout keep indicators, ``(N, H)``
+    (training) or ``(1, H)`` filled with the rate (eval). ``C`` holds ``2N`` rows (c~, then the carried
+    cells) where the carried cell is not c~ (``carry`` or ``zone_c``)."""
     B, H, I = h0.shape[0], w_hh.shape[1], x.shape[1]
     hoisted = I > INPROJ_MAX
     plan = onednn_plan(B, H, hoisted, x.dtype, "lstm")
     res = _ext("lstm").forward(
         x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, list(pop), list(stat), list(center), list(eps),
         batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS,
-        _pack(w_hh, B) if plan[1] else None, _pack(w_ih, INPROJ_ROWS) if plan[0] else None,
+        _pack(w_hh, B) if plan[1] else None, _pack(w_ih, INPROJ_ROWS) if plan[0] else None, joint, carry, zone_h, zone_c,
     )  # fmt: skip
     return list(res)
 
 
 @_fused_lstm.register_fake
-def _fused_lstm_fake(x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, pop, stat, center, eps, batch_stats, save, step_offset):
+def _fused_lstm_fake(x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, pop, stat, center, eps, batch_stats, save, step_offset,
+                     joint, carry, zone_h, zone_c):  # fmt: skip
     N, B, H = x.shape[0], h0.shape[0], w_hh.shape[1]
     G, T = 4 * H, _steps(x, batch_sizes, h0)
     fam = stat[0]
@@ -282,7 +289,7 @@ def _fused_lstm_fake(x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, 
         saved = [
             e(N, G),
             e(N, G) if fam != 0 else e(0),
-            e(N, H),
+            e(2 * N, H) if carry or zone_c is not None else e(N, H),
             e(4, N) if fam == 1 else (e(2, T, G) if fam == 2 else e(0)),
             e(2, T, H) if fam == 2 else e(0),
         ]
@@ -296,6 +303,7 @@ def _fused_lstm_backward(
     c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], g_ih: Optional[Tensor], g_hh: Optional[Tensor],
     g_c: Optional[Tensor], beta_c: Optional[Tensor], out: Tensor, XI: Tensor, XH: Tensor, C: Tensor, stats_g: Tensor,
     stats_h: Tensor, stat: List[int], center: List[int], batch_stats: bool, need_dx: bool,
+    joint: bool, carry: bool, zone_h: Optional[Tensor], zone_c: Optional[Tensor],
 ) -> List[Tensor]:
     """``[dx, dh0, dc0, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c]`` (empty where not computed)."""
     B, H = h0.shape[0], w_hh.shape[1]
@@ -303,13 +311,14 @@ def _fused_lstm_backward(
     res = _ext("lstm").backward(
         d_out, d_hn, d_cn, x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h,
         list(stat), list(center), batch_stats, need_dx, _chunk_rows(x.shape[0]), _pack(w_hh.t(), B) if plan[2] else None,
+        joint, carry, zone_h, zone_c,
     )  # fmt: skip
     return _none_to_empty(res, x)
 
 
 @_fused_lstm_backward.register_fake
 def _fused_lstm_backward_fake(d_out, d_hn, d_cn, x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C,
-                              stats_g, stats_h, stat, center, batch_stats, need_dx):  # fmt: skip
+                              stats_g, stats_h, stat, center, batch_stats, need_dx, joint, carry, zone_h, zone_c):  # fmt: skip
     H = w_hh.shape[1]
     G = 4 * H
     e = x.new_empty
@@ -321,29 +330,31 @@ def _fused_lstm_backward_fake(d_out, d_hn, d_cn, x, batch_sizes, h0, c0, w_ih, w
 
 
 def _lstm_setup(ctx, inputs, output):
-    x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, pop, stat, center, eps, batch_stats, save, step_offset = inputs
+    (x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, pop, stat, center, eps, batch_stats, save, step_offset, joint, carry,
+     zone_h, zone_c) = inputs  # fmt: skip
     out, hn, cn, XI, XH, C, stats_g, stats_h, moments = output
     ctx.batch_sizes, ctx.stat, ctx.center, ctx.batch_stats = batch_sizes, stat, center, batch_stats
+    ctx.joint, ctx.carry = joint, carry
     ctx.pop_grad = _no_grads(pop)
     ctx.optional = [t is not None for t in (bias, g_ih, g_hh, g_c, beta_c)]
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h, zone_h, zone_c)
 
 
 def _lstm_backward(ctx, grads):
     refuse_double_backward()
     d_out, d_hn, d_cn = (g.contiguous() if g is not None else None for g in grads[:3])
-    x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h, zone_h, zone_c = ctx.saved_tensors
     if XI.numel() == 0 and out.numel() > 0:
         raise RuntimeError("recnorm: this fused LSTM call saved nothing for backward (it ran without autograd)")
     g = torch.ops.recnorm.fused_lstm_backward(
         d_out, d_hn, d_cn, x, ctx.batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h,
-        ctx.stat, ctx.center, ctx.batch_stats, bool(ctx.needs_input_grad[0]),
+        ctx.stat, ctx.center, ctx.batch_stats, bool(ctx.needs_input_grad[0]), ctx.joint, ctx.carry, zone_h, zone_c,
     )  # fmt: skip
     dx, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c = g
     opt = [o and (t.numel() > 0) for o, t in zip(ctx.optional, (db, dg_ih, dg_hh, dg_c, dbeta_c))]
     db, dg_ih, dg_hh, dg_c, dbeta_c = (t if o else None for t, o in zip((db, dg_ih, dg_hh, dg_c, dbeta_c), opt))
     return (dx if dx.numel() or x.numel() == 0 else None, None, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c,
-            ctx.pop_grad, None, None, None, None, None, None)  # fmt: skip
+            ctx.pop_grad, None, None, None, None, None, None, None, None, None, None)  # fmt: skip
 
 
 _fused_lstm.register_autograd(_lstm_backward, setup_context=_lstm_setup)
@@ -439,7 +450,16 @@ _fused_gru_rnn.register_autograd(_gru_backward, setup_context=_gru_setup)
 # Which cases this path serves, and the call
 # ---------------------------------------------------------------------------------------------------
 
-_SITES = {"lstm": ("ih", "hh", "cell"), "gru": ("ih", "hh"), "rnn_tanh": ("ih", "hh"), "rnn_relu": ("ih", "hh")}
+_SITES = {"lstm": ("ih", "hh", "gates", "cell"), "gru": ("ih", "hh"), "rnn_tanh": ("ih", "hh"), "rnn_relu": ("ih", "hh")}
+
+
+def _kernel_sites(work: DirectionWork) -> Tuple[str, ...]:
+    """The sites the kernel's three (LSTM) or two (GRU/RNN) norm slots hold: with a joint gate norm, the
+    LSTM kernel reads the ``"gates"`` site in the input term's slot (and in the recurrent term's, which it
+    then ignores)."""
+    if work.cell.kind == "lstm":
+        return ("gates", "gates", "cell") if work.norm("gates") is not None else ("ih", "hh", "cell")
+    return ("ih", "hh")
 
 
 def _folded_view(work: DirectionWork) -> DirectionWork:
@@ -456,7 +476,7 @@ def _folded_view(work: DirectionWork) -> DirectionWork:
 def _family(work: DirectionWork) -> Optional[str]:
     """The one statistic family every site of the cell uses ("none", "row", "batch"), or None."""
     kinds = set()
-    for site in _SITES[work.cell.kind]:
+    for site in _kernel_sites(work):
         d = work.norm(site)
         kinds.add("none" if d is None else ("batch" if d.stat in ("step", "shared") else d.stat))
     return kinds.pop() if len(kinds) == 1 and kinds <= {"none", "row", "batch"} else None
@@ -473,12 +493,18 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
         return "it does not report per-step outputs (diagnostics capture)"
     work = _folded_view(work)
     if set(work.present_norms()) - set(_SITES[kind]):
+        if "gates" in work.present_norms():
+            return "its GRU/RNN kernel does not serve a joint gate norm (the reference loop does)"
         return "it serves norms at the input term, the recurrent term and the LSTM cell"
-    if work.carry_cell_norm:
-        return "it does not carry a normalized cell"
+    if work.has_zoneout and kind != "lstm":
+        return "its GRU/RNN kernel does not zone out states (the reference loop does)"
     family = _family(work)
     if family is None:
         return "every normalized site must use the same statistic family (none, per row, or per step)"
+    if (work.carry_cell_norm or work.norm("gates") is not None) and family != "row":
+        return "it serves a joint gate norm and a carried cell norm with row statistics (layer norm, RMSNorm) only"
+    if work.carry_cell_norm and work.norm("cell") is None:
+        return "a carried cell norm needs a norm at the cell"
     hidden = work.weight_hh.shape[1]
     groups = {"lstm": (4 * hidden,), "gru": (2 * hidden, hidden)}.get(kind, (hidden,))
     for site, d in work.present_norms().items():
@@ -556,14 +582,18 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
     gain = lambda site: None if work.norm(site) is None else work.norm(site).weight  # noqa: E731
     shift = lambda site: None if work.norm(site) is None else work.norm(site).bias  # noqa: E731
     if kind == "lstm":
-        sites = ("ih", "hh", "cell")
+        sites = _kernel_sites(work)
+        joint = sites[0] == "gates"
         stat, center, eps, pop = _site_args(work, sites)
-        bias = _sum_present(work.bias_ih, work.bias_hh, shift("ih"), shift("hh"))  # gate-norm shifts add to the bias
+        # gate-norm shifts add to the bias
+        bias = _sum_present(work.bias_ih, work.bias_hh, *((shift("gates"),) if joint else (shift("ih"), shift("hh"))))
         c0 = state[1].contiguous()
-        args = (x, batch_sizes, h0, c0, work.weight_ih.contiguous(), work.weight_hh.contiguous(), bias, gain("ih"), gain("hh"),
-                gain("cell"), shift("cell"))  # fmt: skip
+        args = (x, batch_sizes, h0, c0, work.weight_ih.contiguous(), work.weight_hh.contiguous(), bias, gain(sites[0]),
+                None if joint else gain("hh"), gain("cell"), shift("cell"))  # fmt: skip
         save = _needs_grad(*args, *[t for n in d.values() for t in (n.weight, n.bias)])
-        res = torch.ops.recnorm.fused_lstm(*args, pop, stat, center, eps, batch_stats, save, work.step_offset)
+        zones = [_zone_tensor(work.zone(k), x, H) for k in (0, 1)]
+        res = torch.ops.recnorm.fused_lstm(*args, pop, stat, center, eps, batch_stats, save, work.step_offset, joint,
+                                           bool(work.carry_cell_norm), *zones)  # fmt: skip
         moments = _moments(work, sites, res[8], (4 * H, 4 * H, H), counts) if batch_stats else {}
         return DirectionResult(unflat(res[0]), (res[1], res[2]), {**folded, **moments})
     sites = ("ih", "hh")
@@ -574,6 +604,16 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
     res = torch.ops.recnorm.fused_gru_rnn(*args, pop, _CELL_CODES[kind], stat, center, eps, batch_stats, save, work.step_offset)
     G = work.weight_hh.shape[0]
     return DirectionResult(unflat(res[0]), (res[1],), {**folded, **(_moments(work, sites, res[5], (G, G), counts) if batch_stats else {})})
+
+
+def _zone_tensor(z, x: Tensor, hidden: int) -> Optional[Tensor]:
+    """A state's zoneout as the kernel reads it: keep indicators ``(N, H)`` (training), or the rate as a
+    ``(1, H)`` row (eval); None without zoneout."""
+    if z is None:
+        return None
+    if isinstance(z, Tensor):
+        return z.reshape(-1, hidden).to(x.dtype).contiguous()
+    return x.new_full((1, hidden), float(z))
 
 
 def _gate_biases(gru: bool, hidden: int, work: DirectionWork, shift_ih, shift_hh) -> Tuple[Optional[Tensor], Optional[Tensor]]:

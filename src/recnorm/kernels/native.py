@@ -45,6 +45,8 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
         return "it computes torch.nn's LSTM, GRU and RNN cells only"
     if work.on_output is not None:
         return "it does not report per-step outputs (diagnostics capture)"
+    if work.has_zoneout:
+        return "it does not zone out states (zoneout)"
     norms = work.present_norms()
     if set(norms) - {"ih"} or ("ih" in norms and norms["ih"].stat != "sequence"):
         return "it serves norm=None and sequence-wise batch norm of the input term only"

@@ -12,6 +12,7 @@ Per step, with the descriptors of :class:`~recnorm.kernels.contract.DirectionWor
     gi = N_ih(W_ih x_t) + b_ih            gh = N_hh(W_hh h_{t-1}) + b_hh
     (joint:  gi = N_gates(W_ih x_t + W_hh h_{t-1}) + b_ih + b_hh,  gh = None)
     h_t, state_t = cell.step(gi, gh, state_{t-1}, N_cell, carry, W_hr)
+    (zoneout:  state_t = d_t * state_{t-1} + (1 - d_t) * state_t per state tensor; h_t = the zoned state_t[0])
 
 Low precision: for bfloat16 and float16 inputs the GEMMs run in the input's dtype, but the gate terms,
 the normalizations and the state (the LSTM cell above all) are kept in float32, as fused RNN kernels do;
@@ -128,6 +129,23 @@ def _cell_norm(work: DirectionWork, step: int, moments: _Moments):
     return lambda c: _apply(d, "cell", c, step, moments)
 
 
+def _zone_steps(work: DirectionWork, k: int, sizes: List[int], rows: int, dtype) -> Optional[list]:
+    """State ``k``'s zoneout per step: None, or a list with each step's keep indicators ``(B_t, W)`` (training)
+    or the rate (eval)."""
+    z = work.zone(k)
+    if z is None:
+        return None
+    if not isinstance(z, Tensor):
+        return [float(z)] * len(sizes)
+    return list(z.reshape(rows, z.shape[-1]).to(dtype).split(sizes))
+
+
+def _zone(d, old: Tensor, new: Tensor) -> Tensor:
+    """``d * old + (1 - d) * new``: keep the previous value where (or with the weight with which) ``d`` says
+    (exactly the previous value where a keep indicator is 1)."""
+    return d * old + (1 - d) * new
+
+
 def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Sequence[int]], state: State) -> DirectionResult:
     """Run one direction of one layer over packed rows.
 
@@ -154,6 +172,7 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Sequence
     gx = gx.to(acc)
     state = tuple(s.to(acc) for s in state)
     d_ih, d_hh, d_gates = work.norm("ih"), work.norm("hh"), work.norm("gates")
+    zones = [_zone_steps(work, k, sizes, x.shape[0], acc) for k in range(len(state))]
     finished: List[State] = []  # states of sequences that ended, in the order they ended
     outputs: List[Tensor] = []
     for t, gi in enumerate(gx.split(sizes), start=work.step_offset):  # gi: (B_t, G*H); never gx[t]
@@ -169,7 +188,12 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Sequence
             if per_step:
                 gi = _add(_apply(d_ih, "ih", gi, t, moments), work.bias_ih)
             gh = _add(hh if d_hh is None else _apply(d_hh, "hh", hh, t, moments), work.bias_hh)
+        prev = state
         h, state = work.cell.step(gi, gh, state, _cell_norm(work, t, moments), work.carry_cell_norm, work.weight_hr)
+        if any(z is not None for z in zones):
+            i = t - work.step_offset
+            state = tuple(s if z is None else _zone(z[i], p, s) for z, p, s in zip(zones, prev, state))
+            h = state[0] if zones[0] is not None else h
         if work.on_output is not None:
             work.on_output(t, h)
         outputs.append(h.to(low))

@@ -101,6 +101,11 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
             per_step[site] = _population(d, T, work.step_offset, dev, dt)
     sites = sorted(per_step)
     scan_inputs = [gx] + [t for s in sites for t in per_step[s]]
+    # zoneout: a rate (eval) is a constant of the body; keep indicators (training) are scanned inputs
+    zones = [work.zone(k) for k in range(len(state))]
+    zone_inputs = [k for k, z in enumerate(zones) if isinstance(z, Tensor)]
+    first_zone = len(scan_inputs)
+    scan_inputs += [zones[k].to(stats_dtype(dt)) for k in zone_inputs]
     cell, carry = work.cell, work.carry_cell_norm
     w_hh, b_ih, b_hh, w_hr = work.weight_hh, work.bias_ih, work.bias_hh, work.weight_hr
 
@@ -117,6 +122,10 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
             gh = _add(_apply(d_hh, F.linear(h, w_hh), stats.get("hh")), b_hh)
         norm_c = None if d_c is None else (lambda c: _apply(d_c, c, stats.get("cell")))
         out, new = cell.step(gi, gh, tuple(carried), norm_c, carry, w_hr)
+        if any(z is not None for z in zones):
+            keep = [inputs[first_zone + zone_inputs.index(k)] if k in zone_inputs else z for k, z in enumerate(zones)]
+            new = tuple(n if d is None else d * c + (1 - d) * n for d, c, n in zip(keep, carried, new))
+            out = new[0] if zones[0] is not None else out
         return list(new), out.clone()
 
     init = list(state)

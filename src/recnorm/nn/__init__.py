@@ -6,6 +6,7 @@ from recnorm.nn.norms import (
     GroupedLayerNorm,
     NormSpec,
     RecurrentBatchNorm,
+    SequenceBatchNorm,
     convert_sync_batchnorm,
     create_norm,
     get_norm,
@@ -17,7 +18,7 @@ from recnorm.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RecurrentBase, RNN
 
 __all__ = [
     "CELLS", "CellType", "get_cell", "list_cells", "register_cell",
-    "NORMS", "GroupedLayerNorm", "NormSpec", "RecurrentBatchNorm", "convert_sync_batchnorm", "create_norm", "get_norm", "list_norms",
+    "NORMS", "GroupedLayerNorm", "NormSpec", "RecurrentBatchNorm", "SequenceBatchNorm", "convert_sync_batchnorm", "create_norm", "get_norm", "list_norms",
     "register_norm", "resolve_norm_kwargs",
     "GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RecurrentBase", "RNNCell",
 ]

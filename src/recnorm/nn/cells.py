@@ -54,6 +54,7 @@ class CellType:
 
     Attributes:
         name: registry key.
+        site_notes: for sites the cell lacks, why (a norm option that needs the site names it in its error).
         num_gates: G, the number of H-sized blocks in the gate pre-activations.
         state_size: number of state tensors (1 for ``h``; 2 for ``(h, c)``).
         sites: normalization sites the cell offers (a subset of ``("ih", "hh", "gates", "cell")``).
@@ -68,6 +69,8 @@ class CellType:
     sites: Tuple[str, ...] = ("ih", "hh", "gates")
     has_projection: bool = False
     kernel_kind: Optional[str] = None
+    #: Why the cell lacks a site, for the error a norm option that needs it raises.
+    site_notes: Dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -139,6 +142,11 @@ class GRUCellType(CellType):
     # no "gates": the reset gate multiplies the recurrent term alone, so a joint norm of both terms is not defined
     sites = ("ih", "hh")
     kernel_kind = "gru"
+    site_notes = {
+        "gates": "its reset gate multiplies the recurrent term alone (n = tanh(W_in x + b_in + r * (W_hn h + b_hn))), "
+        "so the sum W_ih x + W_hh h that a joint gate norm normalizes is not a term of the GRU",
+        "cell": "the GRU has no cell state (its only state is h)",
+    }
 
     def gate_groups(self, hidden_size):
         # Ba et al. (2016), eqs. 26-28: one layer norm over the (r, z) block, another over the n block.
@@ -163,6 +171,7 @@ class RNNCellType(CellType):
     num_gates = 1
     state_size = 1
     kernel_kind = "rnn"  # resolved per nonlinearity by kind()
+    site_notes = {"cell": "the RNN has no cell state (its only state is h)"}
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
         if nonlinearity not in _ACTIVATIONS:

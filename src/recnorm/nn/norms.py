@@ -42,6 +42,7 @@ from recnorm.registry import Registry
 
 __all__ = [
     "RecurrentBatchNorm",
+    "SequenceBatchNorm",
     "GroupedLayerNorm",
     "NormSpec",
     "NORMS",
@@ -53,6 +54,8 @@ __all__ = [
     "SITES",
     "convert_sync_batchnorm",
     "OPTION_CHECKS",
+    "OPTION_SITES",
+    "GATE_GROUPS",
 ]
 
 log = logging.getLogger(__name__)
@@ -379,6 +382,127 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     return module
 
 
+class SequenceBatchNorm(RecurrentBatchNorm):
+    r"""Batch normalization of sequences over their valid positions: padding-aware ``BatchNorm1d``.
+
+    For every feature, over the valid positions :math:`V` (every (t, b) with :math:`t <` length of
+    sequence b) of a training batch:
+
+    .. math::
+        \mu = \frac{1}{|V|}\sum_{(t,b) \in V} x_{t,b}, \quad
+        \sigma^2 = \frac{1}{|V|}\sum_{(t,b) \in V} (x_{t,b} - \mu)^2, \quad
+        y_{t,b} = \gamma \frac{x_{t,b} - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    In eval mode :math:`\mu, \sigma^2` are the running statistics. Running averages follow
+    :class:`RecurrentBatchNorm` (unbiased variance; the k-th update has weight ``max(momentum, 1/k)``, so the
+    first replaces the initial (0, 1): rule R1 of ``docs/eval_statistics.md``); they are stored as
+    ``running_mean``, ``running_var`` of shape ``(1, F)`` and ``num_batches_tracked`` ``(1,)``.
+    :func:`recnorm.calibrate` replaces them by the exact statistics of a pass over given batches, and
+    :func:`recnorm.convert_sync_batchnorm` makes training statistics span every process. Statistics of
+    16-bit inputs are taken in float32; the output has the input's dtype. A training batch with fewer than
+    2 valid positions normalizes with the running statistics; a feature constant over the valid positions
+    normalizes to 0 (see :class:`RecurrentBatchNorm`).
+
+    Padding never enters the statistics. Every position, padding included, is normalized with them (as
+    Keras 3's masked ``BatchNormalization`` does); what sits at padded positions of the output is whatever
+    the padding normalizes to, and does not matter downstream of ``pack_padded_sequence``.
+
+    It is the "BN between stacked layers" placement (LSTM -> BN -> LSTM): ``recnorm.LSTM(...,
+    between_layers="batch")`` puts one after every layer but the last.
+
+    Args:
+        num_features: F, the size of the last dimension.
+        eps, momentum, affine: as in ``torch.nn.BatchNorm1d`` (gain 1 and shift 0 when ``affine``;
+            ``momentum=None`` is a cumulative average).
+        batch_first: whether padded input is ``(B, T, F)`` rather than ``(T, B, F)``.
+
+    Inputs: a ``PackedSequence`` (data ``(N, F)``); or a padded tensor ``(T, B, F)`` (``(B, T, F)`` if
+    ``batch_first``) with ``lengths`` ``(B,)`` (all positions valid when omitted); or rows ``(N, F)``, all
+    valid. Output: the same form (a ``PackedSequence`` with the same batch sizes and indices, or a tensor
+    of the input's shape).
+
+    Example::
+
+        >>> bn = recnorm.SequenceBatchNorm(20)
+        >>> x = torch.randn(7, 3, 20)
+        >>> y = bn(x, lengths=torch.tensor([7, 2, 5]))    # statistics over the 14 valid positions
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        *,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        self.affine = bool(affine)
+        super().__init__(
+            num_features, max_steps=1, gain_init=1.0, shift=self.affine, momentum=momentum, eps=eps, scope="sequence",
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        if not self.affine:
+            self.register_parameter("weight", None)
+        self.batch_first = bool(batch_first)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+            + (", batch_first=True" if self.batch_first else "")
+            + (", sync=True" if self.sync else "")
+        )
+
+    def forward(self, input, lengths: Optional[Tensor] = None):  # type: ignore[override]
+        from torch.nn.utils.rnn import PackedSequence
+
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("SequenceBatchNorm: a PackedSequence carries its own lengths; expected lengths=None")
+            return input._replace(data=self.normalize_rows(input.data))
+        if not isinstance(input, Tensor):
+            raise TypeError(f"SequenceBatchNorm: expected a Tensor or PackedSequence, got {type(input).__name__}")
+        if input.dim() == 2 and lengths is None:
+            return self.normalize_rows(input)
+        if input.dim() != 3:
+            raise ValueError(
+                f"SequenceBatchNorm: expected a PackedSequence, a padded 3-D tensor {'(B, T, F)' if self.batch_first else '(T, B, F)'} "
+                f"or 2-D rows (N, F), got a {input.dim()}-D tensor of shape {tuple(input.shape)}"
+            )
+        if input.shape[-1] != self.num_features:
+            raise ValueError(f"SequenceBatchNorm: expected {self.num_features} features in the last dimension, got {tuple(input.shape)}")
+        if lengths is None:
+            return self.normalize_rows(input.reshape(-1, self.num_features)).view_as(input)
+        T, B = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
+        lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1 or lengths.numel() != B or lengths.is_floating_point():
+            raise ValueError(f"SequenceBatchNorm: expected lengths to be {B} integers (one per sequence), got {lengths.tolist()}")
+        if int(lengths.min()) < 0 or int(lengths.max()) > T:
+            raise ValueError(f"SequenceBatchNorm: lengths must be in [0, {T}] (the padded length), got {lengths.tolist()}")
+        steps = torch.arange(T, device=input.device)
+        valid = steps.unsqueeze(1) < lengths.to(input.device).unsqueeze(0)  # (T, B)
+        if self.batch_first:
+            valid = valid.t()
+        y = super().forward(input.reshape(-1, self.num_features), 0, valid.reshape(-1))
+        return y.view_as(input)
+
+    def normalize_rows(self, x: Tensor) -> Tensor:
+        """Normalize rows ``x`` ``(N, F)`` that are all valid (packed data, or a full batch's rows)."""
+        if x.dim() != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"SequenceBatchNorm: expected rows of shape (N, {self.num_features}), got {tuple(x.shape)}")
+        return super().forward(x, 0, None)
+
+
 class GroupedLayerNorm(nn.Module):
     r"""Layer normalization (or RMSNorm) of each row over groups of features.
 
@@ -500,6 +624,16 @@ def _flag(value: Any) -> bool:
     return value
 
 
+GATE_GROUPS = ("cell", "one")
+
+
+def _gate_groups(value: Any) -> str:
+    if value not in GATE_GROUPS:
+        raise TypeError("'cell' (the cell's own layer-norm groups: the GRU's (r, z) and n blocks separately) or 'one' "
+                        "(one group over all gate features)")
+    return value
+
+
 # What each option name accepts: a function that returns the normalized value or raises TypeError with
 # a description of what is expected. Schemes may add their own (NormSpec.checks).
 OPTION_CHECKS: Dict[str, Callable[[Any], Any]] = {
@@ -509,7 +643,12 @@ OPTION_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "max_steps": _positive_int,
     "joint": _flag,
     "carry_cell": _flag,
+    "gate_groups": _gate_groups,
 }
+
+#: Options that need a site of the cell: ``joint=True`` normalizes the ``"gates"`` site, ``carry_cell=True``
+#: carries the ``"cell"`` site's output. A cell without the site refuses them (its ``site_notes`` say why).
+OPTION_SITES: Dict[str, str] = {"joint": "gates", "carry_cell": "cell"}
 
 
 def _check_option(name: str, value: Any, checks: Optional[Mapping[str, Callable[[Any], Any]]] = None, where: str = "") -> Any:
@@ -617,12 +756,30 @@ def create_norm(
     return spec.build(site, num_features, groups, **options, **factory_kwargs)
 
 
-def _build_layer(site, num_features, groups, *, gain_init, eps, **fk):
-    if site == "gates":
-        return None
+def _row_norm(site, num_features, groups, *, center, cell_shift, gain_init, eps, joint, carry_cell, gate_groups, **fk):
+    """The module of a row-statistic scheme (layer norm, RMSNorm) at ``site``.
+
+    Gate terms get gains only (the cell's biases are their shift): at ``"ih"`` and ``"hh"`` separately
+    (Ba et al.), or at ``"gates"`` once over their sum (``joint``). The cell gets gain and, for layer norm,
+    shift; ``carry_cell`` marks it as carried to the next step (``carry = True``, read by the layer into
+    :attr:`~recnorm.kernels.contract.DirectionWork.carry_cell_norm`).
+    """
     if site == "cell":
-        return GroupedLayerNorm(num_features, gain_init=gain_init, shift=True, eps=eps, **fk)
-    return GroupedLayerNorm(num_features, groups=groups, gain_init=gain_init, shift=False, eps=eps, **fk)
+        module = GroupedLayerNorm(num_features, gain_init=gain_init, shift=cell_shift, eps=eps, center=center, **fk)
+        module.carry = carry_cell
+        return module
+    if (site == "gates") != joint:
+        return None
+    groups = None if gate_groups == "one" else groups
+    return GroupedLayerNorm(num_features, groups=groups, gain_init=gain_init, shift=False, eps=eps, center=center, **fk)
+
+
+def _build_layer(site, num_features, groups, **options):
+    return _row_norm(site, num_features, groups, center=True, cell_shift=True, **options)
+
+
+def _build_rms(site, num_features, groups, **options):
+    return _row_norm(site, num_features, groups, center=False, cell_shift=False, **options)
 
 
 def _build_batch(site, num_features, groups, *, gain_init, max_steps, momentum, eps, **fk):
@@ -653,13 +810,24 @@ def _build_shared_batch(site, num_features, groups, *, gain_init, momentum, eps,
     )
 
 
+_ROW_OPTIONS = {"gain_init": 1.0, "eps": 1e-5, "joint": False, "carry_cell": False, "gate_groups": "cell"}
+
 register_norm(
     NormSpec(
         "layer",
         _build_layer,
-        {"gain_init": 1.0, "eps": 1e-5},
-        "layer norm (Ba et al. 2016) of W_ih x_t, W_hh h_{t-1} and c_t inside tanh",
+        dict(_ROW_OPTIONS),
+        "layer norm (Ba et al. 2016) of W_ih x_t, W_hh h_{t-1} and c_t inside tanh (joint=, carry_cell=: torchaudio's form)",
         label="layer norm",
+    )
+)
+register_norm(
+    NormSpec(
+        "rms",
+        _build_rms,
+        dict(_ROW_OPTIONS),
+        "RMSNorm (Zhang and Sennrich 2019), gains only, at the sites of 'layer' (joint=, carry_cell= as there)",
+        label="RMSNorm",
     )
 )
 register_norm(

@@ -23,7 +23,7 @@ from recnorm import kernels
 from recnorm.kernels.contract import BatchMoments, DirectionWork
 from recnorm.kernels.packing import check_batch_sizes, reverse_packed
 from recnorm.nn.cells import CELLS, CellType
-from recnorm.nn.norms import create_norm, get_norm, resolve_norm_kwargs
+from recnorm.nn.norms import OPTION_SITES, SequenceBatchNorm, create_norm, get_norm, resolve_norm_kwargs
 
 __all__ = ["RecurrentBase", "LSTM", "GRU", "RNN", "CellBase", "LSTMCell", "GRUCell", "RNNCell"]
 
@@ -65,6 +65,26 @@ _NORM_DOC = r"""
 """
 
 
+def _check_rate(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} should be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_zoneout(zoneout: Any, cell: CellType, name: str) -> Tuple[float, ...]:
+    """The zoneout rates per state tensor: a number zones h only; a pair (h_rate, c_rate) zones both of an
+    LSTM's states."""
+    if isinstance(zoneout, (tuple, list)):
+        if cell.state_size != 2 or len(zoneout) != 2:
+            what = "an (h_rate, c_rate) pair for a cell with a cell state" if cell.state_size == 2 else "one rate for h"
+            raise ValueError(
+                f"{name}: zoneout should be a number (zoning h) or {what}; the {cell.name or type(cell).__name__} cell has "
+                f"{cell.state_size} state tensor(s), got {zoneout!r}"
+            )
+        return tuple(_check_rate("zoneout", z) for z in zoneout)
+    return (_check_rate("zoneout", zoneout),)
+
+
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} should be an integer >= {minimum}, got {value!r}")
@@ -83,6 +103,13 @@ class _NormSetup:
     def _build_norms(self, suffix: str, fk: Dict[str, Any]) -> Dict[str, str]:
         """Create the scheme's module at each site; returns ``{site: attribute name}`` of those that exist."""
         cell: CellType = self.cell
+        for option, site in OPTION_SITES.items():
+            if self.norm_kwargs.get(option) and site not in cell.sites:
+                why = cell.site_notes.get(site, f"it has no {site!r} site")
+                raise ValueError(
+                    f"norm_kwargs {option}=True (norm {self.norm!r}) is not defined for the {cell.name or type(cell).__name__} "
+                    f"cell: {why}"
+                )
         gate_size = cell.num_gates * self.hidden_size
         names = {}
         for site in SITES_IN_ORDER:
@@ -106,6 +133,9 @@ class _NormSetup:
 
 
 SITES_IN_ORDER = ("ih", "hh", "gates", "cell")
+#: What ``between_layers=`` accepts: None, or "batch" (a :class:`~recnorm.nn.norms.SequenceBatchNorm` of each
+#: layer's output before the next layer).
+BETWEEN_LAYERS = (None, "batch")
 
 
 class RecurrentBase(_NormSetup, nn.Module):
@@ -136,6 +166,9 @@ class RecurrentBase(_NormSetup, nn.Module):
         norm: Optional[str] = None,
         norm_kwargs: Optional[Dict[str, Any]] = None,
         kernel: Optional[str] = None,
+        zoneout: Union[float, Tuple[float, float]] = 0.0,
+        weight_dropout: float = 0.0,
+        between_layers: Optional[str] = None,
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
@@ -143,6 +176,9 @@ class RecurrentBase(_NormSetup, nn.Module):
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.num_layers = _check_positive_int("num_layers", num_layers)
+        self.zoneout = zoneout
+        self._zoneout_rates = _check_zoneout(zoneout, self.cell, type(self).__name__)
+        self.weight_dropout = _check_rate("weight_dropout", weight_dropout)
         self.proj_size = _check_positive_int("proj_size", proj_size, minimum=0)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout should be a number in range [0, 1] representing the probability of an element being zeroed, got {dropout!r}")
@@ -175,6 +211,17 @@ class RecurrentBase(_NormSetup, nn.Module):
                     setattr(self, name + sfx, nn.Parameter(torch.empty(shape, **fk)))
                     self._flat_weights_names.append(name + sfx)
                 self._norm_sites.append(self._build_norms(sfx, fk))
+        if between_layers not in BETWEEN_LAYERS:
+            raise ValueError(f"{type(self).__name__}: between_layers should be one of {BETWEEN_LAYERS}, got {between_layers!r}")
+        self.between_layers = between_layers
+        if between_layers is not None:
+            if self.num_layers < 2:
+                raise ValueError(
+                    f"{type(self).__name__}: between_layers={between_layers!r} normalizes the output of each layer before the "
+                    f"next one, so it needs num_layers >= 2, got num_layers={self.num_layers}"
+                )
+            for layer in range(self.num_layers - 1):  # masked batch norm of each layer's output (all its directions)
+                setattr(self, f"norm_between_l{layer}", SequenceBatchNorm(real_hidden * num_directions, **fk))
         self.reset_parameters()
 
     # -- torch.nn compatibility -------------------------------------------------------------------
@@ -213,6 +260,12 @@ class RecurrentBase(_NormSetup, nn.Module):
             s += ", bidirectional=True"
         if self.norm is not None:
             s += f", norm={self.norm!r}"
+        if any(self._zoneout_rates):
+            s += f", zoneout={self.zoneout!r}"
+        if self.weight_dropout:
+            s += f", weight_dropout={self.weight_dropout}"
+        if self.between_layers is not None:
+            s += f", between_layers={self.between_layers!r}"
         return s
 
     def __prepare_scriptable__(self):
@@ -228,21 +281,44 @@ class RecurrentBase(_NormSetup, nn.Module):
     def _num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    def direction_work(self, layer: int, direction: int, on_output=None) -> DirectionWork:
-        """The data one direction of one layer computes with (see :mod:`recnorm.kernels.contract`)."""
+    def direction_work(self, layer: int, direction: int, on_output=None, x: Optional[Tensor] = None) -> DirectionWork:
+        """The data one direction of one layer computes with (see :mod:`recnorm.kernels.contract`).
+
+        In training, ``weight_dropout`` draws a fresh DropConnect mask on ``W_hh`` at every call, and
+        ``zoneout`` draws fresh keep indicators for the rows of ``x`` (the direction's input, ``(T, B, F)`` or
+        packed ``(N, F)``), which it then needs; in eval, zoneout is its rates.
+        """
         sfx = _suffix(layer, direction)
         get = lambda n: getattr(self, n + sfx, None)  # noqa: E731
         norms = self._norms(self._norm_sites[layer * self._num_directions + direction])
+        weight_hh = get("weight_hh")
+        if self.weight_dropout and self.training:
+            weight_hh = F.dropout(weight_hh, self.weight_dropout, True)  # DropConnect (AWD-LSTM's weight drop)
         return DirectionWork(
             cell=self.cell.descriptor(),
             weight_ih=get("weight_ih"),
-            weight_hh=get("weight_hh"),
+            weight_hh=weight_hh,
             bias_ih=get("bias_ih"),
             bias_hh=get("bias_hh"),
             weight_hr=get("weight_hr"),
             norms={site: m.descriptor() for site, m in norms.items()},
             carry_cell_norm=bool(getattr(norms.get("cell"), "carry", False)),
             on_output=on_output,
+            zoneout=self._zoneout_data(x),
+        )
+
+    def _zoneout_data(self, x: Optional[Tensor]) -> Tuple[Any, ...]:
+        """Per state tensor: None, the rate (eval), or 0/1 keep indicators drawn with torch's RNG (training)."""
+        rates = self._zoneout_rates
+        if not any(rates):
+            return ()
+        if not self.training:
+            return tuple(r or None for r in rates)
+        if x is None:
+            raise ValueError(f"{self._name()}: zoneout in training draws its masks for the rows of the input; pass x=")
+        widths = (self.proj_size or self.hidden_size, self.hidden_size)
+        return tuple(
+            x.new_empty(tuple(x.shape[:-1]) + (w,)).bernoulli_(r) if r else None for r, w in zip(rates, widths)
         )
 
     def _record(self, layer: int, direction: int, moments: Dict[str, BatchMoments]) -> None:
@@ -400,13 +476,16 @@ class RecurrentBase(_NormSetup, nn.Module):
                 idx = layer * D + direction
                 inp = layer_input if direction == 0 else reverse_packed(layer_input, batch_sizes)
                 observer = self._step_observer(self, layer, direction, batch_sizes) if self._step_observer else None
-                work = self.direction_work(layer, direction, observer)
+                work = self.direction_work(layer, direction, observer, inp)
                 res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel)
                 self._record(layer, direction, res.moments)
                 outs.append(res.output if direction == 0 else reverse_packed(res.output, batch_sizes))
                 for i, f in enumerate(res.state):
                     finals[i].append(f)
             layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
+            if self.between_layers is not None and layer < self.num_layers - 1:
+                bn = getattr(self, f"norm_between_l{layer}")
+                layer_input = bn.normalize_rows(layer_input.reshape(-1, layer_input.shape[-1])).view_as(layer_input)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
         return layer_input, tuple(torch.stack(f, 0) for f in finals)
@@ -486,10 +565,14 @@ class LSTM(RecurrentBase):
         norm: Optional[str] = None,
         norm_kwargs: Optional[Dict[str, Any]] = None,
         kernel: Optional[str] = None,
+        zoneout: Union[float, Tuple[float, float]] = 0.0,
+        weight_dropout: float = 0.0,
+        between_layers: Optional[str] = None,
     ) -> None:
         super().__init__(
             "lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
-            device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel,
+            device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel, zoneout=zoneout,
+            weight_dropout=weight_dropout, between_layers=between_layers,
         )  # fmt: skip
 
 
@@ -521,12 +604,16 @@ class GRU(RecurrentBase):
         norm: Optional[str] = None,
         norm_kwargs: Optional[Dict[str, Any]] = None,
         kernel: Optional[str] = None,
+        zoneout: float = 0.0,
+        weight_dropout: float = 0.0,
+        between_layers: Optional[str] = None,
         **unsupported: Any,
     ) -> None:
         _reject_unsupported("GRU", unsupported)
         super().__init__(
             "gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-            device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel,
+            device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel, zoneout=zoneout,
+            weight_dropout=weight_dropout, between_layers=between_layers,
         )  # fmt: skip
 
 
@@ -560,13 +647,17 @@ class RNN(RecurrentBase):
         norm: Optional[str] = None,
         norm_kwargs: Optional[Dict[str, Any]] = None,
         kernel: Optional[str] = None,
+        zoneout: float = 0.0,
+        weight_dropout: float = 0.0,
+        between_layers: Optional[str] = None,
         **unsupported: Any,
     ) -> None:
         _reject_unsupported("RNN", unsupported)
         self.nonlinearity = nonlinearity
         super().__init__(
             CELLS.get("rnn")(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-            device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel,
+            device, dtype, norm=norm, norm_kwargs=norm_kwargs, kernel=kernel, zoneout=zoneout,
+            weight_dropout=weight_dropout, between_layers=between_layers,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

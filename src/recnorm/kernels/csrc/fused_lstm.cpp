@@ -147,6 +147,65 @@ void set_pool_capacity(int64_t bytes) { pool().set_capacity(size_t(std::max<int6
 int64_t pool_cached() { return int64_t(pool().cached()); }
 
 // ------------------------------------------------------------------------------------------------
+// Variants: a joint gate norm, a carried normalized cell, zoneout (recnorm/kernels/contract.py)
+// ------------------------------------------------------------------------------------------------
+
+// What the variants change, read by forward and backward:
+//   joint: one norm (the "ih" site's gain, centring and eps) over W_ih x + W_hh h; the kernels add the
+//          recurrent term into the input term's row before its statistics and give the recurrent
+//          term rstd 0, so it contributes nothing, and backward sends the joint term's gradient to both
+//          GEMMs (row family only);
+//   carry: the cell norm's output, not c~, is the state carried to the next step (row family only);
+//   zone_h, zone_c: zoneout keep indicators d ((N, H), or (1, H) for a rate in eval):
+//          s_t = s~_t + d_t (s_{t-1} - s~_t), applied after each step's pass. The carried cell differs
+//          from c~ when carry or zone_c: it then lives in a buffer of its own (CS, the second half of C).
+struct Variant {
+  bool joint = false, carry = false;
+  const void* zh = nullptr;  // keep indicators of h and c, row stride zh_stride / zc_stride
+  const void* zc = nullptr;
+  int64_t zh_stride = 0, zc_stride = 0;
+  bool cell_state() const { return carry || zc != nullptr; }  // whether the carried cell differs from c~
+
+  Variant(bool joint_, bool carry_, const c10::optional<Tensor>& zone_h, const c10::optional<Tensor>& zone_c, const Tensor& x,
+          int64_t H) : joint(joint_), carry(carry_) {
+    for (int k = 0; k < 2; ++k) {
+      const c10::optional<Tensor>& z = k == 0 ? zone_h : zone_c;
+      if (!has(z)) continue;
+      TORCH_CHECK(z->dim() == 2 && z->size(1) == H && (z->size(0) == 1 || z->size(0) == x.size(0)) && z->is_contiguous() &&
+                      z->scalar_type() == x.scalar_type(),
+                  "fused LSTM: zoneout indicators must be contiguous (N, H) or (1, H) tensors of the input's dtype");
+      (k == 0 ? zh : zc) = z->data_ptr();
+      (k == 0 ? zh_stride : zc_stride) = z->size(0) == 1 ? 0 : H;
+    }
+  }
+  template <typename T>
+  const T* zone_h(int64_t row) const { return zh ? static_cast<const T*>(zh) + row * zh_stride : nullptr; }
+  template <typename T>
+  const T* zone_c(int64_t row) const { return zc ? static_cast<const T*>(zc) + row * zc_stride : nullptr; }
+};
+
+// dst[0:n) = src + d * (prev - src): zoneout of one state row (dst may be src).
+template <typename T>
+inline void zone_row(T* dst, const T* src, const T* prev, const T* d, int64_t n) {
+  constexpr int64_t VS = Vec<T>::size();
+  for (int64_t j = 0; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    const Vec<T> a = ld(src + j, c);
+    st(dst + j, fma(ld(d + j, c), ld(prev + j, c) - a, a), c);
+  }
+}
+
+// The joint gate norm's sum: x[0:n) += y[0:n).
+template <typename T>
+inline void add_row(T* x, const T* y, int64_t n) {
+  constexpr int64_t VS = Vec<T>::size();
+  for (int64_t j = 0; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    st(x + j, ld(x + j, c) + ld(y + j, c), c);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
 
@@ -158,7 +217,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
                                  const std::vector<int64_t>& center, const std::vector<double>& eps, bool training, bool save,
                                  int64_t step_offset, const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max,
                                  int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
-                                 const c10::optional<Tensor>& w_ih_packed) {
+                                 const c10::optional<Tensor>& w_ih_packed, const Variant& var) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
   auto opts = x.options();
@@ -171,6 +230,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   const T* betac = ptr_or<T>(beta_c_t, zeros_h.data());
   const T eps_ih = T(eps[0]), eps_hh = T(eps[1]), eps_c = T(eps[2]);
   const bool cen_ih = center[0] != 0, cen_hh = center[1] != 0, cen_c = center[2] != 0;
+  const bool var_joint = var.joint, var_carry = var.carry;
+  TORCH_CHECK(!(var_joint || var_carry) || mode == kLayer, "fused LSTM: a joint gate norm and a carried cell need row statistics");
 
   // Batch moments of the steps that use batch statistics: (2, T, 2G + H) means and variances of the
   // input term, the recurrent term and the cell, per step (rows of other steps stay 0).
@@ -204,7 +265,9 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   const T* x_p = x.data_ptr<T>();
   int64_t proj_end = 0;  // steps [.., proj_end) are projected
   Tensor XH = pool_empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
-  Tensor C = pool_empty({save ? N : 2 * B0, H}, opts);
+  // c~ of every step (or of the last two), then, where the carried cell differs from c~, the carried cells.
+  const int64_t c_rows = save ? N : 2 * B0;
+  Tensor C = pool_empty({(var.cell_state() ? 2 : 1) * c_rows, H}, opts);
   Tensor out = at::empty({N, H}, opts);  // returned to the caller: an ordinary (resizable) tensor, not pooled
   Tensor hn = at::empty({B0, H}, opts), cn = at::empty({B0, H}, opts);
   Tensor O = at::empty({B0, H}, opts);  // output gate of the current step
@@ -222,6 +285,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   T* xi_all = XI.data_ptr<T>();
   T* xh_all = XH.data_ptr<T>();
   T* c_all = C.data_ptr<T>();
+  T* cs_all = var.cell_state() ? c_all + c_rows * H : c_all;  // the carried cells (c~ itself when they are c~)
+  const T* h0_p = h0.data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   T* o_p = O.data_ptr<T>();
   T* hn_p = hn.data_ptr<T>();
@@ -247,7 +312,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     T* xi_dst = save ? xi_all + o0 * G : xi;
     T* xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
     T* cc = save ? c_all + o0 * H : c_all + (t % 2) * B0 * H;
-    const T* cp = t == 0 ? c0_p : (save ? c_all + sh.off[t - 1] * H : c_all + ((t - 1) % 2) * B0 * H);
+    T* cs = save ? cs_all + o0 * H : cs_all + (t % 2) * B0 * H;  // the carried cell (cc unless it differs)
+    const T* cp = t == 0 ? c0_p : (save ? cs_all + sh.off[t - 1] * H : cs_all + ((t - 1) % 2) * B0 * H);
     T* hout = out_p + o0 * H;
     const T* xrows = x_p + o0 * I;
 
@@ -304,16 +370,20 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
             T* xhw = xh_dst + bb * G;
             const T* cpr = cp + bb * H;
             T* ccr = cc + bb * H;
+            T* csr = cs + bb * H;
             T* orow = o_p + bb * H;
             T* hr = hout + bb * H;
             if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
             T mi = 0, ri = 0, mh = 0, rh = 0;
             if (mode == kLayer) {
               T var;
+              if (var_joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
               row_stats(xir, G, cen_ih, mi, var);
               ri = ln_rstd(mi, var, eps_ih);
-              row_stats(xhr, G, cen_hh, mh, var);
-              rh = ln_rstd(mh, var, eps_hh);
+              if (!var_joint) {
+                row_stats(xhr, G, cen_hh, mh, var);
+                rh = ln_rstd(mh, var, eps_hh);
+              }
               rs[0 * rstride + rbase + bb] = ri;
               rs[1 * rstride + rbase + bb] = rh;
             }
@@ -365,6 +435,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
                 const int64_t n = kTail ? std::min(VS, H - j) : VS;
                 const Vec<T> cn_ = fma(ld(gc + j, n), (ld(ccr + j, n) - m) * r, ld(betac + j, n));
                 st(hr + j, ld(orow + j, n) * tanh_(cn_), n);
+                if (var_carry) st(csr + j, cn_, n);
               }
             }
           }
@@ -450,11 +521,20 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     }
 
     TOC(2);
+    if (var.zh || var.zc) {  // zoneout: mix the step's new states with the previous ones
+      const T* hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
+      at::parallel_for(0, Bt, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t bb = b0; bb < b1; ++bb) {
+          if (var.zh) zone_row(hout + bb * H, hout + bb * H, hp + bb * H, var.zone_h<T>(o0 + bb), H);
+          if (var.zc) zone_row(cs + bb * H, (var.carry ? cs : cc) + bb * H, cp + bb * H, var.zone_c<T>(o0 + bb), H);
+        }
+      });
+    }
     // Sequences whose last step is t: rows [bs[t+1], bs[t]).
     const int64_t nb = sh.next_bs(t);
     if (nb < Bt) {
       std::copy(hout + nb * H, hout + Bt * H, hn_p + nb * H);
-      std::copy(cc + nb * H, cc + Bt * H, cn_p + nb * H);
+      std::copy(cs + nb * H, cs + Bt * H, cn_p + nb * H);
     }
   }
 
@@ -479,7 +559,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                                   const Tensor& XI, const c10::optional<Tensor>& XH_t, const Tensor& C,
                                   const c10::optional<Tensor>& stats_g_t, const c10::optional<Tensor>& stats_h_t, const Shape& sh,
                                   int64_t mode, const std::vector<int64_t>& center, bool training, bool need_dx,
-                                  int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+                                  int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed, const Variant& var) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
   auto opts = x.options();
@@ -503,7 +583,9 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   const T* xi_all = XI.data_ptr<T>();
   const T* xh_all = has(XH_t) ? XH_t->data_ptr<T>() : nullptr;
   const T* c_all = C.data_ptr<T>();
+  const T* cs_all = var.cell_state() ? c_all + N * H : c_all;  // the carried cells (see forward)
   const T* c0_p = c0.data_ptr<T>();
+  const bool var_carry = var.carry;
   const T* sg = has(stats_g_t) ? stats_g_t->data_ptr<T>() : nullptr;
   const T* sh_ = has(stats_h_t) ? stats_h_t->data_ptr<T>() : nullptr;
 
@@ -546,7 +628,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
       const T* xi = xi_all + o0 * G;
       const T* xh = xh_all ? xh_all + o0 * G : nullptr;
       const T* cc = c_all + o0 * H;
-      const T* cp = t == 0 ? c0_p : c_all + sh.off[t - 1] * H;
+      const T* cp = t == 0 ? c0_p : cs_all + sh.off[t - 1] * H;
       const T* dout = d_out ? d_out + o0 * H : nullptr;
       T* dgi = dgi_p + (o0 - cbase) * G;
       T* dgh = dgh_p + (o0 - cbase) * G;
@@ -583,6 +665,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 T* dhr = dhr_p + bb * H;
                 T* dcr = dcr_p + bb * H;
                 T* dghr = dgh + bb * G;
+                const T* zhr = var.zone_h<T>(r);  // zoneout keep indicators of the row (or null)
+                const T* zcr = var.zone_c<T>(r);
                 if (mode == kNone) {
                   for (int64_t j = 0; j < H; j += VS) {
                     const int64_t n = kTail ? std::min(VS, H - j) : VS;
@@ -590,8 +674,15 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                     const Vec<T> th = tanh_(ld(ccr + j, n));
                     Vec<T> dh = ld(dhr + j, n);
                     if (doutr) dh += ld(doutr + j, n);
-                    const Vec<T> dc = fma(dh * o, one - th * th, ld(dcr + j, n));
-                    st(dcr + j, dc * f, n);
+                    if (zhr) {  // zoneout of h: d h_{t-1} gets d * dh (added to the GEMM's part), h~ the rest
+                      const Vec<T> d = ld(zhr + j, n);
+                      st(dhr + j, d * dh, n);
+                      dh = dh - d * dh;
+                    }
+                    const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
+                    const Vec<T> dzc = zcr ? ld(zcr + j, n) : Vec<T>(T(0));
+                    const Vec<T> dc = fma(dh * o, one - th * th, dcs - dzc * dcs);
+                    st(dcr + j, fma(dc, f, dzc * dcs), n);
                     st(dghr + j, dc * g * i * (one - i), n);
                     st(dghr + H + j, dc * ld(cpr + j, n) * f * (one - f), n);
                     st(dghr + 2 * H + j, dc * i * (one - g * g), n);
@@ -623,7 +714,16 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   const Vec<T> th = tanh_(fma(ld(gc + j, n), chat, ld(betac + j, n)));
                   Vec<T> dh = ld(dhr + j, n);
                   if (doutr) dh += ld(doutr + j, n);
-                  const Vec<T> dcn = dh * o_gate * (one - th * th);
+                  if (zhr) {  // zoneout of h (as in mode none)
+                    const Vec<T> d = ld(zhr + j, n);
+                    st(dhr + j, d * dh, n);
+                    dh = dh - d * dh;
+                  }
+                  Vec<T> dcn = dh * o_gate * (one - th * th);
+                  if (var_carry) {  // the carried state is the cell norm's output: its gradient joins dcn
+                    const Vec<T> dcs = ld(dcr + j, n);
+                    dcn += zcr ? dcs - ld(zcr + j, n) * dcs : dcs;
+                  }
                   st(pdgc + j, fma(dcn, chat, ld(pdgc + j, n)), n);
                   st(pdbc + j, ld(pdbc + j, n) + dcn, n);
                   const Vec<T> dyc = dcn * ld(gc + j, n);
@@ -637,11 +737,13 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 Vec<T> si1(T(0)), si2(T(0)), sh1(T(0)), sh2(T(0));
                 for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
                   const int64_t n = kTail ? std::min(VS, H - j) : VS;
-                  const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, ld(dcr + j, n));
+                  const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
+                  const Vec<T> dzc = zcr ? ld(zcr + j, n) : Vec<T>(T(0));
+                  const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, var_carry ? Vec<T>(T(0)) : dcs - dzc * dcs);
                   const Vec<T> i = ld(sar + j, n), f = ld(sar + H + j, n), g = ld(sar + 2 * H + j, n), o = ld(sar + 3 * H + j, n);
                   const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cpr + j, n) * f * (one - f), dc * i * (one - g * g),
                                         ld(sdo + j, n) * o * (one - o)};
-                  st(dcr + j, dc * f, n);
+                  st(dcr + j, fma(dc, f, dzc * dcs), n);
                   for (int k = 0; k < 4; ++k) {
                     const int64_t q = k * H + j;
                     const Vec<T> dyi = lanes(dp[k] * ld(gih + q, n), n), dyh = lanes(dp[k] * ld(ghh + q, n), n);
@@ -741,6 +843,11 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 const Vec<T> th = tanh_(fma(gcv, chat, bcv));
                 Vec<T> dh = ld(dhr_p + bb * H + j, n);
                 if (dout) dh += ld(dout + bb * H + j, n);
+                if (var.zh) {  // zoneout of h (as in mode none)
+                  const Vec<T> d = ld(var.zone_h<T>(o0 + bb) + j, n);
+                  st(dhr_p + bb * H + j, d * dh, n);
+                  dh = dh - d * dh;
+                }
                 const Vec<T> dcn = dh * o_gate * (one - th * th);
                 agc = fma(dcn, chat, agc);
                 abc += dcn;
@@ -759,12 +866,14 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
                 const Vec<T> dyc = ld(sdy + bb * H + j, n);
                 const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
-                const Vec<T> dc = dcn_norm + ld(dcr_p + bb * H + j, n);
+                const Vec<T> dcs = ld(dcr_p + bb * H + j, n);  // dL/d(carried c_t)
+                const Vec<T> dzc = var.zc ? ld(var.zone_c<T>(o0 + bb) + j, n) : Vec<T>(T(0));
+                const Vec<T> dc = dcn_norm + (dcs - dzc * dcs);
                 const T* sar = sa + bb * G + j;
                 const Vec<T> i = ld(sar, n), f = ld(sar + H, n), g = ld(sar + 2 * H, n), o = ld(sar + 3 * H, n);
                 const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cp + bb * H + j, n) * f * (one - f), dc * i * (one - g * g),
                                       ld(sdo + bb * H + j, n) * o * (one - o)};
-                st(dcr_p + bb * H + j, dc * f, n);
+                st(dcr_p + bb * H + j, fma(dc, f, dzc * dcs), n);
                 const T* xir = xi + bb * G + j;
                 const T* xhr = xh + bb * G + j;
                 T* dghr = dgh + bb * G + j;
@@ -817,16 +926,26 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
       }
 
       TOC(3);
-      // dh_{t-1} for the rows valid at t.
+      // dh_{t-1} for the rows valid at t (with a joint gate norm, the recurrent term's gradient is the
+      // joint term's, in DGI); with zoneout of h, added to the part the pass left there.
       Tensor dst = dh_rec.narrow(0, 0, Bt);
+      const Tensor& dg_rec = var.joint ? DGI : DGH;
       TIC(4);
-      Tensor res = step_gemm(DGH.narrow(0, o0 - cbase, Bt), w_hh, w_hh_packed, dst);
-      if (!res.is_same(dst)) dst.copy_(res);
+      if (var.zh) {
+        if (use_packed(w_hh_packed)) {
+          dst.add_(dnn_linear(dg_rec.narrow(0, o0 - cbase, Bt), *w_hh_packed));
+        } else {
+          dst.addmm_(dg_rec.narrow(0, o0 - cbase, Bt), w_hh);
+        }
+      } else {
+        Tensor res = step_gemm(dg_rec.narrow(0, o0 - cbase, Bt), w_hh, w_hh_packed, dst);
+        if (!res.is_same(dst)) dst.copy_(res);
+      }
       TOC(4);
     }
 
     TIC(5);
-    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, DGH, DGI, Hprev, dW_ih, dW_hh, dx);
+    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, var.joint ? DGI : DGH, DGI, Hprev, dW_ih, dW_hh, dx);
     TOC(5);
   }
 
@@ -869,8 +988,10 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
                             const c10::optional<Tensor>& beta_c, std::vector<c10::optional<Tensor>> pop, std::vector<int64_t> stat,
                             std::vector<int64_t> center, std::vector<double> eps, bool batch_stats, bool save, int64_t step_offset,
                             int64_t inproj_max, int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
-                            const c10::optional<Tensor>& w_ih_packed) {
+                            const c10::optional<Tensor>& w_ih_packed, bool joint, bool carry, const c10::optional<Tensor>& zone_h,
+                            const c10::optional<Tensor>& zone_c) {
   check_common(x, h0, c0, w_ih, w_hh);
+  const Variant var(joint, carry, zone_h, zone_c, x, w_hh.size(1));
   const Mode mode = family_of(stat, "fused LSTM");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused LSTM"), w_hh.size(1), x.size(1), 4, "fused LSTM");
   TORCH_CHECK(x.size(0) == sh.N && h0.size(0) == sh.B0 && c0.size(0) == sh.B0, "fused LSTM: rows do not match batch_sizes");
@@ -881,7 +1002,7 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_forward", [&] {
     res = forward_impl<scalar_t>(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, sh, mode, center, eps, batch_stats, save,
-                                 step_offset, pop, inproj_max, inproj_rows, w_hh_packed, w_ih_packed);
+                                 step_offset, pop, inproj_max, inproj_rows, w_hh_packed, w_ih_packed, var);
   });
   return res;
 }
@@ -893,8 +1014,10 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
                              const c10::optional<Tensor>& beta_c, const Tensor& out, const Tensor& XI, const c10::optional<Tensor>& XH,
                              const Tensor& C, const c10::optional<Tensor>& stats_g, const c10::optional<Tensor>& stats_h,
                              std::vector<int64_t> stat, std::vector<int64_t> center, bool batch_stats, bool need_dx,
-                             int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+                             int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed, bool joint, bool carry,
+                             const c10::optional<Tensor>& zone_h, const c10::optional<Tensor>& zone_c) {
   check_common(x, h0, c0, w_ih, w_hh);
+  const Variant var(joint, carry, zone_h, zone_c, x, w_hh.size(1));
   const Mode mode = family_of(stat, "fused LSTM");
   TORCH_CHECK(center.size() == 3, "fused LSTM: bad norm arguments");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused LSTM"), w_hh.size(1), x.size(1), 4, "fused LSTM");
@@ -904,7 +1027,7 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_backward", [&] {
     res = backward_impl<scalar_t>(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g,
-                                  stats_h, sh, mode, center, batch_stats, need_dx, chunk_rows, w_hh_packed);
+                                  stats_h, sh, mode, center, batch_stats, need_dx, chunk_rows, w_hh_packed, var);
   });
   return res;
 }
@@ -927,7 +1050,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
   m.def("set_pool_capacity", &set_pool_capacity, "bytes of freed buffers kept for reuse (0: none)");
   m.def("pool_cached", &pool_cached, "bytes currently kept in the buffer pool");
-  m.attr("VERSION") = 2;
+  m.attr("VERSION") = 3;
 #ifdef RECNORM_FUSED_TIMING
   m.def("timers", &timers, "development timers: fwd input GEMM, fwd step GEMM, fwd pass, bwd pass, bwd step GEMM, bwd chunk GEMMs, fwd, bwd (s)");
 #endif

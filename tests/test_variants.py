@@ -1,0 +1,248 @@
+"""Issue 8 variants: RMSNorm, the joint gate norm and the carried normalized cell, zoneout, DropConnect.
+
+Each reference below is written from the papers' equations (Ba et al. 2016; Zhang and Sennrich 2019;
+Krueger et al. 2017; Merity et al. 2018), independently of recnorm's kernels, and compared with every
+kernel that serves the case."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import recnorm
+from recnorm import kernels
+
+DT = torch.float64
+FUSED = ["reference", "fused"] if kernels.extensions_built() else ["reference"]
+
+
+def _ln(v, eps, center=True):
+    """Layer norm (center) or RMSNorm of each row, without affine."""
+    if center:
+        v = v - v.mean(-1, keepdim=True)
+    return v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps)
+
+
+def _randomize(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("norm_"):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 0.9 + 0.3)
+            elif name.startswith("bias_"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+
+
+def _lstm_reference(m, x, h, c, center, joint, carry, eps):
+    """Ba et al.'s LSTM with the options: separate or joint gate norm, c normalized inside tanh or carried."""
+    W, U = m.weight_ih_l0, m.weight_hh_l0
+    b = m.bias_ih_l0 + m.bias_hh_l0
+    outs = []
+    for t in range(x.shape[0]):
+        if joint:
+            gates = _ln(x[t] @ W.t() + h @ U.t(), eps, center) * m.norm_gates_l0.weight + b
+        else:
+            gates = _ln(x[t] @ W.t(), eps, center) * m.norm_ih_l0.weight + _ln(h @ U.t(), eps, center) * m.norm_hh_l0.weight + b
+        i, f, g, o = gates.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        shift = m.norm_c_l0.bias if center else 0.0
+        cn = _ln(c, eps, center) * m.norm_c_l0.weight + shift
+        h = torch.sigmoid(o) * torch.tanh(cn)
+        if carry:
+            c = cn
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMSNorm, joint gate norm, carried cell
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_rms_parameters_are_named_like_layer_norms_gains():
+    layer = dict(recnorm.LSTM(3, 4, norm="layer").named_parameters())
+    rms = dict(recnorm.LSTM(3, 4, norm="rms").named_parameters())
+    assert set(rms) == set(layer) - {"norm_c_l0.bias"}  # gains only
+    assert all(rms[k].shape == layer[k].shape for k in rms)
+    joint = dict(recnorm.LSTM(3, 4, norm="rms", norm_kwargs={"joint": True}).named_parameters())
+    assert "norm_gates_l0.weight" in joint and "norm_ih_l0.weight" not in joint and "norm_hh_l0.weight" not in joint
+    assert recnorm.LSTM(3, 4, norm="rms", norm_kwargs={"eps": 1e-3}).norm_ih_l0.eps == 1e-3
+
+
+@pytest.mark.parametrize("kernel", FUSED + ["scan"])
+@pytest.mark.parametrize("norm,joint,carry", list(itertools.product(["layer", "rms"], [False, True], [False, True])))
+def test_lstm_variants_match_the_equations(norm, joint, carry, kernel):
+    torch.manual_seed(0)
+    eps = 1e-3
+    m = recnorm.LSTM(3, 5, norm=norm, norm_kwargs={"joint": joint, "carry_cell": carry, "eps": eps}, kernel=kernel, dtype=DT)
+    _randomize(m)
+    m.eval()
+    x, h0, c0 = torch.randn(6, 2, 3, dtype=DT), torch.randn(1, 2, 5, dtype=DT), torch.randn(1, 2, 5, dtype=DT)
+    out, (h, c) = m(x, (h0, c0))
+    ref_out, ref_h, ref_c = _lstm_reference(m, x, h0[0], c0[0], norm == "layer", joint, carry, eps)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h[0], ref_h, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(c[0], ref_c, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm,joint,carry", [("layer", True, True), ("rms", True, False), ("rms", False, True)])
+def test_lstm_variants_gradcheck(norm, joint, carry):
+    m = recnorm.LSTM(2, 3, norm=norm, norm_kwargs={"joint": joint, "carry_cell": carry}, dtype=DT)
+    _randomize(m)
+    x = torch.randn(4, 2, 2, dtype=DT, requires_grad=True)
+    params = list(m.parameters())
+    for kernel in FUSED:
+        m.kernel = kernel
+        assert torch.autograd.gradcheck(lambda x, *p: m(x)[0], (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_rnn_joint_norm_matches_the_equation():
+    m = recnorm.RNN(3, 4, norm="layer", norm_kwargs={"joint": True}, dtype=DT)
+    _randomize(m)
+    x, h = torch.randn(5, 2, 3, dtype=DT), torch.randn(1, 2, 4, dtype=DT)
+    out, _ = m(x, h)
+    hh = h[0]
+    for t in range(5):
+        pre = _ln(x[t] @ m.weight_ih_l0.t() + hh @ m.weight_hh_l0.t(), 1e-5) * m.norm_gates_l0.weight
+        hh = torch.tanh(pre + m.bias_ih_l0 + m.bias_hh_l0)
+        torch.testing.assert_close(out[t], hh, rtol=1e-10, atol=1e-10)
+
+
+def test_undefined_analogues_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="joint=True.*gru.*reset gate"):
+        recnorm.GRU(3, 4, norm="layer", norm_kwargs={"joint": True})
+    with pytest.raises(ValueError, match="carry_cell=True.*no cell state"):
+        recnorm.GRU(3, 4, norm="rms", norm_kwargs={"carry_cell": True})
+    with pytest.raises(ValueError, match="carry_cell=True.*no cell state"):
+        recnorm.RNN(3, 4, norm="layer", norm_kwargs={"carry_cell": True})
+    with pytest.raises(ValueError, match="zoneout"):
+        recnorm.GRU(3, 4, zoneout=(0.1, 0.2))
+    with pytest.raises(ValueError, match="zoneout"):
+        recnorm.LSTM(3, 4, zoneout=1.5)
+    with pytest.raises(ValueError, match="weight_dropout"):
+        recnorm.LSTM(3, 4, weight_dropout=-0.1)
+    with pytest.raises(TypeError):
+        recnorm.LSTM(3, 4, 1, True, False, 0.0, False, 0, None, None, None, None, None, 0.3)  # zoneout is keyword-only
+
+
+def test_export_of_joint_carried_zoned_lstm_matches_eager():
+    m = recnorm.LSTM(3, 4, norm="rms", norm_kwargs={"joint": True, "carry_cell": True}, zoneout=(0.2, 0.4)).eval()
+    _randomize(m)
+    x = torch.randn(5, 2, 3)
+    ep = torch.export.export(m, (x,))
+    torch.testing.assert_close(ep.module()(x)[0], m(x)[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zoneout
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", FUSED)
+def test_zoneout_keep_rate_in_training(kernel):
+    torch.manual_seed(0)
+    m = recnorm.LSTM(8, 64, norm="layer", zoneout=(0.3, 0.6), kernel=kernel, dtype=DT)
+    x = torch.randn(20, 32, 8, dtype=DT)
+    out, _ = m(x)
+    # A unit that zoned out repeats its previous value (up to the rounding of the fused kernel's
+    # s~ + d (s - s~)); a computed one does not (probability 0). c is read one step at a time.
+    same = lambda a, b: ((a - b).abs() <= 1e-12).double().mean().item()  # noqa: E731
+    kept_h = same(out[1:], out[:-1])
+    assert abs(kept_h - 0.3) < 0.02, kept_h  # 19*32*64 draws: sd 0.0023
+    c_prev, h_prev, kept_c = torch.zeros(1, 32, 64, dtype=DT), torch.zeros(1, 32, 64, dtype=DT), []
+    torch.manual_seed(1)
+    for t in range(6):
+        _, (h_prev2, c_new) = m(x[t:t + 1], (h_prev, c_prev))
+        kept_c.append(same(c_new, c_prev))
+        h_prev, c_prev = h_prev2, c_new
+    kept_c = sum(kept_c[1:]) / 5
+    assert abs(kept_c - 0.6) < 0.04, kept_c
+
+
+@pytest.mark.parametrize("kernel", FUSED + ["scan"])
+@pytest.mark.parametrize("zoneout", [0.25, (0.25, 0.5)])
+def test_zoneout_in_eval_is_the_expectation(zoneout, kernel):
+    torch.manual_seed(0)
+    m = recnorm.LSTM(3, 4, zoneout=zoneout, kernel=kernel, dtype=DT).eval()
+    cell = torch.nn.LSTMCell(3, 4, dtype=DT)
+    with torch.no_grad():
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, n).copy_(getattr(m, n + "_l0"))
+    ph, pc = (zoneout, 0.0) if isinstance(zoneout, float) else zoneout
+    x, h, c = torch.randn(6, 2, 3, dtype=DT), torch.randn(2, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
+    out, (hn, cn) = m(x, (h[None], c[None]))
+    for t in range(6):
+        h_new, c_new = cell(x[t], (h, c))
+        h, c = ph * h + (1 - ph) * h_new, pc * c + (1 - pc) * c_new
+        torch.testing.assert_close(out[t], h, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cn[0], c, rtol=1e-10, atol=1e-10)
+
+
+def test_gru_zoneout_in_eval_is_the_expectation():
+    m = recnorm.GRU(3, 4, zoneout=0.4, dtype=DT).eval()
+    cell = torch.nn.GRUCell(3, 4, dtype=DT)
+    with torch.no_grad():
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, n).copy_(getattr(m, n + "_l0"))
+    x, h = torch.randn(5, 2, 3, dtype=DT), torch.randn(2, 4, dtype=DT)
+    out, _ = m(x, h[None])
+    for t in range(5):
+        h = 0.4 * h + 0.6 * cell(x[t], h)
+        torch.testing.assert_close(out[t], h, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_zoneout_kernels_agree_and_gradcheck(training):
+    m = recnorm.LSTM(2, 3, norm="layer", norm_kwargs={"carry_cell": True}, zoneout=(0.3, 0.5), dtype=DT).train(training)
+    _randomize(m)
+    x = torch.randn(5, 2, 2, dtype=DT, requires_grad=True)
+    lengths = torch.tensor([5, 3])
+    params = list(m.parameters())
+
+    def f(x, *p):
+        torch.manual_seed(7)  # the same keep indicators at every call
+        return pad_packed_sequence(m(pack_padded_sequence(x, lengths))[0])[0]
+
+    results = []
+    for kernel in FUSED:
+        m.kernel = kernel
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+        y = f(x, *params)
+        results.append([y] + list(torch.autograd.grad(y.square().sum(), [x] + params)))
+    for a, b in zip(results[0], results[-1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DropConnect on W_hh
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", FUSED)
+def test_weight_dropout(kernel):
+    torch.manual_seed(0)
+    m = recnorm.LSTM(3, 32, norm="layer", weight_dropout=0.5, kernel=kernel, dtype=DT)
+    plain = recnorm.LSTM(3, 32, norm="layer", kernel=kernel, dtype=DT)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(6, 4, 3, dtype=DT)
+    before = m.weight_hh_l0.detach().clone()
+    # eval: no dropout
+    torch.testing.assert_close(m.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
+    m.train()
+    y1, y2 = m(x)[0], m(x)[0]
+    assert not torch.equal(y1, y2)  # a fresh mask per forward
+    torch.testing.assert_close(m.weight_hh_l0, before, rtol=0, atol=0)  # the parameter itself is untouched
+    m(x)[0].square().sum().backward()
+    zero = (m.weight_hh_l0.grad == 0).double().mean().item()
+    assert abs(zero - 0.5) < 0.05, zero  # dropped weights get no gradient
+    # p = 1 drops every recurrent weight: the layer then sees W_hh = 0
+    m1 = recnorm.LSTM(3, 32, weight_dropout=1.0, kernel=kernel, dtype=DT)
+    zero_hh = recnorm.LSTM(3, 32, kernel=kernel, dtype=DT)
+    zero_hh.load_state_dict(m1.state_dict())
+    with torch.no_grad():
+        zero_hh.weight_hh_l0.zero_()
+    torch.testing.assert_close(m1(x)[0], zero_hh(x)[0], rtol=1e-12, atol=1e-12)
