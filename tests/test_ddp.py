@@ -4,6 +4,7 @@ gradients are averaged across processes, and the batch-norm buffers are broadcas
 Batch statistics are per process here (like torch.nn.BatchNorm); test_sync.py covers synchronized ones."""
 
 import datetime
+import gc
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import recnorm
+
 
 
 def _worker(rank, world, init_file, norm, out):
@@ -25,6 +27,13 @@ def _worker(rank, world, init_file, norm, out):
     out_.square().mean().backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.save({"grads": grads, "buffers": {k: v.clone() for k, v in model.named_buffers()}}, f"{out}/{rank}.pt")
+    # Let every collective finish, and free DDP's reducer while the default group still holds the
+    # process group: torch 2.13 can deadlock when the last reference to a gloo group goes while a
+    # finished collective is still being freed on gloo's thread (the destructor joins that thread
+    # holding the GIL, which the thread waits for).
+    dist.barrier()
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -77,7 +77,8 @@ def test_native_operator_opcheck(cell, packed):
     m = LAYERS[cell](3, 5, dtype=DT)
     w = m.direction_work(0, 0)
     bs = torch.tensor([3, 2, 2, 1]) if packed else None
-    x = torch.randn(8 if packed else 12, 3, dtype=DT, requires_grad=True)
+    shape = (8, 3) if packed else (4, 3, 3)  # packed rows (N, F), or a full batch (T, B, F)
+    x = torch.randn(*shape, dtype=DT, requires_grad=True)
     hx = [torch.randn(3, 5, dtype=DT, requires_grad=True) for _ in range(m.cell.state_size)]
     weights = [w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh]
     # Its backward recomputes the forward under autograd, which AOTDispatch cannot trace: recnorm never

@@ -5,6 +5,7 @@ time steps. With synchronized statistics, their outputs, running statistics and 
 the world size) gradients must equal those of one process running the whole batch."""
 
 import datetime
+import gc
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def _run(model, x, w, lengths):
     return out, (out * w[: x.shape[0], : x.shape[1]]).sum()
 
 
+
 def _worker(rank, world, init_file, cell, norm, result_dir):
     # A bounded timeout: a rank stuck in a collective fails the test instead of hanging the session.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
@@ -62,6 +64,13 @@ def _worker(rank, world, init_file, cell, norm, result_dir):
         {"out": out.detach(), "out_eval": out_eval, "grads": grads, "buffers": {k: v.clone() for k, v in model.named_buffers()}},
         f"{result_dir}/{rank}.pt",
     )
+    # Let every collective finish, and free DDP's reducer while the default group still holds the
+    # process group: torch 2.13 can deadlock when the last reference to a gloo group goes while a
+    # finished collective is still being freed on gloo's thread (the destructor joins that thread
+    # holding the GIL, which the thread waits for).
+    dist.barrier()
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -345,8 +345,8 @@ class RecurrentBatchNorm(nn.Module):
         keep = int(tracked.max()) + 1 if tracked.numel() else 0
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             key = prefix + name
-            if key in destination:
-                destination[key] = destination[key][:keep]
+            if key in destination:  # a copy: torch.save of a slice would store the whole buffer
+                destination[key] = destination[key][:keep].clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._updated_since_calibration = False  # a checkpoint's provenance is unknown: no warning
