@@ -415,6 +415,8 @@ class SequenceBatchNorm(RecurrentBatchNorm):
         eps, momentum, affine: as in ``torch.nn.BatchNorm1d`` (gain 1 and shift 0 when ``affine``;
             ``momentum=None`` is a cumulative average).
         batch_first: whether padded input is ``(B, T, F)`` rather than ``(T, B, F)``.
+        sync: take training statistics over the valid positions of every process of ``process_group``
+            (default: the world), as :func:`recnorm.convert_sync_batchnorm` sets.
 
     Inputs: a ``PackedSequence`` (data ``(N, F)``); or a padded tensor ``(T, B, F)`` (``(B, T, F)`` if
     ``batch_first``) with ``lengths`` ``(B,)`` (all positions valid when omitted); or rows ``(N, F)``, all
@@ -436,6 +438,8 @@ class SequenceBatchNorm(RecurrentBatchNorm):
         affine: bool = True,
         *,
         batch_first: bool = False,
+        sync: bool = False,
+        process_group: Any = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -447,6 +451,8 @@ class SequenceBatchNorm(RecurrentBatchNorm):
         if not self.affine:
             self.register_parameter("weight", None)
         self.batch_first = bool(batch_first)
+        self.sync = bool(sync)
+        self.process_group = process_group
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
