@@ -20,7 +20,10 @@ and back.
   cuDNN), and ``LayerNormGRU`` is ``norm="layer"`` with ``norm_kwargs={"gate_groups": "one"}`` (one layer
   norm over all 3H gate features; recnorm's default normalizes the (r, z) and n blocks separately, Ba et
   al. eqs. 26-28). haste's ``zoneout`` (of h) is recnorm's ``zoneout``, its ``dropout`` (DropConnect on
-  ``R``, rescaled by 1 / (1 - p)) is ``weight_dropout``.
+  ``R``) is ``weight_dropout`` (which rescales the kept weights by 1 / (1 - p), as ``torch.nn.functional.dropout``
+  does; the two only differ in training). The converted layers are checked against these equations in eval
+  mode and without zoneout (``tests/test_convert.py``); haste's documentation gives LayerNormGRU's ``gamma`` as
+  ``(2, 4H)``, which cannot be, and the converter expects ``(2, 3H)``.
 
 * :func:`from_torchaudio` / :func:`to_torchaudio`: ``torchaudio.models.rnnt._CustomLSTM``, the LSTM of the
   Emformer RNN-T predictor. Keys ``x2g.weight`` ``(4H, I)`` (and ``x2g.bias`` without layer norm),

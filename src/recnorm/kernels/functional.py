@@ -75,7 +75,7 @@ def normalize_with(d: NormDesc, x: Tensor, mean: Tensor, var: Tensor, degenerate
 def row_norm(d: NormDesc, x: Tensor, exact_degenerate: bool = True) -> Tensor:
     """Layer norm (``center``) or RMSNorm of each row of ``x`` ``(..., F)`` over each feature group.
 
-    ``exact_degenerate=False`` (the export path) normalizes with ``F.layer_norm`` and skips the zero-spread
+    ``exact_degenerate=False`` (the export path) normalizes with ``F.layer_norm`` (RMSNorm: a vector norm) and skips the zero-spread
     rule: a row that is constant up to rounding then normalizes to values of the order of that rounding
     instead of exactly 0, a difference that matters for gradients, not for inference. (torch 2.13's ONNX
     exporter fails on the explicit statistics inside a scan that follows another scan.)
@@ -83,8 +83,17 @@ def row_norm(d: NormDesc, x: Tensor, exact_degenerate: bool = True) -> Tensor:
     xs = _to(x, stats_dtype(x.dtype))
     parts = []
     for part in xs.split(list(d.groups), dim=-1) if len(d.groups) > 1 else (xs,):
-        if d.center and not exact_degenerate:
-            parts.append(torch.nn.functional.layer_norm(part, (part.shape[-1],), eps=d.eps))
+        if not exact_degenerate:
+            if d.center:
+                parts.append(torch.nn.functional.layer_norm(part, (part.shape[-1],), eps=d.eps))
+            else:
+                # The mean square as a vector norm accumulated in float64: torch 2.13's strict export (and so
+                # ONNX) fails on mean(), sum() or F.rms_norm in a scan that follows another scan, and the
+                # float64 sum keeps the rounding of RMSNorm of near-zero states (where the recurrence
+                # amplifies it, up to 1/sqrt(eps)) at the level of the eager kernels'.
+                norm = torch.linalg.vector_norm(part, dim=-1, keepdim=True, dtype=torch.float64)
+                ms = (norm.square() / part.shape[-1]).to(part.dtype)
+                parts.append(part * torch.rsqrt(ms + d.eps))
             continue
         if d.center:  # two passes in plain ops (they export to ONNX inside a scan; var_mean does not)
             mean = part.mean(-1, keepdim=True)

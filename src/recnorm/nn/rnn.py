@@ -40,6 +40,24 @@ _NORM_DOC = r"""
       and the n block, Ba et al. eqs. 26-28); LSTM: ``h_t = o * tanh(LN_c(c_t))`` with ``c_t`` carried
       unnormalized. Gains start at 1 (``gain_init``); the gate terms have no LN shift (the biases
       cover it), the cell LN has one. Train and eval compute the same thing.
+    * ``"rms"`` (RMSNorm, Zhang and Sennrich 2019): ``"layer"`` with ``RMS(v; g) = v / sqrt(mean(v^2) +
+      eps) * g`` in place of each LN: gains only (no cell shift), parameters named as ``"layer"``'s.
+    * Two independent options of ``"layer"`` and ``"rms"`` (``N`` is LN or RMS), here for the LSTM:
+
+      - ``joint=True`` (torchaudio's ``_CustomLSTM``): ``gates = N_g(W_ih x_t + W_hh h_{t-1}) + b_ih + b_hh``,
+        one norm over all ``G*H`` gate features (parameter ``norm_gates_l0.weight``) instead of
+        ``N_ih(W_ih x_t) + b_ih + N_hh(W_hh h_{t-1}) + b_hh``;
+      - ``carry_cell=True`` (torchaudio, TF-Addons' ``LayerNormLSTMCell``, torch's ``custom_lstms.py``):
+        ``c_t = N_c(f * c_{t-1} + i * g)`` is carried to the next step and ``h_t = o * tanh(c_t)``,
+        instead of carrying ``c~_t = f * c_{t-1} + i * g`` and ``h_t = o * tanh(N_c(c~_t))``.
+
+      So the four LSTM combinations are (separate, inside tanh) = Ba et al. and haste's LayerNormLSTM;
+      (joint, carried) = torchaudio's; (separate, carried) and (joint, inside tanh) mix the two. The RNN
+      accepts ``joint`` (``h_t = act(N_g(W_ih x_t + W_hh h_{t-1}) + b_ih + b_hh)``); the GRU has no joint
+      norm (its reset gate multiplies the recurrent term alone, so ``W_ih x + W_hh h`` is no term of it),
+      and neither has a cell to carry: those options raise ValueError. ``gate_groups="one"`` normalizes
+      the GRU's gate terms over all ``3H`` features at once (haste's LayerNormGRU) instead of the (r, z)
+      and n blocks apart.
     * ``"batch"`` (recurrent BN, Cooijmans et al. 2017): ``gi = BN_t(W_ih x_t; g_x) + b_ih``,
       ``gh = BN_t(W_hh h_{t-1}; g_h) + b_hh``; LSTM: ``h_t = o * tanh(BN_t(c_t; g_c, b_c))``, ``c_t``
       carried unnormalized. Statistics per time step over the sequences valid at that step; gains
@@ -62,6 +80,18 @@ _NORM_DOC = r"""
     that is constant across the batch normalizes to 0 and passes no gradient, which keeps long runs
     of constant input (blank image rows, zero padding) free of inf and NaN, and eval treats a feature
     whose population variance is zero the same way (see :class:`recnorm.nn.norms.RecurrentBatchNorm`).
+
+    Regularization and stacking (keyword-only):
+
+    * ``zoneout`` (Krueger et al. 2017): a rate ``p`` zones ``h`` only (as haste does); a pair
+      ``(p_h, p_c)`` zones both LSTM states. In training each unit of each state keeps its previous
+      value with probability ``p``, drawn afresh per unit, step and sequence: ``s_t = d_t * s_{t-1} +
+      (1 - d_t) * s~_t`` with ``d_t ~ Bernoulli(p)``; in eval ``s_t = p * s_{t-1} + (1 - p) * s~_t``. The
+      zoned ``h_t`` is the output and the next step's input.
+    * ``weight_dropout`` (DropConnect on ``W_hh``, AWD-LSTM's weight drop, haste's ``dropout``): in
+      training every forward call draws a fresh mask and uses ``W_hh * m / (1 - p)``; eval uses ``W_hh``.
+    * ``between_layers="batch"``: a :class:`recnorm.SequenceBatchNorm` of each layer's output (all its
+      directions) before the next layer (parameters ``norm_between_l{k}.*``); needs ``num_layers >= 2``.
 """
 
 
@@ -148,6 +178,12 @@ class RecurrentBase(_NormSetup, nn.Module):
     :data:`~recnorm.nn.cells.CELLS`) gives the weight shapes and the step math; the norm registry gives
     the module at each site; :mod:`recnorm.kernels` runs each direction from their descriptors.
     """
+
+    # Defaults for modules pickled before these options existed (torch.save(model) of an older recnorm).
+    zoneout: Any = 0.0
+    _zoneout_rates: Tuple[float, ...] = (0.0,)
+    weight_dropout: float = 0.0
+    between_layers: Optional[str] = None
 
     def __init__(
         self,
