@@ -15,7 +15,7 @@ import recnorm
 
 
 def test_unknown_norm_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown norm 'bn'.*\['batch', 'layer', 'sequence_batch', 'shared_batch'\]"):
+    with pytest.raises(ValueError, match=r"unknown norm 'bn'.*\['batch', 'layer', 'rms', 'sequence_batch', 'shared_batch'\]"):
         recnorm.LSTM(3, 4, norm="bn")
 
 
@@ -117,7 +117,7 @@ def test_good_norm_kwargs_are_normalized():
 
 
 def test_registry_listing_and_options():
-    assert recnorm.list_norms() == ["batch", "layer", "sequence_batch", "shared_batch"]
+    assert recnorm.list_norms() == ["batch", "layer", "rms", "sequence_batch", "shared_batch"]
     assert recnorm.norm_options("batch") == {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.3, "eps": 1e-5}
     assert recnorm.norm_options("layer")["gain_init"] == 1.0
     assert recnorm.norm_options(None) == {}

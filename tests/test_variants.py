@@ -246,3 +246,30 @@ def test_weight_dropout(kernel):
     with torch.no_grad():
         zero_hh.weight_hh_l0.zero_()
     torch.testing.assert_close(m1(x)[0], zero_hh(x)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif("fused" not in FUSED, reason="the fused extensions are not built")
+@pytest.mark.parametrize("norm,input_size,hidden", [("layer", 2, 5), ("rms", 11, 16)])
+def test_fused_variants_match_reference_bidirectional_chunked(norm, input_size, hidden, monkeypatch):
+    """Joint norm, carried cell, zoneout of h and c and DropConnect together, two bidirectional layers, packed
+    input; the input projection inside the pass (narrow) or by chunked GEMMs (wide), backward GEMMs in chunks."""
+    from recnorm.kernels import fused
+
+    monkeypatch.setattr(fused, "INPROJ_ROWS", 7)
+    monkeypatch.setenv("RECNORM_FUSED_CHUNK_ROWS", "9")
+    kw = dict(num_layers=2, bidirectional=True, norm=norm, norm_kwargs={"joint": True, "carry_cell": True},
+              zoneout=(0.3, 0.2), weight_dropout=0.2, dtype=DT)  # fmt: skip
+    x = torch.randn(7, 5, input_size, dtype=DT)
+    lengths = torch.tensor([7, 3, 7, 1, 4])
+    results = []
+    for kernel in ("reference", "fused"):
+        torch.manual_seed(3)
+        m = recnorm.LSTM(input_size, hidden, kernel=kernel, **kw)
+        _randomize(m)
+        xl = x.clone().requires_grad_(True)
+        torch.manual_seed(4)  # the same masks for both kernels
+        out, (h, c) = m(pack_padded_sequence(xl, lengths, enforce_sorted=False))
+        loss = out.data.square().sum() + h.sum() + c.square().sum()
+        results.append([out.data, h, c] + list(torch.autograd.grad(loss, [xl] + list(m.parameters()))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
