@@ -41,14 +41,16 @@ def sanitize(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same directory, fsync, rename."""
+def write_json_atomic(path: str, obj: Any, indent: Optional[int] = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same directory, fsync, rename.
+    ``indent=None`` writes it on one line without spaces (for large files)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(sanitize(obj), f, indent=1, allow_nan=False)
+            separators = (",", ":") if indent is None else None
+            json.dump(sanitize(obj), f, indent=indent, separators=separators, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,10 +104,13 @@ def load_records(path: str) -> List[Dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- records
 def model_label(config: Dict[str, Any]) -> str:
-    """A short label for the normalization of a run: ``"none"``, ``"layer"``, ``"batch γ=0.1"``..."""
+    """A short label for the normalization of a run: ``"none"``, ``"layer"``, ``"batch γ=0.1"``...; a norm
+    between stacked layers is added (``"none+between=batch"``)."""
     norm = config.get("norm") or "none"
     gain = (config.get("norm_kwargs") or {}).get("gain_init")
-    return f"{norm} γ={gain:g}" if gain is not None else norm
+    label = f"{norm} γ={gain:g}" if gain is not None else norm
+    between = config.get("between_layers")
+    return f"{label}+between={between}" if between else label
 
 
 def final_metric(record: Dict[str, Any], split: str = "test") -> Optional[float]:
