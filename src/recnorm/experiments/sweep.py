@@ -15,6 +15,11 @@ On disk (see :mod:`recnorm.experiments.results`)::
 Resuming: :func:`run_sweep` skips every run whose ``result.json`` exists and wipes and redoes any other run
 directory (a partial run of a killed sweep). Killing the sweep at any moment therefore loses at most the
 runs in flight and never leaves a corrupt result; re-running the same command finishes the rest.
+
+Where runs execute: in this process or local worker processes (``workers``), or on any
+:class:`SweepBackend` passed as ``backend``, such as
+:class:`~recnorm.experiments.ray_backend.RayBackend` (a Ray cluster). The sweep directory, the choice of
+runs and the resume rules stay with this process whatever the backend.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import shutil
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from recnorm.experiments.config import ConfigError, RunConfig, set_field
 from recnorm.experiments.results import SWEEP_FILE, is_run_dir, read_json, write_json_atomic
 
-__all__ = ["SweepSpec", "SweepOutcome", "run_sweep", "varied_fields", "flatten_config", "ERROR_FILE"]
+__all__ = ["SweepSpec", "SweepOutcome", "SweepBackend", "run_sweep", "varied_fields", "flatten_config",
+           "ERROR_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,22 @@ ERROR_FILE = "error.json"
 #: ``progress(event, info)``: event "start" (info: total, todo, skipped) then "done" per finished run
 #: (info: run_id, status, seconds, error).
 SweepProgressFn = Callable[[str, Dict[str, Any]], None]
+#: One finished run as a backend reports it: ``(run_id, status, error or None, seconds)``.
+RunOutcome = Tuple[str, str, Optional[str], float]
+
+
+class SweepBackend(Protocol):
+    """Where a sweep's runs execute. :func:`run_sweep` decides which runs to do and owns the sweep directory;
+    a backend only executes them.
+
+    ``run(jobs, imports, record)`` runs every job ``(config dict, run directory)``, with the modules
+    ``imports`` imported first, and calls ``record(outcome)`` in this process once per job, after the job's
+    files (``config.json``, then ``result.json`` or ``error.json``) are complete in its run directory. A
+    job whose ``record`` was never called counts as not done.
+    """
+
+    def run(self, jobs: List[Tuple[Dict[str, Any], str]], imports: List[str],
+            record: Callable[[RunOutcome], None]) -> None: ...
 
 
 @dataclasses.dataclass
@@ -202,7 +224,7 @@ def _run_one(config_data: Dict[str, Any], run_dir: str) -> Tuple[str, str, Optio
 
 
 def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optional[SweepProgressFn] = None,
-              max_runs: Optional[int] = None) -> SweepOutcome:
+              max_runs: Optional[int] = None, backend: Optional[SweepBackend] = None) -> SweepOutcome:
     """Run every unfinished run of ``spec`` into ``out_dir``; finished runs are skipped.
 
     Args:
@@ -212,6 +234,8 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
         workers: worker processes (spawned; one torch thread each). ``1`` runs in this process.
         progress: optional callback, see :data:`SweepProgressFn`.
         max_runs: run at most this many unfinished runs now (the rest stay for a later invocation).
+        backend: run the runs there instead of in local processes (``workers`` is then ignored; every run
+            uses one torch thread).
 
     Returns:
         A :class:`SweepOutcome`. Failed runs do not raise; they are listed in ``failed`` and retried next
@@ -220,7 +244,7 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
     if workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     configs = spec.expand()
-    if workers > 1:
+    if workers > 1 or backend is not None:
         configs = [c.replace(threads=1) for c in configs]
     run_ids = [c.run_id for c in configs]
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
@@ -264,7 +288,9 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
             progress("done", {"run_id": run_id, "status": status, "seconds": seconds, "error": error})
 
     jobs = [(c.to_dict(), os.path.join(out_dir, "runs", c.run_id)) for c in todo]
-    if workers == 1 or len(jobs) <= 1:
+    if backend is not None:
+        backend.run(jobs, list(spec.imports), record)
+    elif workers == 1 or len(jobs) <= 1:
         for job in jobs:
             record(_run_one(*job))
     else:
