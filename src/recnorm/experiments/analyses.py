@@ -612,17 +612,20 @@ def succeeded(r: Record) -> bool:
     return v >= threshold if r["higher_is_better"] else v <= threshold
 
 
+_GRAD_FLOOR = 1e-40  # a gradient norm that underflowed to 0 in float32 counts as this
+
+
 def grad_ratio(r: Record, which: str = "init") -> Optional[float]:
     """log10 of ||dL/dh_1|| / ||dL/dh_T|| of the first layer, at init or at the end (0: flat; negative:
-    vanishing going back in time)."""
+    vanishing going back in time; a first-step norm that underflowed to 0 counts as 1e-40)."""
     flow = (r.get("diagnostics") or {}).get("grad_flow") or []
     if not flow:
         return None
     entry = flow[0] if which == "init" else flow[-1]
     norms = (entry.get("norms") or {}).get("rnn.l0")
-    if not norms or norms[0] is None or norms[-1] is None or norms[0] <= 0 or norms[-1] <= 0:
+    if not norms or norms[0] is None or norms[-1] is None or norms[-1] <= 0:
         return None
-    return math.log10(norms[0] / norms[-1])
+    return math.log10(max(norms[0], _GRAD_FLOOR) / norms[-1])
 
 
 def memory_claims(records: Sequence[Record]) -> List[Claim]:
@@ -686,8 +689,8 @@ def memory_section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -
     doc.p("A run *succeeds* when its final test metric closes half the gap between the memoryless predictor and "
           "a perfect one: copy recall accuracy above (1 + 1/8)/2 = 0.5625 (chance 1/8), adding MSE below 1/12 "
           "(chance: predicting the mean, 1/6). Gradient flow: log10 of ||dL/dh_1|| / ||dL/dh_T|| of the first "
-          "layer on a fixed training batch, geometric mean over seeds shown as a mean of the logs (0: flat; "
-          "-3: a thousandfold smaller at the first step than at the last).")
+          "layer on a fixed training batch, mean over seeds of the logs (0: flat; -3: a thousandfold smaller at the "
+          "first step than at the last; a norm that underflowed to 0 counts as 1e-40).")
     settings: List[str] = []
     for r in records:
         if _setting(r) not in settings:
