@@ -99,7 +99,7 @@ def test_memory_success_and_gradient_ratio():
     assert analyses.grad_ratio(records[0]) == pytest.approx(-2.0)
     assert analyses.grad_ratio(records[1]) < -30  # underflowed to 0: counted at the floor, not dropped
     claims = by_key(analyses.memory_claims(records))
-    assert claims["memory:lstm:copy, delay 10"].result == "supported"
+    assert claims["memory:lstm:none:copy, delay 10"].result == "supported"
     assert claims["gradient:lstm:copy, delay 10"].result == "supported"
 
 

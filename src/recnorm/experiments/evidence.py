@@ -57,9 +57,10 @@ QUESTIONS: List[Question] = [
     Question("BN acts as a regularizer", "regularization", ("gap:*", "test:*")),
     Question("padding must stay out of the statistics", "padding", ("masked:*",)),
     Question("sorting by length is the workaround for padding", "padding", ("sorted:*",)),
-    Question("gated cells remember longer than a tanh RNN", "memory", ("memory:*",)),
-    Question("gated cells suffer less from vanishing gradients", "memory", ("gradient:*adding*",)),
-    Question("BN adds training speed on long-range tasks", "memory", ("speed:lstm:*", "speed:gru:*")),
+    Question("gated cells remember longer than a tanh RNN", "memory",
+             ("memory:*:adding, T = 200", "memory:*:copy, delay 10")),
+    Question("gated cells suffer less from vanishing gradients", "memory", ("gradient:*:adding, T = 200",)),
+    Question("normalization adds training speed on long-range tasks", "memory", ("speed:*:adding, T = 200",)),
     Question("BN-LSTM reaches lower bits per character (language modelling)", "language", ("bpc:*",)),
     Question("layer norm speeds up language models", "language", ("speed:*",)),
 ]
