@@ -140,3 +140,11 @@ def test_kjv_verses_batches():
     assert metrics["bpc"][1] == int(b.lengths[0])
     assert metrics["bpc"][0] / metrics["bpc"][1] == pytest.approx(torch.log2(torch.tensor(63.0)).item(), rel=1e-5)
 
+
+
+def test_preset_docstrings_state_measured_times():
+    for name in presets.list_presets():
+        doc = presets.PRESETS[name].__doc__
+        assert "Command:" in doc and "Running time:" in doc, name
+        assert not any(p in doc for p in ("MEASURED_", "COMPUTE_", "SMOKE_")), f"{name}: fill in the measured time"
+

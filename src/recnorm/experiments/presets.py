@@ -69,7 +69,9 @@ def default(smoke: bool = False) -> SweepSpec:
     orthogonal (zero biases) with gains 0.25, 1 and 4; 5 seeds (with 3 seeds a paired t-test needs a very
     large effect): 75 runs.
 
-    Command: ``recnorm compare`` (or ``recnorm compare --preset default --workers 2 --out runs/compare``).
+    Command: ``recnorm compare`` (or ``recnorm compare --preset default --workers 2 --out runs/compare``); its
+    report and run directories under ``docs/report`` come from ``recnorm compare --workers 2 --out docs/report``
+    (re-run in 2 min 56 s, every metric identical to the earlier run's).
     Running time: about 4 minutes on 2 CPU cores (measured 3 min 35 s with ``--workers 2``, the per-step
     norms on the fused kernel; evaluation with exactly recomputed statistics takes a good part of each
     batch-norm run); ``--smoke``: about 20 s.
@@ -99,9 +101,10 @@ def cooijmans(smoke: bool = False) -> SweepSpec:
     forget bias 1, noise 0.1 on h0, 5000 training images, 500 steps, 3 seeds: 18 runs. Checks that BN
     helps more on the permuted task and that γ0 = 1 is worse than 0.1 (App. B).
 
-    Command: ``recnorm compare --preset cooijmans --out runs/cooijmans``.
-    Running time: about 10 minutes on 2 CPU cores (measured 9 min 38 s with ``--workers 2``; its report
-    is committed under ``docs/cooijmans``); ``--smoke``: about 35 s.
+    Command: ``recnorm compare --preset cooijmans --workers 2 --out docs/cooijmans`` (its committed report and
+    run directories).
+    Running time: about 10 minutes on 2 CPU cores (measured 9 min 38 s with ``--workers 2``; re-run in
+    10 min 20 s beside other jobs, load average 3.2-3.7, with identical metrics); ``--smoke``: about 35 s.
     """
     base = RunConfig(task="fashion_pixels",
                      task_options={"downsample": True, "train_size": 5000, "valid_size": 500, "test_size": 1000},
@@ -127,9 +130,10 @@ def laurent(smoke: bool = False) -> SweepSpec:
     ``sequence_batch`` norm (and layer norm for reference), Adam 2e-3, clipping at 1, 250 steps, 5 seeds:
     45 runs. The prediction: BN hurts or is neutral with one layer and helps deep stacks.
 
-    Command: ``recnorm compare --preset laurent --out runs/laurent``.
+    Command: ``recnorm compare --preset laurent --workers 2 --out docs/laurent`` (its committed report and run
+    directories).
     Running time: about 6 minutes on 2 CPU cores (measured 5 min 57 s with ``--workers 2``, layer-norm
-    GRUs on the fused kernel; its report is committed under ``docs/laurent``); ``--smoke``: about 20 s.
+    GRUs on the fused kernel; re-run in 5 min 39 s); ``--smoke``: about 20 s.
     """
     base = RunConfig(task="fashion_rows", task_options={"train_size": 8000, "valid_size": 1000, "test_size": 2000},
                      cell="gru", hidden_size=64, init="orthogonal", optimizer="adam", lr=2e-3, clip=1.0,
@@ -158,9 +162,10 @@ def horizontal(smoke: bool = False) -> SweepSpec:
     The report's gradient-flow plot shows ||dL/dh_t|| vs t per variant; the clipping table counts how often
     the gradient norm exceeded 1.
 
-    Command: ``recnorm compare --preset horizontal --out runs/horizontal``.
-    Running time: about 5 minutes on 2 CPU cores (measured 4 min 21 s with ``--workers 2``; its report is
-    committed under ``docs/horizontal``); ``--smoke``: about 25 s.
+    Command: ``recnorm compare --preset horizontal --workers 2 --out docs/horizontal`` (its committed report
+    and run directories).
+    Running time: about 5 minutes on 2 CPU cores (measured 4 min 21 s with ``--workers 2``; re-run in
+    3 min 44 s); ``--smoke``: about 25 s.
     """
     base = RunConfig(task="digits", cell="rnn", hidden_size=64, init="orthogonal", h0_noise=0.1,
                      optimizer="adam", lr=1e-3, clip=1.0, batch_size=64, steps=300, eval_every=50,
@@ -195,7 +200,9 @@ def drawbacks(smoke: bool = False) -> SweepSpec:
     and eval-mode (population) statistics grows as the batch shrinks.
 
     Command: ``recnorm compare --preset drawbacks --workers 2 --out docs/drawbacks``.
-    Running time: MEASURED_DRAWBACKS; ``--smoke``: about 30 s.
+    Running time: 5 min 7 s with ``--workers 2`` on a nearly idle machine (a re-run into another directory,
+    load average 2-4, every result identical); 11 min 53 s for the committed run while other jobs shared
+    the 2 cores (load average 6-9). ``--smoke``: 14 s (measured, 2 workers).
     """
     base = RunConfig(task="fashion_rows", task_options={"train_size": 8000, "valid_size": 1000, "test_size": 2000},
                      cell="lstm", hidden_size=64, init="orthogonal", optimizer="adam", lr=2e-3, clip=1.0,
@@ -225,25 +232,29 @@ def regularization(smoke: bool = False) -> SweepSpec:
 
     Row-wise Fashion-MNIST with 500 and 2000 training images (1000 valid, 2000 test), a 2-layer LSTM(64),
     Adam 2e-3, clipping at 1, batch 50, 800 steps (80 and 20 epochs), for no norm, layer norm, per-step BN
-    (γ0 = 0.1), sequence-wise BN, and, as the reference regularizer, no norm with dropout 0.3 between the
-    two layers; 5 seeds: 50 runs. The final model is evaluated on the whole training set too (eval mode,
+    (γ0 = 0.1), sequence-wise BN, and, as the reference regularizer, no norm with dropout 0.3 or 0.5 between
+    the two layers; 5 seeds: 60 runs. The final model is evaluated on the whole training set too (eval mode,
     exact population statistics), so the report gives the train-test gap in accuracy and in cross-entropy
     per norm.
 
     Command: ``recnorm compare --preset regularization --workers 2 --out docs/regularization``.
-    Running time: MEASURED_REGULARIZATION; ``--smoke``: about 30 s.
+    Running time: the first 50 runs took 29 min 49 s with ``--workers 2`` while other jobs shared the 2
+    cores (load average 5.5-7.5, of which 2 were this sweep); the 10 dropout-0.5 runs, added later, 1 min
+    47 s on an otherwise idle machine. Training and evaluation measure 0.23 core-hours
+    (``python benchmarks/preset_cost.py regularization``), 7-15 minutes on 2 idle cores.
+    ``--smoke``: 16 s (measured, 2 workers).
     """
     base = RunConfig(task="fashion_rows", task_options={"train_size": 500, "valid_size": 1000, "test_size": 2000},
                      cell="lstm", num_layers=2, hidden_size=64, init="orthogonal", optimizer="adam", lr=2e-3,
                      clip=1.0, batch_size=50, steps=800, eval_every=100, eval_batch_size=500, diag_every=None,
                      popstat_batches=10, train_eval_examples=2000)
     variants = [{"norm": None}, {"norm": "layer"}, {"norm": "batch", "norm_kwargs.gain_init": 0.1},
-                {"norm": "sequence_batch"}, {"norm": None, "dropout": 0.3}]
+                {"norm": "sequence_batch"}, {"norm": None, "dropout": 0.3}, {"norm": None, "dropout": 0.5}]
     spec = SweepSpec(
         name="regularization",
         description=("Does batch norm regularize an LSTM? Train-test gap on 500 and 2000 row-wise Fashion-MNIST "
                      "images, 2-layer LSTM(64) trained to overfit: no norm, layer norm, per-step BN, "
-                     "sequence-wise BN, and inter-layer dropout 0.3 as the reference regularizer."),
+                     "sequence-wise BN, and inter-layer dropout 0.3 and 0.5 as the reference regularizer."),
         base=base, grids=_grid(variants, **{"task_options.train_size": [500, 2000]}, seed=_SEEDS5),
         report={"reference": {"dropout": 0.0}, "analyses": ["regularization"]})
     if smoke:
@@ -262,13 +273,17 @@ def padding(smoke: bool = False) -> SweepSpec:
     verses of up to 150 characters). LSTM(64), Adam 2e-3, clipping at 1, batch 64 (adding) or 32 (verses),
     400 (adding) or 300 (verses) steps. Each batch is fed three ways: packed (recnorm's statistics over valid
     steps only), padded (the zero-padded tensor as is, so padding enters every batch statistic: the common
-    mistake) and padded but with batches formed from pools of 8 batches sorted by length (length bucketing,
-    the workaround of Deep Speech 2's SortaGrad). Norms: per-step BN (γ0 = 0.1) and sequence-wise BN in all
-    three feeds; layer norm packed and padded (a control: per-example statistics never see padding, so the
-    two must agree); no norm packed. 3 seeds: 54 runs.
+    mistake) and padded but with batches formed from pools of 8 batches sorted by length (length bucketing;
+    Deep Speech 2's SortaGrad sorts its first epoch by length). Norms: per-step BN (γ0 = 0.1) and
+    sequence-wise BN in all three feeds; layer norm packed and padded (a control: per-example statistics
+    never see padding, so the two differ only by floating-point rounding); no norm packed. 3 seeds: 54 runs.
 
     Command: ``recnorm compare --preset padding --workers 2 --out docs/padding``.
-    Running time: MEASURED_PADDING; ``--smoke``: about 40 s.
+    Running time: measured 25 min 16 s with ``--workers 2`` while other jobs shared the 2 cores (load
+    average 5.3-5.8, of which 2 were this sweep). Training and evaluation measure 0.31 core-hours
+    (``python benchmarks/preset_cost.py padding``), 10-20 minutes on 2 idle cores. The no-norm and sequence-wise-BN runs on packed batches take 4 times as
+    long a step as the padded ones (torch's native packed LSTM against recnorm's fused kernel).
+    ``--smoke``: 24 s (measured, 2 workers).
     """
     base = RunConfig(task="adding_variable", task_options={}, cell="lstm", hidden_size=64, init="orthogonal",
                      optimizer="adam", lr=2e-3, clip=1.0, batch_size=64, steps=400, eval_every=50,
@@ -309,7 +324,8 @@ def memory(smoke: bool = False) -> SweepSpec:
     ||dL/dh_T||, at init and after training.
 
     Command: ``recnorm compare --preset memory --workers 2 --out docs/memory``.
-    Running time: MEASURED_MEMORY; ``--smoke``: about 40 s.
+    Running time: measured 14 min 28 s with ``--workers 2`` beside other jobs (load average 2.4-4.4).
+    ``--smoke``: 22 s (measured, 2 workers).
     """
     base = RunConfig(task="copy", task_options={"valid_size": 500, "test_size": 500}, cell="lstm", hidden_size=64,
                      init="orthogonal", optimizer="adam", lr=2e-3, clip=1.0, batch_size=64, steps=400,
@@ -351,7 +367,8 @@ def language(smoke: bool = False) -> SweepSpec:
     no norm, layer norm and per-step BN (γ0 = 0.1) (:data:`LANGUAGE_VARIANTS`), 3 seeds: 9 runs.
 
     Command: ``recnorm compare --preset language --workers 2 --out docs/language``.
-    Running time: MEASURED_LANGUAGE; ``--smoke``: about 30 s.
+    Running time: measured 7 min 8 s with ``--workers 2`` beside other jobs (load average 2.2-4).
+    ``--smoke``: 13 s (measured, 2 workers).
     """
     base = RunConfig(task="kjv_chars", task_options={"seq_len": 100, "eval_chars": 50_000}, cell="lstm",
                      hidden_size=128, embedding_size=32, init="orthogonal", optimizer="adam", lr=2e-3, clip=1.0,
@@ -378,7 +395,15 @@ def cooijmans_paper(smoke: bool = False) -> SweepSpec:
     0.1; no norm against BN-LSTM with γ0 = 0.1 and 1; 3 seeds: 18 runs.
 
     Command: ``recnorm compare --preset cooijmans_paper --backend ray --out runs/cooijmans_paper``.
-    Running time: not run here (an estimate, not a measurement): COMPUTE_COOIJMANS_PAPER
+    Running time: not run here; estimated from measured costs (``python benchmarks/preset_cost.py
+    cooijmans_paper``, one thread of this machine's CPU): a training step takes 0.87-1.0 s for the LSTM and
+    0.70-0.78 s for the BN-LSTM (fused kernel), an evaluation 14 s and 86-95 s (with the exact recomputation
+    of the population statistics from 50 batches); times 110,000 steps and 57 evaluations, 23-31 core-hours
+    a run, 470 core-hours for the 18 runs (a day on 20 cores). On a GPU (an estimate: no GPU was available
+    to measure): the LSTM rows run cuDNN, about an hour a run; the BN-LSTM rows run recnorm's reference
+    loop on CUDA, about 230 kernel launches a time step for forward and backward (counted with
+    torch.profiler), 180,000 a training step at T = 784: at 5-10 µs a launch 0.9-1.8 s a step, 30-55
+    GPU-hours a run, no faster than one CPU core until the per-step norms get a fused CUDA kernel.
     """
     base = RunConfig(task="fashion_pixels", task_options={"downsample": False}, cell="lstm", hidden_size=100,
                      init="orthogonal", forget_bias=1.0, h0_noise=0.1, optimizer="rmsprop", lr=1e-3, clip=1.0,
@@ -403,7 +428,13 @@ def laurent_paper(smoke: bool = False) -> SweepSpec:
     Adam 1e-3 and clipping at 1 (the paper's SGD at lr 1e-4 is tuned to WSJ), 3 seeds: 27 runs.
 
     Command: ``recnorm compare --preset laurent_paper --backend ray --out runs/laurent_paper``.
-    Running time: not run here (an estimate, not a measurement): COMPUTE_LAURENT_PAPER
+    Running time: not run here; estimated from measured costs (``python benchmarks/preset_cost.py
+    laurent_paper``, one CPU thread): a training step takes 0.05 s (1 layer) to 0.44 s (5 layers) without
+    norm, 0.07-0.91 s with sequence-wise BN and 0.05-0.56 s with layer norm; times 45,840 steps and 24
+    evaluations, 0.7-12 core-hours a run, 118 core-hours for the 27 runs. On a GPU (an estimate, not
+    measured): no norm and sequence-wise BN run cuDNN, minutes a run; layer norm runs the reference loop,
+    about 150 launches a time step, direction and layer, 42,000 a step at 5 layers: 0.2-0.4 s a step,
+    3-5 GPU-hours a run.
     """
     base = RunConfig(task="fashion_rows", task_options={}, cell="lstm", bidirectional=True, hidden_size=250,
                      init="xavier", optimizer="adam", lr=1e-3, clip=1.0, batch_size=24, steps=20 * 2292,
@@ -426,7 +457,13 @@ def language_paper(smoke: bool = False) -> SweepSpec:
     the rows of :data:`LANGUAGE_VARIANTS`, 3 seeds: 9 runs.
 
     Command: ``recnorm compare --preset language_paper --backend ray --out runs/language_paper``.
-    Running time: not run here (an estimate, not a measurement): COMPUTE_LANGUAGE_PAPER
+    Running time: not run here; estimated from measured costs (``python benchmarks/preset_cost.py
+    language_paper``, one CPU thread): a training step takes 3.0 s (no norm), 3.1 s (layer norm) and 3.5 s
+    (per-step BN), an evaluation of the 206,892 validation characters 31-34 s (162 s for BN, with the
+    recomputation); times 29,100 steps and 31 evaluations, 24-30 core-hours a run, 237 core-hours for the
+    9 runs. On a GPU (an estimate, not measured): no norm runs cuDNN, well under an hour a run; the
+    normalized rows run the reference loop, 150-230 launches a time step, 15,000-23,000 a step at T = 100:
+    0.08-0.23 s a step, 1-2 GPU-hours a run.
     """
     base = RunConfig(task="kjv_chars", task_options={"seq_len": 100, "eval_chars": None}, cell="lstm",
                      hidden_size=1000, embedding_size=64, init="orthogonal", optimizer="adam", lr=2e-3, clip=1.0,
