@@ -203,8 +203,8 @@ def drawbacks(smoke: bool = False) -> SweepSpec:
 
     Command: ``recnorm compare --preset drawbacks --workers 2 --out docs/drawbacks``.
     Running time: 5 min 7 s with ``--workers 2`` on a nearly idle machine (a re-run into another directory,
-    load average 2-4, every result identical); 11 min 53 s for the committed run while other jobs shared
-    the 2 cores (load average 6-9). ``--smoke``: 14 s (measured, 2 workers).
+    load average 2-4, every result identical); 10 min 4 s for the committed run while other jobs shared
+    the 2 cores (load average 4-6). ``--smoke``: 14 s (measured, 2 workers).
     """
     base = RunConfig(task="fashion_rows", task_options={"train_size": 8000, "valid_size": 1000, "test_size": 2000},
                      cell="lstm", hidden_size=64, init="orthogonal", optimizer="adam", lr=2e-3, clip=1.0,
