@@ -15,11 +15,11 @@ import time
 import pytest
 
 if os.environ.get("RECNORM_REQUIRE_RAY") == "1":  # ./run test (and so CI): a missing Ray fails, not skips
-    import psutil  # noqa: F401  (installed with ray)
+    import psutil
     import ray
 else:
     ray = pytest.importorskip("ray")
-    psutil = pytest.importorskip("psutil")  # installed with ray
+    psutil = pytest.importorskip("psutil")
 
 from recnorm.cli import main  # noqa: E402
 from recnorm.experiments.config import RunConfig  # noqa: E402
