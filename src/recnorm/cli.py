@@ -3,9 +3,11 @@
 Subcommands::
 
     recnorm compare [--preset default] [--smoke] [--workers N] [--out DIR]   run a preset sweep + report
+                    [--backend ray [--address ADDRESS]]                      (also for sweep: runs on Ray)
     recnorm train [--config FILE] [--task digits --norm batch ...] [--set k=v] [--out DIR]
     recnorm sweep (--spec FILE | --preset NAME) [--grid k=v1,v2] [--set k=v] [--out DIR] [--workers N]
     recnorm report DIR                                                       HTML + Markdown report
+    recnorm evidence [--docs DIR] [--out FILE]                               the one-page answer (evidence.md)
     recnorm tasks | norms | inits | presets                                  listings
 
 This module is the only one that writes to the terminal; the library logs through ``logging``.
@@ -84,6 +86,27 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                            default=argparse.SUPPRESS, help=help_text)
 
 
+def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="where runs execute: local worker processes (default) or Ray tasks (needs recnorm[ray])")
+    parser.add_argument("--address", default=None,
+                        help="with --backend ray: the cluster to join (default: $RAY_ADDRESS, else start a local "
+                             "Ray instance); --workers then caps the runs in flight")
+
+
+def _make_backend(args: argparse.Namespace) -> Any:
+    """The sweep backend the flags ask for (None: local processes)."""
+    if args.backend == "local":
+        if args.address:
+            raise ValueError("--address: expected --backend ray with it")
+        return None
+    from recnorm.experiments.ray_backend import INSTALL_HINT, RayBackend, ray_available
+
+    if not ray_available():
+        raise ValueError(f"--backend ray needs Ray, which is not installed: {INSTALL_HINT}")
+    return RayBackend(address=args.address, max_in_flight=args.workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recnorm",
@@ -101,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/compare, or runs/<preset>)")
     p.add_argument("--no-report", action="store_true", help="skip writing the report")
+    _add_backend_flags(p)
 
     p = sub.add_parser(
         "train", help="train and evaluate one run",
@@ -132,12 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runs", type=int, default=None, help="run at most this many unfinished runs now")
     p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    _add_backend_flags(p)
 
     p = sub.add_parser(
         "report", help="write report.html and report.md for a run or sweep directory",
         description="Rebuild the report of a run or sweep directory from the files on disk alone.")
     p.add_argument("run_dir", help="a run directory (result.json) or a sweep directory (sweep.json)")
     p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR)")
+
+    p = sub.add_parser("evidence", help="write docs/evidence.md, one row per claim, from the committed runs")
+    p.add_argument("--docs", default="docs", help="directory holding each preset's sweep directory (default: docs)")
+    p.add_argument("--out", default=None, help="the page to write (default: DOCS/evidence.md)")
 
     sub.add_parser("tasks", help="list the tasks with their sizes")
     sub.add_parser("norms", help="list the normalizations and their options")
@@ -173,7 +202,8 @@ def _out(text: str = "") -> None:
     print(text)
 
 
-def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Optional[int] = None) -> Any:
+def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Optional[int] = None,
+                         backend: Any = None) -> Any:
     from tqdm import tqdm
 
     from recnorm.experiments.sweep import run_sweep
@@ -182,8 +212,9 @@ def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Option
 
     def progress(event: str, info: Dict[str, Any]) -> None:
         if event == "start":  # (damaged results that are run again are named by a logged warning)
+            where = f"{workers} worker(s)" if backend is None else f"the {backend.name} backend"
             _out(f"sweep {spec.name}: {info['total']} runs, {info['skipped']} already finished, "
-                 f"{info['todo']} to run with {workers} worker(s) -> {out_dir}")
+                 f"{info['todo']} to run with {where} -> {out_dir}")
             bar["bar"] = tqdm(total=info["todo"], unit="run", dynamic_ncols=True)
             bar["counts"] = {}
         else:
@@ -195,7 +226,7 @@ def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Option
                 bar["bar"].write(f"run {info['run_id']} failed: {info['error']}")
 
     try:
-        return run_sweep(spec, out_dir, workers=workers, progress=progress, max_runs=max_runs)
+        return run_sweep(spec, out_dir, workers=workers, progress=progress, max_runs=max_runs, backend=backend)
     finally:
         if "bar" in bar:
             bar["bar"].close()
@@ -226,9 +257,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     spec = get_preset(args.preset, smoke=args.smoke)
     out = args.out or os.path.join("runs", ("compare" if args.preset == "default" else args.preset)
                                    + ("-smoke" if args.smoke else ""))
+    backend = _make_backend(args)  # a missing Ray stops here, before anything is written
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
-    _build_kernels_first(spec.expand())
-    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1)
+    _build_kernels_first(spec.expand())  # a local Ray instance's workers then find them built
+    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, backend=backend)
     if outcome.failed:
         _out(f"{len(outcome.failed)} run(s) failed (see their error.json); re-run the same command to retry")
     if not args.no_report:
@@ -369,13 +401,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             _out(f"  {c.run_id}")
         return 0
     _need_extras("tqdm", *(("matplotlib",) if args.report else ()))
+    backend = _make_backend(args)  # a missing Ray stops here, before anything is written
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
-    _build_kernels_first(configs)
-    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs)
+    _build_kernels_first(configs)  # a local Ray instance's workers then find them built
+    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs,
+                                   backend=backend)
     _out(f"{len(outcome.completed)} run(s) finished now, {len(outcome.skipped)} before, {len(outcome.failed)} failed")
     if args.report:
         _report(out)
     return 1 if outcome.failed else 0
+
+
+def _cmd_evidence(args: argparse.Namespace) -> int:
+    from recnorm.experiments.evidence import write_evidence
+
+    _out(f"evidence: {write_evidence(args.docs, args.out)}")
+    return 0
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
@@ -422,10 +463,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in sorted(PRESETS):
         n = len(get_preset(name).expand())
         doc = _preset_doc(PRESETS[name].__doc__ or "")
-        _out(textwrap.fill(f"{name} ({n} runs): {doc['summary']}", width, subsequent_indent="    "))
+        _out(textwrap.fill(f"{name} ({n} runs): {doc['summary']}", width, subsequent_indent="    ",
+                           break_on_hyphens=False))
         for key in ("Command", "Running time"):
             if doc.get(key):
-                _out(textwrap.fill(f"{key}: {doc[key]}", width, initial_indent="    ", subsequent_indent="        "))
+                _out(textwrap.fill(f"{key}: {doc[key]}", width, initial_indent="    ", subsequent_indent="        ",
+                                   break_on_hyphens=False))
         _out()
     _out(textwrap.fill("Running times exclude the one-time compile of recnorm's C++ kernels (about a minute each, "
                        "once per torch installation), which compare and sweep do first and announce.", width))
@@ -457,8 +500,8 @@ def _table(rows: List[List[str]]) -> None:
 
 
 _COMMANDS = {"compare": _cmd_compare, "train": _cmd_train, "sweep": _cmd_sweep,
-             "report": lambda args: _report(args.run_dir, args.out), "tasks": _cmd_tasks, "norms": _cmd_norms,
-             "inits": _cmd_inits, "presets": _cmd_presets}
+             "report": lambda args: _report(args.run_dir, args.out), "evidence": _cmd_evidence, "tasks": _cmd_tasks,
+             "norms": _cmd_norms, "inits": _cmd_inits, "presets": _cmd_presets}
 
 
 # Packages of the optional extras, by the extra that installs them.

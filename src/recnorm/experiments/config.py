@@ -24,7 +24,8 @@ import math
 import typing
 from typing import Any, Dict, List, Optional
 
-__all__ = ["RunConfig", "ConfigError", "CELLS", "OPTIMIZERS", "NONLINEARITIES", "BATCH_NORMS", "is_batch_norm"]
+__all__ = ["RunConfig", "ConfigError", "CELLS", "OPTIMIZERS", "NONLINEARITIES", "BATCH_NORMS", "FEEDS",
+           "is_batch_norm", "uses_batch_statistics"]
 
 CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
@@ -33,8 +34,14 @@ NONLINEARITIES = ("tanh", "relu")
 BATCH_NORMS = ("batch", "sequence_batch", "shared_batch")
 _FALLBACK_NORMS = ("batch", "layer", "sequence_batch", "shared_batch")
 _FALLBACK_INITS = ("default", "orthogonal", "identity", "xavier", "normal")
+#: How variable-length batches reach the recurrent stack (``RunConfig.feed``).
+FEEDS = ("packed", "padded")
 # Fields that describe how a run is executed, not what it computes: left out of the run hash.
 _EXECUTION_FIELDS = ("threads",)
+# Fields added after runs were first committed: left out of the run hash while they hold these defaults, so
+# the run ids (and the finished runs on disk) of configs that do not use them stay what they were.
+_HASHED_UNLESS_DEFAULT = {"feed": "packed", "sort_by_length": 0, "between_layers": None,
+                          "train_eval_examples": None}
 
 
 class ConfigError(ValueError):
@@ -44,6 +51,11 @@ class ConfigError(ValueError):
 def is_batch_norm(norm: Optional[str]) -> bool:
     """Whether ``norm`` keeps batch statistics (and so population statistics for evaluation)."""
     return norm in BATCH_NORMS
+
+
+def uses_batch_statistics(config: "RunConfig") -> bool:
+    """Whether a run's model keeps batch statistics anywhere: its ``norm`` or a norm between its layers."""
+    return is_batch_norm(config.norm) or config.between_layers is not None
 
 
 def _f(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None) -> Any:
@@ -77,6 +89,15 @@ class RunConfig:
     embedding_size: Optional[int] = _f(None, help="embedding width for token tasks (default: hidden_size)")
     h0_noise: float = _f(0.0, help="std of Gaussian noise on the initial hidden state while training "
                                    "(Cooijmans et al. use 0.1 against zero batch variance)")
+    between_layers: Optional[str] = _f(None, help="normalization of each layer's output before the next layer "
+                                                  "(the literal 'BN on the output of each RNN'); needs layers "
+                                                  "with a between_layers option (recnorm.SequenceBatchNorm)")
+    feed: str = _f("packed", help="how variable-length batches reach the recurrent stack: 'packed' (a "
+                                  "PackedSequence; statistics see valid steps only) or 'padded' (the zero-padded "
+                                  "tensor as is, so padding enters the batch statistics)")
+    sort_by_length: int = _f(0, help="form training batches from pools of this many batches sorted by sequence "
+                                     "length, so a batch holds sequences of similar length (length bucketing, as "
+                                     "in Deep Speech 2's SortaGrad); 0: random batches")
     # --- initialization ---
     init: str = _f("default", help="weight init scheme (see `recnorm inits`)")
     init_gain: float = _f(1.0, help="scale of the recurrent layers' weight matrices at init")
@@ -97,6 +118,8 @@ class RunConfig:
     diag_every: Optional[int] = _f(100, help="gradient-flow diagnostics every this many steps "
                                             "(at init and the end always; None or 0: only those)")
     popstat_batches: int = _f(20, help="train batches for the exact recomputation of BN population statistics")
+    train_eval_examples: Optional[int] = _f(None, help="also evaluate the final model on this many training "
+                                                       "examples (for the train-test gap); None: skip")
     # --- reproducibility and execution ---
     seed: int = _f(0, help="seed of the initialization, the data order and dropout")
     threads: int = _f(1, help="torch CPU threads (an execution detail: not part of the run id)")
@@ -140,7 +163,8 @@ class RunConfig:
     @property
     def config_hash(self) -> str:
         """A stable 10-hex-digit hash of every field that can change the result."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}
+        data = {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS
+                and not (k in _HASHED_UNLESS_DEFAULT and v == _HASHED_UNLESS_DEFAULT[k])}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -188,6 +212,15 @@ class RunConfig:
             raise ConfigError(f"diag_every: expected None or an int >= 0, got {self.diag_every!r}")
         if self.popstat_batches < 1:
             raise ConfigError(f"popstat_batches: expected an int >= 1, got {self.popstat_batches!r}")
+        _choice("feed", self.feed, FEEDS)
+        if self.sort_by_length < 0 or self.sort_by_length == 1:
+            raise ConfigError(f"sort_by_length: expected 0 (off) or a pool of >= 2 batches, "
+                              f"got {self.sort_by_length!r}")
+        if self.train_eval_examples is not None:
+            _positive("train_eval_examples", self.train_eval_examples)
+        if self.between_layers is not None and self.num_layers < 2:
+            raise ConfigError(f"between_layers: expected None for a single layer (it normalizes between stacked "
+                              f"layers), got {self.between_layers!r} with num_layers={self.num_layers}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
         for name in ("weight_decay", "momentum", "h0_noise"):
@@ -219,6 +252,9 @@ class RunConfig:
                 raise ConfigError(f"norm_kwargs: unknown option(s) {unknown} for norm {self.norm!r}; expected a "
                                   f"subset of {sorted(options)}")
             _choice("init", self.init, available_inits())
+            if self.between_layers is not None and not layers_accept("between_layers"):
+                raise ConfigError(f"between_layers: this recnorm's layers have no between_layers option (it comes "
+                                  f"with recnorm.SequenceBatchNorm); expected None, got {self.between_layers!r}")
             from recnorm.experiments.tasks.base import get_task
 
             try:
@@ -242,6 +278,16 @@ def available_norms() -> List[str]:
         return list(recnorm.list_norms())
     except (ImportError, AttributeError):  # layers not importable: fall back to the documented names
         return list(_FALLBACK_NORMS)
+
+
+def layers_accept(option: str) -> bool:
+    """Whether ``recnorm.LSTM`` (and so the other layers) accepts keyword ``option``."""
+    try:
+        import recnorm
+
+        return option in inspect.signature(recnorm.LSTM.__init__).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def norm_options(norm: str) -> Optional[Dict[str, Any]]:

@@ -36,7 +36,9 @@ class SequenceModel(nn.Module):
     Inputs: ``x, lengths``
         * **x**: ``(T, B, input_size)`` float features or ``(T, B)`` int64 token ids.
         * **lengths**: ``(B,)`` valid lengths, or ``None`` when every sequence has length T. Given lengths,
-          the batch is packed (``enforce_sorted=False``) and unpacked back to length T.
+          the batch is packed (``enforce_sorted=False``) and unpacked back to length T; with
+          ``config.feed == "padded"`` the padded tensor goes to the recurrent stack as it is instead (the
+          common mistake whose padding enters batch statistics; the task still reads valid steps only).
 
     Outputs: ``(T, B, num_outputs)``; positions past a sequence's length hold the head's output for a zero
     hidden state (the task reads only valid positions).
@@ -58,11 +60,14 @@ class SequenceModel(nn.Module):
         if config.norm is not None:
             kwargs["norm"] = config.norm
             kwargs["norm_kwargs"] = dict(config.norm_kwargs)
+        if config.between_layers is not None:
+            kwargs["between_layers"] = config.between_layers
         self.rnn = _layer_class(config.cell)(input_size, config.hidden_size, **kwargs)
         directions = 2 if config.bidirectional else 1
         self.head = nn.Linear(directions * config.hidden_size, num_outputs)
         self.cell = config.cell
         self.h0_noise = config.h0_noise
+        self.feed = config.feed
         self.state_shape = (directions * config.num_layers, config.hidden_size)
 
     def initial_state(self, batch_size: int, like: Tensor) -> Any:
@@ -80,7 +85,7 @@ class SequenceModel(nn.Module):
             x = self.embed(x)  # (T, B) ids -> (T, B, E)
         T, B = x.shape[0], x.shape[1]
         hx = self.initial_state(B, x)
-        if lengths is not None:
+        if lengths is not None and self.feed == "packed":
             packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
             out, _ = self.rnn(packed, hx)
             out, _ = pad_packed_sequence(out, total_length=T)  # (T, B, D*H)

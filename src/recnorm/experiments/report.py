@@ -1077,6 +1077,10 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[_Doc, List[Li
         key = f"t{i}_{runs[0]['config']['task']}"
         for row in _task_section(doc, td, key):
             all_verdicts.append([td.task["name"]] + row)
+    for name in hints.get("analyses") or []:  # sections a preset asks for (recnorm.experiments.analyses)
+        from recnorm.experiments.analyses import run_analysis
+
+        all_verdicts.extend(run_analysis(name, doc, records, hints))
     return doc, all_verdicts
 
 

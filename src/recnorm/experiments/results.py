@@ -98,10 +98,12 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
         raise
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_file`)."""
+def write_json_atomic(path: str, obj: Any, indent: Optional[int] = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_file`). ``indent=None`` writes it on
+    one line without spaces (for large files)."""
+    separators = (",", ":") if indent is None else None
     with atomic_file(path) as f:
-        json.dump(sanitize(obj), f, indent=1, allow_nan=False)
+        json.dump(sanitize(obj), f, indent=indent, separators=separators, allow_nan=False)
 
 
 def read_json(path: str) -> Any:
@@ -207,10 +209,13 @@ def load_records(path: str) -> List[Dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- records
 def model_label(config: Dict[str, Any]) -> str:
-    """A short label for the normalization of a run: ``"none"``, ``"layer"``, ``"batch γ=0.1"``..."""
+    """A short label for the normalization of a run: ``"none"``, ``"layer"``, ``"batch γ=0.1"``...; a norm
+    between stacked layers is added (``"none+between=batch"``)."""
     norm = config.get("norm") or "none"
     gain = (config.get("norm_kwargs") or {}).get("gain_init")
-    return f"{norm} γ={gain:g}" if gain is not None else norm
+    label = f"{norm} γ={gain:g}" if gain is not None else norm
+    between = config.get("between_layers")
+    return f"{label}+between={between}" if between else label
 
 
 def final_metric(record: Dict[str, Any], split: str = "test") -> Optional[float]:

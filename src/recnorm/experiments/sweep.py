@@ -25,6 +25,11 @@ sweeping raises :class:`SweepBusyError` naming that process, and touches nothing
 Interrupting (Ctrl-C, ``KeyboardInterrupt``): queued runs are cancelled and the worker processes are ended
 within a few seconds (the runs they had in flight are abandoned and redone next time); every finished run
 is kept.
+
+Where runs execute: in this process or local worker processes (``workers``), or on any
+:class:`SweepBackend` passed as ``backend``, such as
+:class:`~recnorm.experiments.ray_backend.RayBackend` (a Ray cluster). The sweep directory, its lock, the
+choice of runs and the resume rules stay with this process whatever the backend.
 """
 
 from __future__ import annotations
@@ -43,13 +48,13 @@ import signal
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from recnorm.experiments.config import ConfigError, RunConfig, set_field
 from recnorm.experiments.results import SWEEP_FILE, ResultError, is_run_dir, load_run, read_json, write_json_atomic
 
-__all__ = ["SweepSpec", "SweepOutcome", "SweepBusyError", "run_sweep", "varied_fields", "flatten_config",
-           "ERROR_FILE", "LOCK_FILE"]
+__all__ = ["SweepSpec", "SweepOutcome", "SweepBackend", "SweepBusyError", "run_sweep", "varied_fields",
+           "flatten_config", "ERROR_FILE", "LOCK_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,22 @@ LOCK_FILE = "sweep.lock"
 #: ``progress(event, info)``: event "start" (info: total, todo, skipped, redo: one message per damaged result
 #: that is run again) then "done" per finished run (info: run_id, status, seconds, error).
 SweepProgressFn = Callable[[str, Dict[str, Any]], None]
+#: One finished run as a backend reports it: ``(run_id, status, error or None, seconds)``.
+RunOutcome = Tuple[str, str, Optional[str], float]
+
+
+class SweepBackend(Protocol):
+    """Where a sweep's runs execute. :func:`run_sweep` decides which runs to do and owns the sweep directory;
+    a backend only executes them.
+
+    ``run(jobs, imports, record)`` runs every job ``(config dict, run directory)``, with the modules
+    ``imports`` imported first, and calls ``record(outcome)`` in this process once per job, after the job's
+    files (``config.json``, then ``result.json`` or ``error.json``) are complete in its run directory. A
+    job whose ``record`` was never called counts as not done.
+    """
+
+    def run(self, jobs: List[Tuple[Dict[str, Any], str]], imports: List[str],
+            record: Callable[[RunOutcome], None]) -> None: ...
 
 
 class SweepBusyError(RuntimeError):
@@ -223,7 +244,7 @@ def _run_one(config_data: Dict[str, Any], run_dir: str) -> Tuple[str, str, Optio
 
 
 def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optional[SweepProgressFn] = None,
-              max_runs: Optional[int] = None) -> SweepOutcome:
+              max_runs: Optional[int] = None, backend: Optional[SweepBackend] = None) -> SweepOutcome:
     """Run every unfinished run of ``spec`` into ``out_dir``; finished runs are skipped.
 
     Args:
@@ -233,6 +254,8 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
         workers: worker processes (spawned; one torch thread each). ``1`` runs in this process.
         progress: optional callback, see :data:`SweepProgressFn`.
         max_runs: run at most this many unfinished runs now (the rest stay for a later invocation).
+        backend: run the runs there instead of in local processes (``workers`` is then ignored; every run
+            uses one torch thread).
 
     Returns:
         A :class:`SweepOutcome`. Failed runs do not raise; they are listed in ``failed`` and retried next
@@ -244,12 +267,12 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
     if workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     configs = spec.expand()
-    if workers > 1:
+    if workers > 1 or backend is not None:
         configs = [c.replace(threads=1) for c in configs]
     run_ids = [c.run_id for c in configs]
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     with _exclusive_sweep(out_dir):
-        return _run_locked(spec, configs, run_ids, out_dir, workers, progress, max_runs)
+        return _run_locked(spec, configs, run_ids, out_dir, workers, progress, max_runs, backend)
 
 
 @contextlib.contextmanager
@@ -303,7 +326,8 @@ def _result_problem(run_dir: str, run_id: str) -> Optional[str]:
 
 
 def _run_locked(spec: SweepSpec, configs: List[RunConfig], run_ids: List[str], out_dir: str, workers: int,
-                progress: Optional[SweepProgressFn], max_runs: Optional[int]) -> SweepOutcome:
+                progress: Optional[SweepProgressFn], max_runs: Optional[int],
+                backend: Optional[SweepBackend] = None) -> SweepOutcome:
     manifest = {
         "name": spec.name,
         "spec": spec.to_dict(),
@@ -349,7 +373,9 @@ def _run_locked(spec: SweepSpec, configs: List[RunConfig], run_ids: List[str], o
             progress("done", {"run_id": run_id, "status": status, "seconds": seconds, "error": error})
 
     jobs = [(c.to_dict(), os.path.join(out_dir, "runs", c.run_id)) for c in todo]
-    if workers == 1 or len(jobs) <= 1:
+    if backend is not None:
+        backend.run(jobs, list(spec.imports), record)
+    elif workers == 1 or len(jobs) <= 1:
         for job in jobs:
             record(_run_one(*job))
     else:

@@ -12,10 +12,14 @@ model's ``state_dict``, batch norms holding the population statistics its final 
   because the running averages lag early in training);
 * final valid and test metrics. For batch-norm models the population statistics are recomputed exactly
   (``recnorm.recompute_population_statistics`` over ``popstat_batches`` training batches) before the final
-  evaluation; the numbers with the running (EMA) statistics and with batch statistics are kept beside them;
+  evaluation; the numbers with the running (EMA) statistics and with batch statistics (of evaluation
+  batches, and of batches of the training batch size) are kept beside them; with ``train_eval_examples``,
+  also the metrics on that many training examples (eval mode), for the train-test gap;
 * gradient flow: ``||dL/dh_t||`` for every t and every layer/direction, at init, every ``diag_every`` steps
   and at the end, on a fixed training batch; for batch-norm models the per-step batch statistics (at init
-  and the end) and the population statistics (EMA and recomputed);
+  and the end) and the population statistics (EMA and recomputed), as feature averages of the mean, the
+  variance and their absolute values per step. Diagnostics keep 4 significant digits and ``result.json``
+  is written without indentation, so that run directories stay small enough to commit;
 * divergence: a non-finite loss or gradient norm stops the run with status ``"diverged"`` and the step.
 
 Determinism: for a given config the run is bitwise repeatable on CPU (seeded torch, seeded data streams,
@@ -42,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recnorm.experiments.config import ConfigError, RunConfig, is_batch_norm
+from recnorm.experiments.config import ConfigError, RunConfig, uses_batch_statistics
 from recnorm.experiments.model import SequenceModel, build_model
 from recnorm.experiments.results import CONFIG_FILE, RESULT_FILE, atomic_file, read_json, write_json_atomic
 
@@ -58,7 +62,7 @@ MODEL_FILE = "model.pt"
 #: the time before it is data loading and the evaluation at step 0, not training).
 ProgressFn = Callable[[int, int, Dict[str, Any]], None]
 
-_UNITS_KEPT = 4  # per-unit trajectories kept in the statistics summaries
+_DIAG_DIGITS = 4  # significant digits kept in the diagnostics (gradient norms, statistics)
 
 
 @dataclasses.dataclass
@@ -183,6 +187,67 @@ def evaluate(model: SequenceModel, task: Any, split: str, batch_size: int,
     return {k: _finite(s / c) if c else None for k, (s, c) in sums.items()}
 
 
+def _slice_batch(batch: Any, k: int) -> Any:
+    """The first ``k`` sequences of a batch (``y`` is ``(B,)`` or time-major ``(T, B)``)."""
+    y = batch.y[:k] if batch.y.dim() == 1 else batch.y[:, :k]
+    lengths = None if batch.lengths is None else batch.lengths[:k]
+    return dataclasses.replace(batch, x=batch.x[:, :k], y=y, lengths=lengths)
+
+
+@torch.no_grad()
+def _evaluate_train_split(model: SequenceModel, task: Any, examples: int, batch_size: int
+                          ) -> Dict[str, Optional[float]]:
+    """Metrics (eval mode) on ``examples`` training examples: the first of one fixed shuffle of the training
+    set, each example once when ``examples`` is at most the set's size."""
+    examples = min(examples, task.num_examples("train"))
+    was_training = model.training
+    model.eval()
+    sums: Dict[str, List[float]] = {}
+    seen = 0
+    try:
+        for batch in task.batches("train", min(batch_size, examples), seed=0):
+            if seen >= examples:
+                break
+            if seen + batch.batch_size > examples:
+                batch = _slice_batch(batch, examples - seen)
+            seen += batch.batch_size
+            for name, (s, c) in task.metrics(_forward(model, batch), batch).items():
+                acc = sums.setdefault(name, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
+    finally:
+        model.train(was_training)
+    return {k: _finite(s / c) if c else None for k, (s, c) in sums.items()}
+
+
+def _sorted_by_length(stream: Iterator[Any], pool: int, seed: int) -> Iterator[Any]:
+    """Batches re-formed by length: take ``pool`` batches, sort their sequences by length, cut them into
+    ``pool`` batches of neighbouring lengths (each trimmed to its longest sequence) and yield those in a
+    seeded random order. Padding within a batch then shrinks to the spread of neighbouring lengths."""
+    gen = torch.Generator().manual_seed(int(seed) + 3_000_017)
+    while True:
+        batches = [next(stream) for _ in range(pool)]
+        if any(b.lengths is None for b in batches):
+            raise ConfigError("sort_by_length: expected a task with variable-length batches (lengths set), got "
+                              "batches of equal length")
+        T = max(b.seq_len for b in batches)
+
+        def pad(t: Tensor) -> Tensor:  # time-major tensor (T_i, B, ...) -> (T, B, ...)
+            return torch.cat([t, t.new_zeros((T - t.shape[0],) + tuple(t.shape[1:]))]) if t.shape[0] < T else t
+
+        x = torch.cat([pad(b.x) for b in batches], dim=1)
+        per_step = batches[0].y.dim() == 2
+        y = torch.cat([pad(b.y) for b in batches], dim=1) if per_step else torch.cat([b.y for b in batches])
+        lengths = torch.cat([b.lengths for b in batches])
+        order = torch.sort(lengths, stable=True).indices
+        size = batches[0].batch_size
+        for i in torch.randperm(pool, generator=gen).tolist():
+            idx = order[i * size:(i + 1) * size]
+            width = int(lengths[idx].max())
+            yield dataclasses.replace(batches[0], x=x[:width, idx], y=y[:width, idx] if per_step else y[idx],
+                                      lengths=lengths[idx])
+
+
 @torch.no_grad()
 def _evaluate_batch_stats(model: SequenceModel, task: Any, split: str, batch_size: int) -> Dict[str, Optional[float]]:
     """Metrics with the recurrent stack in training mode (batch statistics), restoring its buffers."""
@@ -230,9 +295,8 @@ def _summarize_stats(stats: Dict[str, Dict[str, Tensor]], max_len: Optional[int]
             t = t.reshape(t.shape[0], -1)
             if max_len is not None:
                 t = t[:max_len]
-            entry[key] = [_finite(v) for v in t.mean(1).tolist()]
-            entry[f"{key}_abs"] = [_finite(v) for v in t.abs().mean(1).tolist()]
-            entry[f"{key}_units"] = [[_finite(v) for v in row] for row in t[:, :_UNITS_KEPT].T.tolist()]
+            entry[key] = [_diag(v) for v in t.mean(1).tolist()]
+            entry[f"{key}_abs"] = [_diag(v) for v in t.abs().mean(1).tolist()]
         out[name] = entry
     return out
 
@@ -250,7 +314,7 @@ def _gradient_flow(model: SequenceModel, task: Any, batch: Any, want_stats: bool
         with diagnostics.capture(model) as cap:
             loss = task.loss(_forward(model, batch), batch)
             loss.backward()
-        norms = {k: [_finite(v) for v in t.detach().double().tolist()] for k, t in cap.hidden_grad_norms().items()}
+        norms = {k: [_diag(v) for v in t.detach().double().tolist()] for k, t in cap.hidden_grad_norms().items()}
         entry: Dict[str, Any] = {"loss": _finite(loss.item()), "norms": norms}
         if want_stats:
             entry["batch_stats"] = _summarize_stats(cap.batch_stats())
@@ -310,6 +374,12 @@ def _r(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _diag(x: float) -> Optional[float]:
+    """A diagnostic value: None when not finite, else rounded to ``_DIAG_DIGITS`` significant digits."""
+    x = float(x)
+    return _r(x, _DIAG_DIGITS) if math.isfinite(x) else None
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -338,19 +408,24 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
 
     torch.set_num_threads(config.threads)
     task = make_task(config.task, dict(config.task_options))
+    if config.train_eval_examples and not hasattr(task, "num_examples"):
+        raise ConfigError(f"train_eval_examples: task {config.task!r} has no fixed training set (no "
+                          f"num_examples()); expected None, got {config.train_eval_examples!r}")
     total_steps = _resolve_steps(config, task)
     _seed_everything(config.seed)
     model = build_model(config, task)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(config, params)
-    batch_norm = is_batch_norm(config.norm)
+    batch_norm = uses_batch_statistics(config)
     metric = task.metric
     logger.info("run %s: %d steps of %s on %s (%d parameters)", config.run_id, total_steps, config.cell,
                 config.task, sum(p.numel() for p in params))
 
     # Separate, seeded streams: training batches, the fixed diagnostics batch, population-statistics batches.
     train_stream = task.batches("train", config.batch_size, seed=config.seed)
+    if config.sort_by_length:
+        train_stream = _sorted_by_length(train_stream, config.sort_by_length, config.seed)
     diag_batch = next(iter(task.batches("train", config.batch_size, seed=config.seed + 1_000_003)))
 
     train: Dict[str, List[Any]] = {k: [] for k in ("step", "loss", metric, "grad_norm", "clipped", "step_time", "time")}
@@ -368,6 +443,8 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
     pop_batches: List[Any] = []
     if batch_norm:
         pop_stream = task.batches("train", config.batch_size, seed=config.seed + 2_000_003)
+        if config.sort_by_length:  # statistics of batches formed as the training batches are
+            pop_stream = _sorted_by_length(pop_stream, config.sort_by_length, config.seed + 2_000_003)
         pop_batches = [next(pop_stream) for _ in range(config.popstat_batches)]
 
     def run_eval(step: int) -> None:
@@ -455,10 +532,16 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
             population["ema"] = _population_stats(model, task.seq_len)
             if config.dropout == 0.0 or config.num_layers == 1:
                 final["test_batch_stats"] = _evaluate_batch_stats(model, task, "test", config.eval_batch_size)
+                if config.batch_size != config.eval_batch_size:  # the statistics of training-sized batches
+                    final["test_batch_stats_train_size"] = _evaluate_batch_stats(model, task, "test",
+                                                                                 config.batch_size)
             _recompute(model, pop_batches)
             population["recomputed"] = _population_stats(model, task.seq_len)
         final["valid"] = evaluate(model, task, "valid", config.eval_batch_size)
         final["test"] = evaluate(model, task, "test", config.eval_batch_size)
+        if config.train_eval_examples:
+            final["train"] = _evaluate_train_split(model, task, config.train_eval_examples,
+                                                   config.eval_batch_size)
         final["population_statistics"] = "recomputed" if batch_norm else "none"
     eval_seconds += time.perf_counter() - t0
 
@@ -495,7 +578,7 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
     if status == "ok":
         with atomic_file(os.path.join(workdir, MODEL_FILE), "wb") as f:
             torch.save(model.state_dict(), f)
-    write_json_atomic(os.path.join(workdir, RESULT_FILE), result.to_dict())
+    write_json_atomic(os.path.join(workdir, RESULT_FILE), result.to_dict(), indent=None)
     logger.info("run %s %s in %.1f s: test %s", config.run_id, status, time.perf_counter() - wall0,
                 final.get("test"))
     return result
