@@ -39,11 +39,22 @@ def test_new_fields_at_their_defaults_keep_existing_run_ids():
     ({"sort_by_length": 1}, "sort_by_length: expected 0"),
     ({"train_eval_examples": 0}, "train_eval_examples: expected a value > 0"),
     ({"between_layers": "batch"}, "between_layers: expected None for a single layer"),
-    ({"between_layers": "batch", "num_layers": 2}, "SequenceBatchNorm"),
 ])
 def test_option_validation(changes, message):
     with pytest.raises(ConfigError, match=message):
         tiny(**changes).validate()
+
+
+def test_between_layers_builds_a_stack_with_sequence_batch_norm():
+    import recnorm
+
+    config = tiny(between_layers="batch", num_layers=2)
+    config.validate()
+    model = build_model(config, make_task(config.task, config.task_options))
+    assert isinstance(model.rnn.norm_between_l0, recnorm.SequenceBatchNorm)
+    batch = next(create_task(config.task, **config.task_options).batches("train", 8, seed=0))
+    out = model(batch.x, batch.lengths)
+    assert torch.isfinite(out).all() and int(model.rnn.norm_between_l0.num_batches_tracked[0]) == 1
 
 
 def _last_outputs(norm, feed, batch):
@@ -105,14 +116,12 @@ def test_run_records_train_split_and_batch_statistics_at_training_size(tmp_path)
 
 
 def test_between_layers_arm_switches_on_with_one_line(monkeypatch):
-    # Until the layers accept between_layers=, the preset with the switch on refuses clearly...
-    monkeypatch.setattr(presets, "LAURENT_BETWEEN_LAYERS", True)
-    with pytest.raises(ConfigError, match="between_layers"):
-        presets.laurent().expand()
-    # ...and once they do, the arm joins at 3 and 5 layers under a label of its own.
+    # The layers accept between_layers= (recnorm.SequenceBatchNorm between a stack's layers): with the
+    # switch on, the arm joins at 3 and 5 layers under a label of its own.
     import recnorm.experiments.config as config_module
 
-    monkeypatch.setattr(config_module, "layers_accept", lambda option: True)
+    assert config_module.layers_accept("between_layers")
+    monkeypatch.setattr(presets, "LAURENT_BETWEEN_LAYERS", True)
     configs = presets.laurent().expand()
     between = [c for c in configs if c.between_layers == "batch"]
     assert len(configs) == 45 + 10 and sorted({c.num_layers for c in between}) == [3, 5]
