@@ -1,0 +1,71 @@
+"""Which implementation ``kernel="auto"`` tries first in eager mode, from measurements.
+
+Where torch's own RNN op (``native``) and recnorm's fused kernel (``fused``) both serve a case --
+``norm=None`` and ``norm="sequence_batch"`` (folded into the input weights) on CPU -- neither is faster
+everywhere: the fused kernel trains faster at most sizes (its backward is one fused pass and a GEMM per
+step, where torch's CPU op has no fused backward), while torch's oneDNN inference primitive is faster for
+most eval forwards. The choice comes from a rule fitted to measurements, :data:`RULE` at the end of this
+file, which ``benchmarks/fit_dispatch.py --fit`` writes there from ``benchmarks/dispatch_data.json``:
+
+    for each ``cell/phase/dtype`` (phase ``train`` when autograd records the call, else ``eval``), the
+    least-squares fit of ``log(t_fused / t_native)`` as ``c0 + cT log2 T + cB log2 B + cI log2 I +
+    cH log2 H`` over the measured sizes. The fused kernel goes first where the prediction is below 0.
+
+Cases the rule has no entry for (another dtype, a cell kind without a fit) keep the default order:
+torch's op first. The rule only orders the candidates: the dispatcher still takes the first one whose
+``supports()`` accepts the case, so it can never pick an implementation that refuses it, and
+``kernel=...`` or ``$RECNORM_KERNEL`` still force one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+__all__ = ["eager_order", "rule", "predict", "RULE"]
+
+DEFAULT_ORDER = ("native", "fused", "reference")
+FUSED_FIRST = ("fused", "native", "reference")
+# Cells that share another's fit: the relu RNN runs the same kernels as the tanh one.
+_SAME_AS = {"rnn_relu": "rnn_tanh"}
+_DTYPES = {"torch.float32": "float32", "torch.float64": "float64"}
+
+
+def rule() -> Dict[str, List[float]]:
+    """``{"cell/phase/dtype": [c0, cT, cB, cI, cH]}``: the fitted coefficients of :data:`RULE`."""
+    return {k: v["coef"] for k, v in RULE["rules"].items()}
+
+
+def predict(kind: str, train: bool, dtype: str, T: int, B: int, I: int, H: int) -> Optional[float]:
+    """The rule's predicted ``log(t_fused / t_native)``, or None where it has no entry."""
+    entry = RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
+    if entry is None or min(T, B, I, H) < 1:
+        return None
+    coef = entry["coef"]
+    return coef[0] + sum(c * math.log2(v) for c, v in zip(coef[1:], (T, B, I, H)))
+
+
+def _sizes(x: Tensor, batch_sizes: Optional[Tensor], hidden: int) -> Tuple[int, int, int, int]:
+    if batch_sizes is None:  # (T, B, F)
+        return int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), hidden
+    T = int(batch_sizes.shape[0])
+    return T, (int(batch_sizes[0]) if T else 0), int(x.shape[1]), hidden
+
+
+def eager_order(work, x: Tensor, batch_sizes: Optional[Tensor], train: bool) -> Sequence[str]:
+    """The candidates of an eager call, fastest first by the rule (see the module docstring)."""
+    kind = work.cell.kind
+    dtype = _DTYPES.get(str(x.dtype))
+    if kind is None or dtype is None or x.device.type != "cpu" or work.weight_hr is not None:
+        return DEFAULT_ORDER
+    pred = predict(kind, train, dtype, *_sizes(x, batch_sizes, int(work.weight_hh.shape[1])))
+    return FUSED_FIRST if pred is not None and pred < 0 else DEFAULT_ORDER
+
+
+# The rule below is generated: `python benchmarks/fit_dispatch.py --fit` rewrites everything from the
+# BEGIN line to the END line (the measurements it was fitted to are in benchmarks/dispatch_data.json).
+# BEGIN RULE
+RULE: Dict = {"rules": {}}
+# END RULE
