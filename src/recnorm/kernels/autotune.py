@@ -67,5 +67,44 @@ def eager_order(work, x: Tensor, batch_sizes: Optional[Tensor], train: bool) -> 
 # The rule below is generated: `python benchmarks/fit_dispatch.py --fit` rewrites everything from the
 # BEGIN line to the END line (the measurements it was fitted to are in benchmarks/dispatch_data.json).
 # BEGIN RULE
-RULE: Dict = {"rules": {}}
+RULE: Dict = {'about': 'Fitted by benchmarks/fit_dispatch.py --fit from benchmarks/dispatch_data.json: per '
+          "'cell/phase/dtype', coefficients (c0, cT, cB, cI, cH) of log(t_fused / t_native) ~ c0 + cT log2 T "
+          "+ cB log2 B + cI log2 I + cH log2 H; kernel='auto' puts the fused kernel before torch's op where "
+          'the prediction is below 0.',
+ 'measured': {'machine': 'x86_64, 2 CPUs',
+              'cpu_capability': 'AVX2',
+              'torch': '2.13.0+cpu',
+              'threads': 2,
+              'rounds': 5,
+              'command': 'python benchmarks/fit_dispatch.py --measure --points 6 --rounds 5'},
+ 'rules': {'gru/eval/float32': {'coef': [1.0339, -0.0458, -0.1055, -0.1638, 0.0074],
+                                'points': 10,
+                                'wrong_picks': 1,
+                                'median_regret': 1.0,
+                                'worst_regret': 1.128},
+           'gru/train/float32': {'coef': [1.6673, -0.0195, -0.5611, -0.1961, 0.2609],
+                                 'points': 10,
+                                 'wrong_picks': 0,
+                                 'median_regret': 1.0,
+                                 'worst_regret': 1.0},
+           'lstm/eval/float32': {'coef': [4.0657, -0.178, -0.0587, -0.0463, -0.2906],
+                                 'points': 10,
+                                 'wrong_picks': 4,
+                                 'median_regret': 1.0,
+                                 'worst_regret': 1.942},
+           'lstm/train/float32': {'coef': [-3.2966, -0.1275, 0.204, 0.0295, 0.3329],
+                                  'points': 10,
+                                  'wrong_picks': 3,
+                                  'median_regret': 1.0,
+                                  'worst_regret': 1.17},
+           'rnn_tanh/eval/float32': {'coef': [0.755, -0.2539, 0.1203, -0.1668, 0.0801],
+                                     'points': 10,
+                                     'wrong_picks': 1,
+                                     'median_regret': 1.0,
+                                     'worst_regret': 1.093},
+           'rnn_tanh/train/float32': {'coef': [-0.203, -0.0505, 0.1612, 0.0159, -0.0868],
+                                      'points': 10,
+                                      'wrong_picks': 1,
+                                      'median_regret': 1.0,
+                                      'worst_regret': 1.081}}}
 # END RULE
