@@ -25,8 +25,9 @@ case (None when it can):
 * eager: ``native`` and ``fused`` in the order that a rule fitted to measurements predicts to be fastest
   for the case (cell, training or eval, sizes, dtype; :mod:`.autotune`), then ``reference``. Only cases
   both serve (``norm=None``, ``"sequence_batch"``) have a choice; torch's op goes first where the rule
-  has no entry. Under CPU autocast to bfloat16/float16, a case the fused kernel serves in float32 runs
-  it on the input cast to float32, and the result is cast back (:func:`run_direction`);
+  has no entry. Under CPU autocast to bfloat16/float16, a case that torch's op or the fused kernel serves
+  in float32 runs there (in the same order) on the input cast to float32, and the result is cast back
+  (:func:`_run_upcast`);
 * compiling: ``native``, ``fused``, ``reference`` without autograd; with autograd ``fused``, then
   ``reference``.
 
@@ -165,28 +166,31 @@ _HALF = (torch.bfloat16, torch.float16)
 def _run_upcast(
     work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...]
 ) -> Optional[DirectionResult]:
-    """A 16-bit input under autocast, on the fused float32 kernel: None where that kernel does not serve
-    the float32 case (weights that are not float32 themselves, say), or in a mode other than eager.
+    """A 16-bit input under CPU autocast, run in float32 on torch's op or the fused kernel, whichever the
+    rule orders first among those that serve the float32 case; None where neither does (weights that are
+    not float32 themselves, a norm only the reference loop serves), or in a mode other than eager.
 
-    The fused kernels compute in float32 or float64 only. Autocast keeps the weights in float32 and hands
-    the layer a 16-bit input; casting that input (and the initial state) to float32 runs the whole
-    direction in float32 -- statistics included -- at float32's speed, where the alternative is the
-    reference loop (16-bit GEMMs, a Python loop) or, for ``norm=None``, torch's op in 16 bits, both slower
-    on CPUs without native bfloat16 arithmetic. The outputs and final states come back in the input's
-    dtype; the batch moments stay float32. Gradients flow through the casts.
+    The fused kernels compute in float32 or float64 only, and torch's CPU RNN op in 16 bits is many times
+    slower than in float32 on CPUs without native bfloat16 arithmetic (16x for an LSTM eval forward on an
+    AVX2 CPU, benchmarks/bench_rnn.py), where torch.nn.LSTM itself fails under bfloat16 autocast. Autocast
+    keeps the weights in float32 and the layer hands this function a 16-bit input; casting the input and
+    the initial state to float32 runs the whole direction in float32 -- statistics included -- at
+    float32's speed. Autocast is off inside, so that torch's op is not cast back to 16 bits. The outputs
+    and final states come back in the input's dtype; the batch moments stay float32. Gradients flow
+    through the casts.
     """
-    if execution_mode() != "eager":
+    if execution_mode() != "eager" or x.device.type != "cpu":
         return None
     x32 = x.float()
     state32 = tuple(s.float() for s in state)
-    if fused.supports(work, x32, batch_sizes, "eager") is not None:
-        return None
-    if native.supports(work, x32, batch_sizes, "eager") is None:
-        # torch's op serves it too (norm=None, sequence_batch): keep it where the rule says it is faster
-        if autotune.eager_order(work, x32, batch_sizes, _needs_grad(work, x, state))[0] != "fused":
-            return None
-    res = fused.run_direction(work, x32, batch_sizes, state32)
-    return DirectionResult(res.output.to(x.dtype), tuple(s.to(x.dtype) for s in res.state), res.moments)
+    grad = _needs_grad(work, x, state)
+    for name in autotune.eager_order(work, x32, batch_sizes, grad):
+        if name == "reference" or _IMPLS[name].supports(work, x32, batch_sizes, "eager") is not None:
+            continue
+        with torch.autocast("cpu", enabled=False):
+            res = _IMPLS[name].run_direction(work, x32, batch_sizes, state32)
+        return DirectionResult(res.output.to(x.dtype), tuple(s.to(x.dtype) for s in res.state), res.moments)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
