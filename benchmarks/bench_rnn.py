@@ -25,7 +25,8 @@ Besides the float32 rows it measures
 
 Usage::
 
-    python benchmarks/bench_rnn.py                         # full table (about 40-60 min on 2 cores)
+    python benchmarks/bench_rnn.py                         # full table (without the bf16 rows and the peers
+                                                           # it took 15-25 min on an idle 2-core machine)
     python benchmarks/bench_rnn.py --quick                 # 3 rounds, two sizes
     python benchmarks/bench_rnn.py --out docs/benchmarks.md --json docs/benchmarks.json --readme README.md
     python benchmarks/bench_rnn.py --render docs/benchmarks.json --notes docs/benchmarks.notes.md \
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -387,19 +389,30 @@ def compile_lines(crows: List[Dict]) -> List[str]:
 
 
 def dispatch_lines(sizes) -> List[str]:
-    """What ``kernel="auto"`` runs for ``norm=None`` (and ``"sequence_batch"``) at these sizes, by the rule."""
+    """What ``kernel="auto"`` runs for ``norm=None`` (and ``"sequence_batch"``) at these sizes, by the rule,
+    next to the fused / torch time measured there by ``benchmarks/fit_dispatch.py`` (if it measured them)."""
     from recnorm.kernels import autotune
 
     rules = autotune.RULE.get("rules", {})
     if not rules:
         return ["The dispatch rule is empty: torch's op runs wherever it serves the case."]
+    measured = {}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_data.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            for p in json.load(f)["points"]:
+                for phase, t in p["times"].items():
+                    ratio = statistics.median(a / b for a, b in zip(t["fused"], t["native"]))
+                    measured[(p["cell"], phase, p["dtype"], tuple(p["size"]))] = ratio
     lines = [
         "Where torch's op and the fused kernel both serve a case (`norm=None`, `\"sequence_batch\"`), `kernel=\"auto\"` "
-        "runs the one that the rule in `src/recnorm/kernels/autotune.py` predicts to be faster, fitted by "
-        "`python benchmarks/fit_dispatch.py --fit` to the measurements in `benchmarks/dispatch_data.json` "
-        f"({autotune.RULE.get('measured', {}).get('command', '?')}). Predicted fused / torch time and the choice at the sizes above:",
+        "runs the one that the rule in `src/recnorm/kernels/autotune.py` predicts to be faster, within the range of sizes it was "
+        "fitted on (outside it, torch's op). "
+        "`python benchmarks/fit_dispatch.py --fit` fitted it to the measurements in `benchmarks/dispatch_data.json` "
+        f"(`{autotune.RULE.get('measured', {}).get('command', '?')}`, `norm=None`, each implementation forced). "
+        "Per size: fused / torch time as measured there (median of per-round ratios), then as the rule predicts it, and the choice:",
         "",
-        "| cell / phase | points fitted | picks of the slower one there (worst cost) | " + " | ".join(str(s) for s in sizes) + " |",
+        "| cell / phase | points fitted | slower picks on them (worst cost) | " + " | ".join(str(s) for s in sizes) + " |",
         "|---|---|---|" + "---|" * len(sizes),
     ]
     for key, entry in rules.items():
@@ -407,9 +420,10 @@ def dispatch_lines(sizes) -> List[str]:
         if dtype != "float32":
             continue
         cells = []
-        for T, B, I, H in sizes:
-            pred = autotune.predict(cell, phase == "train", dtype, T, B, I, H)
-            cells.append(f"{2.718281828 ** pred:.2f} → {'fused' if pred < 0 else 'torch'}")
+        for size in sizes:
+            pred = autotune.predict(cell, phase == "train", dtype, *size)
+            m = measured.get((cell, phase, dtype, tuple(size)))
+            cells.append(f"{m:.2f} / {math.exp(pred):.2f} → {'fused' if pred < 0 else 'torch'}" if m else f"– / {math.exp(pred):.2f} → {'fused' if pred < 0 else 'torch'}")
         lines.append(
             f"| {cell} / {phase} | {entry.get('points', '?')} | {entry.get('wrong_picks', '?')} ({entry.get('worst_regret', '?')}x) | "
             + " | ".join(cells) + " |"
@@ -423,7 +437,8 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
     lines = [
         "# Benchmarks: recnorm layers against torch.nn",
         "",
-        f"Produced by `python benchmarks/bench_rnn.py {meta['argv']}` on {meta['when']}.",
+        f"Produced by `python benchmarks/bench_rnn.py {meta['argv']}` on {meta['when']}"
+        + (f"; this page written from its JSON by `python benchmarks/bench_rnn.py {meta['rendered']}`." if meta.get("rendered") else "."),
         f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; float32 unless marked; "
         f"{meta['rounds']} interleaved rounds; kernel selection `{meta['kernel']}`.",
         "",
@@ -449,7 +464,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         "## What `kernel=\"auto\"` runs",
         "",
-        *dispatch_lines(_sizes_of(rows)),
+        *dispatch_lines(SIZES),
         "",
     ]
     if bf16:
@@ -482,7 +497,8 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "## Compiled training step (issue 7: at most 1.1x eager)",
         "",
         "`torch.compile(layer)` (default backend) against the same layer in eager mode, training step, median of "
-        "per-round ratios (`benchmarks/bench_compile.py`).",
+        f"per-round ratios (`python benchmarks/bench_compile.py --rounds {crows[0]['rounds'] if crows else '?'}`, run beside this script; "
+        "eager and compiled alternate within each round).",
         "",
         *compile_lines(list(crows)),
         "",
@@ -505,7 +521,7 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
         README_BEGIN,
         f"Worst ratio to torch.nn over the sizes of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
         f"`python benchmarks/bench_rnn.py {meta['argv']}`; {meta['rounds']} interleaved rounds, {meta['threads']} threads, "
-        "on a shared 2-core machine where a row moves by about ±0.1 between runs). Bold: over the target of issue 11.",
+        "on a shared 2-core machine; the page says how far its rows move between runs). Bold: over the target of issue 11.",
         "",
         *summary_table(summ),
         README_END,
@@ -549,8 +565,15 @@ def render(args) -> int:
     if args.notes and os.path.exists(args.notes):
         with open(args.notes) as f:
             notes = f.read()
-    meta = data["meta"]
-    md = to_markdown(data["rows"], memory, meta, data.get("compile", []), baseline, notes)
+    meta = dict(data["meta"], rendered=" ".join(sys.argv[1:]))
+    crows = data.get("compile", [])
+    if args.compile_json:
+        with open(args.compile_json) as f:
+            crows = json.load(f)["rows"]
+        data["compile"] = crows
+        with open(args.render, "w") as f:  # keep the JSON the pages come from complete
+            json.dump(data, f, indent=1)
+    md = to_markdown(data["rows"], memory, meta, crows, baseline, notes)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)

@@ -194,7 +194,9 @@ def fit(args) -> Dict:
             picks.append(chosen / min(r, 1.0))  # relative to the faster one
         wrong = sum(1 for p in picks if p > 1.0)
         key = f"{cell}/{phase}/{dt}"
-        rules[key] = {"coef": [round(c, 4) for c in coef], "points": len(pts), "wrong_picks": wrong,
+        sz = [s for s, _ in pts]
+        rules[key] = {"coef": [round(c, 4) for c in coef], "range": [[min(v[i] for v in sz), max(v[i] for v in sz)] for i in range(4)],
+                      "points": len(pts), "wrong_picks": wrong,
                       "median_regret": round(statistics.median(picks), 3), "worst_regret": round(max(picks), 3)}  # fmt: skip
         report.append(
             f"{key}: log(fused/native) = {coef[0]:+.3f} " + " ".join(f"{c:+.3f}*log2({f})" for c, f in zip(coef[1:], FEATURES))
@@ -203,7 +205,8 @@ def fit(args) -> Dict:
     rule = {
         "about": "Fitted by benchmarks/fit_dispatch.py --fit from benchmarks/dispatch_data.json: per 'cell/phase/dtype', "
         "coefficients (c0, cT, cB, cI, cH) of log(t_fused / t_native) ~ c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H; "
-        "kernel='auto' puts the fused kernel before torch's op where the prediction is below 0.",
+        "kernel='auto' puts the fused kernel before torch's op where the prediction is below 0, inside 'range' "
+        "(the measured [min, max] of T, B, I, H); outside it, torch's op goes first.",
         "measured": data.get("meta", {}),
         "rules": rules,
     }

@@ -42,12 +42,22 @@ def test_rule_is_well_formed():
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("norm", [None, "sequence_batch"])
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("T,B", [(3, 2), (40, 64), (700, 8)])
-def test_auto_follows_the_rule(cell, norm, grad, T, B):
-    layer = _layer(cell, norm)
-    pred = autotune.predict(RULE_CELL[cell], grad, "float32", T, B, layer.input_size, layer.hidden_size)
-    assert pred is not None
-    assert _choice(layer, T, B, grad) == ("fused" if pred < 0 else "native")
+@pytest.mark.parametrize("T,B,I,H", [(3, 2, 5, 7), (40, 64, 16, 32), (200, 8, 8, 64)])
+def test_auto_follows_the_rule(cell, norm, grad, T, B, I, H):
+    layer = _layer(cell, norm, I, H)
+    pred = autotune.predict(RULE_CELL[cell], grad, "float32", T, B, I, H)
+    # outside the sizes the rule was fitted on it predicts nothing, and torch's op goes first
+    assert _choice(layer, T, B, grad) == ("fused" if pred is not None and pred < 0 else "native")
+
+
+def test_the_rule_does_not_extrapolate():
+    for key, entry in autotune.RULE["rules"].items():
+        cell, phase, dtype = key.split("/")
+        lo = [r[0] for r in entry["range"]]
+        hi = [r[1] for r in entry["range"]]
+        assert autotune.predict(cell, phase == "train", dtype, *lo) is not None
+        assert autotune.predict(cell, phase == "train", dtype, *hi) is not None
+        assert autotune.predict(cell, phase == "train", dtype, hi[0] * 2, *hi[1:]) is None
 
 
 @pytest.fixture

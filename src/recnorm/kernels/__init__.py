@@ -171,8 +171,8 @@ def _run_upcast(
     not float32 themselves, a norm only the reference loop serves), or in a mode other than eager.
 
     The fused kernels compute in float32 or float64 only, and torch's CPU RNN op in 16 bits is many times
-    slower than in float32 on CPUs without native bfloat16 arithmetic (16x for an LSTM eval forward on an
-    AVX2 CPU, benchmarks/bench_rnn.py), where torch.nn.LSTM itself fails under bfloat16 autocast. Autocast
+    slower than in float32 on CPUs without native bfloat16 arithmetic (10-15x for an LSTM eval forward on
+    an AVX2 CPU, benchmarks/bench_rnn.py), where torch.nn.LSTM itself fails under bfloat16 autocast. Autocast
     keeps the weights in float32 and the layer hands this function a 16-bit input; casting the input and
     the initial state to float32 runs the whole direction in float32 -- statistics included -- at
     float32's speed. Autocast is off inside, so that torch's op is not cast back to 16 bits. The outputs
