@@ -22,8 +22,14 @@ case (None when it can):
 * tracing (``torch.jit.trace``): the registered operators (``fused``, ``native``), whose shapes follow
   the traced input's; a case neither serves raises an error instead of tracing a loop that would be
   right only for the example's length;
-* eager: ``native`` where it serves the case, then ``fused``, then ``reference``;
-* compiling: the same without autograd; with autograd ``fused``, then ``reference``.
+* eager: ``native`` and ``fused`` in the order that a rule fitted to measurements predicts to be fastest
+  for the case (cell, training or eval, sizes, dtype; :mod:`.autotune`), then ``reference``. Only cases
+  both serve (``norm=None``, ``"sequence_batch"``) have a choice; torch's op goes first where the rule
+  has no entry. Under CPU autocast to bfloat16/float16, a case that torch's op or the fused kernel serves
+  in float32 runs there (in the same order) on the input cast to float32, and the result is cast back
+  (:func:`_run_upcast`);
+* compiling: ``native``, ``fused``, ``reference`` without autograd; with autograd ``fused``, then
+  ``reference``.
 
 ``kernel=`` on a layer (or ``$RECNORM_KERNEL``) forces one implementation; one that cannot serve the case
 raises ValueError with the reason.
@@ -38,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from recnorm.kernels import fused, native, reference, scan
+from recnorm.kernels import autotune, fused, native, reference, scan
 from recnorm.kernels.contract import BatchMoments, CellDesc, DirectionResult, DirectionWork, NormDesc
 
 __all__ = [
@@ -94,9 +100,9 @@ def _candidates(mode: str, grad: bool) -> List[str]:
         return ["scan"]
     if mode == "trace":
         return ["fused", "native"]
-    if grad:
+    if grad and mode == "compile":
         # Under compile, the native operator's recompute backward cannot be traced: training runs fused.
-        return ["fused", "reference"] if mode == "compile" else ["native", "fused", "reference"]
+        return ["fused", "reference"]
     return ["native", "fused", "reference"]
 
 
@@ -111,7 +117,9 @@ def choose(
             raise ValueError(f"kernel={kernel!r} cannot run this layer: {why}")
         return kernel, mode
     reasons = []
-    for name in _candidates(mode, _needs_grad(work, x, state)):
+    grad = _needs_grad(work, x, state)
+    order = autotune.eager_order(work, x, batch_sizes, grad) if mode == "eager" else _candidates(mode, grad)
+    for name in order:
         why = _IMPLS[name].supports(work, x, batch_sizes, mode)
         if why is None:
             return name, mode
@@ -140,12 +148,49 @@ def run_direction(
     :mod:`recnorm.kernels.reference`), or a full batch ``(T, B, F)`` with ``batch_sizes`` None; the output
     has the same layout.
     """
+    if kernel == "auto" and x.dtype in _HALF and torch.is_autocast_enabled(x.device.type):
+        res = _run_upcast(work, x, batch_sizes, state)
+        if res is not None:
+            return res
     name, mode = choose(work, x, batch_sizes, state, kernel)
     if name == "native":
         return native.run_direction(work, x, batch_sizes, state, as_op=mode != "eager")
     if name == "reference":
         return reference.run_direction(work, x, None if batch_sizes is None else batch_sizes.tolist(), state)
     return _IMPLS[name].run_direction(work, x, batch_sizes, state)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _run_upcast(
+    work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...]
+) -> Optional[DirectionResult]:
+    """A 16-bit input under CPU autocast, run in float32 on torch's op or the fused kernel, whichever the
+    rule orders first among those that serve the float32 case; None where neither does (weights that are
+    not float32 themselves, a norm only the reference loop serves), or in a mode other than eager.
+
+    The fused kernels compute in float32 or float64 only, and torch's CPU RNN op in 16 bits is many times
+    slower than in float32 on CPUs without native bfloat16 arithmetic (10-15x for an LSTM eval forward on
+    an AVX2 CPU, benchmarks/bench_rnn.py), where torch.nn.LSTM itself fails under bfloat16 autocast. Autocast
+    keeps the weights in float32 and the layer hands this function a 16-bit input; casting the input and
+    the initial state to float32 runs the whole direction in float32 -- statistics included -- at
+    float32's speed. Autocast is off inside, so that torch's op is not cast back to 16 bits. The outputs
+    and final states come back in the input's dtype; the batch moments stay float32. Gradients flow
+    through the casts.
+    """
+    if execution_mode() != "eager" or x.device.type != "cpu":
+        return None
+    x32 = x.float()
+    state32 = tuple(s.float() for s in state)
+    grad = _needs_grad(work, x, state)
+    for name in autotune.eager_order(work, x32, batch_sizes, grad):
+        if name == "reference" or _IMPLS[name].supports(work, x32, batch_sizes, "eager") is not None:
+            continue
+        with torch.autocast("cpu", enabled=False):
+            res = _IMPLS[name].run_direction(work, x32, batch_sizes, state32)
+        return DirectionResult(res.output.to(x.dtype), tuple(s.to(x.dtype) for s in res.state), res.moments)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

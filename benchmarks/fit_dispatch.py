@@ -1,0 +1,253 @@
+"""Measure torch's own RNN op against recnorm's fused kernel, and fit the rule that ``kernel="auto"`` uses.
+
+Where both implementations serve a case -- ``norm=None`` and ``norm="sequence_batch"`` (folded into the
+input weights), on CPU -- ``"auto"`` runs the one that this rule predicts to be faster
+(:mod:`recnorm.kernels.autotune`). The rule is fitted here to measurements:
+
+1. ``--measure``: for every cell and phase (a training step: forward + backward of ``output.sum()``;
+   eval: a forward under ``no_grad``) and a fixed, seeded set of sizes (T, B, I, H) -- the four sizes of
+   ``benchmarks/bench_rnn.py`` plus points drawn log-uniformly over T 2-1024, B 1-256, I 1-512,
+   H 4-1024 under a cost cap -- time a ``norm=None`` layer on each implementation (``kernel="native"``,
+   ``kernel="fused"``, same weights), in interleaved rounds, and store every round's times in
+   ``benchmarks/dispatch_data.json``. Points already there are skipped, so an interrupted run resumes.
+2. ``--fit``: per cell, phase and dtype, fit by least squares ``log(t_fused / t_native) ~ c0 + cT log2 T +
+   cB log2 B + cI log2 I + cH log2 H`` to the median ratio of each point, and write the coefficients to
+   ``RULE`` in ``src/recnorm/kernels/autotune.py``. ``"auto"`` puts the fused kernel first where the predicted
+   log-ratio is below 0. The fit's report says how often the rule picks the slower implementation on the
+   measured points and what that costs (the median and worst ratio of its pick to the faster one).
+   The rule goes into ``src/recnorm/kernels/autotune.py`` itself (the ``RULE`` literal between its
+   ``# BEGIN RULE`` and ``# END RULE`` lines), so it ships with the code and needs no data file.
+
+Usage::
+
+    python benchmarks/fit_dispatch.py --measure --rounds 5     # about 30-60 min on 2 busy cores
+    python benchmarks/fit_dispatch.py --fit                    # seconds; rewrites autotune.RULE
+
+The measurement runs the implementations forced (``kernel=``), so it does not depend on the rule it fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import pprint
+import random
+import statistics
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "dispatch_data.json")
+RULE = os.path.join(HERE, os.pardir, "src", "recnorm", "kernels", "autotune.py")
+BENCH_SIZES = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512), (784, 64, 1, 128)]
+CELLS = ["lstm", "gru", "rnn_tanh"]
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# A point's estimated training cost, in multiply-adds (forward + backward ~ 3x the forward's GEMMs).
+MAX_COST = 6e9
+
+
+def cost(cell: str, T: int, B: int, I: int, H: int) -> float:
+    return 3 * T * B * (I + H) * GATES[cell] * H
+
+
+def sizes(cell: str, n: int, seed: int = 0) -> List[Tuple[int, int, int, int]]:
+    """The bench sizes, then ``n`` log-uniform points under the cost cap (fixed by ``seed`` and ``cell``)."""
+    rng = random.Random(f"{seed}-{cell}")
+    out = list(BENCH_SIZES)
+    while len(out) < len(BENCH_SIZES) + n:
+        T = int(round(2 ** rng.uniform(1, 10)))
+        B = int(round(2 ** rng.uniform(0, 8)))
+        I = int(round(2 ** rng.uniform(0, 9)))
+        H = int(round(2 ** rng.uniform(2, 10)))
+        if cost(cell, T, B, I, H) <= MAX_COST:
+            out.append((T, B, I, H))
+    return out
+
+
+def _layer(cell: str, I: int, H: int, kernel: str, dtype):
+    import recnorm
+
+    if cell == "lstm":
+        return recnorm.LSTM(I, H, kernel=kernel, dtype=dtype)
+    if cell == "gru":
+        return recnorm.GRU(I, H, kernel=kernel, dtype=dtype)
+    return recnorm.RNN(I, H, nonlinearity=cell.split("_")[1], kernel=kernel, dtype=dtype)
+
+
+def _step(model, x, train: bool) -> None:
+    if train:
+        model.zero_grad(set_to_none=True)
+        model(x)[0].sum().backward()
+    else:
+        with torch.no_grad():
+            model(x)
+
+
+def measure_point(cell: str, size, dtype, rounds: int) -> Dict[str, Dict[str, List[float]]]:
+    """Per phase and implementation, the time of one call in each of ``rounds`` interleaved rounds (each
+    round's figure is the mean of enough calls for about 20 ms)."""
+    T, B, I, H = size
+    torch.manual_seed(0)
+    models = {"native": _layer(cell, I, H, "native", dtype)}
+    models["fused"] = _layer(cell, I, H, "fused", dtype)
+    models["fused"].load_state_dict(models["native"].state_dict())
+    x = torch.randn(T, B, I, dtype=dtype)
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for phase in ("train", "eval"):
+        train = phase == "train"
+        reps = {}
+        for name, m in models.items():
+            m.train(train)
+            for _ in range(2):
+                _step(m, x, train)
+            t0 = time.perf_counter()
+            _step(m, x, train)
+            reps[name] = max(1, min(50, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
+        n = max(reps.values())
+        times: Dict[str, List[float]] = {k: [] for k in models}
+        for r in range(rounds):
+            order = list(models) if r % 2 == 0 else list(models)[::-1]
+            for name in order:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    _step(models[name], x, train)
+                times[name].append((time.perf_counter() - t0) / n)
+        out[phase] = times
+    return out
+
+
+def _load(path: str) -> Dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"meta": {}, "points": []}
+
+
+def _save(data: Dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=0)
+    os.replace(tmp, path)
+
+
+def measure(args) -> None:
+    torch.set_num_threads(args.threads)
+    data = _load(args.data)
+    data["meta"].update({
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+        "command": "python benchmarks/fit_dispatch.py " + " ".join(sys.argv[1:]),
+    })  # fmt: skip
+    done = {(p["cell"], p["dtype"], tuple(p["size"])) for p in data["points"]}
+    # round-robin over the cells (the bench sizes of every cell first), so that an interrupted run has
+    # points of every cell
+    per_cell = {(c, d): sizes(c, args.points if d == "float32" else args.points // 3) for d in args.dtypes for c in args.cells}
+    todo = [(c, d, pts[i]) for i in range(max(map(len, per_cell.values()))) for (c, d), pts in per_cell.items() if i < len(pts)]
+    todo = [t for t in todo if (t[0], t[1], tuple(t[2])) not in done]
+    for i, (cell, dt, size) in enumerate(todo):
+        t0 = time.time()
+        times = measure_point(cell, size, getattr(torch, dt), args.rounds)
+        data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times})
+        _save(data, args.data)
+        ratios = {ph: statistics.median(f / n for f, n in zip(t["fused"], t["native"])) for ph, t in times.items()}
+        print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: fused/native train {ratios['train']:.2f} eval {ratios['eval']:.2f} "
+              f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+
+
+FEATURES = ("T", "B", "I", "H")
+
+
+def _row(size) -> List[float]:
+    return [1.0] + [math.log2(v) for v in size]
+
+
+def _lstsq(X: List[List[float]], y: List[float], ridge: float = 1e-3) -> List[float]:
+    """Least squares with a tiny ridge on the slopes, by the normal equations (5 unknowns)."""
+    A = torch.tensor(X, dtype=torch.float64)
+    b = torch.tensor(y, dtype=torch.float64)
+    reg = torch.eye(A.shape[1], dtype=torch.float64) * ridge
+    reg[0, 0] = 0.0
+    return torch.linalg.solve(A.T @ A + reg, A.T @ b).tolist()
+
+
+def fit(args) -> Dict:
+    data = _load(args.data)
+    groups: Dict[Tuple[str, str, str], List[Tuple[List[int], float]]] = {}
+    for p in data["points"]:
+        for phase, t in p["times"].items():
+            ratio = statistics.median(f / n for f, n in zip(t["fused"], t["native"]))
+            groups.setdefault((p["cell"], phase, p["dtype"]), []).append((p["size"], ratio))
+    rules, report = {}, []
+    for (cell, phase, dt), pts in sorted(groups.items()):
+        coef = _lstsq([_row(s) for s, _ in pts], [math.log(r) for _, r in pts])
+        picks = []
+        for s, r in pts:
+            pred = sum(c * v for c, v in zip(coef, _row(s)))
+            chosen = r if pred < 0 else 1.0  # time of the pick relative to native
+            picks.append(chosen / min(r, 1.0))  # relative to the faster one
+        wrong = sum(1 for p in picks if p > 1.0)
+        key = f"{cell}/{phase}/{dt}"
+        sz = [s for s, _ in pts]
+        rules[key] = {"coef": [round(c, 4) for c in coef], "range": [[min(v[i] for v in sz), max(v[i] for v in sz)] for i in range(4)],
+                      "points": len(pts), "wrong_picks": wrong,
+                      "median_regret": round(statistics.median(picks), 3), "worst_regret": round(max(picks), 3)}  # fmt: skip
+        report.append(
+            f"{key}: log(fused/native) = {coef[0]:+.3f} " + " ".join(f"{c:+.3f}*log2({f})" for c, f in zip(coef[1:], FEATURES))
+            + f"; {len(pts)} points, {wrong} picked the slower one (worst: {max(picks):.2f}x the faster)"
+        )
+    rule = {
+        "about": "Fitted by benchmarks/fit_dispatch.py --fit from benchmarks/dispatch_data.json: per 'cell/phase/dtype', "
+        "coefficients (c0, cT, cB, cI, cH) of log(t_fused / t_native) ~ c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H; "
+        "kernel='auto' puts the fused kernel before torch's op where the prediction is below 0, inside 'range' "
+        "(the measured [min, max] of T, B, I, H); outside it, torch's op goes first.",
+        "measured": data.get("meta", {}),
+        "rules": rules,
+    }
+    write_rule(rule, args.rule)
+    print("\n".join(report))
+    return rule
+
+
+def write_rule(rule: Dict, path: str) -> None:
+    """Replace the lines between ``# BEGIN RULE`` and ``# END RULE`` of ``path`` with ``RULE = <rule>``."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    begin, end = lines.index("# BEGIN RULE"), lines.index("# END RULE")
+    body = "RULE: Dict = " + pprint.pformat(rule, width=110, sort_dicts=False)
+    new = lines[: begin + 1] + body.split("\n") + lines[end:]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(new))
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--measure", action="store_true")
+    ap.add_argument("--fit", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--points", type=int, default=24, help="random sizes per cell (float32), besides the bench sizes")
+    ap.add_argument("--cells", nargs="+", default=CELLS)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"])
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--rule", default=RULE)
+    args = ap.parse_args(argv)
+    if not (args.measure or args.fit):
+        ap.error("give --measure and/or --fit")
+    if args.measure:
+        measure(args)
+    if args.fit:
+        fit(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Which implementation ``kernel="auto"`` tries first in eager mode, from measurements.
+
+Where torch's own RNN op (``native``) and recnorm's fused kernel (``fused``) both serve a case --
+``norm=None`` and ``norm="sequence_batch"`` (folded into the input weights) on CPU -- neither is faster
+everywhere: the fused kernel trains faster at most sizes (its backward is one fused pass and a GEMM per
+step, where torch's CPU op has no fused backward), while torch's oneDNN inference primitive is faster for
+most eval forwards. The choice comes from a rule fitted to measurements, :data:`RULE` at the end of this
+file, which ``benchmarks/fit_dispatch.py --fit`` writes there from ``benchmarks/dispatch_data.json``:
+
+    for each ``cell/phase/dtype`` (phase ``train`` when autograd records the call, else ``eval``), the
+    least-squares fit of ``log(t_fused / t_native)`` as ``c0 + cT log2 T + cB log2 B + cI log2 I +
+    cH log2 H`` over the measured sizes. The fused kernel goes first where the prediction is below 0.
+
+Cases the rule has no entry for (another dtype, a cell kind without a fit), and sizes outside the range
+of T, B, I or H it was fitted on, keep the default order: torch's op first. The rule only orders the candidates: the dispatcher still takes the first one whose
+``supports()`` accepts the case, so it can never pick an implementation that refuses it, and
+``kernel=...`` or ``$RECNORM_KERNEL`` still force one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+__all__ = ["eager_order", "rule", "predict", "RULE"]
+
+DEFAULT_ORDER = ("native", "fused", "reference")
+FUSED_FIRST = ("fused", "native", "reference")
+# Cells that share another's fit: the relu RNN runs the same kernels as the tanh one.
+_SAME_AS = {"rnn_relu": "rnn_tanh"}
+_DTYPES = {"torch.float32": "float32", "torch.float64": "float64"}
+
+
+def rule() -> Dict[str, List[float]]:
+    """``{"cell/phase/dtype": [c0, cT, cB, cI, cH]}``: the fitted coefficients of :data:`RULE`."""
+    return {k: v["coef"] for k, v in RULE["rules"].items()}
+
+
+def predict(kind: str, train: bool, dtype: str, T: int, B: int, I: int, H: int) -> Optional[float]:
+    """The rule's predicted ``log(t_fused / t_native)``, or None where it has no entry or the size lies
+    outside the range of T, B, I or H that the rule was fitted on (it does not extrapolate)."""
+    entry = RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
+    if entry is None or min(T, B, I, H) < 1:
+        return None
+    rng = entry.get("range")
+    if rng is not None and any(not lo <= v <= hi for v, (lo, hi) in zip((T, B, I, H), rng)):
+        return None  # outside the measured sizes: no extrapolation
+    coef = entry["coef"]
+    return coef[0] + sum(c * math.log2(v) for c, v in zip(coef[1:], (T, B, I, H)))
+
+
+def _sizes(x: Tensor, batch_sizes: Optional[Tensor], hidden: int) -> Optional[Tuple[int, int, int, int]]:
+    """(T, B, I, H) of a full batch (T, B, I) or of packed rows (N, I) with their batch sizes; None for
+    any other layout."""
+    if batch_sizes is None:
+        if x.dim() != 3:
+            return None
+        return int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), hidden
+    if x.dim() != 2 or batch_sizes.dim() != 1:
+        return None
+    T = int(batch_sizes.shape[0])
+    return T, (int(batch_sizes[0]) if T else 0), int(x.shape[1]), hidden
+
+
+def eager_order(work, x: Tensor, batch_sizes: Optional[Tensor], train: bool) -> Sequence[str]:
+    """The candidates of an eager call, fastest first by the rule (see the module docstring)."""
+    kind = work.cell.kind
+    dtype = _DTYPES.get(str(x.dtype))
+    if kind is None or dtype is None or x.device.type != "cpu" or work.weight_hr is not None:
+        return DEFAULT_ORDER
+    sizes = _sizes(x, batch_sizes, int(work.weight_hh.shape[1]))
+    if sizes is None:
+        return DEFAULT_ORDER
+    pred = predict(kind, train, dtype, *sizes)
+    return FUSED_FIRST if pred is not None and pred < 0 else DEFAULT_ORDER
+
+
+# The rule below is generated: `python benchmarks/fit_dispatch.py --fit` rewrites everything from the
+# BEGIN line to the END line (the measurements it was fitted to are in benchmarks/dispatch_data.json).
+# BEGIN RULE
+RULE: Dict = {'about': 'Fitted by benchmarks/fit_dispatch.py --fit from benchmarks/dispatch_data.json: per '
+          "'cell/phase/dtype', coefficients (c0, cT, cB, cI, cH) of log(t_fused / t_native) ~ c0 + cT log2 T "
+          "+ cB log2 B + cI log2 I + cH log2 H; kernel='auto' puts the fused kernel before torch's op where "
+          "the prediction is below 0, inside 'range' (the measured [min, max] of T, B, I, H); outside it, "
+          "torch's op goes first.",
+ 'measured': {'machine': 'x86_64, 2 CPUs',
+              'cpu_capability': 'AVX2',
+              'torch': '2.13.0+cpu',
+              'threads': 2,
+              'rounds': 5,
+              'command': 'python benchmarks/fit_dispatch.py --measure --points 6 --rounds 5'},
+ 'rules': {'gru/eval/float32': {'coef': [1.0339, -0.0458, -0.1055, -0.1638, 0.0074],
+                                'range': [[6, 784], [13, 128], [1, 254], [8, 512]],
+                                'points': 10,
+                                'wrong_picks': 1,
+                                'median_regret': 1.0,
+                                'worst_regret': 1.128},
+           'gru/train/float32': {'coef': [1.6673, -0.0195, -0.5611, -0.1961, 0.2609],
+                                 'range': [[6, 784], [13, 128], [1, 254], [8, 512]],
+                                 'points': 10,
+                                 'wrong_picks': 0,
+                                 'median_regret': 1.0,
+                                 'worst_regret': 1.0},
+           'lstm/eval/float32': {'coef': [4.0657, -0.178, -0.0587, -0.0463, -0.2906],
+                                 'range': [[2, 784], [2, 128], [1, 128], [18, 976]],
+                                 'points': 10,
+                                 'wrong_picks': 4,
+                                 'median_regret': 1.0,
+                                 'worst_regret': 1.942},
+           'lstm/train/float32': {'coef': [-3.2966, -0.1275, 0.204, 0.0295, 0.3329],
+                                  'range': [[2, 784], [2, 128], [1, 128], [18, 976]],
+                                  'points': 10,
+                                  'wrong_picks': 3,
+                                  'median_regret': 1.0,
+                                  'worst_regret': 1.17},
+           'rnn_tanh/eval/float32': {'coef': [0.755, -0.2539, 0.1203, -0.1668, 0.0801],
+                                     'range': [[2, 784], [1, 128], [1, 418], [6, 913]],
+                                     'points': 10,
+                                     'wrong_picks': 1,
+                                     'median_regret': 1.0,
+                                     'worst_regret': 1.093},
+           'rnn_tanh/train/float32': {'coef': [-0.203, -0.0505, 0.1612, 0.0159, -0.0868],
+                                      'range': [[2, 784], [1, 128], [1, 418], [6, 913]],
+                                      'points': 10,
+                                      'wrong_picks': 1,
+                                      'median_regret': 1.0,
+                                      'worst_regret': 1.081}}}
+# END RULE

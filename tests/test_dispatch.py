@@ -1,0 +1,164 @@
+"""kernel="auto" in eager mode: the order comes from the fitted rule in recnorm.kernels.autotune, only
+implementations that accept the case are chosen, kernel= and $RECNORM_KERNEL override it, and every
+choice computes the same thing. No timings here: the rule's speed is measured by
+benchmarks/fit_dispatch.py and benchmarks/bench_rnn.py, not by tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import recnorm
+from recnorm import kernels
+from recnorm.kernels import autotune, fused
+
+LAYERS = {"lstm": recnorm.LSTM, "gru": recnorm.GRU, "rnn": recnorm.RNN}
+RULE_CELL = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh"}
+
+
+def _layer(cell, norm, I=5, H=7, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return LAYERS[cell](I, H, norm=norm, dtype=dtype, **kw)
+
+
+def _choice(layer, T, B, grad: bool):
+    x = torch.randn(T, B, layer.input_size)
+    state = tuple(torch.zeros(B, layer.hidden_size) for _ in range(layer.cell.state_size))
+    work = layer.direction_work(0, 0)
+    with torch.set_grad_enabled(grad):
+        return kernels.choose(work, x, None, state, "auto")[0]
+
+
+def test_rule_is_well_formed():
+    rules = autotune.RULE["rules"]
+    for cell in ("lstm", "gru", "rnn_tanh"):
+        for phase in ("train", "eval"):
+            coef = rules[f"{cell}/{phase}/float32"]["coef"]
+            assert len(coef) == 5 and all(isinstance(c, float) for c in coef)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("norm", [None, "sequence_batch"])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("T,B,I,H", [(3, 2, 5, 7), (40, 64, 16, 32), (200, 8, 8, 64)])
+def test_auto_follows_the_rule(cell, norm, grad, T, B, I, H):
+    layer = _layer(cell, norm, I, H)
+    pred = autotune.predict(RULE_CELL[cell], grad, "float32", T, B, I, H)
+    # outside the sizes the rule was fitted on it predicts nothing, and torch's op goes first
+    assert _choice(layer, T, B, grad) == ("fused" if pred is not None and pred < 0 else "native")
+
+
+def test_the_rule_does_not_extrapolate():
+    for key, entry in autotune.RULE["rules"].items():
+        cell, phase, dtype = key.split("/")
+        lo = [r[0] for r in entry["range"]]
+        hi = [r[1] for r in entry["range"]]
+        assert autotune.predict(cell, phase == "train", dtype, *lo) is not None
+        assert autotune.predict(cell, phase == "train", dtype, *hi) is not None
+        assert autotune.predict(cell, phase == "train", dtype, hi[0] * 2, *hi[1:]) is None
+
+
+@pytest.fixture
+def rule(monkeypatch):
+    """Replace the fitted rule by a constant one: fused first (c0 < 0) or torch's op first (c0 > 0)."""
+
+    def set_rule(c0: float):
+        fake = {"rules": {f"{c}/{p}/float32": {"coef": [c0, 0.0, 0.0, 0.0, 0.0]} for c in RULE_CELL.values() for p in ("train", "eval")}}
+        monkeypatch.setattr(autotune, "RULE", fake)
+
+    return set_rule
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_the_rule_orders_only_where_both_serve(rule, cell):
+    rule(-1.0)
+    assert _choice(_layer(cell, None), 4, 3, True) == "fused"
+    rule(+1.0)
+    assert _choice(_layer(cell, None), 4, 3, True) == "native"
+    # layer norm: only the fused kernel serves it, whatever the rule says
+    assert _choice(_layer(cell, "layer"), 4, 3, True) == "fused"
+    # a cell with a projection, or float64 without an entry in the rule: torch's op first
+    rule(-1.0)
+    if cell == "lstm":
+        assert _choice(_layer(cell, None, proj_size=3), 4, 3, True) == "native"
+    assert autotune.eager_order(_layer(cell, None, dtype=torch.float64).direction_work(0, 0), torch.zeros(2, 2, 5, dtype=torch.float64), None, True)[0] == "native"
+
+
+def test_a_refusing_implementation_is_never_chosen(rule, monkeypatch):
+    rule(-1.0)
+    layer = _layer("lstm", None)
+    monkeypatch.setattr(fused, "supports", lambda *a: "refused for the test")
+    assert _choice(layer, 4, 3, True) == "native"
+
+
+def test_outside_eager_mode_the_rule_is_not_used(rule, monkeypatch):
+    rule(+1.0)  # torch's op first in eager mode ...
+    monkeypatch.setattr(kernels, "execution_mode", lambda: "compile")
+    # ... but under compile, training runs the fused operator (torch's op has no traceable backward)
+    assert _choice(_layer("lstm", None), 4, 3, True) == "fused"
+    rule(-1.0)
+    assert _choice(_layer("lstm", None), 4, 3, False) == "native"
+
+
+def test_kernel_argument_and_environment_override(rule, monkeypatch):
+    rule(-1.0)
+    layer = _layer("gru", None)
+    x = torch.randn(4, 3, 5)
+    state = (torch.zeros(3, 7),)
+    work = layer.direction_work(0, 0)
+    assert kernels.choose(work, x, None, state, "native")[0] == "native"
+    assert kernels.choose(work, x, None, state, "reference")[0] == "reference"
+    monkeypatch.setenv("RECNORM_KERNEL", "native")
+    assert kernels.resolve_kernel(None) == "native"
+    assert kernels.resolve_kernel("fused") == "fused"
+    with pytest.raises(ValueError, match="kernel='native' cannot run this layer"):
+        kernels.choose(_layer("gru", "layer").direction_work(0, 0), x, None, state, "native")
+
+
+def _run(layer, x, kernel, autocast=False):
+    layer = copy.deepcopy(layer)
+    layer.kernel = kernel
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, _ = layer(xg)
+    out.float().square().sum().backward()
+    grads = [xg.grad] + [p.grad for p in layer.parameters()]
+    return out, grads
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("norm", [None, "sequence_batch"])
+def test_every_choice_computes_the_same(rule, cell, norm):
+    """The two cases with a choice: auto with either order, and each implementation forced, against the
+    reference loop, outputs and gradients (float64, two layers)."""
+    layer = _layer(cell, norm, dtype=torch.float64, num_layers=2)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    ref_out, ref_grads = _run(layer, x, "reference")
+    for c0, kernel in ((-1.0, "auto"), (1.0, "auto"), (0.0, "fused"), (0.0, "native")):
+        rule(c0)
+        out, grads = _run(layer, x, kernel)
+        torch.testing.assert_close(out, ref_out)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("norm", [None, "layer", "batch"])
+@pytest.mark.parametrize("c0", [-1.0, 1.0], ids=["fused_first", "native_first"])
+def test_bf16_autocast_runs_in_float32(rule, cell, norm, c0):
+    """Under CPU bfloat16 autocast, auto runs torch's op or the fused kernel in float32 on the upcast
+    input: the result is float32's, rounded to bfloat16 (the layer casts its input to bfloat16 first, so
+    the float32 reference runs on that rounded input). The fused kernel's is bit for bit the reference's."""
+    rule(c0)
+    layer = _layer(cell, norm)
+    x = torch.randn(6, 3, 5)
+    out, grads = _run(layer, x, "auto", autocast=True)
+    assert out.dtype == torch.bfloat16
+    ref_out, _ = _run(layer, x.bfloat16().float(), "reference")
+    if c0 < 0 or norm is not None:  # the fused kernel
+        torch.testing.assert_close(out.float(), ref_out.bfloat16().float(), atol=0, rtol=0)
+    else:  # torch's op in float32: within one bfloat16 rounding of the reference
+        torch.testing.assert_close(out.float(), ref_out, atol=1e-5, rtol=2**-8)
+    assert all(g is not None and g.dtype == torch.float32 for g in grads[1:])
