@@ -145,3 +145,13 @@ def test_report_hook_writes_the_analysis_section(tmp_path):
     assert any("narrows the train-test gap in accuracy" in row[1] for row in result["verdicts"])
     with pytest.raises(ValueError, match="unknown analysis 'nope'"):
         analyses.run_analysis("nope", None, [], {})
+
+
+def test_norm_variants_get_labels_and_names_of_their_own():
+    from recnorm.experiments.results import model_label
+
+    plain = RunConfig(norm="layer").to_dict()
+    variant = RunConfig(norm="layer", norm_kwargs={"joint": True, "carry_cell": True}).to_dict()
+    assert model_label(plain) == "layer" and model_label(variant) == "layer joint carried c"
+    assert analyses.name("layer joint carried c") == "layer norm (joint gate norm, carried normalized cell)"
+    assert analyses.name("rms") == "RMSNorm" and analyses.name("batch γ=0.1") == "per-step BN (γ0 = 0.1)"

@@ -164,7 +164,7 @@ def label(r: Record) -> str:
 
 
 _WORDS = {"none": "no norm", "layer": "layer norm", "batch": "per-step BN", "sequence_batch": "sequence-wise BN",
-          "shared_batch": "naive shared BN"}
+          "shared_batch": "naive shared BN", "rms": "RMSNorm"}
 
 
 def name(lab: str) -> str:
@@ -173,6 +173,9 @@ def name(lab: str) -> str:
     words = _WORDS.get(head.split("+")[0], head)
     if rest.startswith("γ="):
         return f"{words} (γ0 = {rest[2:]})"
+    if rest:  # variants of the norm ("layer joint carried c"): say which
+        parts = [w for key, w in (("joint", "joint gate norm"), ("carried c", "carried normalized cell")) if key in rest]
+        return f"{words} ({', '.join(parts) or rest})"
     return f"{words} ({lab})" if words != lab and head not in _WORDS else words
 
 
@@ -879,7 +882,27 @@ def laurent_claims(records: Sequence[Record]) -> List[Claim]:
         source="Laurent et al. 2016; Amodei et al. 2016 (Deep Speech 2, Table 1)", task=task,
         evidence=f"per seed: sequence-wise BN minus no norm, at {deep} and at {shallow} layer(s)", cmp=d,
         outcome=outcome, effect_text=f"{deep} layers: {effect_text(d)}; {shallow}: {effect_text(s)}",
-        other=(f"at {shallow} layer(s)", s))]
+        other=(f"at {shallow} layer(s)", s))] + _between_layers_claims(records, depths, task)
+
+
+def _between_layers_claims(records: Sequence[Record], depths: Sequence[int], task: str) -> List[Claim]:
+    """The two vertical placements side by side, at each depth that has the literal one (BN of each
+    layer's output, between the layers): against no norm, and against Laurent's BN of ``W_ih x_t``."""
+    between = "none+between=batch"
+    claims = []
+    for depth in depths:
+        if not select(records, label=between, num_layers=depth):
+            continue
+        vs_none = compare(records, {"label": between, "num_layers": depth}, {"label": "none", "num_layers": depth})
+        vs_laurent = compare(records, {"label": between, "num_layers": depth},
+                             {"label": "sequence_batch", "num_layers": depth})
+        claims.append(Claim(
+            key=f"between:{depth}", claim=f"BN of each layer's output between the layers (RNN -> BN -> RNN) "
+                                          f"ends better than no norm ({depth} layers, final test accuracy)",
+            source="the question's vertical placement; Laurent et al. 2016 (Sec. 3)", task=task,
+            evidence="per seed: between-layer BN minus no norm", cmp=vs_none,
+            other=("against Laurent's BN of W_ih x_t (sequence_batch)", vs_laurent)))
+    return claims
 
 
 def horizontal_claims(records: Sequence[Record]) -> List[Claim]:

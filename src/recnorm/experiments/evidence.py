@@ -50,6 +50,7 @@ QUESTIONS: List[Question] = [
     Question("naive BN with statistics shared over time fails", "default", ("shared_hurts",)),
     Question("naive BN with statistics shared over time fails", "horizontal", ("shared_hurts:*",)),
     Question("vertical (sequence-wise) BN helps deep stacks only", "laurent", ("deep_only",)),
+    Question("BN on the output of each RNN, between stacked layers, helps", "laurent", ("between:*",)),
     Question("BN needs large batches; layer norm does not", "drawbacks", ("small_batch:*", "bn_vs_ln_small_batch:*")),
     Question("training-mode and eval-mode statistics drift apart at small batches", "drawbacks",
              ("train_eval_gap:*",)),

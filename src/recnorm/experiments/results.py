@@ -209,11 +209,16 @@ def load_records(path: str) -> List[Dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- records
 def model_label(config: Dict[str, Any]) -> str:
-    """A short label for the normalization of a run: ``"none"``, ``"layer"``, ``"batch γ=0.1"``...; a norm
-    between stacked layers is added (``"none+between=batch"``)."""
+    """A short label for the normalization of a run: ``"none"``, ``"layer"``, ``"batch γ=0.1"``,
+    ``"layer joint carried c"``...; a norm between stacked layers is added (``"none+between=batch"``)."""
     norm = config.get("norm") or "none"
-    gain = (config.get("norm_kwargs") or {}).get("gain_init")
+    kwargs = config.get("norm_kwargs") or {}
+    gain = kwargs.get("gain_init")
     label = f"{norm} γ={gain:g}" if gain is not None else norm
+    if kwargs.get("joint"):  # the layer-norm variants of torchaudio and TF-Addons (recnorm.nn.norms)
+        label += " joint"
+    if kwargs.get("carry_cell"):
+        label += " carried c"
     between = config.get("between_layers")
     return f"{label}+between={between}" if between else label
 
