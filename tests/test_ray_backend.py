@@ -37,9 +37,11 @@ def cluster():
     assert not ray.is_initialized()
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = SRC + (os.pathsep + env_path if env_path else "")  # the workers import this tree
+    # Children this process had before (a multiprocessing resource tracker of an earlier test, say) are not Ray's.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 * 1024,
              logging_level="warning")
-    children = psutil.Process().children(recursive=True)
+    children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
