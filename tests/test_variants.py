@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import recnorm
 from recnorm import kernels
+from registry_cases import randomize
 
 DT = torch.float64
 FUSED = ["reference", "fused"] if kernels.extensions_built() else ["reference"]
@@ -25,16 +26,6 @@ def _ln(v, eps, center=True):
     if center:
         v = v - v.mean(-1, keepdim=True)
     return v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps)
-
-
-def _randomize(m, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.startswith("norm_"):
-                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 0.9 + 0.3)
-            elif name.startswith("bias_"):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
 
 
 def _lstm_reference(m, x, h, c, center, joint, carry, eps):
@@ -79,7 +70,7 @@ def test_lstm_variants_match_the_equations(norm, joint, carry, kernel):
     torch.manual_seed(0)
     eps = 1e-3
     m = recnorm.LSTM(3, 5, norm=norm, norm_kwargs={"joint": joint, "carry_cell": carry, "eps": eps}, kernel=kernel, dtype=DT)
-    _randomize(m)
+    randomize(m, seed=0)
     m.eval()
     x, h0, c0 = torch.randn(6, 2, 3, dtype=DT), torch.randn(1, 2, 5, dtype=DT), torch.randn(1, 2, 5, dtype=DT)
     out, (h, c) = m(x, (h0, c0))
@@ -92,7 +83,7 @@ def test_lstm_variants_match_the_equations(norm, joint, carry, kernel):
 @pytest.mark.parametrize("norm,joint,carry", [("layer", True, True), ("rms", True, False), ("rms", False, True)])
 def test_lstm_variants_gradcheck(norm, joint, carry):
     m = recnorm.LSTM(2, 3, norm=norm, norm_kwargs={"joint": joint, "carry_cell": carry}, dtype=DT)
-    _randomize(m)
+    randomize(m, seed=0)
     x = torch.randn(4, 2, 2, dtype=DT, requires_grad=True)
     params = list(m.parameters())
     for kernel in FUSED:
@@ -102,7 +93,7 @@ def test_lstm_variants_gradcheck(norm, joint, carry):
 
 def test_rnn_joint_norm_matches_the_equation():
     m = recnorm.RNN(3, 4, norm="layer", norm_kwargs={"joint": True}, dtype=DT)
-    _randomize(m)
+    randomize(m, seed=0)
     x, h = torch.randn(5, 2, 3, dtype=DT), torch.randn(1, 2, 4, dtype=DT)
     out, _ = m(x, h)
     hh = h[0]
@@ -131,7 +122,7 @@ def test_undefined_analogues_are_refused_with_the_reason():
 
 def test_export_of_joint_carried_zoned_lstm_matches_eager():
     m = recnorm.LSTM(3, 4, norm="rms", norm_kwargs={"joint": True, "carry_cell": True}, zoneout=(0.2, 0.4)).eval()
-    _randomize(m)
+    randomize(m, seed=0)
     x = torch.randn(5, 2, 3)
     ep = torch.export.export(m, (x,))
     torch.testing.assert_close(ep.module()(x)[0], m(x)[0])
@@ -198,7 +189,7 @@ def test_gru_zoneout_in_eval_is_the_expectation():
 @pytest.mark.parametrize("training", [True, False])
 def test_zoneout_kernels_agree_and_gradcheck(training):
     m = recnorm.LSTM(2, 3, norm="layer", norm_kwargs={"carry_cell": True}, zoneout=(0.3, 0.5), dtype=DT).train(training)
-    _randomize(m)
+    randomize(m, seed=0)
     x = torch.randn(5, 2, 2, dtype=DT, requires_grad=True)
     lengths = torch.tensor([5, 3])
     params = list(m.parameters())
@@ -265,7 +256,7 @@ def test_fused_variants_match_reference_bidirectional_chunked(norm, input_size, 
     for kernel in ("reference", "fused"):
         torch.manual_seed(3)
         m = recnorm.LSTM(input_size, hidden, kernel=kernel, **kw)
-        _randomize(m)
+        randomize(m, seed=0)
         xl = x.clone().requires_grad_(True)
         torch.manual_seed(4)  # the same masks for both kernels
         out, (h, c) = m(pack_padded_sequence(xl, lengths, enforce_sorted=False))

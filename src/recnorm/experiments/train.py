@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ import platform
 import random
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -171,13 +172,17 @@ def evaluate(model: SequenceModel, task: Any, split: str, batch_size: int,
              max_batches: Optional[int] = None) -> Dict[str, Optional[float]]:
     """Pooled metrics of ``split`` with the model in eval mode (population statistics); the model's mode is
     restored. Returns ``{metric: value}`` (None for a non-finite value)."""
+    batches = task.batches(split, batch_size, seed=0)
+    return _pooled_metrics(model, task, batches if max_batches is None else itertools.islice(batches, max_batches))
+
+
+def _pooled_metrics(model: SequenceModel, task: Any, batches: Iterable[Any]) -> Dict[str, Optional[float]]:
+    """Each metric pooled over ``batches`` (its sums over its counts), the model in eval mode meanwhile."""
     was_training = model.training
     model.eval()
     sums: Dict[str, List[float]] = {}
     try:
-        for i, batch in enumerate(task.batches(split, batch_size, seed=0)):
-            if max_batches is not None and i >= max_batches:
-                break
+        for batch in batches:
             for name, (s, c) in task.metrics(_forward(model, batch), batch).items():
                 acc = sums.setdefault(name, [0.0, 0.0])
                 acc[0] += s
@@ -200,24 +205,18 @@ def _evaluate_train_split(model: SequenceModel, task: Any, examples: int, batch_
     """Metrics (eval mode) on ``examples`` training examples: the first of one fixed shuffle of the training
     set, each example once when ``examples`` is at most the set's size."""
     examples = min(examples, task.num_examples("train"))
-    was_training = model.training
-    model.eval()
-    sums: Dict[str, List[float]] = {}
-    seen = 0
-    try:
+
+    def first_examples() -> Iterator[Any]:
+        seen = 0
         for batch in task.batches("train", min(batch_size, examples), seed=0):
             if seen >= examples:
-                break
+                return
             if seen + batch.batch_size > examples:
                 batch = _slice_batch(batch, examples - seen)
             seen += batch.batch_size
-            for name, (s, c) in task.metrics(_forward(model, batch), batch).items():
-                acc = sums.setdefault(name, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-    finally:
-        model.train(was_training)
-    return {k: _finite(s / c) if c else None for k, (s, c) in sums.items()}
+            yield batch
+
+    return _pooled_metrics(model, task, first_examples())
 
 
 def _sorted_by_length(stream: Iterator[Any], pool: int, seed: int) -> Iterator[Any]:

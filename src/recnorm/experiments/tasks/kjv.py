@@ -155,6 +155,24 @@ def load_kjv() -> Tuple[str, Tensor]:
     return _CACHE[key]
 
 
+def char_lm_loss(task: Task, outputs: Tensor, batch: Batch) -> Tensor:
+    """Mean next-character cross-entropy over the valid steps (a task method of the KJV tasks)."""
+    _check_outputs(outputs, batch, task.num_outputs)
+    ce, mask = per_step_cross_entropy(outputs, batch)
+    return masked_mean(ce, mask)
+
+
+@torch.no_grad()
+def char_lm_metrics(task: Task, outputs: Tensor, batch: Batch) -> Dict[str, Tuple[float, float]]:
+    """Bits per character and cross-entropy (nats), as sums with their counts of valid steps."""
+    _check_outputs(outputs, batch, task.num_outputs)
+    ce, mask = per_step_cross_entropy(outputs, batch)
+    if mask is not None:
+        ce = ce.masked_select(mask)
+    nats, n = ce.sum().item(), float(ce.numel())
+    return {"bpc": (nats / LN2, n), "loss": (nats, n)}
+
+
 @register_task
 class KJVCharsTask(Task):
     """Character-level language modelling on the King James Bible.
@@ -257,16 +275,5 @@ class KJVCharsTask(Task):
             full = bool((lengths == T).all())
             yield Batch(x, y, None if full else lengths)
 
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        _check_outputs(outputs, batch, self.num_outputs)
-        ce, mask = per_step_cross_entropy(outputs, batch)
-        return masked_mean(ce, mask)
-
-    @torch.no_grad()
-    def metrics(self, outputs: Tensor, batch: Batch) -> Dict[str, Tuple[float, float]]:
-        _check_outputs(outputs, batch, self.num_outputs)
-        ce, mask = per_step_cross_entropy(outputs, batch)
-        if mask is not None:
-            ce = ce.masked_select(mask)
-        nats, n = ce.sum().item(), float(ce.numel())
-        return {"bpc": (nats / LN2, n), "loss": (nats, n)}
+    loss = char_lm_loss
+    metrics = char_lm_metrics

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
-from torch import Tensor
 
-from ._common import (LN2, _check_outputs, check_batch_size, check_positive_int, check_split, eval_slices,
-                      masked_mean, per_step_cross_entropy, take, train_index_stream)
+from ._common import check_batch_size, check_positive_int, check_split, eval_slices, take, train_index_stream
 from .base import Batch, Task, register_task
-from .kjv import VOCAB, check_kjv, load_kjv
+from .kjv import VOCAB, char_lm_loss, char_lm_metrics, check_kjv, load_kjv
 
 __all__ = ["KJVVersesTask"]
 
@@ -100,16 +98,5 @@ class KJVVersesTask(Task):
                     for idx in train_index_stream(len(spans), batch_size, seed))
         return (self._batch(spans[s]) for s in eval_slices(len(spans), batch_size))
 
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        _check_outputs(outputs, batch, self.num_outputs)
-        ce, mask = per_step_cross_entropy(outputs, batch)
-        return masked_mean(ce, mask)
-
-    @torch.no_grad()
-    def metrics(self, outputs: Tensor, batch: Batch) -> Dict[str, Tuple[float, float]]:
-        _check_outputs(outputs, batch, self.num_outputs)
-        ce, mask = per_step_cross_entropy(outputs, batch)
-        if mask is not None:
-            ce = ce.masked_select(mask)
-        nats, n = ce.sum().item(), float(ce.numel())
-        return {"bpc": (nats / LN2, n), "loss": (nats, n)}
+    loss = char_lm_loss
+    metrics = char_lm_metrics
