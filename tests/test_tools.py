@@ -232,3 +232,73 @@ def test_script_refuses_with_one_clear_error(cell):
     wrapper = torch.nn.Sequential(m)  # also inside a user's model
     with pytest.raises(RuntimeError, match="torch.jit.script cannot compile recnorm"):
         torch.jit.script(wrapper)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The variants (issue 8): joint gate norm, carried cell, one-group GRU norm, zoneout, DropConnect
+# ---------------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "lstm-layer-joint-carry-zoneout": ("lstm", dict(norm="layer", norm_kwargs={"joint": True, "carry_cell": True}, zoneout=(0.2, 0.1))),
+    "lstm-rms-dropconnect": ("lstm", dict(norm="rms", weight_dropout=0.3)),
+    "gru-layer-one-group-zoneout": ("gru", dict(norm="layer", norm_kwargs={"gate_groups": "one"}, zoneout=0.2)),
+    "gru-batch-zoneout-dropconnect": ("gru", dict(norm="batch", zoneout=0.2, weight_dropout=0.3)),
+    "rnn-rms-joint-zoneout": ("rnn_tanh", dict(norm="rms", norm_kwargs={"joint": True}, zoneout=0.2)),
+}
+VARIANT_IDS = list(VARIANTS)
+
+
+def _variant(vid):
+    cell, kw = VARIANTS[vid]
+    return _trained(cell, kw.get("norm"), **{k: v for k, v in kw.items() if k != "norm"})
+
+
+@pytest.mark.parametrize("vid", VARIANT_IDS)
+def test_trace_of_variants_follows_other_shapes(vid):
+    m = _variant(vid)
+    traced = torch.jit.trace(m, (torch.randn(5, 3, I),), check_trace=False)
+    for shape in [(9, 7, I), (2, 2, I)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(_out(traced(x)), _out(m(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vid", VARIANT_IDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_of_variants_matches_eager(vid, train):
+    """In training the zoneout keep indicators and DropConnect masks come from torch's RNG: seeded alike,
+    the compiled and the eager model draw the same ones."""
+    m = _variant(vid)
+    cell, kw = VARIANTS[vid]
+    twin = make(cell, I, H, 2, **kw)
+    twin.load_state_dict(m.state_dict())
+    m.train(train)
+    twin.train(train)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(7, 5, I)
+    results = []
+    for model, params in ((compiled, m), (twin, twin)):
+        xl = x.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        out, _ = model(xl)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), xl.grad] + [p.grad for p in params.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vid", VARIANT_IDS)
+def test_export_and_onnx_of_variants_match_eager(vid, tmp_path):
+    import onnxruntime as ort
+
+    m = _variant(vid)
+    ep = torch.export.export(m, (torch.randn(5, 3, I),), dynamic_shapes=_dims())
+    path = os.path.join(tmp_path, "model.onnx")
+    torch.onnx.export(m, (torch.randn(5, 3, I),), dynamic_shapes=_dims(), dynamo=True, verbose=False).save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for shape in [(9, 7, I), (2, 2, I)]:
+        x = torch.randn(*shape)
+        want = _out(m(x)).detach()
+        torch.testing.assert_close(_out(ep.module()(x)), want, rtol=1e-4, atol=1e-5)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)

@@ -264,3 +264,112 @@ def test_fused_variants_match_reference_bidirectional_chunked(norm, input_size, 
         results.append([out.data, h, c] + list(torch.autograd.grad(loss, [xl] + list(m.parameters()))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GRU/RNN variants on the fused kernel: zoneout, the RNN's joint norm, haste's one-group GRU norm
+# ---------------------------------------------------------------------------------------------------
+
+_GRU_RNN_VARIANTS = (
+    [(c, n, "zoneout") for c in ("gru", "rnn", "rnn_relu") for n in (None, "layer", "rms", "batch")]
+    + [(c, n, "joint") for c in ("rnn", "rnn_relu") for n in ("layer", "rms")]
+    + [("gru", n, "one_group") for n in ("layer", "rms")]
+)
+
+
+def _gru_rnn(cell, norm, variant, input_size, hidden, **kw):
+    opts = dict(norm=norm, dtype=DT, **kw)
+    if variant == "zoneout":
+        opts.update(zoneout=0.3, weight_dropout=0.2)
+    elif variant == "joint":
+        opts["norm_kwargs"] = {"joint": True}
+    else:
+        opts["norm_kwargs"] = {"gate_groups": "one"}
+    if cell == "gru":
+        return recnorm.GRU(input_size, hidden, **opts)
+    return recnorm.RNN(input_size, hidden, nonlinearity="relu" if cell == "rnn_relu" else "tanh", **opts)
+
+
+@pytest.mark.skipif("fused" not in FUSED, reason="the fused extensions are not built")
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("cell,norm,variant", _GRU_RNN_VARIANTS)
+def test_fused_gru_rnn_variants_match_reference(cell, norm, variant, training, monkeypatch):
+    """Two bidirectional layers on packed input, the input projection inside the pass (narrow input) or
+    by chunked GEMMs (wide), backward GEMMs in chunks: outputs, final states and every gradient."""
+    from recnorm.kernels import fused
+
+    monkeypatch.setattr(fused, "INPROJ_ROWS", 7)
+    monkeypatch.setenv("RECNORM_FUSED_CHUNK_ROWS", "9")
+    input_size = 11 if (norm is None) == training else 2
+    x = torch.randn(7, 5, input_size, dtype=DT)
+    lengths = torch.tensor([7, 3, 7, 1, 4])
+    results = []
+    for kernel in ("reference", "fused"):
+        torch.manual_seed(3)
+        m = _gru_rnn(cell, norm, variant, input_size, 6, num_layers=2, bidirectional=True, kernel=kernel).train(training)
+        randomize(m, seed=0)
+        xl = x.clone().requires_grad_(True)
+        torch.manual_seed(4)  # the same masks for both kernels
+        out, h = m(pack_padded_sequence(xl, lengths, enforce_sorted=False))
+        loss = out.data.square().sum() + h.sum()
+        results.append([out.data, h] + list(torch.autograd.grad(loss, [xl] + list(m.parameters()))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif("fused" not in FUSED, reason="the fused extensions are not built")
+@pytest.mark.parametrize("cell,norm,variant", [("gru", "layer", "zoneout"), ("rnn", "batch", "zoneout"), ("rnn_relu", "rms", "joint"),
+                                               ("gru", "rms", "one_group")])  # fmt: skip
+def test_fused_gru_rnn_variants_gradcheck(cell, norm, variant):
+    m = _gru_rnn(cell, norm, variant, 2, 3, kernel="fused")
+    randomize(m, seed=1)
+    x = torch.randn(5, 2, 2, dtype=DT, requires_grad=True)
+    lengths = torch.tensor([5, 3])
+    params = list(m.parameters())
+
+    def f(x, *p):
+        torch.manual_seed(7)  # the same keep indicators and DropConnect mask at every call
+        return pad_packed_sequence(m(pack_padded_sequence(x, lengths))[0])[0]
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif("fused" not in FUSED, reason="the fused extensions are not built")
+@pytest.mark.parametrize("cell,norm,variant", [("gru", "layer", "zoneout"), ("rnn", None, "zoneout"), ("rnn", "rms", "joint"),
+                                               ("gru", "layer", "one_group")])  # fmt: skip
+def test_jit_trace_of_gru_rnn_variants_follows_the_input_shape(cell, norm, variant):
+    """Traced on one length and batch, the layer stays right for others (it records the fused operator)."""
+    m = _gru_rnn(cell, norm, variant, 3, 4).float().eval()
+    randomize(m, seed=2)
+    traced = torch.jit.trace(m, (torch.randn(5, 3, 3),), check_trace=False)
+    x = torch.randn(8, 2, 3)
+    for a, b in zip(traced(x), m(x)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif("fused" not in FUSED, reason="the fused extensions are not built")
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("make_layer", [
+    lambda: recnorm.LSTM(2, 3, norm="rms", norm_kwargs={"joint": True, "carry_cell": True}, zoneout=(0.3, 0.2), dtype=DT),
+    lambda: recnorm.GRU(2, 3, norm="layer", norm_kwargs={"gate_groups": "one"}, zoneout=0.3, dtype=DT),
+    lambda: recnorm.RNN(2, 3, norm="layer", norm_kwargs={"joint": True}, zoneout=0.3, dtype=DT),
+], ids=["lstm", "gru", "rnn"])  # fmt: skip
+def test_opcheck_of_the_variants(make_layer, training, monkeypatch):
+    """torch.library.opcheck (schema, fake kernel, autograd registration, AOTDispatch) with the variant
+    arguments set: keep indicators (training) or rates (eval), joint norm, one-group GRU norm."""
+    from recnorm.kernels import fused
+
+    torch.manual_seed(0)
+    m = make_layer().train(training)
+    randomize(m, seed=0)
+    bs = torch.tensor([3, 3, 2, 1])
+    x = torch.randn(int(bs.sum()), 2, dtype=DT, requires_grad=True)
+    state = tuple(torch.randn(3, 3, dtype=DT, requires_grad=True) for _ in range(m.cell.state_size))
+    name = "fused_lstm" if isinstance(m, recnorm.LSTM) else "fused_gru_rnn"
+    op, calls = getattr(torch.ops.recnorm, name), []
+    monkeypatch.setattr(torch.ops.recnorm, name, lambda *a: calls.append(a) or op(*a))
+    fused.run_direction(m.direction_work(0, 0, x=x), x, bs, state)
+    monkeypatch.undo()
+    (args,) = calls
+    assert args[-1] is not None  # the zoneout of h reached the operator
+    torch.library.opcheck(op, args)

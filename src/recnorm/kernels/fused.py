@@ -25,7 +25,9 @@ forms within ~3 ulp; float64 uses SLEEF's functions, as torch does.
 
 Served (:func:`supports`): the LSTM, GRU and RNN (tanh, relu) cells without ``proj_size``, where every
 normalized site uses the same statistic family (none, row, or per-step batch) with the cell's own feature
-groups, on float32/float64 CPU tensors, without diagnostics capture or synchronized statistics. Double
+groups (or, for the GRU, one group over all 3H: haste's LayerNormGRU), on float32/float64 CPU tensors,
+without diagnostics capture or synchronized statistics. The variants: zoneout of every state, a joint gate
+norm (LSTM, RNN) and a carried cell norm (LSTM), with row statistics for the last two. Double
 backward (``create_graph=True``) raises a RuntimeError that points to the reference loop.
 
 Performance knobs (environment, read per call unless noted):
@@ -373,20 +375,27 @@ _fused_lstm.register_autograd(_lstm_backward, setup_context=_lstm_setup)
 def _fused_gru_rnn(
     x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], b_hn: Optional[Tensor],
     g_ih: Optional[Tensor], g_hh: Optional[Tensor], pop: List[Tensor], cell: int, stat: List[int], center: List[int],
-    eps: List[float], batch_stats: bool, save: bool, step_offset: int,
+    eps: List[float], batch_stats: bool, save: bool, step_offset: int, joint: bool, one_group: List[int], zone_h: Optional[Tensor],
 ) -> List[Tensor]:
-    """``[out, h_n, XI, XH, stats, moments]`` of one GRU or RNN direction (see the C++)."""
+    """``[out, h_n, XI, XH, stats, moments]`` of one GRU or RNN direction (see the C++).
+
+    ``joint`` (RNN, row statistics): one norm (the input term's gain, centring and eps) over the sum of the
+    two terms; ``one_group``: per site (ih, hh), whether the GRU's layer norm takes one group over all 3H
+    features (haste's LayerNormGRU) instead of (2H, H); ``zone_h``: zoneout keep indicators ``(N, H)``
+    (training) or ``(1, H)`` filled with the rate (eval)."""
     B, H = h0.shape[0], w_hh.shape[1]
     plan = onednn_plan(B, H, False, x.dtype, "gru_rnn")
     res = _ext("gru_rnn").forward(
         x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, list(pop), int(cell), list(stat), list(center), list(eps),
-        batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS, _pack(w_hh, B) if plan[1] else None,
+        batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS, _pack(w_hh, B) if plan[1] else None, joint,
+        list(one_group), zone_h,
     )  # fmt: skip
     return list(res)
 
 
 @_fused_gru_rnn.register_fake
-def _fused_gru_rnn_fake(x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, pop, cell, stat, center, eps, batch_stats, save, step_offset):
+def _fused_gru_rnn_fake(x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, pop, cell, stat, center, eps, batch_stats, save, step_offset,
+                        joint, one_group, zone_h):  # fmt: skip
     N, B, H = x.shape[0], h0.shape[0], w_hh.shape[1]
     G, T = w_hh.shape[0], _steps(x, batch_sizes, h0)
     fam = stat[0]
@@ -403,6 +412,7 @@ def _fused_gru_rnn_backward(
     d_out: Optional[Tensor], d_hn: Optional[Tensor], x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     bias: Optional[Tensor], b_hn: Optional[Tensor], g_ih: Optional[Tensor], g_hh: Optional[Tensor], out: Tensor, XI: Tensor,
     XH: Tensor, stats: Tensor, cell: int, stat: List[int], center: List[int], batch_stats: bool, need_dx: bool,
+    joint: bool, one_group: List[int], zone_h: Optional[Tensor],
 ) -> List[Tensor]:
     """``[dx, dh0, dW_ih, dW_hh, db, db_hn, dg_ih, dg_hh]`` (empty where not computed)."""
     B, H = h0.shape[0], w_hh.shape[1]
@@ -410,42 +420,45 @@ def _fused_gru_rnn_backward(
     res = _ext("gru_rnn").backward(
         d_out, d_hn, x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, int(cell), list(stat),
         list(center), batch_stats, need_dx, _chunk_rows(x.shape[0]), _pack(w_hh.t(), B) if plan[2] else None,
+        joint, list(one_group), zone_h,
     )  # fmt: skip
     return _none_to_empty(res, x)
 
 
 @_fused_gru_rnn_backward.register_fake
 def _fused_gru_rnn_backward_fake(d_out, d_hn, x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, cell, stat,
-                                 center, batch_stats, need_dx):  # fmt: skip
+                                 center, batch_stats, need_dx, joint, one_group, zone_h):  # fmt: skip
     H, G = w_hh.shape[1], w_hh.shape[0]
     e = x.new_empty
     return [e(x.shape) if need_dx else e(0), e(h0.shape), e(w_ih.shape), e(w_hh.shape), e(G), e(H) if cell == 0 else e(0), e(G), e(G)]
 
 
 def _gru_setup(ctx, inputs, output):
-    x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, pop, cell, stat, center, eps, batch_stats, save, step_offset = inputs
+    (x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, pop, cell, stat, center, eps, batch_stats, save, step_offset, joint,
+     one_group, zone_h) = inputs  # fmt: skip
     out, hn, XI, XH, stats, moments = output
     ctx.batch_sizes, ctx.cell, ctx.stat, ctx.center, ctx.batch_stats = batch_sizes, cell, stat, center, batch_stats
+    ctx.joint, ctx.one_group = joint, one_group
     ctx.pop_grad = _no_grads(pop)
     ctx.optional = [t is not None for t in (bias, b_hn, g_ih, g_hh)]
     ctx.set_materialize_grads(False)  # as for the LSTM: no zero-filled gradients of the saved terms
-    ctx.save_for_backward(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats)
+    ctx.save_for_backward(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, zone_h)
 
 
 def _gru_backward(ctx, grads):
     refuse_double_backward()
     d_out, d_hn = (g.contiguous() if g is not None else None for g in grads[:2])
-    x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats = ctx.saved_tensors
+    x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, zone_h = ctx.saved_tensors
     if XI.numel() == 0 and out.numel() > 0:
         raise RuntimeError("recnorm: this fused GRU/RNN call saved nothing for backward (it ran without autograd)")
     g = torch.ops.recnorm.fused_gru_rnn_backward(
         d_out, d_hn, x, ctx.batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, ctx.cell, ctx.stat, ctx.center,
-        ctx.batch_stats, bool(ctx.needs_input_grad[0]),
+        ctx.batch_stats, bool(ctx.needs_input_grad[0]), ctx.joint, ctx.one_group, zone_h,
     )  # fmt: skip
     dx, dh0, dw_ih, dw_hh, db, db_hn, dg_ih, dg_hh = g
     db, db_hn, dg_ih, dg_hh = (t if o else None for t, o in zip((db, db_hn, dg_ih, dg_hh), ctx.optional))
     return (dx if dx.numel() or x.numel() == 0 else None, None, dh0, dw_ih, dw_hh, db, db_hn, dg_ih, dg_hh, ctx.pop_grad,
-            None, None, None, None, None, None, None)  # fmt: skip
+            None, None, None, None, None, None, None, None, None, None)  # fmt: skip
 
 
 _fused_gru_rnn.register_autograd(_gru_backward, setup_context=_gru_setup)
@@ -455,16 +468,17 @@ _fused_gru_rnn.register_autograd(_gru_backward, setup_context=_gru_setup)
 # Which cases this path serves, and the call
 # ---------------------------------------------------------------------------------------------------
 
-_SITES = {"lstm": ("ih", "hh", "gates", "cell"), "gru": ("ih", "hh"), "rnn_tanh": ("ih", "hh"), "rnn_relu": ("ih", "hh")}
+_SITES = {"lstm": ("ih", "hh", "gates", "cell"), "gru": ("ih", "hh"), "rnn_tanh": ("ih", "hh", "gates"), "rnn_relu": ("ih", "hh", "gates")}
 
 
 def _kernel_sites(work: DirectionWork) -> Tuple[str, ...]:
     """The sites the kernel's three (LSTM) or two (GRU/RNN) norm slots hold: with a joint gate norm, the
     LSTM kernel reads the ``"gates"`` site in the input term's slot (and in the recurrent term's, which it
     then ignores)."""
+    joint = work.norm("gates") is not None
     if work.cell.kind == "lstm":
-        return ("gates", "gates", "cell") if work.norm("gates") is not None else ("ih", "hh", "cell")
-    return ("ih", "hh")
+        return ("gates", "gates", "cell") if joint else ("ih", "hh", "cell")
+    return ("gates", "gates") if joint else ("ih", "hh")
 
 
 def _folded_view(work: DirectionWork) -> DirectionWork:
@@ -498,11 +512,7 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
         return "it does not report per-step outputs (diagnostics capture)"
     work = _folded_view(work)
     if set(work.present_norms()) - set(_SITES[kind]):
-        if "gates" in work.present_norms():
-            return "its GRU/RNN kernel does not serve a joint gate norm (the reference loop does)"
-        return "it serves norms at the input term, the recurrent term and the LSTM cell"
-    if work.has_zoneout and kind != "lstm":
-        return "its GRU/RNN kernel does not zone out states (the reference loop does)"
+        return "it serves norms at the input term, the recurrent term (or their sum) and the LSTM cell"
     family = _family(work)
     if family is None:
         return "every normalized site must use the same statistic family (none, per row, or per step)"
@@ -511,11 +521,12 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
     if work.carry_cell_norm and work.norm("cell") is None:
         return "a carried cell norm needs a norm at the cell"
     hidden = work.weight_hh.shape[1]
-    groups = {"lstm": (4 * hidden,), "gru": (2 * hidden, hidden)}.get(kind, (hidden,))
+    # the cell's own groups; the GRU's layer norm may also take one group over all 3H (haste's LayerNormGRU)
+    groups = {"lstm": [(4 * hidden,)], "gru": [(2 * hidden, hidden), (3 * hidden,)]}.get(kind, [(hidden,)])
     for site, d in work.present_norms().items():
-        want = (hidden,) if site == "cell" else groups
-        if d.stat == "row" and tuple(d.groups) != want:
-            return f"layer-norm groups {tuple(d.groups)} at site {site!r} are not the cell's {want}"
+        want = [(hidden,)] if site == "cell" else groups
+        if d.stat == "row" and tuple(d.groups) not in want:
+            return f"layer-norm groups {tuple(d.groups)} at site {site!r} are not one of the cell's {' or '.join(map(str, want))}"
         if d.sync and d.batch_stats:
             return "it does not synchronize batch statistics across processes"
     if family == "batch" and len({d.batch_stats for d in work.present_norms().values()}) > 1:
@@ -601,12 +612,21 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
                                            bool(work.carry_cell_norm), *zones)  # fmt: skip
         moments = _moments(work, sites, res[8], (4 * H, 4 * H, H), counts) if batch_stats else {}
         return DirectionResult(unflat(res[0]), (res[1], res[2]), {**folded, **moments})
-    sites = ("ih", "hh")
+    sites = _kernel_sites(work)
+    joint = sites[0] == "gates"
     stat, center, eps, pop = _site_args(work, sites)
-    b, b_hn = _gate_biases(kind == "gru", H, work, shift("ih"), shift("hh"))
-    args = (x, batch_sizes, h0, work.weight_ih.contiguous(), work.weight_hh.contiguous(), b, b_hn, gain("ih"), gain("hh"))
+    if joint:  # the joint norm's shift adds to the bias; its gain is the input slot's, the recurrent slot has none
+        b, b_hn = _gate_biases(False, H, work, shift("gates"), None)
+        g_ih, g_hh = gain("gates"), None
+    else:
+        b, b_hn = _gate_biases(kind == "gru", H, work, shift("ih"), shift("hh"))
+        g_ih, g_hh = gain("ih"), gain("hh")
+    args = (x, batch_sizes, h0, work.weight_ih.contiguous(), work.weight_hh.contiguous(), b, b_hn, g_ih, g_hh)
     save = _needs_grad(*args)
-    res = torch.ops.recnorm.fused_gru_rnn(*args, pop, _CELL_CODES[kind], stat, center, eps, batch_stats, save, work.step_offset)
+    one_group = [int(kind == "gru" and d is not None and d.stat == "row" and len(d.groups) == 1) for d in map(work.norm, sites)]
+    zone_h = _zone_tensor(work.zone(0), x, H)
+    res = torch.ops.recnorm.fused_gru_rnn(*args, pop, _CELL_CODES[kind], stat, center, eps, batch_stats, save, work.step_offset,
+                                          joint, one_group, zone_h)  # fmt: skip
     G = work.weight_hh.shape[0]
     return DirectionResult(unflat(res[0]), (res[1],), {**folded, **(_moments(work, sites, res[5], (G, G), counts) if batch_stats else {})})
 

@@ -473,6 +473,50 @@ inline const T* ptr_or(const c10::optional<Tensor>& t, const T* fallback) {
 
 inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
+// ------------------------------------------------------------------------------------------------
+// Variants shared by the LSTM and GRU/RNN kernels: zoneout and a joint gate norm
+// ------------------------------------------------------------------------------------------------
+
+// Zoneout keep indicators of one state: (N, H) per packed row (training) or one (1, H) row holding the
+// rate (eval); absent: no zoneout. row(r) is the indicator row of packed row r (null when absent).
+struct ZoneRows {
+  const void* p = nullptr;
+  int64_t stride = 0;
+  ZoneRows() = default;
+  ZoneRows(const c10::optional<Tensor>& z, const Tensor& x, int64_t H, const char* what) {
+    if (!has(z)) return;
+    TORCH_CHECK(z->dim() == 2 && z->size(1) == H && (z->size(0) == 1 || z->size(0) == x.size(0)) && z->is_contiguous() &&
+                    z->scalar_type() == x.scalar_type(),
+                what, ": zoneout indicators must be contiguous (N, H) or (1, H) tensors of the input's dtype");
+    p = z->data_ptr();
+    stride = z->size(0) == 1 ? 0 : H;
+  }
+  explicit operator bool() const { return p != nullptr; }
+  template <typename T>
+  const T* row(int64_t r) const { return p ? static_cast<const T*>(p) + r * stride : nullptr; }
+};
+
+// dst[0:n) = src + d * (prev - src): zoneout of one state row (dst may be src).
+template <typename T>
+inline void zone_row(T* dst, const T* src, const T* prev, const T* d, int64_t n) {
+  constexpr int64_t VS = Vec<T>::size();
+  for (int64_t j = 0; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    const Vec<T> a = ld(src + j, c);
+    st(dst + j, fma(ld(d + j, c), ld(prev + j, c) - a, a), c);
+  }
+}
+
+// The joint gate norm's sum: x[0:n) += y[0:n).
+template <typename T>
+inline void add_row(T* x, const T* y, int64_t n) {
+  constexpr int64_t VS = Vec<T>::size();
+  for (int64_t j = 0; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    st(x + j, ld(x + j, c) + ld(y + j, c), c);
+  }
+}
+
 // Per-thread scratch indexed by at::get_thread_num().
 inline int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 

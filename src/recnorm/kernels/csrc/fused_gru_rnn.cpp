@@ -24,6 +24,15 @@
 //          for steps with fewer than 2 valid rows); the batch moments go to the `moments` output.
 // A feature (BN: a column over the batch; LN: a row group) whose values are all equal normalizes to
 // exactly 0 and passes no gradient (recnorm.kernels.stats.degenerate_features); stored as rstd = 0.
+// Variants (recnorm/kernels/contract.py), read by forward and backward:
+//   one_group[s]: the GRU's layer norm at site s (0 ih, 1 hh) takes one group over all 3H features
+//          (haste's LayerNormGRU) instead of (2H, H); stored with group b's statistics equal to a's;
+//   joint (RNN, row family): one norm (the ih site's gain, centring and eps) over W_ih x + W_hh h: the
+//          recurrent term is added into the input term's row before its statistics and gets rstd 0, and
+//          backward sends the joint term's gradient (DGI) to both GEMMs;
+//   zone_h: zoneout keep indicators d ((N, H), or (1, H) holding the rate in eval): after each step's
+//          pass h_t = h~_t + d_t (h_{t-1} - h~_t), the output and the next step's input. Backward
+//          recomputes the RNN's h~ from the saved normalized terms and sends d * dh to h_{t-1} directly.
 //
 // Per step the forward does one GEMM (h_{t-1} W_hh^T) and one fused pass over the step's rows
 // (statistics, normalization, gates, state update); the input projection runs as GEMMs over chunks of
@@ -88,11 +97,14 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
                                  int64_t cell, int64_t mode, const std::vector<int64_t>& center,
                                  const std::vector<double>& eps, bool training, bool save, int64_t step_offset,
                                  const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max, int64_t inproj_rows,
-                                 const c10::optional<Tensor>& w_hh_packed) {
+                                 const c10::optional<Tensor>& w_hh_packed, bool joint, const std::vector<int64_t>& one_group,
+                                 const ZoneRows& zone) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T, K = sh.K;
   const bool gru = cell == kGRU, relu = cell == kRelu;
-  const int64_t S = gru ? 2 * H : G;  // first layer-norm group: the GRU's (r, z) block, or the whole row
+  // First layer-norm group of each site: the GRU's (r, z) block, or the whole row (RNN; one-group GRU).
+  const bool one_ih = !gru || one_group[0] != 0, one_hh = !gru || one_group[1] != 0;
+  const int64_t S_ih = one_ih ? G : 2 * H, S_hh = one_hh ? G : 2 * H;
   auto opts = x.options();
 
   const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
@@ -187,15 +199,28 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
           if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
           T mia = 0, ria = 1, mib = 0, rib = 1, mha = 0, rha = 1, mhb = 0, rhb = 1, var;
           if (norm_on) {
-            row_stats(xir, S, cen_ih, mia, var);
+            if (joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
+            row_stats(xir, S_ih, cen_ih, mia, var);
             ria = ln_rstd(mia, var, eps_ih);
-            row_stats(xhr, S, cen_hh, mha, var);
-            rha = ln_rstd(mha, var, eps_hh);
+            if (joint) {
+              rha = 0;
+            } else {
+              row_stats(xhr, S_hh, cen_hh, mha, var);
+              rha = ln_rstd(mha, var, eps_hh);
+            }
             if (gru) {
-              row_stats(xir + S, H, cen_ih, mib, var);
-              rib = ln_rstd(mib, var, eps_ih);
-              row_stats(xhr + S, H, cen_hh, mhb, var);
-              rhb = ln_rstd(mhb, var, eps_hh);
+              if (one_ih) {
+                mib = mia, rib = ria;
+              } else {
+                row_stats(xir + S_ih, H, cen_ih, mib, var);
+                rib = ln_rstd(mib, var, eps_ih);
+              }
+              if (one_hh) {
+                mhb = mha, rhb = rha;
+              } else {
+                row_stats(xhr + S_hh, H, cen_hh, mhb, var);
+                rhb = ln_rstd(mhb, var, eps_hh);
+              }
             }
           }
           rs[0 * rstride + rbase + bb] = ria;
@@ -294,6 +319,11 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       });
     }
 
+    if (zone) {  // zoneout: mix the step's new state with the previous one
+      at::parallel_for(0, Bt, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t bb = b0; bb < b1; ++bb) zone_row(hout + bb * H, hout + bb * H, hp + bb * H, zone.row<T>(o0 + bb), H);
+      });
+    }
     // Sequences whose last step is t: rows [bs[t+1], bs[t]).
     const int64_t nb = sh.next_bs(t);
     if (nb < Bt) std::copy(hout + nb * H, hout + Bt * H, hn_p + nb * H);
@@ -315,11 +345,13 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                                   const c10::optional<Tensor>& b_hn_t, const c10::optional<Tensor>& g_ih_t,
                                   const c10::optional<Tensor>& g_hh_t, const Tensor& out, const Tensor& XI, const Tensor& XH,
                                   const Tensor& stats, const Shape& sh, int64_t cell, int64_t mode, const std::vector<int64_t>& center,
-                                  bool training, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+                                  bool training, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed,
+                                  bool joint, const std::vector<int64_t>& one_group, const ZoneRows& zone) {
   constexpr int64_t VS = Vec<T>::size();
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
   const bool gru = cell == kGRU, relu = cell == kRelu;
-  const int64_t S = gru ? 2 * H : G;
+  const bool one_ih = !gru || one_group[0] != 0, one_hh = !gru || one_group[1] != 0;
+  const int64_t S_ih = one_ih ? G : 2 * H, S_hh = one_hh ? G : 2 * H;
   auto opts = x.options();
 
   const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
@@ -393,6 +425,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               const T* xir = xi + bb * G;
               const T* xhr = xh + bb * G;
               const T* doutr = dout ? dout + bb * H : nullptr;
+              const T* zr = zone.row<T>(r);  // zoneout keep indicators of the row (or null)
               T* dhr = dhr_p + bb * H;
               T* dgir = dgi + bb * G;
               T* dghr = dgh + bb * G;
@@ -415,7 +448,13 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   const Vec<T> ng = tanh_(fma(rg, hnf, fma(gi[2], a[2], ld(b + 2 * H + j, n))));
                   Vec<T> dh = ld(dhr + j, n);
                   if (doutr) dh += ld(doutr + j, n);
-                  st(dhr + j, dh * zg, n);  // direct path to h_{t-1}; the GEMM adds the rest
+                  if (zr) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
+                    const Vec<T> dz = ld(zr + j, n) * dh;
+                    dh -= dz;
+                    st(dhr + j, fma(dh, zg, dz), n);
+                  } else {
+                    st(dhr + j, dh * zg, n);  // direct path to h_{t-1}; the GEMM adds the rest
+                  }
                   const Vec<T> du = lanes(dh * (one - zg) * (one - ng * ng), n);
                   const Vec<T> dpr = du * hnf * rg * (one - rg);
                   const Vec<T> dpz = lanes(dh * (ld(hpr + j, n) - ng) * zg * (one - zg), n);
@@ -441,7 +480,16 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   const int64_t n = std::min(VS, H - j);
                   Vec<T> dh = ld(dhr + j, n);
                   if (doutr) dh += ld(doutr + j, n);
-                  const Vec<T> d = lanes(dh * act_grad(ld(hcr + j, n), relu), n);
+                  Vec<T> hv;
+                  if (zr) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
+                    const Vec<T> dz = ld(zr + j, n) * dh;
+                    dh -= dz;
+                    st(dhr + j, dz, n);
+                    hv = act(fma(ld(gih + j, n), ld(xir + j, n), fma(ld(ghh + j, n), ld(xhr + j, n), ld(b + j, n))), relu);
+                  } else {
+                    hv = ld(hcr + j, n);
+                  }
+                  const Vec<T> d = lanes(dh * act_grad(hv, relu), n);
                   st(dgir + j, d, n);
                   const Vec<T> yi = d * ld(gih + j, n), yh = d * ld(ghh + j, n);
                   sia1 += yi;
@@ -452,14 +500,28 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               }
               const int64_t lr = bb - g0;
               const int64_t rstride = N;
-              rsum[8 * lr + 0] = ci * hsum(sia1) / T(S);
-              rsum[8 * lr + 1] = on * hsum(sia2) / T(S);
-              rsum[8 * lr + 2] = gru ? ci * hsum(sib1) / T(H) : T(0);
-              rsum[8 * lr + 3] = gru ? on * hsum(sib2) / T(H) : T(0);
-              rsum[8 * lr + 4] = ch * hsum(sha1) / T(S);
-              rsum[8 * lr + 5] = on * hsum(sha2) / T(S);
-              rsum[8 * lr + 6] = gru ? ch * hsum(shb1) / T(H) : T(0);
-              rsum[8 * lr + 7] = gru ? on * hsum(shb2) / T(H) : T(0);
+              // Row sums per layer-norm group (a one-group GRU site: group b's are group a's, over 3H).
+              T* rsr = rsum + 8 * lr;
+              if (one_ih) {
+                rsr[0] = ci * (hsum(sia1) + hsum(sib1)) / T(G);
+                rsr[1] = on * (hsum(sia2) + hsum(sib2)) / T(G);
+                rsr[2] = rsr[0], rsr[3] = rsr[1];
+              } else {
+                rsr[0] = ci * hsum(sia1) / T(S_ih);
+                rsr[1] = on * hsum(sia2) / T(S_ih);
+                rsr[2] = ci * hsum(sib1) / T(H);
+                rsr[3] = on * hsum(sib2) / T(H);
+              }
+              if (one_hh) {
+                rsr[4] = ch * (hsum(sha1) + hsum(shb1)) / T(G);
+                rsr[5] = on * (hsum(sha2) + hsum(shb2)) / T(G);
+                rsr[6] = rsr[4], rsr[7] = rsr[5];
+              } else {
+                rsr[4] = ch * hsum(sha1) / T(S_hh);
+                rsr[5] = on * hsum(sha2) / T(S_hh);
+                rsr[6] = ch * hsum(shb1) / T(H);
+                rsr[7] = on * hsum(shb2) / T(H);
+              }
               for (int k = 0; k < 4; ++k) rstd[4 * lr + k] = st_p[k * rstride + r];
             }
             // Column pass over the group: parameter-gradient sums (in registers across the group's
@@ -535,7 +597,13 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 T* dhr = dhr_p + bb * H + j;
                 Vec<T> dh = ld(dhr, n);
                 if (dout) dh += ld(dout + bb * H + j, n);
-                st(dhr, dh * zg, n);
+                if (zone) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
+                  const Vec<T> dz = ld(zone.row<T>(o0 + bb) + j, n) * dh;
+                  dh -= dz;
+                  st(dhr, fma(dh, zg, dz), n);
+                } else {
+                  st(dhr, dh * zg, n);
+                }
                 const Vec<T> du = lanes(dh * (one - zg) * (one - ng * ng), n);
                 const Vec<T> dp[3] = {du * hnf * rg * (one - rg), lanes(dh * (ld(hp + bb * H + j, n) - ng) * zg * (one - zg), n), du};
                 const Vec<T> dahn = du * rg;
@@ -555,7 +623,16 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A: gate gradients
                 Vec<T> dh = ld(dhr_p + bb * H + j, n);
                 if (dout) dh += ld(dout + bb * H + j, n);
-                const Vec<T> d = lanes(dh * act_grad(ld(hc + bb * H + j, n), relu), n);
+                Vec<T> hv;
+                if (zone) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
+                  const Vec<T> dz = ld(zone.row<T>(o0 + bb) + j, n) * dh;
+                  dh -= dz;
+                  st(dhr_p + bb * H + j, dz, n);
+                  hv = act(fma(vgi[0], ld(xi + bb * G + j, n), fma(vgh[0], ld(xh + bb * G + j, n), vb[0])), relu);
+                } else {
+                  hv = ld(hc + bb * H + j, n);
+                }
+                const Vec<T> d = lanes(dh * act_grad(hv, relu), n);
                 st(dgi + bb * G + j, d, n);
                 P1[0] += d;
                 Pi[0] = fma(d, ld(xi + bb * G + j, n), Pi[0]);
@@ -601,24 +678,26 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
         });
       }
 
-      // dh_{t-1} for the rows valid at t: the GRU adds to the direct term the pass left there.
+      // dh_{t-1} for the rows valid at t: the GRU (and zoneout) add to the direct term the pass left
+      // there. With a joint gate norm the recurrent term's gradient is the joint term's, in DGI.
       Tensor dst = dh_rec.narrow(0, 0, Bt);
-      Tensor dg = DGH.narrow(0, o0 - cbase, Bt);
+      Tensor dg = (joint ? DGI : DGH).narrow(0, o0 - cbase, Bt);
+      const bool accumulate = gru || bool(zone);
       if (use_packed(w_hh_packed)) {
         Tensor res = dnn_linear(dg, *w_hh_packed);
-        if (gru) {
+        if (accumulate) {
           dst.add_(res);
         } else {
           dst.copy_(res);
         }
-      } else if (gru) {
+      } else if (accumulate) {
         dst.addmm_(dg, w_hh);
       } else {
         at::mm_out(dst, dg, w_hh);
       }
     }
 
-    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, DGH, DGI, Hprev, dW_ih, dW_hh, dx);
+    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, joint ? DGI : DGH, DGI, Hprev, dW_ih, dW_hh, dx);
   }
 
   // Reduce the per-thread accumulators.
@@ -648,6 +727,11 @@ int64_t check_common(const Tensor& x, const Tensor& h0, const Tensor& w_ih, cons
   return K;
 }
 
+void check_variant(int64_t cell, Mode mode, bool joint, const std::vector<int64_t>& one_group) {
+  TORCH_CHECK(one_group.size() == 2, "fused GRU/RNN: one_group needs one flag per site (ih, hh)");
+  TORCH_CHECK(!joint || (cell != kGRU && mode == kLayer), "fused GRU/RNN: a joint gate norm needs the RNN cell and row statistics");
+}
+
 void check_vec(const c10::optional<Tensor>& t, const Tensor& x, int64_t len, const char* what) {
   if (!has(t)) return;
   TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->numel() == len, "fused GRU/RNN: bad ", what);
@@ -662,9 +746,12 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
                             const c10::optional<Tensor>& g_ih, const c10::optional<Tensor>& g_hh, std::vector<c10::optional<Tensor>> pop,
                             int64_t cell, std::vector<int64_t> stat, std::vector<int64_t> center, std::vector<double> eps,
                             bool batch_stats, bool save, int64_t step_offset, int64_t inproj_max, int64_t inproj_rows,
-                            const c10::optional<Tensor>& w_hh_packed) {
+                            const c10::optional<Tensor>& w_hh_packed, bool joint, std::vector<int64_t> one_group,
+                            const c10::optional<Tensor>& zone_h) {
   const int64_t K = check_common(x, h0, w_ih, w_hh, cell);
   const Mode mode = family_of(stat, "fused GRU/RNN");
+  check_variant(cell, mode, joint, one_group);
+  const ZoneRows zone(zone_h, x, w_hh.size(1), "fused GRU/RNN");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused GRU/RNN"), w_hh.size(1), x.size(1), K, "fused GRU/RNN");
   TORCH_CHECK(x.size(0) == sh.N && h0.dim() == 2 && h0.size(0) == sh.B0 && h0.size(1) == sh.H, "fused GRU/RNN: rows do not match batch_sizes");
   TORCH_CHECK(stat.size() == 2 && center.size() == 2 && eps.size() == 2 && pop.size() == 6, "fused GRU/RNN: bad norm arguments");
@@ -684,7 +771,7 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_forward", [&] {
     res = forward_impl<scalar_t>(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, sh, cell, mode, center, eps, batch_stats, save, step_offset,
-                                 pop, inproj_max, inproj_rows, w_hh_packed);
+                                 pop, inproj_max, inproj_rows, w_hh_packed, joint, one_group, zone);
   });
   return res;
 }
@@ -694,9 +781,12 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
                              const c10::optional<Tensor>& bias, const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& g_ih,
                              const c10::optional<Tensor>& g_hh, const Tensor& out, const Tensor& XI, const Tensor& XH,
                              const Tensor& stats, int64_t cell, std::vector<int64_t> stat, std::vector<int64_t> center,
-                             bool batch_stats, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed) {
+                             bool batch_stats, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed,
+                             bool joint, std::vector<int64_t> one_group, const c10::optional<Tensor>& zone_h) {
   const int64_t K = check_common(x, h0, w_ih, w_hh, cell);
   const Mode mode = family_of(stat, "fused GRU/RNN");
+  check_variant(cell, mode, joint, one_group);
+  const ZoneRows zone(zone_h, x, w_hh.size(1), "fused GRU/RNN");
   TORCH_CHECK(center.size() == 2, "fused GRU/RNN: bad norm arguments");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused GRU/RNN"), w_hh.size(1), x.size(1), K, "fused GRU/RNN");
   for (const c10::optional<Tensor>* g : {&d_out, &d_hn}) {
@@ -706,7 +796,7 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_backward", [&] {
     res = backward_impl<scalar_t>(d_out, d_hn, x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, sh, cell, mode, center,
-                                  batch_stats, need_dx, chunk_rows, w_hh_packed);
+                                  batch_stats, need_dx, chunk_rows, w_hh_packed, joint, one_group, zone);
   });
   return res;
 }
@@ -719,5 +809,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused GRU/RNN direction forward", py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "fused GRU/RNN direction backward", py::call_guard<py::gil_scoped_release>());
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
-  m.attr("VERSION") = 2;
+  m.attr("VERSION") = 3;
 }

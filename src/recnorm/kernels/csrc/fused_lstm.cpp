@@ -161,49 +161,17 @@ int64_t pool_cached() { return int64_t(pool().cached()); }
 //          from c~ when carry or zone_c: it then lives in a buffer of its own (CS, the second half of C).
 struct Variant {
   bool joint = false, carry = false;
-  const void* zh = nullptr;  // keep indicators of h and c, row stride zh_stride / zc_stride
-  const void* zc = nullptr;
-  int64_t zh_stride = 0, zc_stride = 0;
-  bool cell_state() const { return carry || zc != nullptr; }  // whether the carried cell differs from c~
+  ZoneRows zh, zc;  // keep indicators of h and c
+  bool cell_state() const { return carry || bool(zc); }  // whether the carried cell differs from c~
 
   Variant(bool joint_, bool carry_, const c10::optional<Tensor>& zone_h, const c10::optional<Tensor>& zone_c, const Tensor& x,
-          int64_t H) : joint(joint_), carry(carry_) {
-    for (int k = 0; k < 2; ++k) {
-      const c10::optional<Tensor>& z = k == 0 ? zone_h : zone_c;
-      if (!has(z)) continue;
-      TORCH_CHECK(z->dim() == 2 && z->size(1) == H && (z->size(0) == 1 || z->size(0) == x.size(0)) && z->is_contiguous() &&
-                      z->scalar_type() == x.scalar_type(),
-                  "fused LSTM: zoneout indicators must be contiguous (N, H) or (1, H) tensors of the input's dtype");
-      (k == 0 ? zh : zc) = z->data_ptr();
-      (k == 0 ? zh_stride : zc_stride) = z->size(0) == 1 ? 0 : H;
-    }
-  }
+          int64_t H)
+      : joint(joint_), carry(carry_), zh(zone_h, x, H, "fused LSTM"), zc(zone_c, x, H, "fused LSTM") {}
   template <typename T>
-  const T* zone_h(int64_t row) const { return zh ? static_cast<const T*>(zh) + row * zh_stride : nullptr; }
+  const T* zone_h(int64_t row) const { return zh.row<T>(row); }
   template <typename T>
-  const T* zone_c(int64_t row) const { return zc ? static_cast<const T*>(zc) + row * zc_stride : nullptr; }
+  const T* zone_c(int64_t row) const { return zc.row<T>(row); }
 };
-
-// dst[0:n) = src + d * (prev - src): zoneout of one state row (dst may be src).
-template <typename T>
-inline void zone_row(T* dst, const T* src, const T* prev, const T* d, int64_t n) {
-  constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < n; j += VS) {
-    const int64_t c = std::min(VS, n - j);
-    const Vec<T> a = ld(src + j, c);
-    st(dst + j, fma(ld(d + j, c), ld(prev + j, c) - a, a), c);
-  }
-}
-
-// The joint gate norm's sum: x[0:n) += y[0:n).
-template <typename T>
-inline void add_row(T* x, const T* y, int64_t n) {
-  constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < n; j += VS) {
-    const int64_t c = std::min(VS, n - j);
-    st(x + j, ld(x + j, c) + ld(y + j, c), c);
-  }
-}
 
 // ------------------------------------------------------------------------------------------------
 // Forward
