@@ -716,7 +716,17 @@ def _reject_unsupported(name: str, unsupported: Dict[str, Any]) -> None:
 
 class CellBase(_NormSetup, nn.Module):
     """Shared machinery of the single-step cells; parameter names follow ``torch.nn.LSTMCell``. The cell
-    type gives the weight shapes and the math, and the norm setup is the layers' own."""
+    type gives the weight shapes and the math, and the norm setup is the layers' own.
+
+    ``zoneout`` and ``weight_dropout`` are the layers' options applied to the one step of each call: the
+    zoneout keep indicators and the DropConnect mask are drawn afresh at every call in training (see
+    :meth:`draw_weight_hh_mask` for one mask over a whole sequence).
+    """
+
+    # Defaults for cells pickled before these options existed (torch.save(model) of an older recnorm).
+    zoneout: Any = 0.0
+    _zoneout_rates: Tuple[float, ...] = (0.0,)
+    weight_dropout: float = 0.0
 
     def __init__(
         self,
@@ -729,12 +739,17 @@ class CellBase(_NormSetup, nn.Module):
         *,
         norm: Optional[str] = None,
         norm_kwargs: Optional[Dict[str, Any]] = None,
+        zoneout: Union[float, Tuple[float, float]] = 0.0,
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.cell = CELLS.get(cell)() if isinstance(cell, str) else cell
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
+        self.zoneout = zoneout
+        self._zoneout_rates = _check_zoneout(zoneout, self.cell, type(self).__name__)
+        self.weight_dropout = _check_rate("weight_dropout", weight_dropout)
         self.bias = bool(bias)
         self._setup_norm(norm, norm_kwargs)
         shapes = self.cell.weight_shapes(self.input_size, self.hidden_size, 0, True)
@@ -762,12 +777,57 @@ class CellBase(_NormSetup, nn.Module):
             s += ", bias=False"
         if self.norm is not None:
             s += f", norm={self.norm!r}"
+        if any(self._zoneout_rates):
+            s += f", zoneout={self.zoneout!r}"
+        if self.weight_dropout:
+            s += f", weight_dropout={self.weight_dropout}"
         return s
+
+    def draw_weight_hh_mask(self) -> Optional[Tensor]:
+        """One DropConnect mask for ``weight_hh``, to pass as ``weight_hh_mask=`` to every step of a sequence.
+
+        In training with ``weight_dropout=p > 0``: a tensor of ``weight_hh``'s shape whose entries are 0 with
+        probability ``p`` and ``1 / (1 - p)`` otherwise (all 0 for ``p = 1``), drawn with torch's RNG, as
+        ``F.dropout`` scales. Otherwise (eval, or ``p = 0``): None, which makes the cell use ``weight_hh``
+        unchanged, so the same loop is right in both modes::
+
+            mask = cell.draw_weight_hh_mask()
+            for t in range(T):
+                h, c = cell(x[t], (h, c), weight_hh_mask=mask)
+        """
+        if not (self.training and self.weight_dropout):
+            return None
+        with torch.no_grad():
+            return F.dropout(torch.ones_like(self.weight_hh), self.weight_dropout, True)
+
+    def _weight_hh(self, mask: Optional[Tensor]) -> Tensor:
+        """``weight_hh`` as this call uses it: times the given mask, or with a fresh DropConnect mask in training."""
+        if mask is not None:
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(self.weight_hh.shape):
+                got = f"shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(
+                    f"{type(self).__name__}: weight_hh_mask should be a Tensor of weight_hh's shape "
+                    f"{tuple(self.weight_hh.shape)} (see draw_weight_hh_mask()), got {got}"
+                )
+            return self.weight_hh * mask.to(self.weight_hh.dtype)
+        if self.weight_dropout and self.training:
+            return F.dropout(self.weight_hh, self.weight_dropout, True)  # DropConnect, as the layers do
+        return self.weight_hh
+
+    def _zoneout_data(self, x: Tensor) -> Tuple[Any, ...]:
+        """Per state tensor: None, the rate (eval), or 0/1 keep indicators ``(B, H)`` for this step's rows of
+        ``x`` (training), drawn with torch's RNG as the layers draw them."""
+        rates = self._zoneout_rates
+        if not any(rates):
+            return ()
+        if not self.training:
+            return tuple(r or None for r in rates)
+        return tuple(x.new_empty(x.shape[0], self.hidden_size).bernoulli_(r) if r else None for r in rates)
 
     def _needs_step(self) -> bool:
         return any(getattr(m, "stat", None) == "step" for m in self._norms(self._norm_names).values())
 
-    def forward(self, input: Tensor, hx=None, step: Optional[int] = None):
+    def forward(self, input: Tensor, hx=None, step: Optional[int] = None, *, weight_hh_mask: Optional[Tensor] = None):
         name = type(self).__name__
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
@@ -784,13 +844,15 @@ class CellBase(_NormSetup, nn.Module):
         x = input if is_batched else input.unsqueeze(0)
         batch = x.shape[0]
         states = self._prepare_state(hx, batch, is_batched, x)
+        weight_hh = self._weight_hh(weight_hh_mask)
         if batch == 0:
             return states if self.cell.state_size == 2 else states[0]
         norms = self._norms(self._norm_names)
         work = DirectionWork(
-            cell=self.cell.descriptor(), weight_ih=self.weight_ih, weight_hh=self.weight_hh, bias_ih=self.bias_ih,
-            bias_hh=self.bias_hh, norms={site: m.descriptor() for site, m in norms.items()},
+            cell=self.cell.descriptor(), weight_ih=self.weight_ih, weight_hh=weight_hh,
+            bias_ih=self.bias_ih, bias_hh=self.bias_hh, norms={site: m.descriptor() for site, m in norms.items()},
             carry_cell_norm=bool(getattr(norms.get("cell"), "carry", False)), step_offset=int(step),
+            zoneout=self._zoneout_data(x),
         )  # fmt: skip
         # One step: the readable reference math, which every tool can trace for any batch size.
         res = kernels.reference.run_direction(work, x, None, states)
@@ -818,44 +880,80 @@ class CellBase(_NormSetup, nn.Module):
         return tuple(out)
 
 
+_CELL_REGULARIZATION_DOC = r"""
+    Zoneout and DropConnect on a cell (keyword-only; the layers' options, applied to the one step of each
+    call):
+
+    * ``zoneout``: as the layers' (a rate zones ``h``; a pair ``(p_h, p_c)`` zones the LSTM's ``h`` and
+      ``c``). In training, every call draws fresh keep indicators ``d ~ Bernoulli(p)`` per unit and row and
+      returns ``s = d * s_prev + (1 - d) * s~``; in eval, ``s = p * s_prev + (1 - p) * s~``. A loop of
+      calls over a sequence is therefore zoneout drawn per step, as in the layers.
+    * ``weight_dropout``: DropConnect on ``W_hh``. In training, a call without ``weight_hh_mask`` draws a
+      fresh mask, so a loop of calls uses a different mask at every step, whereas the layers (and AWD-LSTM)
+      draw one mask per forward call, shared by all its steps. For one mask over a sequence, draw it with
+      ``mask = cell.draw_weight_hh_mask()`` and pass ``cell(x_t, hx, weight_hh_mask=mask)`` at every step:
+      the cell then uses ``W_hh * mask``. The method returns None in eval (and for ``weight_dropout=0``),
+      where the cell uses ``W_hh`` as is; a mask that is given is always applied. Eval draws nothing.
+"""
+
+
 class LSTMCell(CellBase):
     __doc__ = (
         r"""An LSTM cell with optional normalization; a drop-in replacement for ``torch.nn.LSTMCell``.
 
-    ``forward(input, hx=None, step=None)`` returns ``(h_1, c_1)``. Norms whose statistics are per time
-    step (``"batch"``) need the step index: ``cell(x_t, (h, c), step=t)``.
+    ``forward(input, hx=None, step=None, *, weight_hh_mask=None)`` returns ``(h_1, c_1)``. Norms whose
+    statistics are per time step (``"batch"``) need the step index: ``cell(x_t, (h, c), step=t)``.
 """
+        + _CELL_REGULARIZATION_DOC
         + _NORM_DOC
     )
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, norm=None, norm_kwargs=None):
-        super().__init__("lstm", input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, norm=None, norm_kwargs=None,
+        zoneout=0.0, weight_dropout=0.0,
+    ):  # fmt: skip
+        super().__init__(
+            "lstm", input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs, zoneout=zoneout,
+            weight_dropout=weight_dropout,
+        )  # fmt: skip
 
 
 class GRUCell(CellBase):
     __doc__ = (
         r"""A GRU cell with optional normalization; a drop-in replacement for ``torch.nn.GRUCell``.
 
-    ``forward(input, hx=None, step=None)`` returns ``h_1``.
+    ``forward(input, hx=None, step=None, *, weight_hh_mask=None)`` returns ``h_1``.
 """
+        + _CELL_REGULARIZATION_DOC
         + _NORM_DOC
     )
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, norm=None, norm_kwargs=None):
-        super().__init__("gru", input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, norm=None, norm_kwargs=None,
+        zoneout=0.0, weight_dropout=0.0,
+    ):  # fmt: skip
+        super().__init__(
+            "gru", input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs, zoneout=zoneout,
+            weight_dropout=weight_dropout,
+        )  # fmt: skip
 
 
 class RNNCell(CellBase):
     __doc__ = (
         r"""An Elman RNN cell with optional normalization; a drop-in replacement for ``torch.nn.RNNCell``.
 
-    ``forward(input, hx=None, step=None)`` returns ``h_1``.
+    ``forward(input, hx=None, step=None, *, weight_hh_mask=None)`` returns ``h_1``.
 """
+        + _CELL_REGULARIZATION_DOC
         + _NORM_DOC
     )
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh", device=None, dtype=None, *, norm=None, norm_kwargs=None
-    ):
+        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh", device=None, dtype=None, *,
+        norm=None, norm_kwargs=None, zoneout=0.0, weight_dropout=0.0,
+    ):  # fmt: skip
         self.nonlinearity = nonlinearity
-        super().__init__(CELLS.get("rnn")(nonlinearity), input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs)
+        super().__init__(
+            CELLS.get("rnn")(nonlinearity), input_size, hidden_size, bias, device, dtype, norm=norm, norm_kwargs=norm_kwargs,
+            zoneout=zoneout, weight_dropout=weight_dropout,
+        )  # fmt: skip
