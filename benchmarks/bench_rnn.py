@@ -40,7 +40,8 @@ Usage::
 
 The variants alone, merged into the committed JSON without touching its other rows (``--only-variants``
 replaces the JSON's variant rows and keeps the rest; the main rows' regression check is the one stored
-in the JSON, or against ``--baseline`` when one is named)::
+in the JSON, or against ``--baseline`` when one is named -- name it for a JSON written before the check
+was stored, or the page will say there is none)::
 
     python benchmarks/bench_rnn.py --only-variants --json docs/benchmarks.json --notes docs/benchmarks.notes.md \
         --out docs/benchmarks.md --readme README.md
