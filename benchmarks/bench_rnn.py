@@ -20,8 +20,14 @@ Besides the float32 rows it measures
   in float32 and to the same layer in float32;
 * the compiled training step against the eager one (``benchmarks/bench_compile.py``) at
   ``--compile-sizes``;
+* the variants of issue 8 (:data:`VARIANTS`: RMSNorm, the joint/carried LN, haste's one-group LayerNormGRU,
+  zoneout, DropConnect, batch norm between stacked layers) at ``--variant-sizes`` (default: the main
+  sizes), each timed in the same rounds as torch.nn's layer of its cell and size, with the implementation
+  ``kernel="auto"`` ran for it (recorded from ``recnorm.kernels.choose``, so it says ``reference`` where the
+  fused kernel does not serve a variant yet);
 * a regression check: every ratio against the same row of ``--baseline`` (by default the JSON file
-  that ``--json`` is about to overwrite, i.e. the previous committed numbers).
+  that ``--json`` is about to overwrite, i.e. the previous committed numbers); rows the baseline lacks
+  are counted as new.
 
 Usage::
 
@@ -31,6 +37,14 @@ Usage::
     python benchmarks/bench_rnn.py --out docs/benchmarks.md --json docs/benchmarks.json --readme README.md
     python benchmarks/bench_rnn.py --render docs/benchmarks.json --notes docs/benchmarks.notes.md \
         --out docs/benchmarks.md --readme README.md    # the same pages again from the JSON, no measuring
+
+The variants alone, merged into the committed JSON without touching its other rows (``--only-variants``
+replaces the JSON's variant rows and keeps the rest; the main rows' regression check is the one stored
+in the JSON, or against ``--baseline`` when one is named -- name it for a JSON written before the check
+was stored, or the page will say there is none)::
+
+    python benchmarks/bench_rnn.py --only-variants --json docs/benchmarks.json --notes docs/benchmarks.notes.md \
+        --out docs/benchmarks.md --readme README.md
 
 Peers: if ``haste_pytorch`` is importable, haste.LSTM and haste.LayerNormLSTM join the LSTM rows (on
 CPU haste runs its pure-Python fallback); if ``flashrnn`` is importable, FlashRNN's LSTM on its CPU
@@ -44,6 +58,7 @@ from PyPI and need no GPU to install::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -53,7 +68,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 
@@ -76,31 +91,110 @@ OURS = {
 _NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "rnn_relu": "RNN[relu]"}
 
 
-def torch_label(cell: str) -> str:
+def torch_label(cell: str, layers: int = 1) -> str:
     """The row label of torch.nn's layer for ``cell``: the baseline of that cell's ratios."""
-    return f"torch.nn.{_NAMES[cell]}"
+    return f"torch.nn.{_NAMES[cell]}" + (f"(num_layers={layers})" if layers > 1 else "")
 
 
 BF16 = " [bf16 autocast]"
 
+#: The variants of issue 8: per cell, a row name and the keyword arguments of the recnorm layer. Each is
+#: timed in the same rounds as torch.nn's layer of its cell and size (a 2-layer torch.nn layer where the
+#: variant stacks 2 layers) and held to the targets of ``"layer"``.
+VARIANTS: Dict[str, Dict[str, Dict]] = {
+    "lstm": {
+        "rms": {"norm": "rms"},
+        "layer joint+carry": {"norm": "layer", "norm_kwargs": {"joint": True, "carry_cell": True}},
+        "rms joint+carry": {"norm": "rms", "norm_kwargs": {"joint": True, "carry_cell": True}},
+        "zoneout 0.1": {"norm": "layer", "zoneout": 0.1},
+        "zoneout (0.1, 0.1)": {"norm": "layer", "zoneout": (0.1, 0.1)},
+        "weight_dropout 0.25": {"norm": "layer", "weight_dropout": 0.25},
+        "between_layers='batch', 2 layers": {"norm": None, "num_layers": 2, "between_layers": "batch"},
+    },
+    "gru": {
+        "rms": {"norm": "rms"},
+        "layer, one group (haste's LayerNormGRU)": {"norm": "layer", "norm_kwargs": {"gate_groups": "one"}},
+        "zoneout 0.1": {"norm": "layer", "zoneout": 0.1},
+        "weight_dropout 0.25": {"norm": "layer", "weight_dropout": 0.25},
+    },
+    "rnn": {
+        "rms": {"norm": "rms"},
+        "layer joint": {"norm": "layer", "norm_kwargs": {"joint": True}},
+        "zoneout 0.1": {"norm": "layer", "zoneout": 0.1},
+        "weight_dropout 0.25": {"norm": "layer", "weight_dropout": 0.25},
+    },
+}
 
-def _candidates(cells: List[str], norms: List[str | None], bf16_cells=()) -> List[Tuple[str, str, str | None, bool]]:
-    """(label, cell, norm, bf16): norm ``torch`` for torch.nn, ``haste``/``haste_ln``/``flashrnn`` for
-    peers; bf16 True for a step under bfloat16 autocast."""
+
+def variant_label(cell: str, variant: str) -> str:
+    return f"recnorm.{_NAMES[cell]} [{variant}]"
+
+
+def variant_config(cell: str, variant: str) -> str:
+    """The layer's keyword arguments as written in Python, e.g. ``norm='layer', zoneout=0.1``."""
+    return ", ".join(f"{k}={v!r}" for k, v in VARIANTS[cell][variant].items())
+
+
+class Candidate(NamedTuple):
+    """One timed layer. ``norm`` is ``torch`` for torch.nn, ``haste``/``haste_ln``/``flashrnn`` for peers;
+    ``bf16`` marks a step under bfloat16 autocast; ``variant`` names an entry of :data:`VARIANTS`;
+    ``layers`` is the depth of a torch.nn baseline; ``section`` is the table it belongs to (``main`` or
+    ``variants``)."""
+
+    label: str
+    cell: str
+    norm: str | None
+    bf16: bool = False
+    variant: str | None = None
+    layers: int = 1
+    section: str = "main"
+
+    @property
+    def base(self) -> str:
+        """The label of the torch.nn layer this candidate's ratios are taken against."""
+        if self.variant is not None:
+            return torch_label(self.cell, VARIANTS[self.cell][self.variant].get("num_layers", 1))
+        return torch_label(self.cell, self.layers)
+
+
+def _candidates(cells: List[str], norms: List[str | None], bf16_cells=(), peers: bool = True, variants: bool = False) -> List[Candidate]:
+    """Every candidate of one size: per cell torch.nn's layer, the norms, the peers (LSTM), the bfloat16
+    rows of ``bf16_cells`` and, with ``variants``, the variants of :data:`VARIANTS` and the torch.nn
+    baselines they need beyond the one-layer one."""
     out = []
     for cell in cells:
-        out.append((torch_label(cell), cell, "torch", False))
+        out.append(Candidate(torch_label(cell), cell, "torch"))
         for norm in norms:
-            out.append((f"recnorm.{_NAMES[cell]}(norm={norm!r})", cell, norm, False))
-        if cell == "lstm" and _available("haste_pytorch"):
-            out.append(("haste.LSTM", cell, "haste", False))
-            out.append(("haste.LayerNormLSTM", cell, "haste_ln", False))
-        if cell == "lstm" and _available("flashrnn"):
-            out.append(("FlashRNN LSTM (vanilla_fwbw)", cell, "flashrnn", False))
+            out.append(Candidate(f"recnorm.{_NAMES[cell]}(norm={norm!r})", cell, norm))
+        if peers and cell == "lstm" and _available("haste_pytorch"):
+            out.append(Candidate("haste.LSTM", cell, "haste"))
+            out.append(Candidate("haste.LayerNormLSTM", cell, "haste_ln"))
+        if peers and cell == "lstm" and _available("flashrnn"):
+            out.append(Candidate("FlashRNN LSTM (vanilla_fwbw)", cell, "flashrnn"))
         if cell in bf16_cells:
-            out.append((torch_label(cell) + BF16, cell, "torch", True))
+            out.append(Candidate(torch_label(cell) + BF16, cell, "torch", True))
             for norm in norms:
-                out.append((f"recnorm.{_NAMES[cell]}(norm={norm!r})" + BF16, cell, norm, True))
+                out.append(Candidate(f"recnorm.{_NAMES[cell]}(norm={norm!r})" + BF16, cell, norm, True))
+        if variants:
+            depths = sorted({kw.get("num_layers", 1) for kw in VARIANTS.get(cell, {}).values()} - {1})
+            for layers in depths:
+                out.append(Candidate(torch_label(cell, layers), cell, "torch", layers=layers, section="variants"))
+            for name, kw in VARIANTS.get(cell, {}).items():
+                out.append(Candidate(variant_label(cell, name), cell, kw.get("norm"), variant=name, section="variants"))
+    return out
+
+
+def plan(cells, norms, sizes, bf16_cells=(), variant_sizes=()) -> List[Tuple[Tuple[int, ...], List[Candidate]]]:
+    """``(size, candidates)`` for every size of ``sizes`` or ``variant_sizes``: the main rows at ``sizes``,
+    the variants at ``variant_sizes``. A torch.nn baseline timed at a size only the variants have belongs
+    to the variants' section."""
+    out = []
+    for size in list(dict.fromkeys([tuple(s) for s in sizes] + [tuple(s) for s in variant_sizes])):
+        main, var = size in [tuple(s) for s in sizes], size in [tuple(s) for s in variant_sizes]
+        cands = _candidates(cells, norms if main else [], bf16_cells if main else (), peers=main, variants=var)
+        if not main:
+            cands = [c._replace(section="variants") for c in cands]
+        out.append((size, cands))
     return out
 
 
@@ -132,10 +226,13 @@ class FlashLSTM(torch.nn.Module):
         return h[0, :, :, 0].transpose(0, 1), None
 
 
-def build(cell: str, norm, size, kernel=None):
+def build(cell: str, norm, size, kernel=None, variant: str | None = None, layers: int = 1):
     T, B, I, H = size
-    if norm == "torch":
-        model = TORCH[cell](I, H)
+    if variant is not None:
+        kwargs = dict(VARIANTS[cell][variant])
+        model = OURS[cell](I, H, kernel=kernel, **kwargs)
+    elif norm == "torch":
+        model = TORCH[cell](I, H, num_layers=layers)
     elif norm in ("haste", "haste_ln"):
         import haste_pytorch as haste
 
@@ -165,28 +262,59 @@ def _time(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def recording_kernels():
+    """Record the implementation that ``recnorm.kernels.choose`` picks for each layer direction run inside
+    (``fused``, ``native``, ``reference``, ...): what ``kernel="auto"`` (or a forced kernel) actually ran."""
+    from recnorm import kernels
+
+    chosen: List[str] = []
+    original = kernels.choose
+
+    def spy(*args, **kwargs):
+        name, mode = original(*args, **kwargs)
+        chosen.append(name)
+        return name, mode
+
+    kernels.choose = spy
+    try:
+        yield chosen
+    finally:
+        kernels.choose = original
+
+
+def kernel_label(chosen: List[str]) -> str:
+    """``fused``, or ``native+fused`` where a stack's layers ran different ones; ``?`` where no direction
+    went through ``recnorm.kernels.choose`` (bfloat16 autocast's float32 path bypasses it)."""
+    return "+".join(dict.fromkeys(chosen)) or "?"
+
+
 # (label, size) -> the error of a candidate that cannot run at all (reported, not timed)
 FAILED: Dict[Tuple[str, Tuple], str] = {}
 
 
-def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_cells=()) -> List[Dict]:
+def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_cells=(), variant_sizes=()) -> List[Dict]:
     rows = []
-    for size in sizes:
-        cands = _candidates(cells, norms, bf16_cells)
-        built = {}
-        for label, cell, norm, bf16 in cands:
+    for size, cands in plan(cells, norms, sizes, bf16_cells, variant_sizes):
+        built, ran = {}, {}
+        for c in cands:
             torch.manual_seed(0)
-            model, x = build(cell, norm, size, kernel)
+            model, x = build(c.cell, c.norm, size, kernel, c.variant, c.layers)
             try:
-                _train_step(model, x, bf16)  # warm-up: first-call allocations, oneDNN primitive caches
-                _eval_step(model, x, bf16)
+                with recording_kernels() as train_ran:
+                    _train_step(model, x, c.bf16)  # warm-up: first-call allocations, oneDNN primitive caches
+                model.eval()
+                with recording_kernels() as eval_ran:
+                    _eval_step(model, x, c.bf16)
             except RuntimeError as exc:  # torch.nn.LSTM under CPU bfloat16 autocast, on some CPUs
-                FAILED[(label, size)] = str(exc).splitlines()[0]
-                log(f"  {label} {size} fails: {FAILED[(label, size)]}")
+                FAILED[(c.label, size)] = str(exc).splitlines()[0]
+                log(f"  {c.label} {size} fails: {FAILED[(c.label, size)]}")
                 continue
             model.train()
-            _train_step(model, x, bf16)  # batch-norm running statistics for eval
-            built[label] = (model, x, bf16)
+            _train_step(model, x, c.bf16)  # batch-norm running statistics for eval
+            built[c.label] = (model, x, c.bf16)
+            if isinstance(model, (recnorm.LSTM, recnorm.GRU, recnorm.RNN)):
+                ran[c.label] = {"train": kernel_label(train_ran), "eval": kernel_label(eval_ran)}
         times: Dict[Tuple[str, str], List[float]] = {}
         for r in range(rounds):
             for mode in ("train", "eval"):
@@ -198,28 +326,34 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                     fn = (lambda: _train_step(model, x, bf16)) if mode == "train" else (lambda: _eval_step(model, x, bf16))
                     times.setdefault((label, mode), []).append(_time(fn))
             log(f"  size {size}: round {r + 1}/{rounds} done")
-        for label, cell, norm, bf16 in cands:
-            if label not in built:
+        for c in cands:
+            if c.label not in built or c.base not in built:
                 continue
-            base = torch_label(cell)
-            fp32 = label[: -len(BF16)] if bf16 else label
+            fp32 = c.label[: -len(BF16)] if c.bf16 else c.label
             for mode in ("train", "eval"):
-                ts, bs, fs = times[(label, mode)], times[(base, mode)], times[(fp32, mode)]
-                rows.append(
-                    {
-                        "size": list(size),
-                        "cell": cell,
-                        "candidate": label,
-                        "norm": norm,
-                        "bf16": bf16,
-                        "mode": mode,
-                        "ms": 1e3 * statistics.median(ts),
-                        "ratio": statistics.median(t / b for t, b in zip(ts, bs)),
-                        "ratio_min_over_min": min(ts) / min(bs),
-                        "ratio_to_fp32": statistics.median(t / f for t, f in zip(ts, fs)),
-                        "rounds": rounds,
-                    }
-                )
+                ts, bs, fs = times[(c.label, mode)], times[(c.base, mode)], times[(fp32, mode)]
+                row = {
+                    "size": list(size),
+                    "cell": c.cell,
+                    "candidate": c.label,
+                    "norm": c.norm,
+                    "bf16": c.bf16,
+                    "mode": mode,
+                    "ms": 1e3 * statistics.median(ts),
+                    "ratio": statistics.median(t / b for t, b in zip(ts, bs)),
+                    "ratio_min_over_min": min(ts) / min(bs),
+                    "ratio_to_fp32": statistics.median(t / f for t, f in zip(ts, fs)),
+                    "rounds": rounds,
+                }
+                if c.label in ran:
+                    row["kernel"] = ran[c.label][mode]
+                if c.section != "main":
+                    row.update(section=c.section, baseline=c.base)
+                if c.variant is not None:
+                    row.update(variant=c.variant, config=variant_config(c.cell, c.variant))
+                if c.layers > 1:
+                    row["layers"] = c.layers
+                rows.append(row)
     return rows
 
 
@@ -228,8 +362,8 @@ import json, resource, sys, torch
 sys.path.insert(0, {bench_dir!r})
 import bench_rnn
 torch.set_num_threads({threads})
-cell, norm, size, kernel, bf16 = json.loads(sys.argv[1])
-model, x = bench_rnn.build(cell, norm, tuple(size), kernel)
+cell, norm, size, kernel, bf16, variant, layers = json.loads(sys.argv[1])
+model, x = bench_rnn.build(cell, norm, tuple(size), kernel, variant, layers)
 # A tiny step first loads what every candidate loads once per process (C++ extensions, oneDNN/MKL
 # kernels) without leaving large buffers behind; the measured step then allocates its gradients anew.
 bench_rnn._train_step(model, x[:2, :2].contiguous(), bf16)
@@ -246,18 +380,40 @@ print(json.dumps({{"peak_kib": status("VmHWM") - before}}))
 """
 
 
-def measure_memory(cells, norms, sizes, threads: int, kernel=None, bf16_cells=()) -> Dict[Tuple[str, Tuple, str], float]:
+def measure_memory(cells, norms, sizes, threads: int, kernel=None, bf16_cells=(), variant_sizes=()) -> Dict[Tuple[str, Tuple], float]:
     """Peak RSS rise (MiB) of one training step, each candidate in a fresh interpreter."""
-    code = _MEM_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), threads=threads)
     out = {}
-    for size in sizes:
-        for label, cell, norm, bf16 in _candidates(cells, norms, bf16_cells):
-            arg = json.dumps([cell, norm, list(size), kernel, bf16])
-            res = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
-            if res.returncode != 0:  # a candidate that cannot run (see FAILED): no memory figure
-                continue
-            out[(label, tuple(size))] = json.loads(res.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+    for size, cands in plan(cells, norms, sizes, bf16_cells, variant_sizes):
+        for c in cands:
+            mib = memory_of(c, size, threads, kernel)
+            if mib is not None:  # None: a candidate that cannot run (see FAILED)
+                out[(c.label, tuple(size))] = mib
     return out
+
+
+def memory_of(c: Candidate, size, threads: int, kernel=None) -> float | None:
+    """Peak RSS rise (MiB) of one training step of candidate ``c`` in a fresh interpreter; None if it fails."""
+    code = _MEM_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), threads=threads)
+    arg = json.dumps([c.cell, c.norm, list(size), kernel, c.bf16, c.variant, c.layers])
+    res = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+
+
+def attach_memory(rows: List[Dict], memory: Dict) -> None:
+    """Put each variant's training row's peak memory, and its ratio to its baseline's, into the row, so that
+    the variants' table needs nothing but its rows (a ``--only-variants`` run merges rows into a JSON file
+    whose memory figures came from another run)."""
+    for r in rows:
+        if r.get("section") != "variants" or r["mode"] != "train":
+            continue
+        size = tuple(r["size"])
+        mem, base = memory.get((r["candidate"], size)), memory.get((r["baseline"], size))
+        if mem is not None:
+            r["memory_mib"] = mem
+            if base:
+                r["memory_ratio"] = mem / base
 
 
 TARGETS = {"train": 0.9, "eval": 1.0, "memory": 1.1}
@@ -280,10 +436,12 @@ def _table(rows: List[Dict], memory: Dict, cands: List[str]) -> List[str]:
             if tr is None:
                 cells.append("–")
                 continue
-            base = torch_label(tr["cell"])
-            mem = memory.get((c, s))
-            mem_base = memory.get((base, s))
-            mem_s = f"{mem / mem_base:.2f} ({mem:.0f})" if mem is not None and mem_base else "–"
+            if "memory_ratio" in tr:  # a variant's row carries its own figures (see attach_memory)
+                mem, mem_ratio = tr["memory_mib"], tr["memory_ratio"]
+            else:
+                mem, mem_base = memory.get((c, s)), memory.get((tr.get("baseline") or torch_label(tr["cell"]), s))
+                mem_ratio = mem / mem_base if mem is not None and mem_base else None
+            mem_s = f"{mem_ratio:.2f} ({mem:.0f})" if mem_ratio is not None else "–"
             cells.append(f"{tr['ratio']:.2f} ({tr['ms']:.0f} ms) / {ev['ratio']:.2f} ({ev['ms']:.0f} ms) / {mem_s}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
@@ -306,6 +464,98 @@ def summary(rows: List[Dict], memory: Dict) -> Dict[str, Dict]:
             if mem is not None and base:
                 d["memory"] = max(d.get("memory", 0.0), mem / base)
     return out
+
+
+def split_rows(rows: List[Dict]) -> Tuple[List[Dict], List[Dict]]:
+    """The rows of the main tables and those of the variants' section (variants and their baselines)."""
+    main = [r for r in rows if r.get("section", "main") == "main"]
+    return main, [r for r in rows if r.get("section", "main") != "main"]
+
+
+def variant_summary(vrows: List[Dict]) -> Dict[str, Dict]:
+    """Per variant: its cell, name, configuration and baseline, the worst ratio over sizes of train, eval
+    and memory, the sizes measured, and the kernels that ran (per mode, in size order)."""
+    out: Dict[str, Dict] = {}
+    for r in sorted(vrows, key=lambda r: SIZES.index(tuple(r["size"])) if tuple(r["size"]) in SIZES else 99):
+        if not r.get("variant"):
+            continue
+        d = out.setdefault(r["candidate"], {"cell": r["cell"], "variant": r["variant"], "config": r.get("config", ""),
+                                            "baseline": r.get("baseline", torch_label(r["cell"])), "sizes": [],
+                                            "kernels": {"train": [], "eval": []}})  # fmt: skip
+        if tuple(r["size"]) not in d["sizes"]:
+            d["sizes"].append(tuple(r["size"]))
+        d[r["mode"]] = max(d.get(r["mode"], 0.0), r["ratio"])
+        d["kernels"][r["mode"]].append(r.get("kernel", "?"))
+        if "memory_ratio" in r:
+            d["memory"] = max(d.get("memory", 0.0), r["memory_ratio"])
+    for d in out.values():  # None: a figure is missing (e.g. --no-memory), so the targets are undecided
+        d["met"] = None if any(d.get(k) is None for k in TARGETS) else all(d[k] <= TARGETS[k] for k in TARGETS)
+    return out
+
+
+def _kernels_text(names: List[str]) -> str:
+    """``fused``, or ``native, fused`` where the choice changes with the size."""
+    return ", ".join(dict.fromkeys(names)) or "–"
+
+
+def _kernel_counts(summ: Dict[str, Dict]) -> str:
+    """How many variants ran on which kernels (every size), e.g. ``fused 10, reference 4, fused+native / native 1``
+    (train / eval where they differ)."""
+    counts: Dict[str, int] = {}
+    for d in summ.values():
+        train, ev = _kernels_text(d["kernels"]["train"]), _kernels_text(d["kernels"]["eval"])
+        key = train if train == ev else f"{train} / {ev}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def variant_lines(vrows: List[Dict], vbaseline_lines: List[str]) -> List[str]:
+    """The variants' section of the page: worst ratios against the targets, then every size."""
+    if not vrows:
+        return ["Not measured in this run (`--no-variants`, or a JSON from before the variants; `--only-variants` adds them)."]
+    summ = variant_summary(vrows)
+    lines = [
+        "Each variant of issue 8 is a recnorm layer configuration, timed in the same interleaved rounds as torch.nn's "
+        "layer of its cell and size and held to the targets of `\"layer\"` (issue 11). `between_layers='batch'` stacks "
+        "2 layers, so its baseline is a 2-layer torch.nn layer (the baseline column). Zoneout and `weight_dropout` act in "
+        "training only: the eval column is zoneout's eval formula (`h = p h_{t-1} + (1-p) h~`) and plain `W_hh`. "
+        "The kernel column is what `kernel=\"auto\"` ran for every layer direction, recorded from "
+        "`recnorm.kernels.choose` during each candidate's warm-up steps (train / eval; several where it changed with the "
+        "size): `fused` is recnorm's C++ kernels, `native` torch's own op, `reference` the Python time loop. "
+        f"Variants per kernel that ran (at every size; train / eval where they differ): {_kernel_counts(summ)}.",
+        "",
+        "Worst ratio over the sizes measured (bold: over the target):",
+        "",
+        "| cell | variant | layer arguments | baseline | kernel (train / eval) | train (≤ 0.9) | eval (≤ 1.0) | memory (≤ 1.1) | targets met | sizes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in summ.values():
+        lines.append(
+            f"| {_NAMES[d['cell']]} | {d['variant']} | `{d['config']}` | {d['baseline']} | "
+            f"{_kernels_text(d['kernels']['train'])} / {_kernels_text(d['kernels']['eval'])} | "
+            f"{_fmt(d.get('train'), TARGETS['train'])} | {_fmt(d.get('eval'), TARGETS['eval'])} | "
+            f"{_fmt(d.get('memory'), TARGETS['memory'])} | { {True: 'yes', False: 'no', None: '–'}[d['met']] } | {len(d['sizes'])} |"
+        )
+    labels = list(dict.fromkeys(r["candidate"] for r in vrows if r.get("variant")))
+    lines += ["", "Every size (ratio to the baseline, median ms in brackets; memory ratio, MiB in brackets):", ""]
+    lines += _table(vrows, {}, labels)
+    lines += ["", *vbaseline_lines]
+    return lines
+
+
+def variant_readme_line(vrows: List[Dict]) -> str:
+    summ = variant_summary(vrows)
+    if not summ:
+        return ""
+    met = sum(d["met"] is True for d in summ.values())
+    sizes = len({s for d in summ.values() for s in d["sizes"]})
+    per = {k: sum(d.get(k) is not None and d[k] <= TARGETS[k] for d in summ.values()) for k in TARGETS}
+    return (
+        f"Variants of issue 8 ([docs/benchmarks.md](docs/benchmarks.md#variants-issue-8)), {len(summ)} layer configurations at "
+        f"{sizes} size{'s' if sizes > 1 else ''}: all three targets met at every size by {met} of {len(summ)} (train "
+        f"{per['train']}, eval {per['eval']}, memory {per['memory']}). Variants per kernel that ran (train / eval where they differ): "
+        f"{_kernel_counts(summ)}."
+    )
 
 
 def _fmt(v, target) -> str:
@@ -352,10 +602,13 @@ def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05)
     if not baseline:
         return ["No baseline JSON was given or found: no regression check in this run."]
     old = {(r["candidate"], tuple(r["size"]), r["mode"]): r["ratio"] for r in baseline.get("rows", [])}
-    compared, worse = 0, []
+    compared, new, worse = 0, 0, []
     for r in rows:
         k = (r["candidate"], tuple(r["size"]), r["mode"])
-        if k not in old or r["norm"] == "torch":
+        if r["norm"] == "torch":
+            continue
+        if k not in old:
+            new += 1  # no previous figure: reported as new, not as a regression
             continue
         compared += 1
         rel = r["ratio"] / old[k]
@@ -364,7 +617,8 @@ def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05)
     when = baseline.get("meta", {}).get("when", "?")
     out = [
         f"Each ratio to torch.nn against the same row of the previous run ({when}, {baseline.get('meta', {}).get('rounds', '?')} rounds): "
-        f"{compared} rows compared, {compared - len(worse)} within {100 * (threshold - 1):.0f}%, {len(worse)} above."
+        f"{compared} rows compared, {compared - len(worse)} within {100 * (threshold - 1):.0f}%, {len(worse)} above"
+        + (f"; {new} rows new (no previous figure)." if new else ".")
     ]
     if worse:
         out += ["", "| candidate | size | mode | before | now | now / before |", "|---|---|---|---|---|---|"]
@@ -431,9 +685,28 @@ def dispatch_lines(sizes) -> List[str]:
     return lines
 
 
-def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=None, notes: str = "") -> str:
+def regression_sections(rows: List[Dict], baseline: Dict | None, stored: Dict | None = None, main_baseline: bool = True) -> Dict[str, List[str]]:
+    """The regression check of the main rows and of the variants' rows, each against ``baseline``; where
+    there is none (or, with ``main_baseline`` False, for the main rows, which a ``--only-variants`` run did
+    not measure), the lines stored in the JSON by the run that measured them."""
+    stored = stored or {}
+    main, vrows = split_rows(rows)
+    out = {}
+    for key, part, use in (("main", main, main_baseline), ("variants", vrows, True)):
+        if baseline and use:
+            out[key] = regression(part, baseline)
+        else:
+            out[key] = stored.get(key) or regression(part, None)
+    return out
+
+
+def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=None, notes: str = "", regressions=None) -> str:
+    """The page. ``regressions`` (from :func:`regression_sections`) overrides the check against ``baseline``."""
+    regressions = regressions or regression_sections(rows, baseline)
+    rows, vrows = split_rows(rows)
     fp32 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if not c.endswith(BF16)]
     bf16 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if c.endswith(BF16)]
+    vmeta = meta.get("variants") or {}
     lines = [
         "# Benchmarks: recnorm layers against torch.nn",
         "",
@@ -478,6 +751,15 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
             *_table(rows, memory, bf16),
             "",
         ]
+    lines += ["## Variants (issue 8)", ""]
+    if vmeta and vmeta.get("argv") != meta.get("argv"):
+        lines += [
+            f"Measured by `python benchmarks/bench_rnn.py {vmeta['argv']}` on {vmeta['when']} ({vmeta['rounds']} interleaved "
+            f"rounds, {vmeta['threads']} threads, kernel selection `{vmeta['kernel']}`), merged into this page's JSON; "
+            "torch.nn's layer was timed again in those rounds, and each ratio is to that.",
+            "",
+        ]
+    lines += [*variant_lines(vrows, regressions["variants"]), ""]
     if FAILED:
         lines += ["Candidates that could not run (an error, not a time):", ""]
         lines += [f"- {label} at {size}: `{msg}`" for (label, size), msg in FAILED.items()]
@@ -504,7 +786,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         "## Regression check (issue 7: no ratio more than 5% above the previous numbers)",
         "",
-        *regression(rows, baseline),
+        *regressions["main"],
         "",
     ]
     if notes:
@@ -516,7 +798,9 @@ README_BEGIN, README_END = "<!-- speed table: benchmarks/bench_rnn.py --readme -
 
 
 def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
+    rows, vrows = split_rows(rows)
     summ = summary(rows, memory)
+    vline = variant_readme_line(vrows)
     lines = [
         README_BEGIN,
         f"Worst ratio to torch.nn over the sizes of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
@@ -524,6 +808,7 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
         "on a shared 2-core machine; the page says how far its rows move between runs). Bold: over the target of issue 11.",
         "",
         *summary_table(summ),
+        *(["", vline] if vline else []),
         README_END,
     ]
     return "\n".join(lines)
@@ -561,10 +846,7 @@ def render(args) -> int:
             baseline = json.load(f)
     FAILED.update(_keyed(data.get("failed", {})))
     memory = _keyed(data.get("memory_mib", {}))
-    notes = ""
-    if args.notes and os.path.exists(args.notes):
-        with open(args.notes) as f:
-            notes = f.read()
+    notes = _read_notes(args.notes)
     meta = dict(data["meta"], rendered=" ".join(sys.argv[1:]))
     crows = data.get("compile", [])
     if args.compile_json:
@@ -573,7 +855,8 @@ def render(args) -> int:
         data["compile"] = crows
         with open(args.render, "w") as f:  # keep the JSON the pages come from complete
             json.dump(data, f, indent=1)
-    md = to_markdown(data["rows"], memory, meta, crows, baseline, notes)
+    regressions = regression_sections(data["rows"], baseline, data.get("regression"))
+    md = to_markdown(data["rows"], memory, meta, crows, notes=notes, regressions=regressions)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)
@@ -582,6 +865,39 @@ def render(args) -> int:
     if args.readme:
         write_readme(args.readme, readme_block(data["rows"], memory, meta))
     return 0
+
+
+def _read_notes(path: str | None) -> str:
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    return ""
+
+
+def _sizes_arg(values) -> List[Tuple[int, ...]]:
+    """``["28,128,28,128", ...]`` (or one comma-separated string of several sizes) as (T, B, I, H) tuples."""
+    nums = [int(v) for s in values for v in s.split(",") if v.strip()]
+    if not nums or len(nums) % 4:
+        raise SystemExit(f"sizes are groups of four numbers T,B,I,H; got {' '.join(values)!r}")
+    return [tuple(nums[i : i + 4]) for i in range(0, len(nums), 4)]
+
+
+def merge_variants(old: Dict, rows: List[Dict], memory: Dict, meta: Dict) -> Dict:
+    """``old`` (a JSON file's data) with its variants' section replaced by this run's: the variants' rows
+    and their baselines' rows, their memory figures and failures. Everything else of ``old`` (the main
+    rows, their memory, the compiled step, the stored regression check of the main rows) is kept."""
+    data = dict(old)
+    _, vrows = split_rows(rows)
+    data["rows"] = [r for r in old.get("rows", []) if r.get("section", "main") == "main"] + vrows
+    vlabels = {r["candidate"] for r in vrows if r.get("variant") or r.get("layers", 1) > 1}
+    mem = dict(old.get("memory_mib", {}))
+    mem.update({f"{k[0]} {k[1]}": v for k, v in memory.items() if k[0] in vlabels})
+    data["memory_mib"] = mem
+    failed = {k: v for k, v in old.get("failed", {}).items() if k.rsplit(" (", 1)[0] not in vlabels}
+    failed.update({f"{k[0]} {k[1]}": v for k, v in FAILED.items() if k[0] in vlabels})
+    data["failed"] = failed
+    data["meta"] = dict(old.get("meta") or meta, variants=meta)
+    return data
 
 
 def main(argv=None) -> int:
@@ -596,7 +912,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-sizes", nargs="*", default=["28,128,28,128"], help="sizes of the compiled-step table (none: skip)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-json", default=None, help="take the compiled-step table from this output of bench_compile.py --json instead")
-    ap.add_argument("--quick", action="store_true", help="3 rounds on the two smallest sizes")
+    ap.add_argument("--quick", action="store_true", help="3 rounds on the two smallest sizes (the variants' too, unless --variant-sizes)")
+    ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the variants of issue 8 (VARIANTS in this file) of --cells (default: yes)")  # fmt: skip
+    ap.add_argument("--variant-sizes", nargs="+", default=None,
+                    help="sizes of the variants' rows, T,B,I,H each (default: the sizes of the main rows)")  # fmt: skip
+    ap.add_argument("--only-variants", action="store_true",
+                    help="measure the variants only (with torch.nn timed in their rounds) and merge them into the --json file, "
+                         "keeping its other rows; --out/--readme are then written from the merged file")  # fmt: skip
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     ap.add_argument("--json", default=None, help="write the raw rows here")
@@ -607,17 +930,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.render:
         return render(args)
+    if args.only_variants and not args.variants:
+        raise SystemExit("--only-variants and --no-variants exclude each other")
     torch.set_num_threads(args.threads)
     norms = [None if n == "None" else n for n in args.norms]
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else SIZES
+    sizes = _sizes_arg(args.sizes) if args.sizes else list(SIZES)
     rounds = args.rounds
     if args.quick:
         sizes, rounds = sizes[:2], 3
+    variant_sizes = (_sizes_arg(args.variant_sizes) if args.variant_sizes else sizes) if args.variants else []
+    bf16_cells = args.bf16_cells
+    if args.only_variants:  # nothing of the main tables: no norms, bfloat16, peers or compiled step
+        sizes, norms, bf16_cells = [], [], []
     baseline = None
     base_path = args.baseline or args.json
     if base_path and os.path.exists(base_path):
         with open(base_path) as f:
             baseline = json.load(f)
+    previous = None
+    if args.only_variants and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            previous = json.load(f)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     memory_job = None
     if not args.no_memory:
@@ -626,11 +959,14 @@ def main(argv=None) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(1)
-        memory_job = pool.submit(measure_memory, args.cells, norms, sizes, args.threads, args.kernel, args.bf16_cells)
-    rows = measure_time(args.cells, norms, sizes, rounds, args.kernel, log, args.bf16_cells)
+        memory_job = pool.submit(measure_memory, args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes)
+    rows = measure_time(args.cells, norms, sizes, rounds, args.kernel, log, bf16_cells, variant_sizes)
     memory = memory_job.result() if memory_job is not None else {}
+    attach_memory(rows, memory)
     crows = []
-    if args.compile_json:
+    if args.only_variants:
+        pass
+    elif args.compile_json:
         while not os.path.exists(args.compile_json):  # bench_compile.py may still be running beside this
             log(f"  waiting for {args.compile_json}")
             time.sleep(30)
@@ -654,21 +990,32 @@ def main(argv=None) -> int:
         "rounds": rounds,
         "kernel": args.kernel or os.environ.get("RECNORM_KERNEL") or "auto",
     }
-    notes = ""
-    if args.notes and os.path.exists(args.notes):
-        with open(args.notes) as f:
-            notes = f.read()
-    md = to_markdown(rows, memory, meta, crows, baseline, notes)
+    if variant_sizes:
+        meta["variants"] = dict(meta)
+    data = {"meta": meta, "rows": rows, "memory_mib": {f"{k[0]} {k[1]}": v for k, v in memory.items()}, "compile": crows,
+            "failed": {f"{k[0]} {k[1]}": v for k, v in FAILED.items()}}  # fmt: skip
+    if args.only_variants:
+        data = merge_variants(previous or {"meta": meta}, rows, memory, meta)
+        FAILED.clear()
+        FAILED.update(_keyed(data["failed"]))
+        # the main rows were not measured now: their check is the stored one, or against an explicit --baseline
+        regressions = regression_sections(data["rows"], baseline, (previous or {}).get("regression"),
+                                          main_baseline=bool(args.baseline))  # fmt: skip
+        memory = _keyed(data["memory_mib"])
+        crows = data.get("compile", [])
+    else:
+        regressions = regression_sections(rows, baseline)
+    data["regression"] = regressions
+    md = to_markdown(data["rows"], memory, data["meta"], crows, notes=_read_notes(args.notes), regressions=regressions)
     print(md)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "memory_mib": {f"{k[0]} {k[1]}": v for k, v in memory.items()}, "compile": crows,
-                       "failed": {f"{k[0]} {k[1]}": v for k, v in FAILED.items()}}, f, indent=1)  # fmt: skip
+            json.dump(data, f, indent=1)
     if args.readme:
-        write_readme(args.readme, readme_block(rows, memory, meta))
+        write_readme(args.readme, readme_block(data["rows"], memory, data["meta"]))
     return 0
 
 
