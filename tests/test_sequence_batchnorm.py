@@ -115,3 +115,44 @@ def test_between_layers_is_sequence_batch_norm_between_the_layers(bidir):
         recnorm.LSTM(3, 4, between_layers="batch")
     with pytest.raises(ValueError, match="between_layers"):
         recnorm.GRU(3, 4, num_layers=2, between_layers="layer")
+
+
+def test_packed_rows_match_batchnorm1d_gradcheck_and_keep_only_x_for_backward():
+    """Rows that are all valid (a PackedSequence, a full batch) run as one autograd node: the values and
+    gradients of BatchNorm1d, gradcheck in float64, a constant feature normalizing to its shift with no
+    gradient, and nothing of size (N, F) kept for backward but x itself."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(12, 5, generator=g, dtype=DT) * 2 + 1).requires_grad_(True)
+    bn = recnorm.SequenceBatchNorm(5, dtype=DT)
+    ref = torch.nn.BatchNorm1d(5, dtype=DT)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.normal_(generator=g)
+        ref.weight.copy_(bn.weight)
+        ref.bias.copy_(bn.bias)
+    c = torch.randn(12, 5, generator=g, dtype=DT)
+    got = [bn(x)]
+    got += torch.autograd.grad((got[0] * c).sum(), [x, bn.weight, bn.bias])
+    want = [ref(x)]
+    want += torch.autograd.grad((want[0] * c).sum(), [x, ref.weight, ref.bias])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    w, b = bn.weight.detach().clone().requires_grad_(True), bn.bias.detach().clone().requires_grad_(True)
+
+    def f(x, w, b):
+        m = recnorm.SequenceBatchNorm(5, dtype=DT)
+        m.weight, m.bias = torch.nn.Parameter(w), torch.nn.Parameter(b)
+        return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    const = x.detach().clone()
+    const[:, 2] = 0.7
+    const.requires_grad_(True)
+    y = bn(const)
+    torch.testing.assert_close(y[:, 2], bn.bias[2].expand(12).detach(), rtol=0, atol=0)
+    (dx,) = torch.autograd.grad((y * c).sum(), [const])
+    assert torch.equal(dx[:, 2], torch.zeros(12, dtype=DT))
+    big = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (big.append(t.numel() >= 12 * 5), t)[1], lambda t: t):
+        bn(x)
+    assert sum(big) == 1, big  # x alone

@@ -25,7 +25,7 @@ from torch import Tensor
 from recnorm.kernels.contract import NormDesc
 from recnorm.kernels.stats import batch_moments, count_valid, degenerate_features, population_degenerate, stats_dtype
 
-__all__ = ["slot_index", "population_moments", "row_norm", "batch_norm", "affine", "normalize_with"]
+__all__ = ["slot_index", "population_moments", "row_norm", "batch_norm", "affine", "normalize_with", "batch_norm_rows"]
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -124,3 +124,60 @@ def batch_norm(d: NormDesc, x: Tensor, step: int) -> Tuple[Tensor, Optional[Tupl
     mean, var = batch_moments(x, center=d.center, **sync)
     y = normalize_with(d, x, mean, var, degenerate_features(mean, var))
     return y, (mean.detach(), var.detach(), n)
+
+
+class _BatchNormRows(torch.autograd.Function):
+    """Batch statistics of every row of ``x`` ``(N, F)``, normalization and affine in one autograd node.
+
+    The same values and gradients as :func:`normalize_with` on :func:`batch_moments` (the gradient flows
+    through the mean and the variance), but autograd keeps only ``x``, the (F,) statistics and the gain for
+    backward, where the composed ops keep two more ``(N, F)`` tensors (the centred and the normalized
+    values). Backward, with ``xhat = (x - mu) * r`` recomputed and ``g = dy * weight``:
+    ``dx = r * (g - mean(g) - xhat * mean(g * xhat))`` (not centred: without ``mean(g)``),
+    ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``; a degenerate feature has ``r = 0``, so it outputs
+    ``bias`` and passes no gradient to ``x``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, center: bool):
+        xs = _to(x, stats_dtype(x.dtype))
+        mean, var = batch_moments(xs, center=center)
+        rstd = torch.rsqrt(var + eps).masked_fill(degenerate_features(mean, var), 0.0)
+        y = (xs - mean) * rstd if center else xs * rstd
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        return _to(y, x.dtype), mean, var, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps, center = inputs
+        _, mean, _, rstd = output
+        ctx.center, ctx.has_bias = center, bias is not None
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, output[2], rstd)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dt = rstd.dtype
+        dy = _to(dy, dt)
+        xhat = ((_to(x, dt) - mean) if ctx.center else _to(x, dt)) * rstd
+        g = dy if weight is None else dy * weight
+        proj = (g * xhat).mean(0)
+        inner = g - xhat * proj
+        if ctx.center:
+            inner = inner - g.mean(0)
+        dx = _to(inner * rstd, x.dtype) if ctx.needs_input_grad[0] else None
+        dweight = (dy * xhat).sum(0) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None, None
+
+
+def batch_norm_rows(d: NormDesc, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)``: every row of ``x`` ``(N, F)`` (N >= 2) normalized with the batch's statistics
+    (not synchronized), and those statistics (detached, for the running averages) -- what
+    :func:`normalize_with` on :func:`batch_moments` gives, with less memory kept for backward."""
+    y, mean, var, _ = _BatchNormRows.apply(x, d.weight, d.bias, float(d.eps), bool(d.center))
+    return y, mean, var

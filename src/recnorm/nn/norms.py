@@ -241,8 +241,11 @@ class RecurrentBatchNorm(nn.Module):
             mean, var, degenerate = kfn.population_moments(d, torch.tensor([int(step)], device=x.device))
             dt = stats_dtype(x.dtype)
             return kfn.normalize_with(d, x, mean[0].to(dt), var[0].to(dt), degenerate[0])
-        mean, var = batch_moments(x, mask, center=self.center, **sync)
-        y = kfn.normalize_with(d, x, mean, var, degenerate_features(mean, var))
+        if mask is None and not d.sync:  # every row valid (packed data, a full batch): one autograd node
+            y, mean, var = kfn.batch_norm_rows(d, x)
+        else:
+            mean, var = batch_moments(x, mask, center=self.center, **sync)
+            y = kfn.normalize_with(d, x, mean, var, degenerate_features(mean, var))
         self.record(BatchMoments(
             steps=torch.tensor([int(step)], device=x.device), mean=mean.detach().unsqueeze(0), var=var.detach().unsqueeze(0),
             count=torch.tensor([n], device=x.device),
