@@ -158,6 +158,7 @@ class DirectionWork:
     * a float ``p`` (eval): ``s_t = p * s_{t-1} + (1 - p) * s~_t``;
     * a tensor ``d`` (training) of 0/1 keep indicators, one row per row of ``x`` (``(N, W)`` packed rows
       or ``(T, B, W)`` for a full batch, ``W`` the state's width): ``s_t = d_t * s_{t-1} + (1 - d_t) * s~_t``.
+      Any dtype; the layers draw bool indicators (a byte each: the fused kernels keep them for backward).
 
     The zoned ``h_t`` is the step's output and the next step's input; the cell norm, gates and output of
     step t are computed from ``s~_t``, as in the paper.

@@ -266,7 +266,7 @@ def _fused_lstm(
 
     ``joint``: one norm (the input term's gain, centring and eps) over the sum of the two gate terms;
     ``carry``: carry the cell norm's output; ``zone_h``, ``zone_c``: zoneout keep indicators, ``(N, H)``
-    (training) or ``(1, H)`` filled with the rate (eval). ``C`` holds ``2N`` rows (c~, then the carried
+    0/1 bytes (uint8; or values of x's dtype) in training, or ``(1, H)`` filled with the rate (eval). ``C`` holds ``2N`` rows (c~, then the carried
     cells) where the carried cell is not c~ (``carry`` or ``zone_c``)."""
     B, H, I = h0.shape[0], w_hh.shape[1], x.shape[1]
     hoisted = I > INPROJ_MAX
@@ -382,7 +382,7 @@ def _fused_gru_rnn(
     ``joint`` (RNN, row statistics): one norm (the input term's gain, centring and eps) over the sum of the
     two terms; ``one_group``: per site (ih, hh), whether the GRU's layer norm takes one group over all 3H
     features (haste's LayerNormGRU) instead of (2H, H); ``zone_h``: zoneout keep indicators ``(N, H)``
-    (training) or ``(1, H)`` filled with the rate (eval)."""
+    (uint8 bytes, or values of x's dtype; training) or ``(1, H)`` filled with the rate (eval)."""
     B, H = h0.shape[0], w_hh.shape[1]
     plan = onednn_plan(B, H, False, x.dtype, "gru_rnn")
     res = _ext("gru_rnn").forward(
@@ -632,12 +632,14 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
 
 
 def _zone_tensor(z, x: Tensor, hidden: int) -> Optional[Tensor]:
-    """A state's zoneout as the kernel reads it: keep indicators ``(N, H)`` (training), or the rate as a
-    ``(1, H)`` row (eval); None without zoneout."""
+    """A state's zoneout as the kernel reads it: keep indicators ``(N, H)`` (training; bool indicators as
+    uint8 bytes, without a copy; others in x's dtype), or the rate as a ``(1, H)`` row (eval); None without
+    zoneout."""
     if z is None:
         return None
     if isinstance(z, Tensor):
-        return z.reshape(-1, hidden).to(x.dtype).contiguous()
+        z = z.reshape(-1, hidden)
+        return (z.contiguous().view(torch.uint8) if z.dtype == torch.bool else z.to(x.dtype)).contiguous()
     return x.new_full((1, hidden), float(z))
 
 

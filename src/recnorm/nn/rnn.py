@@ -353,8 +353,10 @@ class RecurrentBase(_NormSetup, nn.Module):
         if x is None:
             raise ValueError(f"{self._name()}: zoneout in training draws its masks for the rows of the input; pass x=")
         widths = (self.proj_size or self.hidden_size, self.hidden_size)
+        # bool indicators: a byte per unit (kept for backward by the fused kernels), drawn with torch's RNG
         return tuple(
-            x.new_empty(tuple(x.shape[:-1]) + (w,)).bernoulli_(r) if r else None for r, w in zip(rates, widths)
+            torch.empty(tuple(x.shape[:-1]) + (w,), dtype=torch.bool, device=x.device).bernoulli_(r) if r else None
+            for r, w in zip(rates, widths)
         )
 
     def _record(self, layer: int, direction: int, moments: Dict[str, BatchMoments]) -> None:
@@ -822,7 +824,9 @@ class CellBase(_NormSetup, nn.Module):
             return ()
         if not self.training:
             return tuple(r or None for r in rates)
-        return tuple(x.new_empty(x.shape[0], self.hidden_size).bernoulli_(r) if r else None for r in rates)
+        return tuple(
+            torch.empty(x.shape[0], self.hidden_size, dtype=torch.bool, device=x.device).bernoulli_(r) if r else None for r in rates
+        )
 
     def _needs_step(self) -> bool:
         return any(getattr(m, "stat", None) == "step" for m in self._norms(self._norm_names).values())

@@ -477,33 +477,61 @@ inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->def
 // Variants shared by the LSTM and GRU/RNN kernels: zoneout and a joint gate norm
 // ------------------------------------------------------------------------------------------------
 
-// Zoneout keep indicators of one state: (N, H) per packed row (training) or one (1, H) row holding the
-// rate (eval); absent: no zoneout. row(r) is the indicator row of packed row r (null when absent).
+// One row of zoneout keep indicators: 0/1 bytes (training) or values of T (a rate in eval; indicators
+// given as T). r(j, n) is the vector of lanes [j, j + n); absent (false): no zoneout.
+template <typename T>
+struct ZoneRow {
+  const T* f = nullptr;
+  const uint8_t* u = nullptr;
+  explicit operator bool() const { return f != nullptr || u != nullptr; }
+  Vec<T> operator()(int64_t j, int64_t n) const {
+    if (f) return ld(f + j, n);
+    alignas(64) T buf[Vec<T>::size()];
+    for (int64_t k = 0; k < n; ++k) buf[k] = T(u[j + k]);
+    return ld(buf, n);
+  }
+};
+
+// Zoneout keep indicators of one state: (N, H) 0/1 bytes (uint8; training, a quarter of the memory the
+// indicators would take in T, and kept for backward) or (N, H) values of the input's dtype, or one (1, H)
+// row of the input's dtype holding the rate (eval); absent: no zoneout. at<T>(r) is packed row r's.
 struct ZoneRows {
   const void* p = nullptr;
   int64_t stride = 0;
+  bool bytes = false;
   ZoneRows() = default;
   ZoneRows(const c10::optional<Tensor>& z, const Tensor& x, int64_t H, const char* what) {
     if (!has(z)) return;
+    bytes = z->scalar_type() == at::kByte;
     TORCH_CHECK(z->dim() == 2 && z->size(1) == H && (z->size(0) == 1 || z->size(0) == x.size(0)) && z->is_contiguous() &&
-                    z->scalar_type() == x.scalar_type(),
-                what, ": zoneout indicators must be contiguous (N, H) or (1, H) tensors of the input's dtype");
+                    (bytes || z->scalar_type() == x.scalar_type()),
+                what, ": zoneout indicators must be contiguous (N, H) tensors of uint8 or of the input's dtype, or a (1, H) row ",
+                "of the input's dtype");
     p = z->data_ptr();
     stride = z->size(0) == 1 ? 0 : H;
   }
   explicit operator bool() const { return p != nullptr; }
   template <typename T>
-  const T* row(int64_t r) const { return p ? static_cast<const T*>(p) + r * stride : nullptr; }
+  ZoneRow<T> at(int64_t r) const {
+    ZoneRow<T> row;
+    if (p == nullptr) return row;
+    if (bytes) {
+      row.u = static_cast<const uint8_t*>(p) + r * stride;
+    } else {
+      row.f = static_cast<const T*>(p) + r * stride;
+    }
+    return row;
+  }
 };
 
 // dst[0:n) = src + d * (prev - src): zoneout of one state row (dst may be src).
 template <typename T>
-inline void zone_row(T* dst, const T* src, const T* prev, const T* d, int64_t n) {
+inline void zone_row(T* dst, const T* src, const T* prev, const ZoneRow<T>& d, int64_t n) {
   constexpr int64_t VS = Vec<T>::size();
   for (int64_t j = 0; j < n; j += VS) {
     const int64_t c = std::min(VS, n - j);
     const Vec<T> a = ld(src + j, c);
-    st(dst + j, fma(ld(d + j, c), ld(prev + j, c) - a, a), c);
+    st(dst + j, fma(d(j, c), ld(prev + j, c) - a, a), c);
   }
 }
 

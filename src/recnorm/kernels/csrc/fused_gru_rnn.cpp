@@ -30,7 +30,7 @@
 //   joint (RNN, row family): one norm (the ih site's gain, centring and eps) over W_ih x + W_hh h: the
 //          recurrent term is added into the input term's row before its statistics and gets rstd 0, and
 //          backward sends the joint term's gradient (DGI) to both GEMMs;
-//   zone_h: zoneout keep indicators d ((N, H), or (1, H) holding the rate in eval): after each step's
+//   zone_h: zoneout keep indicators d ((N, H) uint8 bytes, or (1, H) holding the rate in eval): after each step's
 //          pass h_t = h~_t + d_t (h_{t-1} - h~_t), the output and the next step's input. Backward
 //          recomputes the RNN's h~ from the saved normalized terms and sends d * dh to h_{t-1} directly.
 //
@@ -321,7 +321,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
 
     if (zone) {  // zoneout: mix the step's new state with the previous one
       at::parallel_for(0, Bt, 16, [&](int64_t b0, int64_t b1) {
-        for (int64_t bb = b0; bb < b1; ++bb) zone_row(hout + bb * H, hout + bb * H, hp + bb * H, zone.row<T>(o0 + bb), H);
+        for (int64_t bb = b0; bb < b1; ++bb) zone_row(hout + bb * H, hout + bb * H, hp + bb * H, zone.at<T>(o0 + bb), H);
       });
     }
     // Sequences whose last step is t: rows [bs[t+1], bs[t]).
@@ -425,7 +425,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               const T* xir = xi + bb * G;
               const T* xhr = xh + bb * G;
               const T* doutr = dout ? dout + bb * H : nullptr;
-              const T* zr = zone.row<T>(r);  // zoneout keep indicators of the row (or null)
+              const ZoneRow<T> zr = zone.at<T>(r);  // zoneout keep indicators of the row (or none)
               T* dhr = dhr_p + bb * H;
               T* dgir = dgi + bb * G;
               T* dghr = dgh + bb * G;
@@ -449,7 +449,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   Vec<T> dh = ld(dhr + j, n);
                   if (doutr) dh += ld(doutr + j, n);
                   if (zr) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
-                    const Vec<T> dz = ld(zr + j, n) * dh;
+                    const Vec<T> dz = zr(j, n) * dh;
                     dh -= dz;
                     st(dhr + j, fma(dh, zg, dz), n);
                   } else {
@@ -482,7 +482,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   if (doutr) dh += ld(doutr + j, n);
                   Vec<T> hv;
                   if (zr) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
-                    const Vec<T> dz = ld(zr + j, n) * dh;
+                    const Vec<T> dz = zr(j, n) * dh;
                     dh -= dz;
                     st(dhr + j, dz, n);
                     hv = act(fma(ld(gih + j, n), ld(xir + j, n), fma(ld(ghh + j, n), ld(xhr + j, n), ld(b + j, n))), relu);
@@ -598,7 +598,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 Vec<T> dh = ld(dhr, n);
                 if (dout) dh += ld(dout + bb * H + j, n);
                 if (zone) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
-                  const Vec<T> dz = ld(zone.row<T>(o0 + bb) + j, n) * dh;
+                  const Vec<T> dz = zone.at<T>(o0 + bb)(j, n) * dh;
                   dh -= dz;
                   st(dhr, fma(dh, zg, dz), n);
                 } else {
@@ -625,7 +625,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 if (dout) dh += ld(dout + bb * H + j, n);
                 Vec<T> hv;
                 if (zone) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
-                  const Vec<T> dz = ld(zone.row<T>(o0 + bb) + j, n) * dh;
+                  const Vec<T> dz = zone.at<T>(o0 + bb)(j, n) * dh;
                   dh -= dz;
                   st(dhr_p + bb * H + j, dz, n);
                   hv = act(fma(vgi[0], ld(xi + bb * G + j, n), fma(vgh[0], ld(xh + bb * G + j, n), vb[0])), relu);

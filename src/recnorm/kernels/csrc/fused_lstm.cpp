@@ -156,7 +156,8 @@ int64_t pool_cached() { return int64_t(pool().cached()); }
 //          term rstd 0, so it contributes nothing, and backward sends the joint term's gradient to both
 //          GEMMs (row family only);
 //   carry: the cell norm's output, not c~, is the state carried to the next step (row family only);
-//   zone_h, zone_c: zoneout keep indicators d ((N, H), or (1, H) for a rate in eval):
+//   zone_h, zone_c: zoneout keep indicators d ((N, H) uint8 bytes in training, or (1, H) holding the
+//          rate in eval; fused_common.h's ZoneRows):
 //          s_t = s~_t + d_t (s_{t-1} - s~_t), applied after each step's pass. The carried cell differs
 //          from c~ when carry or zone_c: it then lives in a buffer of its own (CS, the second half of C).
 struct Variant {
@@ -168,9 +169,9 @@ struct Variant {
           int64_t H)
       : joint(joint_), carry(carry_), zh(zone_h, x, H, "fused LSTM"), zc(zone_c, x, H, "fused LSTM") {}
   template <typename T>
-  const T* zone_h(int64_t row) const { return zh.row<T>(row); }
+  ZoneRow<T> zone_h(int64_t row) const { return zh.at<T>(row); }
   template <typename T>
-  const T* zone_c(int64_t row) const { return zc.row<T>(row); }
+  ZoneRow<T> zone_c(int64_t row) const { return zc.at<T>(row); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -633,8 +634,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 T* dhr = dhr_p + bb * H;
                 T* dcr = dcr_p + bb * H;
                 T* dghr = dgh + bb * G;
-                const T* zhr = var.zone_h<T>(r);  // zoneout keep indicators of the row (or null)
-                const T* zcr = var.zone_c<T>(r);
+                const ZoneRow<T> zhr = var.zone_h<T>(r);  // zoneout keep indicators of the row (or none)
+                const ZoneRow<T> zcr = var.zone_c<T>(r);
                 if (mode == kNone) {
                   for (int64_t j = 0; j < H; j += VS) {
                     const int64_t n = kTail ? std::min(VS, H - j) : VS;
@@ -643,12 +644,12 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                     Vec<T> dh = ld(dhr + j, n);
                     if (doutr) dh += ld(doutr + j, n);
                     if (zhr) {  // zoneout of h: d h_{t-1} gets d * dh (added to the GEMM's part), h~ the rest
-                      const Vec<T> d = ld(zhr + j, n);
+                      const Vec<T> d = zhr(j, n);
                       st(dhr + j, d * dh, n);
                       dh = dh - d * dh;
                     }
                     const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
-                    const Vec<T> dzc = zcr ? ld(zcr + j, n) : Vec<T>(T(0));
+                    const Vec<T> dzc = zcr ? zcr(j, n) : Vec<T>(T(0));
                     const Vec<T> dc = fma(dh * o, one - th * th, dcs - dzc * dcs);
                     st(dcr + j, fma(dc, f, dzc * dcs), n);
                     st(dghr + j, dc * g * i * (one - i), n);
@@ -683,14 +684,14 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   Vec<T> dh = ld(dhr + j, n);
                   if (doutr) dh += ld(doutr + j, n);
                   if (zhr) {  // zoneout of h (as in mode none)
-                    const Vec<T> d = ld(zhr + j, n);
+                    const Vec<T> d = zhr(j, n);
                     st(dhr + j, d * dh, n);
                     dh = dh - d * dh;
                   }
                   Vec<T> dcn = dh * o_gate * (one - th * th);
                   if (var_carry) {  // the carried state is the cell norm's output: its gradient joins dcn
                     const Vec<T> dcs = ld(dcr + j, n);
-                    dcn += zcr ? dcs - ld(zcr + j, n) * dcs : dcs;
+                    dcn += zcr ? dcs - zcr(j, n) * dcs : dcs;
                   }
                   st(pdgc + j, fma(dcn, chat, ld(pdgc + j, n)), n);
                   st(pdbc + j, ld(pdbc + j, n) + dcn, n);
@@ -706,7 +707,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
                   const int64_t n = kTail ? std::min(VS, H - j) : VS;
                   const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
-                  const Vec<T> dzc = zcr ? ld(zcr + j, n) : Vec<T>(T(0));
+                  const Vec<T> dzc = zcr ? zcr(j, n) : Vec<T>(T(0));
                   const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, var_carry ? Vec<T>(T(0)) : dcs - dzc * dcs);
                   const Vec<T> i = ld(sar + j, n), f = ld(sar + H + j, n), g = ld(sar + 2 * H + j, n), o = ld(sar + 3 * H + j, n);
                   const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cpr + j, n) * f * (one - f), dc * i * (one - g * g),
@@ -812,7 +813,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 Vec<T> dh = ld(dhr_p + bb * H + j, n);
                 if (dout) dh += ld(dout + bb * H + j, n);
                 if (var.zh) {  // zoneout of h (as in mode none)
-                  const Vec<T> d = ld(var.zone_h<T>(o0 + bb) + j, n);
+                  const Vec<T> d = var.zone_h<T>(o0 + bb)(j, n);
                   st(dhr_p + bb * H + j, d * dh, n);
                   dh = dh - d * dh;
                 }
@@ -835,7 +836,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 const Vec<T> dyc = ld(sdy + bb * H + j, n);
                 const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
                 const Vec<T> dcs = ld(dcr_p + bb * H + j, n);  // dL/d(carried c_t)
-                const Vec<T> dzc = var.zc ? ld(var.zone_c<T>(o0 + bb) + j, n) : Vec<T>(T(0));
+                const Vec<T> dzc = var.zc ? var.zone_c<T>(o0 + bb)(j, n) : Vec<T>(T(0));
                 const Vec<T> dc = dcn_norm + (dcs - dzc * dcs);
                 const T* sar = sa + bb * G + j;
                 const Vec<T> i = ld(sar, n), f = ld(sar + H, n), g = ld(sar + 2 * H, n), o = ld(sar + 3 * H, n);
