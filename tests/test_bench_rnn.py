@@ -48,9 +48,10 @@ def test_every_variant_has_a_train_and_eval_row_with_its_baseline_and_kernel():
                 assert all(k in kernels.KERNELS for k in r["kernel"].split("+")), r["kernel"]
     assert idx[("recnorm.LSTM [between_layers='batch', 2 layers]", "train")]["baseline"] == "torch.nn.LSTM(num_layers=2)"
     if kernels.extensions_built():
-        # the fused LSTM kernel serves RMSNorm; the stack without a per-step norm never needs the Python loop
+        # issue 8: every variant runs on the fused kernels (or torch's op), never on the Python loop
         assert idx[("recnorm.LSTM [rms]", "train")]["kernel"] == "fused"
-        assert "reference" not in idx[("recnorm.LSTM [between_layers='batch', 2 layers]", "train")]["kernel"]
+        slow = [(r["candidate"], r["mode"], r["kernel"]) for r in rows if r["section"] == "variants" and "reference" in r["kernel"]]
+        assert not slow, slow
 
 
 def test_the_kernel_column_follows_what_ran():
