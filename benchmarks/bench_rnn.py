@@ -499,14 +499,14 @@ def _kernels_text(names: List[str]) -> str:
 
 
 def _kernel_counts(summ: Dict[str, Dict]) -> str:
-    """How many variants ran on which kernels (every size), e.g. ``fused 10, reference 4, fused+native / native 1``
+    """How many variants ran on which kernels (every size), e.g. ``10 on fused; 4 on reference; 1 on fused+native / native``
     (train / eval where they differ)."""
     counts: Dict[str, int] = {}
     for d in summ.values():
         train, ev = _kernels_text(d["kernels"]["train"]), _kernels_text(d["kernels"]["eval"])
         key = train if train == ev else f"{train} / {ev}"
         counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return "; ".join(f"{n} on {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def variant_lines(vrows: List[Dict], vbaseline_lines: List[str]) -> List[str]:
