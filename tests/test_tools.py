@@ -302,3 +302,35 @@ def test_export_and_onnx_of_variants_match_eager(vid, tmp_path):
         torch.testing.assert_close(_out(ep.module()(x)), want, rtol=1e-4, atol=1e-5)
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cell,kw", [("gru", dict(norm="layer", bidirectional=True)), ("lstm", dict(norm="batch", zoneout=0.2)),
+                                     ("rnn_tanh", dict(norm="rms", norm_kwargs={"joint": True}))])  # fmt: skip
+def test_trace_raises_no_tracer_warning(cell, kw):
+    """The layer's shape checks read sizes that torch.jit.trace records as traced values; they are fixed by
+    the weights, so the trace of a served layer has nothing to warn about."""
+    m = make(cell, I, H, 2, **kw).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(m, (torch.randn(5, 3, I),))
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], [str(w.message) for w in caught]
+
+
+def test_default_trace_passes_its_check_and_the_trace_trains_like_eager():
+    """torch.jit.trace's sanity check re-traces under no_grad: the trace must not depend on the grad mode.
+    Traced with parameters that require grad, the module keeps what backward needs in any mode and its
+    gradients are eager's; traced after requires_grad_(False), it keeps nothing."""
+    m = _trained("lstm", "layer").train()
+    traced = torch.jit.trace(m, (torch.randn(5, 3, I),))  # check_trace=True, the default
+    x = torch.randn(8, 4, I)
+    grads = []
+    for model in (traced, m):
+        m.zero_grad(set_to_none=True)
+        out = model(x)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    lean = torch.jit.trace(m.eval().requires_grad_(False), (torch.randn(5, 3, I),))
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x)[0], m(x)[0])

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -525,7 +526,15 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
     groups = {"lstm": [(4 * hidden,)], "gru": [(2 * hidden, hidden), (3 * hidden,)]}.get(kind, [(hidden,)])
     for site, d in work.present_norms().items():
         want = [(hidden,)] if site == "cell" else groups
-        if d.stat == "row" and tuple(d.groups) not in want:
+        # hidden is a weight's size: a traced value under torch.jit.trace, but the same for every input
+        # (catch_warnings only there: torch.compile cannot capture it)
+        if torch.jit.is_tracing():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                bad_groups = d.stat == "row" and tuple(d.groups) not in want
+        else:
+            bad_groups = d.stat == "row" and tuple(d.groups) not in want
+        if bad_groups:
             return f"layer-norm groups {tuple(d.groups)} at site {site!r} are not one of the cell's {' or '.join(map(str, want))}"
         if d.sync and d.batch_stats:
             return "it does not synchronize batch statistics across processes"
@@ -579,6 +588,12 @@ def _moments(work: DirectionWork, sites: Sequence[str], moments: Tensor, widths:
 
 
 def _needs_grad(*ts: Optional[Tensor]) -> bool:
+    """Whether the call must keep what backward needs (the operator's ``save``). A traced module replays
+    the ``save`` it was traced with in any grad mode, and torch.jit.trace's own check re-traces under
+    ``no_grad``: under tracing, ``save`` follows ``requires_grad`` alone (``model.requires_grad_(False)``
+    before tracing gives a trace that keeps nothing)."""
+    if torch.jit.is_tracing():
+        return any(t is not None and t.requires_grad for t in ts)
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 

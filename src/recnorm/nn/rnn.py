@@ -378,7 +378,16 @@ class RecurrentBase(_NormSetup, nn.Module):
     def _check_input(self, x: Tensor, what: str) -> None:
         if not x.is_floating_point():
             raise TypeError(f"{self._name()}: expected a floating point {what}, got dtype {x.dtype}")
-        if x.shape[-1] != self.input_size:
+        # Under torch.jit.trace sizes are traced values, and comparing one warns that the trace may not
+        # generalize; the feature size is fixed by the weights, so this check is the same for every input.
+        # (Only there: torch.compile cannot capture catch_warnings.)
+        if torch.jit.is_tracing():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                bad_features = bool(x.shape[-1] != self.input_size)
+        else:
+            bad_features = x.shape[-1] != self.input_size
+        if bad_features:
             raise ValueError(f"{self._name()}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
         w = getattr(self, self._flat_weights_names[0])
         if x.device != w.device or (x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)):
