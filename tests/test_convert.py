@@ -68,6 +68,13 @@ def _haste_reference(kind, sd, x, h, c=None):
     return torch.stack(outs), h, c
 
 
+
+def _assert_same_state_dict(back, sd):
+    """A converter's round trip gives the peer's state_dict back: the same keys, the same values."""
+    assert set(back) == set(sd)
+    for k in sd:
+        torch.testing.assert_close(back[k], sd[k], rtol=0, atol=1e-15)
+
 @pytest.mark.parametrize("kind", ["LSTM", "LayerNormLSTM", "GRU", "LayerNormGRU"])
 def test_from_haste_computes_hastes_function(kind):
     g = torch.Generator().manual_seed(0)
@@ -88,9 +95,7 @@ def test_from_haste_computes_hastes_function(kind):
         torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(h[0], ref_h, rtol=1e-10, atol=1e-10)
     back = convert.to_haste(layer)
-    assert set(back) == set(sd)
-    for k in sd:
-        torch.testing.assert_close(back[k], sd[k], rtol=0, atol=1e-15)
+    _assert_same_state_dict(back, sd)
 
 
 def test_haste_options_and_refusals():
@@ -156,9 +161,7 @@ def test_from_torchaudio_computes_custom_lstms_function(layer_norm):
         torch.testing.assert_close(h[0], ref_h, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(c[0], ref_c, rtol=1e-10, atol=1e-10)
     back = convert.to_torchaudio(layer)
-    assert set(back) == set(sd)
-    for k in sd:
-        torch.testing.assert_close(back[k], sd[k], rtol=0, atol=1e-15)
+    _assert_same_state_dict(back, sd)
 
 
 def test_torchaudio_refusals():

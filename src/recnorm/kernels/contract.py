@@ -34,8 +34,10 @@ then ``y * weight + bias``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -247,6 +249,17 @@ class DirectionResult:
     output: Tensor
     state: Tuple[Tensor, ...]
     moments: Dict[str, BatchMoments] = dataclasses.field(default_factory=dict)
+
+
+def fixed_size_check(check: Callable[[], Any]) -> bool:
+    """``check()`` on sizes that the weights fix (the same for every input). Under torch.jit.trace sizes are
+    traced values and comparing one warns that the trace might not generalize; here it does, so the warning
+    is silenced there (only there: torch.compile cannot capture ``catch_warnings``)."""
+    if not torch.jit.is_tracing():
+        return bool(check())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return bool(check())
 
 
 def batch_sizes_list(batch_sizes: Optional[Sequence[int]], rows: int, batch: int) -> list:

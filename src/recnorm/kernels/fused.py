@@ -45,13 +45,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork
+from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork, fixed_size_check
 from recnorm.kernels.native import fold_sequence_norm
 
 __all__ = ["supports", "run_direction", "available", "load_extension", "empty_cache", "refuse_double_backward"]
@@ -526,15 +525,7 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
     groups = {"lstm": [(4 * hidden,)], "gru": [(2 * hidden, hidden), (3 * hidden,)]}.get(kind, [(hidden,)])
     for site, d in work.present_norms().items():
         want = [(hidden,)] if site == "cell" else groups
-        # hidden is a weight's size: a traced value under torch.jit.trace, but the same for every input
-        # (catch_warnings only there: torch.compile cannot capture it)
-        if torch.jit.is_tracing():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                bad_groups = d.stat == "row" and tuple(d.groups) not in want
-        else:
-            bad_groups = d.stat == "row" and tuple(d.groups) not in want
-        if bad_groups:
+        if d.stat == "row" and fixed_size_check(lambda: tuple(d.groups) not in want):
             return f"layer-norm groups {tuple(d.groups)} at site {site!r} are not one of the cell's {' or '.join(map(str, want))}"
         if d.sync and d.batch_stats:
             return "it does not synchronize batch statistics across processes"
@@ -592,9 +583,8 @@ def _needs_grad(*ts: Optional[Tensor]) -> bool:
     the ``save`` it was traced with in any grad mode, and torch.jit.trace's own check re-traces under
     ``no_grad``: under tracing, ``save`` follows ``requires_grad`` alone (``model.requires_grad_(False)``
     before tracing gives a trace that keeps nothing)."""
-    if torch.jit.is_tracing():
-        return any(t is not None and t.requires_grad for t in ts)
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    grad_mode = torch.jit.is_tracing() or torch.is_grad_enabled()
+    return grad_mode and any(t is not None and t.requires_grad for t in ts)
 
 
 def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...]) -> DirectionResult:
@@ -653,8 +643,8 @@ def _zone_tensor(z, x: Tensor, hidden: int) -> Optional[Tensor]:
     if z is None:
         return None
     if isinstance(z, Tensor):
-        z = z.reshape(-1, hidden)
-        return (z.contiguous().view(torch.uint8) if z.dtype == torch.bool else z.to(x.dtype)).contiguous()
+        z = z.reshape(-1, hidden).contiguous()
+        return z.view(torch.uint8) if z.dtype == torch.bool else z.to(x.dtype)
     return x.new_full((1, hidden), float(z))
 
 

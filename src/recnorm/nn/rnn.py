@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from recnorm import kernels
-from recnorm.kernels.contract import BatchMoments, DirectionWork
+from recnorm.kernels.contract import BatchMoments, DirectionWork, fixed_size_check
 from recnorm.kernels.packing import check_batch_sizes, reverse_packed
 from recnorm.nn.cells import CELLS, CellType
 from recnorm.nn.norms import OPTION_SITES, SequenceBatchNorm, create_norm, get_norm, resolve_norm_kwargs
@@ -378,16 +378,7 @@ class RecurrentBase(_NormSetup, nn.Module):
     def _check_input(self, x: Tensor, what: str) -> None:
         if not x.is_floating_point():
             raise TypeError(f"{self._name()}: expected a floating point {what}, got dtype {x.dtype}")
-        # Under torch.jit.trace sizes are traced values, and comparing one warns that the trace may not
-        # generalize; the feature size is fixed by the weights, so this check is the same for every input.
-        # (Only there: torch.compile cannot capture catch_warnings.)
-        if torch.jit.is_tracing():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                bad_features = bool(x.shape[-1] != self.input_size)
-        else:
-            bad_features = x.shape[-1] != self.input_size
-        if bad_features:
+        if fixed_size_check(lambda: x.shape[-1] != self.input_size):
             raise ValueError(f"{self._name()}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
         w = getattr(self, self._flat_weights_names[0])
         if x.device != w.device or (x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)):

@@ -351,7 +351,6 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
   const bool gru = cell == kGRU, relu = cell == kRelu;
   const bool one_ih = !gru || one_group[0] != 0, one_hh = !gru || one_group[1] != 0;
-  const int64_t S_ih = one_ih ? G : 2 * H, S_hh = one_hh ? G : 2 * H;
   auto opts = x.options();
 
   const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
@@ -359,6 +358,22 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   const T* d_out = ptr_or<T>(d_out_t, static_cast<const T*>(nullptr));
   // The layer-norm backward's row sums (0 without a norm); its mean-of-gradient terms only when centred.
   const T on = T(mode != kNone), ci = on * T(center[0] != 0), ch = on * T(center[1] != 0);
+
+  // One site's row sums of the layer-norm backward, (mean of dy, mean of dy * y) of group a then group b,
+  // from the lane sums (a1, a2) and (b1, b2) of the two groups; `cen` drops the first where not centred.
+  // A one-group site (the RNN; haste's LayerNormGRU) sums both blocks over all G features, and its group
+  // b reads group a's sums.
+  auto site_sums = [&](bool one, T cen, const Vec<T>& a1, const Vec<T>& a2, const Vec<T>& b1, const Vec<T>& b2, T* out) {
+    if (one) {
+      out[0] = out[2] = cen * (hsum(a1) + hsum(b1)) / T(G);
+      out[1] = out[3] = on * (hsum(a2) + hsum(b2)) / T(G);
+    } else {
+      out[0] = cen * hsum(a1) / T(2 * H);
+      out[1] = on * hsum(a2) / T(2 * H);
+      out[2] = cen * hsum(b1) / T(H);
+      out[3] = on * hsum(b2) / T(H);
+    }
+  };
 
   // dh_rec rows [0, bs[t]) hold dL/dh_t while step t runs; afterwards (GEMM) dL/dh_{t-1}.
   Tensor dh_rec = has(d_hn_t) ? d_hn_t->clone() : at::zeros({B0, H}, opts);
@@ -500,28 +515,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               }
               const int64_t lr = bb - g0;
               const int64_t rstride = N;
-              // Row sums per layer-norm group (a one-group GRU site: group b's are group a's, over 3H).
-              T* rsr = rsum + 8 * lr;
-              if (one_ih) {
-                rsr[0] = ci * (hsum(sia1) + hsum(sib1)) / T(G);
-                rsr[1] = on * (hsum(sia2) + hsum(sib2)) / T(G);
-                rsr[2] = rsr[0], rsr[3] = rsr[1];
-              } else {
-                rsr[0] = ci * hsum(sia1) / T(S_ih);
-                rsr[1] = on * hsum(sia2) / T(S_ih);
-                rsr[2] = ci * hsum(sib1) / T(H);
-                rsr[3] = on * hsum(sib2) / T(H);
-              }
-              if (one_hh) {
-                rsr[4] = ch * (hsum(sha1) + hsum(shb1)) / T(G);
-                rsr[5] = on * (hsum(sha2) + hsum(shb2)) / T(G);
-                rsr[6] = rsr[4], rsr[7] = rsr[5];
-              } else {
-                rsr[4] = ch * hsum(sha1) / T(S_hh);
-                rsr[5] = on * hsum(sha2) / T(S_hh);
-                rsr[6] = ch * hsum(shb1) / T(H);
-                rsr[7] = on * hsum(shb2) / T(H);
-              }
+              site_sums(one_ih, ci, sia1, sia2, sib1, sib2, rsum + 8 * lr);
+              site_sums(one_hh, ch, sha1, sha2, shb1, shb2, rsum + 8 * lr + 4);
               for (int k = 0; k < 4; ++k) rstd[4 * lr + k] = st_p[k * rstride + r];
             }
             // Column pass over the group: parameter-gradient sums (in registers across the group's
