@@ -34,7 +34,11 @@ def _ready_environment(tmp_path) -> dict:
     """An environment that ./run counts as set up: its python is this one, its stamp matches."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    os.symlink(sys.executable, venv / "bin" / "python")
+    # A wrapper, not a symlink: a symlinked venv python resolves to the base interpreter, which need not have
+    # torch; exec'ing this interpreter by its own path keeps its environment (and so its torch).
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     digest = hashlib.sha256(open(os.path.join(ROOT, "pyproject.toml"), "rb").read()).hexdigest()[:16]
     (venv / ".recnorm-setup").write_text(f"{digest} {ROOT}\n")
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
