@@ -8,7 +8,12 @@ cannot be built: their tests would otherwise skip, and the suite would pass with
 from __future__ import annotations
 
 import os
+import sys
 import time
+
+# Tests live in folders that mirror the source (nn/, kernels/, experiments/, tools/); the shared helpers
+# (registry_cases.py) sit here, beside this file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest
 

@@ -22,7 +22,7 @@ and back.
   al. eqs. 26-28). haste's ``zoneout`` (of h) is recnorm's ``zoneout``, its ``dropout`` (DropConnect on
   ``R``) is ``weight_dropout`` (which rescales the kept weights by 1 / (1 - p), as ``torch.nn.functional.dropout``
   does; the two only differ in training). The converted layers are checked against these equations in eval
-  mode and without zoneout (``tests/test_convert.py``); haste's documentation gives LayerNormGRU's ``gamma`` as
+  mode and without zoneout (``tests/nn/test_convert.py``); haste's documentation gives LayerNormGRU's ``gamma`` as
   ``(2, 4H)``, which cannot be, and the converter expects ``(2, 3H)``.
 
 * :func:`from_torchaudio` / :func:`to_torchaudio`: ``torchaudio.models.rnnt._CustomLSTM``, the LSTM of the

@@ -168,7 +168,7 @@ def test_a_build_is_announced_as_a_warning(fake_load, caplog):
 
 def _pytest_with_required_kernels(tmp_path, **env):
     """One quick test of this file, run by pytest in a fresh process with RECNORM_REQUIRE_FUSED=1."""
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
     env = dict(os.environ, RECNORM_REQUIRE_FUSED="1", **env)
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     node = f"{os.path.abspath(__file__)}::test_stale_torch_lock_is_removed_before_building"

@@ -28,7 +28,7 @@ from recnorm.experiments.results import load_records  # noqa: E402
 from recnorm.experiments.sweep import SweepSpec, load_spec, run_sweep  # noqa: E402
 from recnorm.experiments.train import train_and_evaluate  # noqa: E402
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from recnorm.cli import build_parser, main, parse_grid_axis, parse_value
 from recnorm.experiments.presets import get_preset
 from recnorm.experiments.results import load_records
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 TINY = ["--task", "adding", "--task-options", '{"length": 6, "valid_size": 8, "test_size": 8}', "--hidden-size", "4",
         "--batch-size", "4", "--eval-every", "1", "--eval-batch-size", "8", "--popstat-batches", "1"]
 

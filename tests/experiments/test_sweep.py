@@ -16,7 +16,7 @@ from recnorm.experiments.results import load_records, read_json
 from recnorm.experiments.sweep import ERROR_FILE, SweepSpec, load_spec, run_sweep, varied_fields
 from recnorm.experiments.train import train_and_evaluate
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
 def small_spec(steps: int = 3, seeds=(0, 1)) -> SweepSpec:
