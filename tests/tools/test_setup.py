@@ -103,3 +103,33 @@ def test_the_environment_s_programs_come_first_on_path(tmp_path):
         pytest.skip("this machine lacks some of the Debian packages that ./run checks for")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
+
+
+@pytest.mark.parametrize("isolated", [False, True], ids=["keeps-an-installed-torch", "isolated"])
+def test_a_new_environment_sees_the_base_packages_only_when_not_isolated(tmp_path, isolated):
+    """Users with a CUDA torch in their base Python keep it: the new .venv sees the base packages. CI sets
+    RECNORM_ISOLATED=1: the new environment then sees only what ./run installs, so a missing install step
+    fails there too. A stand-in python records how it is asked to make the environment."""
+    log = tmp_path / "calls"
+    fake_python = tmp_path / "python-with-torch"
+    # Every probe (-c ...: the version check, 'import torch', the headers) succeeds; 'venv' is recorded and
+    # then fails, which ends ./run before it installs anything.
+    fake_python.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n[ "$1 $2" = "-m venv" ] && exit 7\nexit 0\n')
+    fake_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RECNORM_ISOLATED")}
+    env.update(RECNORM_VENV=str(tmp_path / "new-venv"), PYTHON=str(fake_python))
+    if isolated:
+        env["RECNORM_ISOLATED"] = "1"
+    proc = subprocess.run([RUN, "recnorm", "inits"], env=env, capture_output=True, text=True, timeout=120)
+    if "recnorm needs these Debian packages" in proc.stderr or "installing Debian packages" in proc.stderr:
+        pytest.skip("this machine lacks some of the Debian packages that ./run checks for")
+    assert proc.returncode == 7, proc.stderr
+    venv_calls = [line for line in log.read_text().splitlines() if line.startswith("-m venv")]
+    assert len(venv_calls) == 1, log.read_text()
+    assert ("--system-site-packages" in venv_calls[0]) is (not isolated)
+    assert venv_calls[0].endswith(str(tmp_path / "new-venv"))
+
+
+def test_ci_builds_an_isolated_environment():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert re.search(r"^export RECNORM_ISOLATED=1$", ci, re.M)
