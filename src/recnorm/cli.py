@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train and evaluate one run",
         description="Train and evaluate one model. Writes config.json, model.pt (the trained weights, a "
                     "state_dict) and result.json (curves, final metrics, diagnostics) into the run directory.")
-    p.add_argument("--config", help="JSON file with run config fields")
+    p.add_argument("--config", help="JSON file with run config fields (a run's config.json or result.json), or a "
+                                    "published run as results/<study>/runs.jsonl#RUN_ID")
     p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
                    help="set a config field; dotted keys set dict entries (task_options.train_size=1000)")
     p.add_argument("--out", default=None, help="run directory (default: runs/train/<run_id>)")
@@ -272,10 +273,10 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     from recnorm.experiments.config import RunConfig, set_field
 
     data: Dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            data = json.load(f)
-        data.pop("run_id", None)  # a config.json written by a run carries its id
+    if args.config:  # a config.json, a result.json, or RESULTS/runs.jsonl#RUN_ID; without the run id
+        from recnorm.experiments.results import read_config
+
+        data = read_config(args.config)
     for key, value in vars(args).items():
         if key.startswith("field_"):
             data[key[len("field_"):]] = value

@@ -1,6 +1,7 @@
 """Train and evaluate one run: :func:`train_and_evaluate` (config, workdir) -> :class:`RunResult`.
 
-What a run writes: ``workdir/config.json`` at the start; at the end ``workdir/model.pt`` (the trained
+What a run writes: ``workdir/config.json`` at the start (at the end, a run with ``kernel="auto"`` rewrites it
+with the kernels that ran, ``provenance.kernel_pin``, so that ``recnorm train --config`` replays them); at the end ``workdir/model.pt`` (the trained
 model's ``state_dict``, batch norms holding the population statistics its final metrics used; reload it with
 :func:`load_model`) and then ``workdir/result.json``, each written atomically. ``result.json`` records:
 
@@ -615,6 +616,9 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
         outcome = _train_loop(run)
         final, population = _final_evaluation(run) if outcome[1] is None else ({}, {})
     provenance.update(kernels=dispatch.kernels(), kernel_pin=dispatch.pin())
+    if config.kernel == "auto" and provenance["kernel_pin"]:  # config.json replays the kernels that ran
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+                          {"run_id": config.run_id, **config.to_dict(), "kernel": provenance["kernel_pin"]})
     result = _summary(run, outcome, final, population, provenance, started, wall0)
     if result.status == "ok":
         with atomic_file(os.path.join(workdir, MODEL_FILE), "wb") as f:
