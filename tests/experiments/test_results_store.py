@@ -237,3 +237,29 @@ def test_every_function_of_the_run_files_is_at_most_80_lines():
         for node in ast.walk(ast.parse(open(path).read())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno + 1 <= 80, (name, node.name)
+
+
+def test_recnorm_train_re_runs_a_published_run(runs, tmp_path):
+    from recnorm.cli import main
+
+    results = str(tmp_path / "tiny")
+    publish(runs, results)
+    record = load_records(results)[0]
+    assert main(["train", "--config", f"{results}/{RUNS_FILE}#{record['run_id']}", "--out", str(tmp_path / "re")]) == 0
+    again = load_records(str(tmp_path / "re"))[0]
+    assert again["run_id"] == record["run_id"] and again["final"] == record["final"]
+
+
+def test_the_ray_node_and_the_host_are_recorded(monkeypatch):
+    import socket
+    import sys
+    import types
+
+    from recnorm.experiments import provenance
+
+    assert provenance.collect("auto")["ray_node"] is None or "ray" in sys.modules
+    context = types.SimpleNamespace(get_node_id=lambda: "f00d")
+    fake = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    info = provenance.collect("auto")
+    assert info["ray_node"] == "f00d" and info["host"] == socket.gethostname()
