@@ -263,3 +263,12 @@ def test_the_ray_node_and_the_host_are_recorded(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", fake)
     info = provenance.collect("auto")
     assert info["ray_node"] == "f00d" and info["host"] == socket.gethostname()
+
+
+def test_recnorm_sweep_publishes_with_results(runs, tmp_path):
+    from recnorm.cli import main
+
+    results = str(tmp_path / "results" / "tiny")
+    spec = os.path.join(runs, SWEEP_FILE)  # a manifest embeds its spec; its runs are finished: nothing to run
+    assert main(["sweep", "--spec", spec, "--out", runs, "--workers", "1", "--results", results]) == 0
+    assert [r["run_id"] for r in load_records(results)] == [r["run_id"] for r in load_records(runs)]
