@@ -38,19 +38,27 @@ LEGACY_REPLAY_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"
 
 
 def _commits(runs_dir: str) -> Dict[str, str]:
-    """``{run directory name: the commit that last added or changed its result.json}``, from the git log."""
+    """``{run directory name: the first commit that holds its result.json as it is now}``, from the git log
+    (merges included: most runs came in through one). Runs the log does not know are left out."""
     try:
-        log = subprocess.run(["git", "log", "--format=commit %H", "--name-only", "--", runs_dir],
-                             capture_output=True, text=True, timeout=120, check=True).stdout
+        log = subprocess.run(["git", "log", "-m", "--full-history", "--no-abbrev", "--format=commit %H", "--raw",
+                              "--", runs_dir], capture_output=True, text=True, timeout=300, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    out: Dict[str, str] = {}
+    versions: Dict[str, List[tuple]] = {}  # path -> [(commit, blob)], newest first
     commit = None
     for line in log.splitlines():
         if line.startswith("commit "):
             commit = line.split()[1]
-        elif line.endswith("/" + RESULT_FILE) and commit is not None:
-            out.setdefault(os.path.basename(os.path.dirname(line)), commit)
+        elif line.startswith(":") and line.endswith("/" + RESULT_FILE) and commit is not None:
+            fields, path = line.split("\t", 1)
+            versions.setdefault(path, []).append((commit, fields.split()[3]))
+    out: Dict[str, str] = {}
+    for path, seen in versions.items():
+        current = next((blob for _, blob in seen if set(blob) != {"0"}), None)  # newest content (not the deletion)
+        first = [c for c, blob in seen if blob == current]
+        if first:
+            out[os.path.basename(os.path.dirname(path))] = first[-1]
     return out
 
 
