@@ -272,3 +272,20 @@ def test_recnorm_sweep_publishes_with_results(runs, tmp_path):
     spec = os.path.join(runs, SWEEP_FILE)  # a manifest embeds its spec; its runs are finished: nothing to run
     assert main(["sweep", "--spec", spec, "--out", runs, "--workers", "1", "--results", results]) == 0
     assert [r["run_id"] for r in load_records(results)] == [r["run_id"] for r in load_records(runs)]
+
+
+def test_a_run_without_a_pin_from_another_dispatch_rule_is_named_on_re_run(tmp_path, caplog):
+    from recnorm.experiments.provenance import rule_digest
+
+    record = {"run_id": "r", "config": tiny().to_dict(), "provenance": {"kernel_pin": None, "dispatch_rule": "0" * 10}}
+    path = str(tmp_path / "result.json")
+    json.dump(record, open(path, "w"))
+    with caplog.at_level("WARNING", logger="recnorm.experiments.results"):
+        assert read_config(path)["kernel"] == "auto"
+    assert "ran under another dispatch rule" in caplog.text
+    caplog.clear()
+    record["provenance"]["dispatch_rule"] = rule_digest()
+    json.dump(record, open(path, "w"))
+    with caplog.at_level("WARNING", logger="recnorm.experiments.results"):
+        read_config(path)
+    assert caplog.text == ""

@@ -34,8 +34,8 @@ from typing import Any, Dict, Iterator, Optional, Set
 
 import torch
 
-__all__ = ["collect", "versions", "cpu", "git_state", "kernel_dispatch", "parse_kernel_pin", "KERNEL_CHOICES",
-           "ISA_ENV"]
+__all__ = ["collect", "versions", "cpu", "git_state", "kernel_dispatch", "parse_kernel_pin", "rule_digest",
+           "KERNEL_CHOICES", "ISA_ENV"]
 
 #: Values of ``RunConfig.kernel`` that apply to every layer.
 KERNEL_CHOICES = ("auto", "legacy", "reference", "native", "fused")
@@ -127,7 +127,8 @@ def _ray_node() -> Optional[str]:
         return None
 
 
-def _rule_digest() -> str:
+def rule_digest() -> str:
+    """A short digest of the dispatch rule in force (:data:`recnorm.kernels.autotune.RULE`)."""
     from recnorm.kernels import autotune
 
     blob = json.dumps(getattr(autotune, "RULE", None), sort_keys=True, default=str)
@@ -138,7 +139,7 @@ def collect(kernel: str) -> Dict[str, Any]:
     """The provenance of a run about to start with ``RunConfig.kernel == kernel`` (the kernels that ran
     are added by :func:`kernel_dispatch`)."""
     return {**git_state(), "versions": versions(), "cpu": cpu(), "host": socket.gethostname(),
-            "ray_node": _ray_node(), "kernel": kernel, "dispatch_rule": _rule_digest()}
+            "ray_node": _ray_node(), "kernel": kernel, "dispatch_rule": rule_digest()}
 
 
 # ---------------------------------------------------------------------------------------------- kernels

@@ -418,9 +418,16 @@ def read_config(path: str) -> Dict[str, Any]:
         raise ResultError(f"{path}: expected a JSON object of config fields")
     config = dict(data["config"]) if isinstance(data.get("config"), dict) else dict(data)
     config.pop("run_id", None)
-    pin = (data.get("provenance") or {}).get("kernel_pin")
-    if config.get("kernel", "auto") == "auto" and pin and "config" in data:
-        config["kernel"] = pin
+    provenance = data.get("provenance") or {}
+    if config.get("kernel", "auto") == "auto" and provenance.get("kernel_pin") and "config" in data:
+        config["kernel"] = provenance["kernel_pin"]
+    elif config.get("kernel", "auto") == "auto" and provenance.get("dispatch_rule"):
+        from recnorm.experiments.provenance import rule_digest
+
+        if provenance["dispatch_rule"] != rule_digest():
+            logger.warning("%s ran under another dispatch rule (%s, now %s) and recorded no kernel pin: a re-run "
+                           "may train on other kernels and end elsewhere", path, provenance["dispatch_rule"],
+                           rule_digest())
     return config
 
 
