@@ -94,6 +94,11 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
                              "Ray instance); --workers then caps the runs in flight")
 
 
+def _add_results_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="publish the finished runs to DIR/runs.jsonl when the sweep ends (results/<study>)")
+
+
 def _make_backend(args: argparse.Namespace) -> Any:
     """The sweep backend the flags ask for (None: local processes)."""
     if args.backend == "local":
@@ -125,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="sweep directory (default: runs/compare, or runs/<preset>)")
     p.add_argument("--no-report", action="store_true", help="skip writing the report")
     _add_backend_flags(p)
+    _add_results_flag(p)
 
     p = sub.add_parser(
         "train", help="train and evaluate one run",
         description="Train and evaluate one model. Writes config.json, model.pt (the trained weights, a "
                     "state_dict) and result.json (curves, final metrics, diagnostics) into the run directory.")
-    p.add_argument("--config", help="JSON file with run config fields")
+    p.add_argument("--config", help="JSON file with run config fields (a run's config.json or result.json), or a "
+                                    "published run as results/<study>/runs.jsonl#RUN_ID")
     p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
                    help="set a config field; dotted keys set dict entries (task_options.train_size=1000)")
     p.add_argument("--out", default=None, help="run directory (default: runs/train/<run_id>)")
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     _add_backend_flags(p)
+    _add_results_flag(p)
 
     p = sub.add_parser(
         "report", help="write report.html and report.md for a run or sweep directory",
@@ -203,7 +211,7 @@ def _out(text: str = "") -> None:
 
 
 def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Optional[int] = None,
-                         backend: Any = None) -> Any:
+                         backend: Any = None, results_dir: Optional[str] = None) -> Any:
     from tqdm import tqdm
 
     from recnorm.experiments.sweep import run_sweep
@@ -226,7 +234,8 @@ def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Option
                 bar["bar"].write(f"run {info['run_id']} failed: {info['error']}")
 
     try:
-        return run_sweep(spec, out_dir, workers=workers, progress=progress, max_runs=max_runs, backend=backend)
+        return run_sweep(spec, out_dir, workers=workers, progress=progress, max_runs=max_runs, backend=backend,
+                         results_dir=results_dir)
     finally:
         if "bar" in bar:
             bar["bar"].close()
@@ -260,7 +269,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     backend = _make_backend(args)  # a missing Ray stops here, before anything is written
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
     _build_kernels_first(spec.expand())  # a local Ray instance's workers then find them built
-    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, backend=backend)
+    outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, backend=backend,
+                                   results_dir=args.results)
     if outcome.failed:
         _out(f"{len(outcome.failed)} run(s) failed (see their error.json); re-run the same command to retry")
     if not args.no_report:
@@ -272,10 +282,10 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     from recnorm.experiments.config import RunConfig, set_field
 
     data: Dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            data = json.load(f)
-        data.pop("run_id", None)  # a config.json written by a run carries its id
+    if args.config:  # a config.json, a result.json, or RESULTS/runs.jsonl#RUN_ID; without the run id
+        from recnorm.experiments.results import read_config
+
+        data = read_config(args.config)
     for key, value in vars(args).items():
         if key.startswith("field_"):
             data[key[len("field_"):]] = value
@@ -405,7 +415,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
     _build_kernels_first(configs)  # a local Ray instance's workers then find them built
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs,
-                                   backend=backend)
+                                   backend=backend, results_dir=args.results)
     _out(f"{len(outcome.completed)} run(s) finished now, {len(outcome.skipped)} before, {len(outcome.failed)} failed")
     if args.report:
         _report(out)

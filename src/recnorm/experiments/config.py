@@ -37,7 +37,7 @@ _FALLBACK_INITS = ("default", "orthogonal", "identity", "xavier", "normal")
 #: How variable-length batches reach the recurrent stack (``RunConfig.feed``).
 FEEDS = ("packed", "padded")
 # Fields that describe how a run is executed, not what it computes: left out of the run hash.
-_EXECUTION_FIELDS = ("threads",)
+_EXECUTION_FIELDS = ("threads", "kernel")
 # Fields added after runs were first committed: left out of the run hash while they hold these defaults, so
 # the run ids (and the finished runs on disk) of configs that do not use them stay what they were.
 _HASHED_UNLESS_DEFAULT = {"feed": "packed", "sort_by_length": 0, "between_layers": None,
@@ -123,6 +123,11 @@ class RunConfig:
     # --- reproducibility and execution ---
     seed: int = _f(0, help="seed of the initialization, the data order and dropout")
     threads: int = _f(1, help="torch CPU threads (an execution detail: not part of the run id)")
+    kernel: str = _f("auto", help="which implementation runs each recurrent layer (not part of the run id; see "
+                                  "recnorm.experiments.provenance): 'auto' (the fitted dispatch rule), "
+                                  "'legacy' (torch's op first, as 'auto' chose before the rule existed), "
+                                  "'reference', 'native', 'fused', or a per-layer pin such as "
+                                  "'l0.train=fused,l0.eval=native' (what a run records in provenance.kernel_pin)")
 
     def __post_init__(self) -> None:
         # Canonical forms, so that equal runs hash equally: "none" is no norm; ints given for float fields
@@ -238,6 +243,12 @@ class RunConfig:
             raise ConfigError(f"steps: expected an int >= 0, got {self.steps!r}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ConfigError(f"epochs: expected a finite float > 0, got {self.epochs!r}")
+        from recnorm.experiments.provenance import parse_kernel_pin
+
+        try:
+            parse_kernel_pin(self.kernel)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.norm is None and self.norm_kwargs:
             raise ConfigError(f"norm_kwargs: expected {{}} when norm is None, got {self.norm_kwargs!r}")
         for key in self.norm_kwargs:

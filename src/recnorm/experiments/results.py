@@ -1,14 +1,31 @@
-"""Results on disk: atomic JSON writes, loading run and sweep directories, grouping and aggregation.
+"""Results on disk: atomic JSON writes, loading runs, the published run files, grouping and aggregation.
 
 Layout written by the engine::
 
     RUN_DIR/config.json  RUN_DIR/result.json                 one run (``recnorm train``)
-    SWEEP_DIR/sweep.json  SWEEP_DIR/runs/<run_id>/...         a sweep (``recnorm sweep``/``compare``)
+    SWEEP_DIR/sweep.json  SWEEP_DIR/runs/<run_id>/...         a sweep's working directory (``recnorm sweep``)
+    results/<study>/runs.jsonl  results/<study>/sweep.json    a study's published runs (committed)
 
 A run is finished exactly when its ``result.json`` exists and holds a valid result: it is written to a
 temporary file and renamed into place, so a reader never sees half a result. A result damaged afterwards
 (truncated, emptied, edited) is caught by :func:`check_result` when it is loaded: readers skip it with a
 warning that names the file, and a sweep runs it again. A report rebuilds from these files alone.
+
+**Published runs** (:func:`publish`): ``runs.jsonl`` holds one compact JSON object per line, one line per run,
+keyed by ``run_id`` (the first key of each line): the run's ``result.json`` with its config, final metrics,
+curves, diagnostics and provenance, packed by :func:`pack_record`:
+
+* ``train.step`` that counts 1, 2, ... n is stored as ``{"first": 1, "last": n}``, and ``train.clipped`` as a
+  string of ``0``/``1``; :func:`unpack_record` restores both exactly;
+* the per-step wall-clock curves ``train.step_time`` and ``train.time`` are dropped (``timing`` keeps the
+  totals and ``valid.time`` the training time at each evaluation);
+* a run of more than ``max_points`` steps keeps every k-th step of its training curves (and the last), with
+  ``train.step`` listing the steps kept.
+
+``sweep.json`` beside it is the manifest of the sweep that made the runs; as in a sweep directory, loading
+the folder returns the manifest's runs in its order. No weights, no locks. Publishing the same run again
+replaces its line, so re-publishing never duplicates; a line is appended (or the file rewritten atomically)
+under an OS lock, and a damaged line is skipped with a warning when the file is read.
 
 Files are created with the permissions the process's umask allows (like ``open``), not the 0600 of a
 plain temporary file.
@@ -24,18 +41,24 @@ import os
 import statistics
 import tempfile
 import threading
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "write_json_atomic", "atomic_file", "read_json", "load_run", "load_records", "load_records_checked",
     "check_result", "ResultError", "is_run_dir", "is_sweep_dir",
     "model_label", "group_records", "aggregate", "summary", "final_metric", "valid_curve",
-    "area_under_curve", "first_reach", "sanitize",
+    "area_under_curve", "first_reach", "sanitize", "publish", "pack_record", "unpack_record", "read_runs_file", "read_config",
+    "RUNS_FILE",
 ]
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 SWEEP_FILE = "sweep.json"
+RUNS_FILE = "runs.jsonl"
+PUBLISH_LOCK = "runs.jsonl.lock"
+#: Training curves longer than this keep every k-th step when published (no committed run is longer).
+MAX_CURVE_POINTS = 2000
+_DROPPED_CURVES = ("step_time", "time")  # per-step wall clock: totals stay in "timing"
 
 logger = logging.getLogger(__name__)
 
@@ -174,19 +197,24 @@ def load_run(run_dir: str) -> Dict[str, Any]:
 
 
 def load_records_checked(path: str) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """``(records, problems)``: every valid finished run under ``path`` (a run directory, a sweep directory,
-    whose manifest lists its runs in order, or any directory: every ``result.json`` below it, sorted by
-    path), and one message per ``result.json`` that could not be used, naming the file and what is wrong."""
+    """``(records, problems)``: every valid finished run under ``path``, and one message per result that could
+    not be used, naming the file (and line) and what is wrong.
+
+    ``path`` is a run directory; a sweep directory (its manifest lists its runs in order); a published
+    ``runs.jsonl`` or the folder holding it (with a ``sweep.json`` beside it: that manifest's runs in its
+    order, else every run in file order); or any other directory: every ``result.json`` below it, sorted by
+    path. Records from ``runs.jsonl`` are unpacked (:func:`unpack_record`) and their ``"dir"`` is the folder.
+    """
+    if os.path.isfile(path) and path.endswith(".jsonl"):
+        return _load_runs_file(path, None)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such directory: {path!r}")
+    if os.path.isfile(os.path.join(path, RUNS_FILE)):
+        return _load_runs_file(os.path.join(path, RUNS_FILE), _manifest_runs(path) if is_sweep_dir(path) else None)
     if is_run_dir(path):
         run_dirs = [path]
     elif is_sweep_dir(path):
-        manifest = read_json(os.path.join(path, SWEEP_FILE))
-        runs = manifest.get("runs") if isinstance(manifest, dict) else None
-        if not isinstance(runs, list):
-            raise ResultError(f"{os.path.join(path, SWEEP_FILE)}: expected a sweep manifest with a 'runs' list")
-        run_dirs = [d for d in (os.path.join(path, "runs", str(run_id)) for run_id in runs) if is_run_dir(d)]
+        run_dirs = [d for d in (os.path.join(path, "runs", r) for r in _manifest_runs(path)) if is_run_dir(d)]
     else:
         run_dirs = sorted(root for root, _dirs, files in os.walk(path) if RESULT_FILE in files)
     records, problems = [], []
@@ -198,6 +226,52 @@ def load_records_checked(path: str) -> Tuple[List[Dict[str, Any]], List[str]]:
     return records, problems
 
 
+def _manifest_runs(path: str) -> List[str]:
+    manifest = read_json(os.path.join(path, SWEEP_FILE))
+    runs = manifest.get("runs") if isinstance(manifest, dict) else None
+    if not isinstance(runs, list):
+        raise ResultError(f"{os.path.join(path, SWEEP_FILE)}: expected a sweep manifest with a 'runs' list")
+    return [str(r) for r in runs]
+
+
+def _load_runs_file(path: str, order: Optional[List[str]]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The valid records of a ``runs.jsonl`` (the last line of a run id wins), in ``order`` when given."""
+    lines, problems = read_runs_file(path)
+    records: Dict[str, Dict[str, Any]] = {}
+    folder = os.path.dirname(os.path.abspath(path))
+    for where, record in lines:
+        record = unpack_record(record)
+        problem = check_result(record)
+        if problem is not None:
+            problems.append(f"{where}: not a valid result: {problem}")
+            continue
+        record["dir"] = folder
+        records[record["run_id"]] = record
+    ids = list(records) if order is None else [r for r in order if r in records]
+    return [records[r] for r in ids], problems
+
+
+def read_runs_file(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], List[str]]:
+    """``([(where, packed record)], problems)`` of a ``runs.jsonl``: ``where`` is ``path:line``; a line that is
+    not a JSON object (a write cut short, an edit) is a problem naming it."""
+    out, problems = [], []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                problems.append(f"{where}: not valid JSON ({exc})")
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+                problems.append(f"{where}: expected a JSON object with a 'run_id'")
+                continue
+            out.append((where, record))
+    return out, problems
+
+
 def load_records(path: str) -> List[Dict[str, Any]]:
     """All valid finished runs under ``path`` (see :func:`load_records_checked`); each result that could
     not be used is skipped with a logged warning naming the file."""
@@ -205,6 +279,156 @@ def load_records(path: str) -> List[Dict[str, Any]]:
     for problem in problems:
         logger.warning("skipped %s", problem)
     return records
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+def pack_record(record: Dict[str, Any], max_points: Optional[int] = MAX_CURVE_POINTS) -> Dict[str, Any]:
+    """A result as one compact line of ``runs.jsonl`` (see the module docstring); ``run_id`` comes first and
+    ``"dir"`` is left out."""
+    out = {"run_id": record["run_id"], **{k: v for k, v in record.items() if k not in ("run_id", "dir")}}
+    train = {k: v for k, v in (out.get("train") or {}).items() if k not in _DROPPED_CURVES}
+    steps = train.get("step")
+    if max_points and isinstance(steps, list) and len(steps) > max_points:
+        every = math.ceil(len(steps) / max_points)
+        keep = sorted(set(range(0, len(steps), every)) | {len(steps) - 1})
+        train = {k: [v[i] for i in keep] if isinstance(v, list) and len(v) == len(steps) else v
+                 for k, v in train.items()}
+        steps = train["step"]
+    if isinstance(steps, list) and steps and steps == list(range(steps[0], steps[0] + len(steps))):
+        train["step"] = {"first": steps[0], "last": steps[-1]}
+    clipped = train.get("clipped")
+    if isinstance(clipped, list) and all(isinstance(c, bool) for c in clipped):
+        train["clipped"] = "".join("1" if c else "0" for c in clipped)
+    out["train"] = train
+    return out
+
+
+def unpack_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The record a run directory's ``result.json`` would give for a line of ``runs.jsonl`` (without the
+    dropped wall-clock curves)."""
+    train = dict(record.get("train") or {})
+    steps = train.get("step")
+    if isinstance(steps, dict) and isinstance(steps.get("first"), int) and isinstance(steps.get("last"), int):
+        train["step"] = list(range(steps["first"], steps["last"] + 1))
+    if isinstance(train.get("clipped"), str):
+        train["clipped"] = [c == "1" for c in train["clipped"]]
+    return {**record, "train": train}
+
+
+def publish(source: Union[str, Iterable[Dict[str, Any]]], results_dir: str, manifest: Optional[Dict[str, Any]] = None,
+            mark: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
+            max_points: Optional[int] = MAX_CURVE_POINTS) -> List[str]:
+    """Merge finished runs into ``results_dir/runs.jsonl``, keyed by run id; return the ids written.
+
+    Args:
+        source: a run or sweep directory, or any directory with runs below it (every valid finished run;
+            damaged ones are skipped with a warning, as :func:`load_records` does), or records.
+        results_dir: the study's folder under ``results/`` (created).
+        manifest: the sweep manifest to write beside the runs as ``sweep.json``; by default the source's own
+            ``sweep.json`` when it is a sweep directory.
+        mark: applied to each record before it is packed (the migration of old runs adds their kernel pin).
+        max_points: see :func:`pack_record`.
+
+    A run already in the file is replaced in place (the file is rewritten atomically); new runs are appended.
+    An OS lock on ``runs.jsonl.lock`` keeps two publishers from interleaving.
+    """
+    if isinstance(source, str):
+        if manifest is None and is_sweep_dir(source):
+            manifest = read_json(os.path.join(source, SWEEP_FILE))
+        source = load_records(source)
+    lines = {}
+    for record in source:
+        record = mark(dict(record)) if mark is not None else record
+        lines[record["run_id"]] = json.dumps(sanitize(pack_record(record, max_points)), separators=(",", ":"),
+                                             allow_nan=False, ensure_ascii=False)
+    ids = list(lines)
+    os.makedirs(results_dir, exist_ok=True)
+    with _publish_lock(results_dir):
+        _merge_lines(os.path.join(results_dir, RUNS_FILE), lines)
+        if manifest is not None:
+            write_json_atomic(os.path.join(results_dir, SWEEP_FILE), manifest)
+    return ids
+
+
+def _merge_lines(path: str, lines: Dict[str, str]) -> None:
+    """Append ``lines`` ({run_id: line}) to ``path``, or rewrite it atomically when one replaces a line."""
+    if not lines:
+        return
+    content = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            content = f.read()
+    existing = [(_line_id(line), line) for line in content.splitlines() if line.strip()]
+    for run_id, line in existing:  # a run published before, unchanged: nothing to write
+        if lines.get(run_id) == line:
+            del lines[run_id]
+    if not lines:
+        return
+    if {run_id for run_id, _ in existing}.isdisjoint(lines) and (not content or content.endswith("\n")):
+        with open(path, "a") as f:  # the common case: new runs only
+            f.write("".join(line + "\n" for line in lines.values()))
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    kept = [lines.pop(run_id) if run_id in lines else line for run_id, line in existing]
+    with atomic_file(path) as f:
+        f.write("".join(line + "\n" for line in kept + list(lines.values())))
+
+
+def _line_id(line: str) -> Optional[str]:
+    """The run id of a line written by :func:`publish` (its first key), without parsing the whole line."""
+    prefix = '{"run_id":"'
+    if line.startswith(prefix):
+        end = line.find('"', len(prefix))
+        return line[len(prefix):end] if end > 0 else None
+    return None
+
+
+@contextlib.contextmanager
+def _publish_lock(results_dir: str) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: publishers are not serialized
+        yield
+        return
+    with open(os.path.join(results_dir, PUBLISH_LOCK), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_config(path: str) -> Dict[str, Any]:
+    """The config fields that re-run a run: from a ``config.json``, a ``result.json``, or one published run
+    named as ``RESULTS/runs.jsonl#RUN_ID`` (or ``RESULTS#RUN_ID``). A record whose config asked for
+    ``kernel="auto"`` gets the kernels that ran (``provenance.kernel_pin``), so the re-run uses them even
+    after the dispatch rule has changed. The run id, if present, is left out."""
+    base, _, run_id = path.partition("#")
+    if run_id:
+        if os.path.isdir(base):
+            base = os.path.join(base, RUNS_FILE)
+        found = [unpack_record(r) for _, r in read_runs_file(base)[0] if r["run_id"] == run_id]
+        if not found:
+            raise ResultError(f"{base}: no run {run_id!r}")
+        data: Any = found[-1]
+    else:
+        data = read_json(base)
+    if not isinstance(data, dict):
+        raise ResultError(f"{path}: expected a JSON object of config fields")
+    config = dict(data["config"]) if isinstance(data.get("config"), dict) else dict(data)
+    config.pop("run_id", None)
+    provenance = data.get("provenance") or {}
+    if config.get("kernel", "auto") == "auto" and provenance.get("kernel_pin") and "config" in data:
+        config["kernel"] = provenance["kernel_pin"]
+    elif config.get("kernel", "auto") == "auto" and provenance.get("dispatch_rule"):
+        from recnorm.experiments.provenance import rule_digest
+
+        if provenance["dispatch_rule"] != rule_digest():
+            logger.warning("%s ran under another dispatch rule (%s, now %s) and recorded no kernel pin: a re-run "
+                           "may train on other kernels and end elsewhere", path, provenance["dispatch_rule"],
+                           rule_digest())
+    return config
 
 
 # ---------------------------------------------------------------------------------------------- records

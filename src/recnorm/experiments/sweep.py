@@ -14,6 +14,12 @@ On disk (see :mod:`recnorm.experiments.results`)::
 
     OUT/sweep.lock             who holds the directory (an OS lock, released when its holder dies)
 
+Publishing: with ``results_dir`` (``results/<study>``), every finished run of the sweep is merged into
+``results_dir/runs.jsonl`` keyed by run id, with the manifest beside it
+(:func:`recnorm.experiments.results.publish`), when the sweep returns, fails or is interrupted. Runs that a
+killed sweep finished are published by the next invocation, which finds them finished; a run published
+before is replaced by its newer result, never duplicated.
+
 Resuming: :func:`run_sweep` skips every run whose ``result.json`` holds a valid result and wipes and redoes
 any other run directory (a partial run of a killed sweep, or a result damaged since: it is named in a
 warning). Killing the sweep at any moment therefore loses at most the runs in flight and never leaves a
@@ -51,7 +57,8 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from recnorm.experiments.config import ConfigError, RunConfig, set_field
-from recnorm.experiments.results import SWEEP_FILE, ResultError, is_run_dir, load_run, read_json, write_json_atomic
+from recnorm.experiments.results import (
+    SWEEP_FILE, ResultError, is_run_dir, load_run, publish, read_json, write_json_atomic)
 
 __all__ = ["SweepSpec", "SweepOutcome", "SweepBackend", "SweepBusyError", "run_sweep", "varied_fields",
            "flatten_config", "ERROR_FILE", "LOCK_FILE"]
@@ -191,6 +198,9 @@ def flatten_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return flat
 
 
+_EXECUTION = ("threads", "kernel")  # how a run was executed, not what it computed: never a compared factor
+
+
 def varied_fields(configs: Sequence[Dict[str, Any]]) -> List[str]:
     """The (flattened) fields whose values differ between ``configs``, in field order."""
     flats = [flatten_config(c) for c in configs]
@@ -202,7 +212,7 @@ def varied_fields(configs: Sequence[Dict[str, Any]]) -> List[str]:
 
     keys = sorted({k for f in flats for k in f}, key=position)
     marker = object()
-    return [k for k in keys if k != "threads" and len({json.dumps(f.get(k, marker), default=str) for f in flats}) > 1]
+    return [k for k in keys if k not in _EXECUTION and len({json.dumps(f.get(k, marker), default=str) for f in flats}) > 1]
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -244,7 +254,8 @@ def _run_one(config_data: Dict[str, Any], run_dir: str) -> Tuple[str, str, Optio
 
 
 def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optional[SweepProgressFn] = None,
-              max_runs: Optional[int] = None, backend: Optional[SweepBackend] = None) -> SweepOutcome:
+              max_runs: Optional[int] = None, backend: Optional[SweepBackend] = None,
+              results_dir: Optional[str] = None) -> SweepOutcome:
     """Run every unfinished run of ``spec`` into ``out_dir``; finished runs are skipped.
 
     Args:
@@ -256,6 +267,8 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
         max_runs: run at most this many unfinished runs now (the rest stay for a later invocation).
         backend: run the runs there instead of in local processes (``workers`` is then ignored; every run
             uses one torch thread).
+        results_dir: publish the sweep's finished runs there (``results/<study>``) when this call ends, also
+            by an error or Ctrl-C (see the module docstring).
 
     Returns:
         A :class:`SweepOutcome`. Failed runs do not raise; they are listed in ``failed`` and retried next
@@ -272,7 +285,12 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
     run_ids = [c.run_id for c in configs]
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     with _exclusive_sweep(out_dir):
-        return _run_locked(spec, configs, run_ids, out_dir, workers, progress, max_runs, backend)
+        try:
+            return _run_locked(spec, configs, run_ids, out_dir, workers, progress, max_runs, backend)
+        finally:
+            if results_dir is not None:
+                published = publish(out_dir, results_dir)
+                logger.info("published %d finished run(s) of %s to %s", len(published), out_dir, results_dir)
 
 
 @contextlib.contextmanager

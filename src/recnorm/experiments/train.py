@@ -1,10 +1,14 @@
 """Train and evaluate one run: :func:`train_and_evaluate` (config, workdir) -> :class:`RunResult`.
 
-What a run writes: ``workdir/config.json`` at the start; at the end ``workdir/model.pt`` (the trained
+What a run writes: ``workdir/config.json`` at the start (at the end, a run with ``kernel="auto"`` rewrites it
+with the kernels that ran, ``provenance.kernel_pin``, so that ``recnorm train --config`` replays them); at the end ``workdir/model.pt`` (the trained
 model's ``state_dict``, batch norms holding the population statistics its final metrics used; reload it with
 :func:`load_model`) and then ``workdir/result.json``, each written atomically. ``result.json`` records:
 
 * the resolved config, the task description, versions (python, torch, recnorm, platform) and the seed;
+* provenance (:mod:`recnorm.experiments.provenance`): the git commit and whether the tree was dirty, the
+  CPU model and vector ISA, the host, the Ray node, and the kernel that ran each layer in training and in
+  evaluation, with ``kernel_pin``, the ``RunConfig.kernel`` value that replays those kernels;
 * per training step: loss, the task metric on the batch, global gradient norm (before clipping), whether
   clipping fired, wall time of the step and cumulative training time;
 * validation metrics at step 0, every ``eval_every`` steps and at the end (population statistics; for
@@ -23,7 +27,8 @@ model's ``state_dict``, batch norms holding the population statistics its final 
 * divergence: a non-finite loss or gradient norm stops the run with status ``"diverged"`` and the step.
 
 Determinism: for a given config the run is bitwise repeatable on CPU (seeded torch, seeded data streams,
-``torch.set_num_threads(config.threads)``). Diagnostics restore the RNG state and the normalization buffers
+``torch.set_num_threads(config.threads)``) on the same kernels (``config.kernel``; see
+:mod:`recnorm.experiments.provenance`) and a CPU with the same vector ISA. Diagnostics restore the RNG state and the normalization buffers
 they touch, so ``diag_every`` does not change the training trajectory.
 """
 
@@ -37,11 +42,9 @@ import json
 import logging
 import math
 import os
-import platform
 import random
-import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,10 +52,12 @@ from torch import Tensor
 
 from recnorm.experiments.config import ConfigError, RunConfig, uses_batch_statistics
 from recnorm.experiments.model import SequenceModel, build_model
+from recnorm.experiments.provenance import collect as collect_provenance
+from recnorm.experiments.provenance import kernel_dispatch, versions
 from recnorm.experiments.results import CONFIG_FILE, RESULT_FILE, atomic_file, read_json, write_json_atomic
 
 __all__ = ["RunResult", "train_and_evaluate", "evaluate", "versions", "load_result", "load_model", "make_task",
-           "MODEL_FILE"]
+           "MODEL_FILE", "StepFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,8 @@ class RunResult:
     timing: Dict[str, Any]
     diverged_step: Optional[int] = None
     diverged_reason: Optional[str] = None
+    provenance: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    extras: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,27 +119,6 @@ def load_model(workdir: str) -> SequenceModel:
     model = build_model(config, make_task(config.task, dict(config.task_options)))
     model.load_state_dict(torch.load(os.path.join(workdir, MODEL_FILE), map_location="cpu", weights_only=True))
     return model.eval()
-
-
-def versions() -> Dict[str, Any]:
-    """Versions of the software and the machine a run used."""
-    try:
-        from importlib.metadata import version
-
-        recnorm_version = version("recnorm")
-    except Exception:  # not installed (running from a source tree)
-        import recnorm
-
-        recnorm_version = getattr(recnorm, "__version__", "unknown")
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "recnorm": recnorm_version,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -385,26 +371,49 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[ProgressFn] = None) -> RunResult:
-    """Train one model as ``config`` says and evaluate it; write ``config.json``, ``model.pt`` (when the run
-    did not diverge) and ``result.json``.
+# ---------------------------------------------------------------------------------------------- one run
+#: ``on_step(step, model, info)``: called after every optimizer step (``info``: "loss", "grad_norm", "batch",
+#: "task", "total_steps"). A dict it returns is kept in ``result.json`` under ``extras["on_step"]`` (with the
+#: step). It runs without gradients, and the RNG state, the model's mode and its buffers are restored after
+#: it, so it cannot change the training trajectory.
+StepFn = Callable[[int, SequenceModel, Dict[str, Any]], Optional[Dict[str, Any]]]
 
-    Args:
-        config: the run (validated here, before anything is loaded).
-        workdir: directory for the run's files (created). ``result.json`` appears only when the run is
-            complete (atomic rename), so its presence marks a finished run.
-        progress: optional callback ``progress(step, total_steps, info)`` (the CLI draws a bar with it).
 
-    Returns:
-        The :class:`RunResult` also written to ``workdir/result.json``. A run whose loss or gradient norm
-        becomes NaN/inf is returned with ``status="diverged"`` and ``diverged_step``; it does not raise.
-    """
-    config.validate()
-    started = time.time()
-    wall0 = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, CONFIG_FILE), {"run_id": config.run_id, **config.to_dict()})
+class _Diverged(Exception):
+    """A non-finite loss or gradient norm; the message says which, and at which step."""
 
+
+@dataclasses.dataclass
+class _Run:
+    """One run in progress: what it trains, with what, and what it has recorded so far."""
+
+    config: RunConfig
+    task: Any
+    model: SequenceModel
+    params: List[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    batch_norm: bool
+    train_stream: Iterator[Any]
+    diag_batch: Any
+    pop_batches: List[Any]
+    progress: Optional[ProgressFn] = None
+    on_step: Optional[StepFn] = None
+    train: Dict[str, List[Any]] = dataclasses.field(default_factory=dict)
+    valid: Dict[str, List[Any]] = dataclasses.field(default_factory=lambda: {"step": [], "time": []})
+    grad_flow: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    diag_stats: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    step_extras: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    seconds: Dict[str, float] = dataclasses.field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "diag": 0.0})
+
+    @property
+    def metric(self) -> str:
+        return self.task.metric
+
+
+def _setup(config: RunConfig, progress: Optional[ProgressFn], on_step: Optional[StepFn]) -> _Run:
+    """The task, the seeded model and optimizer, and the run's separate seeded data streams: training
+    batches, the fixed diagnostics batch and, for batch-norm models, the population-statistics batches."""
     torch.set_num_threads(config.threads)
     task = make_task(config.task, dict(config.task_options))
     if config.train_eval_examples and not hasattr(task, "num_examples"):
@@ -415,169 +424,206 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
     model = build_model(config, task)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(config, params)
-    batch_norm = uses_batch_statistics(config)
-    metric = task.metric
-    logger.info("run %s: %d steps of %s on %s (%d parameters)", config.run_id, total_steps, config.cell,
-                config.task, sum(p.numel() for p in params))
-
-    # Separate, seeded streams: training batches, the fixed diagnostics batch, population-statistics batches.
     train_stream = task.batches("train", config.batch_size, seed=config.seed)
     if config.sort_by_length:
         train_stream = _sorted_by_length(train_stream, config.sort_by_length, config.seed)
     diag_batch = next(iter(task.batches("train", config.batch_size, seed=config.seed + 1_000_003)))
+    batch_norm = uses_batch_statistics(config)
+    run = _Run(config, task, model, params, _make_optimizer(config, params), total_steps, batch_norm,
+               train_stream, diag_batch, _population_batches(config, task) if batch_norm else [], progress, on_step)
+    run.train = {k: [] for k in ("step", "loss", task.metric, "grad_norm", "clipped", "step_time", "time")}
+    logger.info("run %s: %d steps of %s on %s (%d parameters)", config.run_id, total_steps, config.cell,
+                config.task, sum(p.numel() for p in params))
+    return run
 
-    train: Dict[str, List[Any]] = {k: [] for k in ("step", "loss", metric, "grad_norm", "clipped", "step_time", "time")}
-    valid: Dict[str, List[Any]] = {"step": [], "time": []}
-    grad_flow: List[Dict[str, Any]] = []
-    diag_stats: Dict[str, Any] = {}
-    train_seconds = eval_seconds = diag_seconds = 0.0
-    status, diverged_step, diverged_reason = "ok", None, None
 
-    # Batch-norm models are evaluated with population statistics recomputed exactly from these fixed
-    # training batches, also during training: the running averages lag behind early in training (0.9^25 of
-    # their initial value is still there after 25 steps at momentum 0.1), which would make a BN model's
-    # validation curve look slower than the model is. The running averages are restored after each
-    # evaluation, so training is unaffected; the EMA-based numbers are recorded at the end.
-    pop_batches: List[Any] = []
-    if batch_norm:
-        pop_stream = task.batches("train", config.batch_size, seed=config.seed + 2_000_003)
-        if config.sort_by_length:  # statistics of batches formed as the training batches are
-            pop_stream = _sorted_by_length(pop_stream, config.sort_by_length, config.seed + 2_000_003)
-        pop_batches = [next(pop_stream) for _ in range(config.popstat_batches)]
+def _population_batches(config: RunConfig, task: Any) -> List[Any]:
+    """The fixed training batches that batch-norm models recompute their population statistics from, at every
+    evaluation: the running averages lag behind early in training (0.9^25 of their initial value is still
+    there after 25 steps at momentum 0.1), which would make a BN model's validation curve look slower than the
+    model is. The running averages are restored after each evaluation, so training is unaffected."""
+    stream = task.batches("train", config.batch_size, seed=config.seed + 2_000_003)
+    if config.sort_by_length:  # statistics of batches formed as the training batches are
+        stream = _sorted_by_length(stream, config.sort_by_length, config.seed + 2_000_003)
+    return [next(stream) for _ in range(config.popstat_batches)]
 
-    def run_eval(step: int) -> None:
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        if batch_norm:
-            with _recomputed_statistics(model, pop_batches):
-                values = evaluate(model, task, "valid", config.eval_batch_size, config.eval_batches)
-        else:
-            values = evaluate(model, task, "valid", config.eval_batch_size, config.eval_batches)
-        eval_seconds += time.perf_counter() - t0
-        valid["step"].append(step)
-        valid["time"].append(_r(train_seconds))
-        for k, v in values.items():
-            valid.setdefault(k, []).append(v)
-        if progress is not None:
-            progress(step, total_steps, {"valid": values})
-        logger.info("run %s step %d: valid %s", config.run_id, step, values)
 
-    def run_diag(step: int, stats_key: Optional[str]) -> None:
-        nonlocal diag_seconds
-        t0 = time.perf_counter()
-        entry = _gradient_flow(model, task, diag_batch, want_stats=batch_norm and stats_key is not None)
-        if "batch_stats" in entry:
-            diag_stats[stats_key] = entry.pop("batch_stats")
-        grad_flow.append({"step": step, **entry})
-        diag_seconds += time.perf_counter() - t0
+def _train_step(run: _Run, batch: Any, step: int) -> None:
+    """One optimizer step on ``batch``, recorded in ``run.train``; raises :class:`_Diverged`."""
+    config, t0 = run.config, time.perf_counter()
+    outputs = run.model(batch.x, batch.lengths)
+    loss = run.task.loss(outputs, batch)
+    loss_value = float(loss.item())
+    if not math.isfinite(loss_value):
+        raise _Diverged(f"loss is {loss_value} at step {step}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = config.clip if config.clip is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    if not math.isfinite(grad_norm):
+        raise _Diverged(f"gradient norm is {grad_norm} at step {step}")
+    run.optimizer.step()
+    step_time = time.perf_counter() - t0
+    run.seconds["train"] += step_time
+    s, c = run.task.metrics(outputs.detach(), batch)[run.metric]
+    for key, value in (("step", step), ("loss", _r(loss_value)), (run.metric, _r(s / c) if c else None),
+                       ("grad_norm", _r(grad_norm)), ("clipped", bool(config.clip is not None and grad_norm > config.clip)),
+                       ("step_time", _r(step_time, 4)), ("time", _r(run.seconds["train"]))):
+        run.train[key].append(value)
+    if run.progress is not None:
+        run.progress(step, run.total_steps, {"loss": loss_value})
+    if run.on_step is not None:
+        _call_on_step(run, step, batch, loss_value, grad_norm)
 
-    run_eval(0)
-    run_diag(0, "init")
-    if progress is not None:
-        progress(0, total_steps, {"training": True})
+
+def _call_on_step(run: _Run, step: int, batch: Any, loss: float, grad_norm: float) -> None:
+    """``run.on_step`` without a trace on the trajectory: no gradients; RNG, mode and buffers restored."""
+    rng, buffers, was_training = torch.get_rng_state(), _snapshot_buffers(run.model), run.model.training
+    try:
+        with torch.no_grad():
+            extra = run.on_step(step, run.model, {"loss": loss, "grad_norm": grad_norm, "batch": batch,
+                                                  "task": run.task, "total_steps": run.total_steps})
+    finally:
+        _restore_buffers(run.model, buffers)
+        torch.set_rng_state(rng)
+        run.model.train(was_training)
+    if extra is not None:
+        run.step_extras.append({"step": step, **extra})
+
+
+def _run_eval(run: _Run, step: int) -> None:
+    """Validation metrics at ``step`` (population statistics, recomputed exactly for batch-norm models)."""
+    config, t0 = run.config, time.perf_counter()
+    with _recomputed_statistics(run.model, run.pop_batches) if run.batch_norm else contextlib.nullcontext():
+        values = evaluate(run.model, run.task, "valid", config.eval_batch_size, config.eval_batches)
+    run.seconds["eval"] += time.perf_counter() - t0
+    run.valid["step"].append(step)
+    run.valid["time"].append(_r(run.seconds["train"]))
+    for k, v in values.items():
+        run.valid.setdefault(k, []).append(v)
+    if run.progress is not None:
+        run.progress(step, run.total_steps, {"valid": values})
+    logger.info("run %s step %d: valid %s", config.run_id, step, values)
+
+
+def _run_diag(run: _Run, step: int, stats_key: Optional[str]) -> None:
+    """Gradient flow on the fixed diagnostics batch (and, under ``stats_key``, the batch statistics)."""
+    t0 = time.perf_counter()
+    entry = _gradient_flow(run.model, run.task, run.diag_batch, want_stats=run.batch_norm and stats_key is not None)
+    if "batch_stats" in entry:
+        run.diag_stats[stats_key] = entry.pop("batch_stats")
+    run.grad_flow.append({"step": step, **entry})
+    run.seconds["diag"] += time.perf_counter() - t0
+
+
+def _train_loop(run: _Run) -> Tuple[int, Optional[int], Optional[str]]:
+    """Evaluate at 0, every ``eval_every`` steps and at the end, with diagnostics at 0, every ``diag_every``
+    steps and at the end. Returns ``(steps_done, diverged_step, diverged_reason)``."""
+    config, total = run.config, run.total_steps
+    _run_eval(run, 0)
+    _run_diag(run, 0, "init")
+    if run.progress is not None:
+        run.progress(0, total, {"training": True})
     step = 0
-    for step in range(1, total_steps + 1):
-        batch = next(train_stream)
-        t0 = time.perf_counter()
-        outputs = model(batch.x, batch.lengths)
-        loss = task.loss(outputs, batch)
-        loss_value = float(loss.item())
-        if not math.isfinite(loss_value):
-            status, diverged_step, diverged_reason = "diverged", step, f"loss is {loss_value} at step {step}"
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = config.clip if config.clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm):
-            status, diverged_step, diverged_reason = "diverged", step, f"gradient norm is {grad_norm} at step {step}"
-            break
-        optimizer.step()
-        step_time = time.perf_counter() - t0
-        train_seconds += step_time
-
-        batch_metrics = task.metrics(outputs.detach(), batch)
-        s, c = batch_metrics[metric]
-        train["step"].append(step)
-        train["loss"].append(_r(loss_value))
-        train[metric].append(_r(s / c) if c else None)
-        train["grad_norm"].append(_r(grad_norm))
-        train["clipped"].append(bool(config.clip is not None and grad_norm > config.clip))
-        train["step_time"].append(_r(step_time, 4))
-        train["time"].append(_r(train_seconds))
-        if progress is not None:
-            progress(step, total_steps, {"loss": loss_value})
-
-        if step % config.eval_every == 0 or step == total_steps:
-            run_eval(step)
-        if step == total_steps:
-            run_diag(step, "final")
+    for step in range(1, total + 1):
+        try:
+            _train_step(run, next(run.train_stream), step)
+        except _Diverged as exc:
+            logger.warning("run %s diverged: %s", config.run_id, exc)
+            return step - 1, step, str(exc)
+        if step % config.eval_every == 0 or step == total:
+            _run_eval(run, step)
+        if step == total:
+            _run_diag(run, step, "final")
         elif config.diag_every and step % config.diag_every == 0:
-            run_diag(step, None)
+            _run_diag(run, step, None)
+    return step, None, None
 
-    steps_done = step if status == "ok" else (diverged_step or 1) - 1
-    if status == "diverged":
-        logger.warning("run %s diverged: %s", config.run_id, diverged_reason)
 
-    # ---- final evaluation
+def _final_evaluation(run: _Run) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(final, population)``: the final metrics of a finished run, and for batch-norm models the
+    population statistics (their running averages, then recomputed exactly, which the final metrics use)."""
+    config, model, task = run.config, run.model, run.task
+    size = config.eval_batch_size
     final: Dict[str, Any] = {}
     population: Dict[str, Any] = {}
     t0 = time.perf_counter()
-    if status == "ok":
-        if batch_norm:
-            final["valid_ema"] = evaluate(model, task, "valid", config.eval_batch_size)
-            final["test_ema"] = evaluate(model, task, "test", config.eval_batch_size)
-            population["ema"] = _population_stats(model, task.seq_len)
-            if config.dropout == 0.0 or config.num_layers == 1:
-                final["test_batch_stats"] = _evaluate_batch_stats(model, task, "test", config.eval_batch_size)
-                if config.batch_size != config.eval_batch_size:  # the statistics of training-sized batches
-                    final["test_batch_stats_train_size"] = _evaluate_batch_stats(model, task, "test",
-                                                                                 config.batch_size)
-            _recompute(model, pop_batches)
-            population["recomputed"] = _population_stats(model, task.seq_len)
-        final["valid"] = evaluate(model, task, "valid", config.eval_batch_size)
-        final["test"] = evaluate(model, task, "test", config.eval_batch_size)
-        if config.train_eval_examples:
-            final["train"] = _evaluate_train_split(model, task, config.train_eval_examples,
-                                                   config.eval_batch_size)
-        final["population_statistics"] = "recomputed" if batch_norm else "none"
-    eval_seconds += time.perf_counter() - t0
+    if run.batch_norm:
+        final["valid_ema"] = evaluate(model, task, "valid", size)
+        final["test_ema"] = evaluate(model, task, "test", size)
+        population["ema"] = _population_stats(model, task.seq_len)
+        if config.dropout == 0.0 or config.num_layers == 1:
+            final["test_batch_stats"] = _evaluate_batch_stats(model, task, "test", size)
+            if config.batch_size != size:  # the statistics of training-sized batches
+                final["test_batch_stats_train_size"] = _evaluate_batch_stats(model, task, "test", config.batch_size)
+        _recompute(model, run.pop_batches)
+        population["recomputed"] = _population_stats(model, task.seq_len)
+    final["valid"] = evaluate(model, task, "valid", size)
+    final["test"] = evaluate(model, task, "test", size)
+    if config.train_eval_examples:
+        final["train"] = _evaluate_train_split(model, task, config.train_eval_examples, size)
+    final["population_statistics"] = "recomputed" if run.batch_norm else "none"
+    run.seconds["eval"] += time.perf_counter() - t0
+    return final, population
 
-    finished = time.time()
-    result = RunResult(
-        run_id=config.run_id,
-        status=status,
-        config=config.to_dict(),
-        task=task.describe(),
-        metric=metric,
-        higher_is_better=bool(task.higher_is_better),
-        seed=config.seed,
-        versions=versions(),
-        steps_planned=total_steps,
-        steps_done=steps_done,
-        num_params=sum(p.numel() for p in params),
-        train=train,
-        valid=valid,
-        final=final,
-        diagnostics={"grad_flow": grad_flow, "batch_stats": diag_stats, "population_stats": population},
-        timing={
-            "train_seconds": _r(train_seconds),
-            "eval_seconds": _r(eval_seconds),
-            "diag_seconds": _r(diag_seconds),
-            "total_seconds": _r(time.perf_counter() - wall0),
-            "seconds_per_step": _r(train_seconds / max(1, len(train["step"]))),
-            "threads": config.threads,
-            "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
-            "finished_at": datetime.datetime.fromtimestamp(finished, datetime.timezone.utc).isoformat(),
-        },
-        diverged_step=diverged_step,
-        diverged_reason=diverged_reason,
-    )
-    if status == "ok":
+
+def _summary(run: _Run, outcome: Tuple[int, Optional[int], Optional[str]], final: Dict[str, Any],
+             population: Dict[str, Any], provenance: Dict[str, Any], started: float, wall0: float) -> RunResult:
+    """The :class:`RunResult` of a run that ended (finished or diverged)."""
+    steps_done, diverged_step, diverged_reason = outcome
+    config, secs = run.config, run.seconds
+    timing = {"train_seconds": _r(secs["train"]), "eval_seconds": _r(secs["eval"]), "diag_seconds": _r(secs["diag"]),
+              "total_seconds": _r(time.perf_counter() - wall0),
+              "seconds_per_step": _r(secs["train"] / max(1, len(run.train["step"]))), "threads": config.threads,
+              "started_at": _iso(started), "finished_at": _iso(time.time())}
+    return RunResult(
+        run_id=config.run_id, status="ok" if diverged_step is None else "diverged", config=config.to_dict(),
+        task=run.task.describe(), metric=run.metric, higher_is_better=bool(run.task.higher_is_better),
+        seed=config.seed, versions=provenance["versions"], steps_planned=run.total_steps, steps_done=steps_done,
+        num_params=sum(p.numel() for p in run.params), train=run.train, valid=run.valid, final=final,
+        diagnostics={"grad_flow": run.grad_flow, "batch_stats": run.diag_stats, "population_stats": population},
+        timing=timing, diverged_step=diverged_step, diverged_reason=diverged_reason, provenance=provenance,
+        extras={"on_step": run.step_extras} if run.step_extras else {})
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat()
+
+
+def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[ProgressFn] = None,
+                       on_step: Optional[StepFn] = None) -> RunResult:
+    """Train one model as ``config`` says and evaluate it; write ``config.json``, ``model.pt`` (when the run
+    did not diverge) and ``result.json``.
+
+    Args:
+        config: the run (validated here, before anything is loaded).
+        workdir: directory for the run's files (created). ``result.json`` appears only when the run is
+            complete (atomic rename), so its presence marks a finished run.
+        progress: optional callback ``progress(step, total_steps, info)`` (the CLI draws a bar with it).
+        on_step: optional callback after every optimizer step, see :data:`StepFn`.
+
+    Returns:
+        The :class:`RunResult` also written to ``workdir/result.json``. A run whose loss or gradient norm
+        becomes NaN/inf is returned with ``status="diverged"`` and ``diverged_step``; it does not raise.
+    """
+    config.validate()
+    started, wall0 = time.time(), time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, CONFIG_FILE), {"run_id": config.run_id, **config.to_dict()})
+    provenance = collect_provenance(config.kernel)
+    run = _setup(config, progress, on_step)
+    with kernel_dispatch(run.model, config.kernel) as dispatch:
+        outcome = _train_loop(run)
+        final, population = _final_evaluation(run) if outcome[1] is None else ({}, {})
+    provenance.update(kernels=dispatch.kernels(), kernel_pin=dispatch.pin())
+    if config.kernel == "auto" and provenance["kernel_pin"]:  # config.json replays the kernels that ran
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+                          {"run_id": config.run_id, **config.to_dict(), "kernel": provenance["kernel_pin"]})
+    result = _summary(run, outcome, final, population, provenance, started, wall0)
+    if result.status == "ok":
         with atomic_file(os.path.join(workdir, MODEL_FILE), "wb") as f:
-            torch.save(model.state_dict(), f)
+            torch.save(run.model.state_dict(), f)
     write_json_atomic(os.path.join(workdir, RESULT_FILE), result.to_dict(), indent=None)
-    logger.info("run %s %s in %.1f s: test %s", config.run_id, status, time.perf_counter() - wall0,
+    logger.info("run %s %s in %.1f s: test %s", config.run_id, result.status, time.perf_counter() - wall0,
                 final.get("test"))
     return result
