@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from recnorm.experiments import statistics as st
+import recnorm.experiments.statistics as st
 
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 30])

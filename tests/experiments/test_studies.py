@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from recnorm.experiments import statistics as st
+import recnorm.experiments.statistics as st
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.evidence import build_evidence, write_evidence
 from recnorm.experiments.report import write_report

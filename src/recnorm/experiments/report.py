@@ -30,8 +30,8 @@ import os
 import statistics
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from recnorm.experiments import plots
-from recnorm.experiments import statistics as st
+import recnorm.experiments.plots as plots
+import recnorm.experiments.statistics as st
 from recnorm.experiments.document import Document, badge, fmt, mean_sd, seed_list, signed
 from recnorm.experiments.results import (
     SWEEP_FILE, area_under_curve, first_reach, is_sweep_dir, load_records_checked, model_label, read_json, summary)

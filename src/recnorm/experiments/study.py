@@ -18,7 +18,7 @@ import dataclasses
 import statistics
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from recnorm.experiments import statistics as st
+import recnorm.experiments.statistics as st
 from recnorm.experiments.document import badge, fmt, pvalue, signed
 from recnorm.experiments.results import area_under_curve, model_label
 from recnorm.experiments.sweep import SweepSpec, flatten_config

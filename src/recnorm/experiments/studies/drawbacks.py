@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from recnorm.experiments import plots
+import recnorm.experiments.plots as plots
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.study import (
     FASHION_SMOKE, SEEDS5, Claim, Design, Question, Record, Study, by_seed, final, grid, labels, name, paired, run_ids,
