@@ -305,7 +305,7 @@ def verdict_table(doc: Any, claims: Sequence[Claim]) -> None:
     adjust(claims)
     doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
                "p (BH-adjusted; sign-flip)", "verdict"],
-              [[c.claim, c.row()[2], c.effect(), c.seeds(), c.p_text(), c.verdict()] for c in claims])
+              [[f"{c.claim} [{c.task}]", c.row()[2], c.effect(), c.seeds(), c.p_text(), c.verdict()] for c in claims])
 
 
 def adjust(claims: Sequence[Claim]) -> None:
