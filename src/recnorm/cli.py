@@ -7,8 +7,8 @@ Subcommands::
     recnorm train [--config FILE] [--task digits --norm batch ...] [--set k=v] [--out DIR]
     recnorm sweep (--spec FILE | --preset NAME) [--grid k=v1,v2] [--set k=v] [--out DIR] [--workers N]
     recnorm report DIR                                                       HTML + Markdown report
-    recnorm evidence [--docs DIR] [--out FILE]                               the one-page answer (evidence.md)
-    recnorm tasks | norms | inits | presets                                  listings
+    recnorm evidence [--results DIR] [--docs DIR] [--out FILE]               the one-page answer (evidence.md)
+    recnorm tasks | norms | inits | studies (alias: presets)                 listings
 
 This module is the only one that writes to the terminal; the library logs through ``logging``.
 """
@@ -173,13 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR)")
 
     p = sub.add_parser("evidence", help="write docs/evidence.md, one row per claim, from the committed runs")
-    p.add_argument("--docs", default="docs", help="directory holding each preset's sweep directory (default: docs)")
+    p.add_argument("--results", default="results", help="directory holding each study's runs as STUDY/runs.jsonl "
+                                                         "(default: results)")
+    p.add_argument("--docs", default="docs", help="the docs directory: the page goes there, and a study without "
+                                                  "RESULTS/STUDY/runs.jsonl is read from its sweep directory in it "
+                                                  "(default: docs)")
     p.add_argument("--out", default=None, help="the page to write (default: DOCS/evidence.md)")
 
     sub.add_parser("tasks", help="list the tasks with their sizes")
     sub.add_parser("norms", help="list the normalizations and their options")
     sub.add_parser("inits", help="list the initialization schemes")
-    sub.add_parser("presets", help="list the preset sweeps")
+    sub.add_parser("studies", aliases=["presets"], help="list the studies (their sweeps, claims and commands)")
     return parser
 
 
@@ -425,7 +429,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_evidence(args: argparse.Namespace) -> int:
     from recnorm.experiments.evidence import write_evidence
 
-    _out(f"evidence: {write_evidence(args.docs, args.out)}")
+    _out(f"evidence: {write_evidence(args.results, args.docs, args.out)}")
     return 0
 
 
@@ -463,18 +467,19 @@ def _cmd_inits(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_presets(args: argparse.Namespace) -> int:
-    from recnorm.experiments.presets import PRESETS, get_preset
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from recnorm.experiments.studies import STUDIES, list_studies
 
     import shutil
     import textwrap
 
     width = max(60, min(110, shutil.get_terminal_size((100, 24)).columns))
-    for name in sorted(PRESETS):
-        n = len(get_preset(name).expand())
-        doc = _preset_doc(PRESETS[name].__doc__ or "")
-        _out(textwrap.fill(f"{name} ({n} runs): {doc['summary']}", width, subsequent_indent="    ",
-                           break_on_hyphens=False))
+    for name in list_studies():
+        study = STUDIES.get(name)
+        doc = _preset_doc(study.doc)
+        claims = f", {len(study.designs)} claim families" if study.designs else ""
+        _out(textwrap.fill(f"{name} ({len(study.spec().expand())} runs{claims}): {doc['summary']}", width,
+                           subsequent_indent="    ", break_on_hyphens=False))
         for key in ("Command", "Running time"):
             if doc.get(key):
                 _out(textwrap.fill(f"{key}: {doc[key]}", width, initial_indent="    ", subsequent_indent="        ",
@@ -511,7 +516,7 @@ def _table(rows: List[List[str]]) -> None:
 
 _COMMANDS = {"compare": _cmd_compare, "train": _cmd_train, "sweep": _cmd_sweep,
              "report": lambda args: _report(args.run_dir, args.out), "evidence": _cmd_evidence, "tasks": _cmd_tasks,
-             "norms": _cmd_norms, "inits": _cmd_inits, "presets": _cmd_presets}
+             "norms": _cmd_norms, "inits": _cmd_inits, "studies": _cmd_studies, "presets": _cmd_studies}
 
 
 # Packages of the optional extras, by the extra that installs them.

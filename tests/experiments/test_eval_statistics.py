@@ -6,7 +6,8 @@ training always did, instead of dividing the running mean's lag behind the movin
 And a slot's first update must not be diluted by the initial running statistics (mean 0, variance 1).
 
 Four tests failed before the rule of docs/eval_statistics.md (R1 and R2) was implemented; two are
-controls that passed before and must keep passing.
+controls that passed before and must keep passing. The measurements behind the rule are re-run on the engine
+by the ``eval_statistics`` study (tests/experiments/test_studies.py runs its smoke sweep end to end).
 
 Data: a slice of the sequential 8x8 digits (T = 64, one pixel per step). Pixel 0 (the top-left corner)
 is blank in every image, so at step 0 the input term is exactly 0 and the cell state c_0 (from the gate

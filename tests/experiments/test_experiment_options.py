@@ -121,8 +121,10 @@ def test_between_layers_arm_switches_on_with_one_line(monkeypatch):
     import recnorm.experiments.config as config_module
 
     assert config_module.layers_accept("between_layers")
-    monkeypatch.setattr(presets, "LAURENT_BETWEEN_LAYERS", True)
-    configs = presets.laurent().expand()
+    from recnorm.experiments.studies import laurent
+
+    monkeypatch.setattr(laurent, "LAURENT_BETWEEN_LAYERS", True)
+    configs = laurent.sweep().expand()
     between = [c for c in configs if c.between_layers == "batch"]
     assert len(configs) == 45 + 10 and sorted({c.num_layers for c in between}) == [3, 5]
     assert {model_label(c.to_dict()) for c in between} == {"none+between=batch"}

@@ -9,36 +9,33 @@ import shutil
 import pytest
 
 from recnorm.experiments.config import RunConfig
-from recnorm.experiments.report import compare_paired, write_report
+from recnorm.experiments.report import write_report
 from recnorm.experiments.results import aggregate, area_under_curve, first_reach, summary
 from recnorm.experiments.sweep import SweepSpec, run_sweep
 
 
-# ---------------------------------------------------------------------------------------------- verdict logic
-def test_consistent_large_effect_is_supported():
-    cmp = compare_paired({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.70, 1: 0.71, 2: 0.72}, "higher")
-    assert cmp["outcome"] == "supported" and cmp["wins"] == 3 and cmp["n"] == 3
-    assert cmp["mean_diff"] == pytest.approx(0.1, abs=1e-9)
+# ---------------------------------------------------------------------------------------------- verdict cells
+def test_verdict_cells_carry_a_word_an_icon_and_a_colour():
+    from recnorm.experiments.document import Document, badge, inline_html
+
+    assert badge("supported") == "**✔ supported**"
+    assert badge("opposite", "p = 0.010") == "**✘ the opposite holds: p = 0.010**"
+    html = inline_html(badge("supported")) + inline_html(badge("opposite")) + inline_html(badge("inconclusive"))
+    assert "<b style='color:#1a7f37'>✔ supported</b>" in html and "color:#c0392b" in html and "color:#6e6e6e" in html
+    assert "style" not in inline_html("**bold but no verdict**")
+    doc = Document("unused")
+    doc.table(["verdict"], [[badge("equivalent")]])
+    assert "color:#1f5fbf" in doc.html("t") and "**= equivalent within the margin**" in doc.markdown("figures")
 
 
-def test_effect_within_seed_spread_is_not_supported():
-    # Mean difference favours a, but one seed disagrees and the spread is large.
-    cmp = compare_paired({0: 0.80, 1: 0.60, 2: 0.85}, {0: 0.70, 1: 0.75, 2: 0.72}, "higher")
-    assert cmp["mean_diff"] > 0
-    assert cmp["outcome"] == "within spread" and cmp["wins"] == 2
+def test_numbers_and_seeds_are_written_one_way():
+    from recnorm.experiments.document import fmt, mean_sd, seed_list, signed
 
-
-def test_opposite_effect_is_contradicted_and_direction_respected():
-    cmp = compare_paired({0: 0.5, 1: 0.52, 2: 0.49}, {0: 0.3, 1: 0.31, 2: 0.29}, "lower")
-    assert cmp["outcome"] == "contradicted" and cmp["wins"] == 0
-
-
-def test_single_seed_is_insufficient_and_failures_count_as_worst():
-    assert compare_paired({0: 1.0}, {0: 0.0}, "higher")["outcome"] == "insufficient"
-    cmp = compare_paired({0: 0.9, 1: 0.91, 2: 0.9}, {0: None, 1: None, 2: None}, "higher", worst=0.1)
-    assert cmp["outcome"] == "supported"
-    # Unpaired seeds are ignored.
-    assert compare_paired({0: 1.0, 1: 1.0}, {2: 0.0, 3: 0.0}, "higher")["n"] == 0
+    assert mean_sd([1.076, 1.124]) == "1.100 ± 0.034"  # never "1.1 ± 0.034"
+    assert mean_sd([1.0, None]).endswith("(1 failed)")
+    assert (fmt(0.5), fmt(12.34), fmt(12345.0), signed(0.02), signed(-0.02)) == ("0.500", "12.3", "1.23e+04",
+                                                                                  "+0.020", "-0.020")
+    assert seed_list([0, 1, 2, 3, 4]) == "5 seeds (0-4)" and seed_list([0, 2]) == "2 seeds (0, 2)"
 
 
 def test_curve_helpers():
@@ -88,8 +85,12 @@ def test_report_from_sweep_directory_alone(sweep_dir, tmp_path):
                   "layer norm (layer) reaches a better final test mse", "sequence-wise BN"):
         assert claim in md
     verdict_cells = [row[-1] for row in paths["verdicts"]]
-    assert verdict_cells and all(("supported" in v) or ("not enough data" in v) or ("not tested" in v)
-                                 for v in verdict_cells)
+    words = ("✔ supported", "✘ the opposite holds", "= equivalent", "? inconclusive", "– not enough data",
+             "∅ not tested")
+    assert verdict_cells and all(any(w in v for w in words) for v in verdict_cells)
+    # the fixed settings and the commands behind the page
+    assert "Fixed settings: optimizer adam; learning rate 0.001; batch size 8; steps 6; gradient clipping" in md
+    assert f"Made by `recnorm report {copy}` from runs made by `recnorm sweep`" in md
     # PNG files beside the Markdown, all referenced.
     for name in re.findall(r"\]\((figures/[^)]+\.png)\)", md):
         assert os.path.getsize(os.path.join(copy, name)) > 1000
@@ -128,12 +129,12 @@ def test_report_text_has_no_markup_or_python_lists_left(written):
     copy, paths = written
     html = open(paths["html"], encoding="utf-8").read()
     md = open(paths["markdown"], encoding="utf-8").read()
-    assert "<i>Supported</i>" in html and "<i>trained</i>" in html
+    assert "<i>trained</i>" in html and "color:" in html  # italics rendered, verdicts coloured
     text_only = re.sub(r"<[^>]+>|src='data:[^']+'", "", html)
     assert not re.search(r"\*\w[^*<]*\w\*", text_only)  # no literal *emphasis*
     for doc in (md, text_only):
         assert "['" not in doc and "[0, 1]" not in doc  # no Python lists
-    assert "gains 0.5, 2" in md and "seeds 0, 1," in md
+    assert "gains 0.5, 2" in md and "runs over 2 seeds (0, 1); 0 of them diverged" in md
 
 
 def test_every_verdict_names_the_metric_it_rests_on(written):
@@ -167,8 +168,9 @@ def test_disagreeing_training_loss_and_validation_metric_are_both_shown(sweep_di
     rows = {row[1]: row[-1] for row in write_report(copy)["verdicts"]}
     by_valid = rows["layer norm (layer) converges faster than no norm, by validation mse (mean over training)"]
     by_loss = rows["layer norm (layer) converges faster than no norm, by training loss (mean over training)"]
-    assert by_valid == "**supported; but the training loss shows the opposite (next row)**"
-    assert by_loss.startswith("**not supported: the opposite holds")
+    assert by_valid.startswith("**✔ supported: p ") and by_valid.endswith(
+        " after BH; but the training loss shows the opposite (next row)**")
+    assert by_loss.startswith("**✘ the opposite holds: p ")
     assert by_loss.endswith("; but the validation mse supports it (row above)**")
 
 

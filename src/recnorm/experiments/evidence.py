@@ -1,179 +1,171 @@
-"""The page with the answer: ``docs/evidence.md``, generated from the committed run directories.
+"""The page with the answer: ``docs/evidence.md``, generated from the studies' finished runs.
 
-:func:`write_evidence` reads each preset's sweep directory under ``docs/`` (``sweep.json`` and every run's
-``result.json``), derives the preset's claims with :mod:`recnorm.experiments.analyses`, and writes one table
-row per claim of the question: the claim with its metric, its source, the preset (linked to its report),
-the verdict, the effect with its 95% interval, the seeds that agree, and the same claim on a second
-reasonable metric. A claim whose preset has no runs on disk says so instead of disappearing.
+:func:`write_evidence` reads each study's records (``results/<study>/runs.jsonl``; before that file exists,
+the study's sweep directory ``docs/<study>/``), derives the study's declared claims
+(:mod:`recnorm.experiments.studies`), keeps those its questions ask about, adjusts the p-values of every
+counted claim on the page together (Benjamini-Hochberg, q = 0.05) and writes one row per claim, grouped
+by study: the claim with its task, its source, its primary metric and budget, the verdict, the effect with
+its 95% interval, the seeds that agree, the p-values, the smallest effect it could detect, and the same
+comparison on a second metric. A question whose study has no runs says so instead of disappearing.
 
-Command: ``recnorm evidence`` (``--docs DIR``, ``--out FILE``; defaults ``docs`` and ``docs/evidence.md``).
+Command: ``recnorm evidence`` (``--results DIR``, ``--docs DIR``, ``--out FILE``; defaults ``results``,
+``docs`` and ``docs/evidence.md``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from recnorm.experiments.analyses import Claim, claims_for
+from recnorm.experiments.document import VERDICT_WORDS, badge
 from recnorm.experiments.results import is_sweep_dir, load_records
+from recnorm.experiments.studies import STUDIES, list_studies
+from recnorm.experiments.study import Claim, Question, Study, adjust
 
-__all__ = ["Question", "QUESTIONS", "PRESET_DIRS", "build_evidence", "write_evidence"]
+__all__ = ["build_evidence", "write_evidence", "study_records", "RUNS_FILE"]
 
 logger = logging.getLogger(__name__)
 
-#: Where each preset's sweep directory lives under the docs directory (default: its own name).
-PRESET_DIRS: Dict[str, str] = {"default": "report"}
+RUNS_FILE = "runs.jsonl"  # results/<study>/runs.jsonl: one finished run per line
+_COUNTED = ("supported", "opposite", "equivalent", "inconclusive")
 
 
-@dataclasses.dataclass
-class Question:
-    """One claim of the question, answered by the claims of one preset whose keys match ``keys``
-    (``fnmatch`` patterns, so rows added to a preset later, such as new norms in ``language``, appear)."""
-
-    topic: str
-    preset: str
-    keys: Tuple[str, ...]
-
-
-#: The claims of the question, in the order the page shows them.
-QUESTIONS: List[Question] = [
-    Question("BN makes the LSTM train faster", "default", ("faster:batch γ=0.1",)),
-    Question("BN makes the LSTM train faster", "cooijmans", ("bn_faster:*",)),
-    Question("BN makes the LSTM generalize better (Cooijmans et al.'s headline)", "cooijmans", ("bn:*",)),
-    Question("layer norm makes the LSTM train faster", "default", ("faster:layer",)),
-    Question("sequence-wise BN (input term) makes the LSTM train faster", "default", ("faster:sequence_batch",)),
-    Question("normalization makes the LSTM less sensitive to its init", "default", ("init:*",)),
-    Question("BN's initial gain matters (γ0 = 0.1, not 1)", "cooijmans", ("gamma:*",)),
-    Question("naive BN with statistics shared over time fails", "default", ("shared_hurts",)),
-    Question("naive BN with statistics shared over time fails", "horizontal", ("shared_hurts:*",)),
-    Question("vertical (sequence-wise) BN helps deep stacks only", "laurent", ("deep_only",)),
-    Question("BN on the output of each RNN, between stacked layers, helps", "laurent", ("between:*",)),
-    Question("BN needs large batches; layer norm does not", "drawbacks", ("small_batch:*", "bn_vs_ln_small_batch:*")),
-    Question("training-mode and eval-mode statistics drift apart at small batches", "drawbacks",
-             ("train_eval_gap:*",)),
-    Question("running averages are a poor substitute for exact population statistics", "drawbacks",
-             ("ema_loses:*:64",)),
-    Question("BN acts as a regularizer", "regularization", ("gap:*", "test:*")),
-    Question("padding must stay out of the statistics", "padding", ("masked:*",)),
-    Question("sorting by length is the workaround for padding", "padding", ("sorted:*",)),
-    Question("gated cells remember longer than a tanh RNN", "memory",
-             ("memory:*:adding, T = 200", "memory:*:copy, delay 10")),
-    Question("gated cells suffer less from vanishing gradients", "memory", ("gradient:*:adding, T = 200",)),
-    Question("normalization adds training speed on long-range tasks", "memory", ("speed:*:adding, T = 200",)),
-    Question("normalization lowers bits per character (BN-LSTM: Cooijmans et al.)", "language", ("bpc:*",)),
-    Question("normalization speeds up language models (layer norm: Ba et al.)", "language", ("speed:*",)),
-]
-
-
-def _preset_dir(docs: str, preset: str) -> str:
-    return os.path.join(docs, PRESET_DIRS.get(preset, preset))
-
-
-def _load(docs: str, presets: Sequence[str]) -> Dict[str, Tuple[List[Claim], int]]:
-    out: Dict[str, Tuple[List[Claim], int]] = {}
-    for preset in presets:
-        path = _preset_dir(docs, preset)
-        if not is_sweep_dir(path):
-            logger.warning("evidence: no sweep directory for preset %s at %s", preset, path)
-            out[preset] = ([], 0)
-            continue
-        records = load_records(path)
-        out[preset] = (claims_for(preset, records), len(records))
-    return out
+def study_records(study: Study, results: str = "results", docs: str = "docs") -> Tuple[List[dict], str]:
+    """``(records, source)``: the study's finished runs from ``results/<study>/runs.jsonl``, or, when that
+    file does not exist, from its sweep directory under ``docs``; no records when neither exists."""
+    path = os.path.join(results, study.name, RUNS_FILE)
+    if os.path.isfile(path):
+        return load_records(path), path
+    sweep_dir = os.path.join(docs, study.docs_dir or study.name)
+    if is_sweep_dir(sweep_dir):
+        return load_records(sweep_dir), sweep_dir
+    logger.warning("evidence: no runs for study %s (neither %s nor %s)", study.name, path, sweep_dir)
+    return [], path
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def build_evidence(docs: str = "docs", questions: Optional[Sequence[Question]] = None) -> str:
-    """The Markdown of the evidence page for the sweep directories under ``docs``."""
-    questions = list(QUESTIONS if questions is None else questions)
-    presets: List[str] = []
-    for q in questions:
-        if q.preset not in presets:
-            presets.append(q.preset)
-    loaded = _load(docs, presets)
-    rows: List[List[str]] = []
-    counts: Dict[str, int] = {}
+def _answers(studies: Sequence[Study], results: str, docs: str
+             ) -> Tuple[List[Tuple[Study, Question, List[Claim], int]], int]:
+    """Per question: the claims that answer it (each claim once on the page) and its study's run count."""
+    out, total = [], 0
+    for study in studies:
+        records, _ = study_records(study, results, docs)
+        total += len(records)
+        claims, shown = study.derive(records), set()
+        for q in study.questions:
+            matched = [c for c in claims if c.key not in shown and any(fnmatch.fnmatchcase(c.key, k) for k in q.keys)]
+            shown.update(c.key for c in matched)
+            out.append((study, q, matched, len(records)))
+    return out, total
+
+
+def _row(study: Study, q: Question, c: Claim) -> List[str]:
+    link = f"[{study.name}]({study.docs_dir or study.name}/report.md)"
+    return [_cell(q.topic), _cell(f"{c.claim} [{c.task}]"), _cell(c.source), link,
+            _cell(f"{c.design.metric}; {c.budget()}"), _cell(c.verdict()), _cell(c.effect()), c.seeds(),
+            _cell(c.p_text()), _cell(c.power()), _cell(c.other_text())]
+
+
+def _tally(answers: Sequence[Tuple[Study, Question, List[Claim], int]]) -> Dict[str, Dict[str, int]]:
     by_topic: Dict[str, Dict[str, int]] = {}
-    for q in questions:
-        claims, n_runs = loaded[q.preset]
-        report = f"{PRESET_DIRS.get(q.preset, q.preset)}/report.md"
-        link = f"[{q.preset}]({report})"
-        matched = [c for c in claims if any(fnmatch.fnmatchcase(c.key, k) for k in q.keys)]
-        if not matched:
-            why = "no runs" if not n_runs else "no matching comparison in these runs"
-            rows.append([_cell(q.topic), "–", "–", link, f"**not tested: {why}**", "–", "–", "–"])
-            counts["not tested"] = counts.get("not tested", 0) + 1
-            topic = by_topic.setdefault(q.topic, {})
+    for _study, q, claims, _n in answers:
+        topic = by_topic.setdefault(q.topic, {})
+        if not claims:
             topic["not tested"] = topic.get("not tested", 0) + 1
-            continue
-        for c in matched:
-            rows.append([_cell(q.topic), _cell(f"{c.claim} [{c.task}]"), _cell(c.source), link,
-                         f"**{_cell(c.verdict())}**", _cell(c.effect()), c.seeds(), _cell(c.other_text())])
-            key = "supported" if c.result == "supported" else (
-                "opposite" if c.result == "contradicted" else "not supported")
-            counts[key] = counts.get(key, 0) + 1
-            topic = by_topic.setdefault(q.topic, {})
+        for c in claims:
+            key = c.result if c.counted else "not counted"
             topic[key] = topic.get(key, 0) + 1
-    runs = sum(n for _, n in loaded.values())
+    return by_topic
+
+
+_HOW_TO_READ = (
+    "**How to read it.** Every claim compares two arms trained with the same seeds, so its evidence is the "
+    "per-seed paired difference of its primary metric, declared in its study file before running and signed "
+    "so that a positive effect favours the claim. The 95% interval is a t interval whose standard deviation "
+    "never falls below a floor (the claim's margin unless it declares another), so identical differences "
+    "never give a zero-width interval. p is the two-sided t-test p-value on the same floored spread; the "
+    "p-values of all counted claims on this page are adjusted together (Benjamini-Hochberg, q = 0.05), and "
+    "each row shows its adjusted p beside the exact sign-flip permutation p (which cannot go below 2/2^n with "
+    "n seeds). Verdicts: " + ", ".join(f"{badge(v)}" for v in _COUNTED) + ". *Supported* / *the opposite "
+    "holds*: the adjusted p is below 0.05 and the effect points that way. *Equivalent*: otherwise, the two "
+    "one-sided tests (TOST) place the effect within the claim's margin. *Inconclusive*: neither. Power: the "
+    "smallest effect the test would detect four times in five at its n and spread. Controls and second looks "
+    "at the same runs are shown and not counted. Runs that diverged count as chance level.")
+
+
+def _summary(by_topic: Dict[str, Dict[str, int]]) -> List[str]:
+    totals = {k: sum(t.get(k, 0) for t in by_topic.values()) for k in _COUNTED + ("not counted", "not tested")}
+    out = ["Totals over the counted claims: " + ", ".join(f"{VERDICT_WORDS[k][1]}: {totals[k]}" for k in _COUNTED)
+           + f"; shown and not counted: {totals['not counted']}; questions not tested: {totals['not tested']}.", "",
+           "| question | counted | " + " | ".join(VERDICT_WORDS[k][1] for k in _COUNTED) + " | not counted |",
+           "|---|---|---|---|---|---|---|"]
+    for topic, c in by_topic.items():
+        if c.get("not tested") and len(c) == 1:
+            out.append(f"| {_cell(topic)} | not tested | – | – | – | – | – |")
+            continue
+        counted = sum(c.get(k, 0) for k in _COUNTED)
+        untested = f" ({c['not tested']} study not run)" if c.get("not tested") else ""
+        out.append(f"| {_cell(topic)}{untested} | {counted} | " + " | ".join(str(c.get(k, 0)) for k in _COUNTED)
+                   + f" | {c.get('not counted', 0)} |")
+    return out
+
+
+def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]]) -> List[str]:
+    out: List[str] = []
+    header = ("| question | claim [task] | source | study | primary metric; budget | verdict | effect [95% interval] "
+              "| seeds that agree | p (BH-adjusted; sign-flip) | power: detects | second metric (not counted) |")
+    current = None
+    for study, q, claims, n_runs in answers:
+        if study is not current:
+            current = study
+            out += ["", f"## {study.name}", "", header, "|" + "---|" * 11]
+        if not claims:
+            why = "no runs" if not n_runs else "no matching comparison in these runs"
+            out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – |")
+        out.extend("| " + " | ".join(_row(study, q, c)) + " |" for c in claims)
+    return out
+
+
+def build_evidence(results: str = "results", docs: str = "docs", studies: Optional[Sequence[Union[str, Study]]] = None
+                   ) -> str:
+    """The Markdown of the evidence page for the studies named (default: every registered study with
+    questions), reading their runs under ``results`` (or ``docs``)."""
+    chosen = [STUDIES.resolve(n) for n in (studies if studies is not None else list_studies())]
+    chosen = [s for s in chosen if s.questions]
+    answers, runs = _answers(chosen, results, docs)
+    adjust([c for _s, _q, claims, _n in answers for c in claims])
     out = [
         "# Does normalization do for an RNN what it does for a CNN? The evidence",
         "",
-        "Generated by `recnorm evidence` from the run directories committed under `docs/<preset>/runs/` "
-        "(`docs/report/runs/` for the main job; one `config.json` and `result.json` per run; "
-        f"{runs} runs of {len(presets)} presets); do not edit "
-        "by hand. Each preset's report, linked in the table, shows the curves and tables behind its rows, and "
-        "its docstring (`recnorm presets`) the command that produced it.",
+        f"Generated by `recnorm evidence` from the studies' finished runs ({runs} runs of {len(chosen)} studies; "
+        f"`{results}/<study>/{RUNS_FILE}`, or the study's sweep directory under `{docs}/` where that file does not "
+        "exist yet); do not edit by hand. Each study's report, linked in its rows, shows the curves and tables "
+        "behind them, and its docstring (`recnorm studies`) the command that produced it. Every claim here was "
+        "measured at a fixed step budget with one untuned learning rate per study (the budget column says so).",
         "",
-        "**How to read it.** Every claim compares two models trained with the same seeds, so the evidence is "
-        "the per-seed paired difference of the named metric, signed so that a positive effect favours the "
-        "claim. *Supported*: the 95% t interval of the mean difference lies above zero. *Not supported: "
-        "difference within seed spread*: the interval contains zero. *Not supported: the opposite holds*: "
-        "the interval lies below zero. Runs that diverged count as chance level. The last column tests the "
-        "same claim on a second reasonable metric; where the two disagree, both verdicts stand.",
+        _HOW_TO_READ,
         "",
-        "Totals: " + ", ".join(f"{k}: {v}" for k, v in (("supported", counts.get("supported", 0)),
-                                                       ("not supported", counts.get("not supported", 0)),
-                                                       ("the opposite holds", counts.get("opposite", 0)),
-                                                       ("not tested", counts.get("not tested", 0)))) + ".",
-        "",
-        "| question | comparisons | supported | not supported | the opposite holds |",
-        "|---|---|---|---|---|",
     ]
-    for topic, c in by_topic.items():
-        total = sum(c.values())
-        if c.get("not tested"):
-            out.append(f"| {_cell(topic)} | not tested | – | – | – |")
-        else:
-            out.append(f"| {_cell(topic)} | {total} | {c.get('supported', 0)} | {c.get('not supported', 0)} | "
-                       f"{c.get('opposite', 0)} |")
-    out += [
-        "",
-        "## Every comparison",
-        "",
-        "| question | claim [task] | source | preset | verdict | effect [95% interval] | seeds that agree "
-        "| second metric |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    out.extend("| " + " | ".join(r) + " |" for r in rows)
-    out.append("")
+    out += _summary(_tally(answers))
+    out += ["", "# Every comparison, by study"] + _study_tables(answers) + [""]
     return "\n".join(out)
 
 
-def write_evidence(docs: str = "docs", out: Optional[str] = None) -> str:
+def write_evidence(results: str = "results", docs: str = "docs", out: Optional[str] = None) -> str:
     """Write the evidence page (default ``docs/evidence.md``) atomically; return its path."""
     out = out or os.path.join(docs, "evidence.md")
     if not os.path.isdir(docs):
         raise FileNotFoundError(f"no docs directory at {docs!r}")
-    text = build_evidence(docs)
+    text = build_evidence(results, docs)
     tmp = out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, out)
     logger.info("evidence page written to %s", out)
     return out
+

@@ -7,119 +7,50 @@
     DIR/report.md          the same tables and verdicts; plots as PNG files beside it
     DIR/figures/*.png
 
-What the report shows, per task: learning curves per normalization with seed bands; steps and seconds to
-reach a target metric and the area under the validation curve (convergence speed); the final test metric,
-its spread and the number of diverged runs; sensitivity to the weight initialization (final metric and the
-fraction of runs that train, per init scheme and gain); gradient flow through time (``||dL/dh_t||`` vs t at
-init and at the end); gradient norms and clipping; per-step batch and population statistics of the batch
-norms; and a **verdict table** for the claims under test.
+This module only assembles: the statistics are :mod:`recnorm.experiments.statistics`, the figures
+:mod:`recnorm.experiments.plots`, the page :mod:`recnorm.experiments.document`, and a study's own section
+and claims its file in :mod:`recnorm.experiments.studies` (found by the sweep's name).
 
-How verdicts are decided (stated in the report too): every claim compares two models run with the same
-seeds, so the evidence is the per-seed paired difference of a quantity. A claim is *supported* when the
-mean paired difference favours it and exceeds the 95% two-sided t critical value times its standard error
-(so it is larger than the seed-to-seed spread of the difference), *contradicted* when the same holds in the
-opposite direction, and otherwise *not supported: difference within seed spread*. The table gives the
-effect size and the number of seeds in which the comparison holds. Every claim names the quantity it rests
-on; convergence speed is judged twice, by the validation metric and by the training loss (each averaged over
-training), and where the two disagree both verdicts say so.
+What the report shows, per task: the fixed settings and the commands behind it; learning curves per
+normalization with seed bands; steps and seconds to reach a target metric and the area under the validation
+curve (convergence speed); the final test metric, its spread and the number of diverged runs; sensitivity to
+the weight initialization; gradient flow through time; gradient norms and clipping; per-step batch and
+population statistics of the batch norms; and a **verdict table** for the comparisons it can make. Each
+verdict rests on a paired test over seeds (:func:`recnorm.experiments.statistics.paired_test`), with the
+p-values of one table adjusted together (Benjamini-Hochberg), and reads *supported*, *the opposite holds*,
+*equivalent* (within 0.01 of the metric, by TOST) or *inconclusive*.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
+import dataclasses
 import logging
 import math
 import os
 import statistics
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import recnorm.experiments.plots as plots
+import recnorm.experiments.statistics as st
+from recnorm.experiments.document import Document, badge, fmt, mean_sd, seed_list, signed
 from recnorm.experiments.results import (
     SWEEP_FILE, area_under_curve, first_reach, is_sweep_dir, load_records_checked, model_label, read_json, summary)
+from recnorm.experiments.studies import STUDIES
+from recnorm.experiments.study import name, verdict_table
+from recnorm.experiments.sweep import flatten_config, varied_fields
 
-__all__ = ["write_report", "build_report", "compare_paired", "Verdict"]
+__all__ = ["write_report", "build_report", "TaskData"]
 
 logger = logging.getLogger(__name__)
 
-# 95% two-sided critical values of Student's t by degrees of freedom.
-_T_CRIT = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-           10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
 TRAIN_FRACTION = 0.5  # a run "trains" if it closes this fraction of the gap from chance to the best group
 TARGET_FRACTION = 0.75  # default target: this fraction of the way from chance to the best group's final
-
-
-def _t_crit(df: int) -> float:
-    for k in sorted(_T_CRIT):
-        if df <= k:
-            return _T_CRIT[k]
-    return 1.96
-
-
-# ---------------------------------------------------------------------------------------------- verdicts
-class Verdict(dict):
-    """One row of the verdict table: claim, evidence, effect, seeds, verdict (a dict with those keys)."""
-
-
-def compare_paired(a: Dict[Any, Optional[float]], b: Dict[Any, Optional[float]], better: str,
-                   worst: Optional[float] = None) -> Dict[str, Any]:
-    """Per-key paired comparison of ``a`` against ``b`` (keys: seeds).
-
-    Args:
-        a, b: ``{seed: value}``; None marks a failed run, counted as ``worst`` (or dropped when None).
-        better: ``"higher"`` or ``"lower"``: which direction of ``a - b`` favours ``a``.
-        worst: value substituted for failed runs.
-
-    Returns:
-        ``{"n", "wins", "mean_diff", "sd_diff", "se", "t_crit", "outcome"}`` where ``mean_diff`` is signed so
-        that positive favours ``a``, and ``outcome`` is ``"supported"``, ``"contradicted"``, ``"within
-        spread"`` or ``"insufficient"`` (fewer than 2 pairs).
-    """
-    sign = 1.0 if better == "higher" else -1.0
-    diffs = []
-    for key in a:
-        if key not in b:
-            continue
-        va, vb = a[key], b[key]
-        va = worst if va is None else va
-        vb = worst if vb is None else vb
-        if va is None or vb is None:
-            continue
-        diffs.append(sign * (va - vb))
-    n = len(diffs)
-    out: Dict[str, Any] = {"n": n, "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
-                           "mean_diff": None, "sd_diff": None, "se": None, "t_crit": None}
-    if n < 2:
-        out["outcome"] = "insufficient"
-        return out
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs)
-    se = sd / math.sqrt(n)
-    t = _t_crit(n - 1)
-    out.update(mean_diff=mean, sd_diff=sd, se=se, t_crit=t)
-    if mean > 0 and (mean > t * se or (se == 0 and out["wins"] == n)):
-        out["outcome"] = "supported"
-    elif mean < 0 and (-mean > t * se or (se == 0 and out["losses"] == n)):
-        out["outcome"] = "contradicted"
-    else:
-        out["outcome"] = "within spread"
-    return out
-
-
-def _verdict_text(cmp: Dict[str, Any]) -> str:
-    if cmp["outcome"] == "within spread" and cmp["wins"] == cmp["n"]:
-        return (f"not supported: difference within seed spread (suggestive: all {cmp['n']} seeds agree, too few to "
-                f"exclude chance at this effect size)")
-    return {
-        "supported": "supported",
-        "contradicted": "not supported: the opposite holds beyond the seed spread",
-        "within spread": "not supported: difference within seed spread",
-        "insufficient": f"not enough data ({cmp['n']} paired seed(s); need >= 2)",
-    }[cmp["outcome"]]
+MARGIN = 0.01  # the equivalence margin (and spread floor) of the generic comparisons, in the metric's units
 
 
 # ---------------------------------------------------------------------------------------------- data model
-class _TaskData:
+# ---------------------------------------------------------------------------------------------- data model
+class TaskData:
     """The runs of one task (name + options) and everything derived from them."""
 
     def __init__(self, records: List[Dict[str, Any]], varied: List[str], hints: Dict[str, Any]):
@@ -262,8 +193,6 @@ class _TaskData:
 
 
 def _flat(config: Dict[str, Any]) -> Dict[str, Any]:
-    from recnorm.experiments.sweep import flatten_config
-
     return flatten_config(config)
 
 
@@ -283,11 +212,9 @@ def _ordered_labels(records: List[Dict[str, Any]]) -> List[str]:
 
 
 def _pretty(label: str) -> str:
-    """A model label in words: ``"batch γ=0.1"`` -> ``"per-step batch norm (batch γ=0.1)"``."""
-    words = {"none": "no norm", "layer": "layer norm", "batch": "per-step batch norm",
-             "sequence_batch": "sequence-wise batch norm", "shared_batch": "naive shared batch norm"}
-    head = label.split()[0]
-    return f"{words.get(head, head)} ({label})" if head != "none" else "no norm"
+    """A model label in words with the label itself: ``"batch γ=0.1"`` -> ``"per-step BN (γ0 = 0.1) (batch
+    γ=0.1)"``; the words come from the norm's registered label."""
+    return "no norm" if label == "none" else f"{name(label)} ({label})"
 
 
 def _short(field: str) -> str:
@@ -300,645 +227,190 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _fmt(v: Optional[float], digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000 or abs(v) < 1e-3:
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}"
+# ---------------------------------------------------------------------------------------------- verdicts
+@dataclasses.dataclass
+class _Verdict:
+    """One row of a task's verdict table, before the p-values of the table are adjusted together."""
+
+    claim: str
+    evidence: str
+    test: Optional[st.PairedTest] = None
+    fixed: Optional[str] = None  # a verdict written as is (nothing to test)
+    partner: Optional[Tuple[int, str, str]] = None  # the same claim by another quantity: (offset, its name, where)
+    p_adjusted: Optional[float] = None
+
+    def result(self) -> str:
+        return st.verdict(self.test, self.p_adjusted) if self.test is not None else "insufficient"
 
 
-def _mean_sd(values: Sequence[Optional[float]], digits: int = 3) -> str:
-    s = summary(values)
-    if s["n"] == 0:
-        return "–"
-    text = f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], digits)}"
-    return text + (f" ({s['n_missing']} failed)" if s["n_missing"] else "")
-
-
-# ---------------------------------------------------------------------------------------------- document
-class _Doc:
-    """Blocks rendered both as HTML and as Markdown."""
-
-    def __init__(self, figdir: str):
-        self.blocks: List[Tuple] = []
-        self.figdir = figdir
-        self.figures: List[str] = []
-        self.skipped: List[str] = []  # damaged results left out, one message each
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def table(self, headers: List[str], rows: List[List[Any]]) -> None:
-        self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows]))
-
-    def figure(self, fig: Any, name: str, caption: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        data = buf.getvalue()
-        os.makedirs(self.figdir, exist_ok=True)
-        filename = f"{name}.png"
-        with open(os.path.join(self.figdir, filename), "wb") as f:
-            f.write(data)
-        self.figures.append(filename)
-        self.blocks.append(("img", filename, base64.b64encode(data).decode("ascii"), caption))
-
-    def markdown(self, figrel: str) -> str:
-        out = []
-        for b in self.blocks:
-            if b[0] == "h":
-                out.append("#" * b[1] + " " + b[2])
-            elif b[0] == "p":
-                out.append(b[1])
-            elif b[0] == "table":
-                headers, rows = b[1], b[2]
-                esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-                out.append("| " + " | ".join(esc(h) for h in headers) + " |")
-                out.append("|" + "|".join("---" for _ in headers) + "|")
-                out.extend("| " + " | ".join(esc(c) for c in row) + " |" for row in rows)
-            elif b[0] == "img":
-                out.append(f"![{b[3]}]({figrel}/{b[1]})\n\n*{b[3]}*")
-            out.append("")
-        return "\n".join(out)
-
-    def html(self, title: str) -> str:
-        e = html.escape
-        parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-                 "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;line-height:1.4}"
-                 "table{border-collapse:collapse;margin:0.5em 0 1em}td,th{border:1px solid #bbb;padding:3px 8px;"
-                 "font-size:0.9em;text-align:left}th{background:#eee}img{max-width:100%}"
-                 "figcaption{font-size:0.85em;color:#444}</style></head><body>"]
-        for b in self.blocks:
-            if b[0] == "h":
-                parts.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
-            elif b[0] == "p":
-                parts.append(f"<p>{_md_inline_to_html(b[1])}</p>")
-            elif b[0] == "table":
-                parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>")
-                for row in b[2]:
-                    parts.append("<tr>" + "".join(f"<td>{_md_inline_to_html(c)}</td>" for c in row) + "</tr>")
-                parts.append("</table>")
-            elif b[0] == "img":
-                parts.append(f"<figure><img alt='{e(b[3])}' src='data:image/png;base64,{b[2]}'>"
-                             f"<figcaption>{e(b[3])}</figcaption></figure>")
-        parts.append("</body></html>")
-        return "\n".join(parts)
-
-
-def _md_inline_to_html(text: str) -> str:
-    """Escape, then render **bold**, *italic* and `code` (the only inline Markdown the report uses)."""
-    import re
-
-    s = html.escape(text)
-    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-    s = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", s)
-    s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-    return s
-
-
-# ---------------------------------------------------------------------------------------------- plots
-# Type sizes of the figures: they are shown about 1100 pixels wide, scaled down from 90 dpi.
-_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 11,
-          "xtick.labelsize": 10, "ytick.labelsize": 10}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update(_STYLE)
-    return plt
-
-
-def _legend_above(fig: Any, axes: Sequence[Any], title: Optional[str] = None) -> None:
-    """One legend for the whole figure, above its panels: every line label found in ``axes``, once (the
-    panels share their colours and line styles, so one key serves them all). A lone panel keeps its legend
-    inside."""
-    if len(axes) == 1:
-        axes[0].legend(fontsize=10, title=title)
-        return
-    handles, labels = [], []
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(labels), 5),
-                   frameon=False, title=title)
-
-
-def _colors(labels: List[str]) -> Dict[str, Any]:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10")
-    out, i = {}, 0
-    for label in labels:
-        if label == "none":
-            out[label] = "black"
-        else:
-            out[label] = cmap(i % 10)
-            i += 1
-    return out
-
-
-def _mean_band(curves: List[Tuple[List[float], List[Optional[float]]]]
-               ) -> Tuple[List[float], List[float], List[float], List[float]]:
-    """Mean, min and max over curves at each x (x values taken from the longest curve)."""
-    xs = max((c[0] for c in curves), key=len, default=[])
-    mean, lo, hi, xo = [], [], [], []
-    for i, x in enumerate(xs):
-        vals = [c[1][i] for c in curves if i < len(c[1]) and c[1][i] is not None and math.isfinite(c[1][i])]
-        if vals:
-            xo.append(x)
-            mean.append(statistics.fmean(vals))
-            lo.append(min(vals))
-            hi.append(max(vals))
-    return xo, mean, lo, hi
-
-
-def _smooth(values: List[Optional[float]], window: int) -> List[Optional[float]]:
-    out, acc, buf = [], 0.0, []
-    for v in values:
-        if v is None:
-            out.append(None)
-            continue
-        buf.append(v)
-        acc += v
-        if len(buf) > window:
-            acc -= buf.pop(0)
-        out.append(acc / len(buf))
-    return out
-
-
-def _plot_learning_curves(doc: _Doc, td: _TaskData, key: str) -> None:
-    plt = _plt()
-    contexts = td.contexts()[:6]
-    colors = _colors(td.labels)
-    fig, axes = plt.subplots(2, len(contexts), figsize=(4.2 * len(contexts) + 1, 6.5), squeeze=False)
-    for j, ctx in enumerate(contexts):
-        diverged = []
-        for label in td.labels:
-            runs = td.runs(label, ctx)
-            if not runs:
-                continue
-            failed = sum(r["status"] != "ok" for r in runs)
-            if failed:
-                diverged.append(f"{label} {failed} of {len(runs)}")
-            curves = [(r["valid"]["step"], r["valid"].get(td.metric, [])) for r in runs]
-            x, m, lo, hi = _mean_band(curves)
-            ax = axes[0][j]
-            ax.plot(x, m, color=colors[label], label=label)
-            ax.fill_between(x, lo, hi, color=colors[label], alpha=0.2)
-            window = max(1, max(len(r["train"]["loss"]) for r in runs) // 40)
-            tcurves = [(r["train"]["step"], _smooth(r["train"]["loss"], window)) for r in runs]
-            x, m, lo, hi = _mean_band(tcurves)
-            ax = axes[1][j]
-            ax.plot(x, m, color=colors[label], label=label)
-            ax.fill_between(x, lo, hi, color=colors[label], alpha=0.2)
-        axes[0][j].set_title(td.context_name(ctx) + (f"\ndiverged: {', '.join(diverged)}" if diverged else ""))
-        axes[0][j].set_xlabel("step")
-        axes[0][j].set_ylabel(f"valid {td.metric}")
-        if td.target is not None:
-            axes[0][j].axhline(td.target, color="grey", lw=0.8, ls=":")
-        axes[1][j].set_xlabel("step")
-        axes[1][j].set_ylabel("train loss (smoothed)")
-        axes[1][j].set_yscale("log")
-    fig.tight_layout()
-    _legend_above(fig, axes[0])
-    n_seeds = len({r["seed"] for r in td.records})
-    doc.figure(fig, f"{key}_curves", f"{td.task['name']}: validation {td.metric} (top) and smoothed training loss "
-                                     f"(bottom) per normalization, one column per setting: mean over {n_seeds} "
-                                     f"seed(s), band = min..max; dotted line = target")
-
-    # Against training seconds, reference context only.
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in td.labels:
-        runs = td.runs(label, td.reference)
-        if not runs:
-            continue
-        for i, r in enumerate(runs):
-            ax.plot(r["valid"]["time"], r["valid"].get(td.metric, []), color=colors[label], alpha=0.7,
-                    label=label if i == 0 else None)
-    ax.set_xlabel("training seconds (1 thread)")
-    ax.set_ylabel(f"valid {td.metric}")
-    ax.set_title(td.context_name(td.reference))
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    doc.figure(fig, f"{key}_curves_time", f"{td.task['name']}: validation {td.metric} against wall-clock "
-                                          f"training time, one line per seed ({td.context_name(td.reference)})")
-
-
-def _plot_sensitivity(doc: _Doc, td: _TaskData, key: str) -> None:
-    plt = _plt()
-    schemes = sorted({r["config"]["init"] for r in td.records})
-    colors = _colors(td.labels)
-    fig, axes = plt.subplots(1, len(schemes), figsize=(5 * len(schemes), 3.8), squeeze=False)
-    for j, scheme in enumerate(schemes):
-        ax = axes[0][j]
-        for label in td.labels:
-            gains = sorted({r["config"]["init_gain"] for r in td.runs(label) if r["config"]["init"] == scheme})
-            xs, ms, sds = [], [], []
-            for g in gains:
-                vals = [_final_test(r) for r in td.runs(label)
-                        if r["config"]["init"] == scheme and r["config"]["init_gain"] == g]
-                s = summary(vals)
-                if s["n"]:
-                    xs.append(g)
-                    ms.append(s["mean"])
-                    sds.append(s["std"])
-            if xs:
-                ax.errorbar(xs, ms, yerr=sds, color=colors[label], marker="o", capsize=3, label=label)
-        all_gains = sorted({r["config"]["init_gain"] for r in td.records if r["config"]["init"] == scheme})
-        ax.set_xscale("log")
-        ax.set_xticks(all_gains)
-        ax.set_xticklabels([f"{g:g}" for g in all_gains])
-        ax.minorticks_off()
-        ax.set_xlabel(f"init gain ({scheme})")
-        ax.set_ylabel(f"final test {td.metric}")
-        if td.chance is not None:
-            ax.axhline(td.chance, color="grey", lw=0.8, ls=":")
-    fig.tight_layout()
-    _legend_above(fig, axes[0])
-    doc.figure(fig, f"{key}_init", f"{td.task['name']}: final test {td.metric} against the init gain "
-                                   f"(mean ± std over seeds; diverged runs omitted); dotted line = chance")
-
-
-def _plot_depth(doc: _Doc, td: _TaskData, key: str) -> None:
-    plt = _plt()
-    colors = _colors(td.labels)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in td.labels:
-        depths = sorted({r["config"]["num_layers"] for r in td.runs(label)})
-        xs, ms, sds = [], [], []
-        for d in depths:
-            s = summary([_final_test(r) for r in td.runs(label) if r["config"]["num_layers"] == d])
-            if s["n"]:
-                xs.append(d)
-                ms.append(s["mean"])
-                sds.append(s["std"])
-        if xs:
-            ax.errorbar(xs, ms, yerr=sds, color=colors[label], marker="o", capsize=3, label=label)
-    ax.set_xlabel("recurrent layers")
-    ax.set_ylabel(f"final test {td.metric}")
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    doc.figure(fig, f"{key}_depth", f"{td.task['name']}: final test {td.metric} against depth (mean ± std)")
-
-
-def _grad_flow_curves(runs: List[Dict[str, Any]], which: str, layer: str) -> Optional[List[float]]:
-    """Geometric mean over runs of ||dL/dh_t|| for ``layer`` at init (``which="init"``) or the last diag."""
-    series = []
-    for r in runs:
-        flow = r.get("diagnostics", {}).get("grad_flow") or []
-        if not flow:
-            continue
-        entry = flow[0] if which == "init" else flow[-1]
-        if which != "init" and entry["step"] == 0:
-            continue
-        norms = entry.get("norms", {}).get(layer)
-        if norms:
-            series.append(norms)
-    if not series:
-        return None
-    length = min(len(s) for s in series)
-    out = []
-    for t in range(length):
-        vals = [s[t] for s in series if s[t] is not None and s[t] > 0]
-        out.append(math.exp(statistics.fmean(math.log(v) for v in vals)) if vals else None)
-    return out
-
-
-def _layers_of(runs: List[Dict[str, Any]]) -> List[str]:
-    for r in runs:
-        flow = r.get("diagnostics", {}).get("grad_flow") or []
-        if flow:
-            keys = [k for k in flow[0].get("norms", {}) if not k.endswith("_reverse")]
-            return sorted(keys)
-    return []
-
-
-def _plot_grad_flow(doc: _Doc, td: _TaskData, key: str) -> List[List[str]]:
-    """One row of panels (at init, end of training) per structural setting and shown layer (the first and
-    the last); returns table rows (setting, norm, when, first, last, ratio) for the first layer."""
-    plt = _plt()
-    colors = _colors(td.labels)
-    panels = []  # (setting context, layer)
-    for struct in td.structures()[:4]:
-        ctx = td.reference_in(struct)
-        layers = _layers_of(td.runs(None, ctx))
-        if layers:
-            panels.extend((ctx, layer) for layer in ([layers[0]] + ([layers[-1]] if len(layers) > 1 else [])))
-    if not panels:
-        return []
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.4 * len(panels)), squeeze=False)
-    rows = []
-    for i, (ctx, layer) in enumerate(panels):
-        first_layer = layer == _layers_of(td.runs(None, ctx))[0]
-        for j, which in enumerate(("init", "final")):
-            ax = axes[i][j]
-            for label in td.labels:
-                curve = _grad_flow_curves(td.runs(label, ctx), which, layer)
-                if not curve:
-                    continue
-                xs = [t + 1 for t, v in enumerate(curve) if v is not None]
-                ys = [v for v in curve if v is not None]
-                ax.plot(xs, ys, color=colors[label], label=label)
-                if first_layer and ys:
-                    rows.append([td.context_name(ctx), label, which, _fmt(ys[0]), _fmt(ys[-1]),
-                                 _fmt(ys[0] / ys[-1] if ys[-1] else None)])
-            ax.set_yscale("log")
-            ax.set_xlabel("time step t")
-            ax.set_ylabel("||dL/dh_t||")
-            ax.set_title(f"{td.context_name(ctx)}: {layer}, {'at init' if which == 'init' else 'end of training'}")
-    fig.tight_layout()
-    _legend_above(fig, [ax for row in axes for ax in row])
-    doc.figure(fig, f"{key}_gradflow", f"{td.task['name']}: gradient norm ||dL/dh_t|| against t (geometric mean "
-                                       f"over seeds); the loss is read at the last step, so small values at early "
-                                       f"t mean vanishing gradients, large ones exploding gradients")
-    return rows
-
-
-def _norm_site(module: str) -> str:
-    """A normalization module's name with what it normalizes: ``rnn.norm_hh_l0`` -> ``norm_hh_l0 (W_hh h)``."""
-    name = module.split(".", 1)[1] if module.startswith("rnn.") else module
-    for site, what in (("norm_ih", "W_ih x"), ("norm_hh", "W_hh h"), ("norm_c", "c")):
-        if name.startswith(site):
-            return f"{name} ({what})"
-    return name
-
-
-def _plot_batch_stats(doc: _Doc, td: _TaskData, key: str) -> bool:
-    plt = _plt()
-    cases = []
-    for label in td.labels:
-        runs = [r for r in td.runs(label, td.reference) if r.get("diagnostics", {}).get("batch_stats")]
-        if runs:
-            cases.append((label, runs[0]))
-    if not cases:
-        return False
-    modules = []
-    for _, r in cases:
-        for m in r["diagnostics"]["batch_stats"].get("final", {}):
-            if m not in modules:
-                modules.append(m)
-    modules = modules[:3]
-    # One row per (normalization, statistic), one column per normalized quantity; the four sources have
-    # fixed colours and line styles, so one legend above the grid serves every panel.
-    sources = (("batch statistics, end of training", "final", "tab:blue", "-"),
-               ("batch statistics, at init", "init", "tab:orange", ":"),
-               ("population: running average (EMA)", "ema", "tab:green", "--"),
-               ("population: recomputed exactly", "recomputed", "tab:red", "-."))
-    fig, axes = plt.subplots(2 * len(cases), len(modules), figsize=(4.3 * len(modules) + 0.6, 3.0 * 2 * len(cases)),
-                             squeeze=False)
-    for i, (label, r) in enumerate(cases):
-        diag = r["diagnostics"]
-        where = {"final": diag["batch_stats"].get("final", {}), "init": diag["batch_stats"].get("init", {}),
-                 "ema": diag.get("population_stats", {}).get("ema", {}),
-                 "recomputed": diag.get("population_stats", {}).get("recomputed", {})}
-        for j, module in enumerate(modules):
-            for k, stat in enumerate(("mean", "var")):
-                ax = axes[2 * i + k][j]
-                positive = True
-                for name, source, color, style in sources:
-                    values = (where[source].get(module) or {}).get(stat)
-                    if values:
-                        xs = list(range(1, len(values) + 1))
-                        if len(values) == 1:  # statistics shared over time: one value for every step
-                            xs = [1, td.task.get("seq_len") or 1]
-                            values = values * 2
-                        ax.plot(xs, values, color=color, ls=style, label=name)
-                        positive = positive and all(v is not None and v > 0 for v in values)
-                if not ax.lines:  # this model has no such norm (e.g. sequence-wise BN only normalizes W_x x)
-                    ax.axis("off")
-                    continue
-                if stat == "var" and positive:
-                    ax.set_yscale("log")
-                ax.set_title(f"{label}: {_norm_site(module)}")
-                ax.set_ylabel(f"{stat} (average over units)" if stat == "mean" else "variance (average over units)")
-                ax.set_xlabel("time step t")
-    fig.tight_layout()
-    _legend_above(fig, [ax for row in axes for ax in row])
-    doc.figure(fig, f"{key}_bnstats", f"{td.task['name']}: per-step batch statistics (feature average of mean and "
-                                      f"variance) at init and end of training, against the population statistics "
-                                      f"(running average and exact recomputation); one seed per normalization")
-    return True
-
-
-# ---------------------------------------------------------------------------------------------- sections
 def _per_seed(runs: List[Dict[str, Any]],
               value: Callable[[Dict[str, Any]], Optional[float]]) -> Dict[int, Optional[float]]:
     return {r["seed"]: value(r) for r in runs}
 
 
-def _mean_over_contexts(td: _TaskData, label: str, value: Callable[[Dict[str, Any]], Optional[float]],
-                        contexts: List[Tuple]) -> Dict[int, Optional[float]]:
-    """Per seed: mean of ``value`` over ``contexts`` (None if any is None)."""
-    by_seed: Dict[int, List[Optional[float]]] = {}
-    for ctx in contexts:
-        for r in td.runs(label, ctx):
-            by_seed.setdefault(r["seed"], []).append(value(r))
-    return {s: (None if any(v is None for v in vals) else statistics.fmean(vals)) for s, vals in by_seed.items()}
+def _test(a: Dict[int, Optional[float]], b: Dict[int, Optional[float]], better: str,
+          worst: Optional[float] = None) -> st.PairedTest:
+    return st.paired_test(st.paired_differences(a, b, better, worst=worst), margin=MARGIN)
 
 
-def _disagree(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    """Whether two judgements of one claim point different ways: one supports it and the other does not."""
-    decided = ("supported", "contradicted", "within spread")
-    return a["outcome"] in decided and b["outcome"] in decided and (a["outcome"] == "supported") != (
-        b["outcome"] == "supported")
+def _compare(td: TaskData, a: List[Dict[str, Any]], b: List[Dict[str, Any]],
+             value: Callable[[Dict[str, Any]], Optional[float]], better: Optional[str] = None,
+             worst: Optional[float] = None) -> st.PairedTest:
+    better = better or ("higher" if td.higher else "lower")
+    return _test(_per_seed(a, value), _per_seed(b, value), better, worst=td.chance if worst is None else worst)
 
 
-def _disagreement(this: Dict[str, Any], other: Dict[str, Any], other_name: str, where: str) -> str:
-    """The note that ends a verdict (closing its bold) when ``other``, the same claim judged by another
-    quantity, points the other way."""
-    if other["outcome"] == "supported":
-        return f"; but {other_name} supports it ({where})**"
-    if other["outcome"] == "contradicted":
-        return f"; but {other_name} shows the opposite ({where})**"
-    return f"; {other_name} does not confirm it ({where})**"
-
-
-def _verdict_row(claim: str, evidence: str, cmp: Dict[str, Any]) -> List[str]:
-    if cmp["mean_diff"] is None:
-        effect = "–"
-    else:
-        effect = f"{_fmt(cmp['mean_diff'])} ± {_fmt(cmp['sd_diff'])} (mean ± sd of paired differences)"
-    seeds = f"{cmp['wins']} of {cmp['n']}"
-    return [claim, evidence, effect, seeds, f"**{_verdict_text(cmp)}**"]
-
-
-def _verdicts(td: _TaskData) -> List[List[str]]:
-    rows: List[List[str]] = []
-    higher = "higher" if td.higher else "lower"
-    worst = td.chance  # a diverged run counts as chance level
-    base = "none"
-    if base not in td.labels:
-        return [["all claims", "needs a run without normalization", "–", "–", "**no baseline in this sweep**"]]
-    ref = td.reference
-    # Claims 1-4 are judged separately in every structural setting (cell, depth, ...: the context fields
-    # other than the initialization), each at its reference initialization.
-    structures = td.structures()
-
-    def where(ctx: Tuple) -> str:
-        return td.context_name(ctx)
-
-    # 1. convergence speed at the reference init, judged by two quantities that can disagree: the validation
-    # metric averaged over training (area under its curve) and the training loss averaged over every step.
+def _speed_verdicts(td: TaskData) -> List[_Verdict]:
+    """Convergence speed at each structural setting's reference init, judged by two quantities that can
+    disagree: the validation metric averaged over training, and the training loss averaged over every step."""
+    out = []
     valid_name = f"validation {td.metric}" if td.metric != "loss" else "validation loss"
-    for struct in structures:
+    for struct in td.structures():
         sref = td.reference_in(struct)
+        where = td.context_name(sref)
         for label in td.labels:
-            if label == base:
+            if label == "none":
                 continue
-            by_valid = compare_paired(_per_seed(td.runs(label, sref), td.auc),
-                                      _per_seed(td.runs(base, sref), td.auc), higher, worst=worst)
-            by_loss = compare_paired(_per_seed(td.runs(label, sref), td.mean_train_loss),
-                                     _per_seed(td.runs(base, sref), td.mean_train_loss), "lower",
-                                     worst=td.initial_loss)
-            first = _verdict_row(
+            a, b = td.runs(label, sref), td.runs("none", sref)
+            out.append(_Verdict(
                 f"{_pretty(label)} converges faster than no norm, by {valid_name} (mean over training)",
-                f"{valid_name} averaged over training (area under the curve), {where(sref)}", by_valid)
-            second = _verdict_row(
+                f"{valid_name} averaged over training (area under the curve), {where}", _compare(td, a, b, td.auc),
+                partner=(1, "the training loss", "next row")))
+            out.append(_Verdict(
                 f"{_pretty(label)} converges faster than no norm, by training loss (mean over training)",
-                f"training loss averaged over all steps (lower is faster), {where(sref)}", by_loss)
-            if _disagree(by_valid, by_loss):
-                first[-1] = first[-1][:-2] + _disagreement(by_valid, by_loss, "the training loss", "next row")
-                second[-1] = second[-1][:-2] + _disagreement(by_loss, by_valid, f"the {valid_name}", "row above")
-            rows.extend([first, second])
+                f"training loss averaged over all steps (lower is faster), {where}",
+                _compare(td, a, b, td.mean_train_loss, "lower", worst=td.initial_loss),
+                partner=(-1, f"the {valid_name}", "row above")))
+    return out
 
-    # 2. sensitivity to the init gain.
+
+def _spread(td: TaskData, label: str, struct: Tuple) -> Dict[int, Optional[float]]:
+    """Per seed: range (best - worst) of the final test metric over gains within each init scheme, averaged
+    over schemes; a diverged run counts as chance level."""
+    by_seed: Dict[int, List[float]] = {}
+    groups: Dict[str, Dict[int, List[float]]] = {}
+    for r in td.runs(label):
+        v = _final_test(r)
+        v = td.chance if v is None else v
+        if td.structure(r) == struct and v is not None:
+            groups.setdefault(r["config"]["init"], {}).setdefault(r["seed"], []).append(v)
+    for g in groups.values():
+        for seed, vals in g.items():
+            if len(vals) >= 2:
+                by_seed.setdefault(seed, []).append(max(vals) - min(vals))
+    return {seed: statistics.fmean(v) for seed, v in by_seed.items()}
+
+
+def _init_verdicts(td: TaskData) -> List[_Verdict]:
     gains = sorted({r["config"]["init_gain"] for r in td.records})
-    if len(gains) >= 2:
-        def spread(label: str, struct: Tuple) -> Dict[int, Optional[float]]:
-            # Per seed: range (best - worst) of the final test metric over gains within each init scheme,
-            # averaged over schemes; a diverged run counts as chance level.
-            by_seed: Dict[int, List[float]] = {}
-            groups: Dict[str, Dict[int, List[float]]] = {}
-            for r in td.runs(label):
-                if td.structure(r) != struct:
-                    continue
-                v = _final_test(r)
-                v = worst if v is None else v
-                if v is not None:
-                    groups.setdefault(r["config"]["init"], {}).setdefault(r["seed"], []).append(v)
-            for g in groups.values():
-                for seed, vals in g.items():
-                    if len(vals) >= 2:
-                        by_seed.setdefault(seed, []).append(max(vals) - min(vals))
-            return {seed: statistics.fmean(v) for seed, v in by_seed.items()}
-
-        for struct in structures:
-            base_runs = [r for r in td.runs(base) if td.structure(r) == struct]
-            for label in td.labels:
-                if label == base:
-                    continue
-                runs = [r for r in td.runs(label) if td.structure(r) == struct]
-                cmp = compare_paired(spread(label, struct), spread(base, struct), "lower")
-                frac = sum(td.trains(r) for r in runs) / max(1, len(runs))
-                frac_base = sum(td.trains(r) for r in base_runs) / max(1, len(base_runs))
-                setting = f"{td.structure_name(struct)}; " if td.structure_name(struct) else ""
-                gain_list = ", ".join(_fmt_value(g) for g in gains)
-                rows.append(_verdict_row(
-                    f"{_pretty(label)} is less sensitive to the init gain than no norm, by the range of final "
-                    f"test {td.metric} over gains {gain_list}",
-                    f"{setting}best minus worst final test {td.metric} over the gains (smaller = less sensitive); "
-                    f"runs that train: {frac:.0%} vs {frac_base:.0%}", cmp))
-
-    # 3. naive shared BN.
-    shared = [lab for lab in td.labels if lab.startswith("shared_batch")]
-    per_step = [lab for lab in td.labels if lab.startswith("batch")]
-    for struct in structures:
-        sref = td.reference_in(struct)
-        for lab in shared:
-            for other_label in [base] + per_step:
-                cmp = compare_paired(_per_seed(td.runs(other_label, sref), _final_test),
-                                     _per_seed(td.runs(lab, sref), _final_test), higher, worst=worst)
-                rows.append(_verdict_row(
-                    f"naive shared BN hurts: {_pretty(lab)} ends with a worse final test {td.metric} than "
-                    f"{_pretty(other_label)}",
-                    f"final test {td.metric}, {where(sref)}", cmp))
-
-    # 4. layer norm and the others: final metric.
-    for struct in structures:
-        sref = td.reference_in(struct)
+    if len(gains) < 2:
+        return []
+    out = []
+    for struct in td.structures():
+        base_runs = [r for r in td.runs("none") if td.structure(r) == struct]
         for label in td.labels:
-            if label == base or label.startswith("shared_batch"):
+            if label == "none":
                 continue
-            cmp = compare_paired(_per_seed(td.runs(label, sref), _final_test),
-                                 _per_seed(td.runs(base, sref), _final_test), higher, worst=worst)
-            rows.append(_verdict_row(f"{_pretty(label)} reaches a better final test {td.metric} than no norm",
-                                     f"final test {td.metric}, {where(sref)}", cmp))
+            runs = [r for r in td.runs(label) if td.structure(r) == struct]
+            frac = sum(td.trains(r) for r in runs) / max(1, len(runs))
+            frac_base = sum(td.trains(r) for r in base_runs) / max(1, len(base_runs))
+            setting = f"{td.structure_name(struct)}; " if td.structure_name(struct) else ""
+            out.append(_Verdict(
+                f"{_pretty(label)} is less sensitive to the init gain than no norm, by the range of final test "
+                f"{td.metric} over gains {', '.join(_fmt_value(g) for g in gains)}",
+                f"{setting}best minus worst final test {td.metric} over the gains (smaller = less sensitive); "
+                f"runs that train: {frac:.0%} vs {frac_base:.0%}",
+                _test(_spread(td, label, struct), _spread(td, "none", struct), "lower")))
+    return out
 
-    # 5. sequence-wise BN and depth.
+
+def _final_verdicts(td: TaskData) -> List[_Verdict]:
+    """Naive shared BN against no norm and per-step BN; every other norm against no norm (final metric)."""
+    out = []
+    shared = [lab for lab in td.labels if lab.startswith("shared_batch")]
+    others = [lab for lab in td.labels if lab != "none" and not lab.startswith("shared_batch")]
+    for struct in td.structures():
+        sref = td.reference_in(struct)
+        where = f"final test {td.metric}, {td.context_name(sref)}"
+        for lab in shared:
+            for other in ["none"] + [o for o in others if o.startswith("batch")]:
+                out.append(_Verdict(
+                    f"naive shared BN hurts: {_pretty(lab)} ends with a worse final test {td.metric} than "
+                    f"{_pretty(other)}", where, _compare(td, td.runs(other, sref), td.runs(lab, sref), _final_test)))
+        for lab in others:
+            out.append(_Verdict(f"{_pretty(lab)} reaches a better final test {td.metric} than no norm", where,
+                                _compare(td, td.runs(lab, sref), td.runs("none", sref), _final_test)))
+    return out
+
+
+def _depth_gain(td: TaskData, label: str, depth: int) -> Dict[int, Optional[float]]:
+    """Per seed: label minus no norm in final test metric at ``depth`` layers, over the reference's other
+    settings (a diverged run counts as chance level)."""
+    ref = dict(zip(td.context_fields, td.reference))
+    contexts = [c for c in td.contexts() if dict(zip(td.context_fields, c))["num_layers"] == depth and all(
+        dict(zip(td.context_fields, c)).get(f) == ref.get(f) for f in td.context_fields if f != "num_layers")]
+    sign = 1.0 if td.higher else -1.0
+    out: Dict[int, List[Optional[float]]] = {}
+    for ctx in contexts:
+        a, b = _per_seed(td.runs(label, ctx), _final_test), _per_seed(td.runs("none", ctx), _final_test)
+        for s in a:
+            if s in b:
+                va, vb = (td.chance if a[s] is None else a[s]), (td.chance if b[s] is None else b[s])
+                out.setdefault(s, []).append(None if va is None or vb is None else sign * (va - vb))
+    return {s: (None if None in v else statistics.fmean(v)) for s, v in out.items()}
+
+
+def _depth_verdicts(td: TaskData) -> List[_Verdict]:
     depths = sorted({r["config"]["num_layers"] for r in td.records})
     seq = [lab for lab in td.labels if lab.startswith("sequence_batch")]
-    if len(depths) >= 2 and seq:
-        others = [f for f in td.context_fields if f != "num_layers"]
-        for lab in seq:
-            effects = {}
-            for d in depths:
-                ctxs = [c for c in td.contexts() if dict(zip(td.context_fields, c))["num_layers"] == d
-                        and all(dict(zip(td.context_fields, c)).get(f) == dict(zip(td.context_fields, ref)).get(f)
-                                for f in others)]
-                effects[d] = compare_paired(_mean_over_contexts(td, lab, _final_test, ctxs),
-                                            _mean_over_contexts(td, base, _final_test, ctxs), higher,
-                                            worst=worst)
-            shallow, deep = effects[depths[0]], effects[depths[-1]]
-            if deep["outcome"] == "supported" and shallow["outcome"] != "supported":
-                outcome = "supported"
-            elif deep["outcome"] == "insufficient" or shallow["outcome"] == "insufficient":
-                outcome = "insufficient"
-            elif shallow["outcome"] == "supported" and deep["outcome"] == "supported":
-                outcome = "helps both"
-            else:
-                outcome = "no deep benefit"
-            text = {"supported": "supported", "insufficient": "not enough data",
-                    "helps both": "not supported: it helps shallow stacks too",
-                    "no deep benefit": "not supported: no benefit beyond the seed spread in the deepest stack"}[outcome]
-            effect = "; ".join(f"{d} layer(s): {_fmt(e['mean_diff'])} ± {_fmt(e['sd_diff'])} ({e['outcome']})"
-                               for d, e in effects.items())
-            seeds = "; ".join(f"{d}: {e['wins']} of {e['n']}" for d, e in effects.items())
-            rows.append([f"sequence-wise BN helps deep stacks, not shallow, by final test {td.metric} "
-                         f"({_pretty(lab)})",
-                         f"final test {td.metric} vs no norm at each depth", effect, seeds, f"**{text}**"])
-    elif seq:
-        rows.append([f"sequence-wise BN helps deep stacks, not shallow, by final test {td.metric} "
-                     f"({_pretty(seq[0])})",
-                     "needs several depths (run the laurent preset)", "–", "–", "**not tested in this sweep**"])
-    return rows
+    claim = f"sequence-wise BN helps deep stacks more than shallow ones, by final test {td.metric}"
+    if not seq:
+        return []
+    if len(depths) < 2 or "num_layers" not in td.context_fields:
+        return [_Verdict(f"{claim} ({_pretty(seq[0])})", "needs several depths (run the laurent study)",
+                         fixed=badge("not tested", "one depth in this sweep"))]
+    deep, shallow = depths[-1], depths[0]
+    return [_Verdict(f"{claim} ({_pretty(lab)})",
+                     f"per seed: ({lab} minus no norm) at {deep} layers minus the same at {shallow}",
+                     _test(_depth_gain(td, lab, deep), _depth_gain(td, lab, shallow), "higher")) for lab in seq]
 
 
-def _task_section(doc: _Doc, td: _TaskData, key: str) -> List[List[str]]:
-    t = td.task
-    opts = {k: v for k, v in (t.get("options") or {}).items() if v is not None}
-    doc.h(2, f"Task {t['name']}" + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""))
-    seeds = sorted({r["seed"] for r in td.records})
-    diverged = sum(r["status"] != "ok" for r in td.records)
-    doc.p(f"{t.get('kind')} task, T = {t.get('seq_len')}, metric **{td.metric}** "
-          f"({'higher' if td.higher else 'lower'} is better). {len(td.records)} runs, seeds "
-          f"{', '.join(str(s) for s in seeds)}, "
-          f"{diverged} diverged. Varied: {', '.join(td.varied) or 'nothing'}. Chance level (median step-0 valid "
-          f"{td.metric}): {_fmt(td.chance)}; target for the speed table: {_fmt(td.target)}. "
-          f"Reference setting for the speed comparisons: {td.context_name(td.reference)}.")
+def _verdicts(td: TaskData) -> List[List[str]]:
+    """The task's verdict rows ``[claim, evidence, effect, seeds, verdict]``; the p-values of the table are
+    adjusted together (Benjamini-Hochberg)."""
+    if "none" not in td.labels:
+        return [["all claims", "needs a run without normalization", "–", "–", badge("not tested", "no baseline in "
+                                                                                    "this sweep")]]
+    items = _speed_verdicts(td) + _init_verdicts(td) + _final_verdicts(td) + _depth_verdicts(td)
+    tested = [v for v in items if v.test is not None and v.test.p_primary is not None]
+    for v, p in zip(tested, st.benjamini_hochberg([v.test.p_primary for v in tested])):
+        v.p_adjusted = p
+    return [_render(items, i) for i in range(len(items))]
 
-    doc.h(3, "Verdicts")
-    verdicts = _verdicts(td)
-    doc.table(["claim", "evidence", "effect (positive favours the claim)", "seeds where it holds", "verdict"],
-              verdicts)
 
-    doc.h(3, "Learning curves")
-    _plot_learning_curves(doc, td, key)
+def _render(items: List[_Verdict], i: int) -> List[str]:
+    v = items[i]
+    if v.test is None:
+        return [v.claim, v.evidence, "–", "–", v.fixed or badge("insufficient")]
+    t = v.test
+    effect = "–" if t.mean is None else f"{signed(t.mean)} [{signed(t.low)}, {signed(t.high)}]"
+    note = f"p {fmt_p(v.p_adjusted)} after BH" if v.p_adjusted is not None else ""
+    if v.partner is not None:
+        other = items[i + v.partner[0]]
+        mine, theirs = v.result(), other.result()
+        if "insufficient" not in (mine, theirs) and (mine == "supported") != (theirs == "supported"):
+            words = {"supported": "supports it", "opposite": "shows the opposite",
+                     "equivalent": "finds no difference beyond the margin"}.get(theirs, "does not confirm it")
+            note += f"; but {v.partner[1]} {words} ({v.partner[2]})"
+    return [v.claim, v.evidence, effect, f"{t.wins} of {t.n}", badge(v.result(), note.lstrip("; "))]
 
-    doc.h(3, "Convergence speed")
+
+def fmt_p(p: Optional[float]) -> str:
+    return "–" if p is None else ("< 0.001" if p < 0.001 else f"= {p:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def _speed_table(doc: Document, td: TaskData) -> None:
     rows = []
     for label in td.labels:
         runs = td.runs(label, td.reference)
@@ -947,108 +419,157 @@ def _task_section(doc: _Doc, td: _TaskData, key: str) -> List[List[str]]:
         steps = [td.reach(r, "step") for r in runs]
         secs = [td.reach(r, "time") for r in runs]
         reached = sum(s is not None for s in steps)
-        rows.append([label, len(runs), _mean_sd([td.auc(r) for r in runs]),
-                     _mean_sd([td.mean_train_loss(r) for r in runs]), f"{reached} of {len(runs)}",
-                     _mean_sd(steps, 3) if reached else "never", _mean_sd(secs, 3) if reached else "never",
-                     _fmt(statistics.fmean(r["timing"]["seconds_per_step"] for r in runs) * 1000) + " ms"])
+        rows.append([label, len(runs), mean_sd([td.auc(r) for r in runs]),
+                     mean_sd([td.mean_train_loss(r) for r in runs]), f"{reached} of {len(runs)}",
+                     mean_sd(steps) if reached else "never", mean_sd(secs) if reached else "never",
+                     fmt(statistics.fmean(r["timing"]["seconds_per_step"] for r in runs) * 1000) + " ms"])
     doc.table(["norm", "runs", f"mean valid {td.metric} over training", "mean training loss over training",
-               f"reached {_fmt(td.target)}", "steps to target", "seconds to target", "time per step"], rows)
+               f"reached {fmt(td.target)}", "steps to target", "seconds to target", "time per step"], rows)
     doc.p("Steps and seconds to target are means over the seeds that reached it (evaluation every "
           f"{td.records[0]['config']['eval_every']} steps); seconds are training time on one thread.")
 
-    doc.h(3, "Final test metric")
+
+def _final_table(doc: Document, td: TaskData) -> None:
     rows = []
     for ctx in td.contexts():
         for label in td.labels:
             runs = td.runs(label, ctx)
-            if not runs:
-                continue
-            trained = sum(td.trains(r) for r in runs)
-            rows.append([td.context_name(ctx), label, _mean_sd([_final_test(r) for r in runs]), len(runs),
-                         sum(r["status"] != "ok" for r in runs), f"{trained} of {len(runs)}"])
+            if runs:
+                rows.append([td.context_name(ctx), label, mean_sd([_final_test(r) for r in runs]), len(runs),
+                             sum(r["status"] != "ok" for r in runs), f"{sum(td.trains(r) for r in runs)} of {len(runs)}"])
     doc.table(["setting", "norm", f"test {td.metric} (mean ± sd)", "runs", "diverged", "trained"], rows)
     doc.p(f"A run *trained* when it did not diverge and its final valid {td.metric} closes at least "
           f"{TRAIN_FRACTION:.0%} of the gap between chance and the best setting's mean. Batch-norm models are "
           "evaluated with population statistics recomputed exactly from training batches.")
-
     bn_rows = []
     for label in td.labels:
         runs = [r for r in td.runs(label, td.reference) if "test_ema" in (r.get("final") or {})]
         if runs:
             get = lambda r, k: ((r["final"].get(k) or {}).get(td.metric))  # noqa: E731
-            bn_rows.append([label, _mean_sd([get(r, "test") for r in runs]),
-                            _mean_sd([get(r, "test_ema") for r in runs]),
-                            _mean_sd([get(r, "test_batch_stats") for r in runs])])
+            bn_rows.append([label] + [mean_sd([get(r, k) for r in runs]) for k in ("test", "test_ema", "test_batch_stats")])
     if bn_rows:
         doc.h(3, "Population statistics at test time")
         doc.table(["norm", "recomputed (exact)", "running average (EMA)", "batch statistics"], bn_rows)
 
+
+def _init_section(doc: Document, td: TaskData, key: str) -> None:
     gains = {r["config"]["init_gain"] for r in td.records}
     schemes = {r["config"]["init"] for r in td.records}
-    if len(gains) > 1 or len(schemes) > 1:
-        doc.h(3, "Sensitivity to initialization")
-        _plot_sensitivity(doc, td, key)
-        rows = []
-        for label in td.labels:
-            for scheme in sorted(schemes):
-                runs = [r for r in td.runs(label) if r["config"]["init"] == scheme]
-                if not runs:
-                    continue
-                by_gain = []
-                for g in sorted(gains):
-                    at_gain = [r for r in runs if r["config"]["init_gain"] == g]
-                    if at_gain:
-                        trained = sum(td.trains(r) for r in at_gain)
-                        by_gain.append(f"{g:g}: {_mean_sd([_final_test(r) for r in at_gain])} "
-                                       f"({trained}/{len(at_gain)} train)")
-                rows.append([label, scheme, "; ".join(by_gain),
-                             f"{sum(td.trains(r) for r in runs)} of {len(runs)}"])
-        doc.table(["norm", "init", f"final test {td.metric} by gain", "runs that train"], rows)
+    if len(gains) < 2 and len(schemes) < 2:
+        return
+    doc.h(3, "Sensitivity to initialization")
+    plots.sensitivity(doc, td, key)
+    rows = []
+    for label in td.labels:
+        for scheme in sorted(schemes):
+            runs = [r for r in td.runs(label) if r["config"]["init"] == scheme]
+            by_gain = []
+            for g in sorted(gains):
+                at_gain = [r for r in runs if r["config"]["init_gain"] == g]
+                if at_gain:
+                    by_gain.append(f"{g:g}: {mean_sd([_final_test(r) for r in at_gain])} "
+                                   f"({sum(td.trains(r) for r in at_gain)}/{len(at_gain)} train)")
+            if runs:
+                rows.append([label, scheme, "; ".join(by_gain), f"{sum(td.trains(r) for r in runs)} of {len(runs)}"])
+    doc.table(["norm", "init", f"final test {td.metric} by gain", "runs that train"], rows)
 
-    if len({r["config"]["num_layers"] for r in td.records}) > 1:
-        doc.h(3, "Depth")
-        _plot_depth(doc, td, key)
 
+def _gradient_section(doc: Document, td: TaskData, key: str) -> None:
     doc.h(3, "Gradient flow through time")
-    flow_rows = _plot_grad_flow(doc, td, key)
+    flow_rows = plots.grad_flow(doc, td, key)
     if flow_rows:
         doc.table(["setting", "norm", "when", "||dL/dh_1||", "||dL/dh_T||", "ratio first/last"], flow_rows)
-
     doc.h(3, "Gradient norms and clipping")
+    clips = {r["config"].get("clip") for r in td.records}
     rows = []
     for label in td.labels:
         runs = td.runs(label)
         norms = [g for r in runs for g in r["train"].get("grad_norm", []) if g is not None]
         clipped = [c for r in runs for c in r["train"].get("clipped", [])]
-        rows.append([label, _fmt(statistics.median(norms)) if norms else "–", _fmt(max(norms)) if norms else "–",
+        rows.append([label, fmt(statistics.median(norms)) if norms else "–", fmt(max(norms)) if norms else "–",
                      f"{sum(clipped) / len(clipped):.1%}" if clipped else "–"])
-    doc.table(["norm", "median grad norm", "max grad norm", "steps clipped"], rows)
+    clip = ", ".join("none" if c is None else f"{c:g}" for c in sorted(clips, key=lambda c: (c is None, c or 0)))
+    doc.table(["norm", "median grad norm", "max grad norm", f"steps clipped (global norm above {clip})"], rows)
 
+
+def _task_section(doc: Document, td: TaskData, key: str) -> List[List[str]]:
+    t = td.task
+    opts = {k: v for k, v in (t.get("options") or {}).items() if v is not None}
+    doc.h(2, f"Task {t['name']}" + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""))
+    diverged = sum(r["status"] != "ok" for r in td.records)
+    doc.p(f"{t.get('kind')} task, T = {t.get('seq_len')}, metric **{td.metric}** "
+          f"({'higher' if td.higher else 'lower'} is better). {len(td.records)} runs over "
+          f"{seed_list(sorted({r['seed'] for r in td.records}))}; {diverged} of them diverged. Varied: "
+          f"{', '.join(td.varied) or 'nothing'}. Chance level (median step-0 valid {td.metric}): {fmt(td.chance)}; "
+          f"target for the speed table: {fmt(td.target)}. Reference setting for the speed comparisons: "
+          f"{td.context_name(td.reference)}.")
+    doc.h(3, "Verdicts")
+    verdicts = _verdicts(td)
+    doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
+               "verdict"], verdicts)
+    doc.h(3, "Learning curves")
+    plots.learning_curves(doc, td, key)
+    doc.h(3, "Convergence speed")
+    _speed_table(doc, td)
+    doc.h(3, "Final test metric")
+    _final_table(doc, td)
+    _init_section(doc, td, key)
+    if len({r["config"]["num_layers"] for r in td.records}) > 1:
+        doc.h(3, "Depth")
+        plots.depth(doc, td, key)
+    _gradient_section(doc, td, key)
     if any(r.get("diagnostics", {}).get("batch_stats") for r in td.records):
         doc.h(3, "Per-step statistics of the batch norms")
-        _plot_batch_stats(doc, td, key)
+        plots.batch_stats(doc, td, key)
     return verdicts
 
 
-def build_report(path: str, figdir: Optional[str] = None) -> Tuple[_Doc, List[List[str]]]:
-    """Read ``path`` (a run or sweep directory) and lay out the report, writing its figures to ``figdir``
-    (default ``path/figures``); returns the document and all verdict rows (task first). Raises
-    FileNotFoundError when no finished run is found."""
-    records, skipped = load_records_checked(path)
-    if not records:
-        raise FileNotFoundError(f"no finished runs (result.json) under {path!r}" + (
-            f"; skipped {len(skipped)} damaged result(s): " + "; ".join(skipped) if skipped else ""))
-    manifest = read_json(os.path.join(path, SWEEP_FILE)) if is_sweep_dir(path) else {}
-    spec = manifest.get("spec", {})
-    hints = spec.get("report", {}) or {}
-    from recnorm.experiments.sweep import varied_fields
+# ---------------------------------------------------------------------------------------------- the page
+_SETTINGS = (("optimizer", "optimizer"), ("lr", "learning rate"), ("batch_size", "batch size"), ("steps", "steps"),
+             ("clip", "gradient clipping (global norm)"), ("hidden_size", "hidden units"), ("num_layers", "layers"),
+             ("cell", "cell"), ("init", "init"), ("eval_every", "validation every (steps)"),
+             ("popstat_batches", "batches for exact BN statistics"))
 
-    doc = _Doc(figdir or os.path.join(path, "figures"))
-    doc.skipped = skipped
-    title = spec.get("name") or os.path.basename(os.path.abspath(path))
-    doc.h(1, f"recnorm report: {title}")
+
+def fixed_settings(records: Sequence[Dict[str, Any]]) -> str:
+    """The settings shared by every run (and, for the others, that they vary)."""
+    parts = []
+    for key, words in _SETTINGS:
+        values = {json_key(r["config"].get(key)) for r in records}
+        value = next(iter(values)) if len(values) == 1 else "varied (see the tables)"
+        parts.append(f"{words} {value}")
+    return "; ".join(parts)
+
+
+def json_key(v: Any) -> str:
+    return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+_HOW_TO_READ = (
+    "**How to read the verdicts.** Each claim compares two models trained with the same seeds (and the same "
+    "init), so the evidence is the per-seed paired difference, signed so that positive favours the claim; the "
+    "effect is its mean with a 95% t interval whose spread never falls below " + f"{MARGIN:g}" + " (so a few "
+    "identical differences never give a zero-width interval). The p-values of one table are adjusted together "
+    "(Benjamini-Hochberg, q = 0.05). **✔ supported** / **✘ the opposite holds**: the adjusted p is below 0.05 "
+    "and the effect points that way; **= equivalent within the margin**: the two one-sided tests place the "
+    "effect within ±" + f"{MARGIN:g}" + "; **? inconclusive**: neither. \"Seeds where it holds\" counts the "
+    "seeds whose paired difference favours the claim. Diverged runs count as chance level. Convergence speed "
+    "is judged twice, by the validation metric and by the training loss, each averaged over training; where "
+    "they disagree, both rows say so.")
+
+
+def _header(doc: Document, path: str, records: List[Dict[str, Any]], manifest: Dict[str, Any],
+            skipped: List[str]) -> None:
+    spec = manifest.get("spec", {})
+    study = (spec.get("name") or "").removesuffix("-smoke")
+    doc.h(1, f"recnorm report: {spec.get('name') or os.path.basename(os.path.abspath(path))}")
     if spec.get("description"):
         doc.p(spec["description"])
+    made_by = f"`recnorm compare --preset {study}`" if study in STUDIES else (
+        "`recnorm sweep`" if manifest else "`recnorm train`")
+    doc.p(f"Made by `recnorm report {path}` from runs made by {made_by}" +
+          (" (its smoke variant)" if (spec.get("name") or "").endswith("-smoke") else "") + ". Fixed settings: " +
+          fixed_settings(records) + ".")
     if skipped:
         doc.p(f"**Warning: {len(skipped)} damaged result(s) left out of this report** (re-run the sweep to redo "
               f"them): " + "; ".join(skipped))
@@ -1057,30 +578,51 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[_Doc, List[Li
     doc.p(f"{len(records)} finished runs" + (f" of {len(manifest['runs'])} in the sweep" if manifest else "") +
           f"; {total / 60:.1f} run-minutes in total. Software: python {v.get('python')}, torch {v.get('torch')}, "
           f"recnorm {v.get('recnorm')}, on {v.get('platform')}.")
-    doc.p("**How to read the verdicts.** Each claim compares two models trained with the same seeds (and the "
-          "same init), so the evidence is the per-seed paired difference. *Supported* means the mean difference "
-          "favours the claim by more than the 95% t critical value times its standard error (it exceeds the "
-          "seed-to-seed spread); *not supported: difference within seed spread* means the seeds disagree or the "
-          "gap is small against their spread; *the opposite holds* means the reverse is supported. "
-          "\"Seeds where it holds\" counts the seeds whose paired difference favours the claim. "
-          "Diverged runs count as chance level. Each claim names the quantity it rests on; convergence speed is "
-          "judged twice, by the validation metric and by the training loss, each averaged over training, and "
-          "where one supports the claim and the other does not, both rows say so.")
+    doc.p(_HOW_TO_READ)
 
+
+def _study_section(doc: Document, study_name: str, records: List[Dict[str, Any]],
+                   hints: Dict[str, Any]) -> List[List[str]]:
+    """The study's own section (or, for a study without one, its declared claims) as verdict rows."""
+    if study_name not in STUDIES:
+        return []
+    study = STUDIES.get(study_name)
+    if study.section is not None:
+        claims = study.section(doc, records, hints)
+    else:
+        claims = study.derive(records)
+        if claims:
+            doc.h(2, f"The claims of the {study.name} study")
+            doc.p("Each claim's primary metric, direction, budget and margin are declared in its study file "
+                  f"(recnorm.experiments.studies.{study.name}); the second metric is shown and not counted.")
+            verdict_table(doc, claims)
+    return [c.row() for c in claims]
+
+
+def build_report(path: str, figdir: Optional[str] = None) -> Tuple[Document, List[List[str]]]:
+    """Read ``path`` (a run or sweep directory) and lay out the report, writing its figures to ``figdir``
+    (default ``path/figures``); returns the document and all verdict rows ``[task, claim, evidence, effect,
+    seeds, verdict]``. Raises FileNotFoundError when no finished run is found."""
+    records, skipped = load_records_checked(path)
+    if not records:
+        raise FileNotFoundError(f"no finished runs (result.json) under {path!r}" + (
+            f"; skipped {len(skipped)} damaged result(s): " + "; ".join(skipped) if skipped else ""))
+    manifest = read_json(os.path.join(path, SWEEP_FILE)) if is_sweep_dir(path) else {}
+    hints = manifest.get("spec", {}).get("report", {}) or {}
+    doc = Document(figdir or os.path.join(path, "figures"))
+    doc.skipped = skipped
+    _header(doc, path, records, manifest, skipped)
     by_task: Dict[str, List[Dict[str, Any]]] = {}
     for r in records:
         k = r["config"]["task"] + "|" + str(sorted((r["config"].get("task_options") or {}).items()))
         by_task.setdefault(k, []).append(r)
     all_verdicts = []
     for i, runs in enumerate(by_task.values()):
-        td = _TaskData(runs, varied_fields([r["config"] for r in runs]), hints)
-        key = f"t{i}_{runs[0]['config']['task']}"
-        for row in _task_section(doc, td, key):
+        td = TaskData(runs, varied_fields([r["config"] for r in runs]), hints)
+        for row in _task_section(doc, td, f"t{i}_{runs[0]['config']['task']}"):
             all_verdicts.append([td.task["name"]] + row)
-    for name in hints.get("analyses") or []:  # sections a preset asks for (recnorm.experiments.analyses)
-        from recnorm.experiments.analyses import run_analysis
-
-        all_verdicts.extend(run_analysis(name, doc, records, hints))
+    study = (manifest.get("spec", {}).get("name") or "").removesuffix("-smoke")
+    all_verdicts.extend(_study_section(doc, study, records, hints))
     return doc, all_verdicts
 
 

@@ -1,0 +1,343 @@
+"""What a study is: its sweep, its declared claims, its report section and the questions it answers.
+
+A study file in :mod:`recnorm.experiments.studies` builds one :class:`Study`. Its claims are declared before
+anything runs, one :class:`Design` per claim family (the part of a claim's key before the first ``:``): the
+primary metric, the direction that favours the claim, the budget kind (``"steps"``: measured at a fixed
+number of steps with one untuned learning rate; ``"convergence"``: to convergence) and the equivalence
+margin. A claim derived from runs (:class:`Claim`) carries its family's design; only its primary metric
+counts, a second metric is shown beside it, and a design with ``role="control"`` or ``role="second
+look"`` (the same runs as another claim) is shown but never tallied.
+
+This module also holds the record helpers the study files share (selecting runs, reading final metrics,
+pairing seeds), so that no study imports another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import recnorm.experiments.statistics as st
+from recnorm.experiments.document import badge, fmt, pvalue, signed
+from recnorm.experiments.results import area_under_curve, model_label
+from recnorm.experiments.sweep import SweepSpec, flatten_config
+
+__all__ = ["Study", "Design", "Claim", "Question", "Record", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
+           "chance_level", "better_of", "compare", "paired", "task_name", "tasks", "labels", "verdict_table"]
+
+Record = Dict[str, Any]
+Section = Callable[[Any, Sequence[Record], Dict[str, Any]], List["Claim"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """A claim family's design, declared in its study file before running.
+
+    Attributes:
+        metric: the primary metric, in words (what the paired differences are differences of).
+        better: ``"higher"`` or ``"lower"``: which direction of the metric favours the claim.
+        budget: ``"steps"`` (at the study's step budget, one untuned learning rate) or ``"convergence"``.
+        margin: the equivalence margin (TOST), in the metric's units.
+        floor: the smallest standard deviation the tests use (default: ``margin``).
+        role: ``"primary"`` (counted), ``"control"`` or ``"second look"`` (shown, never counted).
+    """
+
+    metric: str
+    better: str
+    budget: str = "steps"
+    margin: float = 0.01
+    floor: Optional[float] = None
+    role: str = "primary"
+
+    def __post_init__(self) -> None:
+        if self.better not in ("higher", "lower"):
+            raise ValueError(f"Design.better: expected 'higher' or 'lower', got {self.better!r}")
+        if self.budget not in ("steps", "convergence"):
+            raise ValueError(f"Design.budget: expected 'steps' or 'convergence', got {self.budget!r}")
+        if self.role not in ("primary", "control", "second look"):
+            raise ValueError(f"Design.role: expected 'primary', 'control' or 'second look', got {self.role!r}")
+
+
+@dataclasses.dataclass
+class Claim:
+    """One claim tested on runs: a paired test over seeds of its family's primary metric.
+
+    Attributes:
+        key: ``family:detail``, stable within its study (questions match keys).
+        claim, source, task, evidence: the claim in words, where it comes from, where and how it was tested.
+        test: the paired test of the primary metric (positive favours the claim).
+        design: the family's declared design.
+        other: the same comparison on a second metric (``(name, test)``), shown and not counted.
+        steps: the step budget of the runs behind it.
+        runs: the run IDs behind it.
+        p_adjusted: the Benjamini-Hochberg adjusted p-value, set by the page that counts it.
+    """
+
+    key: str
+    claim: str
+    source: str
+    task: str
+    evidence: str
+    test: st.PairedTest
+    design: Design
+    other: Optional[Tuple[str, st.PairedTest]] = None
+    steps: Optional[int] = None
+    runs: Tuple[str, ...] = ()
+    p_adjusted: Optional[float] = None
+
+    @property
+    def counted(self) -> bool:
+        return self.design.role == "primary"
+
+    @property
+    def result(self) -> str:
+        """One of :data:`recnorm.experiments.statistics.VERDICTS`."""
+        p = self.p_adjusted if self.counted else None
+        return st.verdict(self.test, p)
+
+    def budget(self) -> str:
+        if self.design.budget == "convergence":
+            return "to convergence"
+        return f"at {self.steps} steps, one untuned learning rate" if self.steps else "at N steps"
+
+    def verdict(self) -> str:
+        """The verdict with its colour-coded word (Markdown), and why it is not counted when it is not."""
+        text = badge(self.result)
+        return text if self.counted else f"{text} ({self.design.role}, not counted)"
+
+    def effect(self) -> str:
+        return interval_text(self.test)
+
+    def seeds(self) -> str:
+        return f"{self.test.wins} of {self.test.n}"
+
+    def p_text(self) -> str:
+        t = self.test
+        if t.p is None:
+            return "–"
+        adj = pvalue(self.p_adjusted) if self.p_adjusted is not None else "not counted"
+        return f"{pvalue(t.p)} (BH {adj}; sign-flip {pvalue(t.p_sign_flip)})"
+
+    def power(self) -> str:
+        t = self.test
+        return "–" if t.detectable is None else f"±{fmt(t.detectable)} (margin {self.design.margin:g})"
+
+    def other_text(self) -> str:
+        if self.other is None:
+            return "–"
+        metric, t = self.other
+        return f"{metric}: {st.verdict(t)}, {interval_text(t)}, {t.wins} of {t.n} seeds"
+
+    def row(self) -> List[str]:
+        """``[task, claim, evidence, effect, seeds, verdict]``: the report's verdict-row layout."""
+        evidence = f"{self.evidence}; {self.design.metric}, {self.budget()}"
+        if self.other is not None:
+            evidence += f". Second metric, {self.other_text()}"
+        return [self.task, self.claim, evidence, self.effect(), self.seeds(), self.verdict()]
+
+
+def interval_text(test: st.PairedTest) -> str:
+    if test.mean is None:
+        return "–"
+    return f"{signed(test.mean)} [{signed(test.low)}, {signed(test.high)}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """A question of the evidence page, answered by this study's claims whose keys match ``keys``
+    (``fnmatch`` patterns, so rows added to a study later appear)."""
+
+    topic: str
+    keys: Tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Study:
+    """One study: a sweep, its declared claims, its report section and the questions it answers.
+
+    Attributes:
+        name: registry key (also the sweep's name and its folder under ``results/``).
+        sweep: ``sweep(smoke=False) -> SweepSpec``; its docstring gives the command and the running time.
+        designs: the declared design of each claim family.
+        claims: ``claims(records) -> [Claim]`` (None: a study without claims, such as a paper-scale one).
+        section: ``section(doc, records, hints) -> [Claim]``, the study's own report section (or None).
+        questions: the questions of the evidence page this study answers.
+        docs_dir: its folder under ``docs/`` (its report; before ``results/`` existed, its runs too).
+    """
+
+    name: str
+    sweep: Callable[..., SweepSpec]
+    designs: Dict[str, Design] = dataclasses.field(default_factory=dict)
+    claims: Optional[Callable[[Sequence[Record]], List[Claim]]] = None
+    section: Optional[Section] = None
+    questions: Tuple[Question, ...] = ()
+    docs_dir: Optional[str] = None
+
+    @property
+    def doc(self) -> str:
+        """The sweep's docstring: what it runs, its command and its measured running time."""
+        return self.sweep.__doc__ or ""
+
+    def spec(self, smoke: bool = False) -> SweepSpec:
+        return self.sweep(smoke=smoke)
+
+    def derive(self, records: Sequence[Record]) -> List[Claim]:
+        """Every claim of the study from its records; each claim's family must be declared."""
+        if self.claims is None or not records:
+            return []
+        out = self.claims(list(records))
+        for c in out:
+            if c.key.split(":")[0] not in self.designs:
+                raise ValueError(f"study {self.name!r}: claim {c.key!r} has no declared design; expected one of "
+                                 f"{sorted(self.designs)}")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- record access
+def label(r: Record) -> str:
+    return model_label(r["config"])
+
+
+def name(lab: str) -> str:
+    """A model label in words, from the norm's registered label: ``"batch γ=0.1"`` -> ``"per-step BN (γ0 =
+    0.1)"``; ``"none+between=batch"`` -> ``"no norm, BN between layers"``."""
+    from recnorm.nn.norms import NORMS
+
+    lab, _, between = lab.partition("+between=")
+    head, _, rest = lab.partition(" ")
+    words = "no norm" if head == "none" else (NORMS.get(head).label or head) if head in NORMS else head
+    if rest.startswith("γ="):
+        words = f"{words} (γ0 = {rest[2:]})"
+    elif rest:  # variants of the norm ("layer joint carried c"): say which
+        parts = [w for key, w in (("joint", "joint gate norm"), ("carried c", "carried normalized cell")) if key in rest]
+        words = f"{words} ({', '.join(parts) or rest})"
+    return f"{words}, BN between layers" if between else words
+
+
+def select(records: Sequence[Record], **where: Any) -> List[Record]:
+    """Records whose flattened config matches every ``where`` item (``label`` matches the model label;
+    dotted names such as ``task_options__length`` use ``__`` for the dot)."""
+    out = []
+    for r in records:
+        flat = flatten_config(r["config"])
+        if all((label(r) if key == "label" else flat.get(key.replace("__", "."))) == want
+               for key, want in where.items()):
+            out.append(r)
+    return out
+
+
+def final(r: Record, split: str = "test", metric: Optional[str] = None) -> Optional[float]:
+    """A final metric of a finished run (``split`` a key of ``result["final"]``); None when missing."""
+    values = ((r.get("final") or {}).get(split) or {})
+    return values.get(metric or r["metric"])
+
+
+def auc(r: Record) -> Optional[float]:
+    """Mean validation metric over training (the normalized area under the validation curve)."""
+    curve = r.get("valid") or {}
+    return area_under_curve(curve.get("step", []), curve.get(r["metric"], []), r.get("steps_planned", 0))
+
+
+def by_seed(records: Sequence[Record], value: Callable[[Record], Optional[float]]) -> Dict[int, Optional[float]]:
+    return {r["seed"]: value(r) for r in records}
+
+
+def chance_level(records: Sequence[Record]) -> Optional[float]:
+    """Median validation metric at step 0 (what an untrained model scores)."""
+    initial = [r["valid"][r["metric"]][0] for r in records
+               if (r.get("valid") or {}).get(r["metric"]) and r["valid"][r["metric"]][0] is not None]
+    return statistics.median(initial) if initial else None
+
+
+def better_of(records: Sequence[Record]) -> str:
+    return "higher" if records and records[0]["higher_is_better"] else "lower"
+
+
+def paired(a: Dict[int, Optional[float]], b: Dict[int, Optional[float]], better: str, design: Design,
+           worst: Optional[float] = None, margin: Optional[float] = None) -> st.PairedTest:
+    """The paired test of per-seed ``a`` against ``b`` (positive favours ``a``) with ``design``'s margin
+    and floor (``margin`` overrides both, for a second metric in other units)."""
+    diffs = st.paired_differences(a, b, better, worst=worst)
+    if margin is not None:
+        return st.paired_test(diffs, margin=margin)
+    return st.paired_test(diffs, margin=design.margin, floor=design.floor)
+
+
+def compare(records: Sequence[Record], a: Dict[str, Any], b: Dict[str, Any], design: Design,
+            value: Callable[[Record], Optional[float]] = final, better: Optional[str] = None,
+            margin: Optional[float] = None) -> st.PairedTest:
+    """Paired test of the runs selected by ``a`` against those selected by ``b`` on ``value``; failed
+    runs count as chance level."""
+    ra, rb = select(records, **a), select(records, **b)
+    return paired(by_seed(ra, value), by_seed(rb, value), better or better_of(ra or rb), design,
+                  worst=chance_level(records), margin=margin)
+
+
+def run_ids(*groups: Sequence[Record]) -> Tuple[str, ...]:
+    return tuple(r["run_id"] for g in groups for r in g)
+
+
+def steps_of(records: Sequence[Record]) -> Optional[int]:
+    steps = {r.get("steps_planned") for r in records}
+    return steps.pop() if len(steps) == 1 else None
+
+
+def task_name(records: Sequence[Record]) -> str:
+    return records[0]["task"]["name"] if records else "–"
+
+
+def tasks(records: Sequence[Record]) -> List[str]:
+    out: List[str] = []
+    for r in records:
+        if r["config"]["task"] not in out:
+            out.append(r["config"]["task"])
+    return out
+
+
+def labels(records: Sequence[Record]) -> List[str]:
+    order = {"none": 0, "layer": 1, "batch": 2, "sequence_batch": 3, "shared_batch": 4}
+    return sorted({label(r) for r in records}, key=lambda s: (order.get(s.split()[0].split("+")[0], 9), s))
+
+
+def verdict_table(doc: Any, claims: Sequence[Claim]) -> None:
+    """The verdicts of a report section, Benjamini-Hochberg adjusted across the section's counted claims."""
+    adjust(claims)
+    doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
+               "p (BH-adjusted; sign-flip)", "verdict"],
+              [[f"{c.claim} [{c.task}]", c.row()[2], c.effect(), c.seeds(), c.p_text(), c.verdict()] for c in claims])
+
+
+def adjust(claims: Sequence[Claim]) -> None:
+    """Benjamini-Hochberg across the counted claims of one page (sets each one's ``p_adjusted``)."""
+    counted = [c for c in claims if c.counted and c.test.p_primary is not None]
+    for c, p in zip(counted, st.benjamini_hochberg([c.test.p_primary for c in counted])):
+        c.p_adjusted = p
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+def grid(variants: List[Dict], **axes: Any) -> List[Dict]:
+    """One grid per model variant, each crossed with the same ``axes`` (lists of values)."""
+    return [{**{k: [v] for k, v in variant.items()}, **axes} for variant in variants]
+
+
+def smoke_variant(spec: SweepSpec, task_options: Dict) -> SweepSpec:
+    """The smoke variant of a sweep: one step, tiny splits, one seed, evaluation capped at one batch."""
+    base = spec.base.replace(steps=1, eval_every=1, diag_every=1, eval_batches=1, popstat_batches=1,
+                             eval_batch_size=32, batch_size=16)
+    base = base.replace(task_options={**base.task_options, **task_options})
+    grids = []
+    for g in spec.grids:
+        g = dict(g)
+        g["seed"] = [0]
+        for key in ("init_gain", "num_layers"):
+            if key in g and isinstance(g[key], list) and len(g[key]) > 2:
+                g[key] = [g[key][0], g[key][-1]]
+        grids.append(g)
+    return SweepSpec(name=spec.name + "-smoke", base=base, grids=grids, description="[smoke] " + spec.description,
+                     imports=list(spec.imports), report=dict(spec.report))
+
+
+SEEDS5 = [0, 1, 2, 3, 4]
+FASHION_SMOKE = {"train_size": 32, "valid_size": 16, "test_size": 16}
+GENERATED_SMOKE = {"valid_size": 16, "test_size": 16}
