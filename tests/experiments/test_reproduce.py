@@ -4,7 +4,7 @@ One committed run per norm is re-run from its published record (``read_config``,
 ``recnorm train --config results/<study>/runs.jsonl#RUN_ID`` reads) and its final metrics are compared to
 1e-6:
 
-* five runs of ``results/report`` (the main study: LSTM on row-wise Fashion-MNIST, 200 steps; no norm,
+* five runs of ``results/default`` (the main study: LSTM on row-wise Fashion-MNIST, 200 steps; no norm,
   per-step BN, layer norm, sequence-wise BN, shared BN). They were made before the fitted dispatch rule, and
   their migrated config carries ``kernel="legacy"``; with ``kernel="auto"`` today the no-norm and
   sequence-wise BN runs train on the fused kernel and end 0.01-0.03 away (issue 18);
@@ -29,7 +29,7 @@ import pytest
 from recnorm.experiments.results import load_records, read_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-REPORT = os.path.join(ROOT, "results", "report", "runs.jsonl")
+REPORT = os.path.join(ROOT, "results", "default", "runs.jsonl")
 SMOKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "runs.jsonl")
 COMMITTED = ["fashion_rows-lstm-none-orthogonal1-s3-ec542f982e", "fashion_rows-lstm-batch-orthogonal1-s0-43c0415d3b",
              "fashion_rows-lstm-layer-orthogonal4-s3-d155528ed5",
