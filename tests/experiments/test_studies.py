@@ -78,7 +78,7 @@ def test_regularization_gap_is_train_minus_test():
     control = claims["dropout_gap:none, dropout 0.3:500"]
     assert control.result == "supported" and not control.counted and "control, not counted" in control.verdict()
     assert claims["dropout_test:none, dropout 0.3:500"].result != "supported"
-    assert claims["gap:batch:500"].counted
+    assert claims["gap:batch:500"].primary and not claims["gap:batch:500"].counted  # primary, not re-measured
 
 
 def test_padding_claims_follow_the_metric_direction():
@@ -135,15 +135,22 @@ def test_evidence_page_from_run_directories(tmp_path, monkeypatch):
                 questions=(Question("padding", ("masked:*",)),))
     page = build_evidence(str(results), str(docs), [lm, pad])
     summary, rows = page.split("# Every comparison, by study")
-    # the summary: one line per question, counting its claims by verdict; a second look is not counted
-    assert "| layer norm speeds up language models | 1 | 1 | 0 | 0 | 0 | 0 |" in summary
-    assert "| layer norm lowers bpc | 0 | 0 | 0 | 0 | 0 | 1 |" in summary
-    assert "| padding | not tested | – | – | – | – | – |" in summary
-    assert "supported: 1, the opposite holds: 0, equivalent within the margin: 0, inconclusive: 0" in summary
+    # the summary: one line per question, counting its claims by verdict; a second look is not counted, and a
+    # claim not re-measured (one untuned learning rate) keeps its old verdict apart and out of the totals
+    assert "| layer norm speeds up language models | 0 | 0 | 0 | 0 | 0 | 1 (1/0/0/0) | 0 |" in summary
+    assert "| layer norm lowers bpc | 0 | 0 | 0 | 0 | 0 | 0 (0/0/0/0) | 1 |" in summary
+    assert "| padding | not tested | – | – | – | – | – | – |" in summary
+    assert ("supported: 0, the opposite holds: 0, equivalent within the margin: 0, inconclusive: 0. Not "
+            "re-measured yet") in summary and "not counted): 1 (old verdicts: supported 1," in summary
     speed = [line for line in rows.splitlines() if line.startswith("| layer norm speeds up")]
-    assert len(speed) == 1 and "**✔ supported**" in speed[0] and "[language](language/report.md)" in speed[0]
+    assert len(speed) == 1 and "**✔ supported** (not re-measured" in speed[0]
+    assert "[language](language/report.md)" in speed[0]
     assert "mean valid bits per character over training; at 10 steps, one untuned learning rate" in speed[0]
     assert "5 of 5" in speed[0] and "(BH " in speed[0]
+    # every row lists its runs: a link to the study's runs.jsonl and each run's short ID
+    speed_claim = next(c for c in language.claims(_bpc_records()) if c.key == "speed:layer")
+    assert f"[{len(speed_claim.runs)} runs](../results/language/runs.jsonl)" in speed[0]
+    assert speed[0].count("`") == 2 * len(speed_claim.runs) == 20
     bpc = [line for line in rows.splitlines() if line.startswith("| layer norm lowers bpc")]
     assert "second look, not counted" in bpc[0]
     assert "**∅ not tested: no runs**" in page
@@ -234,3 +241,35 @@ def test_norm_variants_get_labels_and_names_of_their_own():
     assert name("layer joint carried c") == "layer norm (joint gate norm, carried normalized cell)"
     assert name("rms") == "RMSNorm" and name("batch γ=0.1") == "per-step BN (γ0 = 0.1)"
     assert name("none+between=batch") == "no norm, BN between layers"
+
+
+def test_page_counts_only_remeasured_claims_and_shows_every_setting(tmp_path, monkeypatch):
+    import dataclasses
+
+    docs, results = tmp_path / "docs", tmp_path / "results"
+    _write_sweep(str(docs / "language"), "language", _bpc_records())
+    tuned = {k: dataclasses.replace(d, tuned=True) for k, d in language.DESIGNS.items()}
+    monkeypatch.setattr(language, "DESIGNS", tuned)
+    # no question names the speed claims: they still appear, under "other settings", and count once re-measured
+    lm = Study(name="language", sweep=language.sweep, designs=tuned, claims=language.claims,
+               questions=(Question("layer norm lowers bpc", ("bpc:*",)),))
+    page = build_evidence(str(results), str(docs), [lm])
+    summary, rows = page.split("# Every comparison, by study")
+    assert "| other settings of the language study (no question of the page names them) | 1 | 1 | 0 | 0 | 0 | 0 (0/0/0/0) | 0 |" in summary
+    assert "supported: 1, the opposite holds: 0, equivalent within the margin: 0, inconclusive: 0. Not" in summary
+    other = [line for line in rows.splitlines() if line.startswith("| other settings of the language study")]
+    assert len(other) == 1 and "at 10 steps, learning rate tuned per arm" in other[0]
+    assert "**✔ supported** |" in other[0] and "not re-measured" not in other[0]
+
+
+def test_bh_families_keep_old_verdicts_apart_from_remeasured_ones():
+    import dataclasses
+
+    from recnorm.experiments.study import adjust
+
+    old = next(c for c in language.claims(_bpc_records()) if c.key == "speed:layer")
+    new = dataclasses.replace(old, design=dataclasses.replace(old.design, tuned=True))
+    adjust([old, new])  # one test in each family: BH changes neither
+    assert old.p_adjusted == pytest.approx(old.test.p_primary) and new.p_adjusted == pytest.approx(new.test.p_primary)
+    assert new.counted and not old.counted and old.primary
+    assert "not re-measured: at 10 steps, one untuned learning rate; not counted" in old.verdict()

@@ -49,9 +49,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+OTHER_SETTINGS = "other settings of the {study} study (no question of the page names them)"
+
+
 def _answers(studies: Sequence[Study], results: str, docs: str
              ) -> Tuple[List[Tuple[Study, Question, List[Claim], int]], int]:
-    """Per question: the claims that answer it (each claim once on the page) and its study's run count."""
+    """Per question: the claims that answer it (each claim once on the page) and its study's run count.
+    Claims that no question names are not dropped: they follow under :data:`OTHER_SETTINGS`, so every
+    setting a study runs is on the page, including those where the opposite holds."""
     out, total = [], 0
     for study in studies:
         records, _ = study_records(study, results, docs)
@@ -61,14 +66,30 @@ def _answers(studies: Sequence[Study], results: str, docs: str
             matched = [c for c in claims if c.key not in shown and any(fnmatch.fnmatchcase(c.key, k) for k in q.keys)]
             shown.update(c.key for c in matched)
             out.append((study, q, matched, len(records)))
+        rest = [c for c in claims if c.key not in shown]
+        if rest:
+            out.append((study, Question(OTHER_SETTINGS.format(study=study.name), ("*",)), rest, len(records)))
     return out, total
+
+
+def short_id(run_id: str) -> str:
+    """A run ID's last part (the hash of its config), enough to find the run in its ``runs.jsonl``."""
+    return run_id.rsplit("-", 1)[-1]
+
+
+def _runs_cell(study: Study, c: Claim) -> str:
+    """The claim's run IDs: a link to the study's ``runs.jsonl`` and the short ID of each run behind it."""
+    if not c.runs:
+        return "–"
+    ids = " ".join(f"`{short_id(r)}`" for r in c.runs)
+    return f"[{len(c.runs)} runs](../results/{study.name}/{RUNS_FILE}): {ids}"
 
 
 def _row(study: Study, q: Question, c: Claim) -> List[str]:
     link = f"[{study.name}]({study.docs_dir or study.name}/report.md)"
     return [_cell(q.topic), _cell(f"{c.claim} [{c.task}]"), _cell(c.source), link,
             _cell(f"{c.design.metric}; {c.budget()}"), _cell(c.verdict()), _cell(c.effect()), c.seeds(),
-            _cell(c.p_text()), _cell(c.power()), _cell(c.other_text())]
+            _cell(c.p_text()), _cell(c.power()), _cell(c.other_text()), _runs_cell(study, c)]
 
 
 def _tally(answers: Sequence[Tuple[Study, Question, List[Claim], int]]) -> Dict[str, Dict[str, int]]:
@@ -78,8 +99,13 @@ def _tally(answers: Sequence[Tuple[Study, Question, List[Claim], int]]) -> Dict[
         if not claims:
             topic["not tested"] = topic.get("not tested", 0) + 1
         for c in claims:
-            key = c.result if c.counted else "not counted"
-            topic[key] = topic.get(key, 0) + 1
+            if c.counted:
+                topic[c.result] = topic.get(c.result, 0) + 1
+            elif c.primary:  # not re-measured yet: its old verdict, tallied apart
+                topic["old " + c.result] = topic.get("old " + c.result, 0) + 1
+                topic["not re-measured"] = topic.get("not re-measured", 0) + 1
+            else:
+                topic["not counted"] = topic.get("not counted", 0) + 1
     return by_topic
 
 
@@ -89,8 +115,9 @@ _HOW_TO_READ = (
     "so that a positive effect favours the claim. The 95% interval is a t interval whose standard deviation "
     "never falls below a floor (the claim's margin unless it declares another), so identical differences "
     "never give a zero-width interval. p is the two-sided t-test p-value on the same floored spread; the "
-    "p-values of all counted claims on this page are adjusted together (Benjamini-Hochberg, q = 0.05), and "
-    "each row shows its adjusted p beside the exact sign-flip permutation p (which cannot go below 2/2^n with "
+    "p-values of the primary claims on this page are adjusted together (Benjamini-Hochberg, q = 0.05) in two "
+    "families: the re-measured claims (the ones counted) together, and the claims not yet re-measured together, "
+    "over every setting the studies ran (the old page adjusted only the rows it showed). Each row shows its adjusted p beside the exact sign-flip permutation p (which cannot go below 2/2^n with "
     "n seeds). Verdicts: " + ", ".join(f"{badge(v)}" for v in _COUNTED) + ". *Supported* / *the opposite "
     "holds*: the adjusted p is below 0.05 and the effect points that way. *Equivalent*: otherwise, the two "
     "one-sided tests (TOST) place the effect within the claim's margin. *Inconclusive*: neither. Power: the "
@@ -99,34 +126,42 @@ _HOW_TO_READ = (
 
 
 def _summary(by_topic: Dict[str, Dict[str, int]]) -> List[str]:
-    totals = {k: sum(t.get(k, 0) for t in by_topic.values()) for k in _COUNTED + ("not counted", "not tested")}
-    out = ["Totals over the counted claims: " + ", ".join(f"{VERDICT_WORDS[k][1]}: {totals[k]}" for k in _COUNTED)
-           + f"; shown and not counted: {totals['not counted']}; questions not tested: {totals['not tested']}.", "",
-           "| question | counted | " + " | ".join(VERDICT_WORDS[k][1] for k in _COUNTED) + " | not counted |",
-           "|---|---|---|---|---|---|---|"]
+    keys = _COUNTED + ("not re-measured", "not counted", "not tested") + tuple("old " + k for k in _COUNTED)
+    totals = {k: sum(t.get(k, 0) for t in by_topic.values()) for k in keys}
+    out = ["Totals over the re-measured claims (learning rate tuned per arm, declared budget): "
+           + ", ".join(f"{VERDICT_WORDS[k][1]}: {totals[k]}" for k in _COUNTED)
+           + f". Not re-measured yet (at N steps, one untuned learning rate; shown with their old verdicts and not "
+           f"counted): {totals['not re-measured']} (old verdicts: "
+           + ", ".join(f"{VERDICT_WORDS[k][1]} {totals['old ' + k]}" for k in _COUNTED)
+           + f"); controls and second looks, shown and not counted: {totals['not counted']}; questions not tested: "
+           f"{totals['not tested']}.", "",
+           "| question | counted | " + " | ".join(VERDICT_WORDS[k][1] for k in _COUNTED)
+           + " | not re-measured (old verdicts ✔/✘/=/?) | not counted |",
+           "|---|---|---|---|---|---|---|---|"]
     for topic, c in by_topic.items():
         if c.get("not tested") and len(c) == 1:
-            out.append(f"| {_cell(topic)} | not tested | – | – | – | – | – |")
+            out.append(f"| {_cell(topic)} | not tested | – | – | – | – | – | – |")
             continue
         counted = sum(c.get(k, 0) for k in _COUNTED)
         untested = f" ({c['not tested']} study not run)" if c.get("not tested") else ""
+        old = "/".join(str(c.get("old " + k, 0)) for k in _COUNTED)
         out.append(f"| {_cell(topic)}{untested} | {counted} | " + " | ".join(str(c.get(k, 0)) for k in _COUNTED)
-                   + f" | {c.get('not counted', 0)} |")
+                   + f" | {c.get('not re-measured', 0)} ({old}) | {c.get('not counted', 0)} |")
     return out
 
 
 def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]]) -> List[str]:
     out: List[str] = []
     header = ("| question | claim [task] | source | study | primary metric; budget | verdict | effect [95% interval] "
-              "| seeds that agree | p (BH-adjusted; sign-flip) | power: detects | second metric (not counted) |")
+              "| seeds that agree | p (BH-adjusted; sign-flip) | power: detects | second metric (not counted) | runs |")
     current = None
     for study, q, claims, n_runs in answers:
         if study is not current:
             current = study
-            out += ["", f"## {study.name}", "", header, "|" + "---|" * 11]
+            out += ["", f"## {study.name}", "", header, "|" + "---|" * 12]
         if not claims:
             why = "no runs" if not n_runs else "no matching comparison in these runs"
-            out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – |")
+            out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – | – |")
         out.extend("| " + " | ".join(_row(study, q, c)) + " |" for c in claims)
     return out
 
@@ -145,8 +180,13 @@ def build_evidence(results: str = "results", docs: str = "docs", studies: Option
         f"Generated by `recnorm evidence` from the studies' finished runs ({runs} runs of {len(chosen)} studies; "
         f"`{results}/<study>/{RUNS_FILE}`, or the study's sweep directory under `{docs}/` where that file does not "
         "exist yet); do not edit by hand. Each study's report, linked in its rows, shows the curves and tables "
-        "behind them, and its docstring (`recnorm studies`) the command that produced it. Every claim here was "
-        "measured at a fixed step budget with one untuned learning rate per study (the budget column says so).",
+        "behind them, and its docstring (`recnorm studies`) the command that produced it; each row lists the runs "
+        f"behind it (the last part of each run ID, in `{results}/<study>/{RUNS_FILE}`). Every study runs on this "
+        "page as a whole: settings that no question names follow under \"other settings\", so none is filtered "
+        "out by hand. Only claims re-measured under the new design (a learning rate tuned per arm on the "
+        "validation split, fresh seeds, a declared budget: to convergence with early stopping, or at N steps for "
+        "a speed claim) count in the totals; a claim not yet re-measured stays visible with its old verdict, "
+        "marked \"at N steps, one untuned learning rate\", and is not counted.",
         "",
         _HOW_TO_READ,
         "",

@@ -41,6 +41,12 @@ class Design:
         margin: the equivalence margin (TOST), in the metric's units.
         floor: the smallest standard deviation the tests use (default: ``margin``).
         role: ``"primary"`` (counted), ``"control"`` or ``"second look"`` (shown, never counted).
+        tuned: True when the claim is measured under the re-measured design: a learning rate chosen per arm on
+            the validation split (:mod:`recnorm.experiments.tune`), fresh seeds for the final runs, and the
+            declared budget. False (every claim measured before that design): the claim stays on the page with
+            its old verdict, marked "at N steps, one untuned learning rate", and is not counted in the totals.
+        patience: for a ``"convergence"`` budget, the early-stopping patience in evaluations (None: not
+            declared yet).
     """
 
     metric: str
@@ -49,6 +55,8 @@ class Design:
     margin: float = 0.01
     floor: Optional[float] = None
     role: str = "primary"
+    tuned: bool = False
+    patience: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.better not in ("higher", "lower"):
@@ -87,24 +95,41 @@ class Claim:
     p_adjusted: Optional[float] = None
 
     @property
-    def counted(self) -> bool:
+    def primary(self) -> bool:
         return self.design.role == "primary"
 
     @property
+    def remeasured(self) -> bool:
+        """Measured under the re-measured design (learning rate tuned per arm, declared budget)."""
+        return self.design.tuned
+
+    @property
+    def counted(self) -> bool:
+        """Counted in the page's totals: a primary claim, re-measured."""
+        return self.primary and self.remeasured
+
+    @property
     def result(self) -> str:
-        """One of :data:`recnorm.experiments.statistics.VERDICTS`."""
-        p = self.p_adjusted if self.counted else None
+        """One of :data:`recnorm.experiments.statistics.VERDICTS` (a primary claim is judged on its
+        BH-adjusted p, adjusted within its family: re-measured claims together, older ones together)."""
+        p = self.p_adjusted if self.primary else None
         return st.verdict(self.test, p)
 
     def budget(self) -> str:
         if self.design.budget == "convergence":
-            return "to convergence"
-        return f"at {self.steps} steps, one untuned learning rate" if self.steps else "at N steps"
+            patience = f", patience {self.design.patience}" if self.design.patience else ""
+            return f"to convergence (early stopping on validation{patience}, at most {self.steps} steps)"
+        steps = f"at {self.steps} steps" if self.steps else "at N steps"
+        return f"{steps}, learning rate tuned per arm" if self.remeasured else f"{steps}, one untuned learning rate"
 
     def verdict(self) -> str:
         """The verdict with its colour-coded word (Markdown), and why it is not counted when it is not."""
         text = badge(self.result)
-        return text if self.counted else f"{text} ({self.design.role}, not counted)"
+        if not self.primary:
+            return f"{text} ({self.design.role}, not counted)"
+        if not self.remeasured:
+            return f"{text} (not re-measured: {self.budget()}; not counted)"
+        return text
 
     def effect(self) -> str:
         return interval_text(self.test)
@@ -309,10 +334,13 @@ def verdict_table(doc: Any, claims: Sequence[Claim]) -> None:
 
 
 def adjust(claims: Sequence[Claim]) -> None:
-    """Benjamini-Hochberg across the counted claims of one page (sets each one's ``p_adjusted``)."""
-    counted = [c for c in claims if c.counted and c.test.p_primary is not None]
-    for c, p in zip(counted, st.benjamini_hochberg([c.test.p_primary for c in counted])):
-        c.p_adjusted = p
+    """Benjamini-Hochberg across the primary claims of one page (sets each one's ``p_adjusted``), in two
+    families: the re-measured claims (the ones counted) together, and the claims not yet re-measured
+    together (so their old verdicts stay as they were, shown and not counted)."""
+    for remeasured in (True, False):
+        family = [c for c in claims if c.primary and c.remeasured == remeasured and c.test.p_primary is not None]
+        for c, p in zip(family, st.benjamini_hochberg([c.test.p_primary for c in family])):
+            c.p_adjusted = p
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
