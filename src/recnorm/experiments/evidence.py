@@ -150,7 +150,22 @@ def _summary(by_topic: Dict[str, Dict[str, int]]) -> List[str]:
     return out
 
 
-def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]]) -> List[str]:
+def _tuning_lines(study: Study, results: str) -> List[str]:
+    """The learning rate each arm chose and its tuning curve, when the study was tuned; else one line
+    saying the study ran at one untuned learning rate."""
+    from recnorm.experiments.tune import CHOICES_FILE, read_choices, tuning_table
+
+    path = os.path.join(results, study.name + "-tune", CHOICES_FILE)
+    if not os.path.isfile(path):
+        return ["Learning rate: one untuned rate for every arm (the study's sweep); no tuning run yet.", ""]
+    choices, grid = read_choices(path)
+    return ([f"Learning rates chosen per arm on the validation split (grid {', '.join(f'{x:g}' for x in grid.lrs)}; "
+             f"tuning seeds {', '.join(str(s) for s in grid.seeds)}; mean final validation metric per rate, the "
+             f"chosen one in bold; `{path}`):", ""] + tuning_table(choices, grid) + [""])
+
+
+def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], results: str = "results"
+                  ) -> List[str]:
     out: List[str] = []
     header = ("| question | claim [task] | source | study | primary metric; budget | verdict | effect [95% interval] "
               "| seeds that agree | p (BH-adjusted; sign-flip) | power: detects | second metric (not counted) | runs |")
@@ -158,7 +173,7 @@ def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]]) -
     for study, q, claims, n_runs in answers:
         if study is not current:
             current = study
-            out += ["", f"## {study.name}", "", header, "|" + "---|" * 12]
+            out += ["", f"## {study.name}", ""] + _tuning_lines(study, results) + [header, "|" + "---|" * 12]
         if not claims:
             why = "no runs" if not n_runs else "no matching comparison in these runs"
             out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – | – |")
@@ -192,7 +207,7 @@ def build_evidence(results: str = "results", docs: str = "docs", studies: Option
         "",
     ]
     out += _summary(_tally(answers))
-    out += ["", "# Every comparison, by study"] + _study_tables(answers) + [""]
+    out += ["", "# Every comparison, by study"] + _study_tables(answers, results) + [""]
     return "\n".join(out)
 
 

@@ -189,6 +189,9 @@ class Study:
         section: ``section(doc, records, hints) -> [Claim]``, the study's own report section (or None).
         questions: the questions of the evidence page this study answers.
         docs_dir: its folder under ``docs/`` (its report; before ``results/`` existed, its runs too).
+        tuning: the declared learning-rate grid and tuning seeds (:class:`recnorm.experiments.tune.TuningGrid`);
+            None: the study runs at the learning rate of its sweep (not tuned).
+        final_seeds: the fresh seeds of the final runs at the tuned rates (none shared with ``tuning``).
     """
 
     name: str
@@ -198,6 +201,13 @@ class Study:
     section: Optional[Section] = None
     questions: Tuple[Question, ...] = ()
     docs_dir: Optional[str] = None
+    tuning: Optional[Any] = None
+    final_seeds: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.tuning is not None and set(self.final_seeds) & set(self.tuning.seeds):
+            raise ValueError(f"study {self.name!r}: final_seeds must be fresh; expected none of the tuning seeds "
+                             f"{list(self.tuning.seeds)}, got {list(self.final_seeds)}")
 
     @property
     def doc(self) -> str:

@@ -1,0 +1,135 @@
+"""Tuning a learning rate per arm: the declared grid is checked, the choice is made on the validation split
+(hand-built records), and a tiny real tuning + final sweep runs end to end on digits."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from recnorm.experiments.config import RunConfig
+from recnorm.experiments.study import Study
+from recnorm.experiments.sweep import SweepSpec
+from recnorm.experiments.tune import (
+    CHOICES_FILE, TuningGrid, arm_key, choose, final_spec, read_choices, run_final, tune_study, tuning_spec)
+
+GRID = TuningGrid((1e-4, 1e-3, 1e-2, 1e-1), seeds=(100, 101))
+
+
+@pytest.mark.parametrize("lrs, seeds, match", [
+    ((1e-3, 1e-2, 1e-1), (0, 1), ">= 4"),  # too few rates
+    ((1e-3, 2e-3, 4e-3, 8e-3), (0, 1), "span"),  # 8x, not 30x
+    ((1e-4, 1e-3, 1e-2, 1e-0), (0, 1), "log-spaced"),  # the last ratio is 100, not 10
+    ((1e-4, 1e-3, 1e-2, 1e-1), (0, 0), "seeds"),  # one tuning seed
+    ((1e-3, 1e-4, 1e-2, 1e-1), (0, 1), "increasing"),
+])
+def test_grid_refuses_what_the_design_forbids(lrs, seeds, match):
+    with pytest.raises(ValueError, match=match):
+        TuningGrid(lrs, seeds)
+
+
+def test_log_spaced_grid_keeps_its_ends_and_a_constant_ratio():
+    g = TuningGrid.log_spaced(3e-4, 3e-2, 5)
+    assert g.lrs[0] == 3e-4 and g.lrs[-1] == 3e-2 and len(g.lrs) == 5
+    ratios = [b / a for a, b in zip(g.lrs, g.lrs[1:])]
+    assert all(r == pytest.approx(100 ** 0.25, rel=1e-3) for r in ratios)
+
+
+def _record(lr, seed, valid, norm=None, status="ok", test=0.0):
+    cfg = RunConfig(task="digits", lr=lr, seed=seed, norm=norm)
+    return {"run_id": cfg.run_id, "config": cfg.to_dict(), "seed": seed, "metric": "accuracy",
+            "higher_is_better": True, "status": status,
+            "final": {"valid": {"accuracy": valid}, "test": {"accuracy": test}} if status == "ok" else {}}
+
+
+def test_choice_is_the_best_mean_validation_metric_and_a_divergence_is_the_worst():
+    records = []
+    valid = {1e-4: (0.50, 0.52), 1e-3: (0.70, 0.74), 1e-2: (0.90, None), 1e-1: (0.10, 0.12)}
+    for lr, (a, b) in valid.items():
+        records.append(_record(lr, 100, a, test=1.0 - a))  # test is opposite to valid: must never be used
+        records.append(_record(lr, 101, b, status="ok" if b is not None else "diverged"))
+        # layer norm: 1e-2 best on both seeds
+        records.append(_record(lr, 100, {1e-2: 0.95}.get(lr, 0.5), norm="layer"))
+        records.append(_record(lr, 101, {1e-2: 0.93}.get(lr, 0.5), norm="layer"))
+    choices = choose(records, GRID)
+    none = choices[arm_key(RunConfig(task="digits"))]
+    layer = choices[arm_key(RunConfig(task="digits", norm="layer"))]
+    assert none.lr == 1e-3 and none.score == pytest.approx(0.72) and not none.at_edge  # 1e-2 diverged once
+    assert none.curve[1e-2] == [0.90, None] and none.curve[1e-4] == [0.50, 0.52]
+    assert layer.lr == 1e-2 and layer.score == pytest.approx(0.94)
+    assert "layer" in layer.label and len(layer.run_ids) == 8
+    # ties go to the smaller rate
+    tie = [_record(lr, s, 0.5) for lr in GRID.lrs for s in GRID.seeds]
+    only = choose(tie, GRID)[arm_key(RunConfig(task="digits"))]
+    assert only.lr == 1e-4 and only.at_edge
+    with pytest.raises(ValueError, match="expected a rate in"):
+        choose([_record(3e-3, 100, 0.5)], GRID)
+
+
+def test_final_spec_uses_the_chosen_rate_and_fresh_seeds():
+    spec = SweepSpec(name="s", base=RunConfig(task="digits", steps=2), grids=[{"norm": [None, "layer"], "seed": [0, 1]}])
+    tune = tuning_spec(spec, GRID)
+    configs = tune.expand()
+    assert len(configs) == 2 * 4 * 2 and {c.seed for c in configs} == {100, 101}
+    assert {c.lr for c in configs} == set(GRID.lrs)
+    records = [_record(c.lr, c.seed, 0.9 if (c.lr == 1e-2) == (c.norm is None) else 0.5, norm=c.norm)
+               for c in configs]
+    for r, c in zip(records, configs):
+        r["config"] = c.to_dict()
+    choices = choose(records, GRID)
+    final = final_spec(spec, choices, seeds=[0, 1, 2], grid=GRID).expand()
+    assert len(final) == 6 and {c.seed for c in final} == {0, 1, 2}
+    assert {c.norm: c.lr for c in final} == {None: 1e-2, "layer": 1e-4}
+    with pytest.raises(ValueError, match="fresh seeds"):
+        final_spec(spec, choices, seeds=[100, 1], grid=GRID)
+    with pytest.raises(ValueError, match="has no tuned rate"):
+        final_spec(spec, {}, seeds=[0])
+
+
+def test_tuning_end_to_end_on_digits(tmp_path):
+    def sweep(smoke: bool = False) -> SweepSpec:
+        """Tiny digits sweep. Command: none. Running time: seconds."""
+        base = RunConfig(task="digits", task_options={"train_size": 64, "valid_size": 32, "test_size": 32},
+                         hidden_size=8, steps=3, batch_size=16, eval_every=3, eval_batch_size=32, diag_every=None,
+                         popstat_batches=1)
+        return SweepSpec(name="tiny", base=base, grids=[{"norm": [None, "layer"], "seed": [0, 1]}])
+
+    grid = TuningGrid((1e-3, 1e-2, 1e-1, 1.0), seeds=(100, 101))
+    study = Study(name="tiny", sweep=sweep, tuning=grid, final_seeds=(0, 1))
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    choices = tune_study(study, runs, results)
+    assert len(choices) == 2 and all(c.lr in grid.lrs for c in choices.values())
+    for c in choices.values():  # the chosen rate has the best mean validation accuracy of its curve
+        means = {lr: sum(-math.inf if v is None else v for v in vals) / 2 for lr, vals in c.curve.items()}
+        assert means[c.lr] == max(means.values()) and len(c.curve) == 4
+    assert read_choices(os.path.join(results, "tiny-tune", CHOICES_FILE))[0].keys() == choices.keys()
+    lines = open(os.path.join(results, "tiny-tune", "runs.jsonl")).read().splitlines()
+    assert len(lines) == 16
+    assert run_final(study, runs, results).finished
+    final = [json.loads(line) for line in open(os.path.join(results, "tiny", "runs.jsonl"))]
+    assert len(final) == 4 and {r["seed"] for r in final} == {0, 1}
+    for r in final:
+        assert r["config"]["lr"] == choices[arm_key(RunConfig.from_dict(r["config"]))].lr
+    # the evidence page shows each arm's chosen rate and tuning curve in the study's section
+    from recnorm.experiments.evidence import build_evidence
+    from recnorm.experiments.study import Question
+
+    os.makedirs(tmp_path / "docs")
+    asked = Study(name="tiny", sweep=sweep, tuning=grid, final_seeds=(0, 1), questions=(Question("q", ("x",)),))
+    page = build_evidence(results, str(tmp_path / "docs"), [asked])
+    assert "Learning rates chosen per arm on the validation split (grid 0.001, 0.01, 0.1, 1" in page
+    assert "| arm | chosen lr | lr 0.001 | lr 0.01 | lr 0.1 | lr 1 |" in page
+    with pytest.raises(ValueError, match="final_seeds must be fresh"):
+        Study(name="bad", sweep=sweep, tuning=grid, final_seeds=(100,))
+
+
+def test_tuning_table_shows_the_chosen_rate_and_the_curve():
+    from recnorm.experiments.tune import tuning_table
+
+    records = [_record(lr, s, {1e-3: 0.8}.get(lr, 0.4) + 0.02 * (s - 100)) for lr in GRID.lrs for s in GRID.seeds]
+    records[-1] = _record(1e-1, 101, None, status="diverged")
+    lines = tuning_table(choose(records, GRID), GRID)
+    assert lines[0] == "| arm | chosen lr | lr 0.0001 | lr 0.001 | lr 0.01 | lr 0.1 |"
+    assert lines[2] == "| none | 0.001 | 0.410 | **0.810** | 0.410 | 0.400 ✗ |"
