@@ -41,7 +41,7 @@ _EXECUTION_FIELDS = ("threads", "kernel")
 # Fields added after runs were first committed: left out of the run hash while they hold these defaults, so
 # the run ids (and the finished runs on disk) of configs that do not use them stay what they were.
 _HASHED_UNLESS_DEFAULT = {"feed": "packed", "sort_by_length": 0, "between_layers": None,
-                          "train_eval_examples": None}
+                          "train_eval_examples": None, "patience": None}
 
 
 class ConfigError(ValueError):
@@ -111,6 +111,9 @@ class RunConfig:
     batch_size: int = _f(64, help="training batch size")
     steps: Optional[int] = _f(500, help="training steps (exclusive with epochs)")
     epochs: Optional[float] = _f(None, help="training epochs (exclusive with steps; needs a task with a train size)")
+    patience: Optional[int] = _f(None, help="early stopping: stop when the validation metric has not improved for "
+                                            "this many evaluations and restore the best evaluation's weights "
+                                            "(steps or epochs is then the maximum budget); None: the whole budget")
     # --- evaluation and diagnostics ---
     eval_every: int = _f(100, help="evaluate on the valid split every this many steps (and at 0 and the end)")
     eval_batches: Optional[int] = _f(None, help="max valid batches per evaluation (None: whole split)")
@@ -206,6 +209,8 @@ class RunConfig:
         _positive("hidden_size", self.hidden_size)
         _positive("batch_size", self.batch_size)
         _positive("eval_every", self.eval_every)
+        if self.patience is not None:
+            _positive("patience", self.patience)
         _positive("eval_batch_size", self.eval_batch_size)
         _positive("threads", self.threads)
         _positive("lr", self.lr)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from recnorm.experiments.document import VERDICT_WORDS, badge
 from recnorm.experiments.results import is_sweep_dir, load_records
 from recnorm.experiments.studies import STUDIES, list_studies
-from recnorm.experiments.study import Claim, Question, Study, adjust
+from recnorm.experiments.study import Claim, Question, Study, adjust, stopped_early
 
 __all__ = ["build_evidence", "write_evidence", "study_records", "RUNS_FILE"]
 
@@ -52,7 +52,7 @@ def _cell(text: str) -> str:
 OTHER_SETTINGS = "other settings of the {study} study (no question of the page names them)"
 
 
-def _answers(studies: Sequence[Study], results: str, docs: str
+def _answers(studies: Sequence[Study], results: str, docs: str, stopped: Optional[Dict[str, Tuple[int, int]]] = None
              ) -> Tuple[List[Tuple[Study, Question, List[Claim], int]], int]:
     """Per question: the claims that answer it (each claim once on the page) and its study's run count.
     Claims that no question names are not dropped: they follow under :data:`OTHER_SETTINGS`, so every
@@ -61,6 +61,8 @@ def _answers(studies: Sequence[Study], results: str, docs: str
     for study in studies:
         records, _ = study_records(study, results, docs)
         total += len(records)
+        if stopped is not None:
+            stopped[study.name] = stopped_early(records)
         claims, shown = study.derive(records), set()
         for q in study.questions:
             matched = [c for c in claims if c.key not in shown and any(fnmatch.fnmatchcase(c.key, k) for k in q.keys)]
@@ -150,6 +152,16 @@ def _summary(by_topic: Dict[str, Dict[str, int]]) -> List[str]:
     return out
 
 
+def _budget_line(counts: Tuple[int, int]) -> List[str]:
+    """How many of the study's runs with early stopping stopped before their maximum budget."""
+    k, n = counts
+    if not n:
+        return ["Budget: a fixed number of steps for every run (no early stopping).", ""]
+    warn = "" if k >= 0.9 * n else " (below 90%: the maximum budget is too small for a claim to convergence)"
+    return [f"Budget: early stopping on validation; {k} of {n} runs ({100 * k / n:.0f}%) stopped before their "
+            f"maximum budget{warn}.", ""]
+
+
 def _tuning_lines(study: Study, results: str) -> List[str]:
     """The learning rate each arm chose and its tuning curve, when the study was tuned; else one line
     saying the study ran at one untuned learning rate."""
@@ -164,8 +176,8 @@ def _tuning_lines(study: Study, results: str) -> List[str]:
              f"chosen one in bold; `{path}`):", ""] + tuning_table(choices, grid) + [""])
 
 
-def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], results: str = "results"
-                  ) -> List[str]:
+def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], results: str = "results",
+                  stopped: Optional[Dict[str, Tuple[int, int]]] = None) -> List[str]:
     out: List[str] = []
     header = ("| question | claim [task] | source | study | primary metric; budget | verdict | effect [95% interval] "
               "| seeds that agree | p (BH-adjusted; sign-flip) | power: detects | second metric (not counted) | runs |")
@@ -173,7 +185,8 @@ def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], r
     for study, q, claims, n_runs in answers:
         if study is not current:
             current = study
-            out += ["", f"## {study.name}", ""] + _tuning_lines(study, results) + [header, "|" + "---|" * 12]
+            out += (["", f"## {study.name}", ""] + _tuning_lines(study, results)
+                    + _budget_line((stopped or {}).get(study.name, (0, 0))) + [header, "|" + "---|" * 12])
         if not claims:
             why = "no runs" if not n_runs else "no matching comparison in these runs"
             out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – | – |")
@@ -187,7 +200,8 @@ def build_evidence(results: str = "results", docs: str = "docs", studies: Option
     questions), reading their runs under ``results`` (or ``docs``)."""
     chosen = [STUDIES.resolve(n) for n in (studies if studies is not None else list_studies())]
     chosen = [s for s in chosen if s.questions]
-    answers, runs = _answers(chosen, results, docs)
+    stopped: Dict[str, Tuple[int, int]] = {}
+    answers, runs = _answers(chosen, results, docs, stopped)
     adjust([c for _s, _q, claims, _n in answers for c in claims])
     out = [
         "# Does normalization do for an RNN what it does for a CNN? The evidence",
@@ -207,7 +221,7 @@ def build_evidence(results: str = "results", docs: str = "docs", studies: Option
         "",
     ]
     out += _summary(_tally(answers))
-    out += ["", "# Every comparison, by study"] + _study_tables(answers, results) + [""]
+    out += ["", "# Every comparison, by study"] + _study_tables(answers, results, stopped) + [""]
     return "\n".join(out)
 
 

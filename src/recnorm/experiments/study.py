@@ -15,6 +15,7 @@ pairing seeds), so that no study imports another.
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +24,7 @@ from recnorm.experiments.document import badge, fmt, pvalue, signed
 from recnorm.experiments.results import area_under_curve, model_label
 from recnorm.experiments.sweep import SweepSpec, flatten_config
 
-__all__ = ["Study", "Design", "Claim", "Question", "Record", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
+__all__ = ["Study", "Design", "Claim", "Question", "Record", "check_wording", "stopped_early", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
            "chance_level", "better_of", "compare", "paired", "task_name", "tasks", "labels", "verdict_table"]
 
 Record = Dict[str, Any]
@@ -94,6 +95,9 @@ class Claim:
     runs: Tuple[str, ...] = ()
     p_adjusted: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        check_wording(self.claim, self.design)
+
     @property
     def primary(self) -> bool:
         return self.design.role == "primary"
@@ -160,6 +164,30 @@ class Claim:
         if self.other is not None:
             evidence += f". Second metric, {self.other_text()}"
         return [self.task, self.claim, evidence, self.effect(), self.seeds(), self.verdict()]
+
+
+#: Words that say where training ends up; a claim measured at a fixed step budget may not use them.
+CONVERGENCE_WORDS = re.compile(r"\bends? (up )?(better|worse)\b|generali[sz]|\blowers? (the )?(bpc|bits per character)\b"
+                               r"|\bconverges? to\b", re.IGNORECASE)
+
+
+def check_wording(claim: str, design: Design) -> None:
+    """Refuse end-state wording ("ends better", "generalizes", "lowers bpc") on a claim whose design
+    measures it at a fixed step budget: such a claim is a speed claim and says so, or it is measured to
+    convergence (``Design(budget="convergence")``)."""
+    match = CONVERGENCE_WORDS.search(claim)
+    if design.budget == "steps" and match:
+        raise ValueError(f"claim {claim!r} says {match.group(0)!r} but its budget is 'steps'; expected a claim "
+                         f"worded for a fixed step budget (for example 'at the end of the step budget') or "
+                         f"Design(budget='convergence')")
+
+
+def stopped_early(records: Sequence[Record]) -> Tuple[int, int]:
+    """``(stopped, with_patience)``: how many of the runs with early stopping stopped before their maximum
+    budget (a convergence budget needs most of them to: the maximum was large enough)."""
+    runs = [((r.get("extras") or {}).get("early_stopping") or {}) for r in records]
+    runs = [e for e in runs if e]
+    return sum(bool(e.get("stopped_early")) for e in runs), len(runs)
 
 
 def interval_text(test: st.PairedTest) -> str:

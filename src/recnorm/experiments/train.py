@@ -405,6 +405,8 @@ class _Run:
     diag_stats: Dict[str, Any] = dataclasses.field(default_factory=dict)
     step_extras: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     seconds: Dict[str, float] = dataclasses.field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "diag": 0.0})
+    best: Optional[Dict[str, Any]] = None  # early stopping: the best evaluation's value, step and weights
+    stopped_step: Optional[int] = None  # early stopping: the step it stopped at (None: ran the whole budget)
 
     @property
     def metric(self) -> str:
@@ -516,11 +518,31 @@ def _run_diag(run: _Run, step: int, stats_key: Optional[str]) -> None:
     run.seconds["diag"] += time.perf_counter() - t0
 
 
+def _no_progress(run: _Run, step: int) -> bool:
+    """Early stopping (``config.patience``): keep the best evaluation's weights; True once the validation
+    metric has not improved for ``patience`` evaluations."""
+    value, sign = run.valid[run.metric][-1], 1.0 if run.task.higher_is_better else -1.0
+    if value is not None and math.isfinite(value) and (run.best is None or sign * (value - run.best["value"]) > 0):
+        state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        run.best = {"value": value, "step": step, "state": state}
+    since = sum(s > (run.best["step"] if run.best else -1) for s in run.valid["step"])
+    return since >= run.config.patience
+
+
+def early_stopping_record(run: _Run) -> Dict[str, Any]:
+    """What a run with a patience records: whether it stopped early, at which step, and its best step."""
+    return {"patience": run.config.patience, "max_steps": run.total_steps, "stopped_early": run.stopped_step is not None,
+            "stopped_step": run.stopped_step, "best_step": run.best["step"] if run.best else None,
+            "best_valid": run.best["value"] if run.best else None}
+
+
 def _train_loop(run: _Run) -> Tuple[int, Optional[int], Optional[str]]:
     """Evaluate at 0, every ``eval_every`` steps and at the end, with diagnostics at 0, every ``diag_every``
     steps and at the end. Returns ``(steps_done, diverged_step, diverged_reason)``."""
     config, total = run.config, run.total_steps
     _run_eval(run, 0)
+    if config.patience:
+        _no_progress(run, 0)
     _run_diag(run, 0, "init")
     if run.progress is not None:
         run.progress(0, total, {"training": True})
@@ -533,6 +555,11 @@ def _train_loop(run: _Run) -> Tuple[int, Optional[int], Optional[str]]:
             return step - 1, step, str(exc)
         if step % config.eval_every == 0 or step == total:
             _run_eval(run, step)
+            if config.patience and _no_progress(run, step) and step < total:
+                run.stopped_step = step
+                logger.info("run %s stopped early at step %d (best step %d)", config.run_id, step, run.best["step"])
+                _run_diag(run, step, "final")
+                break
         if step == total:
             _run_diag(run, step, "final")
         elif config.diag_every and step % config.diag_every == 0:
@@ -544,6 +571,8 @@ def _final_evaluation(run: _Run) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(final, population)``: the final metrics of a finished run, and for batch-norm models the
     population statistics (their running averages, then recomputed exactly, which the final metrics use)."""
     config, model, task = run.config, run.model, run.task
+    if run.best is not None:  # early stopping: evaluate the weights of the best validation step
+        model.load_state_dict(run.best["state"])
     size = config.eval_batch_size
     final: Dict[str, Any] = {}
     population: Dict[str, Any] = {}
@@ -583,7 +612,8 @@ def _summary(run: _Run, outcome: Tuple[int, Optional[int], Optional[str]], final
         num_params=sum(p.numel() for p in run.params), train=run.train, valid=run.valid, final=final,
         diagnostics={"grad_flow": run.grad_flow, "batch_stats": run.diag_stats, "population_stats": population},
         timing=timing, diverged_step=diverged_step, diverged_reason=diverged_reason, provenance=provenance,
-        extras={"on_step": run.step_extras} if run.step_extras else {})
+        extras={**({"on_step": run.step_extras} if run.step_extras else {}),
+                **({"early_stopping": early_stopping_record(run)} if config.patience else {})})
 
 
 def _iso(seconds: float) -> str:

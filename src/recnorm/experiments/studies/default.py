@@ -103,8 +103,8 @@ def claims(records: Sequence[Record]) -> List[Claim]:
     if select(records, label="shared_batch"):
         d = DESIGNS["shared_hurts"]
         out.append(Claim(
-            key="shared_hurts", claim="naive BN with statistics shared over time ends worse than per-step BN (final "
-                                      "test accuracy)",
+            key="shared_hurts", claim="naive BN with statistics shared over time is worse than per-step BN at the end of "
+                                      "the step budget (final test accuracy)",
             source="Laurent et al. 2016; Cooijmans et al. 2017", task=f"{task}, gain {ref:g}",
             evidence="per seed: per-step BN (γ0 = 0.1) minus shared BN",
             test=compare(records, arm("batch γ=0.1"), arm("shared_batch"), d), design=d, steps=steps,

@@ -50,7 +50,7 @@ def claims(records: Sequence[Record]) -> List[Claim]:
         cname = "tanh RNN" if cell == "rnn" else cell.upper()
         none, shared = {"label": "none", "cell": cell}, {"label": "shared_batch", "cell": cell}
         out.append(Claim(
-            key=f"shared_hurts:{cell}", claim=f"naive BN with statistics shared over time ends worse than no norm in "
+            key=f"shared_hurts:{cell}", claim=f"naive BN with statistics shared over time is worse than no norm at the end of the step budget in "
                                               f"{'an' if cname == 'LSTM' else 'a'} {cname} (final test accuracy)",
             source="Laurent et al. 2016; Cooijmans et al. 2017", task=f"{task}, {cname}",
             evidence="per seed: no norm minus shared BN", test=compare(records, none, shared, d), design=d, steps=steps,

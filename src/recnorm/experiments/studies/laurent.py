@@ -125,7 +125,7 @@ def claims(records: Sequence[Record]) -> List[Claim]:
         arm = {"label": BETWEEN, "num_layers": depth}
         out.append(Claim(
             key=f"between:{depth}", claim=f"BN of each layer's output between the layers (RNN -> BN -> RNN) "
-                                          f"ends better than no norm ({depth} layers, final test accuracy)",
+                                          f"is better than no norm at the end of the step budget ({depth} layers, final test accuracy)",
             source="the question's vertical placement; Laurent et al. 2016 (Sec. 3)", task=task,
             evidence="per seed: between-layer BN minus no norm", design=d, steps=steps,
             test=compare(records, arm, {"label": NONE, "num_layers": depth}, d),

@@ -84,7 +84,7 @@ def _claims_of(runs: Sequence[Record], task: str, lab: str) -> List[Claim]:
         d = DESIGNS["masked"]
         out.append(Claim(
             key=f"masked:{task}:{lab}", claim=f"{name(lab)}: padding in the statistics hurts; packed (masked) "
-                                              f"batches end better than padded ones (final test {metric})",
+                                              f"batches are better than padded ones at the end of the step budget (final test {metric})",
             source="Cooijmans et al. 2017 §5.4; deepspeech.pytorch #312", task=task, design=d, steps=steps,
             evidence=f"per seed: {metric} packed vs padded", runs=run_ids(packed, padded),
             test=paired(by_seed(packed, final), by_seed(padded, final), better, d),
@@ -93,8 +93,8 @@ def _claims_of(runs: Sequence[Record], task: str, lab: str) -> List[Claim]:
         d = DESIGNS["sorted"]
         out.append(Claim(
             key=f"sorted:{task}:{lab}", claim=f"{name(lab)}: sorting by length reduces the padding penalty; padded "
-                                              f"batches of similar lengths end better than random padded "
-                                              f"batches (final test {metric})",
+                                              f"batches of similar lengths are better than random padded batches at the "
+                                              f"end of the step budget (final test {metric})",
             source="Amodei et al. 2016 (SortaGrad); length bucketing", task=task, design=d, steps=steps,
             evidence=f"per seed: {metric} padded+sorted vs padded", runs=run_ids(sorted_runs, padded),
             test=paired(by_seed(sorted_runs, final), by_seed(padded, final), better, d),
