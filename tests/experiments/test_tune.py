@@ -133,3 +133,30 @@ def test_tuning_table_shows_the_chosen_rate_and_the_curve():
     lines = tuning_table(choose(records, GRID), GRID)
     assert lines[0] == "| arm | chosen lr | lr 0.0001 | lr 0.001 | lr 0.01 | lr 0.1 |"
     assert lines[2] == "| none | 0.001 | 0.410 | **0.810** | 0.410 | 0.400 ✗ |"
+
+
+def test_tuning_at_a_fixed_init_then_holding_the_rate_while_the_init_varies():
+    base = RunConfig(task="digits", steps=2, cell="lstm")
+    spec = SweepSpec(name="s", base=base, grids=[
+        {"norm": [None, "layer"], "init": ["orthogonal", "xavier"], "init_gain": [0.1, 1.0, 10.0],
+         "forget_bias": [0.0, 1.0], "seed": [0]},
+        {"cell": ["rnn"], "norm": [None], "init": ["orthogonal", "xavier"], "init_gain": [0.1, 10.0], "seed": [0]}])
+    at = {"init": "xavier", "init_gain": 1.0, "forget_bias": 1.0}
+    tune = tuning_spec(spec, GRID, at).expand()
+    # per norm and cell: one arm at the default init (the rnn grid has no forget bias to fix)
+    assert {(c.cell, c.norm, c.init, c.init_gain, c.forget_bias) for c in tune} == {
+        ("lstm", None, "xavier", 1.0, 1.0), ("lstm", "layer", "xavier", 1.0, 1.0), ("rnn", None, "xavier", 1.0, None)}
+    assert len(tune) == 3 * 4 * 2
+    records = []
+    for c in tune:
+        best = {("lstm", None): 1e-3, ("lstm", "layer"): 1e-1, ("rnn", None): 1e-2}[(c.cell, c.norm)]
+        r = _record(c.lr, c.seed, 0.9 if c.lr == best else 0.3)
+        r["config"] = c.to_dict()
+        records.append(r)
+    ignore = tuple(at)
+    choices = choose(records, GRID, ignore)
+    assert len(choices) == 3
+    final = final_spec(spec, choices, seeds=[0, 1], grid=GRID, ignore=ignore).expand()
+    assert len(final) == 2 * len(spec.expand())  # every setting of the study, at two fresh seeds
+    for c in final:
+        assert c.lr == {("lstm", None): 1e-3, ("lstm", "layer"): 1e-1, ("rnn", None): 1e-2}[(c.cell, c.norm)]

@@ -155,6 +155,8 @@ def _summary(by_topic: Dict[str, Dict[str, int]]) -> List[str]:
 def _budget_line(counts: Tuple[int, int]) -> List[str]:
     """How many of the study's runs with early stopping stopped before their maximum budget."""
     k, n = counts
+    if n < 0:
+        return []
     if not n:
         return ["Budget: a fixed number of steps for every run (no early stopping).", ""]
     warn = "" if k >= 0.9 * n else " (below 90%: the maximum budget is too small for a claim to convergence)"
@@ -168,8 +170,11 @@ def _tuning_lines(study: Study, results: str) -> List[str]:
     from recnorm.experiments.tune import CHOICES_FILE, read_choices, tuning_table
 
     path = os.path.join(results, study.name + "-tune", CHOICES_FILE)
+    if not os.path.isfile(path) and study.tuning is not None:
+        return [f"Learning rate: tuned per arm on the declared grid ({', '.join(f'{x:g}' for x in study.tuning.lrs)}; "
+                f"tuning seeds {', '.join(str(s) for s in study.tuning.seeds)}); the tuning has not run yet.", ""]
     if not os.path.isfile(path):
-        return ["Learning rate: one untuned rate for every arm (the study's sweep); no tuning run yet.", ""]
+        return ["Learning rate: one untuned rate for every arm (the study's sweep).", ""]
     choices, grid = read_choices(path)
     return ([f"Learning rates chosen per arm on the validation split (grid {', '.join(f'{x:g}' for x in grid.lrs)}; "
              f"tuning seeds {', '.join(str(s) for s in grid.seeds)}; mean final validation metric per rate, the "
@@ -186,7 +191,7 @@ def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], r
         if study is not current:
             current = study
             out += (["", f"## {study.name}", ""] + _tuning_lines(study, results)
-                    + _budget_line((stopped or {}).get(study.name, (0, 0))) + [header, "|" + "---|" * 12])
+                    + _budget_line((stopped or {}).get(study.name, (0, 0)) if n_runs else (0, -1)) + [header, "|" + "---|" * 12])
         if not claims:
             why = "no runs" if not n_runs else "no matching comparison in these runs"
             out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – | – |")

@@ -219,7 +219,10 @@ class Study:
         docs_dir: its folder under ``docs/`` (its report; before ``results/`` existed, its runs too).
         tuning: the declared learning-rate grid and tuning seeds (:class:`recnorm.experiments.tune.TuningGrid`);
             None: the study runs at the learning rate of its sweep (not tuned).
-        final_seeds: the fresh seeds of the final runs at the tuned rates (none shared with ``tuning``).
+        final_seeds: the fresh seeds of the final runs at the tuned rates (none shared with ``tuning``); empty:
+            the seeds the sweep gives each run (checked fresh when the final sweep is built).
+        tune_at: fields the sweep varies that tuning holds at one value (the init study tunes each norm at
+            the default init); the final runs use that rate for every value of these fields.
     """
 
     name: str
@@ -231,6 +234,7 @@ class Study:
     docs_dir: Optional[str] = None
     tuning: Optional[Any] = None
     final_seeds: Tuple[int, ...] = ()
+    tune_at: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.tuning is not None and set(self.final_seeds) & set(self.tuning.seeds):

@@ -39,6 +39,8 @@ invocation stopped; ``--smoke`` runs the study's smoke variant (one step per run
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import statistics
@@ -127,14 +129,21 @@ class ArmChoice:
         return cls(**data)
 
 
-def arm_key(config: RunConfig) -> str:
-    """The arm of a run: the hash of its config with the seed and the learning rate left out."""
-    return config.replace(seed=0, lr=1.0).config_hash
+def arm_key(config: RunConfig, ignore: Sequence[str] = ()) -> str:
+    """The arm of a run: a hash of its config without the seed, the learning rate, the execution fields and
+    the fields in ``ignore`` (those a study tunes at one fixed value and then varies at the chosen rate)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in ("seed", "lr", "threads", "kernel", *ignore)}
+    return hashlib.sha1(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
 
 
-def tuning_spec(spec: SweepSpec, grid: TuningGrid) -> SweepSpec:
-    """The tuning sweep of ``spec``: every arm at every rate of ``grid`` with the grid's tuning seeds."""
-    grids = [{**g, "lr": list(grid.lrs), "seed": list(grid.seeds)} for g in (spec.grids or [{}])]
+def tuning_spec(spec: SweepSpec, grid: TuningGrid, at: Optional[Dict[str, Any]] = None) -> SweepSpec:
+    """The tuning sweep of ``spec``: every arm at every rate of ``grid`` with the grid's tuning seeds.
+
+    ``at`` tunes at one value of fields the sweep varies (the init study tunes each norm at the default
+    init, then holds that rate while the init varies): a field of ``at`` that a grid varies is fixed there."""
+    at = at or {}
+    grids = [{**g, **{k: [v] for k, v in at.items() if k in g}, "lr": list(grid.lrs), "seed": list(grid.seeds)}
+             for g in (spec.grids or [{}])]
     return SweepSpec(name=spec.name + "-tune", base=spec.base, grids=grids,
                      description=f"[tuning: lr {list(grid.lrs)}, seeds {list(grid.seeds)}] " + spec.description,
                      imports=list(spec.imports), report=dict(spec.report))
@@ -154,7 +163,7 @@ def _arm_label(config: Dict[str, Any], varying: Sequence[str]) -> str:
     return ", ".join([model_label(config)] + extra)
 
 
-def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid) -> Dict[str, ArmChoice]:
+def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid, ignore: Sequence[str] = ()) -> Dict[str, ArmChoice]:
     """Per arm, the rate of ``grid`` with the best mean validation metric over the tuning seeds.
 
     A run that diverged or failed, or a (rate, seed) pair with no run, scores the worst possible value, so
@@ -167,7 +176,7 @@ def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid) -> Dict[str, Arm
         if config.lr not in grid.lrs or config.seed not in grid.seeds:
             raise ValueError(f"choose: run {r['run_id']} has lr {config.lr} and seed {config.seed}; expected a rate "
                              f"in {list(grid.lrs)} and a seed in {list(grid.seeds)}")
-        arms.setdefault(arm_key(config), []).append(r)
+        arms.setdefault(arm_key(config, ignore), []).append(r)
     flats = [flatten_config(r["config"]) for r in records]
     varying = sorted(k for k in (flats[0] if flats else {}) if k not in ("lr", "seed", "threads", "kernel")
                      and len({repr(f.get(k)) for f in flats}) > 1)
@@ -191,25 +200,27 @@ def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid) -> Dict[str, Arm
     return out
 
 
-def final_spec(spec: SweepSpec, choices: Dict[str, ArmChoice], seeds: Sequence[int],
-               grid: Optional[TuningGrid] = None) -> SweepSpec:
-    """The final sweep: every arm of ``spec`` at its chosen rate, once per fresh seed in ``seeds``.
+def final_spec(spec: SweepSpec, choices: Dict[str, ArmChoice], seeds: Optional[Sequence[int]] = None,
+               grid: Optional[TuningGrid] = None, ignore: Sequence[str] = ()) -> SweepSpec:
+    """The final sweep: every run of ``spec`` at its arm's chosen rate, with ``seeds`` for every arm (None:
+    the seeds ``spec`` gives each of its runs, which must then be fresh).
 
-    Raises ValueError when a fresh seed was a tuning seed or an arm of ``spec`` has no choice."""
-    if grid is not None and set(seeds) & set(grid.seeds):
-        raise ValueError(f"final_spec: expected fresh seeds, got {sorted(set(seeds) & set(grid.seeds))} that "
-                         f"tuning used")
+    Raises ValueError when a seed of the final runs was a tuning seed or an arm of ``spec`` has no choice."""
+    configs = spec.expand()
+    used = set(seeds) if seeds is not None else {c.seed for c in configs}
+    if grid is not None and used & set(grid.seeds):
+        raise ValueError(f"final_spec: expected fresh seeds, got {sorted(used & set(grid.seeds))} that tuning used")
     grids, seen = [], set()
-    for config in spec.expand():
-        key = arm_key(config)
-        if key in seen:
-            continue
+    for config in configs:
+        key = arm_key(config, ignore)
         if key not in choices:
             raise ValueError(f"final_spec: arm {model_label(config.to_dict())} ({key}) has no tuned rate; "
                              f"expected one of {sorted(choices)}")
-        seen.add(key)
+        if seeds is not None and arm_key(config) in seen:  # one grid per arm, crossed with ``seeds``
+            continue
+        seen.add(arm_key(config))
         fields = {k: [v] for k, v in config.to_dict().items() if k not in ("seed", "lr", "threads")}
-        grids.append({**fields, "lr": [choices[key].lr], "seed": list(seeds)})
+        grids.append({**fields, "lr": [choices[key].lr], "seed": list(seeds) if seeds is not None else [config.seed]})
     return SweepSpec(name=spec.name, base=spec.base, grids=grids,
                      description="[learning rate tuned per arm] " + spec.description, imports=list(spec.imports),
                      report=dict(spec.report))
@@ -252,14 +263,14 @@ def tune_study(study: Any, runs: str = "runs", results: str = "results", workers
 
     if study.tuning is None:
         raise ValueError(f"study {study.name!r} declares no tuning grid; expected Study(tuning=TuningGrid(...))")
-    spec = tuning_spec(study.spec(smoke=smoke), study.tuning)
+    spec = tuning_spec(study.spec(smoke=smoke), study.tuning, study.tune_at)
     out, published = os.path.join(runs, spec.name), os.path.join(results, spec.name)
     outcome = run_sweep(spec, out, workers=workers, backend=backend, results_dir=published)
     if not outcome.finished:
         raise RuntimeError(f"tuning sweep {spec.name}: {len(outcome.failed)} run(s) failed; run the command again")
     from recnorm.experiments.results import load_records
 
-    choices = choose(load_records(os.path.join(published, "runs.jsonl")), study.tuning)
+    choices = choose(load_records(os.path.join(published, "runs.jsonl")), study.tuning, tuple(study.tune_at))
     write_choices(os.path.join(published, CHOICES_FILE), choices, study.tuning)
     return choices
 
@@ -273,7 +284,7 @@ def run_final(study: Any, runs: str = "runs", results: str = "results", workers:
 
     name = study.spec(smoke=smoke).name
     choices, grid = read_choices(os.path.join(results, name + "-tune", CHOICES_FILE))
-    spec = final_spec(study.spec(smoke=smoke), choices, study.final_seeds, grid)
+    spec = final_spec(study.spec(smoke=smoke), choices, study.final_seeds or None, grid, tuple(study.tune_at))
     return run_sweep(spec, os.path.join(runs, name), workers=workers, backend=backend,
                      results_dir=os.path.join(results, name))
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import List
 
 from recnorm.experiments.studies import (
-    cooijmans, default, drawbacks, eval_statistics, horizontal, language, laurent, memory, padding, regularization)
+    cooijmans, default, drawbacks, eval_statistics, horizontal, init_rebuilt, language, laurent, memory, padding,
+    regularization)
 from recnorm.experiments.study import Study
 from recnorm.registry import Registry
 
@@ -38,9 +39,11 @@ _add(padding.STUDY)
 _add(memory.STUDY)
 _add(language.STUDY)
 _add(eval_statistics.STUDY)
+_add(init_rebuilt.STUDY)
 _add(cooijmans.PAPER)
 _add(laurent.PAPER)
 _add(language.PAPER)
+_add(init_rebuilt.PILOT)
 
 
 def get_study(name: str) -> Study:

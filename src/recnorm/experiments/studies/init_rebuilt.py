@@ -1,0 +1,304 @@
+"""The init study, rebuilt around the question: does normalization let a model train well from a bad init,
+at a sensible learning rate? (issue 16, item 4; its pilot and full runs are pending.)"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from recnorm.experiments.config import RunConfig
+from recnorm.experiments.study import (
+    Claim, Design, Question, Record, Study, chance_level, final, name, paired, run_ids, select, steps_of)
+from recnorm.experiments.sweep import SweepSpec
+from recnorm.experiments.tune import TuningGrid
+
+#: Torch's default uniform, orthogonal, Glorot (Xavier) uniform and N(0, g^2/fan_in) (on W_hh: N(0, g^2/H)).
+SCHEMES = ["default", "orthogonal", "xavier", "normal"]
+GAINS = [0.1, 0.3162, 1.0, 3.162, 10.0]  # 5 gains, log grid 0.1 .. 10
+FORGET_BIASES = [0.0, 1.0]  # LSTM only
+NORMS: List[Dict[str, Any]] = [{"norm": None}, {"norm": "layer"}, {"norm": "batch", "norm_kwargs.gain_init": 0.1}]
+#: The default init every norm is tuned at; its rate is then held while the init varies.
+DEFAULT_INIT = {"init": "default", "init_gain": 1.0, "forget_bias": 1.0}
+#: The worst init of each cell for no norm, for the 10-seed contrast; set from the pilot before the full
+#: runs (placeholder: the far ends of the gain grid with the scheme that scales with it most).
+WORST_INIT = {"lstm": {"init": "normal", "init_gain": 10.0, "forget_bias": 0.0},
+              "rnn": {"init": "normal", "init_gain": 10.0}}
+#: A run succeeds when it reaches its task's target: row-wise Fashion-MNIST test accuracy >= 0.80; adding at
+#: T = 100 test MSE <= 0.01 (predicting the mean: 1/6).
+TARGETS = {"fashion_rows": ("higher", 0.80), "adding": ("lower", 0.01)}
+TASKS: Dict[str, Dict[str, Any]] = {
+    "fashion_rows": {"task": "fashion_rows", "task_options": {"train_size": 8000, "valid_size": 1000,
+                                                              "test_size": 2000}},
+    "adding": {"task": "adding", "task_options": {"length": 100, "valid_size": 1000, "test_size": 1000}},
+}
+GRID_SEEDS = [0, 1, 2, 3, 4]  # seeds of the final runs; tuning uses 100 and 101
+CONTRAST_SEEDS = list(range(10))
+TUNING = TuningGrid.log_spaced(3e-4, 3e-2, 5, seeds=(100, 101))  # 100x, 5 rates; 2 tuning seeds
+
+
+def _grids(cells: Sequence[str], seeds: List[int], contrast_seeds: List[int], gains: List[float],
+           schemes: List[str]) -> List[Dict[str, Any]]:
+    grids: List[Dict[str, Any]] = []
+    for task in TASKS.values():
+        for cell in cells:
+            fb = {"forget_bias": FORGET_BIASES} if cell == "lstm" else {}
+            for norm in NORMS:
+                arm = {"cell": [cell], "task": [task["task"]], "task_options": [task["task_options"]],
+                       **{k: [v] for k, v in norm.items()}}
+                grids.append({**arm, "init": schemes, "init_gain": gains, **fb, "seed": seeds})
+                for init in (DEFAULT_INIT, WORST_INIT[cell]):  # the contrast: 10 seeds at two inits
+                    fixed = {k: [v] for k, v in init.items() if k != "forget_bias" or cell == "lstm"}
+                    grids.append({**arm, **fixed, "seed": contrast_seeds})
+    return grids
+
+
+def sweep(smoke: bool = False) -> SweepSpec:
+    """Does normalization let an LSTM or a tanh RNN train well from a bad init, at a tuned learning rate?
+
+    Cells LSTM and tanh RNN (one layer, 64 units); norms none, layer, per-step BN (γ0 = 0.1); inits torch's
+    default uniform, orthogonal, Glorot uniform and N(0, g^2/fan_in) at gains 0.1, 0.32, 1, 3.2, 10, and
+    (LSTM) forget-gate bias 0 and 1; tasks adding at T = 100 and row-wise Fashion-MNIST (8000/1000/2000).
+    Adam, batch 64, clipping at 1; to convergence: validation every 100 steps, early stopping with patience
+    5 evaluations, at most 5000 steps. The learning rate is tuned per (task, cell, norm) at the default init
+    (torch's uniform, gain 1, forget bias 1) on 5 log-spaced rates 3e-4 .. 3e-2 with 2 tuning seeds
+    (:mod:`recnorm.experiments.tune`), then held fixed while the init varies. 5 seeds on the grid, 10 for
+    each norm's default-versus-worst-init contrast. Runs: tuning 2 tasks x (3 LSTM + 3 RNN arms) x 5 rates x
+    2 seeds = 120; final 2 tasks x 3 norms x (LSTM 4 x 5 x 2 + RNN 4 x 5) x 5 seeds = 1800 on the grid, plus
+    2 x 2 cells x 3 norms x 2 inits x 5 seeds (5-9) = 120 for the contrasts (their seeds 0-4 are on the
+    grid): 1920 final runs, 2040 in all.
+
+    Estimated cost (not measured: the pilot measures it): the main study's 200-step fashion_rows LSTM run
+    takes about 6 s on one core, so a run that stops early at about 1500 steps takes about 45 s, and an
+    adding run (T = 100) about as long: about 2040 runs x 45 s / 2 workers = 13 hours, several sessions
+    (the sweep resumes; commit finished runs as they finish). The pilot (study ``init_pilot``: 2 seeds, the
+    tuning included) is 120 + 720 = 840 runs, about 5 hours; it sizes the grid, and any cut below the issue's minimum
+    (3 schemes, 5 gains, 5 seeds on the grid, 10 seeds for the contrasts) is stated on the page.
+
+    Status: pilot and full runs pending; the smoke variant runs in the tests.
+
+    Command: ``python -m recnorm.experiments.tune init --workers 2`` (tuning, resumable), then
+    ``python -m recnorm.experiments.tune init --final --workers 2`` (the final sweep, resumable), then
+    ``recnorm evidence``. Pilot: the same commands with the study ``init_pilot``.
+    Running time: about 13 hours on 2 CPU cores (estimated); ``--smoke``: about 1 minute.
+    """
+    return _spec("init", smoke, GRID_SEEDS, CONTRAST_SEEDS)
+
+
+def pilot(smoke: bool = False) -> SweepSpec:
+    """The init study's pilot: its full grid on 2 seeds (contrasts on 2 seeds too), to size the full runs.
+
+    Command: ``python -m recnorm.experiments.tune init_pilot --workers 2`` then ``... --final --workers 2``.
+    Running time: about 5 hours on 2 CPU cores (estimated: 840 runs; pending).
+    """
+    return _spec("init_pilot", smoke, [0, 1], [0, 1])
+
+
+def _spec(sweep_name: str, smoke: bool, seeds: List[int], contrast: List[int]) -> SweepSpec:
+    base = RunConfig(task="fashion_rows", cell="lstm", hidden_size=64, optimizer="adam", lr=1e-3, clip=1.0,
+                     batch_size=64, steps=5000, eval_every=100, patience=5, eval_batch_size=500, diag_every=None,
+                     popstat_batches=8)
+    if smoke:
+        base = base.replace(hidden_size=8, steps=1, eval_every=1, eval_batches=1, popstat_batches=1,
+                            eval_batch_size=16, batch_size=16, patience=1)
+        spec = SweepSpec(name=sweep_name + "-smoke", base=base, grids=_smoke_grids(),
+                         description="[smoke] init study")
+        return spec
+    return SweepSpec(name=sweep_name, base=base, grids=_grids(["lstm", "rnn"], seeds, contrast, GAINS, SCHEMES),
+                     description=("Init study: LSTM and tanh RNN, none / layer / per-step BN, 4 schemes x 5 gains "
+                                  "(x forget bias 0/1), adding T = 100 and row-wise Fashion-MNIST, learning rate "
+                                  "tuned per norm at the default init, to convergence."))
+
+
+def _smoke_grids() -> List[Dict[str, Any]]:
+    """The smoke variant: the LSTM on Fashion-MNIST rows and the tanh RNN on adding (tiny splits), none and
+    layer norm, 2 schemes x 2 gains, 2 seeds (so the claims have pairs to test): 32 one-step runs."""
+    small = {"fashion_rows": {"train_size": 32, "valid_size": 16, "test_size": 16},
+             "adding": {"length": 100, "valid_size": 16, "test_size": 16}}
+    grids = []
+    for (task, options), cell in zip(small.items(), ("lstm", "rnn")):
+        fb = {"forget_bias": [1.0]} if cell == "lstm" else {}
+        for norm in NORMS[:2]:
+            arm = {"cell": [cell], "task": [task], "task_options": [options], **{k: [v] for k, v in norm.items()}}
+            grids.append({**arm, "init": ["default", "normal"], "init_gain": [1.0, 10.0], **fb, "seed": [0, 1]})
+    return grids
+
+
+_MARGIN = {"fashion_rows": 0.01, "adding": 0.002}
+DESIGNS = {
+    f"{kind}_{task}": Design(metric, better, budget="convergence", margin=_MARGIN[task], tuned=True, patience=5)
+    for task in TASKS
+    for kind, metric, better in (
+        ("spread", "range of the final test metric over the init grid (schemes x gains x forget biases), per seed",
+         "lower"),
+        ("success", "fraction of the init grid that reaches the task's target, per seed", "higher"),
+        ("worst", "final test metric at the default init minus at the worst init, per seed (the cost of a bad "
+                  "init)", "lower"))
+}
+for _task in TASKS:  # the success rate is a fraction: its own margin
+    DESIGNS[f"success_{_task}"] = Design(DESIGNS[f"success_{_task}"].metric, "higher", budget="convergence",
+                                         margin=0.05, tuned=True, patience=5)
+
+
+def _on_grid(records: Sequence[Record], seeds: Optional[set] = None) -> List[Record]:
+    """Runs of the init grid (those of the contrast-only seeds left out)."""
+    return [r for r in records if seeds is None or r["seed"] in seeds]
+
+
+def _value(r: Record, chance: Optional[float]) -> Optional[float]:
+    v = final(r)
+    return chance if v is None else v
+
+
+def _per_seed(records: Sequence[Record], fn) -> Dict[int, Optional[float]]:
+    out: Dict[int, Optional[float]] = {}
+    for seed in sorted({r["seed"] for r in records}):
+        vals = [r for r in records if r["seed"] == seed]
+        out[seed] = fn(vals) if len(vals) >= 2 else None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _success(task: str, value: Optional[float]) -> bool:
+    better, target = TARGETS[task]
+    return value is not None and (value >= target if better == "higher" else value <= target)
+
+
+def _grid_runs(records: Sequence[Record], task: str, cell: str, lab: str) -> List[Record]:
+    """One run per (scheme, gain, forget bias, seed) of the grid (a contrast run at a grid setting counts
+    once: run IDs are unique)."""
+    return select(records, task=task, cell=cell, label=lab)
+
+
+def claims(records: Sequence[Record]) -> List[Claim]:
+    """Per task, cell and norm against no norm: the spread over the init grid, the success rate and the cost
+    of the worst init (10 seeds)."""
+    out: List[Claim] = []
+    for task in [t for t in TASKS if select(records, task=t)]:
+        chance = chance_level(select(records, task=task))
+        better = TARGETS[task][0]
+        for cell in sorted({r["config"]["cell"] for r in select(records, task=task)}):
+            base = _grid_runs(records, task, cell, "none")
+            cname = "tanh RNN" if cell == "rnn" else cell.upper()
+            for lab in sorted({_label(r) for r in select(records, task=task, cell=cell)} - {"none"}):
+                runs = _grid_runs(records, task, cell, lab)
+                spread = lambda rs: _range([_value(r, chance) for r in rs])  # noqa: E731
+                rate = lambda rs: statistics.fmean(_success(task, _value(r, chance)) for r in rs)  # noqa: E731
+                where = f"{task}, {cname}"
+                d = DESIGNS[f"spread_{task}"]
+                out.append(Claim(
+                    key=f"spread_{task}:{cell}:{lab}", claim=f"{name(lab)} makes the {cname}'s final test metric "
+                    f"depend less on the init (range over the init grid), at a tuned learning rate",
+                    source="the CNN intuition (Ioffe & Szegedy 2015); Ba et al. 2016", task=where,
+                    evidence=f"per seed: range with no norm minus range with {lab}",
+                    test=paired(_per_seed(runs, spread), _per_seed(base, spread), "lower", d), design=d,
+                    steps=steps_of(runs), runs=run_ids(runs, base)))
+                d = DESIGNS[f"success_{task}"]
+                out.append(Claim(
+                    key=f"success_{task}:{cell}:{lab}", claim=f"{name(lab)} lets more of the {cname}'s inits reach "
+                    f"the target ({'≥' if better == 'higher' else '≤'} {TARGETS[task][1]:g})",
+                    source="the question (does normalization rescue a bad init?)", task=where,
+                    evidence=f"per seed: success rate with {lab} minus with no norm", design=d,
+                    test=paired(_per_seed(runs, rate), _per_seed(base, rate), "higher", d),
+                    steps=steps_of(runs), runs=run_ids(runs, base)))
+                out.extend(_worst_claim(records, task, cell, lab, chance))
+    return out
+
+
+def _worst_claim(records: Sequence[Record], task: str, cell: str, lab: str, chance: Optional[float]) -> List[Claim]:
+    """The 10-seed contrast: the drop from the default init to the worst init, with the norm against none."""
+    better = TARGETS[task][0]
+    sign = 1.0 if better == "higher" else -1.0
+    fb = lambda init: {"forget_bias": init["forget_bias"]} if cell == "lstm" and "forget_bias" in init else {}  # noqa: E731
+    worst = WORST_INIT[cell]
+
+    def drop(lab_: str) -> Tuple[Dict[int, Optional[float]], List[Record]]:
+        good = select(records, task=task, cell=cell, label=lab_, init=DEFAULT_INIT["init"],
+                      init_gain=DEFAULT_INIT["init_gain"], **fb(DEFAULT_INIT))
+        bad = select(records, task=task, cell=cell, label=lab_, init=worst["init"], init_gain=worst["init_gain"],
+                     **fb(worst))
+        g, b = {r["seed"]: _value(r, chance) for r in good}, {r["seed"]: _value(r, chance) for r in bad}
+        return {s: sign * (g[s] - b[s]) for s in g if s in b and None not in (g[s], b[s])}, good + bad
+
+    with_norm, runs_a = drop(lab)
+    without, runs_b = drop("none")
+    if not with_norm or not without:
+        return []
+    d = DESIGNS[f"worst_{task}"]
+    cname = "tanh RNN" if cell == "rnn" else cell.upper()
+    return [Claim(
+        key=f"worst_{task}:{cell}:{lab}", claim=f"{name(lab)} makes the {cname}'s worst init cost less against its "
+        f"default init ({worst['init']}, gain {worst['init_gain']:g} against torch's default)",
+        source="the question; Cooijmans et al. 2017; Ba et al. 2016", task=f"{task}, {cname}",
+        evidence=f"per seed: (default minus worst) with no norm minus with {lab}",
+        test=paired(with_norm, without, "lower", d), design=d, steps=steps_of(runs_a), runs=run_ids(runs_a, runs_b))]
+
+
+def _label(r: Record) -> str:
+    from recnorm.experiments.study import label
+
+    return label(r)
+
+
+def _range(values: List[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return max(vals) - min(vals) if len(vals) >= 2 else None
+
+
+def iqr(values: Sequence[float]) -> float:
+    """Interquartile range (the 'inclusive' quartiles of :func:`statistics.quantiles`)."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def heat_map(records: Sequence[Record], task: str, cell: str) -> Tuple[List[str], List[List[str]]]:
+    """Rows norm, columns (scheme, gain): the mean final test metric over seeds (and forget biases)."""
+    chance = chance_level(select(records, task=task))
+    cols = [(s, g) for s in SCHEMES for g in GAINS]
+    labs = sorted({_label(r) for r in select(records, task=task, cell=cell)})
+    rows = []
+    for lab in labs:
+        row = [name(lab)]
+        for s, g in cols:
+            vals = [_value(r, chance) for r in select(records, task=task, cell=cell, label=lab, init=s, init_gain=g)]
+            vals = [v for v in vals if v is not None]
+            row.append(f"{statistics.fmean(vals):.3f}" if vals else "–")
+        rows.append(row)
+    return ["norm"] + [f"{s} {g:g}" for s, g in cols], rows
+
+
+def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[Claim]:
+    """Per task and cell: success rate, spread (range, IQR) across inits and the heat map, per norm."""
+    doc.h(2, "Does normalization rescue a bad init?")
+    doc.p("With both W_ih x and W_hh h normalized, the forward pass does not depend on the weights' gain (the norm "
+          "divides it out), so insensitivity to the gain is nearly true by construction; what the gain still "
+          "changes is the effective step size: a weight of scale g normalized away receives gradients scaled by "
+          "1/g, so Adam's steps move it by a relative amount about lr/g. The learning rate is tuned per norm at "
+          "the default init and then held, so a bad gain shows up as a too-large or too-small effective step.")
+    for task in [t for t in TASKS if select(records, task=t)]:
+        chance = chance_level(select(records, task=task))
+        for cell in sorted({r["config"]["cell"] for r in select(records, task=task)}):
+            rows = []
+            for lab in sorted({_label(r) for r in select(records, task=task, cell=cell)}):
+                vals = [_value(r, chance) for r in select(records, task=task, cell=cell, label=lab)]
+                vals = [v for v in vals if v is not None]
+                ok = sum(_success(task, v) for v in vals)
+                rows.append([name(lab), f"{ok} of {len(vals)}", f"{max(vals) - min(vals):.3f}" if vals else "–",
+                             f"{iqr(vals):.3f}" if len(vals) >= 2 else "–"])
+            doc.h(3, f"{task}, {cell}")
+            doc.table(["norm", f"reached the target ({TARGETS[task][1]:g})", "range over inits", "IQR over inits"],
+                      rows)
+            headers, heat = heat_map(records, task, cell)
+            doc.table(headers, heat)
+    return claims(records)
+
+
+QUESTIONS = (
+    Question("normalization makes the model less sensitive to its init (rebuilt: tuned rate, to convergence)",
+             tuple(f"{kind}_{task}:*" for kind in ("spread", "worst") for task in TASKS)),
+    Question("normalization rescues a bad init (success rate against a target)", tuple(f"success_{task}:*" for task in TASKS)),
+)
+
+# The final runs keep the sweep's own seeds (0-4 on the grid, 0-9 for the contrasts; tuning used 100, 101).
+STUDY = Study(name="init", sweep=sweep, designs=DESIGNS, claims=claims, section=section, questions=QUESTIONS,
+              tuning=TUNING, tune_at=dict(DEFAULT_INIT))
+PILOT = Study(name="init_pilot", sweep=pilot, designs=DESIGNS, claims=claims, section=section,
+              tuning=TUNING, tune_at=dict(DEFAULT_INIT))
