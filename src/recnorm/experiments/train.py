@@ -589,11 +589,22 @@ def _final_evaluation(run: _Run) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         population["recomputed"] = _population_stats(model, task.seq_len)
     final["valid"] = evaluate(model, task, "valid", size)
     final["test"] = evaluate(model, task, "test", size)
+    if config.norm == "shared_batch":  # the same weights with one exact statistic per step (shared BN's eval effect)
+        final["test_per_step_statistics"] = _evaluate_per_step(run)
     if config.train_eval_examples:
         final["train"] = _evaluate_train_split(model, task, config.train_eval_examples, size)
     final["population_statistics"] = "recomputed" if run.batch_norm else "none"
     run.seconds["eval"] += time.perf_counter() - t0
     return final, population
+
+
+def _evaluate_per_step(run: _Run) -> Dict[str, Optional[float]]:
+    """A shared-BN model's test metrics with exact per-step population statistics: its weights in a per-step BN
+    model (``norm="batch"``: same parameters, one statistic per step), recomputed from the population batches."""
+    twin = build_model(run.config.replace(norm="batch"), run.task)
+    twin.load_state_dict(run.model.state_dict())
+    _recompute(twin, run.pop_batches)
+    return evaluate(twin, run.task, "test", run.config.eval_batch_size)
 
 
 def _summary(run: _Run, outcome: Tuple[int, Optional[int], Optional[str]], final: Dict[str, Any],

@@ -13,7 +13,7 @@ from typing import List
 
 from recnorm.experiments.studies import (
     cooijmans, default, drawbacks, eval_statistics, horizontal, init_rebuilt, language, laurent, memory, padding,
-    regularization)
+    regularization, shared_bn)
 from recnorm.experiments.study import Study
 from recnorm.registry import Registry
 
@@ -40,6 +40,7 @@ _add(memory.STUDY)
 _add(language.STUDY)
 _add(eval_statistics.STUDY)
 _add(init_rebuilt.STUDY)
+_add(shared_bn.STUDY)
 _add(cooijmans.PAPER)
 _add(laurent.PAPER)
 _add(language.PAPER)

@@ -1,0 +1,41 @@
+"""Shared BN as two claims: with the same γ0, shared and per-step BN train identically, so the training
+effect measured with exact per-step statistics is exactly zero; the evaluation effect compares one shared
+population statistic against one per step on the same model."""
+
+from __future__ import annotations
+
+import pytest
+
+from recnorm.experiments.results import load_records
+from recnorm.experiments.studies import get_study, shared_bn
+from recnorm.experiments.sweep import run_sweep
+from recnorm.experiments.tune import arm_key, tuning_spec
+
+
+def test_smoke_runs_give_a_zero_training_effect_and_an_evaluation_effect(tmp_path):
+    study = get_study("shared_bn")
+    out = str(tmp_path / "sweep")
+    assert run_sweep(study.spec(smoke=True), out).finished
+    records = load_records(out)
+    shared = [r for r in records if r["config"]["norm"] == "shared_batch"]
+    assert shared and all("test_per_step_statistics" in r["final"] for r in shared)
+    assert all("test_per_step_statistics" not in r["final"] for r in records if r["config"]["norm"] == "batch")
+    claims = {c.key: c for c in study.derive(records)}
+    assert set(claims) == {"shared_train:0.1", "shared_train:1", "shared_eval:0.1", "shared_eval:1"}
+    for gain in ("0.1", "1"):
+        train = claims[f"shared_train:{gain}"].test
+        assert train.n == 2 and train.mean == pytest.approx(0.0, abs=1e-9) and train.sd == pytest.approx(0.0, abs=1e-9)
+        assert claims[f"shared_eval:{gain}"].test.n == 2
+        assert claims[f"shared_train:{gain}"].counted  # a re-measured design, to convergence
+
+
+def test_the_rate_is_tuned_on_per_step_bn_and_shared_bn_uses_it():
+    study = get_study("shared_bn")
+    tune = tuning_spec(study.spec(), study.tuning, study.tune_at).expand()
+    assert {c.norm for c in tune} == {"batch"} and len(tune) == 2 * 5 * 2
+    final = study.spec().expand()
+    assert len(final) == 40 and {c.seed for c in final} == set(range(10))
+    ignore = tuple(study.tune_at)
+    for gain in shared_bn.GAINS:
+        keys = {arm_key(c, ignore) for c in final if c.norm_kwargs["gain_init"] == gain}
+        assert len(keys) == 1  # per-step and shared BN at one γ0 share one tuned rate
