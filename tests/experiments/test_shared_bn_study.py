@@ -39,3 +39,20 @@ def test_the_rate_is_tuned_on_per_step_bn_and_shared_bn_uses_it():
     for gain in shared_bn.GAINS:
         keys = {arm_key(c, ignore) for c in final if c.norm_kwargs["gain_init"] == gain}
         assert len(keys) == 1  # per-step and shared BN at one γ0 share one tuned rate
+
+
+def test_the_next_sessions_commands_run_on_the_smoke_variant(tmp_path):
+    import json
+    import os
+
+    from recnorm.experiments.tune import main
+
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    assert main(["shared_bn", "--smoke", "--runs", runs, "--results", results]) == 0
+    choices = json.load(open(os.path.join(results, "shared_bn-smoke-tune", "choices.json")))
+    assert len(choices["arms"]) == 2 and all(len(a["curve"]) == 5 for a in choices["arms"])
+    assert main(["shared_bn", "--smoke", "--final", "--runs", runs, "--results", results]) == 0
+    final = [json.loads(line) for line in open(os.path.join(results, "shared_bn-smoke", "runs.jsonl"))]
+    assert len(final) == 8
+    chosen = {a["label"].split(",")[0]: a["lr"] for a in choices["arms"]}
+    assert {r["config"]["lr"] for r in final} <= set(chosen.values())
