@@ -139,11 +139,6 @@ for _task in TASKS:  # the success rate is a fraction: its own margin
                                          margin=0.05, tuned=True, patience=5)
 
 
-def _on_grid(records: Sequence[Record], seeds: Optional[set] = None) -> List[Record]:
-    """Runs of the init grid (those of the contrast-only seeds left out)."""
-    return [r for r in records if seeds is None or r["seed"] in seeds]
-
-
 def _value(r: Record, chance: Optional[float]) -> Optional[float]:
     v = final(r)
     return chance if v is None else v

@@ -13,7 +13,7 @@ statistic for every step. So "shared BN fails" splits into:
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.study import (
