@@ -273,3 +273,18 @@ def test_bh_families_keep_old_verdicts_apart_from_remeasured_ones():
     assert old.p_adjusted == pytest.approx(old.test.p_primary) and new.p_adjusted == pytest.approx(new.test.p_primary)
     assert new.counted and not old.counted and old.primary
     assert "not re-measured: at 10 steps, one untuned learning rate; not counted" in old.verdict()
+
+
+def test_runs_behind_no_claim_are_named_on_the_page():
+    from recnorm.experiments.evidence import _uncovered, _uncovered_line
+
+    records = _bpc_records()
+    extra = record(0, 1.9, metric="bpc", higher=False, task_name="kjv_chars", task_options={}, dropout=0.5,
+                   num_layers=2)
+    claims = language.claims(records)
+    assert _uncovered(records, claims) == []
+    settings = _uncovered(records + [extra], claims)
+    assert len(settings) == 1 and settings[0][1:] == ("kjv_chars", 1)
+    study = Study(name="language", sweep=language.sweep)
+    line = _uncovered_line(study, settings)[0]
+    assert line.startswith("Runs behind no comparison of this study") and "on kjv_chars (1 runs)" in line

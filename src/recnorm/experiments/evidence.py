@@ -17,10 +17,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from recnorm.experiments.document import VERDICT_WORDS, badge
-from recnorm.experiments.results import is_sweep_dir, load_records
+from recnorm.experiments.results import is_sweep_dir, load_records, model_label
 from recnorm.experiments.studies import STUDIES, list_studies
 from recnorm.experiments.study import Claim, Question, Study, adjust, stopped_early
 
@@ -52,18 +52,22 @@ def _cell(text: str) -> str:
 OTHER_SETTINGS = "other settings of the {study} study (no question of the page names them)"
 
 
-def _answers(studies: Sequence[Study], results: str, docs: str, stopped: Optional[Dict[str, Tuple[int, int]]] = None
+def _answers(studies: Sequence[Study], results: str, docs: str, notes: Optional[Dict[Tuple[str, str], Any]] = None
              ) -> Tuple[List[Tuple[Study, Question, List[Claim], int]], int]:
-    """Per question: the claims that answer it (each claim once on the page) and its study's run count.
+    """Per question: the claims that answer it (each claim once on the page) and its study's run count;
+    ``notes[(study, "stopped")]`` and ``notes[(study, "uncovered")]`` get the fraction of its runs that stopped
+    early and the settings behind no claim.
     Claims that no question names are not dropped: they follow under :data:`OTHER_SETTINGS`, so every
     setting a study runs is on the page, including those where the opposite holds."""
     out, total = [], 0
     for study in studies:
         records, _ = study_records(study, results, docs)
         total += len(records)
-        if stopped is not None:
-            stopped[study.name] = stopped_early(records)
-        claims, shown = study.derive(records), set()
+        claims = study.derive(records)
+        if notes is not None:
+            notes[(study.name, "stopped")] = stopped_early(records)
+            notes[(study.name, "uncovered")] = _uncovered(records, claims)
+        shown: set = set()
         for q in study.questions:
             matched = [c for c in claims if c.key not in shown and any(fnmatch.fnmatchcase(c.key, k) for k in q.keys)]
             shown.update(c.key for c in matched)
@@ -72,6 +76,25 @@ def _answers(studies: Sequence[Study], results: str, docs: str, stopped: Optiona
         if rest:
             out.append((study, Question(OTHER_SETTINGS.format(study=study.name), ("*",)), rest, len(records)))
     return out, total
+
+
+def _uncovered(records: Sequence[dict], claims: Sequence[Claim]) -> List[Tuple[str, str, int]]:
+    """``(model, task, runs)`` for the settings whose runs are behind no claim of the study."""
+    used = {r for c in claims for r in c.runs}
+    counts: Dict[Tuple[str, str], int] = {}
+    for r in records:
+        if r["run_id"] not in used:
+            key = (model_label(r["config"]), r["config"]["task"])
+            counts[key] = counts.get(key, 0) + 1
+    return [(m, t, n) for (m, t), n in counts.items()]
+
+
+def _uncovered_line(study: Study, settings: Sequence[Tuple[str, str, int]]) -> List[str]:
+    if not settings:
+        return []
+    listed = "; ".join(f"{m} on {t} ({n} runs)" for m, t, n in settings)
+    return [f"Runs behind no comparison of this study (shown so that no setting is hidden; in "
+            f"`results/{study.name}/{RUNS_FILE}`): {listed}.", ""]
 
 
 def short_id(run_id: str) -> str:
@@ -182,7 +205,7 @@ def _tuning_lines(study: Study, results: str) -> List[str]:
 
 
 def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], results: str = "results",
-                  stopped: Optional[Dict[str, Tuple[int, int]]] = None) -> List[str]:
+                  notes: Optional[Dict[Tuple[str, str], Any]] = None) -> List[str]:
     out: List[str] = []
     header = ("| question | claim [task] | source | study | primary metric; budget | verdict | effect [95% interval] "
               "| seeds that agree | p (BH-adjusted; sign-flip) | power: detects | second metric (not counted) | runs |")
@@ -191,7 +214,9 @@ def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], r
         if study is not current:
             current = study
             out += (["", f"## {study.name}", ""] + _tuning_lines(study, results)
-                    + _budget_line((stopped or {}).get(study.name, (0, 0)) if n_runs else (0, -1)) + [header, "|" + "---|" * 12])
+                    + _budget_line((notes or {}).get((study.name, "stopped"), (0, 0)) if n_runs else (0, -1))
+                    + _uncovered_line(study, (notes or {}).get((study.name, "uncovered"), []))
+                    + [header, "|" + "---|" * 12])
         if not claims:
             why = "no runs" if not n_runs else "no matching comparison in these runs"
             out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – | – |")
@@ -205,8 +230,8 @@ def build_evidence(results: str = "results", docs: str = "docs", studies: Option
     questions), reading their runs under ``results`` (or ``docs``)."""
     chosen = [STUDIES.resolve(n) for n in (studies if studies is not None else list_studies())]
     chosen = [s for s in chosen if s.questions]
-    stopped: Dict[str, Tuple[int, int]] = {}
-    answers, runs = _answers(chosen, results, docs, stopped)
+    notes: Dict[Tuple[str, str], Any] = {}
+    answers, runs = _answers(chosen, results, docs, notes)
     adjust([c for _s, _q, claims, _n in answers for c in claims])
     out = [
         "# Does normalization do for an RNN what it does for a CNN? The evidence",
@@ -226,7 +251,7 @@ def build_evidence(results: str = "results", docs: str = "docs", studies: Option
         "",
     ]
     out += _summary(_tally(answers))
-    out += ["", "# Every comparison, by study"] + _study_tables(answers, results, stopped) + [""]
+    out += ["", "# Every comparison, by study"] + _study_tables(answers, results, notes) + [""]
     return "\n".join(out)
 
 
