@@ -209,7 +209,9 @@ class _NormSetup:
                 continue
             nf = self.hidden_size if site == "cell" else gate_size
             groups = None if site == "cell" else cell.gate_groups(self.hidden_size)
-            module = create_norm(self.norm, site, nf, groups, self.norm_kwargs, **fk)
+            # A site of no features (a cell of hidden_size=0, which torch.nn allows) has nothing to normalize, and
+            # statistics over no features are undefined: it is left alone (its tensors are empty).
+            module = create_norm(self.norm, site, nf, groups, self.norm_kwargs, **fk) if nf else None
             name = _SITE_ATTR[site] + suffix
             setattr(self, name, module)  # None where the scheme leaves the site alone, as torch.nn does for absent biases
             if module is not None:
@@ -339,6 +341,14 @@ class RecurrentBase(_NormSetup, nn.Module):
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for cuDNN-backed torch.nn layers."""
+
+    @property
+    def _flat_weights(self) -> List[Optional[Tensor]]:
+        """torch.nn.RNNBase's list of the layer's weights, in the order of ``_flat_weights_names``, for torch
+        utilities and tests that read it. Read afresh at every access, so it always holds what the layer
+        computes with: after ``.to()``/``.double()``, ``load_state_dict``, ``weight_norm`` or a
+        parametrization (whose computed weight ``getattr`` returns)."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
