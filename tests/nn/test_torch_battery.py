@@ -229,6 +229,27 @@ def test_error_case_raises_torch_type_and_wording(case, norm):
         assert str(theirs) in str(ours), f"recnorm's message {str(ours)!r} lacks torch.nn's {str(theirs)!r}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+@pytest.mark.parametrize("kind", LAYERS + CELLS)
+def test_device_mismatch_raises_torch_type(kind):
+    for where in ("input", "hx"):
+        outcomes = []
+        for lib in ("torch", "recnorm"):
+            m = _cls(lib, kind)(3, 4)
+            x = torch.randn(2, 5, 3) if kind in LAYERS else torch.randn(2, 3)
+            shape = (1, 5, 4) if kind in LAYERS else (2, 4)
+            h = torch.zeros(shape)
+            if where == "input":
+                x = x.cuda()
+            else:
+                m, x = m.cuda(), x.cuda()
+            hx = (h, h) if kind.startswith("LSTM") else h
+            with pytest.raises(RuntimeError) as err:
+                m(x, hx)
+            outcomes.append(err.type)
+        assert outcomes[0] is outcomes[1]
+
+
 def test_dropout_with_one_layer_warns_as_torch_does():
     for kind in LAYERS:
         with pytest.warns(UserWarning) as theirs:
@@ -578,6 +599,7 @@ def test_weight_norm_and_parametrizations_reparametrize_and_keep_the_norm(kind, 
     torch.testing.assert_close(m2(x)[0], ref(x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization announces its move to torchao
 @pytest.mark.parametrize("norm", NORM_IDS, ids=lambda n: f"norm={n}")
 def test_quantize_dynamic_leaves_recnorm_layers_correct_or_refuses(norm):
     """torch.ao.quantization.quantize_dynamic swaps modules by exact type (nn.LSTM, nn.GRU, nn.Linear, ...).
