@@ -241,6 +241,14 @@ class RecurrentBase(_NormSetup, nn.Module):
     between layers. The cell (``cell``: a :class:`~recnorm.nn.cells.CellType` or a name from
     :data:`~recnorm.nn.cells.CELLS`) gives the weight shapes and the step math; the norm registry gives
     the module at each site; :mod:`recnorm.kernels` runs each direction from their descriptors.
+
+    It is not a subclass of ``torch.nn.RNNBase`` (so ``isinstance(m, nn.LSTM)`` is False). ``nn.RNNBase``
+    computes torch's fixed equations: its forward hands ``_flat_weights`` to the ``_VF.lstm``/``gru``/``rnn_*``
+    operators and branches on a ``mode`` string, and code that tests ``isinstance(m, nn.LSTM)`` (torch.ao's
+    FX quantization and numeric suite, for example) would take a normalized layer for torch's and use its
+    weights without its norm. The layer keeps torch's surface instead: arguments, checks and their
+    exceptions, parameter names, ``_flat_weights_names``/``_flat_weights``, ``all_weights`` and
+    ``flatten_parameters``.
     """
 
     # Defaults for modules pickled before these options existed (torch.save(model) of an older recnorm).
