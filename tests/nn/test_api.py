@@ -31,13 +31,13 @@ def test_unknown_norm_kwargs_lists_the_valid_ones():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: recnorm.GRU(3, 4, proj_size=2), "proj_size argument is only supported for LSTM, not GRU"),
-        (lambda: recnorm.RNN(3, 4, proj_size=2), "proj_size argument is only supported for LSTM, not RNN"),
+        (lambda: recnorm.GRU(3, 4, proj_size=2), "proj_size argument is only supported for LSTM, not RNN or GRU"),
+        (lambda: recnorm.RNN(3, 4, proj_size=2), "proj_size argument is only supported for LSTM, not RNN or GRU"),
         (lambda: recnorm.LSTM(3, 4, proj_size=4), "proj_size has to be smaller than hidden_size"),
-        (lambda: recnorm.LSTM(3, 0), "hidden_size should be an integer >= 1, got 0"),
-        (lambda: recnorm.LSTM(3, 4, num_layers=0), "num_layers should be an integer >= 1"),
+        (lambda: recnorm.LSTM(3, 0), "hidden_size must be greater than zero, got 0"),
+        (lambda: recnorm.LSTM(3, 4, num_layers=0), "num_layers must be greater than zero"),
         (lambda: recnorm.LSTM(3, 4, dropout=1.5), r"dropout should be a number in range \[0, 1\]"),
-        (lambda: recnorm.RNN(3, 4, nonlinearity="sigmoid"), "unknown nonlinearity 'sigmoid'"),
+        (lambda: recnorm.RNN(3, 4, nonlinearity="sigmoid"), r"Unknown nonlinearity 'sigmoid'\. Select from 'tanh' or 'relu'"),
         (lambda: recnorm.LSTM(3, 4, kernel="cuda"), "unknown kernel 'cuda'"),
     ],
 )
@@ -47,27 +47,29 @@ def test_bad_constructor_arguments(make, match):
 
 
 def test_bad_inputs():
+    """torch.nn's exception types and wording (tests/nn/test_torch_battery.py compares every case with torch.nn
+    itself), with the shapes that arrived after it."""
     m = recnorm.LSTM(3, 4, num_layers=2)
-    with pytest.raises(ValueError, match=r"expected input to be 2-D .* or 3-D batched, got 4-D"):
+    with pytest.raises(ValueError, match=r"LSTM: Expected input to be 2D or 3D, got 4D instead .*got shape \(2, 3, 4, 5\)"):
         m(torch.randn(2, 3, 4, 5))
-    with pytest.raises(ValueError, match="Expected 3, got 5"):
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 3, got 5"):
         m(torch.randn(2, 3, 5))
-    with pytest.raises(ValueError, match=r"expected h_0 of shape \(2, 3, 4\), got \(1, 3, 4\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 3, 4\), got \[1, 3, 4\]"):
         m(torch.randn(2, 3, 3), (torch.zeros(1, 3, 4), torch.zeros(2, 3, 4)))
-    with pytest.raises(ValueError, match=r"expected c_0 of shape \(2, 3, 4\), got \(2, 2, 4\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(2, 3, 4\), got \[2, 2, 4\]"):
         m(torch.randn(2, 3, 3), (torch.zeros(2, 3, 4), torch.zeros(2, 2, 4)))
-    with pytest.raises(ValueError, match="for batched 3-D input, h_0 should be 3-D, got a 2-D"):
+    with pytest.raises(RuntimeError, match=r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 2-D\) tensors"):
         m(torch.randn(2, 3, 3), (torch.zeros(2, 4), torch.zeros(2, 4)))
     with pytest.raises(TypeError, match=r"expected hx to be a tuple \(h_0, c_0\)"):
         m(torch.randn(2, 3, 3), torch.zeros(2, 3, 4))
-    with pytest.raises(TypeError, match="expected a floating point input, got dtype torch.int64"):
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.int64\) does not match weight dtype \(torch.float32\)"):
         m(torch.ones(2, 3, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="dtype torch.float64"):
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.float64\) does not match weight dtype"):
         m(torch.randn(2, 3, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="expected a non-empty sequence, got sequence length 0"):
+    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0 in RNN, got an input of 0 steps"):
         m(torch.randn(0, 3, 3))
     g = recnorm.GRU(3, 4)
-    with pytest.raises(ValueError, match=r"expected h_0 of shape \(1, 2, 4\), got \(1, 2, 5\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 4\), got \[1, 2, 5\]"):
         g(torch.randn(5, 2, 3), torch.zeros(1, 2, 5))
 
 
@@ -77,9 +79,9 @@ def test_cell_errors():
         cell(torch.randn(2, 3))
     with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
         cell(torch.randn(2, 3), step=-1)
-    with pytest.raises(ValueError, match="inconsistent input_size: got 5, expected 3"):
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size: got 5 expected 3"):
         cell(torch.randn(2, 5), step=0)
-    with pytest.raises(ValueError, match=r"expected hidden state of shape \(2, 4\), got \(3, 4\)"):
+    with pytest.raises(RuntimeError, match="Input batch size 2 doesn't match hidden0 batch size 3"):
         cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4)), step=0)
     # layer norm keeps no per-step statistics: no step needed
     out = recnorm.GRUCell(3, 4, norm="layer")(torch.randn(2, 3))

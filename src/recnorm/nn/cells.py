@@ -174,8 +174,10 @@ class RNNCellType(CellType):
     site_notes = {"cell": "the RNN has no cell state (its only state is h)"}
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
-        if nonlinearity not in _ACTIVATIONS:
-            raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {sorted(_ACTIVATIONS)}")
+        if not isinstance(nonlinearity, str) or nonlinearity not in _ACTIVATIONS:
+            # torch.nn.RNN's wording; torch.nn.RNNCell accepts the name and fails at its first call, here both refuse it at once
+            choices = " or ".join(repr(a) for a in sorted(_ACTIVATIONS, key=lambda a: a != "tanh"))
+            raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Select from {choices}.")
         self.nonlinearity = nonlinearity
         self._act = _ACTIVATIONS[nonlinearity]
 
