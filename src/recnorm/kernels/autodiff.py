@@ -29,7 +29,8 @@ the operator would on that slice alone. It costs one kernel call per slice.
 active, the layers therefore call the operator through :func:`functorch_function`, an
 ``autograd.Function`` with ``setup_context`` and a generated vmap rule whose forward is the operator and
 whose backward is the operator's registered one. Outside transforms (eager, ``torch.jit.trace``,
-``torch.compile``, ``torch.export``) the operator is called directly.
+``torch.compile``, ``torch.export``) the operator is called directly. Forward-mode transforms
+(``torch.func.jvp``, ``jacfwd``) are not served: the operators have no forward derivative.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def _rnn_step(act: Callable[[Tensor], Tensor]):
     return step
 
 
-# The cell math the operators implement (torch.nn's LSTM, GRU and RNN cells), by the operators' codes.
+# The cell math the operators implement (torch.nn's LSTM, GRU and RNN cells), by the operators' codes. It is
+# the math of recnorm.nn's built-in cells, which kernels cannot import; tests/kernels/test_autodiff.py checks
+# that the recomputation's gradients equal the C++ backward's for every cell x norm.
 _CELLS = {
     "lstm": CellDesc("lstm", 4, 2, _lstm_step),
     0: CellDesc("gru", 3, 1, _gru_step),
@@ -171,6 +174,11 @@ def operator_reference(kind, x, batch_sizes, h0, c0, w_ih, w_hh, bias, b_hn, gai
     The operators take every additive term already summed (``bias``: both biases and the gate norms'
     shifts; for the GRU, ``b_hn``: the recurrent n-block bias inside ``r * (.)``), so here ``bias`` is the
     input term's bias and ``b_hn`` the n block of the recurrent one."""
+    if pop is None:
+        raise RuntimeError(
+            "recnorm: this fused operator ran under torch.compile or torch.jit.trace, whose graphs differentiate it "
+            "once; differentiate its gradient (create_graph=True) in eager mode"
+        )
     cell = _CELLS[kind]
     H = w_hh.shape[1]
     G = w_hh.shape[0]
