@@ -530,7 +530,7 @@ def _kernel_sites(work: DirectionWork) -> Tuple[str, ...]:
 
 def _folded_view(work: DirectionWork) -> DirectionWork:
     """The direction as the kernel sees it: a sequence-wise input norm is folded into the input weights
-    before the kernel runs (:func:`recnorm.kernels.native.fold_sequence_norm`), so it counts as none."""
+    before the kernel runs (:func:`recnorm.kernels.functional.fold_sequence_norm`), so it counts as none."""
     ih = work.norm("ih")
     if ih is None or ih.stat != "sequence":
         return work
