@@ -526,8 +526,11 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
     t0 = time.perf_counter()
     if status == "ok":
         if batch_norm:
-            final["valid_ema"] = evaluate(model, task, "valid", config.eval_batch_size)
-            final["test_ema"] = evaluate(model, task, "test", config.eval_batch_size)
+            from recnorm.diagnostics import running_averages
+
+            with running_averages(model):  # measured on purpose, beside the exact statistics: no warning
+                final["valid_ema"] = evaluate(model, task, "valid", config.eval_batch_size)
+                final["test_ema"] = evaluate(model, task, "test", config.eval_batch_size)
             population["ema"] = _population_stats(model, task.seq_len)
             if config.dropout == 0.0 or config.num_layers == 1:
                 final["test_batch_stats"] = _evaluate_batch_stats(model, task, "test", config.eval_batch_size)
