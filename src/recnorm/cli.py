@@ -105,11 +105,17 @@ def _make_backend(args: argparse.Namespace) -> Any:
         if args.address:
             raise ValueError("--address: expected --backend ray with it")
         return None
-    from recnorm.experiments.ray_backend import INSTALL_HINT, RayBackend, ray_available
+    from recnorm.experiments.ray_backend import RayBackend, ray_import_error
 
-    if not ray_available():
-        raise ValueError(f"--backend ray needs Ray, which is not installed: {INSTALL_HINT}")
-    return RayBackend(address=args.address, max_in_flight=args.workers)
+    problem = ray_import_error()
+    if problem is not None:
+        raise ValueError(f"--backend ray: {problem}")
+    try:
+        backend = RayBackend(address=args.address, max_in_flight=args.workers, notify=_out)
+    except ImportError as exc:  # ray:// without the Ray client
+        raise ValueError(f"--backend ray: {exc}") from None
+    backend.connect()  # a cluster that does not answer stops here, before anything is written
+    return backend
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -606,7 +612,7 @@ def _build_kernels_first(configs: Sequence[Any], backend: Any = None) -> None:
     otherwise the first run would sit silently through the compile (about a minute per kernel). A backend
     that runs elsewhere (a Ray cluster) builds them on its own nodes (``backend.builds_kernels``): this
     process then compiles nothing it will not use."""
-    fused = ("layer", "batch", "shared_batch")
+    fused = ("layer", "rms", "batch", "shared_batch")
     if os.environ.get("RECNORM_KERNEL") == "reference" or not any(c.norm in fused for c in configs):
         return
     if backend is not None and getattr(backend, "builds_kernels", False):
@@ -637,6 +643,13 @@ def _ignore_further_interrupts() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _connect_error() -> type:
+    """:class:`~recnorm.experiments.ray_backend.RayConnectError` (importing that module does not import Ray)."""
+    from recnorm.experiments.ray_backend import RayConnectError
+
+    return RayConnectError
 
 
 def _silence_stdout() -> None:
@@ -670,7 +683,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _MissingExtra as exc:
         print(f"recnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (ConfigError, ValueError, FileNotFoundError, SweepBusyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, SweepBusyError, _connect_error()) as exc:
         print(f"recnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable or read-only output directory, a full disk, ...

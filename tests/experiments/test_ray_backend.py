@@ -125,10 +125,146 @@ def test_returned_files_stay_inside_the_run_directory(tmp_path):
 def test_missing_ray_is_one_clear_line(monkeypatch, tmp_path, capsys):
     import recnorm.experiments.ray_backend as rb
 
-    monkeypatch.setattr(rb, "ray_available", lambda: False)
+    monkeypatch.setattr(rb, "ray_import_error", lambda: f"Ray is not installed: {rb.INSTALL_HINT}")
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(small_spec().to_dict()))
     assert main(["sweep", "--spec", str(spec_path), "--out", str(tmp_path / "out"), "--backend", "ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'recnorm[ray]'" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the rough edges (issue 19)
+def _cli(args, timeout=300, **env):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    env.pop("RAY_ADDRESS", None)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "recnorm", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def _errors(stderr: str):
+    return [line for line in stderr.splitlines() if line.startswith("recnorm ") or "Traceback" in line]
+
+
+def test_a_broken_ray_install_is_one_line_naming_the_import_error(tmp_path):
+    fake = tmp_path / "site" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libray_core.so: cannot open shared object file')\n")
+    out = tmp_path / "out"
+    proc, _ = _cli(["sweep", "--grid", "norm=none", "--out", str(out), "--backend", "ray"],
+                   PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{SRC}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Ray is installed but fails to import (ImportError: libray_core.so: cannot open shared object file)" in lines[0]
+    assert "not installed" not in lines[0] and "pip install --force-reinstall 'recnorm[ray]'" in lines[0]
+    assert not out.exists()
+
+
+def test_a_wrong_address_fails_within_the_limit_and_writes_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        refused = s.getsockname()[1]
+    out = tmp_path / "out"
+    proc, seconds = _cli(["sweep", "--grid", "norm=none", "--out", str(out), "--backend", "ray", "--address",
+                          f"127.0.0.1:{refused}"])
+    assert proc.returncode == 2 and seconds < 60
+    assert _errors(proc.stderr) == [f"recnorm sweep: error: cannot reach the Ray cluster at 127.0.0.1:{refused}: "
+                                    "Connection refused (check --address and that the head node is up)"]
+    assert not out.exists()
+
+    silent = socket.socket()  # listens, accepts, never answers: what ray.init retried for many minutes
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        port = silent.getsockname()[1]
+        proc, seconds = _cli(["compare", "--smoke", "--out", str(out), "--backend", "ray", "--address",
+                              f"127.0.0.1:{port}"], RECNORM_RAY_CONNECT_TIMEOUT="5")
+    finally:
+        silent.close()
+    assert proc.returncode == 2 and seconds < 60, proc.stderr
+    assert _errors(proc.stderr) == [f"recnorm compare: error: the Ray cluster at 127.0.0.1:{port} did not answer "
+                                    "within 5 s (check --address; $RECNORM_RAY_CONNECT_TIMEOUT sets the limit)"]
+    assert not out.exists()
+
+
+def test_ray_client_addresses_need_the_client_extra(monkeypatch, tmp_path, capsys):
+    import recnorm.experiments.ray_backend as rb
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # as without ray[client]
+    with pytest.raises(ImportError, match=r"needs ray\[client\].*pip install 'recnorm\[ray\]'"):
+        rb.RayBackend(address="ray://head:10001")
+    out = tmp_path / "out"
+    assert main(["sweep", "--grid", "norm=none", "--out", str(out), "--backend", "ray", "--address",
+                 "ray://127.0.0.1:10001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the address ray://127.0.0.1:10001 goes through the Ray client" in err
+    assert not out.exists()
+
+
+def test_the_ray_extra_installs_the_client():
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(SRC), "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(req.startswith("ray[client]") for req in extras["ray"]), extras["ray"]
+    import grpc  # noqa: F401  (installed by it, so ray:// works where the extra is installed)
+
+
+def test_a_failed_task_reports_its_cause(cluster, tmp_path):
+    from recnorm.experiments.ray_backend import task_failure
+
+    @ray.remote
+    def boom():
+        raise ValueError("the cause, on the worker")
+
+    with pytest.raises(Exception) as info:
+        ray.get(boom.remote())
+    error, report = task_failure(info.value)
+    assert error == "ValueError: the cause, on the worker"
+    assert "\x1b[" not in report and "the cause, on the worker" in report
+
+
+def test_a_module_only_on_the_driver_fails_the_run_with_its_cause(cluster, tmp_path, monkeypatch, capsys):
+    plugin = tmp_path / "plugins"
+    plugin.mkdir()
+    (plugin / "driver_only_plugin.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(plugin))  # importable here, not on the workers
+    spec = small_spec(steps=1, seeds=(0,))
+    spec.grids = [{"norm": [None]}]
+    spec.imports = ["driver_only_plugin"]
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    out = tmp_path / "out"
+    assert main(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address", cluster]) == 1
+    text = capsys.readouterr().out
+    run_id = spec.expand()[0].run_id
+    cause = "ModuleNotFoundError: No module named 'driver_only_plugin'"
+    assert f"run {run_id} failed: {cause}" in text and "\x1b[" not in text
+    error = json.load(open(out / "runs" / run_id / "error.json"))
+    assert error["error"].startswith(cause) and "Traceback" in error["traceback"] and "\x1b[" not in error["error"]
+
+
+def test_kernels_are_prepared_once_per_node_before_the_runs_and_not_on_the_driver(cluster, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from recnorm import kernels
+
+    monkeypatch.setattr(kernels, "build_extensions", lambda: pytest.fail("the driver compiled the kernels"))
+    monkeypatch.setattr(kernels, "extensions_built", lambda: pytest.fail("the driver checked the kernels"))
+    spec = small_spec(steps=1)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    out = str(tmp_path / "out")
+    assert main(["sweep", "--spec", str(spec_path), "--out", out, "--backend", "ray", "--address", cluster]) == 0
+    text = capsys.readouterr().out
+    assert text.count("preparing recnorm's C++ kernels on 1 node(s) before the runs") == 1
+    assert ": already built" in text or ": compiled in" in text
+    assert text.index("preparing recnorm's C++ kernels") < text.index("4 run(s) finished now")
+    assert len(load_records(out)) == 4
+    # nothing left to run: no kernel task either
+    assert main(["sweep", "--spec", str(spec_path), "--out", out, "--backend", "ray", "--address", cluster]) == 0
+    assert "preparing" not in capsys.readouterr().out
