@@ -124,6 +124,15 @@ def task_failure(exc: BaseException) -> Tuple[str, str]:
     return error, _ANSI.sub("", str(exc))
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def _probe(address: str, timeout: float) -> None:
     """Fail fast when nothing listens at ``host:port`` (``ray://host:port`` or a GCS ``host:port``)."""
     target = address[len("ray://"):] if address.startswith("ray://") else address
@@ -272,10 +281,15 @@ class RayBackend:
         outcome: Dict[str, BaseException] = {}
 
         def init() -> None:
+            quiet = _DropMessage("SIGTERM handler is not set")  # ray.init's note about running in a thread
+            worker_log = logging.getLogger("ray._private.worker")
+            worker_log.addFilter(quiet)
             try:
                 ray.init(address=address, **kwargs)
             except BaseException as exc:  # reported by the caller's thread
                 outcome["error"] = exc
+            finally:
+                worker_log.removeFilter(quiet)
 
         # ray.init retries an address that does not answer for many minutes: wait for it in a daemon thread
         thread = threading.Thread(target=init, name="recnorm-ray-connect", daemon=True)
