@@ -303,3 +303,39 @@ def test_ray_client_addresses_work_with_the_extra(cluster, tmp_path):
             server.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_a_run_whose_worker_dies_resumes_from_its_checkpoint(cluster, tmp_path, caplog):
+    """The worker process of a long run is killed after the run's checkpoint reached the driver (what a
+    lost node does to it): Ray retries the task, which resumes from that checkpoint and ends with the same
+    numbers as an uninterrupted run; the checkpoint is removed once the result is written."""
+    spec = small_spec(steps=4000, seeds=(0,))
+    spec.base = spec.base.replace(eval_every=1000)
+    spec.grids = [{"norm": ["layer"]}]
+    out = tmp_path / "sweep"
+    lines = []
+    backend = RayBackend(checkpoint_every=100, notify=lines.append)
+    import threading
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("sweep", run_sweep(spec, str(out), backend=backend)))
+    thread.start()
+    ckpt_dir = out / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpt_dir.exists() and os.listdir(ckpt_dir)) and thread.is_alive():
+        time.sleep(0.05)
+    assert thread.is_alive(), "the run finished before its first checkpoint reached the driver"
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "ray::run_remote" in " ".join(p.info["cmdline"] or [])]
+    assert len(victims) == 1, victims
+    victims[0].kill()
+    thread.join(600)
+    assert not thread.is_alive()
+    sweep = outcome["sweep"]
+    assert sweep.finished and len(sweep.completed) == 1, sweep.failed
+    resumed = [line for line in lines if "resumed from its checkpoint at step" in line]
+    assert len(resumed) == 1 and int(resumed[0].split("at step ")[1].split()[0]) >= 100, lines
+    assert os.listdir(ckpt_dir) == []
+    config = spec.expand()[0]
+    record = load_records(str(out))[0]
+    local = train_and_evaluate(config.replace(threads=1), str(tmp_path / "local"))
+    assert record["train"]["loss"] == local.train["loss"] and record["final"] == local.final

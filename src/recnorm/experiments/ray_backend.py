@@ -146,10 +146,42 @@ def _probe(address: str, timeout: float) -> None:
                               "and that the head node is up)") from None
 
 
-def run_remote(config_data: Dict[str, Any], imports: List[str]) -> Dict[str, Any]:
-    """The body of one Ray task: train one run in a temporary directory and return its files.
+class CheckpointStore:
+    """A Ray actor holding the latest checkpoint of every run in flight (see
+    :mod:`recnorm.experiments.checkpoint`): tasks put and get them; the driver drains the new ones to disk
+    and seeds the store from disk before it submits a run."""
 
-    Returns ``{"run_id", "status", "error", "seconds", "files": {relative path: bytes}, "host"}``.
+    def __init__(self) -> None:
+        self.latest: Dict[str, bytes] = {}
+        self.fresh: set = set()
+
+    def put(self, run_id: str, data: bytes) -> None:
+        self.latest[run_id] = data
+        self.fresh.add(run_id)
+
+    def seed(self, run_id: str, data: bytes) -> None:
+        self.latest[run_id] = data
+
+    def get(self, run_id: str) -> Optional[bytes]:
+        return self.latest.get(run_id)
+
+    def drain(self) -> Dict[str, bytes]:
+        out = {k: self.latest[k] for k in self.fresh if k in self.latest}
+        self.fresh.clear()
+        return out
+
+    def drop(self, run_id: str) -> None:
+        self.latest.pop(run_id, None)
+        self.fresh.discard(run_id)
+
+
+def run_remote(config_data: Dict[str, Any], imports: List[str], store: Any = None, every: int = 0) -> Dict[str, Any]:
+    """The body of one Ray task: train one run in a temporary directory and return its files. With a
+    :class:`CheckpointStore` ``store`` and ``every > 0``, the run saves its state there every ``every`` steps
+    and resumes from the latest one it finds (a retry after its node was lost, say).
+
+    Returns ``{"run_id", "status", "error", "seconds", "files": {relative path: bytes}, "host",
+    "resumed_from"}``.
     """
     import importlib
     import json
@@ -170,9 +202,18 @@ def run_remote(config_data: Dict[str, Any], imports: List[str]) -> Dict[str, Any
         return {"run_id": config.run_id, "status": "failed", "error": error, "seconds": 0.0, "host": socket.gethostname(),
                 "files": {"config.json": json.dumps({"run_id": config.run_id, **config.to_dict()}, indent=1).encode(),
                           ERROR_FILE: json.dumps(body, indent=1).encode()}}
+    checkpoint = None
+    if store is not None and every:
+        import ray
+
+        from recnorm.experiments.checkpoint import BytesCheckpoint
+
+        key = RunConfig.from_dict(config_data).run_id
+        checkpoint = BytesCheckpoint(lambda data: ray.get(store.put.remote(key, data)),
+                                     lambda: ray.get(store.get.remote(key)), every)
     workdir = tempfile.mkdtemp(prefix="recnorm-run-")
     try:
-        run_id, status, error, seconds = _run_one(config_data, workdir)
+        run_id, status, error, seconds = _run_one(config_data, workdir, checkpoint)
         files: Dict[str, bytes] = {}
         for root, _dirs, names in os.walk(workdir):
             for name in names:
@@ -180,7 +221,7 @@ def run_remote(config_data: Dict[str, Any], imports: List[str]) -> Dict[str, Any
                 with open(path, "rb") as f:
                     files[os.path.relpath(path, workdir)] = f.read()
         return {"run_id": run_id, "status": status, "error": error, "seconds": seconds, "files": files,
-                "host": socket.gethostname()}
+                "host": socket.gethostname(), "resumed_from": checkpoint.resumed_from if checkpoint else None}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -234,6 +275,10 @@ class RayBackend:
             default 45).
         notify: called with one line per event a person should see (kernel builds on the nodes); default:
             logged at INFO.
+        checkpoint_every: save each run's training state every this many steps, kept by the driver in
+            ``OUT/checkpoints/<run_id>.pt`` until the run finishes; a run retried after its node was lost,
+            or resubmitted by a later invocation, resumes from it (None: ``$RECNORM_CHECKPOINT_EVERY``,
+            default 1000; 0: off).
 
     If Ray is already initialized in this process (``ray.is_initialized()``), the backend uses that
     connection and leaves it open.
@@ -245,7 +290,8 @@ class RayBackend:
 
     def __init__(self, address: Optional[str] = None, max_in_flight: Optional[int] = None,
                  num_cpus: Optional[int] = None, init_kwargs: Optional[Dict[str, Any]] = None,
-                 connect_timeout: Optional[float] = None, notify: Optional[Callable[[str], None]] = None):
+                 connect_timeout: Optional[float] = None, notify: Optional[Callable[[str], None]] = None,
+                 checkpoint_every: Optional[int] = None):
         _import_ray()
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight: expected None or an int >= 1, got {max_in_flight!r}")
@@ -259,6 +305,11 @@ class RayBackend:
         self.connect_timeout = float(connect_timeout if connect_timeout is not None
                                      else os.environ.get("RECNORM_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
         self.notify = notify or (lambda line: logger.info("%s", line))
+        if checkpoint_every is None:
+            from recnorm.experiments.checkpoint import checkpoint_every as default_every
+
+            checkpoint_every = default_every()
+        self.checkpoint_every = int(checkpoint_every)
         self._owns = False  # whether this backend started the connection (and so ends it)
 
     def _address(self) -> Optional[str]:
@@ -345,6 +396,47 @@ class RayBackend:
                 self.notify(f"  {report['host']}: compiled in {report['seconds']:.0f} s")
         return reports
 
+    # -- checkpoints of runs in flight: OUT/checkpoints/<run_id>.pt on the driver ------------------------
+    @staticmethod
+    def _checkpoint_path(run_dir: str) -> str:
+        from recnorm.experiments.checkpoint import CHECKPOINT_DIR
+
+        sweep_dir = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+        return os.path.join(sweep_dir, CHECKPOINT_DIR, os.path.basename(run_dir) + ".pt")
+
+    def _checkpoint_store(self, ray: Any) -> Any:
+        """The store actor, on the driver's node where Ray can place it there."""
+        options: Dict[str, Any] = {"num_cpus": 0}
+        try:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True)
+        except Exception:  # a Ray client driver runs on no node: anywhere will do
+            pass
+        return ray.remote(CheckpointStore).options(**options).remote()
+
+    def _seed_checkpoint(self, ray: Any, store: Any, run_dir: str) -> None:
+        path = self._checkpoint_path(run_dir)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                ray.get(store.seed.remote(os.path.basename(run_dir), f.read()))
+
+    def _save_checkpoints(self, ray: Any, store: Any, run_dirs: List[str]) -> None:
+        by_id = {os.path.basename(d): d for d in run_dirs}
+        for run_id, data in ray.get(store.drain.remote()).items():
+            if run_id in by_id:
+                path = self._checkpoint_path(by_id[run_id])
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _write_atomic(path, data)
+
+    def _drop_checkpoint(self, ray: Any, store: Any, run_dir: str) -> None:
+        ray.get(store.drop.remote(os.path.basename(run_dir)))
+        try:
+            os.remove(self._checkpoint_path(run_dir))
+        except FileNotFoundError:
+            pass
+
     def run(self, jobs: List[Tuple[Dict[str, Any], str]], imports: List[str],
             record: Callable[[Tuple[str, str, Optional[str], float]], None]) -> None:
         """Run ``jobs`` (``(config dict, run directory)``) and ``record`` each outcome
@@ -359,13 +451,19 @@ class RayBackend:
             if jobs and needs_fused_kernels([c for c, _ in jobs]):
                 self.build_kernels(ray)
             task = ray.remote(num_cpus=1)(run_remote)
+            store = self._checkpoint_store(ray) if jobs and self.checkpoint_every else None
             queue = list(jobs)
             limit = self.max_in_flight or len(queue) or 1
             while queue or pending:
                 while queue and len(pending) < limit:
                     config_data, run_dir = queue.pop(0)
-                    pending[task.remote(config_data, list(imports))] = (config_data, run_dir, time.perf_counter())
-                done, _ = ray.wait(list(pending), num_returns=1)
+                    if store is not None:
+                        self._seed_checkpoint(ray, store, run_dir)
+                    ref = task.remote(config_data, list(imports), store, self.checkpoint_every)
+                    pending[ref] = (config_data, run_dir, time.perf_counter())
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=None if store is None else 2.0)
+                if store is not None:
+                    self._save_checkpoints(ray, store, [r for _, r, _ in pending.values()])
                 for ref in done:
                     config_data, run_dir, submitted = pending.pop(ref)
                     try:
@@ -379,8 +477,13 @@ class RayBackend:
                         record((run_id, "failed", message, time.perf_counter() - submitted))
                         continue
                     write_run_files(run_dir, payload["files"])
+                    if store is not None:  # finished: its checkpoint is of no more use (a lost run keeps it)
+                        self._drop_checkpoint(ray, store, run_dir)
                     logger.info("run %s %s on %s in %.1f s", payload["run_id"], payload["status"], payload["host"],
                                 payload["seconds"])
+                    if payload.get("resumed_from"):
+                        self.notify(f"run {payload['run_id']} resumed from its checkpoint at step "
+                                    f"{payload['resumed_from']} on {payload['host']}")
                     if payload["status"] == "failed":
                         logger.error("run %s failed on %s: %s", payload["run_id"], payload["host"], payload["error"])
                     record((payload["run_id"], payload["status"], payload["error"], payload["seconds"]))

@@ -385,7 +385,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[ProgressFn] = None) -> RunResult:
+def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[ProgressFn] = None,
+                       checkpoint: Any = None) -> RunResult:
     """Train one model as ``config`` says and evaluate it; write ``config.json``, ``model.pt`` (when the run
     did not diverge) and ``result.json``.
 
@@ -394,6 +395,9 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
         workdir: directory for the run's files (created). ``result.json`` appears only when the run is
             complete (atomic rename), so its presence marks a finished run.
         progress: optional callback ``progress(step, total_steps, info)`` (the CLI draws a bar with it).
+        checkpoint: optional :class:`~recnorm.experiments.checkpoint.Checkpoint`: the training state is saved
+            every ``checkpoint.every`` steps, and a run that finds one resumes from it (with the same
+            numbers as an uninterrupted run).
 
     Returns:
         The :class:`RunResult` also written to ``workdir/result.json``. A run whose loss or gradient norm
@@ -472,12 +476,34 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
         grad_flow.append({"step": step, **entry})
         diag_seconds += time.perf_counter() - t0
 
-    run_eval(0)
-    run_diag(0, "init")
+    # ---- checkpoints (recnorm.experiments.checkpoint): what the loop below needs to go on from a step
+    def training_state(step: int) -> Dict[str, Any]:
+        return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "train": train, "valid": valid, "grad_flow": grad_flow, "diag_stats": diag_stats,
+                "seconds": [train_seconds, eval_seconds, diag_seconds]}
+
+    first = 1
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        first = int(resumed["step"]) + 1
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        for _ in range(first - 1):  # the training stream, where the interrupted run left it
+            next(train_stream)
+        torch.set_rng_state(resumed["rng"]["torch"])
+        np.random.set_state(resumed["rng"]["numpy"])
+        random.setstate(resumed["rng"]["python"])
+        train, valid, grad_flow, diag_stats = resumed["train"], resumed["valid"], resumed["grad_flow"], resumed["diag_stats"]
+        train_seconds, eval_seconds, diag_seconds = resumed["seconds"]
+        logger.info("run %s resumes from its checkpoint at step %d", config.run_id, first - 1)
+    else:
+        run_eval(0)
+        run_diag(0, "init")
     if progress is not None:
-        progress(0, total_steps, {"training": True})
-    step = 0
-    for step in range(1, total_steps + 1):
+        progress(first - 1, total_steps, {"training": True})
+    step = first - 1
+    for step in range(first, total_steps + 1):
         batch = next(train_stream)
         t0 = time.perf_counter()
         outputs = model(batch.x, batch.lengths)
@@ -515,6 +541,8 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
             run_diag(step, "final")
         elif config.diag_every and step % config.diag_every == 0:
             run_diag(step, None)
+        if checkpoint is not None and checkpoint.every and step % checkpoint.every == 0 and step < total_steps:
+            checkpoint.save(training_state(step))
 
     steps_done = step if status == "ok" else (diverged_step or 1) - 1
     if status == "diverged":
