@@ -99,8 +99,9 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
                              "Ray instance); --workers then caps the runs in flight")
 
 
-def _make_backend(args: argparse.Namespace) -> Any:
-    """The sweep backend the flags ask for (None: local processes)."""
+def _make_backend(args: argparse.Namespace, todo: Sequence[Any] = (1,)) -> Any:
+    """The sweep backend the flags ask for (None: local processes); it joins its cluster now when there
+    are runs ``todo``."""
     if args.backend == "local":
         if args.address:
             raise ValueError("--address: expected --backend ray with it")
@@ -114,7 +115,8 @@ def _make_backend(args: argparse.Namespace) -> Any:
         backend = RayBackend(address=args.address, max_in_flight=args.workers, notify=_out)
     except ImportError as exc:  # ray:// without the Ray client
         raise ValueError(f"--backend ray: {exc}") from None
-    backend.connect()  # a cluster that does not answer stops here, before anything is written
+    if todo:
+        backend.connect()  # a cluster that does not answer stops here, before anything is written
     return backend
 
 
@@ -297,9 +299,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     spec = get_preset(args.preset, smoke=args.smoke)
     out = args.out or os.path.join("runs", ("compare" if args.preset == "default" else args.preset)
                                    + ("-smoke" if args.smoke else ""))
-    backend = _make_backend(args)  # a missing Ray stops here, before anything is written
+    todo = _unfinished(spec.expand(), out)
+    backend = _make_backend(args, todo)  # a missing Ray stops here, before anything is written
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
-    _build_kernels_first(_unfinished(spec.expand(), out), backend)
+    _build_kernels_first(todo, backend)
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, backend=backend)
     if outcome.failed:
         _out(f"{len(outcome.failed)} run(s) failed (see their error.json); re-run the same command to retry")
@@ -441,9 +444,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             _out(f"  {c.run_id}")
         return 0
     _need_extras("tqdm", *(("matplotlib",) if args.report else ()))
-    backend = _make_backend(args)  # a missing Ray stops here, before anything is written
+    todo = _unfinished(configs, out)
+    backend = _make_backend(args, todo)  # a missing Ray stops here, before anything is written
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
-    _build_kernels_first(_unfinished(configs, out), backend)
+    _build_kernels_first(todo, backend)
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs,
                                    backend=backend)
     _out(f"{len(outcome.completed)} run(s) finished now, {len(outcome.skipped)} before, {len(outcome.failed)} failed")

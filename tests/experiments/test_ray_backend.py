@@ -338,3 +338,17 @@ def test_a_run_whose_worker_dies_resumes_from_its_checkpoint(cluster, tmp_path, 
     record = load_records(str(out))[0]
     local = train_and_evaluate(config.replace(threads=1), str(tmp_path / "local"))
     assert record["train"]["loss"] == local.train["loss"] and record["final"] == local.final
+
+
+def test_a_finished_sweep_needs_no_cluster(tmp_path, monkeypatch, capsys):
+    """Re-running a finished sweep with --backend ray joins no cluster (nothing to run), however far it is."""
+    out = tmp_path / "sweep"
+    spec = small_spec(steps=1, seeds=(0,))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    assert main(["sweep", "--spec", str(spec_path), "--out", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(RayBackend, "connect", lambda self: pytest.fail("joined a cluster with nothing to run"))
+    assert main(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
+                 "127.0.0.1:1"]) == 0
+    assert "all 2 runs already finished" in capsys.readouterr().out

@@ -444,6 +444,9 @@ class RayBackend:
         from recnorm.experiments.sweep import ERROR_FILE
         from recnorm.experiments.results import write_json_atomic
 
+        if not jobs:  # a finished sweep: no cluster needed
+            self.close()
+            return
         ray = _import_ray()
         self.connect()
         pending: Dict[Any, Tuple[Dict[str, Any], str, float]] = {}

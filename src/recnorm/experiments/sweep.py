@@ -271,7 +271,8 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
     if workers > 1 or backend is not None:
         configs = [c.replace(threads=1) for c in configs]
     run_ids = [c.run_id for c in configs]
-    if backend is not None and hasattr(backend, "connect"):
+    if backend is not None and hasattr(backend, "connect") and any(
+            not os.path.exists(os.path.join(out_dir, "runs", c.run_id, "result.json")) for c in configs):
         backend.connect()  # a cluster that does not answer fails here, before anything is written
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     with _exclusive_sweep(out_dir):
