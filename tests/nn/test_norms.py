@@ -387,6 +387,106 @@ def test_recompute_needs_batches():
         recnorm.recompute_population_statistics(m, [])
 
 
+def _batch_norms(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, recnorm.RecurrentBatchNorm)}
+
+
+@pytest.mark.parametrize("kernel", ["reference", "auto"])
+def test_non_finite_batch_statistics_never_enter_the_running_averages(kernel, caplog):
+    """A NaN at time step 2 of one row: statistics of steps 2.. are left out (a warning names step 2), and a
+    clean batch afterwards leaves exactly the running averages of a model that never saw the NaN there."""
+    torch.manual_seed(0)
+    a = recnorm.LSTM(3, 4, norm="batch", kernel=kernel)
+    b = recnorm.LSTM(3, 4, norm="batch", kernel=kernel)
+    b.load_state_dict(a.state_dict())
+    bad, clean = torch.randn(6, 5, 3), torch.randn(6, 5, 3)
+    bad[2, 1, 0] = float("nan")
+    with caplog.at_level("WARNING", logger="recnorm"):
+        assert torch.isnan(a(bad)[0][2:]).all()  # as torch.nn.BatchNorm1d: the whole batch's step is NaN
+    messages = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    # the input term at step 2, where the NaN is; the recurrent term and the cell from there on
+    assert any("at time step 2 of its training call" in m for m in messages), messages
+    assert any("at time steps 2, 3, 4, 5 of its training call" in m for m in messages), messages
+    a(clean)
+    b(clean)
+    # x_2 is NaN: W_ih x_t at step 2 only; W_hh h_{t-1} from step 3 (h_2 is NaN); c_t from step 2
+    left_out = {"norm_ih_l0": [2], "norm_hh_l0": [3, 4, 5], "norm_c_l0": [2, 3, 4, 5]}
+    assert sorted(_batch_norms(a)) == sorted(left_out)
+    for (name, bn_a), bn_b in zip(_batch_norms(a).items(), _batch_norms(b).values()):
+        steps = left_out[name]
+        assert bn_a.num_batches_tracked[:6].tolist() == [1 if t in steps else 2 for t in range(6)], name
+        for buf in ("running_mean", "running_var"):
+            assert torch.isfinite(getattr(bn_a, buf)).all(), name
+            torch.testing.assert_close(getattr(bn_a, buf)[steps], getattr(bn_b, buf)[steps])
+    a.eval()
+    assert torch.isfinite(a(clean)[0]).all()  # clean data evaluated later is clean
+
+
+def test_non_finite_batches_are_left_out_of_calibration(caplog):
+    torch.manual_seed(0)
+    m = recnorm.GRU(3, 4, norm="batch", dtype=DT)
+    xs = [torch.randn(5, 6, 3, dtype=DT), torch.randn(5, 6, 3, dtype=DT)]
+    bad = xs[0].clone()
+    bad[:, 0, 0] = float("inf")  # every step of one row
+    recnorm.calibrate(m, [xs[1]])
+    expected = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+    with caplog.at_level("WARNING", logger="recnorm"):
+        recnorm.calibrate(m, [bad, xs[1]])
+    assert any("time steps 0, 1, 2, 3, 4 of its population-pass call" in r.getMessage() for r in caplog.records)
+    for k, v in expected.items():
+        torch.testing.assert_close(m.state_dict()[k], v)
+
+
+def test_training_past_max_steps_warns_once_and_says_how_to_raise_it(caplog):
+    import recnorm.nn.norms as norms
+
+    norms._WARNED_MAX_STEPS.discard(4)
+    m = recnorm.LSTM(3, 4, norm="batch", norm_kwargs={"max_steps": 4}, num_layers=2)
+    with caplog.at_level("WARNING", logger="recnorm"):
+        m(torch.randn(4, 5, 3))  # within max_steps: quiet
+        assert not caplog.records
+        m(torch.randn(7, 5, 3))
+        m(torch.randn(9, 5, 3))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "7 steps" in lines[0] and "max_steps=4" in lines[0] and "norm_kwargs={'max_steps': 7}" in lines[0]
+
+
+def test_calibrate_takes_x_y_batches_of_a_data_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    m = recnorm.LSTM(3, 4, norm="batch", batch_first=True, dtype=DT)
+    x, y = torch.randn(12, 5, 3, dtype=DT), torch.randn(12, 4, dtype=DT)
+    assert recnorm.calibrate(m, DataLoader(TensorDataset(x, y), batch_size=4)) == 3
+    proj = x @ m.weight_ih_l0.T  # (B, T, 4H): every row of the pass, pooled per step
+    torch.testing.assert_close(m.norm_ih_l0.running_mean[:5], proj.mean(0))
+    torch.testing.assert_close(m.norm_ih_l0.running_var[:5], proj.var(0))
+
+
+def test_calibrate_says_what_batches_it_needs():
+    m = recnorm.LSTM(3, 4, norm="batch")
+    with pytest.raises(TypeError, match=r"\(x, y\) from a DataLoader; got a dict.*forward_fn="):
+        recnorm.calibrate(m, [{"x": torch.randn(5, 2, 3)}])
+    with pytest.raises(TypeError, match=r"got a list of \(list, Tensor\)"):
+        recnorm.calibrate(m, [[[1.0], torch.randn(2)]])
+
+
+def test_running_averages_marks_a_deliberate_evaluation(caplog):
+    import recnorm.nn.rnn as rnn
+
+    rnn._WARNED_UNCALIBRATED = False
+    m = recnorm.LSTM(3, 4, norm="batch")
+    m(torch.randn(5, 2, 3))
+    m.eval()
+    with caplog.at_level("WARNING", logger="recnorm"):
+        with recnorm.diagnostics.running_averages(m):
+            m(torch.randn(5, 2, 3))
+        assert not caplog.records
+        m(torch.randn(5, 2, 3))  # outside the block the warning is armed again
+    assert any("lag the weights" in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------------
 # state_dict round trip
 # ---------------------------------------------------------------------------------------------------

@@ -31,8 +31,11 @@ case (None when it can):
 * compiling: ``native``, ``fused``, ``reference`` without autograd; with autograd ``fused``, then
   ``reference``.
 
-``kernel=`` on a layer (or ``$RECNORM_KERNEL``) forces one implementation; one that cannot serve the case
-raises ValueError with the reason.
+``kernel=`` on a layer forces one implementation; one that cannot serve the case raises ValueError with the
+reason. ``$RECNORM_KERNEL`` (for layers built without ``kernel=``) is a preference: the named implementation
+runs wherever it can serve the case, and a case it cannot serve (say a layer inside
+:func:`recnorm.diagnostics.capture`, which needs per-step outputs, under ``fused``) runs as ``"auto"``
+chooses, with a note logged once per reason.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = [
     "choose",
     "execution_mode",
     "KERNELS",
+    "KernelPreference",
     "resolve_kernel",
     "extensions_built",
     "build_extensions",
@@ -68,12 +72,32 @@ KERNELS = ("auto", "reference", "native", "fused", "scan")
 _IMPLS = {"reference": reference, "native": native, "fused": fused, "scan": scan}
 
 
+class KernelPreference(str):
+    """A kernel name that came from ``$RECNORM_KERNEL``: :func:`choose` runs it where it can serve the case
+    and falls back to ``"auto"`` elsewhere, instead of raising."""
+
+
 def resolve_kernel(kernel: Optional[str]) -> str:
-    """The kernel to use: the argument, else ``$RECNORM_KERNEL``, else ``"auto"``."""
-    name = kernel or os.environ.get("RECNORM_KERNEL") or "auto"
+    """The kernel to use: the argument, else ``$RECNORM_KERNEL`` (a :class:`KernelPreference`), else ``"auto"``."""
+    if kernel:
+        name = kernel
+    else:
+        env = os.environ.get("RECNORM_KERNEL")
+        name = KernelPreference(env) if env and env != "auto" else "auto"
     if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; expected one of {KERNELS}")
+        where = "" if kernel else " ($RECNORM_KERNEL)"
+        raise ValueError(f"unknown kernel {str(name)!r}{where}; expected one of {KERNELS}")
     return name
+
+
+_FALLBACK_NOTED: set = set()
+
+
+def _note_fallback(kernel: str, why: str) -> None:
+    key = (str(kernel), why)
+    if key not in _FALLBACK_NOTED:
+        _FALLBACK_NOTED.add(key)
+        log.info("RECNORM_KERNEL=%s cannot run a layer here (%s); it runs as kernel='auto' chooses", kernel, why)
 
 
 def execution_mode() -> str:
@@ -113,9 +137,11 @@ def choose(
     mode = execution_mode()
     if kernel != "auto":
         why = _IMPLS[kernel].supports(work, x, batch_sizes, mode)
-        if why is not None:
+        if why is None:
+            return str(kernel), mode
+        if not isinstance(kernel, KernelPreference):
             raise ValueError(f"kernel={kernel!r} cannot run this layer: {why}")
-        return kernel, mode
+        _note_fallback(kernel, why)
     reasons = []
     grad = _needs_grad(work, x, state)
     order = autotune.eager_order(work, x, batch_sizes, grad) if mode == "eager" else _candidates(mode, grad)
