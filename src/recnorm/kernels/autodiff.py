@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from recnorm.kernels import reference
+from recnorm.kernels.cell_math import gru_step, lstm_step, rnn_step
 from recnorm.kernels.contract import CellDesc, DirectionWork, NormDesc
 
 __all__ = [
@@ -82,44 +83,18 @@ def recompute_reason(grads: Sequence[Optional[Tensor]]) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _sum(gi: Tensor, gh: Optional[Tensor]) -> Tensor:
-    return gi if gh is None else gi + gh
-
-
-def _lstm_step(gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-    h, c = state
-    i, f, g, o = _sum(gi, gh).chunk(4, 1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    cn = c if norm_c is None else norm_c(c)
-    h = torch.sigmoid(o) * torch.tanh(cn)
-    return h, (h, cn if carry else c)
-
-
-def _gru_step(gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-    (h,) = state
-    i_r, i_z, i_n = gi.chunk(3, 1)
-    h_r, h_z, h_n = gh.chunk(3, 1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    h = n + z * (h - n)
-    return h, (h,)
-
-
 def _rnn_step(act: Callable[[Tensor], Tensor]):
     def step(gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-        h = act(_sum(gi, gh))
-        return h, (h,)
+        return rnn_step(act, gi, gh, state)
 
     return step
 
 
-# The cell math the operators implement (torch.nn's LSTM, GRU and RNN cells), by the operators' codes. It is
-# the math of recnorm.nn's built-in cells, which kernels cannot import; tests/kernels/test_autodiff.py checks
-# that the recomputation's gradients equal the C++ backward's for every cell x norm.
+# The cell math the operators implement (torch.nn's LSTM, GRU and RNN cells), by the operators' codes: the
+# same functions (kernels/cell_math.py) that recnorm.nn's built-in cells step with.
 _CELLS = {
-    "lstm": CellDesc("lstm", 4, 2, _lstm_step),
-    0: CellDesc("gru", 3, 1, _gru_step),
+    "lstm": CellDesc("lstm", 4, 2, lstm_step),
+    0: CellDesc("gru", 3, 1, gru_step),
     1: CellDesc("rnn_tanh", 1, 1, _rnn_step(torch.tanh)),
     2: CellDesc("rnn_relu", 1, 1, _rnn_step(torch.relu)),
 }

@@ -41,6 +41,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from recnorm.kernels.cell_math import gru_step, lstm_step, rnn_step
 from recnorm.kernels.contract import CellDesc
 from recnorm.registry import Registry
 
@@ -112,10 +113,6 @@ class CellType:
         raise NotImplementedError
 
 
-def _sum(gi: Tensor, gh: Optional[Tensor]) -> Tensor:
-    return gi if gh is None else gi + gh
-
-
 class LSTMCellType(CellType):
     name = "lstm"
     num_gates = 4
@@ -125,14 +122,7 @@ class LSTMCellType(CellType):
     kernel_kind = "lstm"
 
     def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-        h, c = state
-        i, f, g, o = _sum(gi, gh).chunk(4, 1)  # each (B, H)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        cn = c if norm_c is None else norm_c(c)
-        h = torch.sigmoid(o) * torch.tanh(cn)
-        if weight_hr is not None:
-            h = h.matmul(weight_hr.t())  # (B, P)
-        return h, (h, cn if carry else c)
+        return lstm_step(gi, gh, state, norm_c, carry, weight_hr)
 
 
 class GRUCellType(CellType):
@@ -153,14 +143,7 @@ class GRUCellType(CellType):
         return (2 * hidden_size, hidden_size)
 
     def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-        (h,) = state
-        i_r, i_z, i_n = gi.chunk(3, 1)
-        h_r, h_z, h_n = gh.chunk(3, 1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        h = n + z * (h - n)  # = (1 - z) * n + z * h
-        return h, (h,)
+        return gru_step(gi, gh, state)
 
 
 _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"tanh": torch.tanh, "relu": torch.relu}
@@ -189,8 +172,7 @@ class RNNCellType(CellType):
         return [{"nonlinearity": a} for a in sorted(_ACTIVATIONS, key=lambda a: a != "tanh")]
 
     def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-        h = self._act(_sum(gi, gh))
-        return h, (h,)
+        return rnn_step(self._act, gi, gh, state)
 
 
 CELLS: Registry[type] = Registry("cell")

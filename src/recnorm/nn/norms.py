@@ -65,6 +65,12 @@ SITES = ("ih", "hh", "gates", "cell")
 _WARNED_MAX_STEPS: set = set()  # max_steps values whose overrun was reported (RecurrentBatchNorm._check_steps)
 
 
+def _traced(t: Tensor) -> bool:
+    """Whether ``t`` is seen by torch.func (vmap, grad) or torch.compile, where reading its value in Python
+    is refused or breaks the graph."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling()
+
+
 class RecurrentBatchNorm(nn.Module):
     r"""Batch normalization with running statistics indexed by time step.
 
@@ -310,7 +316,7 @@ class RecurrentBatchNorm(nn.Module):
     def _check_steps(self, m: BatchMoments) -> None:
         """Warn (once per process and ``max_steps`` value) when a training sequence runs past the last slot of
         per-step statistics."""
-        if self.stat != "step" or self.max_steps in _WARNED_MAX_STEPS or m.steps.numel() == 0:
+        if self.stat != "step" or self.max_steps in _WARNED_MAX_STEPS or m.steps.numel() == 0 or _traced(m.steps):
             return
         last = int(m.steps.max())
         if last >= self.max_steps:
@@ -328,6 +334,8 @@ class RecurrentBatchNorm(nn.Module):
         Non-finite statistics (a NaN or inf in the batch) never enter the running averages or a population
         pass: one such batch would otherwise poison its slots for every later evaluation."""
         finite = torch.isfinite(m.mean).all(1) & torch.isfinite(m.var).all(1) | (m.count < 2).to(m.mean.device)
+        if _traced(finite):  # no data-dependent branch under torch.func or compile: the mask applies, unannounced
+            return finite
         if not bool(finite.all()):
             bad = m.steps[~finite.to(m.steps.device)].tolist()
             shown = ", ".join(str(t) for t in bad[:8]) + (f", ... ({len(bad)} steps)" if len(bad) > 8 else "")
