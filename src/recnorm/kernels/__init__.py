@@ -33,19 +33,26 @@ case (None when it can):
 
 ``kernel=`` on a layer (or ``$RECNORM_KERNEL``) forces one implementation; one that cannot serve the case
 raises ValueError with the reason.
+
+A new implementation is a module with ``supports`` and ``run_direction``, registered in
+:data:`IMPLEMENTATIONS` (one line below); ``kernel=`` reaches it at once, and ``"auto"`` once
+:func:`_candidates` or :mod:`.autotune` lists it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from recnorm.kernels import autotune, fused, native, reference, scan
 from recnorm.kernels.contract import BatchMoments, CellDesc, DirectionResult, DirectionWork, NormDesc
+from recnorm.registry import Registry
 
 __all__ = [
     "DirectionWork",
@@ -57,6 +64,8 @@ __all__ = [
     "choose",
     "execution_mode",
     "KERNELS",
+    "IMPLEMENTATIONS",
+    "Implementation",
     "resolve_kernel",
     "extensions_built",
     "build_extensions",
@@ -64,15 +73,36 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "reference", "native", "fused", "scan")
-_IMPLS = {"reference": reference, "native": native, "fused": fused, "scan": scan}
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A registered time-loop implementation: a module with ``supports(work, x, batch_sizes, mode)`` (None
+    when it can serve the case, else the reason) and ``run_direction(work, x, batch_sizes, state)``."""
+
+    name: str
+    module: ModuleType
+
+    def supports(self, work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode: str) -> Optional[str]:
+        return self.module.supports(work, x, batch_sizes, mode)
+
+    def run_direction(self, *args: Any, **kwargs: Any) -> DirectionResult:
+        return self.module.run_direction(*args, **kwargs)
+
+
+#: The implementations by name. ``kernel=NAME`` forces a registered one; ``"auto"`` tries those that
+#: :func:`_candidates` (and :mod:`.autotune`) list for the case.
+IMPLEMENTATIONS: Registry[Implementation] = Registry("kernel")
+for _name, _module in (("reference", reference), ("native", native), ("fused", fused), ("scan", scan)):
+    IMPLEMENTATIONS.register(Implementation(_name, _module))
+_IMPLS = IMPLEMENTATIONS  # the dispatch code's short name
+#: The values ``kernel=`` accepts (the registered implementations when this module was imported).
+KERNELS = ("auto", *IMPLEMENTATIONS.names())
 
 
 def resolve_kernel(kernel: Optional[str]) -> str:
     """The kernel to use: the argument, else ``$RECNORM_KERNEL``, else ``"auto"``."""
     name = kernel or os.environ.get("RECNORM_KERNEL") or "auto"
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; expected one of {KERNELS}")
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown kernel {name!r}; expected one of {['auto', *IMPLEMENTATIONS.names()]}")
     return name
 
 
