@@ -178,8 +178,10 @@ class RunConfig:
     def validate(self, check_registries: bool = True) -> "RunConfig":
         """Check every field; raise :class:`ConfigError` ("field: expected X, got Y") on the first problem.
 
-        With ``check_registries`` the task (and its option names), the norm and the init scheme are checked
-        against the live registries; this loads no data. Returns ``self`` so calls can chain.
+        With ``check_registries`` the cell (with ``nonlinearity`` and ``forget_bias``), the task (and its option
+        names), the norm (and its options), the init scheme and ``between_layers`` are checked against the live
+        registries, so registered pieces are valid as soon as they are registered; this loads no data. Returns
+        ``self`` so calls can chain.
         """
         hints = _hints()
         for f in dataclasses.fields(self):
