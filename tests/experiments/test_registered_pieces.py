@@ -10,6 +10,7 @@ import torch
 import registry_toys
 from recnorm.cli import main
 from recnorm.experiments.config import ConfigError, RunConfig, cell_options, is_batch_norm
+from recnorm.nn import list_cells
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def test_an_unknown_module_or_cell_fails_with_the_valid_names(tmp_path, capsys):
     assert main(["--import", "no_such_recnorm_plugin", "tasks"]) == 2
     assert "--import no_such_recnorm_plugin" in capsys.readouterr().err
     assert main(["train", "--cell", "toy_mgu", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
-    assert "cell: expected one of ['gru', 'lstm', 'rnn'], got 'toy_mgu'" in capsys.readouterr().err
+    assert f"cell: expected one of {list_cells()}, got 'toy_mgu'" in capsys.readouterr().err
 
 
 def test_the_config_reads_the_cell_and_norm_registries(toys):

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -22,7 +23,7 @@ from recnorm.registry import Registry
 
 
 def test_unknown_norm_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown norm 'bn'.*\['batch', 'layer', 'rms', 'sequence_batch', 'shared_batch'\]"):
+    with pytest.raises(ValueError, match=r"unknown norm 'bn'.*" + re.escape(str(recnorm.list_norms()))):
         recnorm.LSTM(3, 4, norm="bn")
 
 
@@ -124,11 +125,12 @@ def test_good_norm_kwargs_are_normalized():
 
 
 def test_registry_listing_and_options():
-    assert recnorm.list_norms() == ["batch", "layer", "rms", "sequence_batch", "shared_batch"]
+    assert {"batch", "layer", "rms", "sequence_batch", "shared_batch"} <= set(recnorm.list_norms())
+    assert recnorm.list_norms() == sorted(recnorm.list_norms())
     assert recnorm.norm_options("batch") == {"gain_init": 0.1, "max_steps": 1000, "momentum": 0.3, "eps": 1e-5}
     assert recnorm.norm_options("layer")["gain_init"] == 1.0
     assert recnorm.norm_options(None) == {}
-    assert recnorm.list_cells() == ["gru", "lstm", "rnn"]
+    assert {"gru", "lstm", "rnn"} <= set(recnorm.list_cells()) and recnorm.list_cells() == sorted(recnorm.list_cells())
     with pytest.raises(ValueError, match="unknown cell"):
         recnorm.nn.get_cell("indrnn")
 
