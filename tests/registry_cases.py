@@ -50,6 +50,13 @@ CELL_IDS = cell_ids()
 NORM_IDS: List[Optional[str]] = norm_ids()
 
 
+def is_built_in(cell_id: Optional[str] = None, norm: Optional[str] = None) -> bool:
+    """Whether the case's cell and norm are recnorm's own (not a plugin's, such as tests/registry_toys.py)."""
+    cell_ok = cell_id is None or CELLS.get(cell_variants()[cell_id][0]).__module__.startswith("recnorm.")
+    norm_ok = norm is None or NORMS.get(norm).build.__module__.startswith("recnorm.")
+    return cell_ok and norm_ok
+
+
 def batch_norms() -> List[str]:
     return [n for n, spec in NORMS.items() if spec.batch_statistics]
 
