@@ -6,6 +6,9 @@ parameters from here. A plugin registered before collection (``pytest -p my_plug
 conftest) is enrolled the same way: tests/nn/test_api.py checks that with the toy pieces of
 tests/registry_toys.py.
 
+A plugin's cell without a kernel kind is tested on the reference loop: the tests that force the fused kernels
+take ``KERNEL_CELL_IDS``, and those that need recnorm's own pieces ask ``is_built_in``.
+
 Everything here is cheap at collection: the case lists are names read from the registries; modules are built
 only inside the tests.
 """
@@ -45,9 +48,10 @@ def norm_ids() -> List[Optional[str]]:
     return [None] + NORMS.names()
 
 
-# What the registries hold when the test modules are collected (after plugins and conftests have registered).
-CELL_IDS = cell_ids()
-NORM_IDS: List[Optional[str]] = norm_ids()
+def kernel_cell_ids() -> List[str]:
+    """The cell case ids whose math recnorm's fast kernels know (``CellType.kind()`` not None); a registered
+    cell without a kernel kind runs the reference loop (and the export path) only."""
+    return [c for c in cell_ids() if cell_type(c).kind() is not None]
 
 
 def is_built_in(cell_id: Optional[str] = None, norm: Optional[str] = None) -> bool:
@@ -94,6 +98,12 @@ def first(state_out):
 def cases(*axes) -> List[Tuple]:
     """The cross product of the cell ids, the norm ids and further axes."""
     return list(itertools.product(cell_ids(), norm_ids(), *axes))
+
+
+# What the registries hold when the test modules are collected (after plugins and conftests have registered).
+CELL_IDS = cell_ids()
+NORM_IDS: List[Optional[str]] = norm_ids()
+KERNEL_CELL_IDS = kernel_cell_ids()
 
 
 def case_id(*values) -> str:
