@@ -73,6 +73,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """A registered time-loop implementation: a module with ``supports(work, x, batch_sizes, mode)`` (None
