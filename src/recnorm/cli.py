@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recnorm",
         description="Normalized LSTM/GRU/RNN layers and the evidence engine that tests when normalization helps.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable), so that the cells, norms and tasks it registers can "
+                             "be named, e.g. `recnorm --import my_cells train --cell mgu` (a sweep spec lists its "
+                             "workers' modules in its own \"imports\")")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
 
     p = sub.add_parser(
@@ -691,6 +695,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose)
+    import importlib
+
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            print(f"recnorm: error: --import {module}: {exc}", file=sys.stderr)
+            return 2
     from recnorm.experiments.config import ConfigError
     from recnorm.experiments.sweep import SweepBusyError
 

@@ -14,7 +14,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import recnorm
 from recnorm import kernels
 from recnorm.kernels import fused, reference
-from registry_cases import CELL_IDS, DT, NORM_IDS, assert_all_close, case_id, make, randomize, run_and_grad
+# CELL_IDS here: the registered cells whose math the fused kernels know (a plugin's cell runs the reference only)
+from registry_cases import KERNEL_CELL_IDS as CELL_IDS
+from registry_cases import DT, NORM_IDS, assert_all_close, case_id, is_built_in, make, randomize, run_and_grad
 
 # The fused kernels must be here: a machine without a compiler fails these tests (it does not skip them).
 
@@ -30,7 +32,8 @@ SERVED = [(c, n) for c, n in itertools.product(CELL_IDS, NORM_IDS) if _served(c,
 
 
 def test_the_fused_kernels_serve_every_built_in_cell_and_norm():
-    assert len(SERVED) == len(CELL_IDS) * len(NORM_IDS), sorted(set(itertools.product(CELL_IDS, NORM_IDS)) - set(SERVED))
+    built_in = {(c, n) for c, n in itertools.product(CELL_IDS, NORM_IDS) if is_built_in(c, n)}
+    assert built_in <= set(SERVED), sorted(built_in - set(SERVED))
 
 
 def _pair(cell, norm, input_size=3, hidden=5, dtype=DT, **kw):

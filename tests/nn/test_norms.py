@@ -8,13 +8,9 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import recnorm
+from registry_cases import CELL_IDS, first, make, make_cell, state
 
 DT = torch.float64
-CELLS = {
-    "lstm": lambda i, h, **kw: recnorm.LSTM(i, h, dtype=DT, **kw),
-    "gru": lambda i, h, **kw: recnorm.GRU(i, h, dtype=DT, **kw),
-    "rnn": lambda i, h, **kw: recnorm.RNN(i, h, dtype=DT, **kw),
-}
 NORMS = recnorm.list_norms()
 LENGTHS = torch.tensor([6, 3, 5, 4])
 
@@ -28,12 +24,12 @@ def _packed(x, lengths=LENGTHS):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cell,norm", list(itertools.product(CELLS, NORMS)))
+@pytest.mark.parametrize("cell,norm", list(itertools.product(CELL_IDS, NORMS)))
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradcheck_layer(cell, norm, packed):
     torch.manual_seed(0)
     kwargs = {"gain_init": 0.7} if "batch" in norm else None
-    model = CELLS[cell](3, 2, num_layers=2, bidirectional=True, norm=norm, norm_kwargs=kwargs)
+    model = make(cell, 3, 2, num_layers=2, bidirectional=True, dtype=DT, norm=norm, norm_kwargs=kwargs)
     with torch.no_grad():  # non-zero shifts so that every parameter matters
         for name, p in model.named_parameters():
             if name.startswith("norm_"):
@@ -51,28 +47,24 @@ def test_gradcheck_layer(cell, norm, packed):
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
         inp = _packed(x) if packed else x
-        hx = (h0, torch.zeros_like(h0)) if cell == "lstm" else h0
-        out, state = functional_call(model, dict(zip(names, ps)), (inp, hx))
+        out, state_out = functional_call(model, dict(zip(names, ps)), (inp, state(cell, h0)))
         out = pad_packed_sequence(out)[0] if packed else out
-        hn = state[0] if cell == "lstm" else state
-        return out, hn
+        return out, first(state_out)
 
     assert torch.autograd.gradcheck(f, (x, h0, *params), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
-@pytest.mark.parametrize("cell,norm", list(itertools.product(["lstm", "gru", "rnn"], NORMS)))
+@pytest.mark.parametrize("cell,norm", list(itertools.product(CELL_IDS, NORMS)))
 def test_gradcheck_cell(cell, norm):
     torch.manual_seed(1)
-    cls = {"lstm": recnorm.LSTMCell, "gru": recnorm.GRUCell, "rnn": recnorm.RNNCell}[cell]
-    model = cls(3, 2, dtype=DT, norm=norm)
+    model = make_cell(cell, 3, 2, dtype=DT, norm=norm)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     x = torch.randn(5, 3, dtype=DT, requires_grad=True)
     h = torch.randn(5, 2, dtype=DT, requires_grad=True)
 
     def f(x, h, *ps):
-        hx = (h, h * 0.5) if cell == "lstm" else h
-        out = functional_call(model, dict(zip(names, ps)), (x, hx), {"step": 2})
+        out = functional_call(model, dict(zip(names, ps)), (x, state(cell, h, h * 0.5)), {"step": 2})
         return out
 
     assert torch.autograd.gradcheck(f, (x, h, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
@@ -209,11 +201,11 @@ def _run_padded(model, x, lengths, total):
     return out, hn
 
 
-@pytest.mark.parametrize("cell,norm", list(itertools.product(CELLS, [None] + NORMS)))
+@pytest.mark.parametrize("cell,norm", list(itertools.product(CELL_IDS, [None] + NORMS)))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_padding_changes_nothing(cell, norm, mode):
     torch.manual_seed(0)
-    model = CELLS[cell](3, 4, num_layers=2, bidirectional=True, norm=norm)
+    model = make(cell, 3, 4, num_layers=2, bidirectional=True, dtype=DT, norm=norm)
     if mode == "eval":  # give the batch norms some population statistics first
         model(torch.randn(6, 5, 3, dtype=DT))
         model.eval()

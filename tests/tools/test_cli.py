@@ -86,7 +86,7 @@ def test_train_then_report(tmp_path, capsys):
 def test_train_config_error_exits_2(tmp_path, capsys):
     assert main(["train", *TINY, "--cell", "lstmm", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "cell: expected one of ['lstm', 'gru', 'rnn'], got 'lstmm'" in err
+    assert "cell: expected one of ['gru', 'lstm', 'rnn'], got 'lstmm'" in err
     assert not (tmp_path / "x").exists()
 
 

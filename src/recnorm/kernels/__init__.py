@@ -36,19 +36,26 @@ reason. ``$RECNORM_KERNEL`` (for layers built without ``kernel=``) is a preferen
 runs wherever it can serve the case, and a case it cannot serve (say a layer inside
 :func:`recnorm.diagnostics.capture`, which needs per-step outputs, under ``fused``) runs as ``"auto"``
 chooses, with a note logged once per reason.
+
+A new implementation is a module with ``supports`` and ``run_direction``, registered in
+:data:`IMPLEMENTATIONS` (one line below); ``kernel=`` reaches it at once, and ``"auto"`` once
+:func:`_candidates` or :mod:`.autotune` lists it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from recnorm.kernels import autotune, fused, native, reference, scan
 from recnorm.kernels.contract import BatchMoments, CellDesc, DirectionResult, DirectionWork, NormDesc
+from recnorm.registry import Registry
 
 __all__ = [
     "DirectionWork",
@@ -61,6 +68,8 @@ __all__ = [
     "execution_mode",
     "KERNELS",
     "KernelPreference",
+    "IMPLEMENTATIONS",
+    "Implementation",
     "resolve_kernel",
     "extensions_built",
     "build_extensions",
@@ -68,8 +77,30 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "reference", "native", "fused", "scan")
-_IMPLS = {"reference": reference, "native": native, "fused": fused, "scan": scan}
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A registered time-loop implementation: a module with ``supports(work, x, batch_sizes, mode)`` (None
+    when it can serve the case, else the reason) and ``run_direction(work, x, batch_sizes, state)``."""
+
+    name: str
+    module: ModuleType
+
+    def supports(self, work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode: str) -> Optional[str]:
+        return self.module.supports(work, x, batch_sizes, mode)
+
+    def run_direction(self, *args: Any, **kwargs: Any) -> DirectionResult:
+        return self.module.run_direction(*args, **kwargs)
+
+
+#: The implementations by name. ``kernel=NAME`` forces a registered one; ``"auto"`` tries those that
+#: :func:`_candidates` (and :mod:`.autotune`) list for the case.
+IMPLEMENTATIONS: Registry[Implementation] = Registry("kernel")
+for _name, _module in (("reference", reference), ("native", native), ("fused", fused), ("scan", scan)):
+    IMPLEMENTATIONS.register(Implementation(_name, _module))
+_IMPLS = IMPLEMENTATIONS  # the dispatch code's short name
+#: The values ``kernel=`` accepts (the registered implementations when this module was imported).
+KERNELS = ("auto", *IMPLEMENTATIONS.names())
 
 
 class KernelPreference(str):
@@ -84,9 +115,9 @@ def resolve_kernel(kernel: Optional[str]) -> str:
     else:
         env = os.environ.get("RECNORM_KERNEL")
         name = KernelPreference(env) if env and env != "auto" else "auto"
-    if name not in KERNELS:
+    if name != "auto" and name not in IMPLEMENTATIONS:
         where = "" if kernel else " ($RECNORM_KERNEL)"
-        raise ValueError(f"unknown kernel {str(name)!r}{where}; expected one of {KERNELS}")
+        raise ValueError(f"unknown kernel {str(name)!r}{where}; expected one of {['auto', *IMPLEMENTATIONS.names()]}")
     return name
 
 

@@ -148,7 +148,14 @@ def load_extension(family: str = "lstm"):
     return EXTENSIONS[family].load()
 
 
-@torch._dynamo.assume_constant_result
+def _assume_constant_result(fn):
+    # What torch._dynamo.assume_constant_result does, without importing torch._dynamo: that import is half the
+    # time of `import recnorm` (tests/nn/test_api.py checks that both mark a function alike).
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def available(family: str = "lstm") -> bool:
     """Whether the extension is (or can be) built on this machine. Under torch.compile this runs once,
     eagerly, when the graph is traced (building the extension then if need be), and is a constant."""

@@ -29,14 +29,16 @@ included:
 
 * RNN: ``h_t = act(gi + gh)`` with ``act`` tanh or relu.
 
-A new cell type is one subclass of :class:`CellType` registered in :data:`CELLS`. Its ``kernel_kind``
-names the math recnorm's fast kernels implement for it; a subclass that overrides ``step`` without
-declaring its own ``kernel_kind`` gets None, so no fast kernel ever runs math other than its own.
+A new cell type is one subclass of :class:`CellType` with its own ``name``, registered in :data:`CELLS` by
+``@register_cell`` on the class; every layer (``RecurrentBase(name, ...)``), the engine
+(``recnorm train --cell name``) and the test suite then take it up. Its ``kernel_kind`` names the math
+recnorm's fast kernels implement for it; a subclass that overrides ``step`` without declaring its own
+``kernel_kind`` gets None, so no fast kernel ever runs math other than its own.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -176,22 +178,39 @@ class RNNCellType(CellType):
 
 
 CELLS: Registry[type] = Registry("cell")
-CELLS.register("lstm", LSTMCellType)
-CELLS.register("gru", GRUCellType)
-CELLS.register("rnn", RNNCellType)
+for _cls in (LSTMCellType, GRUCellType, RNNCellType):
+    CELLS.register(_cls)
 
 
-def register_cell(name: str, cls: type, *, replace: bool = False) -> type:
-    """Register a :class:`CellType` subclass under ``name``."""
+def register_cell(cls: type, legacy_cls: Optional[type] = None, *, replace: bool = False) -> type:
+    """Register a :class:`CellType` subclass under its ``name``; returns the class, so it also decorates::
+
+        @register_cell
+        class MinimalGatedCellType(CellType):
+            name = "mgu"
+            ...
+
+    The older form ``register_cell(name, cls)`` still works: it names a class that does not set its own
+    ``name`` (one that inherits its parent's) after ``name``, and refuses a class whose own ``name`` differs.
+    """
+    if isinstance(cls, str):  # register_cell(name, cls), the form before every entry carried its name
+        name, cls = cls, legacy_cls
+        if isinstance(cls, type) and cls.__dict__.get("name", name) != name:
+            raise ValueError(f"register_cell({name!r}, {cls.__qualname__}): the class is named "
+                             f"{cls.__dict__['name']!r}; call register_cell({cls.__qualname__})")
+        if isinstance(cls, type) and "name" not in cls.__dict__:
+            cls.name = name
     if not (isinstance(cls, type) and issubclass(cls, CellType)):
         raise ValueError(f"a cell is a CellType subclass, got {cls!r}")
-    return CELLS.register(name, cls, replace=replace)
+    return CELLS.register(cls, replace=replace)
 
 
-def list_cells():
+def list_cells() -> List[str]:
+    """Names of the registered cells."""
     return CELLS.names()
 
 
 def get_cell(name: str, **options) -> CellType:
-    """Build a cell type by name (``"lstm"``, ``"gru"``, ``"rnn"``)."""
+    """Build a cell type by name (``"lstm"``, ``"gru"``, ``"rnn"`` or a registered one) with its constructor
+    options (``nonlinearity=`` for ``"rnn"``)."""
     return CELLS.get(name)(**options)

@@ -47,6 +47,7 @@ __all__ = [
     "NormSpec",
     "NORMS",
     "register_norm",
+    "norm_label",
     "list_norms",
     "get_norm",
     "create_norm",
@@ -749,7 +750,7 @@ class NormSpec:
         batch_statistics: whether the scheme normalizes with batch statistics (running averages, a
             train/eval difference, batch-size effects).
         checks: validators for options :data:`OPTION_CHECKS` does not know.
-        label: a short display name for reports.
+        label: a short display name for reports (the engine's tables and figures); empty: ``name``.
     """
 
     name: str
@@ -760,13 +761,20 @@ class NormSpec:
     checks: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
     label: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
 
 NORMS: Registry[NormSpec] = Registry("norm")
 
 
 def register_norm(spec: NormSpec, *, replace: bool = False) -> NormSpec:
-    """Register a normalization scheme; it is then usable as ``norm=spec.name`` by every layer."""
-    return NORMS.register(spec.name, spec, replace=replace)
+    """Register a normalization scheme; it is then usable as ``norm=spec.name`` by every layer, by the engine
+    (``recnorm train --norm``, reports labelled with ``spec.label``) and by the registry-driven tests."""
+    if not isinstance(spec, NormSpec):
+        raise ValueError(f"a norm is a NormSpec, got {spec!r}")
+    return NORMS.register(spec, replace=replace)
 
 
 def list_norms() -> List[str]:
@@ -781,6 +789,12 @@ def get_norm(name: Optional[str]) -> Optional[NormSpec]:
     if not isinstance(name, str) or name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; expected None or one of {list_norms()}")
     return NORMS.get(name)
+
+
+def norm_label(name: Optional[str]) -> str:
+    """The display name of a scheme for reports (:attr:`NormSpec.label`); ``"no norm"`` for None."""
+    spec = get_norm(name)
+    return "no norm" if spec is None else spec.label
 
 
 def resolve_norm_kwargs(name: Optional[str], norm_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
