@@ -69,7 +69,7 @@ _WARNED_MAX_STEPS: set = set()  # max_steps values whose overrun was reported (R
 def _traced(t: Tensor) -> bool:
     """Whether ``t`` is seen by torch.func (vmap, grad) or torch.compile, where reading its value in Python
     is refused or breaks the graph."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class RecurrentBatchNorm(nn.Module):

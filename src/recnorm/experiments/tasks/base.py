@@ -134,14 +134,15 @@ class Task(abc.ABC):
 
 def _load_builtin_tasks() -> None:
     # Every module of the tasks package is a task file: importing it registers its tasks (@register_task).
+    # The package is found by this file's place, not imported by name, so base imports nothing above it.
     import importlib
+    import os
     import pkgutil
 
-    from recnorm.experiments import tasks
-
-    for info in pkgutil.iter_modules(tasks.__path__):
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
         if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"{tasks.__name__}.{info.name}")
+            importlib.import_module(f"{package}.{info.name}")
 
 
 #: The task registry (:class:`recnorm.registry.Registry`); the built-in tasks load on the first lookup.
