@@ -1,6 +1,17 @@
 """Test cases enrolled from the registries: every registered cell (with its variants) and every registered
-norm. Registering a cell or a norm adds it to the parity, gradcheck, padding, fused-vs-reference and
-every-tool tests that build their parameters from here."""
+norm. Registering a cell or a norm adds it to the gradcheck and padding tests (tests/nn/test_norms.py), the
+drop-in tests (tests/nn/test_dropin.py), the fused-vs-reference tests for what the fused kernels serve
+(tests/kernels/test_fused.py) and the every-tool tests (tests/tools/test_tools.py), which build their
+parameters from here. A plugin registered before collection (``pytest -p my_plugin``, or imported by a
+conftest) is enrolled the same way: tests/nn/test_api.py checks that with the toy pieces of
+tests/registry_toys.py.
+
+A plugin's cell without a kernel kind is tested on the reference loop: the tests that force the fused kernels
+take ``KERNEL_CELL_IDS``, and those that need recnorm's own pieces ask ``is_built_in``.
+
+Everything here is cheap at collection: the case lists are names read from the registries; modules are built
+only inside the tests.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import torch
 import recnorm
 from recnorm.nn import CELLS, RecurrentBase
 from recnorm.nn.norms import NORMS
+from recnorm.nn.rnn import CellBase
 
 DT = torch.float64
 
@@ -26,24 +38,72 @@ def cell_variants() -> Dict[str, Tuple[str, Dict[str, Any]]]:
     return out
 
 
-CELL_IDS = list(cell_variants())
-NORM_IDS: List[Optional[str]] = [None] + NORMS.names()
+def cell_ids() -> List[str]:
+    """The cell case ids, read from the registry now."""
+    return list(cell_variants())
+
+
+def norm_ids() -> List[Optional[str]]:
+    """``None`` (no norm) and every registered norm, read from the registry now."""
+    return [None] + NORMS.names()
+
+
+def kernel_cell_ids() -> List[str]:
+    """The cell case ids whose math recnorm's fast kernels know (``CellType.kind()`` not None); a registered
+    cell without a kernel kind runs the reference loop (and the export path) only."""
+    return [c for c in cell_ids() if cell_type(c).kind() is not None]
+
+
+def is_built_in(cell_id: Optional[str] = None, norm: Optional[str] = None) -> bool:
+    """Whether the case's cell and norm are recnorm's own (not a plugin's, such as tests/registry_toys.py)."""
+    cell_ok = cell_id is None or CELLS.get(cell_variants()[cell_id][0]).__module__.startswith("recnorm.")
+    norm_ok = norm is None or NORMS.get(norm).build.__module__.startswith("recnorm.")
+    return cell_ok and norm_ok
 
 
 def batch_norms() -> List[str]:
     return [n for n, spec in NORMS.items() if spec.batch_statistics]
 
 
+def cell_type(cell_id: str):
+    """The case's :class:`~recnorm.nn.cells.CellType` instance."""
+    name, opts = cell_variants()[cell_id]
+    return CELLS.get(name)(**opts)
+
+
 def make(cell_id: str, *args, **kwargs) -> RecurrentBase:
     """A multi-layer recurrent layer of the case's cell (``recnorm.LSTM`` etc. for the built-in ones)."""
-    name, opts = cell_variants()[cell_id]
-    cell = CELLS.get(name)(**opts)
-    return RecurrentBase(cell, *args, **kwargs)
+    return RecurrentBase(cell_type(cell_id), *args, **kwargs)
+
+
+def make_cell(cell_id: str, *args, **kwargs) -> CellBase:
+    """A single-step cell of the case's cell type (``recnorm.LSTMCell`` etc. for the built-in ones)."""
+    return CellBase(cell_type(cell_id), *args, **kwargs)
+
+
+def state(cell_id: str, h: torch.Tensor, rest: Optional[torch.Tensor] = None):
+    """``h`` as an initial state of the case's cell: ``h`` for a cell with one state tensor, else the tuple
+    ``(h, rest, ...)`` (``rest`` defaults to zeros)."""
+    size = CELLS.get(cell_variants()[cell_id][0]).state_size
+    if size == 1:
+        return h
+    return (h,) + tuple(torch.zeros_like(h) if rest is None else rest for _ in range(size - 1))
+
+
+def first(state_out):
+    """``h`` of a state a layer or cell returned (the state itself, or the first of a tuple)."""
+    return state_out[0] if isinstance(state_out, tuple) else state_out
 
 
 def cases(*axes) -> List[Tuple]:
     """The cross product of the cell ids, the norm ids and further axes."""
-    return list(itertools.product(CELL_IDS, NORM_IDS, *axes))
+    return list(itertools.product(cell_ids(), norm_ids(), *axes))
+
+
+# What the registries hold when the test modules are collected (after plugins and conftests have registered).
+CELL_IDS = cell_ids()
+NORM_IDS: List[Optional[str]] = norm_ids()
+KERNEL_CELL_IDS = kernel_cell_ids()
 
 
 def case_id(*values) -> str:

@@ -77,13 +77,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     be JSON objects)."""
     from recnorm.experiments.config import field_help, field_types
 
+    from recnorm.experiments.config import RunConfig
+
     types = field_types()
+    defaults = RunConfig().to_dict()
     group = parser.add_argument_group("run config fields (override --config)")
     for name, help_text in field_help().items():
         is_dict = types[name] is dict
+        if "default" not in help_text and name in defaults:  # the flag's own default is "not given"
+            help_text = f"{help_text} (default: {json.dumps(defaults[name]) if is_dict else defaults[name]})"
         group.add_argument("--" + name.replace("_", "-"), dest="field_" + name,
                            type=parse_json_object if is_dict else parse_value, metavar="JSON" if is_dict else "VALUE",
-                           default=argparse.SUPPRESS, help=help_text)
+                           default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
 
 
 def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -96,20 +101,44 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_results_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default=None, metavar="DIR",
-                        help="publish the finished runs to DIR/runs.jsonl when the sweep ends (results/<study>)")
+                        help="publish the finished runs to DIR/runs.jsonl when the sweep ends, e.g. results/<study> "
+                             "(default: none, the runs stay in the sweep directory)")
 
 
-def _make_backend(args: argparse.Namespace) -> Any:
-    """The sweep backend the flags ask for (None: local processes)."""
+def _make_backend(args: argparse.Namespace, todo: Sequence[Any] = (1,)) -> Any:
+    """The sweep backend the flags ask for (None: local processes); it joins its cluster now when there
+    are runs ``todo``."""
     if args.backend == "local":
         if args.address:
             raise ValueError("--address: expected --backend ray with it")
         return None
-    from recnorm.experiments.ray_backend import INSTALL_HINT, RayBackend, ray_available
+    from recnorm.experiments.ray_backend import RayBackend, ray_import_error
 
-    if not ray_available():
-        raise ValueError(f"--backend ray needs Ray, which is not installed: {INSTALL_HINT}")
-    return RayBackend(address=args.address, max_in_flight=args.workers)
+    problem = ray_import_error()
+    if problem is not None:
+        raise ValueError(f"--backend ray: {problem}")
+    try:
+        backend = RayBackend(address=args.address, max_in_flight=args.workers, notify=_out)
+    except ImportError as exc:  # ray:// without the Ray client
+        raise ValueError(f"--backend ray: {exc}") from None
+    if todo:
+        backend.connect()  # a cluster that does not answer stops here, before anything is written
+    return backend
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: ``(default: X)`` is added where the text does not already
+    say it and the option has a value by default (flags that are off and options that are unset by default
+    say what happens then in their own text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or "%(default)" in text or not action.option_strings or default is None
+                or default is argparse.SUPPRESS or isinstance(default, bool) or default == []
+                or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recnorm",
         description="Normalized LSTM/GRU/RNN layers and the evidence engine that tests when normalization helps.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable), so that the cells, norms and tasks it registers can "
+                             "be named, e.g. `recnorm --import my_cells train --cell mgu` (a sweep spec lists its "
+                             "workers' modules in its own \"imports\")")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
 
     p = sub.add_parser(
         "compare", help="run a preset comparison (default: the main one) and write its report",
@@ -137,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate one model. Writes config.json, model.pt (the trained weights, a "
                     "state_dict) and result.json (curves, final metrics, diagnostics) into the run directory.")
     p.add_argument("--config", help="JSON file with run config fields (a run's config.json or result.json), or a "
-                                    "published run as results/<study>/runs.jsonl#RUN_ID")
+                                    "published run as results/<study>/runs.jsonl#RUN_ID (default: none; every field "
+                                    "at its default below)")
     p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
-                   help="set a config field; dotted keys set dict entries (task_options.train_size=1000)")
+                   help="set a config field; dotted keys set dict entries (task_options.train_size=1000); repeatable "
+                        "(default: none)")
     p.add_argument("--out", default=None, help="run directory (default: runs/train/<run_id>)")
     p.add_argument("--report", action="store_true", help="write a report for the run")
     _add_config_flags(p)
@@ -149,18 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every config of a grid in parallel worker processes. Resumable: finished runs are "
                     "skipped, so re-running the same command after an interruption finishes the rest.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--spec", help="JSON sweep spec: {name, base: {...}, grids: [{field: [values]}]}")
-    src.add_argument("--preset", help="start from a preset (see `recnorm presets`)")
+    src.add_argument("--spec", help="JSON sweep spec: {name, base: {...}, grids: [{field: [values]}]} (default: none; "
+                                     "without --spec or --preset, the grid of --grid axes over the default config)")
+    src.add_argument("--preset", help="start from a preset (see `recnorm presets`) (default: none)")
     p.add_argument("--smoke", action="store_true", help="with --preset: its smoke variant")
     p.add_argument("--name", default=None,
                    help="sweep name (default: from the spec or preset, else the --out folder's name, else 'grid')")
     p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
-                   help="set a field of the base config")
+                   help="set a field of the base config; repeatable (default: none)")
     p.add_argument("--grid", dest="grid", action="append", type=parse_grid_axis, default=[], metavar="KEY=V1,V2",
-                   help="add an axis to every grid (e.g. --grid norm=none,layer,batch --grid seed=0,1,2)")
+                   help="add an axis to every grid (e.g. --grid norm=none,layer,batch --grid seed=0,1,2); repeatable "
+                        "(default: none)")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/<name>)")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
-    p.add_argument("--max-runs", type=int, default=None, help="run at most this many unfinished runs now")
+    p.add_argument("--max-runs", type=int, default=None, help="run at most this many unfinished runs now (default: all of them)")
     p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     _add_backend_flags(p)
@@ -185,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("inits", help="list the initialization schemes")
     sub.add_parser("studies", aliases=["presets"], help="list the studies (their sweeps, claims and commands)")
     return parser
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser: its help states the defaults (:class:`_DefaultsFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- terminal
@@ -224,6 +269,9 @@ def _sweep_with_progress(spec: Any, out_dir: str, workers: int, max_runs: Option
 
     def progress(event: str, info: Dict[str, Any]) -> None:
         if event == "start":  # (damaged results that are run again are named by a logged warning)
+            if not info["todo"]:  # nothing to run: one line, no progress bar
+                _out(f"sweep {spec.name}: all {info['total']} runs already finished -> {out_dir}")
+                return
             where = f"{workers} worker(s)" if backend is None else f"the {backend.name} backend"
             _out(f"sweep {spec.name}: {info['total']} runs, {info['skipped']} already finished, "
                  f"{info['todo']} to run with {where} -> {out_dir}")
@@ -270,9 +318,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     spec = get_preset(args.preset, smoke=args.smoke)
     out = args.out or os.path.join("runs", ("compare" if args.preset == "default" else args.preset)
                                    + ("-smoke" if args.smoke else ""))
-    backend = _make_backend(args)  # a missing Ray stops here, before anything is written
+    todo = _unfinished(spec.expand(), out)
+    backend = _make_backend(args, todo)  # a missing Ray stops here, before anything is written
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
-    _build_kernels_first(spec.expand())  # a local Ray instance's workers then find them built
+    _build_kernels_first(todo, backend)
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, backend=backend,
                                    results_dir=args.results)
     if outcome.failed:
@@ -415,9 +464,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             _out(f"  {c.run_id}")
         return 0
     _need_extras("tqdm", *(("matplotlib",) if args.report else ()))
-    backend = _make_backend(args)  # a missing Ray stops here, before anything is written
+    todo = _unfinished(configs, out)
+    backend = _make_backend(args, todo)  # a missing Ray stops here, before anything is written
     os.makedirs(out, exist_ok=True)  # an unwritable --out fails now, not after the compile
-    _build_kernels_first(configs)  # a local Ray instance's workers then find them built
+    _build_kernels_first(todo, backend)
     outcome = _sweep_with_progress(spec, out, args.workers or os.cpu_count() or 1, max_runs=args.max_runs,
                                    backend=backend, results_dir=args.results)
     _out(f"{len(outcome.completed)} run(s) finished now, {len(outcome.skipped)} before, {len(outcome.failed)} failed")
@@ -514,8 +564,30 @@ def _table(rows: List[List[str]]) -> None:
         _out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    _need_extras("matplotlib")
+    _check_report_target(args.run_dir)
+    return _report(args.run_dir, args.out)
+
+
+def _check_report_target(path: str) -> None:
+    """Refuse, in one line, a directory that is neither a run nor a sweep (instead of merging every run below it)."""
+    from recnorm.experiments.results import RESULT_FILE, SWEEP_FILE, is_run_dir, is_sweep_dir
+
+    if not os.path.isdir(path) or is_run_dir(path) or is_sweep_dir(path):
+        return  # a missing path is reported by the report itself
+    below = [os.path.relpath(root, path) for root, _dirs, files in os.walk(path) if SWEEP_FILE in files]
+    kind = "sweep directories"
+    if not below:
+        below = [os.path.relpath(root, path) for root, _dirs, files in os.walk(path) if RESULT_FILE in files]
+        kind = "run directories"
+    hint = (f"; it holds {len(below)} {kind} below, such as {os.path.join(path, sorted(below)[0])}: pass one of them"
+            if below else "; it holds no run or sweep below either")
+    raise ValueError(f"{path} is neither a run directory ({RESULT_FILE}) nor a sweep directory ({SWEEP_FILE}){hint}")
+
+
 _COMMANDS = {"compare": _cmd_compare, "train": _cmd_train, "sweep": _cmd_sweep,
-             "report": lambda args: _report(args.run_dir, args.out), "evidence": _cmd_evidence, "tasks": _cmd_tasks,
+             "report": _cmd_report, "evidence": _cmd_evidence, "tasks": _cmd_tasks,
              "norms": _cmd_norms, "inits": _cmd_inits, "studies": _cmd_studies, "presets": _cmd_studies}
 
 
@@ -553,11 +625,22 @@ def _os_error(exc: OSError) -> str:
     return f"{what}: {exc.filename}{hint}"
 
 
-def _build_kernels_first(configs: Sequence[Any]) -> None:
+def _unfinished(configs: Sequence[Any], out: str) -> List[Any]:
+    """The configs whose run in sweep directory ``out`` has no ``result.json`` yet (what a sweep will run)."""
+    from recnorm.experiments.results import RESULT_FILE
+
+    return [c for c in configs if not os.path.exists(os.path.join(out, "runs", c.run_id, RESULT_FILE))]
+
+
+def _build_kernels_first(configs: Sequence[Any], backend: Any = None) -> None:
     """Compile recnorm's C++ kernels now, with a message, when the runs need them and they are not built:
-    otherwise the first run would sit silently through the compile (about a minute per kernel)."""
-    fused = ("layer", "batch", "shared_batch")
+    otherwise the first run would sit silently through the compile (about a minute per kernel). A backend
+    that runs elsewhere (a Ray cluster) builds them on its own nodes (``backend.builds_kernels``): this
+    process then compiles nothing it will not use."""
+    fused = ("layer", "rms", "batch", "shared_batch")
     if os.environ.get("RECNORM_KERNEL") == "reference" or not any(c.norm in fused for c in configs):
+        return
+    if backend is not None and getattr(backend, "builds_kernels", False):
         return
     import time
 
@@ -587,6 +670,23 @@ def _ignore_further_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _connect_error() -> type:
+    """:class:`~recnorm.experiments.ray_backend.RayConnectError` (importing that module does not import Ray)."""
+    from recnorm.experiments.ray_backend import RayConnectError
+
+    return RayConnectError
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of a closed pipe raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``recnorm`` console script; returns the exit status."""
     parser = build_parser()
@@ -595,15 +695,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose)
+    import importlib
+
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            print(f"recnorm: error: --import {module}: {exc}", file=sys.stderr)
+            return 2
     from recnorm.experiments.config import ConfigError
     from recnorm.experiments.sweep import SweepBusyError
 
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that stopped early (`| head`) is seen here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # output piped into a command that stopped reading: quiet, as `cat | head` is
+        _silence_stdout()
+        return 0
     except _MissingExtra as exc:
         print(f"recnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (ConfigError, ValueError, FileNotFoundError, SweepBusyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, SweepBusyError, _connect_error()) as exc:
         print(f"recnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable or read-only output directory, a full disk, ...
@@ -611,9 +724,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"recnorm {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into a command that stopped reading (e.g. `| head`)
-        sys.stderr.close()
-        return 0
     except KeyboardInterrupt:
         _ignore_further_interrupts()
         if args.command in ("compare", "sweep"):

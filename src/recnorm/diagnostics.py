@@ -6,6 +6,7 @@
 * :func:`population_stats` reads the per-step running statistics of every batch norm.
 * :func:`calibrate` (also :func:`recompute_population_statistics`) replaces running averages by exact
   statistics from a pass over given batches (the procedure Cooijmans et al. used for their results).
+* :func:`running_averages` marks an evaluation on the running averages as deliberate (no warning).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch import Tensor, nn
 from recnorm.nn.norms import RecurrentBatchNorm
 from recnorm.nn.rnn import RecurrentBase
 
-__all__ = ["capture", "Capture", "population_stats", "recompute_population_statistics", "calibrate"]
+__all__ = ["capture", "Capture", "population_stats", "recompute_population_statistics", "calibrate",
+           "running_averages"]
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +157,24 @@ def population_stats(model: nn.Module) -> Dict[str, Dict[str, Tensor]]:
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(x)`` for a batch ``x``, or for the first element of a tuple or list ``(x, y, ...)``, as a
+    ``DataLoader`` yields them (labels and anything after ``x`` are not inputs of the model)."""
+    packed = nn.utils.rnn.PackedSequence  # a tuple itself: it is x, not (x, y)
+    x = batch[0] if isinstance(batch, (tuple, list)) and not isinstance(batch, packed) and batch else batch
+    if not isinstance(x, (Tensor, packed)):
+        raise TypeError(
+            "calibrate: expected batches that are an input tensor x (or PackedSequence), or a tuple or list whose "
+            f"first element is x, such as (x, y) from a DataLoader; got {_describe(batch)}. For anything else, "
+            "pass forward_fn=lambda model, batch: model(...)"
+        )
+    return model(x)
+
+
+def _describe(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        inner = ", ".join(type(b).__name__ for b in batch[:4]) + (", ..." if len(batch) > 4 else "")
+        return f"a {type(batch).__name__} of ({inner})"
+    return f"a {type(batch).__name__}"
 
 
 @torch.no_grad()
@@ -168,8 +185,8 @@ def recompute_population_statistics(
 ) -> int:
     """Replace every batch norm's running statistics by exact population statistics.
 
-    Runs ``forward_fn(model, batch)`` (default ``model(batch)``, or ``model(*batch)`` for tuples) on
-    each batch with batch norms normalizing by batch statistics, as in training, and everything else
+    Runs ``forward_fn(model, batch)`` (default ``model(x)``, where ``x`` is the batch itself or the
+    first element of a tuple or list such as a ``DataLoader``'s ``(x, y)``) on each batch with batch norms normalizing by batch statistics, as in training, and everything else
     in eval mode (no dropout). Each time-step slot then holds the mean and unbiased variance of all
     valid rows it saw, pooled over the whole pass; slots that saw nothing are reset, so eval reuses
     the last slot seen. The model's train/eval modes are restored afterwards.
@@ -208,14 +225,38 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward_fn: Optional[Cal
 
     Running averages lag weights that keep moving, and a recurrent network compounds the error over the
     steps (``docs/eval_statistics.md``: 0.59 against 0.87 validation accuracy on sequential digits).
-    ``calibrate`` runs ``forward_fn(model, batch)`` (default ``model(batch)``, or ``model(*batch)`` for
-    tuples) on each of ``batches`` with batch statistics and no dropout, and stores, per time step, the
+    ``calibrate`` runs ``forward_fn(model, batch)`` on each of ``batches`` with batch statistics and no
+    dropout, and stores, per time step, the
     mean and unbiased variance of every valid row it saw. A few hundred rows (for example 4 training
     batches of 64) are enough. The model's train/eval modes are restored. Returns the number of batches.
 
+    Batches: by default each batch is the model's input ``x``, or a tuple or list whose first element is
+    ``x`` (the ``(x, y)`` of a ``DataLoader(TensorDataset(x, y))``; the rest is ignored), and the model is
+    called as ``model(x)``. Anything else (several inputs, a dict, lengths) needs ``forward_fn``, which
+    receives the model and the batch as the loader yields it, for example
+    ``forward_fn=lambda model, batch: model(batch["x"], batch["h0"])``; other batches raise TypeError
+    saying so.
+
     Example::
 
-        recnorm.calibrate(model, [x for x, _ in itertools.islice(train_loader, 8)])
+        recnorm.calibrate(model, itertools.islice(train_loader, 8))   # (x, y) batches
         model.eval()
     """
     return recompute_population_statistics(model, batches, forward_fn)
+
+
+@contextlib.contextmanager
+def running_averages(model: nn.Module) -> Iterator[None]:
+    """Evaluate on the batch norms' running averages on purpose: inside the block, evaluating a model
+    whose running averages training moved since the last :func:`calibrate` logs no warning (for example
+    to measure what plain ``.eval()`` gives against calibrated statistics). The warning stays armed for
+    evaluations after the block."""
+    bns = [m for m in model.modules() if isinstance(m, RecurrentBatchNorm)]
+    flags = [bn._updated_since_calibration for bn in bns]
+    for bn in bns:
+        bn._updated_since_calibration = False
+    try:
+        yield
+    finally:
+        for bn, flag in zip(bns, flags):
+            bn._updated_since_calibration = bn._updated_since_calibration or flag

@@ -98,3 +98,27 @@ def test_evidence_page_states_the_fraction_stopped_early():
     assert _budget_line((0, 0))[0] == "Budget: a fixed number of steps for every run (no early stopping)."
     assert "19 of 20 runs (95%) stopped before their maximum budget." in _budget_line((19, 20))[0]
     assert "below 90%" in _budget_line((17, 20))[0]
+
+
+def test_early_stopping_survives_a_checkpoint_resume(tmp_path):
+    from recnorm.experiments.checkpoint import FileCheckpoint
+
+    config = RunConfig(task="adding", task_options={"length": 8, "valid_size": 16, "test_size": 16}, hidden_size=8,
+                       batch_size=8, steps=40, eval_every=2, eval_batch_size=16, diag_every=None, popstat_batches=1,
+                       lr=0.01, patience=2, seed=1)  # the validation MSE stops improving after step 8
+    whole = train_and_evaluate(config, str(tmp_path / "whole"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(step, total, info):  # after the checkpoint at step 8, which holds the best evaluation
+        if "loss" in info and step == 10:
+            raise Stop
+
+    ckpt = FileCheckpoint(str(tmp_path / "ckpt.pt"), every=4)
+    with pytest.raises(Stop):
+        train_and_evaluate(config, str(tmp_path / "cut"), progress=stop_at_10, checkpoint=ckpt)
+    resumed = train_and_evaluate(config, str(tmp_path / "cut"), checkpoint=ckpt)
+    assert whole.extras["early_stopping"]["stopped_step"] == 12 and whole.extras["early_stopping"]["best_step"] == 8
+    assert resumed.extras["early_stopping"] == whole.extras["early_stopping"]
+    assert resumed.final["test"] == whole.final["test"] and resumed.steps_done == whole.steps_done

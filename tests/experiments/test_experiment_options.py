@@ -118,9 +118,6 @@ def test_run_records_train_split_and_batch_statistics_at_training_size(tmp_path)
 def test_between_layers_arm_switches_on_with_one_line(monkeypatch):
     # The layers accept between_layers= (recnorm.SequenceBatchNorm between a stack's layers): with the
     # switch on, the arm joins at 3 and 5 layers under a label of its own.
-    import recnorm.experiments.config as config_module
-
-    assert config_module.layers_accept("between_layers")
     from recnorm.experiments.studies import laurent
 
     monkeypatch.setattr(laurent, "LAURENT_BETWEEN_LAYERS", True)

@@ -111,7 +111,7 @@ def test_config_roundtrip_and_stable_run_id():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"cell": "lstmm"}, "cell: expected one of ['lstm', 'gru', 'rnn'], got 'lstmm'"),
+    ({"cell": "lstmm"}, "cell: expected one of ['gru', 'lstm', 'rnn'], got 'lstmm'"),
     ({"hidden_size": "64"}, "hidden_size: expected int, got str '64'"),
     ({"hidden_size": 0}, "hidden_size: expected a value > 0, got 0"),
     ({"norm": "batchnorm"}, "norm: expected one of"),

@@ -125,10 +125,230 @@ def test_returned_files_stay_inside_the_run_directory(tmp_path):
 def test_missing_ray_is_one_clear_line(monkeypatch, tmp_path, capsys):
     import recnorm.experiments.ray_backend as rb
 
-    monkeypatch.setattr(rb, "ray_available", lambda: False)
+    monkeypatch.setattr(rb, "ray_import_error", lambda: f"Ray is not installed: {rb.INSTALL_HINT}")
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(small_spec().to_dict()))
     assert main(["sweep", "--spec", str(spec_path), "--out", str(tmp_path / "out"), "--backend", "ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'recnorm[ray]'" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the rough edges (issue 19)
+def _cli(args, timeout=300, **env):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    env.pop("RAY_ADDRESS", None)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "recnorm", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def _errors(stderr: str):
+    return [line for line in stderr.splitlines() if line.startswith("recnorm ") or "Traceback" in line]
+
+
+def test_a_broken_ray_install_is_one_line_naming_the_import_error(tmp_path):
+    fake = tmp_path / "site" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libray_core.so: cannot open shared object file')\n")
+    out = tmp_path / "out"
+    proc, _ = _cli(["sweep", "--grid", "norm=none", "--out", str(out), "--backend", "ray"],
+                   PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{SRC}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Ray is installed but fails to import (ImportError: libray_core.so: cannot open shared object file)" in lines[0]
+    assert "not installed" not in lines[0] and "pip install --force-reinstall 'recnorm[ray]'" in lines[0]
+    assert not out.exists()
+
+
+def test_a_wrong_address_fails_within_the_limit_and_writes_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        refused = s.getsockname()[1]
+    out = tmp_path / "out"
+    proc, seconds = _cli(["sweep", "--grid", "norm=none", "--out", str(out), "--backend", "ray", "--address",
+                          f"127.0.0.1:{refused}"])
+    assert proc.returncode == 2 and seconds < 60
+    assert _errors(proc.stderr) == [f"recnorm sweep: error: cannot reach the Ray cluster at 127.0.0.1:{refused}: "
+                                    "Connection refused (check --address and that the head node is up)"]
+    assert not out.exists()
+
+    silent = socket.socket()  # listens, accepts, never answers: what ray.init retried for many minutes
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        port = silent.getsockname()[1]
+        proc, seconds = _cli(["compare", "--smoke", "--out", str(out), "--backend", "ray", "--address",
+                              f"127.0.0.1:{port}"], RECNORM_RAY_CONNECT_TIMEOUT="5")
+    finally:
+        silent.close()
+    assert proc.returncode == 2 and seconds < 60, proc.stderr
+    assert _errors(proc.stderr) == [f"recnorm compare: error: the Ray cluster at 127.0.0.1:{port} did not answer "
+                                    "within 5 s (check --address; $RECNORM_RAY_CONNECT_TIMEOUT sets the limit)"]
+    assert not out.exists()
+
+
+def test_ray_client_addresses_need_the_client_extra(monkeypatch, tmp_path, capsys):
+    import recnorm.experiments.ray_backend as rb
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # as without ray[client]
+    with pytest.raises(ImportError, match=r"needs ray\[client\].*pip install 'recnorm\[ray\]'"):
+        rb.RayBackend(address="ray://head:10001")
+    out = tmp_path / "out"
+    assert main(["sweep", "--grid", "norm=none", "--out", str(out), "--backend", "ray", "--address",
+                 "ray://127.0.0.1:10001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the address ray://127.0.0.1:10001 goes through the Ray client" in err
+    assert not out.exists()
+
+
+def test_the_ray_extra_installs_the_client():
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(SRC), "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(req.startswith("ray[client]") for req in extras["ray"]), extras["ray"]
+    import grpc  # noqa: F401  (installed by it, so ray:// works where the extra is installed)
+
+
+def test_a_failed_task_reports_its_cause(cluster, tmp_path):
+    from recnorm.experiments.ray_backend import task_failure
+
+    @ray.remote
+    def boom():
+        raise ValueError("the cause, on the worker")
+
+    with pytest.raises(Exception) as info:
+        ray.get(boom.remote())
+    error, report = task_failure(info.value)
+    assert error == "ValueError: the cause, on the worker"
+    assert "\x1b[" not in report and "the cause, on the worker" in report
+
+
+def test_a_module_only_on_the_driver_fails_the_run_with_its_cause(cluster, tmp_path, monkeypatch, capsys):
+    plugin = tmp_path / "plugins"
+    plugin.mkdir()
+    (plugin / "driver_only_plugin.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(plugin))  # importable here, not on the workers
+    spec = small_spec(steps=1, seeds=(0,))
+    spec.grids = [{"norm": [None]}]
+    spec.imports = ["driver_only_plugin"]
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    out = tmp_path / "out"
+    assert main(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address", cluster]) == 1
+    text = capsys.readouterr().out
+    run_id = spec.expand()[0].run_id
+    cause = "ModuleNotFoundError: No module named 'driver_only_plugin'"
+    assert f"run {run_id} failed: {cause}" in text and "\x1b[" not in text
+    error = json.load(open(out / "runs" / run_id / "error.json"))
+    assert error["error"].startswith(cause) and "Traceback" in error["traceback"] and "\x1b[" not in error["error"]
+
+
+def test_kernels_are_prepared_once_per_node_before_the_runs_and_not_on_the_driver(cluster, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from recnorm import kernels
+
+    monkeypatch.setattr(kernels, "build_extensions", lambda: pytest.fail("the driver compiled the kernels"))
+    monkeypatch.setattr(kernels, "extensions_built", lambda: pytest.fail("the driver checked the kernels"))
+    spec = small_spec(steps=1)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    out = str(tmp_path / "out")
+    assert main(["sweep", "--spec", str(spec_path), "--out", out, "--backend", "ray", "--address", cluster]) == 0
+    text = capsys.readouterr().out
+    assert text.count("preparing recnorm's C++ kernels on 1 node(s) before the runs") == 1
+    assert ": already built" in text or ": compiled in" in text
+    assert text.index("preparing recnorm's C++ kernels") < text.index("4 run(s) finished now")
+    assert len(load_records(out)) == 4
+    # nothing left to run: no kernel task either
+    assert main(["sweep", "--spec", str(spec_path), "--out", out, "--backend", "ray", "--address", cluster]) == 0
+    assert "preparing" not in capsys.readouterr().out
+
+
+def test_ray_client_addresses_work_with_the_extra(cluster, tmp_path):
+    """``--address ray://HOST:PORT`` through a Ray client server in front of the module's instance."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--address", cluster, "--host",
+                               "127.0.0.1", "--port", str(port), "--mode", "proxy"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(json.dumps(small_spec(steps=1, seeds=(0,)).to_dict()))
+        out = tmp_path / "out"
+        proc, _ = _cli(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
+                        f"ray://127.0.0.1:{port}"], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "2 run(s) finished now, 0 before, 0 failed" in proc.stdout
+        assert len(load_records(str(out))) == 2
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_a_run_whose_worker_dies_resumes_from_its_checkpoint(cluster, tmp_path, caplog):
+    """The worker process of a long run is killed after the run's checkpoint reached the driver (what a
+    lost node does to it): Ray retries the task, which resumes from that checkpoint and ends with the same
+    numbers as an uninterrupted run; the checkpoint is removed once the result is written."""
+    spec = small_spec(steps=4000, seeds=(0,))
+    spec.base = spec.base.replace(eval_every=1000)
+    spec.grids = [{"norm": ["layer"]}]
+    out = tmp_path / "sweep"
+    lines = []
+    backend = RayBackend(checkpoint_every=100, notify=lines.append)
+    import threading
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("sweep", run_sweep(spec, str(out), backend=backend)))
+    thread.start()
+    ckpt_dir = out / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpt_dir.exists() and os.listdir(ckpt_dir)) and thread.is_alive():
+        time.sleep(0.05)
+    assert thread.is_alive(), "the run finished before its first checkpoint reached the driver"
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "ray::run_remote" in " ".join(p.info["cmdline"] or [])]
+    assert len(victims) == 1, victims
+    victims[0].kill()
+    thread.join(600)
+    assert not thread.is_alive()
+    sweep = outcome["sweep"]
+    assert sweep.finished and len(sweep.completed) == 1, sweep.failed
+    resumed = [line for line in lines if "resumed from its checkpoint at step" in line]
+    assert len(resumed) == 1 and int(resumed[0].split("at step ")[1].split()[0]) >= 100, lines
+    assert os.listdir(ckpt_dir) == []
+    config = spec.expand()[0]
+    record = load_records(str(out))[0]
+    local = train_and_evaluate(config.replace(threads=1), str(tmp_path / "local"))
+    assert record["train"]["loss"] == local.train["loss"] and record["final"] == local.final
+
+
+def test_a_finished_sweep_needs_no_cluster(tmp_path, monkeypatch, capsys):
+    """Re-running a finished sweep with --backend ray joins no cluster (nothing to run), however far it is."""
+    out = tmp_path / "sweep"
+    spec = small_spec(steps=1, seeds=(0,))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    assert main(["sweep", "--spec", str(spec_path), "--out", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(RayBackend, "connect", lambda self: pytest.fail("joined a cluster with nothing to run"))
+    assert main(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
+                 "127.0.0.1:1"]) == 0
+    assert "all 2 runs already finished" in capsys.readouterr().out

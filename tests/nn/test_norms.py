@@ -8,13 +8,9 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import recnorm
+from registry_cases import CELL_IDS, first, make, make_cell, state
 
 DT = torch.float64
-CELLS = {
-    "lstm": lambda i, h, **kw: recnorm.LSTM(i, h, dtype=DT, **kw),
-    "gru": lambda i, h, **kw: recnorm.GRU(i, h, dtype=DT, **kw),
-    "rnn": lambda i, h, **kw: recnorm.RNN(i, h, dtype=DT, **kw),
-}
 NORMS = recnorm.list_norms()
 LENGTHS = torch.tensor([6, 3, 5, 4])
 
@@ -28,12 +24,12 @@ def _packed(x, lengths=LENGTHS):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cell,norm", list(itertools.product(CELLS, NORMS)))
+@pytest.mark.parametrize("cell,norm", list(itertools.product(CELL_IDS, NORMS)))
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradcheck_layer(cell, norm, packed):
     torch.manual_seed(0)
     kwargs = {"gain_init": 0.7} if "batch" in norm else None
-    model = CELLS[cell](3, 2, num_layers=2, bidirectional=True, norm=norm, norm_kwargs=kwargs)
+    model = make(cell, 3, 2, num_layers=2, bidirectional=True, dtype=DT, norm=norm, norm_kwargs=kwargs)
     with torch.no_grad():  # non-zero shifts so that every parameter matters
         for name, p in model.named_parameters():
             if name.startswith("norm_"):
@@ -51,28 +47,24 @@ def test_gradcheck_layer(cell, norm, packed):
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
         inp = _packed(x) if packed else x
-        hx = (h0, torch.zeros_like(h0)) if cell == "lstm" else h0
-        out, state = functional_call(model, dict(zip(names, ps)), (inp, hx))
+        out, state_out = functional_call(model, dict(zip(names, ps)), (inp, state(cell, h0)))
         out = pad_packed_sequence(out)[0] if packed else out
-        hn = state[0] if cell == "lstm" else state
-        return out, hn
+        return out, first(state_out)
 
     assert torch.autograd.gradcheck(f, (x, h0, *params), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
-@pytest.mark.parametrize("cell,norm", list(itertools.product(["lstm", "gru", "rnn"], NORMS)))
+@pytest.mark.parametrize("cell,norm", list(itertools.product(CELL_IDS, NORMS)))
 def test_gradcheck_cell(cell, norm):
     torch.manual_seed(1)
-    cls = {"lstm": recnorm.LSTMCell, "gru": recnorm.GRUCell, "rnn": recnorm.RNNCell}[cell]
-    model = cls(3, 2, dtype=DT, norm=norm)
+    model = make_cell(cell, 3, 2, dtype=DT, norm=norm)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     x = torch.randn(5, 3, dtype=DT, requires_grad=True)
     h = torch.randn(5, 2, dtype=DT, requires_grad=True)
 
     def f(x, h, *ps):
-        hx = (h, h * 0.5) if cell == "lstm" else h
-        out = functional_call(model, dict(zip(names, ps)), (x, hx), {"step": 2})
+        out = functional_call(model, dict(zip(names, ps)), (x, state(cell, h, h * 0.5)), {"step": 2})
         return out
 
     assert torch.autograd.gradcheck(f, (x, h, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
@@ -209,11 +201,11 @@ def _run_padded(model, x, lengths, total):
     return out, hn
 
 
-@pytest.mark.parametrize("cell,norm", list(itertools.product(CELLS, [None] + NORMS)))
+@pytest.mark.parametrize("cell,norm", list(itertools.product(CELL_IDS, [None] + NORMS)))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_padding_changes_nothing(cell, norm, mode):
     torch.manual_seed(0)
-    model = CELLS[cell](3, 4, num_layers=2, bidirectional=True, norm=norm)
+    model = make(cell, 3, 4, num_layers=2, bidirectional=True, dtype=DT, norm=norm)
     if mode == "eval":  # give the batch norms some population statistics first
         model(torch.randn(6, 5, 3, dtype=DT))
         model.eval()
@@ -385,6 +377,106 @@ def test_recompute_needs_batches():
     m = recnorm.LSTM(3, 4, norm="batch")
     with pytest.raises(ValueError, match="at least one batch"):
         recnorm.recompute_population_statistics(m, [])
+
+
+def _batch_norms(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, recnorm.RecurrentBatchNorm)}
+
+
+@pytest.mark.parametrize("kernel", ["reference", "auto"])
+def test_non_finite_batch_statistics_never_enter_the_running_averages(kernel, caplog):
+    """A NaN at time step 2 of one row: statistics of steps 2.. are left out (a warning names step 2), and a
+    clean batch afterwards leaves exactly the running averages of a model that never saw the NaN there."""
+    torch.manual_seed(0)
+    a = recnorm.LSTM(3, 4, norm="batch", kernel=kernel)
+    b = recnorm.LSTM(3, 4, norm="batch", kernel=kernel)
+    b.load_state_dict(a.state_dict())
+    bad, clean = torch.randn(6, 5, 3), torch.randn(6, 5, 3)
+    bad[2, 1, 0] = float("nan")
+    with caplog.at_level("WARNING", logger="recnorm"):
+        assert torch.isnan(a(bad)[0][2:]).all()  # as torch.nn.BatchNorm1d: the whole batch's step is NaN
+    messages = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    # the input term at step 2, where the NaN is; the recurrent term and the cell from there on
+    assert any("at time step 2 of its training call" in m for m in messages), messages
+    assert any("at time steps 2, 3, 4, 5 of its training call" in m for m in messages), messages
+    a(clean)
+    b(clean)
+    # x_2 is NaN: W_ih x_t at step 2 only; W_hh h_{t-1} from step 3 (h_2 is NaN); c_t from step 2
+    left_out = {"norm_ih_l0": [2], "norm_hh_l0": [3, 4, 5], "norm_c_l0": [2, 3, 4, 5]}
+    assert sorted(_batch_norms(a)) == sorted(left_out)
+    for (name, bn_a), bn_b in zip(_batch_norms(a).items(), _batch_norms(b).values()):
+        steps = left_out[name]
+        assert bn_a.num_batches_tracked[:6].tolist() == [1 if t in steps else 2 for t in range(6)], name
+        for buf in ("running_mean", "running_var"):
+            assert torch.isfinite(getattr(bn_a, buf)).all(), name
+            torch.testing.assert_close(getattr(bn_a, buf)[steps], getattr(bn_b, buf)[steps])
+    a.eval()
+    assert torch.isfinite(a(clean)[0]).all()  # clean data evaluated later is clean
+
+
+def test_non_finite_batches_are_left_out_of_calibration(caplog):
+    torch.manual_seed(0)
+    m = recnorm.GRU(3, 4, norm="batch", dtype=DT)
+    xs = [torch.randn(5, 6, 3, dtype=DT), torch.randn(5, 6, 3, dtype=DT)]
+    bad = xs[0].clone()
+    bad[:, 0, 0] = float("inf")  # every step of one row
+    recnorm.calibrate(m, [xs[1]])
+    expected = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+    with caplog.at_level("WARNING", logger="recnorm"):
+        recnorm.calibrate(m, [bad, xs[1]])
+    assert any("time steps 0, 1, 2, 3, 4 of its population-pass call" in r.getMessage() for r in caplog.records)
+    for k, v in expected.items():
+        torch.testing.assert_close(m.state_dict()[k], v)
+
+
+def test_training_past_max_steps_warns_once_and_says_how_to_raise_it(caplog):
+    import recnorm.nn.norms as norms
+
+    norms._WARNED_MAX_STEPS.discard(4)
+    m = recnorm.LSTM(3, 4, norm="batch", norm_kwargs={"max_steps": 4}, num_layers=2)
+    with caplog.at_level("WARNING", logger="recnorm"):
+        m(torch.randn(4, 5, 3))  # within max_steps: quiet
+        assert not caplog.records
+        m(torch.randn(7, 5, 3))
+        m(torch.randn(9, 5, 3))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "7 steps" in lines[0] and "max_steps=4" in lines[0] and "norm_kwargs={'max_steps': 7}" in lines[0]
+
+
+def test_calibrate_takes_x_y_batches_of_a_data_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    m = recnorm.LSTM(3, 4, norm="batch", batch_first=True, dtype=DT)
+    x, y = torch.randn(12, 5, 3, dtype=DT), torch.randn(12, 4, dtype=DT)
+    assert recnorm.calibrate(m, DataLoader(TensorDataset(x, y), batch_size=4)) == 3
+    proj = x @ m.weight_ih_l0.T  # (B, T, 4H): every row of the pass, pooled per step
+    torch.testing.assert_close(m.norm_ih_l0.running_mean[:5], proj.mean(0))
+    torch.testing.assert_close(m.norm_ih_l0.running_var[:5], proj.var(0))
+
+
+def test_calibrate_says_what_batches_it_needs():
+    m = recnorm.LSTM(3, 4, norm="batch")
+    with pytest.raises(TypeError, match=r"\(x, y\) from a DataLoader; got a dict.*forward_fn="):
+        recnorm.calibrate(m, [{"x": torch.randn(5, 2, 3)}])
+    with pytest.raises(TypeError, match=r"got a list of \(list, Tensor\)"):
+        recnorm.calibrate(m, [[[1.0], torch.randn(2)]])
+
+
+def test_running_averages_marks_a_deliberate_evaluation(caplog):
+    import recnorm.nn.rnn as rnn
+
+    rnn._WARNED_UNCALIBRATED = False
+    m = recnorm.LSTM(3, 4, norm="batch")
+    m(torch.randn(5, 2, 3))
+    m.eval()
+    with caplog.at_level("WARNING", logger="recnorm"):
+        with recnorm.diagnostics.running_averages(m):
+            m(torch.randn(5, 2, 3))
+        assert not caplog.records
+        m(torch.randn(5, 2, 3))  # outside the block the warning is armed again
+    assert any("lag the weights" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------------------------------

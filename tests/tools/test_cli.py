@@ -86,7 +86,7 @@ def test_train_then_report(tmp_path, capsys):
 def test_train_config_error_exits_2(tmp_path, capsys):
     assert main(["train", *TINY, "--cell", "lstmm", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "cell: expected one of ['lstm', 'gru', 'rnn'], got 'lstmm'" in err
+    assert "cell: expected one of ['gru', 'lstm', 'rnn'], got 'lstmm'" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -285,3 +285,94 @@ def test_the_first_compile_is_announced(monkeypatch, tmp_path, capsys):
     # Runs that need no fused kernel build nothing.
     monkeypatch.setattr(kernels, "build_extensions", lambda: pytest.fail("built for a run without norm"))
     assert main(["train", *TINY, "--steps", "1", "--out", str(tmp_path / "c")]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- the rough edges (issue 19)
+SWEEP_ARGS = ["--set", "task=adding", "--set", 'task_options={"length": 6, "valid_size": 8, "test_size": 8}',
+              "--set", "hidden_size=4", "--set", "batch_size=4", "--set", "steps=1", "--set", "popstat_batches=1"]
+
+
+@pytest.mark.parametrize("kernel", ["fused", "native"])
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_the_kernel_environment_variable_works_with_train(kernel, norm, monkeypatch, tmp_path, capsys):
+    """RECNORM_KERNEL is a preference: the diagnostics capture (and, under native, the normalized layers) run
+    as auto chooses instead of failing the run."""
+    monkeypatch.setenv("RECNORM_KERNEL", kernel)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--norm", norm, "--steps", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "result.json").exists() and (out / "model.pt").exists()
+
+
+def test_the_kernel_environment_variable_works_with_sweep(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("RECNORM_KERNEL", "fused")
+    out = str(tmp_path / "sweep")
+    assert main(["sweep", *SWEEP_ARGS, "--grid", "norm=batch,layer", "--out", out, "--workers", "1"]) == 0
+    assert "2 run(s) finished now, 0 before, 0 failed" in capsys.readouterr().out
+
+
+def test_the_engine_never_triggers_the_librarys_warnings(monkeypatch, tmp_path, capsys, caplog):
+    import recnorm.nn.rnn as rnn
+
+    monkeypatch.setattr(rnn, "_WARNED_UNCALIBRATED", False)
+    with caplog.at_level("WARNING", logger="recnorm"):
+        assert main(["train", *TINY, "--norm", "batch", "--steps", "3", "--out", str(tmp_path / "run")]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert "running averages (what .eval() uses)" in capsys.readouterr().out  # still measured
+
+
+def test_every_subcommand_help_states_its_defaults(capsys):
+    import argparse
+
+    from recnorm.experiments.config import RunConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sp in sub.choices.items():
+        formatter = sp._get_formatter()
+        for action in sp._actions:
+            if action.option_strings and action.nargs != 0 and not isinstance(action, argparse._HelpAction):
+                assert "default" in formatter._get_help_string(action), (name, action.option_strings)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    config = RunConfig()
+    assert f"learning rate (default: {config.lr})" in text and f"(default: {config.hidden_size})" in text
+
+
+def test_a_finished_sweep_reruns_without_bars_or_compiles(monkeypatch, tmp_path, capsys):
+    from recnorm import kernels
+
+    out = str(tmp_path / "sweep")
+    argv = ["sweep", *SWEEP_ARGS, "--grid", "norm=none,layer", "--out", out, "--workers", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(kernels, "extensions_built", lambda: pytest.fail("checked the kernels with nothing to run"))
+    monkeypatch.setattr(kernels, "build_extensions", lambda: pytest.fail("compiled with nothing to run"))
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "all 2 runs already finished" in captured.out and "0 run(s) finished now, 2 before" in captured.out
+    assert "run/s" not in captured.err and "0/0" not in captured.err  # no empty progress bar
+
+
+def test_a_broken_pipe_is_quiet():
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "recnorm", "sweep", "--preset", "default", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the first line: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and err == "", err
+
+
+def test_report_on_a_folder_that_is_neither_a_run_nor_a_sweep(tmp_path, capsys):
+    out = tmp_path / "runs" / "mine"
+    assert main(["sweep", *SWEEP_ARGS, "--grid", "norm=none", "--out", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is neither a run directory (result.json) nor a sweep directory" in err
+    assert f"such as {out}: pass one of them" in err
+    assert not (tmp_path / "runs" / "report.html").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    assert "holds no run or sweep below either" in capsys.readouterr().err

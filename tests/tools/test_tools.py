@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from registry_cases import CELL_IDS, NORM_IDS, case_id, cell_variants, make
+from registry_cases import CELL_IDS, NORM_IDS, case_id, cell_variants, is_built_in, make
 
 I, H = 4, 6
 PRIMARY_CELLS = []  # one variant per registered cell: the expensive tools run on these
@@ -55,7 +55,11 @@ def _quiet():
 def test_trace_follows_other_lengths_and_batch_sizes(cell, norm):
     m = _trained(cell, norm)
     torch.manual_seed(1)
-    traced = torch.jit.trace(m, (torch.randn(5, 3, I),), check_trace=False)
+    try:
+        traced = torch.jit.trace(m, (torch.randn(5, 3, I),), check_trace=False)
+    except RuntimeError as exc:  # a plugin's cell or norm that no registered operator computes: refused clearly
+        assert not is_built_in(cell, norm) and "torch.jit.trace cannot record this layer" in str(exc), exc
+        return
     for shape in [(9, 7, I), (2, 2, I), (5, 3, I)]:
         x = torch.randn(*shape)
         torch.testing.assert_close(_out(traced(x)), _out(m(x)), rtol=1e-5, atol=1e-6)

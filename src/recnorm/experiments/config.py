@@ -24,16 +24,10 @@ import math
 import typing
 from typing import Any, Dict, List, Optional
 
-__all__ = ["RunConfig", "ConfigError", "CELLS", "OPTIMIZERS", "NONLINEARITIES", "BATCH_NORMS", "FEEDS",
-           "is_batch_norm", "uses_batch_statistics"]
+__all__ = ["RunConfig", "ConfigError", "OPTIMIZERS", "FEEDS", "is_batch_norm", "uses_batch_statistics",
+           "cell_options"]
 
-CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-NONLINEARITIES = ("tanh", "relu")
-# Norms whose statistics depend on the batch (and so need population statistics at test time).
-BATCH_NORMS = ("batch", "sequence_batch", "shared_batch")
-_FALLBACK_NORMS = ("batch", "layer", "sequence_batch", "shared_batch")
-_FALLBACK_INITS = ("default", "orthogonal", "identity", "xavier", "normal")
 #: How variable-length batches reach the recurrent stack (``RunConfig.feed``).
 FEEDS = ("packed", "padded")
 # Fields that describe how a run is executed, not what it computes: left out of the run hash.
@@ -49,8 +43,11 @@ class ConfigError(ValueError):
 
 
 def is_batch_norm(norm: Optional[str]) -> bool:
-    """Whether ``norm`` keeps batch statistics (and so population statistics for evaluation)."""
-    return norm in BATCH_NORMS
+    """Whether ``norm`` keeps batch statistics (and so population statistics for evaluation): its
+    :attr:`~recnorm.nn.norms.NormSpec.batch_statistics` in the norm registry."""
+    from recnorm.nn.norms import NORMS
+
+    return norm is not None and norm in NORMS and NORMS.get(norm).batch_statistics
 
 
 def uses_batch_statistics(config: "RunConfig") -> bool:
@@ -77,8 +74,8 @@ class RunConfig:
     task_options: Dict[str, Any] = _f(help="options of the task as a JSON object, e.g. "
                                            "'{\"train_size\": 5000}' (see `recnorm tasks`)", factory=dict)
     # --- model ---
-    cell: str = _f("lstm", help="recurrent cell: lstm, gru or rnn")
-    nonlinearity: str = _f("tanh", help="nonlinearity of the rnn cell: tanh or relu (rnn only)")
+    cell: str = _f("lstm", help="recurrent cell: lstm, gru, rnn or a registered one (recnorm.nn.register_cell)")
+    nonlinearity: str = _f("tanh", help="nonlinearity of cells that take one (rnn: tanh or relu)")
     norm: Optional[str] = _f(None, help="normalization (see `recnorm norms`); None or 'none' for no norm")
     norm_kwargs: Dict[str, Any] = _f(help="options of the norm as a JSON object, e.g. '{\"gain_init\": 0.1}' "
                                           "(see `recnorm norms`)", factory=dict)
@@ -189,22 +186,18 @@ class RunConfig:
     def validate(self, check_registries: bool = True) -> "RunConfig":
         """Check every field; raise :class:`ConfigError` ("field: expected X, got Y") on the first problem.
 
-        With ``check_registries`` the task (and its option names), the norm and the init scheme are checked
-        against the live registries; this loads no data. Returns ``self`` so calls can chain.
+        With ``check_registries`` the cell (with ``nonlinearity`` and ``forget_bias``), the task (and its option
+        names), the norm (and its options), the init scheme and ``between_layers`` are checked against the live
+        registries, so registered pieces are valid as soon as they are registered; this loads no data. Returns
+        ``self`` so calls can chain.
         """
         hints = _hints()
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
 
-        _choice("cell", self.cell, CELLS)
+        if check_registries:
+            _check_cell(self)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
-        if self.nonlinearity != "tanh" and self.cell != "rnn":
-            raise ConfigError(f"nonlinearity: expected 'tanh' for cell {self.cell!r} (only the rnn cell has a "
-                              f"choice), got {self.nonlinearity!r}")
-        if self.forget_bias is not None and self.cell != "lstm":
-            raise ConfigError(f"forget_bias: expected None for cell {self.cell!r} (only lstm has a forget gate), "
-                              f"got {self.forget_bias!r}")
         _positive("num_layers", self.num_layers)
         _positive("hidden_size", self.hidden_size)
         _positive("batch_size", self.batch_size)
@@ -268,9 +261,7 @@ class RunConfig:
                 raise ConfigError(f"norm_kwargs: unknown option(s) {unknown} for norm {self.norm!r}; expected a "
                                   f"subset of {sorted(options)}")
             _choice("init", self.init, available_inits())
-            if self.between_layers is not None and not layers_accept("between_layers"):
-                raise ConfigError(f"between_layers: this recnorm's layers have no between_layers option (it comes "
-                                  f"with recnorm.SequenceBatchNorm); expected None, got {self.between_layers!r}")
+            _choice("between_layers", self.between_layers, _between_layers())
             from recnorm.experiments.tasks.base import get_task
 
             try:
@@ -287,43 +278,58 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def available_norms() -> List[str]:
-    """The norm names of the layer registry (``recnorm.list_norms()``)."""
-    try:
-        import recnorm
+    """The names in the norm registry (``recnorm.list_norms()``)."""
+    from recnorm.nn.norms import list_norms
 
-        return list(recnorm.list_norms())
-    except (ImportError, AttributeError):  # layers not importable: fall back to the documented names
-        return list(_FALLBACK_NORMS)
+    return list_norms()
 
 
-def layers_accept(option: str) -> bool:
-    """Whether ``recnorm.LSTM`` (and so the other layers) accepts keyword ``option``."""
-    try:
-        import recnorm
+def norm_options(norm: str) -> Dict[str, Any]:
+    """The ``norm_kwargs`` a registered norm accepts, with their defaults."""
+    from recnorm.nn.norms import get_norm
 
-        return option in inspect.signature(recnorm.LSTM.__init__).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return False
-
-
-def norm_options(norm: str) -> Optional[Dict[str, Any]]:
-    """The ``norm_kwargs`` a norm accepts with their defaults (``recnorm.norm_options``); None if unknown."""
-    try:
-        import recnorm
-
-        return dict(recnorm.norm_options(norm))
-    except (ImportError, AttributeError):
-        return None
+    spec = get_norm(norm)
+    return {} if spec is None else dict(spec.options)
 
 
 def available_inits() -> List[str]:
     """The init scheme names of ``recnorm.init.list_inits()``."""
-    try:
-        from recnorm import init as rinit
+    from recnorm import init as rinit
 
-        return list(rinit.list_inits())
-    except (ImportError, AttributeError):
-        return list(_FALLBACK_INITS)
+    return list(rinit.list_inits())
+
+
+def _between_layers() -> List[Optional[str]]:
+    from recnorm.nn.rnn import BETWEEN_LAYERS
+
+    return list(BETWEEN_LAYERS)
+
+
+def cell_options(config: "RunConfig") -> Dict[str, Any]:
+    """The constructor options of ``config.cell`` that the config sets: ``nonlinearity`` for a cell type
+    that takes one (the rnn cell), nothing otherwise."""
+    from recnorm.nn.cells import CELLS
+
+    takes = "nonlinearity" in inspect.signature(CELLS.get(config.cell).__init__).parameters
+    return {"nonlinearity": config.nonlinearity} if takes else {}
+
+
+def _check_cell(config: "RunConfig") -> None:
+    """``cell`` names a registered cell type; ``nonlinearity`` and ``forget_bias`` fit it."""
+    from recnorm.nn.cells import CELLS, LSTMCellType, list_cells
+
+    _choice("cell", config.cell, list_cells())
+    options = cell_options(config)
+    if not options and config.nonlinearity != "tanh":
+        raise ConfigError(f"nonlinearity: expected 'tanh' for cell {config.cell!r} (it takes no nonlinearity), "
+                          f"got {config.nonlinearity!r}")
+    try:
+        CELLS.get(config.cell)(**options)
+    except ValueError as exc:
+        raise ConfigError(f"nonlinearity: {exc}") from None
+    if config.forget_bias is not None and not issubclass(CELLS.get(config.cell), LSTMCellType):
+        raise ConfigError(f"forget_bias: expected None for cell {config.cell!r} (only LSTM cells have a forget "
+                          f"gate), got {config.forget_bias!r}")
 
 
 def set_field(data: Dict[str, Any], key: str, value: Any) -> None:

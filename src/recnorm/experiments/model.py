@@ -1,8 +1,9 @@
 """The model the evidence engine trains: input map, a recnorm recurrent stack, a linear head.
 
-The recurrent stack is a single ``recnorm.LSTM``/``GRU``/``RNN`` (the layer under test) stored as
-``self.rnn``, so the diagnostics key its layers ``"rnn.l0"``, ``"rnn.l1"``, ... Everything that is not the
-recurrent stack is kept as plain as possible so that differences between runs come from the layer.
+The recurrent stack is a single :class:`recnorm.nn.RecurrentBase` of the config's cell, resolved through the
+cell registry (``"lstm"`` gives the layer ``recnorm.LSTM`` is, and a registered cell works the same way),
+stored as ``self.rnn``, so the diagnostics key its layers ``"rnn.l0"``, ``"rnn.l1"``, ... Everything that is
+not the recurrent stack is kept as plain as possible so that differences between runs come from the layer.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from recnorm.experiments.config import RunConfig
+from recnorm.experiments.config import RunConfig, cell_options
+from recnorm.nn import RecurrentBase, get_cell
 
 __all__ = ["SequenceModel", "build_model"]
-
-
-def _layer_class(cell: str) -> type:
-    import recnorm
-
-    return {"lstm": recnorm.LSTM, "gru": recnorm.GRU, "rnn": recnorm.RNN}[cell]
 
 
 class SequenceModel(nn.Module):
@@ -55,29 +51,29 @@ class SequenceModel(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
             bidirectional=config.bidirectional,
         )
-        if config.cell == "rnn":
-            kwargs["nonlinearity"] = config.nonlinearity
         if config.norm is not None:
             kwargs["norm"] = config.norm
             kwargs["norm_kwargs"] = dict(config.norm_kwargs)
         if config.between_layers is not None:
             kwargs["between_layers"] = config.between_layers
-        self.rnn = _layer_class(config.cell)(input_size, config.hidden_size, **kwargs)
+        cell = get_cell(config.cell, **cell_options(config))
+        self.rnn = RecurrentBase(cell, input_size, config.hidden_size, **kwargs)
         directions = 2 if config.bidirectional else 1
         self.head = nn.Linear(directions * config.hidden_size, num_outputs)
-        self.cell = config.cell
+        self.state_size = cell.state_size
         self.h0_noise = config.h0_noise
         self.feed = config.feed
         self.state_shape = (directions * config.num_layers, config.hidden_size)
 
     def initial_state(self, batch_size: int, like: Tensor) -> Any:
-        """Zero state, plus Gaussian noise of std ``h0_noise`` on h in training mode (None when zero)."""
+        """Zero state, plus Gaussian noise of std ``h0_noise`` on h in training mode (None when zero). A cell
+        with more state than h (the LSTM's c) gets zeros for the rest."""
         if not (self.training and self.h0_noise > 0):
             return None
         layers, hidden = self.state_shape
         h0 = self.h0_noise * torch.randn(layers, batch_size, hidden, dtype=like.dtype, device=like.device)
-        if self.cell == "lstm":
-            return h0, torch.zeros_like(h0)
+        if self.state_size > 1:
+            return (h0,) + tuple(torch.zeros_like(h0) for _ in range(self.state_size - 1))
         return h0
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:

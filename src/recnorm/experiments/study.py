@@ -15,6 +15,7 @@ pairing seeds), so that no study imports another.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import statistics
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +25,7 @@ from recnorm.experiments.document import badge, fmt, pvalue, signed
 from recnorm.experiments.results import area_under_curve, model_label
 from recnorm.experiments.sweep import SweepSpec, flatten_config
 
-__all__ = ["Study", "Design", "Claim", "Question", "Record", "check_wording", "stopped_early", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
+__all__ = ["Study", "Design", "TuningGrid", "MIN_RATES", "MIN_SPAN", "MIN_SEEDS", "Claim", "Question", "Record", "check_wording", "stopped_early", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
            "chance_level", "better_of", "compare", "paired", "task_name", "tasks", "labels", "verdict_table"]
 
 Record = Dict[str, Any]
@@ -217,7 +218,8 @@ class Study:
         section: ``section(doc, records, hints) -> [Claim]``, the study's own report section (or None).
         questions: the questions of the evidence page this study answers.
         docs_dir: its folder under ``docs/`` (its report; before ``results/`` existed, its runs too).
-        tuning: the declared learning-rate grid and tuning seeds (:class:`recnorm.experiments.tune.TuningGrid`);
+        tuning: the declared learning-rate grid and tuning seeds (:class:`TuningGrid`; run by
+            :mod:`recnorm.experiments.tune`);
             None: the study runs at the learning rate of its sweep (not tuned).
         final_seeds: the fresh seeds of the final runs at the tuned rates (none shared with ``tuning``); empty:
             the seeds the sweep gives each run (checked fresh when the final sweep is built).
@@ -232,7 +234,7 @@ class Study:
     section: Optional[Section] = None
     questions: Tuple[Question, ...] = ()
     docs_dir: Optional[str] = None
-    tuning: Optional[Any] = None
+    tuning: Optional["TuningGrid"] = None
     final_seeds: Tuple[int, ...] = ()
     tune_at: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -259,6 +261,43 @@ class Study:
                 raise ValueError(f"study {self.name!r}: claim {c.key!r} has no declared design; expected one of "
                                  f"{sorted(self.designs)}")
         return out
+
+
+# ---------------------------------------------------------------------------------------------- tuning grid
+MIN_RATES, MIN_SPAN, MIN_SEEDS = 4, 30.0, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningGrid:
+    """The declared tuning grid: learning rates (log-spaced, at least :data:`MIN_RATES` of them spanning at
+    least :data:`MIN_SPAN` x) and tuning seeds (at least :data:`MIN_SEEDS`)."""
+
+    lrs: Tuple[float, ...]
+    seeds: Tuple[int, ...] = (100, 101)
+
+    def __post_init__(self) -> None:
+        lrs = tuple(float(x) for x in self.lrs)
+        object.__setattr__(self, "lrs", lrs)
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if len(lrs) < MIN_RATES or any(x <= 0 for x in lrs) or list(lrs) != sorted(set(lrs)):
+            raise ValueError(f"TuningGrid.lrs: expected >= {MIN_RATES} increasing positive rates, got {lrs}")
+        if lrs[-1] / lrs[0] < MIN_SPAN * (1 - 1e-9):
+            raise ValueError(f"TuningGrid.lrs: expected a span of >= {MIN_SPAN:g}x, got {lrs[-1] / lrs[0]:.3g}x")
+        steps = [math.log(b / a) for a, b in zip(lrs, lrs[1:])]
+        if max(steps) - min(steps) > 0.01 * max(steps):  # 1%: room for rounded rates
+            raise ValueError(f"TuningGrid.lrs: expected log-spaced rates (a constant ratio), got {lrs}")
+        if len(set(self.seeds)) < MIN_SEEDS:
+            raise ValueError(f"TuningGrid.seeds: expected >= {MIN_SEEDS} distinct seeds, got {self.seeds}")
+
+    @classmethod
+    def log_spaced(cls, low: float, high: float, n: int, seeds: Sequence[int] = (100, 101)) -> "TuningGrid":
+        """``n`` rates from ``low`` to ``high``, evenly spaced in log scale (rounded to 4 significant digits)."""
+        ratio = (high / low) ** (1.0 / (n - 1)) if n > 1 else 1.0
+        inner = [float(f"{low * ratio ** i:.4g}") for i in range(1, n - 1)]
+        return cls(tuple([float(low)] + inner + [float(high)]), tuple(seeds))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"lrs": list(self.lrs), "seeds": list(self.seeds)}
 
 
 # ---------------------------------------------------------------------------------------------- record access

@@ -236,14 +236,15 @@ def _worker_init(imports: List[str], parent_pid: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
 
 
-def _run_one(config_data: Dict[str, Any], run_dir: str) -> Tuple[str, str, Optional[str], float]:
-    """Run one config into ``run_dir``; never raises (an exception is written to ``error.json``)."""
+def _run_one(config_data: Dict[str, Any], run_dir: str, checkpoint: Any = None) -> Tuple[str, str, Optional[str], float]:
+    """Run one config into ``run_dir`` (resuming from ``checkpoint`` and saving to it, when given: see
+    :mod:`recnorm.experiments.checkpoint`); never raises (an exception is written to ``error.json``)."""
     from recnorm.experiments.train import train_and_evaluate
 
     config = RunConfig.from_dict(config_data)
     start = time.perf_counter()
     try:
-        result = train_and_evaluate(config, run_dir)
+        result = train_and_evaluate(config, run_dir, checkpoint=checkpoint)
         return config.run_id, result.status, None, time.perf_counter() - start
     except Exception as exc:  # recorded, not fatal: the other runs of the sweep go on
         message = f"{type(exc).__name__}: {exc}"
@@ -283,6 +284,9 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
     if workers > 1 or backend is not None:
         configs = [c.replace(threads=1) for c in configs]
     run_ids = [c.run_id for c in configs]
+    if backend is not None and hasattr(backend, "connect") and any(
+            not os.path.exists(os.path.join(out_dir, "runs", c.run_id, "result.json")) for c in configs):
+        backend.connect()  # a cluster that does not answer fails here, before anything is written
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     with _exclusive_sweep(out_dir):
         try:

@@ -399,6 +399,7 @@ class _Run:
     pop_batches: List[Any]
     progress: Optional[ProgressFn] = None
     on_step: Optional[StepFn] = None
+    checkpoint: Any = None  # a recnorm.experiments.checkpoint.Checkpoint, or None
     train: Dict[str, List[Any]] = dataclasses.field(default_factory=dict)
     valid: Dict[str, List[Any]] = dataclasses.field(default_factory=lambda: {"step": [], "time": []})
     grad_flow: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -540,14 +541,16 @@ def _train_loop(run: _Run) -> Tuple[int, Optional[int], Optional[str]]:
     """Evaluate at 0, every ``eval_every`` steps and at the end, with diagnostics at 0, every ``diag_every``
     steps and at the end. Returns ``(steps_done, diverged_step, diverged_reason)``."""
     config, total = run.config, run.total_steps
-    _run_eval(run, 0)
-    if config.patience:
-        _no_progress(run, 0)
-    _run_diag(run, 0, "init")
+    first = _resume(run) + 1
+    if first == 1:
+        _run_eval(run, 0)
+        if config.patience:
+            _no_progress(run, 0)
+        _run_diag(run, 0, "init")
     if run.progress is not None:
-        run.progress(0, total, {"training": True})
-    step = 0
-    for step in range(1, total + 1):
+        run.progress(first - 1, total, {"training": True})
+    step = first - 1
+    for step in range(first, total + 1):
         try:
             _train_step(run, next(run.train_stream), step)
         except _Diverged as exc:
@@ -564,7 +567,40 @@ def _train_loop(run: _Run) -> Tuple[int, Optional[int], Optional[str]]:
             _run_diag(run, step, "final")
         elif config.diag_every and step % config.diag_every == 0:
             _run_diag(run, step, None)
+        if run.checkpoint is not None and run.checkpoint.every and step % run.checkpoint.every == 0 and step < total:
+            run.checkpoint.save(_training_state(run, step))
     return step, None, None
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _training_state(run: _Run, step: int) -> Dict[str, Any]:
+    """What the loop needs to go on after ``step`` (recnorm.experiments.checkpoint)."""
+    return {"step": step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "train": run.train, "valid": run.valid, "grad_flow": run.grad_flow, "diag_stats": run.diag_stats,
+            "step_extras": run.step_extras, "seconds": dict(run.seconds), "best": run.best}
+
+
+def _resume(run: _Run) -> int:
+    """Restore the run from its checkpoint, if it has one; returns the step it resumes after (0: none). The
+    training stream is replayed up to that step, so the run goes on with an uninterrupted run's numbers."""
+    state = run.checkpoint.load() if run.checkpoint is not None else None
+    if state is None:
+        return 0
+    done = int(state["step"])
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    for _ in range(done):  # the training stream, where the interrupted run left it
+        next(run.train_stream)
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    run.train, run.valid, run.grad_flow, run.diag_stats = state["train"], state["valid"], state["grad_flow"], state["diag_stats"]
+    run.step_extras = state.get("step_extras", [])
+    run.seconds = dict(state["seconds"])
+    run.best = state.get("best")  # early stopping's best evaluation so far
+    logger.info("run %s resumes from its checkpoint at step %d", run.config.run_id, done)
+    return done
 
 
 def _final_evaluation(run: _Run) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -578,8 +614,11 @@ def _final_evaluation(run: _Run) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     population: Dict[str, Any] = {}
     t0 = time.perf_counter()
     if run.batch_norm:
-        final["valid_ema"] = evaluate(model, task, "valid", size)
-        final["test_ema"] = evaluate(model, task, "test", size)
+        from recnorm.diagnostics import running_averages
+
+        with running_averages(model):  # measured on purpose, beside the exact statistics: no warning
+            final["valid_ema"] = evaluate(model, task, "valid", size)
+            final["test_ema"] = evaluate(model, task, "test", size)
         population["ema"] = _population_stats(model, task.seq_len)
         if config.dropout == 0.0 or config.num_layers == 1:
             final["test_batch_stats"] = _evaluate_batch_stats(model, task, "test", size)
@@ -632,7 +671,7 @@ def _iso(seconds: float) -> str:
 
 
 def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[ProgressFn] = None,
-                       on_step: Optional[StepFn] = None) -> RunResult:
+                       on_step: Optional[StepFn] = None, checkpoint: Any = None) -> RunResult:
     """Train one model as ``config`` says and evaluate it; write ``config.json``, ``model.pt`` (when the run
     did not diverge) and ``result.json``.
 
@@ -642,6 +681,9 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
             complete (atomic rename), so its presence marks a finished run.
         progress: optional callback ``progress(step, total_steps, info)`` (the CLI draws a bar with it).
         on_step: optional callback after every optimizer step, see :data:`StepFn`.
+        checkpoint: optional :class:`~recnorm.experiments.checkpoint.Checkpoint`: the training state is saved
+            every ``checkpoint.every`` steps, and a run that finds one resumes from it (with the same
+            numbers as an uninterrupted run).
 
     Returns:
         The :class:`RunResult` also written to ``workdir/result.json``. A run whose loss or gradient norm
@@ -653,6 +695,7 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
     write_json_atomic(os.path.join(workdir, CONFIG_FILE), {"run_id": config.run_id, **config.to_dict()})
     provenance = collect_provenance(config.kernel)
     run = _setup(config, progress, on_step)
+    run.checkpoint = checkpoint
     with kernel_dispatch(run.model, config.kernel) as dispatch:
         outcome = _train_loop(run)
         final, population = _final_evaluation(run) if outcome[1] is None else ({}, {})

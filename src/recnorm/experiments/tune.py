@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.results import model_label, read_json, write_json_atomic
+from recnorm.experiments.study import MIN_RATES, MIN_SEEDS, MIN_SPAN, TuningGrid
 from recnorm.experiments.sweep import SweepSpec, flatten_config
 
 __all__ = ["TuningGrid", "ArmChoice", "arm_key", "tuning_spec", "choose", "final_spec", "write_choices",
@@ -56,40 +57,6 @@ __all__ = ["TuningGrid", "ArmChoice", "arm_key", "tuning_spec", "choose", "final
 logger = logging.getLogger(__name__)
 
 CHOICES_FILE = "choices.json"
-MIN_RATES, MIN_SPAN, MIN_SEEDS = 4, 30.0, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class TuningGrid:
-    """The declared tuning grid: learning rates (log-spaced, at least :data:`MIN_RATES` of them spanning at
-    least :data:`MIN_SPAN` x) and tuning seeds (at least :data:`MIN_SEEDS`)."""
-
-    lrs: Tuple[float, ...]
-    seeds: Tuple[int, ...] = (100, 101)
-
-    def __post_init__(self) -> None:
-        lrs = tuple(float(x) for x in self.lrs)
-        object.__setattr__(self, "lrs", lrs)
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if len(lrs) < MIN_RATES or any(x <= 0 for x in lrs) or list(lrs) != sorted(set(lrs)):
-            raise ValueError(f"TuningGrid.lrs: expected >= {MIN_RATES} increasing positive rates, got {lrs}")
-        if lrs[-1] / lrs[0] < MIN_SPAN * (1 - 1e-9):
-            raise ValueError(f"TuningGrid.lrs: expected a span of >= {MIN_SPAN:g}x, got {lrs[-1] / lrs[0]:.3g}x")
-        steps = [math.log(b / a) for a, b in zip(lrs, lrs[1:])]
-        if max(steps) - min(steps) > 0.01 * max(steps):  # 1%: room for rounded rates
-            raise ValueError(f"TuningGrid.lrs: expected log-spaced rates (a constant ratio), got {lrs}")
-        if len(set(self.seeds)) < MIN_SEEDS:
-            raise ValueError(f"TuningGrid.seeds: expected >= {MIN_SEEDS} distinct seeds, got {self.seeds}")
-
-    @classmethod
-    def log_spaced(cls, low: float, high: float, n: int, seeds: Sequence[int] = (100, 101)) -> "TuningGrid":
-        """``n`` rates from ``low`` to ``high``, evenly spaced in log scale (rounded to 4 significant digits)."""
-        ratio = (high / low) ** (1.0 / (n - 1)) if n > 1 else 1.0
-        inner = [float(f"{low * ratio ** i:.4g}") for i in range(1, n - 1)]
-        return cls(tuple([float(low)] + inner + [float(high)]), tuple(seeds))
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"lrs": list(self.lrs), "seeds": list(self.seeds)}
 
 
 @dataclasses.dataclass

@@ -31,21 +31,31 @@ case (None when it can):
 * compiling: ``native``, ``fused``, ``reference`` without autograd; with autograd ``fused``, then
   ``reference``.
 
-``kernel=`` on a layer (or ``$RECNORM_KERNEL``) forces one implementation; one that cannot serve the case
-raises ValueError with the reason.
+``kernel=`` on a layer forces one implementation; one that cannot serve the case raises ValueError with the
+reason. ``$RECNORM_KERNEL`` (for layers built without ``kernel=``) is a preference: the named implementation
+runs wherever it can serve the case, and a case it cannot serve (say a layer inside
+:func:`recnorm.diagnostics.capture`, which needs per-step outputs, under ``fused``) runs as ``"auto"``
+chooses, with a note logged once per reason.
+
+A new implementation is a module with ``supports`` and ``run_direction``, registered in
+:data:`IMPLEMENTATIONS` (one line below); ``kernel=`` reaches it at once, and ``"auto"`` once
+:func:`_candidates` or :mod:`.autotune` lists it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from recnorm.kernels import autotune, fused, native, reference, scan
 from recnorm.kernels.contract import BatchMoments, CellDesc, DirectionResult, DirectionWork, NormDesc
+from recnorm.registry import Registry
 
 __all__ = [
     "DirectionWork",
@@ -57,6 +67,9 @@ __all__ = [
     "choose",
     "execution_mode",
     "KERNELS",
+    "KernelPreference",
+    "IMPLEMENTATIONS",
+    "Implementation",
     "resolve_kernel",
     "extensions_built",
     "build_extensions",
@@ -64,16 +77,58 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "reference", "native", "fused", "scan")
-_IMPLS = {"reference": reference, "native": native, "fused": fused, "scan": scan}
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A registered time-loop implementation: a module with ``supports(work, x, batch_sizes, mode)`` (None
+    when it can serve the case, else the reason) and ``run_direction(work, x, batch_sizes, state)``."""
+
+    name: str
+    module: ModuleType
+
+    def supports(self, work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode: str) -> Optional[str]:
+        return self.module.supports(work, x, batch_sizes, mode)
+
+    def run_direction(self, *args: Any, **kwargs: Any) -> DirectionResult:
+        return self.module.run_direction(*args, **kwargs)
+
+
+#: The implementations by name. ``kernel=NAME`` forces a registered one; ``"auto"`` tries those that
+#: :func:`_candidates` (and :mod:`.autotune`) list for the case.
+IMPLEMENTATIONS: Registry[Implementation] = Registry("kernel")
+for _name, _module in (("reference", reference), ("native", native), ("fused", fused), ("scan", scan)):
+    IMPLEMENTATIONS.register(Implementation(_name, _module))
+_IMPLS = IMPLEMENTATIONS  # the dispatch code's short name
+#: The values ``kernel=`` accepts (the registered implementations when this module was imported).
+KERNELS = ("auto", *IMPLEMENTATIONS.names())
+
+
+class KernelPreference(str):
+    """A kernel name that came from ``$RECNORM_KERNEL``: :func:`choose` runs it where it can serve the case
+    and falls back to ``"auto"`` elsewhere, instead of raising."""
 
 
 def resolve_kernel(kernel: Optional[str]) -> str:
-    """The kernel to use: the argument, else ``$RECNORM_KERNEL``, else ``"auto"``."""
-    name = kernel or os.environ.get("RECNORM_KERNEL") or "auto"
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; expected one of {KERNELS}")
+    """The kernel to use: the argument, else ``$RECNORM_KERNEL`` (a :class:`KernelPreference`), else ``"auto"``."""
+    if kernel:
+        name = kernel
+    else:
+        env = os.environ.get("RECNORM_KERNEL")
+        name = KernelPreference(env) if env and env != "auto" else "auto"
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        where = "" if kernel else " ($RECNORM_KERNEL)"
+        raise ValueError(f"unknown kernel {str(name)!r}{where}; expected one of {['auto', *IMPLEMENTATIONS.names()]}")
     return name
+
+
+_FALLBACK_NOTED: set = set()
+
+
+def _note_fallback(kernel: str, why: str) -> None:
+    key = (str(kernel), why)
+    if key not in _FALLBACK_NOTED:
+        _FALLBACK_NOTED.add(key)
+        log.info("RECNORM_KERNEL=%s cannot run a layer here (%s); it runs as kernel='auto' chooses", kernel, why)
 
 
 def execution_mode() -> str:
@@ -113,9 +168,11 @@ def choose(
     mode = execution_mode()
     if kernel != "auto":
         why = _IMPLS[kernel].supports(work, x, batch_sizes, mode)
-        if why is not None:
+        if why is None:
+            return str(kernel), mode
+        if not isinstance(kernel, KernelPreference):
             raise ValueError(f"kernel={kernel!r} cannot run this layer: {why}")
-        return kernel, mode
+        _note_fallback(kernel, why)
     reasons = []
     grad = _needs_grad(work, x, state)
     order = autotune.eager_order(work, x, batch_sizes, grad) if mode == "eager" else _candidates(mode, grad)

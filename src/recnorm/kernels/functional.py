@@ -17,15 +17,15 @@ input's dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from recnorm.kernels.contract import NormDesc
+from recnorm.kernels.contract import BatchMoments, DirectionWork, NormDesc
 from recnorm.kernels.stats import batch_moments, count_valid, degenerate_features, population_degenerate, stats_dtype
 
-__all__ = ["slot_index", "population_moments", "row_norm", "batch_norm", "affine", "normalize_with", "batch_norm_rows"]
+__all__ = ["slot_index", "population_moments", "row_norm", "batch_norm", "affine", "normalize_with", "batch_norm_rows", "fold_sequence_norm"]
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -181,3 +181,80 @@ def batch_norm_rows(d: NormDesc, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     :func:`normalize_with` on :func:`batch_moments` gives, with less memory kept for backward."""
     y, mean, var, _ = _BatchNormRows.apply(x, d.weight, d.bias, float(d.eps), bool(d.center))
     return y, mean, var
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequence-wise batch norm folded into the input weights (torch's op, the fused kernels, the export path)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _input_moments(x: Tensor, w: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased variance of every feature of ``x W^T`` over the rows of ``x``, from the moments of
+    ``x``: ``(mean, var / scale^2, scale)``. ``x`` is divided by a power of two near its largest magnitude
+    first, so its covariance cannot overflow; the caller folds ``scale`` back in without forming
+    ``var`` itself, which may not fit the dtype."""
+    dt = stats_dtype(x.dtype)
+    xs, ws = x.to(dt), w.to(dt)
+    amax = xs.detach().abs().amax().clamp(min=1.0)
+    scale = torch.exp2(torch.floor(torch.log2(amax)))  # exact: a power of two, 1 for ordinary inputs
+    xs = xs / scale
+    n = xs.shape[0]
+    xm = xs.mean(0) if center else torch.zeros_like(xs[0])
+    xc = xs - xm
+    cov = xc.t().matmul(xc) / n  # (F, F), biased like the normalization's variance
+    mean = ws.matmul(xm) * scale
+    var_scaled = (ws.matmul(cov) * ws).sum(1).clamp(min=0)
+    return mean, var_scaled, scale
+
+
+def fold_sequence_norm(work: DirectionWork, x: Tensor) -> Tuple[DirectionWork, Dict[str, BatchMoments]]:
+    """The same direction with its sequence-wise input norm folded into ``weight_ih`` and ``bias_ih``
+    (same statistics, population fallback and zero-variance rule as the reference loop), and the batch
+    moments it used, for the running averages. Used by torch's op (:mod:`.native`), the fused kernels
+    and the export path.
+
+    Sequence-wise BN of ``W_ih x`` is an affine map per gate feature with batch-wide statistics:
+
+    .. code-block:: text
+
+        BN(W x) + b = (s * W) x + (b - s * mu),   s = gamma / sqrt(var + eps)
+        mu = W mean(x),   var_j = w_j^T Cov(x) w_j     (over all valid rows of x)
+
+    Autograd differentiates through the fold (to any order), so the gradients are those of the reference
+    loop; the moments come from the input's mean and covariance (``O(N I^2)``) instead of a second
+    ``(N, G*H)`` projection. ``x`` is scaled by a power of two before the covariance, so inputs near the
+    float range (|x| ~ 1e19 in float32) do not overflow where the reference loop stays finite.
+    """
+    d = work.norm("ih")
+    if d is None or d.stat != "sequence":
+        return work, {}
+    x = x.reshape(-1, x.shape[-1])  # every valid row, whatever the layout
+    n = x.shape[0]
+    moments: Dict[str, BatchMoments] = {}
+    if d.batch_stats and n >= 2:
+        mean, var_s, scale = _input_moments(x, work.weight_ih, d.center)
+        degenerate = degenerate_features(mean / scale, var_s)
+        rstd = torch.rsqrt(var_s + d.eps / (scale * scale)) / scale  # = 1 / sqrt(var + eps)
+        rstd = torch.where(degenerate, torch.zeros((), dtype=rstd.dtype, device=rstd.device), rstd)
+        var = var_s * scale * scale
+        moments["ih"] = BatchMoments(
+            steps=torch.zeros(1, dtype=torch.long, device=x.device),
+            mean=mean.detach().unsqueeze(0),
+            var=var.detach().unsqueeze(0),
+            count=torch.full((1,), n, dtype=torch.long, device=x.device),
+        )
+    else:
+        dt = stats_dtype(x.dtype)
+        rm, rv = d.running_mean[0], d.running_var[0]  # one slot
+        mean = rm.to(dt) if d.center else torch.zeros_like(rm, dtype=dt)
+        rstd = torch.rsqrt(rv.to(dt) + d.eps).masked_fill(population_degenerate(rm, rv), 0.0)
+    scale = rstd if d.weight is None else rstd * d.weight
+    shift = -mean * scale if d.center else torch.zeros_like(scale)
+    if d.bias is not None:
+        shift = shift + d.bias
+    w = (work.weight_ih.to(scale.dtype) * scale.unsqueeze(1)).to(work.weight_ih.dtype)
+    b = shift if work.bias_ih is None else work.bias_ih + shift
+    bias_hh = work.bias_hh
+    if bias_hh is None:  # a bias=False layer whose fold brings a shift: torch's op takes both or neither
+        bias_hh = torch.zeros_like(b)
+    return work.replace(weight_ih=w, bias_ih=b.to(work.weight_ih.dtype), bias_hh=bias_hh, norms={}), moments

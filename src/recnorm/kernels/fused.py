@@ -27,8 +27,13 @@ Served (:func:`supports`): the LSTM, GRU and RNN (tanh, relu) cells without ``pr
 normalized site uses the same statistic family (none, row, or per-step batch) with the cell's own feature
 groups (or, for the GRU, one group over all 3H: haste's LayerNormGRU), on float32/float64 CPU tensors,
 without diagnostics capture or synchronized statistics. The variants: zoneout of every state, a joint gate
-norm (LSTM, RNN) and a carried cell norm (LSTM), with row statistics for the last two. Double
-backward (``create_graph=True``) raises a RuntimeError that points to the reference loop.
+norm (LSTM, RNN) and a carried cell norm (LSTM), with row statistics for the last two.
+
+Higher derivatives and ``torch.func`` (:mod:`recnorm.kernels.autodiff`): a backward that autograd
+differentiates again (``create_graph=True``: gradient penalties, ``torch.func.grad``) returns the gradients
+of the reference loop's recomputation of the operator, as a graph; an ordinary backward runs the C++ one.
+The operators have a vmap rule (one call per slice), and under ``torch.func`` transforms the layers call
+them through an ``autograd.Function`` that the transforms accept.
 
 Performance knobs (environment, read per call unless noted):
 
@@ -50,10 +55,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from recnorm.kernels import autodiff
 from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork, fixed_size_check
-from recnorm.kernels.native import fold_sequence_norm
+from recnorm.kernels.functional import fold_sequence_norm
 
-__all__ = ["supports", "run_direction", "available", "load_extension", "empty_cache", "refuse_double_backward"]
+__all__ = ["supports", "run_direction", "available", "load_extension", "empty_cache"]
 
 log = logging.getLogger(__name__)
 NAME = "fused"
@@ -65,24 +71,8 @@ INPROJ_MAX = 8
 # just before its steps, so that the step pass finds them in cache.
 INPROJ_ROWS = int(os.environ.get("RECNORM_FUSED_INPROJ_ROWS", "1024"))
 
-DOUBLE_BACKWARD_ERROR = (
-    "recnorm's fused CPU kernels differentiate once (like cuDNN's RNNs), and this backward was asked to build "
-    "a graph (create_graph=True, double backward). Run the layer on the reference loop for that: pass "
-    "kernel='reference' to it or set RECNORM_KERNEL=reference."
-)
-
 _FAMILY = {"none": 0, "row": 1, "step": 2, "shared": 2}
 _CELL_CODES = {"gru": 0, "rnn_tanh": 1, "rnn_relu": 2}
-
-
-def refuse_double_backward() -> None:
-    """Raise when a backward is asked to build a graph (autograd enables grad mode exactly then).
-
-    A backward without a graph would make a gradient penalty built on it silently count as a constant.
-    Tracing a backward for ``torch.compile`` is not a double backward and passes.
-    """
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,7 +148,14 @@ def load_extension(family: str = "lstm"):
     return EXTENSIONS[family].load()
 
 
-@torch._dynamo.assume_constant_result
+def _assume_constant_result(fn):
+    # What torch._dynamo.assume_constant_result does, without importing torch._dynamo: that import is half the
+    # time of `import recnorm` (tests/nn/test_api.py checks that both mark a function alike).
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def available(family: str = "lstm") -> bool:
     """Whether the extension is (or can be) built on this machine. Under torch.compile this runs once,
     eagerly, when the graph is traced (building the extension then if need be), and is a constant."""
@@ -343,11 +340,14 @@ def _lstm_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.pop_grad = _no_grads(pop)
     ctx.optional = [t is not None for t in (bias, g_ih, g_hh, g_c, beta_c)]
+    _keep_for_recompute(ctx, x, batch_sizes, h0, pop, stat, eps, step_offset)
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h, zone_h, zone_c)
 
 
 def _lstm_backward(ctx, grads):
-    refuse_double_backward()
+    why = autodiff.recompute_reason(grads)
+    if why is not None:
+        return _lstm_backward_by_recompute(ctx, grads, why == "graph")
     d_out, d_hn, d_cn = (g.contiguous() if g is not None else None for g in grads[:3])
     x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g, stats_h, zone_h, zone_c = ctx.saved_tensors
     if XI.numel() == 0 and out.numel() > 0:
@@ -363,7 +363,28 @@ def _lstm_backward(ctx, grads):
             ctx.pop_grad, None, None, None, None, None, None, None, None, None, None)  # fmt: skip
 
 
+def _lstm_backward_by_recompute(ctx, grads, create_graph: bool):
+    """The gradients of the reference loop's recomputation (as a graph for a double backward; see
+    :mod:`recnorm.kernels.autodiff`)."""
+    x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c = ctx.saved_tensors[:10]
+    zones = ctx.saved_tensors[16:]
+
+    def forward(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c):
+        return autodiff.operator_reference("lstm", x, ctx.batch_sizes, h0, c0, w_ih, w_hh, bias, None, (g_ih, g_hh, g_c),
+                                           (None, None, beta_c), ctx.pop, ctx.stat, ctx.center, ctx.eps, ctx.batch_stats,
+                                           ctx.joint, ctx.carry, (0, 0), zones)  # fmt: skip
+
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    dx, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c = autodiff.recompute_grads(
+        forward, (x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c), needs, grads[:3], create_graph
+    )
+    return (dx, None, dh0, dc0, dw_ih, dw_hh, db, dg_ih, dg_hh, dg_c, dbeta_c, ctx.pop_grad) + (None,) * 10
+
+
 _fused_lstm.register_autograd(_lstm_backward, setup_context=_lstm_setup)
+torch.library.register_vmap(_fused_lstm, autodiff.per_slice_vmap(torch.ops.recnorm.fused_lstm.default))
+torch.library.register_vmap(_fused_lstm_backward, autodiff.per_slice_vmap(torch.ops.recnorm.fused_lstm_backward.default))
+_LSTMFunction = autodiff.functorch_function("FusedLSTMFunction", torch.ops.recnorm.fused_lstm.default, _lstm_setup, _lstm_backward, 11)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,11 +463,14 @@ def _gru_setup(ctx, inputs, output):
     ctx.pop_grad = _no_grads(pop)
     ctx.optional = [t is not None for t in (bias, b_hn, g_ih, g_hh)]
     ctx.set_materialize_grads(False)  # as for the LSTM: no zero-filled gradients of the saved terms
+    _keep_for_recompute(ctx, x, batch_sizes, h0, pop, stat, eps, step_offset)
     ctx.save_for_backward(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, zone_h)
 
 
 def _gru_backward(ctx, grads):
-    refuse_double_backward()
+    why = autodiff.recompute_reason(grads)
+    if why is not None:
+        return _gru_backward_by_recompute(ctx, grads, why == "graph")
     d_out, d_hn = (g.contiguous() if g is not None else None for g in grads[:2])
     x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, zone_h = ctx.saved_tensors
     if XI.numel() == 0 and out.numel() > 0:
@@ -461,7 +485,37 @@ def _gru_backward(ctx, grads):
             None, None, None, None, None, None, None, None, None, None)  # fmt: skip
 
 
+def _gru_backward_by_recompute(ctx, grads, create_graph: bool):
+    """As for the LSTM."""
+    x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh = ctx.saved_tensors[:8]
+    zone_h = ctx.saved_tensors[12]
+
+    def forward(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh):
+        return autodiff.operator_reference(ctx.cell, x, ctx.batch_sizes, h0, None, w_ih, w_hh, bias, b_hn, (g_ih, g_hh), (None, None),
+                                           ctx.pop, ctx.stat, ctx.center, ctx.eps, ctx.batch_stats, ctx.joint, False,
+                                           ctx.one_group, (zone_h,))  # fmt: skip
+
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5, 6, 7, 8)]
+    dx, dh0, dw_ih, dw_hh, db, db_hn, dg_ih, dg_hh = autodiff.recompute_grads(
+        forward, (x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh), needs, grads[:2], create_graph
+    )
+    return (dx, None, dh0, dw_ih, dw_hh, db, db_hn, dg_ih, dg_hh, ctx.pop_grad) + (None,) * 10
+
+
 _fused_gru_rnn.register_autograd(_gru_backward, setup_context=_gru_setup)
+torch.library.register_vmap(_fused_gru_rnn, autodiff.per_slice_vmap(torch.ops.recnorm.fused_gru_rnn.default))
+torch.library.register_vmap(_fused_gru_rnn_backward, autodiff.per_slice_vmap(torch.ops.recnorm.fused_gru_rnn_backward.default))
+_GRURNNFunction = autodiff.functorch_function("FusedGRURNNFunction", torch.ops.recnorm.fused_gru_rnn.default, _gru_setup, _gru_backward, 9)
+
+
+def _keep_for_recompute(ctx, x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, pop, stat, eps, step_offset: int) -> None:
+    """What a double backward's recomputation needs besides the saved tensors: eps, and the population
+    statistics as this call read them (not under torch.compile or torch.jit.trace, whose graphs never
+    differentiate a backward)."""
+    ctx.eps = eps
+    ctx.pop = None
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        ctx.pop = autodiff.population_snapshot(pop, stat, _steps(x, batch_sizes, h0), step_offset)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -483,7 +537,7 @@ def _kernel_sites(work: DirectionWork) -> Tuple[str, ...]:
 
 def _folded_view(work: DirectionWork) -> DirectionWork:
     """The direction as the kernel sees it: a sequence-wise input norm is folded into the input weights
-    before the kernel runs (:func:`recnorm.kernels.native.fold_sequence_norm`), so it counts as none."""
+    before the kernel runs (:func:`recnorm.kernels.functional.fold_sequence_norm`), so it counts as none."""
     ih = work.norm("ih")
     if ih is None or ih.stat != "sequence":
         return work
@@ -613,8 +667,8 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
                 None if joint else gain("hh"), gain("cell"), shift("cell"))  # fmt: skip
         save = _needs_grad(*args, *[t for n in d.values() for t in (n.weight, n.bias)])
         zones = [_zone_tensor(work.zone(k), x, H) for k in (0, 1)]
-        res = torch.ops.recnorm.fused_lstm(*args, pop, stat, center, eps, batch_stats, save, work.step_offset, joint,
-                                           bool(work.carry_cell_norm), *zones)  # fmt: skip
+        res = autodiff.call(torch.ops.recnorm.fused_lstm, _LSTMFunction, *args, pop, stat, center, eps, batch_stats, save,
+                            work.step_offset, joint, bool(work.carry_cell_norm), *zones)  # fmt: skip
         moments = _moments(work, sites, res[8], (4 * H, 4 * H, H), counts) if batch_stats else {}
         return DirectionResult(unflat(res[0]), (res[1], res[2]), {**folded, **moments})
     sites = _kernel_sites(work)
@@ -630,8 +684,8 @@ def run_direction(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor],
     save = _needs_grad(*args)
     one_group = [int(kind == "gru" and d is not None and d.stat == "row" and len(d.groups) == 1) for d in map(work.norm, sites)]
     zone_h = _zone_tensor(work.zone(0), x, H)
-    res = torch.ops.recnorm.fused_gru_rnn(*args, pop, _CELL_CODES[kind], stat, center, eps, batch_stats, save, work.step_offset,
-                                          joint, one_group, zone_h)  # fmt: skip
+    res = autodiff.call(torch.ops.recnorm.fused_gru_rnn, _GRURNNFunction, *args, pop, _CELL_CODES[kind], stat, center, eps,
+                        batch_stats, save, work.step_offset, joint, one_group, zone_h)  # fmt: skip
     G = work.weight_hh.shape[0]
     return DirectionResult(unflat(res[0]), (res[1],), {**folded, **(_moments(work, sites, res[5], (G, G), counts) if batch_stats else {})})
 

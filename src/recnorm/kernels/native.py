@@ -4,17 +4,8 @@ It serves every direction whose recurrence is torch.nn's exactly:
 
 * no normalization: the same ATen op ``torch.nn.LSTM`` calls, on one direction of one layer;
 * sequence-wise BN of ``W_ih x`` (and nothing else): an affine map per gate feature with batch-wide
-  statistics, which :func:`fold_sequence_norm` folds into the input weights,
-
-  .. code-block:: text
-
-      BN(W x) + b = (s * W) x + (b - s * mu),   s = gamma / sqrt(var + eps)
-      mu = W mean(x),   var_j = w_j^T Cov(x) w_j     (over all valid rows of x)
-
-  Autograd differentiates through the fold, so the gradients are those of the reference loop; the
-  moments come from the input's mean and covariance (``O(N I^2)``) instead of a second ``(N, G*H)``
-  projection. ``x`` is scaled by a power of two before the covariance, so inputs near the float range
-  (|x| ~ 1e19 in float32) do not overflow where the reference loop stays finite.
+  statistics, which :func:`recnorm.kernels.functional.fold_sequence_norm` folds into the input weights
+  (autograd differentiates through the fold, so the gradients are those of the reference loop).
 
 Two entry points: :func:`run_direction` calls the ATen op directly (eager mode: autograd uses ATen's own
 backward), and the registered operator ``torch.ops.recnorm.native_rnn`` wraps the same call with a fake
@@ -26,15 +17,15 @@ fused kernels serve training.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork
-from recnorm.kernels.stats import degenerate_features, population_degenerate, stats_dtype
+from recnorm.kernels.contract import DirectionResult, DirectionWork
+from recnorm.kernels.functional import fold_sequence_norm
 
-__all__ = ["supports", "run_direction", "fold_sequence_norm"]
+__all__ = ["supports", "run_direction"]
 
 NAME = "native"
 _OPS = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
@@ -54,69 +45,18 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
         return "it does not synchronize batch statistics across processes"
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return f"dtype {x.dtype}"
+    if _vmapped():
+        return "torch's fused RNN op has no vmap rule (torch.func.vmap)"
     return None
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sequence-wise batch norm folded into the input weights
-# ---------------------------------------------------------------------------------------------------
+def _vmapped() -> bool:
+    """Whether this runs under ``torch.func.vmap`` (torch's RNN ops, like ``torch.nn.LSTM``, fail there)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-
-def _input_moments(x: Tensor, w: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased variance of every feature of ``x W^T`` over the rows of ``x``, from the moments of
-    ``x``: ``(mean, var / scale^2, scale)``. ``x`` is divided by a power of two near its largest magnitude
-    first, so its covariance cannot overflow; the caller folds ``scale`` back in without forming
-    ``var`` itself, which may not fit the dtype."""
-    dt = stats_dtype(x.dtype)
-    xs, ws = x.to(dt), w.to(dt)
-    amax = xs.detach().abs().amax().clamp(min=1.0)
-    scale = torch.exp2(torch.floor(torch.log2(amax)))  # exact: a power of two, 1 for ordinary inputs
-    xs = xs / scale
-    n = xs.shape[0]
-    xm = xs.mean(0) if center else torch.zeros_like(xs[0])
-    xc = xs - xm
-    cov = xc.t().matmul(xc) / n  # (F, F), biased like the normalization's variance
-    mean = ws.matmul(xm) * scale
-    var_scaled = (ws.matmul(cov) * ws).sum(1).clamp(min=0)
-    return mean, var_scaled, scale
-
-
-def fold_sequence_norm(work: DirectionWork, x: Tensor) -> Tuple[DirectionWork, Dict[str, BatchMoments]]:
-    """The same direction with its sequence-wise input norm folded into ``weight_ih`` and ``bias_ih``
-    (same statistics, population fallback and zero-variance rule as the reference loop)."""
-    d = work.norm("ih")
-    if d is None or d.stat != "sequence":
-        return work, {}
-    x = x.reshape(-1, x.shape[-1])  # every valid row, whatever the layout
-    n = x.shape[0]
-    moments: Dict[str, BatchMoments] = {}
-    if d.batch_stats and n >= 2:
-        mean, var_s, scale = _input_moments(x, work.weight_ih, d.center)
-        degenerate = degenerate_features(mean / scale, var_s)
-        rstd = torch.rsqrt(var_s + d.eps / (scale * scale)) / scale  # = 1 / sqrt(var + eps)
-        rstd = torch.where(degenerate, torch.zeros((), dtype=rstd.dtype, device=rstd.device), rstd)
-        var = var_s * scale * scale
-        moments["ih"] = BatchMoments(
-            steps=torch.zeros(1, dtype=torch.long, device=x.device),
-            mean=mean.detach().unsqueeze(0),
-            var=var.detach().unsqueeze(0),
-            count=torch.full((1,), n, dtype=torch.long, device=x.device),
-        )
-    else:
-        dt = stats_dtype(x.dtype)
-        rm, rv = d.running_mean[0], d.running_var[0]  # one slot
-        mean = rm.to(dt) if d.center else torch.zeros_like(rm, dtype=dt)
-        rstd = torch.rsqrt(rv.to(dt) + d.eps).masked_fill(population_degenerate(rm, rv), 0.0)
-    scale = rstd if d.weight is None else rstd * d.weight
-    shift = -mean * scale if d.center else torch.zeros_like(scale)
-    if d.bias is not None:
-        shift = shift + d.bias
-    w = (work.weight_ih.to(scale.dtype) * scale.unsqueeze(1)).to(work.weight_ih.dtype)
-    b = shift if work.bias_ih is None else work.bias_ih + shift
-    bias_hh = work.bias_hh
-    if bias_hh is None:  # a bias=False layer whose fold brings a shift: torch's op takes both or neither
-        bias_hh = torch.zeros_like(b)
-    return work.replace(weight_ih=w, bias_ih=b.to(work.weight_ih.dtype), bias_hh=bias_hh, norms={}), moments
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,16 +134,16 @@ def _native_setup(ctx, inputs, output):
 def _native_backward(ctx, grads):
     """Gradients by recomputing the forward under autograd (ATen exposes no backward of its fused CPU RNN
     op). recnorm differentiates through this operator only outside torch.compile (in a traced module
-    being trained); compiled training runs the fused kernels."""
-    from recnorm.kernels.fused import refuse_double_backward
-
-    refuse_double_backward()
+    being trained); compiled training runs the fused kernels. When autograd builds a graph of this
+    backward (``create_graph=True``), the recomputation starts from views of the saved inputs instead of
+    detached copies and keeps its graph, so the gradients are differentiable again."""
     saved = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) for t in saved]
+    graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    leaves = [t.view_as(t) if graph and t.requires_grad else t.detach().requires_grad_(True) for t in saved]
     n_hx = ctx.n_hx
     with torch.enable_grad():
         out, finals = _aten(ctx.kind, leaves[0], ctx.batch_sizes, leaves[1 : 1 + n_hx], leaves[1 + n_hx :], ctx.has_bias, True)
-        got = torch.autograd.grad([out] + list(finals), leaves, list(grads), allow_unused=True)
+        got = torch.autograd.grad([out] + list(finals), leaves, list(grads), allow_unused=True, create_graph=graph)
     got = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, got)]
     return got[0], None, list(got[1 : 1 + n_hx]), list(got[1 + n_hx :]), None, None
 

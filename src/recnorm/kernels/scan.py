@@ -24,7 +24,7 @@ from torch import Tensor
 
 from recnorm.kernels import functional as fn
 from recnorm.kernels.contract import DirectionResult, DirectionWork, NormDesc
-from recnorm.kernels.native import fold_sequence_norm
+from recnorm.kernels.functional import fold_sequence_norm
 from recnorm.kernels.stats import stats_dtype
 
 __all__ = ["supports", "run_direction"]

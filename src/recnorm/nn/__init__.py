@@ -11,6 +11,7 @@ from recnorm.nn.norms import (
     create_norm,
     get_norm,
     list_norms,
+    norm_label,
     register_norm,
     resolve_norm_kwargs,
 )
@@ -19,6 +20,6 @@ from recnorm.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RecurrentBase, RNN
 __all__ = [
     "CELLS", "CellType", "get_cell", "list_cells", "register_cell",
     "NORMS", "GroupedLayerNorm", "NormSpec", "RecurrentBatchNorm", "SequenceBatchNorm", "convert_sync_batchnorm", "create_norm", "get_norm", "list_norms",
-    "register_norm", "resolve_norm_kwargs",
+    "norm_label", "register_norm", "resolve_norm_kwargs",
     "GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RecurrentBase", "RNNCell",
 ]

@@ -29,18 +29,21 @@ included:
 
 * RNN: ``h_t = act(gi + gh)`` with ``act`` tanh or relu.
 
-A new cell type is one subclass of :class:`CellType` registered in :data:`CELLS`. Its ``kernel_kind``
-names the math recnorm's fast kernels implement for it; a subclass that overrides ``step`` without
-declaring its own ``kernel_kind`` gets None, so no fast kernel ever runs math other than its own.
+A new cell type is one subclass of :class:`CellType` with its own ``name``, registered in :data:`CELLS` by
+``@register_cell`` on the class; every layer (``RecurrentBase(name, ...)``), the engine
+(``recnorm train --cell name``) and the test suite then take it up. Its ``kernel_kind`` names the math
+recnorm's fast kernels implement for it; a subclass that overrides ``step`` without declaring its own
+``kernel_kind`` gets None, so no fast kernel ever runs math other than its own.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from recnorm.kernels.cell_math import gru_step, lstm_step, rnn_step
 from recnorm.kernels.contract import CellDesc
 from recnorm.registry import Registry
 
@@ -112,10 +115,6 @@ class CellType:
         raise NotImplementedError
 
 
-def _sum(gi: Tensor, gh: Optional[Tensor]) -> Tensor:
-    return gi if gh is None else gi + gh
-
-
 class LSTMCellType(CellType):
     name = "lstm"
     num_gates = 4
@@ -125,14 +124,7 @@ class LSTMCellType(CellType):
     kernel_kind = "lstm"
 
     def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-        h, c = state
-        i, f, g, o = _sum(gi, gh).chunk(4, 1)  # each (B, H)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        cn = c if norm_c is None else norm_c(c)
-        h = torch.sigmoid(o) * torch.tanh(cn)
-        if weight_hr is not None:
-            h = h.matmul(weight_hr.t())  # (B, P)
-        return h, (h, cn if carry else c)
+        return lstm_step(gi, gh, state, norm_c, carry, weight_hr)
 
 
 class GRUCellType(CellType):
@@ -153,14 +145,7 @@ class GRUCellType(CellType):
         return (2 * hidden_size, hidden_size)
 
     def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-        (h,) = state
-        i_r, i_z, i_n = gi.chunk(3, 1)
-        h_r, h_z, h_n = gh.chunk(3, 1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        h = n + z * (h - n)  # = (1 - z) * n + z * h
-        return h, (h,)
+        return gru_step(gi, gh, state)
 
 
 _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"tanh": torch.tanh, "relu": torch.relu}
@@ -174,8 +159,10 @@ class RNNCellType(CellType):
     site_notes = {"cell": "the RNN has no cell state (its only state is h)"}
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
-        if nonlinearity not in _ACTIVATIONS:
-            raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {sorted(_ACTIVATIONS)}")
+        if not isinstance(nonlinearity, str) or nonlinearity not in _ACTIVATIONS:
+            # torch.nn.RNN's wording; torch.nn.RNNCell accepts the name and fails at its first call, here both refuse it at once
+            choices = " or ".join(repr(a) for a in sorted(_ACTIVATIONS, key=lambda a: a != "tanh"))
+            raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Select from {choices}.")
         self.nonlinearity = nonlinearity
         self._act = _ACTIVATIONS[nonlinearity]
 
@@ -187,27 +174,43 @@ class RNNCellType(CellType):
         return [{"nonlinearity": a} for a in sorted(_ACTIVATIONS, key=lambda a: a != "tanh")]
 
     def step(self, gi, gh, state, norm_c=None, carry=False, weight_hr=None):
-        h = self._act(_sum(gi, gh))
-        return h, (h,)
+        return rnn_step(self._act, gi, gh, state)
 
 
 CELLS: Registry[type] = Registry("cell")
-CELLS.register("lstm", LSTMCellType)
-CELLS.register("gru", GRUCellType)
-CELLS.register("rnn", RNNCellType)
+for _cls in (LSTMCellType, GRUCellType, RNNCellType):
+    CELLS.register(_cls)
 
 
-def register_cell(name: str, cls: type, *, replace: bool = False) -> type:
-    """Register a :class:`CellType` subclass under ``name``."""
+def register_cell(cls: type, legacy_cls: Optional[type] = None, *, replace: bool = False) -> type:
+    """Register a :class:`CellType` subclass under its ``name``; returns the class, so it also decorates::
+
+        @register_cell
+        class MinimalGatedCellType(CellType):
+            name = "mgu"
+            ...
+
+    The older form ``register_cell(name, cls)`` still works: it names a class that does not set its own
+    ``name`` (one that inherits its parent's) after ``name``, and refuses a class whose own ``name`` differs.
+    """
+    if isinstance(cls, str):  # register_cell(name, cls), the form before every entry carried its name
+        name, cls = cls, legacy_cls
+        if isinstance(cls, type) and cls.__dict__.get("name", name) != name:
+            raise ValueError(f"register_cell({name!r}, {cls.__qualname__}): the class is named "
+                             f"{cls.__dict__['name']!r}; call register_cell({cls.__qualname__})")
+        if isinstance(cls, type) and "name" not in cls.__dict__:
+            cls.name = name
     if not (isinstance(cls, type) and issubclass(cls, CellType)):
         raise ValueError(f"a cell is a CellType subclass, got {cls!r}")
-    return CELLS.register(name, cls, replace=replace)
+    return CELLS.register(cls, replace=replace)
 
 
-def list_cells():
+def list_cells() -> List[str]:
+    """Names of the registered cells."""
     return CELLS.names()
 
 
 def get_cell(name: str, **options) -> CellType:
-    """Build a cell type by name (``"lstm"``, ``"gru"``, ``"rnn"``)."""
+    """Build a cell type by name (``"lstm"``, ``"gru"``, ``"rnn"`` or a registered one) with its constructor
+    options (``nonlinearity=`` for ``"rnn"``)."""
     return CELLS.get(name)(**options)

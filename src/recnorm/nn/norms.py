@@ -47,6 +47,7 @@ __all__ = [
     "NormSpec",
     "NORMS",
     "register_norm",
+    "norm_label",
     "list_norms",
     "get_norm",
     "create_norm",
@@ -61,6 +62,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SITES = ("ih", "hh", "gates", "cell")
+
+_WARNED_MAX_STEPS: set = set()  # max_steps values whose overrun was reported (RecurrentBatchNorm._check_steps)
+
+
+def _traced(t: Tensor) -> bool:
+    """Whether ``t`` is seen by torch.func (vmap, grad) or torch.compile, where reading its value in Python
+    is refused or breaks the graph."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class RecurrentBatchNorm(nn.Module):
@@ -91,6 +100,15 @@ class RecurrentBatchNorm(nn.Module):
     the cell values training never produced (``docs/eval_statistics.md``). Running averages lag weights
     that keep moving: evaluate after :func:`recnorm.calibrate`, which stores exact statistics; evaluating
     on averages that training changed since the last calibration logs a one-time warning.
+
+    Sequences longer than ``max_steps``: steps ``S-1`` and beyond share the last slot (in training and in
+    eval); the first training call that runs past it logs a warning naming the length and the
+    ``norm_kwargs={'max_steps': ...}`` that would give every step its own slot.
+
+    Non-finite batch statistics (a NaN or inf anywhere in a step's valid rows): that step's output is
+    non-finite, as with ``torch.nn.BatchNorm1d``, but its statistics never enter the running averages (nor
+    a population pass of :func:`recnorm.calibrate`), so clean data evaluated later is unaffected; a warning
+    names the time steps left out.
 
     Special cases, handled instead of returning NaN or inf:
 
@@ -261,16 +279,19 @@ class RecurrentBatchNorm(nn.Module):
             for k in range(m.steps.shape[0]):
                 if int(m.count[k]) >= 2:
                     observe(int(m.steps[k]), m.mean[k], m.var[k], int(m.count[k]))
+        self._check_steps(m)
+        finite = self._finite_steps(m)
         if self._population is not None:
-            self._pool(m)
+            self._pool(m, finite)
             return
         S = self.max_steps
         dev = self.running_mean.device
         slots = m.steps.to(dev).clamp(max=S - 1)
-        valid = m.count.to(dev) >= 2  # (K,)
+        valid = (m.count.to(dev) >= 2) & finite.to(dev)  # (K,)
         n = m.count.to(dev).clamp(min=2).to(self.running_var.dtype)
         mean = m.mean.to(self.running_mean.dtype)
         unbiased = m.var.to(self.running_var.dtype) * (n / (n - 1)).unsqueeze(1)
+        mean, unbiased = mean.masked_fill(~valid.unsqueeze(1), 0.0), unbiased.masked_fill(~valid.unsqueeze(1), 1.0)
         vf = valid.to(mean.dtype)
         tail = slots == S - 1  # steps sharing the last slot: possibly several per call, applied in order
         # k: the number of the update of its slot that each step makes. The k-th update has weight 1/k
@@ -293,11 +314,48 @@ class RecurrentBatchNorm(nn.Module):
         self.num_batches_tracked.index_add_(0, slots, valid.to(self.num_batches_tracked.dtype))
         self._updated_since_calibration = True
 
-    def _pool(self, m: BatchMoments) -> None:
+    def _check_steps(self, m: BatchMoments) -> None:
+        """Warn (once per process and ``max_steps`` value) when a training sequence runs past the last slot of
+        per-step statistics."""
+        if self.stat != "step" or self.max_steps in _WARNED_MAX_STEPS or m.steps.numel() == 0 or _traced(m.steps):
+            return
+        last = int(m.steps.max())
+        if last >= self.max_steps:
+            _WARNED_MAX_STEPS.add(self.max_steps)
+            log.warning(
+                "recnorm: a sequence of %d steps is longer than max_steps=%d of per-step batch norm (%d features): "
+                "steps %d to %d share the last slot's running statistics. To give every step its own, raise it, "
+                "e.g. norm_kwargs={'max_steps': %d} (a checkpoint stores the tracked slots only, so a larger value "
+                "costs nothing on disk)",
+                last + 1, self.max_steps, self.num_features, self.max_steps - 1, last, last + 1,
+            )
+
+    def _finite_steps(self, m: BatchMoments) -> Tensor:
+        """``(K,)`` whether each step's batch moments are finite; warns (naming the steps) when some are not.
+        Non-finite statistics (a NaN or inf in the batch) never enter the running averages or a population
+        pass: one such batch would otherwise poison its slots for every later evaluation."""
+        finite = torch.isfinite(m.mean).all(1) & torch.isfinite(m.var).all(1) | (m.count < 2).to(m.mean.device)
+        if _traced(finite):  # no data-dependent branch under torch.func or compile: the mask applies, unannounced
+            return finite
+        if not bool(finite.all()):
+            bad = m.steps[~finite.to(m.steps.device)].tolist()
+            shown = ", ".join(str(t) for t in bad[:8]) + (f", ... ({len(bad)} steps)" if len(bad) > 8 else "")
+            log.warning(
+                "recnorm: batch norm (%d features) got non-finite batch statistics (NaN or inf in the batch) at time"
+                " "
+                "%s %s of its %s call; they were left out of the running statistics",
+                self.num_features, "steps" if len(bad) > 1 else "step", shown, "population-pass" if self._population is not None else "training",
+            )
+        return finite
+
+    def _pool(self, m: BatchMoments, finite: Optional[Tensor] = None) -> None:
         acc = self._population
         slots = m.steps.to(acc["count"].device).clamp(max=self.max_steps - 1)
-        n = m.count.to(acc["count"].device).to(torch.float64) * (m.count >= 2).to(acc["count"].device)
-        mean64, var64 = m.mean.double(), m.var.double()
+        keep = (m.count >= 2) if finite is None else (m.count >= 2) & finite.to(m.count.device)
+        n = m.count.to(acc["count"].device).to(torch.float64) * keep.to(acc["count"].device)
+        keep = keep.to(acc["count"].device).unsqueeze(1)
+        mean64 = m.mean.double().to(acc["count"].device).masked_fill(~keep, 0.0)
+        var64 = m.var.double().to(acc["count"].device).masked_fill(~keep, 0.0)
         acc["count"].index_add_(0, slots, n)
         acc["sum"].index_add_(0, slots, n.unsqueeze(1) * mean64)
         acc["sumsq"].index_add_(0, slots, n.unsqueeze(1) * (var64 + mean64 * mean64))
@@ -692,7 +750,7 @@ class NormSpec:
         batch_statistics: whether the scheme normalizes with batch statistics (running averages, a
             train/eval difference, batch-size effects).
         checks: validators for options :data:`OPTION_CHECKS` does not know.
-        label: a short display name for reports.
+        label: a short display name for reports (the engine's tables and figures); empty: ``name``.
     """
 
     name: str
@@ -703,13 +761,20 @@ class NormSpec:
     checks: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
     label: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
 
 NORMS: Registry[NormSpec] = Registry("norm")
 
 
 def register_norm(spec: NormSpec, *, replace: bool = False) -> NormSpec:
-    """Register a normalization scheme; it is then usable as ``norm=spec.name`` by every layer."""
-    return NORMS.register(spec.name, spec, replace=replace)
+    """Register a normalization scheme; it is then usable as ``norm=spec.name`` by every layer, by the engine
+    (``recnorm train --norm``, reports labelled with ``spec.label``) and by the registry-driven tests."""
+    if not isinstance(spec, NormSpec):
+        raise ValueError(f"a norm is a NormSpec, got {spec!r}")
+    return NORMS.register(spec, replace=replace)
 
 
 def list_norms() -> List[str]:
@@ -724,6 +789,12 @@ def get_norm(name: Optional[str]) -> Optional[NormSpec]:
     if not isinstance(name, str) or name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; expected None or one of {list_norms()}")
     return NORMS.get(name)
+
+
+def norm_label(name: Optional[str]) -> str:
+    """The display name of a scheme for reports (:attr:`NormSpec.label`); ``"no norm"`` for None."""
+    spec = get_norm(name)
+    return "no norm" if spec is None else spec.label
 
 
 def resolve_norm_kwargs(name: Optional[str], norm_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:

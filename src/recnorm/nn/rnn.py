@@ -115,10 +115,72 @@ def _check_zoneout(zoneout: Any, cell: CellType, name: str) -> Tuple[float, ...]
     return (_check_rate("zoneout", zoneout),)
 
 
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} should be an integer >= {minimum}, got {value!r}")
+def _check_size(name: str, value: Any) -> int:
+    """A size of a layer, as torch.nn.RNNBase checks it: TypeError for a non-integer (a bool too), ValueError
+    for one below 1; torch's wording first, then what arrived."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {value}")
     return int(value)
+
+
+def _check_cell_size(owner: str, name: str, value: Any) -> int:
+    """A size of a cell: torch.nn's cells accept 0 (an empty state) and fail on a negative size when they
+    create the weights, with a RuntimeError; a non-integer is a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} should be of type int, got: {type(value).__name__} ({value!r})")
+    if value < 0:
+        raise RuntimeError(f"{owner}: {name} should be >= 0, got {value}: a weight cannot have a negative dimension")
+    return int(value)
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    """``bias`` and ``batch_first`` of the layers: bool only, as torch.nn.RNNBase checks them."""
+    if not isinstance(value, bool):
+        why = f" ({value!r} is a non-empty string, which Python reads as True)" if isinstance(value, (str, bytes)) else f" ({value!r})"
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}{why}")
+    return value
+
+
+#: Strings that say "false": as a flag, Python would read each of them as True.
+_FALSE_WORDS = frozenset({"false", "f", "no", "n", "off", "0", "none", "null"})
+
+
+def _check_truth_flag(name: str, value: Any) -> bool:
+    """A flag torch.nn reads by its truth value (``bidirectional``; a cell's ``bias``): the same here, so
+    ``1`` or even ``"relu"`` (which torch's own module tests pass to ``RNNCell`` as ``bias`` by position) are
+    True, except for a string that says false (``"False"``, ``"0"``, ``"no"``, ...), which Python would read
+    as True: it is refused."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str) and value.strip().lower() in _FALSE_WORDS:
+        raise TypeError(
+            f"{name} should be of type bool, got: str ({value!r} would be read as True, since every non-empty string is; "
+            f"pass {name}=False)"
+        )
+    return bool(value)
+
+
+def _check_dropout(dropout: Any) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the probability of an element being zeroed, "
+            f"got {dropout!r}"
+        )
+    return float(dropout)
+
+
+def _zero_anchor(tensors: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
+    """0, computed from every tensor that needs a gradient (None if none does): added to an empty result, it
+    gives the result a ``grad_fn``, so ``backward`` runs (with zero gradients) on a batch of 0 sequences, as
+    it does on torch.nn's layers."""
+    parts = [t.reshape(-1)[:0].sum() for t in tensors if isinstance(t, Tensor) and t.requires_grad]
+    return sum(parts[1:], parts[0]) if parts and torch.is_grad_enabled() else None
+
+
+def _anchored(t: Tensor, anchor: Optional[Tensor]) -> Tensor:
+    return t if anchor is None else t + anchor.to(t.dtype)
 
 
 class _NormSetup:
@@ -147,7 +209,9 @@ class _NormSetup:
                 continue
             nf = self.hidden_size if site == "cell" else gate_size
             groups = None if site == "cell" else cell.gate_groups(self.hidden_size)
-            module = create_norm(self.norm, site, nf, groups, self.norm_kwargs, **fk)
+            # A site of no features (a cell of hidden_size=0, which torch.nn allows) has nothing to normalize, and
+            # statistics over no features are undefined: it is left alone (its tensors are empty).
+            module = create_norm(self.norm, site, nf, groups, self.norm_kwargs, **fk) if nf else None
             name = _SITE_ATTR[site] + suffix
             setattr(self, name, module)  # None where the scheme leaves the site alone, as torch.nn does for absent biases
             if module is not None:
@@ -177,6 +241,14 @@ class RecurrentBase(_NormSetup, nn.Module):
     between layers. The cell (``cell``: a :class:`~recnorm.nn.cells.CellType` or a name from
     :data:`~recnorm.nn.cells.CELLS`) gives the weight shapes and the step math; the norm registry gives
     the module at each site; :mod:`recnorm.kernels` runs each direction from their descriptors.
+
+    It is not a subclass of ``torch.nn.RNNBase`` (so ``isinstance(m, nn.LSTM)`` is False). ``nn.RNNBase``
+    computes torch's fixed equations: its forward hands ``_flat_weights`` to the ``_VF.lstm``/``gru``/``rnn_*``
+    operators and branches on a ``mode`` string, and code that tests ``isinstance(m, nn.LSTM)`` (torch.ao's
+    FX quantization and numeric suite, for example) would take a normalized layer for torch's and use its
+    weights without its norm. The layer keeps torch's surface instead: arguments, checks and their
+    exceptions, parameter names, ``_flat_weights_names``/``_flat_weights``, ``all_weights`` and
+    ``flatten_parameters``.
     """
 
     # Defaults for modules pickled before these options existed (torch.save(model) of an older recnorm).
@@ -209,28 +281,32 @@ class RecurrentBase(_NormSetup, nn.Module):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.cell = CELLS.get(cell)() if isinstance(cell, str) else cell
-        self.input_size = _check_positive_int("input_size", input_size)
-        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
-        self.num_layers = _check_positive_int("num_layers", num_layers)
-        self.zoneout = zoneout
-        self._zoneout_rates = _check_zoneout(zoneout, self.cell, type(self).__name__)
-        self.weight_dropout = _check_rate("weight_dropout", weight_dropout)
-        self.proj_size = _check_positive_int("proj_size", proj_size, minimum=0)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout should be a number in range [0, 1] representing the probability of an element being zeroed, got {dropout!r}")
+        # torch.nn.RNNBase's checks, in its order, with its exception types and wording
+        self.dropout = _check_dropout(dropout)
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
-                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}"
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=3,
             )
-        if self.proj_size and not self.cell.has_projection:
-            raise ValueError(f"proj_size argument is only supported for LSTM, not {type(self).__name__}")
-        if self.proj_size >= self.hidden_size:
+        self.bias = _check_flag("bias", bias)
+        self.batch_first = _check_flag("batch_first", batch_first)
+        self.bidirectional = _check_truth_flag("bidirectional", bidirectional)
+        self.input_size = _check_size("input_size", input_size)
+        self.hidden_size = _check_size("hidden_size", hidden_size)
+        self.num_layers = _check_size("num_layers", num_layers)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__} ({proj_size!r})")
+        if proj_size < 0:
+            raise ValueError(f"proj_size should be a positive integer or zero to disable projections, got {proj_size}")
+        if proj_size and not self.cell.has_projection:
+            raise ValueError(f"proj_size argument is only supported for LSTM, not RNN or GRU (the {self.cell.name or type(self.cell).__name__} cell has no projection)")
+        if proj_size >= self.hidden_size:
             raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and hidden_size={hidden_size}")
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
-        self.dropout = float(dropout)
-        self.bidirectional = bool(bidirectional)
+        self.proj_size = int(proj_size)
+        self.zoneout = zoneout
+        self._zoneout_rates = _check_zoneout(zoneout, self.cell, type(self).__name__)
+        self.weight_dropout = _check_rate("weight_dropout", weight_dropout)
         self._setup_norm(norm, norm_kwargs)
         self.kernel = kernels.resolve_kernel(kernel) if kernel is not None else None
         self._step_observer = None  # set by recnorm.diagnostics.capture
@@ -273,6 +349,14 @@ class RecurrentBase(_NormSetup, nn.Module):
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for cuDNN-backed torch.nn layers."""
+
+    @property
+    def _flat_weights(self) -> List[Optional[Tensor]]:
+        """torch.nn.RNNBase's list of the layer's weights, in the order of ``_flat_weights_names``, for torch
+        utilities and tests that read it. Read afresh at every access, so it always holds what the layer
+        computes with: after ``.to()``/``.double()``, ``load_state_dict``, ``weight_norm`` or a
+        parametrization (whose computed weight ``getattr`` returns)."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
@@ -375,56 +459,90 @@ class RecurrentBase(_NormSetup, nn.Module):
     def _name(self) -> str:
         return type(self).__name__
 
-    def _check_input(self, x: Tensor, what: str) -> None:
-        if not x.is_floating_point():
-            raise TypeError(f"{self._name()}: expected a floating point {what}, got dtype {x.dtype}")
-        if fixed_size_check(lambda: x.shape[-1] != self.input_size):
-            raise ValueError(f"{self._name()}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
+    def _check_input(self, x: Tensor, packed: bool) -> None:
+        """torch.nn.RNNBase.check_input: the dtype (ValueError), a packed batch's data 2-D and the feature size
+        (RuntimeError), in torch's order and wording; and the device (RuntimeError, as torch's kernels say)."""
+        name = self._name()
         w = getattr(self, self._flat_weights_names[0])
-        if x.device != w.device or (x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)):
+        if not x.is_floating_point() or (x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)):
             raise ValueError(
-                f"{self._name()}: input has dtype {x.dtype} on {x.device} but the parameters have dtype {w.dtype} on {w.device}"
+                f"{name}: RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert input: "
+                f"input.to({w.dtype}), or convert model: model.to({x.dtype})"
+            )
+        if packed and x.dim() != 2:
+            raise RuntimeError(
+                f"{name}: input must have 2 dimensions, got {x.dim()} (the data of a PackedSequence is (N, input_size), "
+                f"got shape {tuple(x.shape)})"
+            )
+        if fixed_size_check(lambda: x.shape[-1] != self.input_size):
+            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
+        if x.device != w.device:
+            raise RuntimeError(
+                f"{name}: Input and parameter tensors are not at the same device, found input tensor at {x.device} and "
+                f"parameter tensor at {w.device}"
             )
 
-    def _prepare_state(self, hx, batch: int, is_batched: bool, like: Tensor, sorted_indices: Optional[Tensor]):
+    def _prepare_state(self, hx, batch: int, is_batched: bool, like: Tensor, sorted_indices: Optional[Tensor], packed: bool = False):
+        """The initial states ``(D*num_layers, B, H)`` each, in the input's dtype and in sorted order. The checks
+        are torch.nn's (RuntimeError, its wording): the states' number of dimensions (not for packed input,
+        where torch checks the shape only), then each shape, then dtype and device."""
+        name = self._name()
         shapes = self._state_shapes(batch)
+        n = self.cell.state_size
         if hx is None:
             return tuple(torch.zeros(s, dtype=like.dtype, device=like.device) for s in shapes)
-        if self.cell.state_size == 2:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"{self._name()}: expected hx to be a tuple (h_0, c_0), got {type(hx).__name__}")
+        if n > 1:
+            if not isinstance(hx, (tuple, list)):
+                raise TypeError(f"{name}: expected hx to be a tuple (h_0, c_0), got {type(hx).__name__}")
+            if len(hx) != n:
+                raise RuntimeError(f"{name}: {self.cell.name or 'the cell'} expects {n} hidden states, got a {type(hx).__name__} of {len(hx)}")
             states = tuple(hx)
         else:
-            if not isinstance(hx, Tensor):
-                raise TypeError(f"{self._name()}: expected hx to be a Tensor, got {type(hx).__name__}")
             states = (hx,)
-        names = ("h_0", "c_0")
-        out = []
-        for name, s, shape in zip(names, states, shapes):
+        labels = ("h_0", "c_0") if n == 2 else tuple(f"hx[{i}]" for i in range(n)) if n > 1 else ("h_0",)
+        for label, s in zip(labels, states):
             if not isinstance(s, Tensor):
-                raise TypeError(f"{self._name()}: expected {name} to be a Tensor, got {type(s).__name__}")
-            want_dim = 3 if is_batched else 2
-            if s.dim() != want_dim:
+                raise TypeError(f"{name}: expected {label} to be a Tensor, got {type(s).__name__}")
+        if not packed:
+            want = 3 if is_batched else 2
+            dims = [s.dim() for s in states]
+            if any(d != want for d in dims):
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                raise ValueError(f"{self._name()}: for {kind} input, {name} should be {want_dim}-D, got a {s.dim()}-D tensor of shape {tuple(s.shape)}")
+                if n == 2:
+                    msg = f"For {kind} input, hx and cx should also be {want}-D but got ({dims[0]}-D, {dims[1]}-D) tensors"
+                else:
+                    msg = f"For {kind} input, hx should also be {want}-D but got {dims[0]}-D tensor" if n == 1 else (
+                        f"For {kind} input, every hidden state should also be {want}-D but got {dims}")
+                raise RuntimeError(f"{name}: {msg}")
             if not is_batched:
-                s = s.unsqueeze(1)
+                states = tuple(s.unsqueeze(1) for s in states)
+        out = []
+        for i, (label, s, shape) in enumerate(zip(labels, states, shapes)):
             if tuple(s.shape) != shape:
-                expected = shape if is_batched else (shape[0], shape[2])
-                got = tuple(s.shape) if is_batched else (s.shape[0], s.shape[2])
-                raise ValueError(f"{self._name()}: expected {name} of shape {expected}, got {got}")
-            if s.device != like.device or (s.dtype != like.dtype and not torch.is_autocast_enabled(like.device.type)):
-                raise ValueError(f"{self._name()}: {name} has dtype {s.dtype} on {s.device}, expected {like.dtype} on {like.device} like the input")
+                what = "hidden_size" if i > 0 or not self.proj_size else "proj_size"
+                raise RuntimeError(
+                    f"{name}: Expected hidden{f'[{i}]' if n > 1 else ''} size {shape}, got {list(s.shape)} ({label} is "
+                    f"(num_layers * num_directions, batch, {what})" + ("; an unbatched input's is 2-D, without batch" if not is_batched else "") + ")"
+                )
+            if s.device != like.device:
+                raise RuntimeError(
+                    f"{name}: Input and hidden tensors are not at the same device, found input tensor at {like.device} and "
+                    f"hidden tensor at {s.device} ({label})"
+                )
+            if s.dtype != like.dtype and not torch.is_autocast_enabled(like.device.type):
+                raise RuntimeError(
+                    f"{name}: Input and hidden tensors are not the same dtype, found input tensor with {like.dtype} and "
+                    f"hidden tensor with {s.dtype} ({label})"
+                )
             if sorted_indices is not None:
                 s = s.index_select(1, sorted_indices)
             out.append(s.to(like.dtype))
         return tuple(out)
 
     def _check_packed(self, x: Tensor, batch_sizes: Tensor, sorted_indices, unsorted_indices) -> int:
-        """Validate a (possibly hand-built) PackedSequence once, whatever kernel runs it; returns B."""
+        """Validate a (possibly hand-built) PackedSequence once, whatever kernel runs it; returns B. (torch.nn
+        trusts its batch sizes and indices; a malformed one is a ValueError here.)"""
         name = f"{self._name()}: PackedSequence"
-        if x.dim() != 2:
-            raise ValueError(f"{name} data must be 2-D (N, input_size), got shape {tuple(x.shape)}")
         if torch.compiler.is_compiling():
             return int(sorted_indices.shape[0]) if sorted_indices is not None else int(batch_sizes[0])
         sizes = check_batch_sizes(batch_sizes, x.shape[0], name)
@@ -441,6 +559,21 @@ class RecurrentBase(_NormSetup, nn.Module):
             raise ValueError(f"{name}: give both sorted_indices and unsorted_indices, or neither")
         return batch
 
+    def _check_population_statistics(self) -> None:
+        """Each step's count of tracked batches must stay an integer tensor: a helper that casts every buffer
+        (not ``module.to(dtype)``, which casts floating-point tensors only) makes it a float, which the fused
+        kernels cannot read. Named here, before any kernel, rather than as a kernel's shape error."""
+        for mod_name, module in self.named_modules():
+            count = getattr(module, "num_batches_tracked", None)
+            if isinstance(count, Tensor) and (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool):
+                where = f"{mod_name}.num_batches_tracked" if mod_name else "num_batches_tracked"
+                raise RuntimeError(
+                    f"{self._name()}: {where} has dtype {count.dtype}, but it counts the batches each step's statistics "
+                    "have seen and must be an integer tensor (torch.long, as torch.nn.BatchNorm's is). Something cast "
+                    "every buffer: cast floating-point tensors only (module.to(dtype) does), or restore it with "
+                    f"module.{where} = module.{where}.long()"
+                )
+
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         """Run the layer. Inputs and outputs are those of the corresponding torch.nn layer."""
@@ -448,15 +581,17 @@ class RecurrentBase(_NormSetup, nn.Module):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             if torch.jit.is_tracing():
                 raise RuntimeError(_PACKED_TRACE_ERROR.format(self._name()))
+            self._check_input(x, packed=True)
             batch = self._check_packed(x, batch_sizes, sorted_indices, unsorted_indices)
-            self._check_input(x, "PackedSequence")
             is_batched = True
         elif isinstance(input, Tensor):
             if input.dim() not in (2, 3):
+                tensor = " tensor" if isinstance(self, RNN) else ""  # torch.nn.RNN's wording has it, LSTM's and GRU's not
                 raise ValueError(
-                    f"{self._name()}: expected input to be 2-D (L, input_size) unbatched or 3-D batched, got {input.dim()}-D of shape {tuple(input.shape)}"
+                    f"{self._name()}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead (unbatched (L, input_size), "
+                    f"or batched (L, N, input_size), (N, L, input_size) with batch_first; got shape {tuple(input.shape)})"
                 )
-            self._check_input(input, "input")
+            self._check_input(input, packed=False)
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(1)
@@ -465,7 +600,10 @@ class RecurrentBase(_NormSetup, nn.Module):
             seq_len, batch, _ = input.shape
             if not torch.jit.is_tracing():  # a trace follows the input's sizes: no branch on them
                 if seq_len == 0:
-                    raise ValueError(f"{self._name()}: expected a non-empty sequence, got sequence length 0")
+                    raise RuntimeError(
+                        f"{self._name()}: Expected sequence length to be larger than 0 in RNN, got an input of "
+                        f"{seq_len} steps and {batch} sequences"
+                    )
                 if batch == 0:
                     return self._empty_result(input, hx, is_batched)
             x = input  # (T, B, F): a full batch
@@ -475,11 +613,14 @@ class RecurrentBase(_NormSetup, nn.Module):
         else:
             raise TypeError(f"{self._name()}: expected a Tensor or PackedSequence input, got {type(input).__name__}")
 
-        if not self.training and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-            _warn_if_uncalibrated(self)
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            self._check_population_statistics()
+            if not self.training:
+                _warn_if_uncalibrated(self)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        state = self._prepare_state(hx, batch, is_batched, x, sorted_indices, packed=batch_sizes is not None)
         x = x.to(dtype)
-        state = self._prepare_state(hx, batch, is_batched, x, sorted_indices)
+        state = tuple(s.to(dtype) for s in state)
         output, finals = self._run_layers(x, batch_sizes, state)
 
         if isinstance(input, PackedSequence):
@@ -496,9 +637,12 @@ class RecurrentBase(_NormSetup, nn.Module):
         return out, (finals if self.cell.state_size == 2 else finals[0])
 
     def _empty_result(self, input: Tensor, hx, is_batched: bool):
-        """torch.nn's answer for a batch of 0 sequences: empty outputs and states of the right shapes."""
+        """torch.nn's answer for a batch of 0 sequences: empty outputs and states of the right shapes, which
+        autograd connects to the input, the initial states and the parameters (gradients of zeros)."""
         state = self._prepare_state(hx, 0, is_batched, input, None)
-        out = input.new_zeros(input.shape[0], 0, (self.proj_size or self.hidden_size) * self._num_directions)
+        anchor = _zero_anchor([input, *state, *self.parameters()])
+        out = _anchored(input.new_zeros(input.shape[0], 0, (self.proj_size or self.hidden_size) * self._num_directions), anchor)
+        state = tuple(_anchored(s, anchor) for s in state)
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, (state if self.cell.state_size == 2 else state[0])
@@ -704,9 +848,8 @@ class RNN(RecurrentBase):
 
 
 def _reject_unsupported(name: str, unsupported: Dict[str, Any]) -> None:
-    if "proj_size" in unsupported:
-        if unsupported.pop("proj_size"):
-            raise ValueError(f"proj_size argument is only supported for LSTM, not {name}")
+    if "proj_size" in unsupported:  # torch.nn's GRU and RNN refuse the keyword whatever its value, 0 included
+        raise ValueError(f"proj_size argument is only supported for LSTM, not RNN or GRU (got proj_size={unsupported['proj_size']!r} for {name})")
     if unsupported:
         raise TypeError(f"{name}.__init__() got unexpected keyword argument(s) {sorted(unsupported)}")
 
@@ -747,12 +890,13 @@ class CellBase(_NormSetup, nn.Module):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.cell = CELLS.get(cell)() if isinstance(cell, str) else cell
-        self.input_size = _check_positive_int("input_size", input_size)
-        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
+        name = type(self).__name__
+        self.input_size = _check_cell_size(name, "input_size", input_size)  # torch.nn's cells allow 0 (and so hidden_size=0)
+        self.hidden_size = _check_cell_size(name, "hidden_size", hidden_size)
         self.zoneout = zoneout
-        self._zoneout_rates = _check_zoneout(zoneout, self.cell, type(self).__name__)
+        self._zoneout_rates = _check_zoneout(zoneout, self.cell, name)
         self.weight_dropout = _check_rate("weight_dropout", weight_dropout)
-        self.bias = bool(bias)
+        self.bias = _check_truth_flag("bias", bias)
         self._setup_norm(norm, norm_kwargs)
         shapes = self.cell.weight_shapes(self.input_size, self.hidden_size, 0, True)
         for name, shape in shapes.items():
@@ -764,7 +908,7 @@ class CellBase(_NormSetup, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         with torch.no_grad():
             for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
                 if p is not None:
@@ -833,24 +977,28 @@ class CellBase(_NormSetup, nn.Module):
 
     def forward(self, input: Tensor, hx=None, step: Optional[int] = None, *, weight_hh_mask: Optional[Tensor] = None):
         name = type(self).__name__
-        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"{name}: expected input to be 1-D (input_size,) or 2-D (batch, input_size), got {got}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"{name}: input has inconsistent input_size: got {input.shape[-1]}, expected {self.input_size}")
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: expected input to be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead (unbatched (input_size,) or batched "
+                f"(batch, input_size); got shape {tuple(input.shape)})"
+            )
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        batch = x.shape[0]
+        states = self._prepare_state(hx, batch, is_batched, x)
         if step is None:
             if self._needs_step():
                 raise ValueError(f"{name}: norm {self.norm!r} keeps statistics per time step; pass step=t (an int >= 0)")
             step = 0
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"{name}: step must be an int >= 0, got {step!r}")
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)
-        batch = x.shape[0]
-        states = self._prepare_state(hx, batch, is_batched, x)
         weight_hh = self._weight_hh(weight_hh_mask)
-        if batch == 0:
-            return states if self.cell.state_size == 2 else states[0]
+        if batch == 0:  # torch.nn's answer: empty states, which autograd connects to what needs a gradient
+            anchor = _zero_anchor([x, *states, *self.parameters()])
+            new = tuple(_anchored(s, anchor) for s in states)
+            return new if self.cell.state_size == 2 else new[0]
         norms = self._norms(self._norm_names)
         work = DirectionWork(
             cell=self.cell.descriptor(), weight_ih=self.weight_ih, weight_hh=weight_hh,
@@ -867,21 +1015,52 @@ class CellBase(_NormSetup, nn.Module):
             new = tuple(s.squeeze(0) for s in new)
         return new if self.cell.state_size == 2 else new[0]
 
-    def _prepare_state(self, hx, batch: int, is_batched: bool, like: Tensor) -> Tuple[Tensor, ...]:
+    def _prepare_state(self, hx, batch: int, is_batched: bool, x: Tensor) -> Tuple[Tensor, ...]:
+        """The states ``(B, H)`` each. The checks are torch.nn's cells', in their order, types and wording:
+        each state 1-D or 2-D (ValueError), then (RuntimeError) the input's size, each state's batch and size,
+        and (where torch's matrix products would fail) dtypes. A state must have as many dimensions as the
+        input: torch broadcasts neither."""
         name = type(self).__name__
         n = self.cell.state_size
         if hx is None:
-            return tuple(torch.zeros(batch, self.hidden_size, dtype=like.dtype, device=like.device) for _ in range(n))
-        states = tuple(hx) if n == 2 else (hx,)
-        if len(states) != n or not all(isinstance(s, Tensor) for s in states):
-            raise TypeError(f"{name}: expected hx to be {'a tuple (h, c) of Tensors' if n == 2 else 'a Tensor'}")
-        out = []
-        for s in states:
-            want = (batch, self.hidden_size) if is_batched else (self.hidden_size,)
-            if tuple(s.shape) != want:
-                raise ValueError(f"{name}: expected hidden state of shape {want}, got {tuple(s.shape)}")
-            out.append(s if is_batched else s.unsqueeze(0))
-        return tuple(out)
+            states: Tuple[Tensor, ...] = tuple(torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device) for _ in range(n))
+        else:
+            if n > 1:
+                if not isinstance(hx, (tuple, list)):
+                    raise TypeError(f"{name}: expected hx to be a tuple (h, c) of Tensors, got {type(hx).__name__}")
+                if len(hx) != n:
+                    raise RuntimeError(f"{name}: {self.cell.name or 'the cell'}_cell expects {n} hidden states, got a {type(hx).__name__} of {len(hx)}")
+            states = tuple(hx) if n > 1 else (hx,)
+            for i, s in enumerate(states):
+                if not isinstance(s, Tensor):
+                    raise TypeError(f"{name}: expected hx{f'[{i}]' if n > 1 else ''} to be a Tensor, got {type(s).__name__}")
+                if s.dim() not in (1, 2):
+                    which = f"hx[{i}]" if n > 1 else "hidden"
+                    raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {s.dim()}D instead (shape {tuple(s.shape)})")
+            for i, s in enumerate(states):
+                if s.dim() != (2 if is_batched else 1):
+                    kind = "batched 2-D" if is_batched else "unbatched 1-D"
+                    raise RuntimeError(
+                        f"{name}: for {kind} input, hx should also be {2 if is_batched else 1}-D, got a {s.dim()}-D tensor of shape "
+                        f"{tuple(s.shape)} (hidden{i}; torch.nn's cells broadcast neither)"
+                    )
+            if not is_batched:
+                states = tuple(s.unsqueeze(0) for s in states)
+        if fixed_size_check(lambda: x.shape[1] != self.input_size):
+            raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
+        for i, s in enumerate(states):
+            if s.shape[0] != batch:
+                raise RuntimeError(f"{name}: Input batch size {batch} doesn't match hidden{i} batch size {s.shape[0]}")
+            if s.shape[1] != self.hidden_size:
+                raise RuntimeError(f"{name}: hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {self.hidden_size}")
+        if not torch.is_autocast_enabled(x.device.type):
+            w = self.weight_ih
+            if x.dtype != w.dtype:
+                raise RuntimeError(f"{name}: input dtype ({x.dtype}) does not match weight dtype ({w.dtype}); convert one to the other")
+            for i, s in enumerate(states):
+                if s.dtype != w.dtype:
+                    raise RuntimeError(f"{name}: hidden{i} dtype ({s.dtype}) does not match weight dtype ({w.dtype}); convert one to the other")
+        return states
 
 
 _CELL_REGULARIZATION_DOC = r"""

@@ -24,7 +24,7 @@ ORDER: List[str] = []  # registration order: the evidence page's order
 
 
 def _add(study: Study) -> None:
-    STUDIES.register(study.name, study)
+    STUDIES.register(study)
     ORDER.append(study.name)
 
 

@@ -8,9 +8,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.study import (
-    Claim, Design, Question, Record, Study, chance_level, final, name, paired, run_ids, select, steps_of)
+    Claim, Design, Question, Record, Study, TuningGrid, chance_level, final, name, paired, run_ids, select,
+    steps_of)
 from recnorm.experiments.sweep import SweepSpec
-from recnorm.experiments.tune import TuningGrid
 
 #: Torch's default uniform, orthogonal, Glorot (Xavier) uniform and N(0, g^2/fan_in) (on W_hh: N(0, g^2/H)).
 SCHEMES = ["default", "orthogonal", "xavier", "normal"]

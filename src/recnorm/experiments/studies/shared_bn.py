@@ -17,9 +17,9 @@ from typing import List, Sequence
 
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.study import (
-    Claim, Design, Question, Record, Study, by_seed, final, paired, run_ids, select, steps_of, task_name)
+    Claim, Design, Question, Record, Study, TuningGrid, by_seed, final, paired, run_ids, select, steps_of,
+    task_name)
 from recnorm.experiments.sweep import SweepSpec
-from recnorm.experiments.tune import TuningGrid
 
 GAINS = [0.1, 1.0]
 SEEDS = list(range(10))

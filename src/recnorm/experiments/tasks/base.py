@@ -5,16 +5,21 @@ metrics. The trainer knows nothing task-specific: it asks a task for batches, ru
 output vector per time step, and hands those outputs back to the task for the loss and the metrics.
 
 A new task is one file in ``recnorm/experiments/tasks/`` that subclasses :class:`Task` and decorates the
-class with :func:`register_task`; it then appears in the CLI, sweeps and reports with no other edits.
+class with :func:`register_task` (the registry's loader imports every module of that package before the first
+lookup); it then appears in the CLI, sweeps and reports with no other edits. A task defined
+outside the package registers the same way once its module is imported (``recnorm --import MODULE train``,
+or a sweep spec's ``imports``).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Dict, Iterator, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Type
 
 from torch import Tensor
+
+from recnorm.registry import Registry
 
 __all__ = ["Batch", "Task", "register_task", "get_task", "create_task", "list_tasks", "TASKS", "DataMissingError"]
 
@@ -127,29 +132,38 @@ class Task(abc.ABC):
         }
 
 
-TASKS: Dict[str, Type[Task]] = {}
+def _load_builtin_tasks() -> None:
+    # Every module of the tasks package is a task file: importing it registers its tasks (@register_task).
+    # The package is found by this file's place, not imported by name, so base imports nothing above it.
+    import importlib
+    import os
+    import pkgutil
+
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{package}.{info.name}")
+
+
+#: The task registry (:class:`recnorm.registry.Registry`); the built-in tasks load on the first lookup.
+TASKS: Registry[Type[Task]] = Registry("task", load=_load_builtin_tasks)
 
 
 def register_task(cls: Type[Task]) -> Type[Task]:
-    """Class decorator adding a task to the registry under ``cls.name``."""
-    if cls.name in TASKS and TASKS[cls.name] is not cls:
-        raise ValueError(f"task name {cls.name!r} is already registered by {TASKS[cls.name].__qualname__}")
-    TASKS[cls.name] = cls
-    return cls
+    """Class decorator adding a task to :data:`TASKS` under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValueError(f"a task is a Task subclass, got {cls!r}")
+    return TASKS.register(cls)
 
 
-def list_tasks() -> list:
+def list_tasks() -> List[str]:
     """Sorted names of the registered tasks."""
-    _load_builtin_tasks()
-    return sorted(TASKS)
+    return TASKS.names()
 
 
 def get_task(name: str) -> Type[Task]:
     """Resolve a task name to its class; unknown names raise ValueError listing the valid ones."""
-    _load_builtin_tasks()
-    if not isinstance(name, str) or name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    return TASKS[name]
+    return TASKS.get(name)
 
 
 def create_task(name: str, **options: Any) -> Task:
@@ -163,8 +177,3 @@ def create_task(name: str, **options: Any) -> Task:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for task {name!r}; expected a subset of {valid}")
     return cls(**options)
-
-
-def _load_builtin_tasks() -> None:
-    # Importing the package registers every built-in task (each module decorates its class).
-    from recnorm.experiments import tasks  # noqa: F401
