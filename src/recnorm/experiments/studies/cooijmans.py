@@ -19,10 +19,9 @@ def sweep(smoke: bool = False) -> SweepSpec:
     forget bias 1, noise 0.1 on h0, 5000 training images, 500 steps, 3 seeds: 18 runs. Checks that BN
     helps more on the permuted task and that γ0 = 1 is worse than 0.1 (App. B).
 
-    Command: ``recnorm compare --preset cooijmans --workers 2 --out docs/cooijmans`` (its committed report and
-    run directories).
+    Command: ``recnorm compare --preset cooijmans --workers 2 --out runs/cooijmans --results results/cooijmans``, then ``recnorm report results/cooijmans --out docs/cooijmans``.
     Running time: about 10 minutes on 2 CPU cores (measured 9 min 38 s with ``--workers 2``; re-run in
-    10 min 20 s beside other jobs, load average 3.2-3.7, with identical metrics); ``--smoke``: about 35 s.
+    10 min 20 s beside other jobs, load average 3.2-3.7, with identical metrics, on the same kernels); ``--smoke``: about 35 s.
     """
     base = RunConfig(task="fashion_pixels",
                      task_options={"downsample": True, "train_size": 5000, "valid_size": 500, "test_size": 1000},

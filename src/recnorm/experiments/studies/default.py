@@ -31,8 +31,9 @@ def sweep(smoke: bool = False) -> SweepSpec:
     large effect): 75 runs.
 
     Command: ``recnorm compare`` (or ``recnorm compare --preset default --workers 2 --out runs/compare``); its
-    committed report under ``docs/report`` comes from ``recnorm compare --workers 2 --out docs/report``
-    (re-run in 2 min 56 s, every metric identical to the earlier run's).
+    published runs come from ``recnorm compare --workers 2 --out runs/compare --results results/default`` and
+    its page from ``recnorm report results/default --out docs/report`` (re-run in 2 min 56 s, every metric
+    identical to the earlier run's on the same kernels, which the runs pin as ``kernel="legacy"``).
     Running time: about 4 minutes on 2 CPU cores (measured 3 min 35 s with ``--workers 2``, the per-step
     norms on the fused kernel; evaluation with exactly recomputed statistics takes a good part of each
     batch-norm run); ``--smoke``: about 20 s.

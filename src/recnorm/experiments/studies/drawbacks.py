@@ -25,9 +25,9 @@ def sweep(smoke: bool = False) -> SweepSpec:
     against no norm as the batch shrinks while layer norm does not; the gap between training-mode (batch)
     and eval-mode (population) statistics grows as the batch shrinks.
 
-    Command: ``recnorm compare --preset drawbacks --workers 2 --out docs/drawbacks``.
+    Command: ``recnorm compare --preset drawbacks --workers 2 --out runs/drawbacks --results results/drawbacks``, then ``recnorm report results/drawbacks --out docs/drawbacks``.
     Running time: 5 min 7 s with ``--workers 2`` on a nearly idle machine (a re-run into another directory,
-    load average 2-4, every result identical); 10 min 4 s for the committed run while other jobs shared
+    load average 2-4, every result identical on the same kernels); 10 min 4 s for the committed run while other jobs shared
     the 2 cores (load average 4-6). ``--smoke``: 14 s (measured, 2 workers).
     """
     base = RunConfig(task="fashion_rows", task_options={"train_size": 8000, "valid_size": 1000, "test_size": 2000},

@@ -20,8 +20,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     The report's gradient-flow plot shows ||dL/dh_t|| vs t per variant; the clipping table counts how often
     the gradient norm exceeded 1.
 
-    Command: ``recnorm compare --preset horizontal --workers 2 --out docs/horizontal`` (its committed report
-    and run directories).
+    Command: ``recnorm compare --preset horizontal --workers 2 --out runs/horizontal --results results/horizontal``, then ``recnorm report results/horizontal --out docs/horizontal``.
     Running time: about 5 minutes on 2 CPU cores (measured 4 min 21 s with ``--workers 2``; re-run in
     3 min 44 s); ``--smoke``: about 25 s.
     """

@@ -35,7 +35,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     no norm, layer norm, per-step BN (γ0 = 0.1), RMSNorm, and layer norm with the joint gate norm and the
     carried normalized cell of torchaudio's and TF-Addons' LSTMs (:data:`LANGUAGE_VARIANTS`), 3 seeds: 15 runs.
 
-    Command: ``recnorm compare --preset language --workers 2 --out docs/language``.
+    Command: ``recnorm compare --preset language --workers 2 --out runs/language --results results/language``, then ``recnorm report results/language --out docs/language``.
     Running time: measured 7 min 8 s with ``--workers 2`` beside other jobs (load average 2.2-4) for the
     first 9 runs; the RMSNorm and joint/carried rows, added later to the same directory, 3 min 47 s.
     ``--smoke``: 13 s (measured, 2 workers).

@@ -29,8 +29,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     layers (``between_layers="batch"``): 10 runs more. The prediction: BN hurts or is neutral with one layer
     and helps deep stacks.
 
-    Command: ``recnorm compare --preset laurent --workers 2 --out docs/laurent`` (its committed report and run
-    directories).
+    Command: ``recnorm compare --preset laurent --workers 2 --out runs/laurent --results results/laurent``, then ``recnorm report results/laurent --out docs/laurent``.
     Running time: about 6 minutes on 2 CPU cores (measured 5 min 57 s with ``--workers 2``, layer-norm
     GRUs on the fused kernel; re-run in 5 min 39 s), plus 4 min 6 s for the 10 between-layer runs, added later
     to the same directory (the sweep ran only those); ``--smoke``: about 20 s.

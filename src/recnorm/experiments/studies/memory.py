@@ -28,7 +28,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     0.125, adding MSE below 0.083 against 0.167) and the gradient flow through time, ||dL/dh_1|| over
     ||dL/dh_T||, at init and after training.
 
-    Command: ``recnorm compare --preset memory --workers 2 --out docs/memory``.
+    Command: ``recnorm compare --preset memory --workers 2 --out runs/memory --results results/memory``, then ``recnorm report results/memory --out docs/memory``.
     Running time: measured 14 min 28 s with ``--workers 2`` beside other jobs (load average 2.4-4.4).
     ``--smoke``: 22 s (measured, 2 workers).
     """

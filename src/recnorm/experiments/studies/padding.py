@@ -27,7 +27,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     sequence-wise BN in all three feeds; layer norm packed and padded (a control: per-example statistics
     never see padding, so the two differ only by floating-point rounding); no norm packed. 3 seeds: 54 runs.
 
-    Command: ``recnorm compare --preset padding --workers 2 --out docs/padding``.
+    Command: ``recnorm compare --preset padding --workers 2 --out runs/padding --results results/padding``, then ``recnorm report results/padding --out docs/padding``.
     Running time: measured 25 min 16 s with ``--workers 2`` while other jobs shared the 2 cores (load
     average 5.3-5.8, of which 2 were this sweep). Training and evaluation measure 0.31 core-hours
     (``python benchmarks/preset_cost.py padding``), 10-20 minutes on 2 idle cores. The no-norm and sequence-wise-BN runs on packed batches take 4 times as

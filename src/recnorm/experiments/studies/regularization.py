@@ -23,7 +23,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     exact population statistics), so the report gives the train-test gap in accuracy and in cross-entropy
     per norm.
 
-    Command: ``recnorm compare --preset regularization --workers 2 --out docs/regularization``.
+    Command: ``recnorm compare --preset regularization --workers 2 --out runs/regularization --results results/regularization``, then ``recnorm report results/regularization --out docs/regularization``.
     Running time: the first 50 runs took 29 min 49 s with ``--workers 2`` while other jobs shared the 2
     cores (load average 5.5-7.5, of which 2 were this sweep); the 10 dropout-0.5 runs, added later, 1 min
     47 s on an otherwise idle machine. Training and evaluation measure 0.23 core-hours
