@@ -515,7 +515,10 @@ class RecurrentBase(_NormSetup, nn.Module):
                 inp = layer_input if direction == 0 else reverse_packed(layer_input, batch_sizes)
                 observer = self._step_observer(self, layer, direction, batch_sizes) if self._step_observer else None
                 work = self.direction_work(layer, direction, observer, inp)
-                res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel)
+                if idx == 0:  # a stack runs on one implementation in training (memory: kernels.stack_preference)
+                    widths = [x.shape[-1]] + [D * (self.proj_size or self.hidden_size)] * (self.num_layers - 1)
+                    first = kernels.stack_preference(work, inp, batch_sizes, tuple(s[0] for s in state), kernel, widths)
+                res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel, first)
                 self._record(layer, direction, res.moments)
                 outs.append(res.output if direction == 0 else reverse_packed(res.output, batch_sizes))
                 for i, f in enumerate(res.state):
