@@ -421,7 +421,8 @@ class LoadWatch:
 
     def __init__(self) -> None:
         self.load_before = load_average()
-        self._busy, self._own, self._t = busy_cpu_seconds(), own_cpu_seconds(), clock()
+        self._t = clock()
+        self._busy, self._own = busy_cpu_seconds(), own_cpu_seconds()
         self.record: Dict = {}
 
     def stop(self) -> Dict:

@@ -257,3 +257,25 @@ def test_the_torch_rows_carry_their_spread(monkeypatch):
     assert torch_rows and all(r["spread"] is not None and r["spread"] >= 0 for r in torch_rows)
     assert all("spread" not in r for r in rows if r["norm"] != "torch")
     assert bench_rnn.worst_spread(rows)["spread"] == round(max(r["spread"] for r in torch_rows), 4)
+
+
+def test_fit_dispatch_measures_on_a_quiet_machine_only(tmp_path, monkeypatch):
+    import fit_dispatch
+
+    data = tmp_path / "d.json"
+    argv = ["--measure", "--data", str(data), "--points", "0", "--cells", "rnn_tanh"]
+    fake = {"train": {"fused": [1.0], "native": [1.0]}, "eval": {"fused": [1.0], "native": [1.0]}}
+    monkeypatch.setattr(fit_dispatch, "measure_point", lambda *a: fake)  # nothing is timed
+    _Machine(monkeypatch, load=2.0, spread=None)
+    with pytest.raises(SystemExit, match="not quiet"):
+        fit_dispatch.main(argv)
+    assert not data.exists()
+    # quiet before, but other processes busy during each point: no point is stored
+    _Machine(monkeypatch, load=0.1, others=1.0, spread=None)
+    fit_dispatch.main(argv)
+    assert not data.exists() or json.loads(data.read_text())["points"] == []
+    _Machine(monkeypatch, load=0.1, others=0.0, spread=None)
+    fit_dispatch.main(argv)
+    points = json.loads(data.read_text())["points"]
+    assert [tuple(p["size"]) for p in points] == fit_dispatch.BENCH_SIZES
+    assert all(p["load"]["others_load"] == 0.0 for p in points)
