@@ -508,6 +508,7 @@ class RecurrentBase(_NormSetup, nn.Module):
         kernel = kernels.resolve_kernel(self.kernel)
         finals: List[List[Tensor]] = [[] for _ in state]
         layer_input = x
+        first = None
         for layer in range(self.num_layers):
             outs = []
             for direction in range(D):
@@ -515,7 +516,7 @@ class RecurrentBase(_NormSetup, nn.Module):
                 inp = layer_input if direction == 0 else reverse_packed(layer_input, batch_sizes)
                 observer = self._step_observer(self, layer, direction, batch_sizes) if self._step_observer else None
                 work = self.direction_work(layer, direction, observer, inp)
-                if idx == 0:  # a stack runs on one implementation in training (memory: kernels.stack_preference)
+                if idx == 0 and self.num_layers > 1:  # a trained stack runs on one implementation (kernels.stack_preference)
                     widths = [x.shape[-1]] + [D * (self.proj_size or self.hidden_size)] * (self.num_layers - 1)
                     first = kernels.stack_preference(work, inp, batch_sizes, tuple(s[0] for s in state), kernel, widths)
                 res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel, first)
