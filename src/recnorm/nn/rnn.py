@@ -530,7 +530,8 @@ class RecurrentBase(_NormSetup, nn.Module):
                 layer_input = bn.normalize_rows(layer_input.reshape(-1, layer_input.shape[-1])).view_as(layer_input)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
-        return layer_input, tuple(torch.stack(f, 0) for f in finals)
+        # one layer and direction: a view, not stack's copy (torch.nn returns its op's states as they are)
+        return layer_input, tuple(f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f, 0) for f in finals)
 
 
 _WARNED_UNCALIBRATED = False
