@@ -15,9 +15,9 @@ In a stack of layers trained with autograd, one implementation runs every layer 
 through :func:`recnorm.kernels.stack_preference`): the one predicted faster over the whole stack. Each
 layer choosing for itself can mix them (the first layer's narrow input favours the fused kernel, the
 next layers' wider one torch's op), and a mixed stack keeps both implementations' saved tensors and
-workspaces: a 2-layer LSTM with ``norm=None`` at (T, B, I, H) = (28, 128, 28, 128) peaked at 57 MiB
+workspaces: a 2-layer LSTM with ``norm=None`` at (T, B, I, H) = (28, 128, 28, 128) peaked at 48 MiB
 mixed against 40 on torch's op alone, 39 on the fused kernel alone and 40 for torch.nn.LSTM
-(``benchmarks/bench_rnn.py``'s peak-memory measurement). In eval nothing is saved, and each layer
+(``benchmarks/bench_rnn.py``'s peak-memory measurement, one training step). In eval nothing is saved, and each layer
 takes the faster implementation for its own size.
 
 Cases the rule has no entry for (another dtype, a cell kind without a fit), and sizes outside the range
