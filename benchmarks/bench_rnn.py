@@ -9,9 +9,21 @@ For every size, cell and norm it measures
   that allocator caches of other candidates do not count (after a tiny warm-up step that loads
   libraries and extensions, which every candidate gets). Linux only.
 
-The machine this runs on is shared and noisy, so timings are taken in *interleaved rounds*: each round
-times every candidate once (after a warm-up), and the reported figure is the median over rounds of the
-ratio to the torch.nn layer timed in the same round. Absolute milliseconds are reported as medians too.
+Timings are taken in *interleaved rounds*: each round times every candidate once (after a warm-up), and
+the reported figure is the median over rounds of the ratio to the torch.nn layer timed in the same round.
+Absolute milliseconds are reported as medians too. Interleaving does not make a loaded machine's timings
+a measurement (issue 17: two cores shared with a test suite move ratios by 0.5), so the run records
+
+* the load average before and after it, and the CPU that other processes used during it (cores: the
+  machine's busy time from ``/proc/stat`` minus this process's and its children's, over the wall time);
+* the spread of torch.nn's own step across rounds (interquartile range over median, per size and mode;
+  the worst is kept),
+
+and a run that is not quiet -- load average before it or other processes' CPU during it above
+``--max-load`` (0.5), or torch.nn's spread above ``--max-spread`` (10%) -- gives no verdict on the targets
+(the page shows the ratios unjudged and says why) and does not rewrite ``--readme`` (exit status 2).
+Peak memory is measured after the timing, so that its processes do not load the machine meanwhile.
+Run it with nothing else running: no parallel jobs, no test suite.
 
 Besides the float32 rows it measures
 
@@ -109,6 +121,7 @@ VARIANTS: Dict[str, Dict[str, Dict]] = {
         "zoneout 0.1": {"norm": "layer", "zoneout": 0.1},
         "zoneout (0.1, 0.1)": {"norm": "layer", "zoneout": (0.1, 0.1)},
         "weight_dropout 0.25": {"norm": "layer", "weight_dropout": 0.25},
+        "2 layers": {"norm": None, "num_layers": 2},
         "between_layers='batch', 2 layers": {"norm": None, "num_layers": 2, "between_layers": "batch"},
     },
     "gru": {
@@ -347,6 +360,8 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                 }
                 if c.label in ran:
                     row["kernel"] = ran[c.label][mode]
+                if c.norm == "torch" and not c.bf16:
+                    row["spread"] = spread(ts)
                 if c.section != "main":
                     row.update(section=c.section, baseline=c.base)
                 if c.variant is not None:
@@ -355,6 +370,128 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                     row["layers"] = c.layers
                 rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Is the machine quiet? (issue 17: a timing under load is not a measurement)
+# ---------------------------------------------------------------------------------------------------
+
+MAX_LOAD, MAX_SPREAD = 0.5, 0.10
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process and its finished children have used."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def clock() -> float:
+    """Wall-clock seconds (monotonic) for :class:`LoadWatch`."""
+    return time.monotonic()
+
+
+def spread(times: List[float]) -> float | None:
+    """How much one candidate's time moves across rounds: the interquartile range over the median (None with
+    fewer than 3 rounds). A single slow round does not move it; a machine whose speed wanders does."""
+    if len(times) < 3:
+        return None
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / med
+
+
+class LoadWatch:
+    """The load around a timed run: the load average before and after, and the CPU that *other* processes
+    used during it, in cores (the machine's busy CPU time minus this process's and its children's, over the
+    wall time). The load average after includes this run's own threads, so the judgement uses the other
+    processes' CPU for the time in between."""
+
+    def __init__(self) -> None:
+        self.load_before = load_average()
+        self._t = clock()
+        self._busy, self._own = busy_cpu_seconds(), own_cpu_seconds()
+        self.record: Dict = {}
+
+    def stop(self) -> Dict:
+        wall = max(clock() - self._t, 1e-9)
+        others = (busy_cpu_seconds() - self._busy - (own_cpu_seconds() - self._own)) / wall
+        self.record = {"load_before": round(self.load_before, 2), "load_after": round(load_average(), 2),
+                       "others_load": round(max(others, 0.0), 2)}  # fmt: skip
+        return self.record
+
+
+def worst_spread(rows: List[Dict]) -> Dict | None:
+    """The torch.nn row whose step moved most across rounds: ``{"spread", "candidate", "size", "mode"}``;
+    ``{"spread": None}`` where a torch.nn row has too few rounds to tell; None without torch.nn rows."""
+    torch_rows = [r for r in rows if r["norm"] == "torch" and not r.get("bf16")]
+    if not torch_rows:
+        return None
+    if any(r.get("spread") is None for r in torch_rows):
+        return {"spread": None}
+    r = max(torch_rows, key=lambda r: r["spread"])
+    return {"spread": round(r["spread"], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"]}
+
+
+def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD) -> List[str]:
+    """Why the timings of the run ``meta`` describes cannot be judged against the targets (empty: they can).
+    A run is quiet when the load average before it and the other processes' CPU during it are at most
+    ``max_load``, and torch.nn's own step moved by at most ``max_spread`` (interquartile range over median)
+    across rounds in every size and mode."""
+    quiet = meta.get("quiet")
+    if not quiet:
+        return ["the load was not recorded (a run from before issue 17)"]
+    why = []
+    if quiet["load_before"] > max_load:
+        why.append(f"load average {quiet['load_before']:.2f} before the run (more than {max_load})")
+    if quiet["others_load"] > max_load:
+        why.append(f"other processes used {quiet['others_load']:.2f} cores during the run (more than {max_load})")
+    worst = quiet.get("torch_spread")
+    if worst is not None:
+        if worst["spread"] is None:
+            why.append("fewer than 3 rounds: the spread of torch.nn's step is unknown")
+        elif worst["spread"] > max_spread:
+            why.append(
+                f"torch.nn's own step moved by {100 * worst['spread']:.0f}% across rounds ({worst['candidate']}, "
+                f"{tuple(worst['size'])}, {worst['mode']}; more than {100 * max_spread:.0f}%)"
+            )
+    return why
+
+
+def run_reasons(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD) -> List[str]:
+    """:func:`not_quiet` of the run of ``meta`` and, where the variants were merged in from another run, of
+    that one too."""
+    why = not_quiet(meta, max_load, max_spread)
+    vmeta = meta.get("variants")
+    if vmeta and vmeta.get("argv") != meta.get("argv"):
+        why += [f"variants' run: {w}" for w in not_quiet(vmeta, max_load, max_spread)]
+    return why
+
+
+def quiet_text(meta: Dict) -> str:
+    """One sentence on the load a run was measured at."""
+    q = meta.get("quiet")
+    if not q:
+        return "Load not recorded."
+    s = q.get("torch_spread") or {}
+    sp = "unknown" if s.get("spread") is None else f"{100 * s['spread']:.1f}%"
+    return (
+        f"Load average {q['load_before']:.2f} before and {q['load_after']:.2f} after the run (this run's own threads "
+        f"included); other processes used {q['others_load']:.2f} cores during it; torch.nn's step moved by at most {sp} "
+        "across rounds (interquartile range over median)."
+    )
 
 
 _MEM_CHILD = r"""
@@ -366,8 +503,21 @@ cell, norm, size, kernel, bf16, variant, layers = json.loads(sys.argv[1])
 model, x = bench_rnn.build(cell, norm, tuple(size), kernel, variant, layers)
 # A tiny step first loads what every candidate loads once per process (C++ extensions, oneDNN/MKL
 # kernels) without leaving large buffers behind; the measured step then allocates its gradients anew.
-bench_rnn._train_step(model, x[:2, :2].contiguous(), bf16)
-model.zero_grad(set_to_none=True)
+# kernel="auto" may pick another implementation at the tiny size than at the measured one, so a recnorm
+# layer runs the tiny step on each implementation that serves it (else the measured step would count
+# one implementation's first-use allocations that the other candidates had in their warm-up).
+tiny = x[:2, :2].contiguous()
+forced = getattr(model, "kernel", None)
+for k in ([forced] if forced else ["native", "fused", None]) if hasattr(model, "kernel") else [None]:
+    if hasattr(model, "kernel"):
+        model.kernel = k
+    try:
+        bench_rnn._train_step(model, tiny, bf16)
+    except ValueError:  # that implementation does not serve this layer
+        pass
+    model.zero_grad(set_to_none=True)
+if hasattr(model, "kernel"):
+    model.kernel = forced
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -509,8 +659,9 @@ def _kernel_counts(summ: Dict[str, Dict]) -> str:
     return "; ".join(f"{n} on {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def variant_lines(vrows: List[Dict], vbaseline_lines: List[str]) -> List[str]:
-    """The variants' section of the page: worst ratios against the targets, then every size."""
+def variant_lines(vrows: List[Dict], vbaseline_lines: List[str], verdict: bool = True) -> List[str]:
+    """The variants' section of the page: worst ratios against the targets (without ``verdict``: not judged,
+    the machine was not quiet), then every size."""
     if not vrows:
         return ["Not measured in this run (`--no-variants`, or a JSON from before the variants; `--only-variants` adds them)."]
     summ = variant_summary(vrows)
@@ -524,7 +675,8 @@ def variant_lines(vrows: List[Dict], vbaseline_lines: List[str]) -> List[str]:
         "size): `fused` is recnorm's C++ kernels, `native` torch's own op, `reference` the Python time loop. "
         f"Variants per kernel that ran (at every size; train / eval where they differ): {_kernel_counts(summ)}.",
         "",
-        "Worst ratio over the sizes measured (bold: over the target):",
+        "Worst ratio over the sizes measured (bold: over the target):" if verdict else
+        "Worst ratio over the sizes measured (not judged against the targets: the machine was not quiet, see the top of the page):",
         "",
         "| cell | variant | layer arguments | baseline | kernel (train / eval) | train (≤ 0.9) | eval (≤ 1.0) | memory (≤ 1.1) | targets met | sizes |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -533,8 +685,9 @@ def variant_lines(vrows: List[Dict], vbaseline_lines: List[str]) -> List[str]:
         lines.append(
             f"| {_NAMES[d['cell']]} | {d['variant']} | `{d['config']}` | {d['baseline']} | "
             f"{_kernels_text(d['kernels']['train'])} / {_kernels_text(d['kernels']['eval'])} | "
-            f"{_fmt(d.get('train'), TARGETS['train'])} | {_fmt(d.get('eval'), TARGETS['eval'])} | "
-            f"{_fmt(d.get('memory'), TARGETS['memory'])} | { {True: 'yes', False: 'no', None: '–'}[d['met']] } | {len(d['sizes'])} |"
+            f"{_fmt(d.get('train'), TARGETS['train'], verdict)} | {_fmt(d.get('eval'), TARGETS['eval'], verdict)} | "
+            f"{_fmt(d.get('memory'), TARGETS['memory'], verdict)} | { {True: 'yes', False: 'no', None: '–'}[d['met'] if verdict else None] } | "
+            f"{len(d['sizes'])} |"
         )
     labels = list(dict.fromkeys(r["candidate"] for r in vrows if r.get("variant")))
     lines += ["", "Every size (ratio to the baseline, median ms in brackets; memory ratio, MiB in brackets):", ""]
@@ -558,21 +711,25 @@ def variant_readme_line(vrows: List[Dict]) -> str:
     )
 
 
-def _fmt(v, target) -> str:
+def _fmt(v, target, verdict: bool = True) -> str:
+    """``v`` to two decimals, bold where it is over ``target`` (never bold without ``verdict``)."""
     if v is None:
         return "–"
-    return f"**{v:.2f}**" if v > target else f"{v:.2f}"
+    return f"**{v:.2f}**" if verdict and v > target else f"{v:.2f}"
 
 
-def summary_table(summ: Dict[str, Dict]) -> List[str]:
+def summary_table(summ: Dict[str, Dict], verdict: bool = True) -> List[str]:
+    """Worst ratios per layer; with ``verdict``, the targets in the header and bold where one is missed."""
+    t = (lambda target: f" (≤ {target})") if verdict else (lambda target: "")  # noqa: E731
     lines = [
-        "| layer | train (≤ 0.9) | eval (≤ 1.0) | memory (≤ 1.1) | bf16 autocast / float32, train (≤ 1.0) | eval (≤ 1.0) |",
+        f"| layer | train{t(0.9)} | eval{t(1.0)} | memory{t(1.1)} | bf16 autocast / float32, train{t(1.0)} | eval{t(1.0)} |",
         "|---|---|---|---|---|---|",
     ]
     for label, d in summ.items():
         lines.append(
-            f"| {label} | {_fmt(d.get('train'), TARGETS['train'])} | {_fmt(d.get('eval'), TARGETS['eval'])} | "
-            f"{_fmt(d.get('memory'), TARGETS['memory'])} | {_fmt(d.get('bf16_train'), 1.0)} | {_fmt(d.get('bf16_eval'), 1.0)} |"
+            f"| {label} | {_fmt(d.get('train'), TARGETS['train'], verdict)} | {_fmt(d.get('eval'), TARGETS['eval'], verdict)} | "
+            f"{_fmt(d.get('memory'), TARGETS['memory'], verdict)} | {_fmt(d.get('bf16_train'), 1.0, verdict)} | "
+            f"{_fmt(d.get('bf16_eval'), 1.0, verdict)} |"
         )
     return lines
 
@@ -627,7 +784,7 @@ def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05)
     return out
 
 
-def compile_lines(crows: List[Dict]) -> List[str]:
+def compile_lines(crows: List[Dict], verdict: bool = True) -> List[str]:
     if not crows:
         return ["Not measured in this run (`--no-compile`)."]
     lines = [
@@ -637,7 +794,7 @@ def compile_lines(crows: List[Dict]) -> List[str]:
     for r in crows:
         lines.append(
             f"| {r['cell']} | {r['norm']} | {tuple(r['size'])} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
-            f"{_fmt(r['ratio'], 1.1)} | {r['compile_s']:.0f} |"
+            f"{_fmt(r['ratio'], 1.1, verdict)} | {r['compile_s']:.0f} |"
         )
     return lines
 
@@ -700,9 +857,14 @@ def regression_sections(rows: List[Dict], baseline: Dict | None, stored: Dict | 
     return out
 
 
-def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=None, notes: str = "", regressions=None) -> str:
-    """The page. ``regressions`` (from :func:`regression_sections`) overrides the check against ``baseline``."""
+def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=None, notes: str = "", regressions=None,
+                reasons: List[str] | None = None) -> str:
+    """The page. ``regressions`` (from :func:`regression_sections`) overrides the check against ``baseline``;
+    ``reasons`` (default: :func:`run_reasons` of ``meta``) why the machine was not quiet: where there are any,
+    the page gives the ratios without a verdict on the targets."""
     regressions = regressions or regression_sections(rows, baseline)
+    reasons = run_reasons(meta) if reasons is None else reasons
+    verdict = not reasons
     rows, vrows = split_rows(rows)
     fp32 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if not c.endswith(BF16)]
     bf16 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if c.endswith(BF16)]
@@ -715,8 +877,10 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; float32 unless marked; "
         f"{meta['rounds']} interleaved rounds; kernel selection `{meta['kernel']}`.",
         "",
-        "**How to read it.** The machine is shared (2 cores; other jobs compile C++ and run tests while this runs), "
-        "so absolute milliseconds mean little and move between runs. What means something is the *ratio* to "
+        f"**Load.** {quiet_text(meta)}",
+        "",
+        "**How to read it.** Absolute milliseconds depend on the machine and on what else runs on it. "
+        "What means something is the *ratio* to "
         "torch.nn measured in the same round: each round times every candidate once, in alternating order, and a "
         "figure is the median over rounds of (candidate time / torch.nn time of that round). Below 1 is faster "
         "than torch.nn. Even so, a row moves by up to about ±0.1 between runs; the memory column is one sample "
@@ -726,10 +890,15 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         "## Against the targets of issue 11",
         "",
-        "Worst ratio over the sizes measured (bold: over the target). The bfloat16 columns are the same layer "
+        *(["Worst ratio over the sizes measured (bold: over the target)."] if verdict else [
+            "**No verdict on the targets: the machine was not quiet while this ran** (" + "; ".join(reasons) + "). "
+            "A timing under load is not a measurement: run `benchmarks/bench_rnn.py` again with nothing else running. "
+            "The worst ratios over the sizes measured, not judged:"]),  # fmt: skip
+        "",
+        "The bfloat16 columns are the same layer "
         "under `torch.autocast(\"cpu\", torch.bfloat16)` against itself in float32, in the same rounds.",
         "",
-        *summary_table(summary(rows, memory)),
+        *summary_table(summary(rows, memory), verdict),
         "",
         "## Every size, float32",
         "",
@@ -759,7 +928,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
             "torch.nn's layer was timed again in those rounds, and each ratio is to that.",
             "",
         ]
-    lines += [*variant_lines(vrows, regressions["variants"]), ""]
+    lines += [*variant_lines(vrows, regressions["variants"], verdict), ""]
     if FAILED:
         lines += ["Candidates that could not run (an error, not a time):", ""]
         lines += [f"- {label} at {size}: `{msg}`" for (label, size), msg in FAILED.items()]
@@ -782,7 +951,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         f"per-round ratios (`python benchmarks/bench_compile.py --rounds {crows[0]['rounds'] if crows else '?'}`, run beside this script; "
         "eager and compiled alternate within each round).",
         "",
-        *compile_lines(list(crows)),
+        *compile_lines(list(crows), verdict),
         "",
         "## Regression check (issue 7: no ratio more than 5% above the previous numbers)",
         "",
@@ -804,8 +973,8 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
     lines = [
         README_BEGIN,
         f"Worst ratio to torch.nn over the sizes of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
-        f"`python benchmarks/bench_rnn.py {meta['argv']}`; {meta['rounds']} interleaved rounds, {meta['threads']} threads, "
-        "on a shared 2-core machine; the page says how far its rows move between runs). Bold: over the target of issue 11.",
+        f"`python benchmarks/bench_rnn.py {meta['argv']}` on {meta['machine']}; {meta['rounds']} interleaved rounds, "
+        f"{meta['threads']} threads). {quiet_text(meta)} Bold: over the target of issue 11.",
         "",
         *summary_table(summ),
         *(["", vline] if vline else []),
@@ -856,14 +1025,27 @@ def render(args) -> int:
         with open(args.render, "w") as f:  # keep the JSON the pages come from complete
             json.dump(data, f, indent=1)
     regressions = regression_sections(data["rows"], baseline, data.get("regression"))
-    md = to_markdown(data["rows"], memory, meta, crows, notes=notes, regressions=regressions)
+    reasons = run_reasons(meta, args.max_load, args.max_spread)
+    md = to_markdown(data["rows"], memory, meta, crows, notes=notes, regressions=regressions, reasons=reasons)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)
     else:
         print(md)
-    if args.readme:
-        write_readme(args.readme, readme_block(data["rows"], memory, meta))
+    return readme_or_refuse(args.readme, data["rows"], memory, meta, reasons)
+
+
+def readme_or_refuse(path: str | None, rows: List[Dict], memory: Dict, meta: Dict, reasons: List[str]) -> int:
+    """Rewrite README's speed table at ``path`` from a quiet run (0); from a run that was not quiet, say why
+    on stderr and leave README as it is (2). Nothing to do without ``path`` (0)."""
+    if reasons:
+        print("bench_rnn: no verdict on the targets, the machine was not quiet: " + "; ".join(reasons) + ".", file=sys.stderr)
+    if not path:
+        return 0
+    if reasons:
+        print(f"bench_rnn: {path} left as it is (README's table comes from a quiet run only).", file=sys.stderr)
+        return 2
+    write_readme(path, readme_block(rows, memory, meta))
     return 0
 
 
@@ -927,6 +1109,13 @@ def main(argv=None) -> int:
     ap.add_argument("--notes", default=None, help="append this Markdown file (hand-written reading of the numbers)")
     ap.add_argument("--readme", default=None, help="rewrite the speed table between the markers of this README")
     ap.add_argument("--render", default=None, help="measure nothing: write --out/--readme from this JSON of an earlier run")
+    ap.add_argument("--max-load", type=float, default=MAX_LOAD,
+                    help="quiet machine: at most this load average before the run, and this many cores used by other "
+                         "processes during it (default %(default)s)")  # fmt: skip
+    ap.add_argument("--max-spread", type=float, default=MAX_SPREAD,
+                    help="quiet machine: torch.nn's own step moves by at most this fraction across rounds (interquartile "
+                         "range over median; default %(default)s). A run that is not quiet gives no verdict on the targets "
+                         "and leaves --readme as it is (exit status 2)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.render:
         return render(args)
@@ -952,17 +1141,10 @@ def main(argv=None) -> int:
         with open(args.json) as f:
             previous = json.load(f)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    memory_job = None
-    if not args.no_memory:
-        # Peak memory is measured in fresh processes, one at a time, while the timing runs: it does not
-        # depend on the load (the timing's ratios are taken in the same rounds, so the load is shared).
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(1)
-        memory_job = pool.submit(measure_memory, args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes)
+    watch = LoadWatch()
+    if watch.load_before > args.max_load:
+        log(f"  load average {watch.load_before:.2f} (more than {args.max_load}): this run will give no verdict on the targets")
     rows = measure_time(args.cells, norms, sizes, rounds, args.kernel, log, bf16_cells, variant_sizes)
-    memory = memory_job.result() if memory_job is not None else {}
-    attach_memory(rows, memory)
     crows = []
     if args.only_variants:
         pass
@@ -981,6 +1163,11 @@ def main(argv=None) -> int:
                 for norm in norms:
                     crows.append(bench_compile.measure(cell, norm, size, rounds))
                     log(f"  compiled {cell} {norm} {size}: {crows[-1]['ratio']:.2f}")
+    quiet = dict(watch.stop(), torch_spread=worst_spread(rows))
+    # Peak memory is measured after the timing, in fresh processes one at a time (it does not depend on the
+    # load, but the processes would load the machine that the timing runs on).
+    memory = {} if args.no_memory else measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes)
+    attach_memory(rows, memory)
     meta = {
         "argv": " ".join(sys.argv[1:] if argv is None else argv),
         "when": time.strftime("%Y-%m-%d"),
@@ -989,6 +1176,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "rounds": rounds,
         "kernel": args.kernel or os.environ.get("RECNORM_KERNEL") or "auto",
+        "quiet": quiet,
     }
     if variant_sizes:
         meta["variants"] = dict(meta)
@@ -1006,7 +1194,8 @@ def main(argv=None) -> int:
     else:
         regressions = regression_sections(rows, baseline)
     data["regression"] = regressions
-    md = to_markdown(data["rows"], memory, data["meta"], crows, notes=_read_notes(args.notes), regressions=regressions)
+    reasons = run_reasons(data["meta"], args.max_load, args.max_spread)
+    md = to_markdown(data["rows"], memory, data["meta"], crows, notes=_read_notes(args.notes), regressions=regressions, reasons=reasons)
     print(md)
     if args.out:
         with open(args.out, "w") as f:
@@ -1014,9 +1203,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)
-    if args.readme:
-        write_readme(args.readme, readme_block(data["rows"], memory, data["meta"]))
-    return 0
+    return readme_or_refuse(args.readme, data["rows"], memory, data["meta"], reasons)
 
 
 if __name__ == "__main__":

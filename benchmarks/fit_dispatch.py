@@ -24,6 +24,10 @@ Usage::
     python benchmarks/fit_dispatch.py --fit                    # seconds; rewrites autotune.RULE
 
 The measurement runs the implementations forced (``kernel=``), so it does not depend on the rule it fits.
+It refuses to start on a machine that is not quiet (load average above ``--max-load``, 0.5), and drops a
+point during which other processes used more than ``--max-load`` cores (``bench_rnn.LoadWatch``); each
+stored point keeps its load record. Points already in ``--data`` are skipped: to refit from scratch,
+move the old file away first.
 """
 
 from __future__ import annotations
@@ -137,6 +141,15 @@ def _save(data: Dict, path: str) -> None:
 
 
 def measure(args) -> None:
+    sys.path.insert(0, HERE)
+    import bench_rnn  # the quiet-machine check (issue 17)
+
+    load = bench_rnn.load_average()
+    if load > args.max_load:
+        raise SystemExit(
+            f"fit_dispatch: load average {load:.2f} (more than --max-load {args.max_load}): the machine is not quiet, and a "
+            "rule fitted to timings under load picks by the load. Run it with nothing else running."
+        )
     torch.set_num_threads(args.threads)
     data = _load(args.data)
     data["meta"].update({
@@ -153,8 +166,14 @@ def measure(args) -> None:
     todo = [t for t in todo if (t[0], t[1], tuple(t[2])) not in done]
     for i, (cell, dt, size) in enumerate(todo):
         t0 = time.time()
+        watch = bench_rnn.LoadWatch()
         times = measure_point(cell, size, getattr(torch, dt), args.rounds)
-        data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times})
+        quiet = watch.stop()
+        if quiet["others_load"] > args.max_load:  # not stored: a later run measures it again
+            print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: other processes used {quiet['others_load']:.2f} cores meanwhile "
+                  "(more than --max-load): not stored", file=sys.stderr, flush=True)  # fmt: skip
+            continue
+        data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times, "load": quiet})
         _save(data, args.data)
         ratios = {ph: statistics.median(f / n for f, n in zip(t["fused"], t["native"])) for ph, t in times.items()}
         print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: fused/native train {ratios['train']:.2f} eval {ratios['eval']:.2f} "
@@ -239,6 +258,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32"])
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--rule", default=RULE)
+    ap.add_argument("--max-load", type=float, default=0.5,
+                    help="--measure refuses to start above this load average, and drops a point during which other "
+                         "processes used more than this many cores (default %(default)s)")  # fmt: skip
     args = ap.parse_args(argv)
     if not (args.measure or args.fit):
         ap.error("give --measure and/or --fit")

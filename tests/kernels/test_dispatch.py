@@ -162,3 +162,82 @@ def test_bf16_autocast_runs_in_float32(rule, cell, norm, c0):
     else:  # torch's op in float32: within one bfloat16 rounding of the reference
         torch.testing.assert_close(out.float(), ref_out, atol=1e-5, rtol=2**-8)
     assert all(g is not None and g.dtype == torch.float32 for g in grads[1:])
+
+
+def _ran(layer, x, grad: bool):
+    """The implementation of every layer direction that one forward ran, in order."""
+    chosen = []
+    original = kernels.choose
+
+    def spy(*args, **kwargs):
+        name, mode = original(*args, **kwargs)
+        chosen.append(name)
+        return name, mode
+
+    kernels.choose = spy
+    try:
+        with torch.set_grad_enabled(grad):
+            layer(x)
+    finally:
+        kernels.choose = original
+    return chosen
+
+
+@pytest.fixture
+def width_rule(monkeypatch):
+    """A rule by input width only: fused predicted faster for inputs narrower than 8 features (by ``gain``),
+    torch's op for wider ones (by 1): a stack of a narrow input and wider hidden layers is split by it."""
+
+    def set_rule(gain: float):
+        # log(t_fused / t_native) = c0 + cI log2 I: -gain at I = 4, +1 at I = 16
+        cI = (1.0 + gain) / 2.0
+        coef = [-gain - 2.0 * cI, 0.0, 0.0, cI, 0.0]
+        fake = {"rules": {f"{c}/{p}/float32": {"coef": list(coef)} for c in RULE_CELL.values() for p in ("train", "eval")}}
+        monkeypatch.setattr(autotune, "RULE", fake)
+        assert autotune.predict("lstm", True, "float32", 6, 3, 4, 16) == pytest.approx(-gain)
+        assert autotune.predict("lstm", True, "float32", 6, 3, 16, 16) == pytest.approx(1.0)
+
+    return set_rule
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_trained_stack_runs_on_one_implementation(width_rule, cell, bidirectional):
+    # issue 17 item 6: per layer the rule would run layer 0 (I = 4) fused and layers 1, 2 (I = 16 or 32) on
+    # torch's op; mixing them peaks higher in memory than either alone, so in training one runs them all
+    layer = _layer(cell, None, I=4, H=16, num_layers=3, bidirectional=bidirectional)
+    D = 2 if bidirectional else 1
+    x = torch.randn(6, 3, 4)
+    for gain in (0.5, 5.0):
+        width_rule(gain)
+        # the stack's prediction: the sum over its layers' input widths (4, then 16 D)
+        stack = sum(autotune.predict(RULE_CELL[cell], True, "float32", 6, 3, w, 16) for w in (4, 16 * D, 16 * D))
+        if D == 1:  # -0.5 + 2 * 1 > 0; -5 + 2 * 1 < 0
+            assert (stack < 0) == (gain == 5.0)
+        assert _ran(layer, x, True) == ["fused" if stack < 0 else "native"] * 3 * D
+        # eval saves nothing: each layer takes the faster one for its own size
+        assert _ran(layer, x, False) == ["fused"] * D + ["native"] * 2 * D
+    # a single layer chooses as before
+    single = _layer(cell, None, I=4, H=16)
+    assert _ran(single, x, True) == ["fused"]
+
+
+def test_the_stack_preference_is_only_an_order(width_rule, monkeypatch):
+    width_rule(5.0)
+    layer = _layer("lstm", None, I=4, H=16, num_layers=2)
+    x = torch.randn(6, 3, 4)
+    # the first layer's implementation is kept where it serves; where the fused kernel refuses, each layer chooses
+    monkeypatch.setattr(fused, "supports", lambda *a: "refused for the test")
+    assert _ran(layer, x, True) == ["native", "native"]
+    monkeypatch.undo()
+    width_rule(5.0)
+    # a forced kernel, or another execution mode, is left alone
+    work = layer.direction_work(0, 0)
+    state = (torch.zeros(3, 16), torch.zeros(3, 16))
+    with torch.enable_grad():
+        x.requires_grad_(True)
+        assert kernels.stack_preference(work, x, None, state, "native", [4, 16]) is None
+        assert kernels.stack_preference(work, x, None, state, "auto", [4]) is None
+        assert kernels.stack_preference(work, x, None, state, "auto", [4, 16]) == "fused"
+        monkeypatch.setattr(kernels, "execution_mode", lambda: "compile")
+        assert kernels.stack_preference(work, x, None, state, "auto", [4, 16]) is None

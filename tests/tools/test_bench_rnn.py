@@ -71,11 +71,36 @@ def test_variant_configurations_are_the_layers_arguments():
             assert eval(f"dict({text})") == variants[name]
 
 
-def _main(*argv):
-    assert bench_rnn.main([str(a) for a in argv]) == 0
+def _main(*argv, rc=0):
+    assert bench_rnn.main([str(a) for a in argv]) == rc
 
 
-def test_only_variants_merges_into_an_existing_json_and_renders(tmp_path, capsys):
+class _Machine:
+    """A fake machine for :class:`bench_rnn.LoadWatch`: its load average, the busy CPU seconds of the whole
+    machine and of this process, and a clock, each set by the test (nothing is timed or read from the OS)."""
+
+    def __init__(self, monkeypatch, load=0.05, others=0.0, spread=0.01):
+        self.load, self.others, self.now, self.next = load, others, 0.0, 0.0
+        monkeypatch.setattr(bench_rnn, "load_average", lambda: self.load)
+        # each reading of the clock moves it 10 s on; by then this process has used 10 CPU s (one core) and
+        # the others `others` cores
+        monkeypatch.setattr(bench_rnn, "clock", self._clock)
+        monkeypatch.setattr(bench_rnn, "own_cpu_seconds", lambda: self.now)
+        monkeypatch.setattr(bench_rnn, "busy_cpu_seconds", lambda: self.now * (1.0 + self.others))
+        if spread is not None:
+            monkeypatch.setattr(bench_rnn, "spread", lambda times: spread)
+
+    def _clock(self):
+        self.now, self.next = self.next, self.next + 10.0
+        return self.now
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    return _Machine(monkeypatch)
+
+
+def test_only_variants_merges_into_an_existing_json_and_renders(tmp_path, capsys, quiet_machine):
     js, md, readme = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "README.md"
     size = ",".join(map(str, TINY))
     common = ["--rounds", 1, "--cells", "rnn", "--no-memory", "--no-compile", "--bf16-cells"]
@@ -118,11 +143,19 @@ def _section(page: str, start: str, end: str) -> str:
 def test_render_of_the_committed_json_keeps_its_tables(tmp_path):
     # the committed page and JSON come from one run: rendering the JSON again gives the same main tables
     out = tmp_path / "b.md"
-    _main("--render", os.path.join(ROOT, "docs", "benchmarks.json"), "--out", out)
+    path = os.path.join(ROOT, "docs", "benchmarks.json")
+    _main("--render", path, "--out", out)
     with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
         committed = f.read()
+    with open(path) as f:
+        meta = json.load(f)["meta"]
     page = out.read_text()
-    for start, end in (("## Against the targets of issue 11", "## Every size"), ("## Every size, float32", "## What")):
+    sections = [("## Every size, float32", "## What")]
+    if not bench_rnn.run_reasons(meta):  # a quiet run's page judges the targets; another's must not
+        sections.append(("## Against the targets of issue 11", "## Every size"))
+    else:
+        assert "No verdict on the targets" in _section(page, "## Against the targets of issue 11", "## Every size")
+    for start, end in sections:
         assert _section(page, start, end) == _section(committed, start, end)
     assert "## Variants (issue 8)" in page
 
@@ -131,3 +164,118 @@ def test_memory_child_builds_a_variant():
     c = bench_rnn.Candidate("v", "lstm", None, variant="between_layers='batch', 2 layers", section="variants")
     mib = bench_rnn.memory_of(c, TINY, threads=1)
     assert mib is not None and mib >= 0
+
+
+# -- issue 17: no verdict from a machine that is not quiet ------------------------------------------------
+
+
+def test_spread_is_the_interquartile_range_over_the_median():
+    assert bench_rnn.spread([1.0, 1.0]) is None  # too few rounds to tell
+    # inclusive quartiles of 1, 2, 3, 4, 5 are 2 and 4; median 3
+    assert bench_rnn.spread([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx(2.0 / 3.0)
+    # one slow round of seven does not move it
+    assert bench_rnn.spread([1.0] * 6 + [9.0]) == 0.0
+
+
+def test_load_watch_counts_other_processes_cpu_only(monkeypatch):
+    m = _Machine(monkeypatch, load=0.2, others=0.75, spread=None)
+    watch = bench_rnn.LoadWatch()
+    m.load = 1.9  # this run's own threads raise the load average: not held against the machine
+    rec = watch.stop()
+    assert rec == {"load_before": 0.2, "load_after": 1.9, "others_load": 0.75}
+
+
+def _meta(load_before=0.1, others=0.1, spread=0.02, **extra):
+    quiet = {"load_before": load_before, "load_after": 1.5, "others_load": others,
+             "torch_spread": {"spread": spread, "candidate": "torch.nn.LSTM", "size": [28, 128, 28, 128], "mode": "eval"}}  # fmt: skip
+    return dict({"argv": "x", "quiet": quiet}, **extra)
+
+
+def test_not_quiet_names_every_reason_and_follows_the_thresholds():
+    assert bench_rnn.not_quiet(_meta()) == []
+    assert bench_rnn.not_quiet({"argv": "x"}) == ["the load was not recorded (a run from before issue 17)"]
+    why = bench_rnn.not_quiet(_meta(load_before=1.3, others=0.9, spread=0.25))
+    assert len(why) == 3
+    assert "load average 1.30 before" in why[0] and "0.90 cores" in why[1]
+    assert "moved by 25%" in why[2] and "torch.nn.LSTM" in why[2] and "(28, 128, 28, 128)" in why[2]
+    assert "unknown" in bench_rnn.not_quiet(_meta(spread=None))[0]
+    # the thresholds are options
+    assert bench_rnn.not_quiet(_meta(load_before=1.3, spread=0.25), max_load=2.0, max_spread=0.3) == []
+    assert bench_rnn.not_quiet(_meta(load_before=0.3), max_load=0.2) != []
+    # a variants' run merged in from elsewhere is judged too
+    meta = _meta(variants=_meta(others=3.0, argv="y"))
+    assert bench_rnn.run_reasons(meta) == [w for w in bench_rnn.run_reasons(meta) if w.startswith("variants' run:")] != []
+
+
+_ARGS = ["--rounds", 3, "--cells", "rnn", "--norms", "None", "--no-memory", "--no-compile", "--bf16-cells", "--no-variants"]
+
+
+def _readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench_rnn.README_BEGIN}\nold\n{bench_rnn.README_END}\nrest\n")
+    return readme
+
+
+@pytest.mark.parametrize("busy", ["load", "others", "spread"])
+def test_a_busy_machine_gets_no_verdict_and_leaves_readme_alone(tmp_path, monkeypatch, capsys, busy):
+    _Machine(monkeypatch, load=1.2 if busy == "load" else 0.1, others=1.5 if busy == "others" else 0.0,
+             spread=0.4 if busy == "spread" else 0.01)  # fmt: skip
+    js, md, readme = tmp_path / "b.json", tmp_path / "b.md", _readme(tmp_path)
+    _main(*_ARGS, "--sizes", ",".join(map(str, TINY)), "--json", js, "--out", md, "--readme", readme, rc=2)
+    err = capsys.readouterr().err
+    assert "not quiet" in err and "left as it is" in err
+    assert "\nold\n" in readme.read_text()  # untouched
+    page = md.read_text()
+    targets = _section(page, "## Against the targets of issue 11", "## Every size")
+    assert "No verdict on the targets" in targets
+    assert not [line for line in targets.splitlines() if line.startswith("|") and "**" in line]  # nothing judged
+    assert "(≤ 0.9)" not in targets
+    meta = json.loads(js.read_text())["meta"]
+    assert bench_rnn.run_reasons(meta)  # the JSON keeps why, so a later --render refuses too
+    _main("--render", js, "--out", md, "--readme", readme, rc=2)
+    assert "\nold\n" in readme.read_text()
+    # thresholds raised on purpose: the judgement follows the options, and the page says the load
+    _main("--render", js, "--out", md, "--readme", readme, "--max-load", 5, "--max-spread", 1)
+    assert "\nold\n" not in readme.read_text() and "Load average" in readme.read_text()
+
+
+def test_a_quiet_machine_gets_a_verdict_and_its_readme_table(tmp_path, quiet_machine):
+    js, md, readme = tmp_path / "b.json", tmp_path / "b.md", _readme(tmp_path)
+    _main(*_ARGS, "--sizes", ",".join(map(str, TINY)), "--json", js, "--out", md, "--readme", readme)
+    meta = json.loads(js.read_text())["meta"]
+    assert meta["quiet"]["load_before"] == 0.05 and meta["quiet"]["others_load"] == 0.0
+    assert meta["quiet"]["torch_spread"]["spread"] == 0.01 and meta["quiet"]["torch_spread"]["candidate"] == "torch.nn.RNN"
+    targets = _section(md.read_text(), "## Against the targets of issue 11", "## Every size")
+    assert "No verdict" not in targets and "train (≤ 0.9)" in targets
+    text = readme.read_text()
+    assert "\nold\n" not in text and "recnorm.RNN(norm=None)" in text and "Load average 0.05 before" in text
+
+
+def test_the_torch_rows_carry_their_spread(monkeypatch):
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET)
+    torch_rows = [r for r in rows if r["norm"] == "torch"]
+    assert torch_rows and all(r["spread"] is not None and r["spread"] >= 0 for r in torch_rows)
+    assert all("spread" not in r for r in rows if r["norm"] != "torch")
+    assert bench_rnn.worst_spread(rows)["spread"] == round(max(r["spread"] for r in torch_rows), 4)
+
+
+def test_fit_dispatch_measures_on_a_quiet_machine_only(tmp_path, monkeypatch):
+    import fit_dispatch
+
+    data = tmp_path / "d.json"
+    argv = ["--measure", "--data", str(data), "--points", "0", "--cells", "rnn_tanh"]
+    fake = {"train": {"fused": [1.0], "native": [1.0]}, "eval": {"fused": [1.0], "native": [1.0]}}
+    monkeypatch.setattr(fit_dispatch, "measure_point", lambda *a: fake)  # nothing is timed
+    _Machine(monkeypatch, load=2.0, spread=None)
+    with pytest.raises(SystemExit, match="not quiet"):
+        fit_dispatch.main(argv)
+    assert not data.exists()
+    # quiet before, but other processes busy during each point: no point is stored
+    _Machine(monkeypatch, load=0.1, others=1.0, spread=None)
+    fit_dispatch.main(argv)
+    assert not data.exists() or json.loads(data.read_text())["points"] == []
+    _Machine(monkeypatch, load=0.1, others=0.0, spread=None)
+    fit_dispatch.main(argv)
+    points = json.loads(data.read_text())["points"]
+    assert [tuple(p["size"]) for p in points] == fit_dispatch.BENCH_SIZES
+    assert all(p["load"]["others_load"] == 0.0 for p in points)

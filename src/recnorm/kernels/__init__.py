@@ -65,6 +65,7 @@ __all__ = [
     "DirectionResult",
     "run_direction",
     "choose",
+    "stack_preference",
     "execution_mode",
     "KERNELS",
     "KernelPreference",
@@ -161,10 +162,33 @@ def _candidates(mode: str, grad: bool) -> List[str]:
     return ["native", "fused", "reference"]
 
 
+def stack_preference(
+    work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Sequence[Tensor], kernel: str, widths: Sequence[int]
+) -> Optional[str]:
+    """The implementation that every layer of a stack tries first, or None where each layer chooses for itself.
+
+    ``work``, ``x``, ``batch_sizes`` and ``state`` are the first layer's first direction; ``widths`` the
+    input features of every layer. Under ``"auto"`` in eager mode with autograd, where both torch's op and
+    the fused kernel serve the first layer, a stack that mixes them peaks higher in memory than either
+    alone (see :mod:`.autotune`), so the one predicted faster over the whole stack runs every layer that it
+    serves (:func:`.autotune.stack_first`); a layer it does not serve still falls back to the next."""
+    if kernel != "auto" or len(widths) < 2 or execution_mode() != "eager" or not _needs_grad(work, x, state):
+        return None
+    if any(_IMPLS[name].supports(work, x, batch_sizes, "eager") is not None for name in ("native", "fused")):
+        return None
+    return autotune.stack_first(work, x, batch_sizes, widths)
+
+
 def choose(
-    work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Sequence[Tensor], kernel: str = "auto"
+    work: DirectionWork,
+    x: Tensor,
+    batch_sizes: Optional[Tensor],
+    state: Sequence[Tensor],
+    kernel: str = "auto",
+    first: Optional[str] = None,
 ) -> Tuple[str, str]:
-    """``(implementation, mode)`` that runs this direction; raises when none can serve it correctly."""
+    """``(implementation, mode)`` that runs this direction; raises when none can serve it correctly.
+    ``first`` (from :func:`stack_preference`) goes first in eager mode under ``"auto"``."""
     mode = execution_mode()
     if kernel != "auto":
         why = _IMPLS[kernel].supports(work, x, batch_sizes, mode)
@@ -176,6 +200,8 @@ def choose(
     reasons = []
     grad = _needs_grad(work, x, state)
     order = autotune.eager_order(work, x, batch_sizes, grad) if mode == "eager" else _candidates(mode, grad)
+    if first is not None and mode == "eager":
+        order = [first] + [name for name in order if name != first]
     for name in order:
         why = _IMPLS[name].supports(work, x, batch_sizes, mode)
         if why is None:
@@ -198,8 +224,9 @@ def run_direction(
     batch_sizes: Optional[Tensor],
     state: Tuple[Tensor, ...],
     kernel: str = "auto",
+    first: Optional[str] = None,
 ) -> DirectionResult:
-    """Run one layer direction with the chosen implementation.
+    """Run one layer direction with the chosen implementation (``first``: see :func:`choose`).
 
     ``x`` is ``(N, F)`` packed rows with ``batch_sizes`` a 1-D int64 CPU tensor of rows per step (see
     :mod:`recnorm.kernels.reference`), or a full batch ``(T, B, F)`` with ``batch_sizes`` None; the output
@@ -209,7 +236,7 @@ def run_direction(
         res = _run_upcast(work, x, batch_sizes, state)
         if res is not None:
             return res
-    name, mode = choose(work, x, batch_sizes, state, kernel)
+    name, mode = choose(work, x, batch_sizes, state, kernel, first)
     if name == "native":
         return native.run_direction(work, x, batch_sizes, state, as_op=mode != "eager")
     if name == "reference":

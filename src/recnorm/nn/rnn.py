@@ -652,6 +652,7 @@ class RecurrentBase(_NormSetup, nn.Module):
         kernel = kernels.resolve_kernel(self.kernel)
         finals: List[List[Tensor]] = [[] for _ in state]
         layer_input = x
+        first = None
         for layer in range(self.num_layers):
             outs = []
             for direction in range(D):
@@ -659,7 +660,10 @@ class RecurrentBase(_NormSetup, nn.Module):
                 inp = layer_input if direction == 0 else reverse_packed(layer_input, batch_sizes)
                 observer = self._step_observer(self, layer, direction, batch_sizes) if self._step_observer else None
                 work = self.direction_work(layer, direction, observer, inp)
-                res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel)
+                if idx == 0 and self.num_layers > 1:  # a trained stack runs on one implementation (kernels.stack_preference)
+                    widths = [x.shape[-1]] + [D * (self.proj_size or self.hidden_size)] * (self.num_layers - 1)
+                    first = kernels.stack_preference(work, inp, batch_sizes, tuple(s[0] for s in state), kernel, widths)
+                res = kernels.run_direction(work, inp, batch_sizes, tuple(s[idx] for s in state), kernel, first)
                 self._record(layer, direction, res.moments)
                 outs.append(res.output if direction == 0 else reverse_packed(res.output, batch_sizes))
                 for i, f in enumerate(res.state):
@@ -670,7 +674,8 @@ class RecurrentBase(_NormSetup, nn.Module):
                 layer_input = bn.normalize_rows(layer_input.reshape(-1, layer_input.shape[-1])).view_as(layer_input)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
-        return layer_input, tuple(torch.stack(f, 0) for f in finals)
+        # one layer and direction: a view, not stack's copy (torch.nn returns its op's states as they are)
+        return layer_input, tuple(f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f, 0) for f in finals)
 
 
 _WARNED_UNCALIBRATED = False
