@@ -141,6 +141,32 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _add_sweep_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "sweep", help="run a grid of configs (resumable)",
+        description="Train every config of a grid in parallel worker processes. Resumable: finished runs are "
+                    "skipped, so re-running the same command after an interruption finishes the rest.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--spec", help="JSON sweep spec: {name, base: {...}, grids: [{field: [values]}]} (default: none; "
+                                     "without --spec or --preset, the grid of --grid axes over the default config)")
+    src.add_argument("--preset", help="start from a study's sweep (see `recnorm studies`) (default: none)")
+    p.add_argument("--smoke", action="store_true", help="with --preset: its smoke variant")
+    p.add_argument("--name", default=None,
+                   help="sweep name (default: from the spec or preset, else the --out folder's name, else 'grid')")
+    p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
+                   help="set a field of the base config; repeatable (default: none)")
+    p.add_argument("--grid", dest="grid", action="append", type=parse_grid_axis, default=[], metavar="KEY=V1,V2",
+                   help="add an axis to every grid (e.g. --grid norm=none,layer,batch --grid seed=0,1,2); repeatable "
+                        "(default: none)")
+    p.add_argument("--out", default=None, help="sweep directory (default: runs/<name>)")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
+    p.add_argument("--max-runs", type=int, default=None, help="run at most this many unfinished runs now (default: all of them)")
+    p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    _add_backend_flags(p)
+    _add_results_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recnorm",
@@ -153,11 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
 
     p = sub.add_parser(
-        "compare", help="run a preset comparison (default: the main one) and write its report",
-        description="Train every run of a preset comparison (see `recnorm presets`) in parallel worker processes "
+        "compare", help="run a study (default: the main one) and write its report",
+        description="Train every run of a study (see `recnorm studies`) in parallel worker processes "
                     "and write its report (report.html, report.md and figures/) into the output directory. "
                     "Interrupt it at any time: finished runs are kept, and the same command resumes.")
-    p.add_argument("--preset", default="default", help="preset name (see `recnorm presets`); default: default")
+    p.add_argument("--preset", default="default", help="study name (see `recnorm studies`); default: default")
     p.add_argument("--smoke", action="store_true", help="the preset's tiny smoke variant (one step per run)")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/compare, or runs/<preset>)")
@@ -179,34 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="write a report for the run")
     _add_config_flags(p)
 
-    p = sub.add_parser(
-        "sweep", help="run a grid of configs (resumable)",
-        description="Train every config of a grid in parallel worker processes. Resumable: finished runs are "
-                    "skipped, so re-running the same command after an interruption finishes the rest.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--spec", help="JSON sweep spec: {name, base: {...}, grids: [{field: [values]}]} (default: none; "
-                                     "without --spec or --preset, the grid of --grid axes over the default config)")
-    src.add_argument("--preset", help="start from a preset (see `recnorm presets`) (default: none)")
-    p.add_argument("--smoke", action="store_true", help="with --preset: its smoke variant")
-    p.add_argument("--name", default=None,
-                   help="sweep name (default: from the spec or preset, else the --out folder's name, else 'grid')")
-    p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
-                   help="set a field of the base config; repeatable (default: none)")
-    p.add_argument("--grid", dest="grid", action="append", type=parse_grid_axis, default=[], metavar="KEY=V1,V2",
-                   help="add an axis to every grid (e.g. --grid norm=none,layer,batch --grid seed=0,1,2); repeatable "
-                        "(default: none)")
-    p.add_argument("--out", default=None, help="sweep directory (default: runs/<name>)")
-    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
-    p.add_argument("--max-runs", type=int, default=None, help="run at most this many unfinished runs now (default: all of them)")
-    p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    _add_backend_flags(p)
-    _add_results_flag(p)
+    _add_sweep_parser(sub)
 
     p = sub.add_parser(
         "report", help="write report.html and report.md for a run or sweep directory",
         description="Rebuild the report of a run or sweep directory from the files on disk alone.")
-    p.add_argument("run_dir", help="a run directory (result.json) or a sweep directory (sweep.json)")
+    p.add_argument("run_dir", help="a run directory (result.json), a sweep directory (sweep.json) or a study's "
+                                    "published runs (results/<study>)")
     p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR)")
 
     p = sub.add_parser("evidence", help="write docs/evidence.md, one row per claim, from the committed runs")

@@ -114,3 +114,18 @@ def test_lower_layers_do_not_import_higher_ones(lower, higher):
     wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if m == lower or m.startswith(lower + ".")
                    for t in targets if t == higher or t.startswith(higher + "."))
     assert wrong == []
+
+
+def _long_functions(limit: int):
+    found = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit:
+                found.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    return sorted(found)
+
+
+def test_every_python_function_is_at_most_80_lines():
+    """Issue 15: long functions hide the story; the C++ kernels' inner loops are the only exception."""
+    assert _long_functions(80) == []
+    assert _long_functions(40), "the length reader must see the longer functions"

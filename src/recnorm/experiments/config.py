@@ -194,9 +194,16 @@ class RunConfig:
         hints = _hints()
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-
         if check_registries:
             _check_cell(self)
+        self._check_sizes_and_rates()
+        self._check_budget_kernel_and_norm_options()
+        if check_registries:
+            self._check_registered_choices()
+        return self
+
+    def _check_sizes_and_rates(self) -> None:
+        """Sizes, rates, the optimizer, the feed and the regularizers."""
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _positive("num_layers", self.num_layers)
         _positive("hidden_size", self.hidden_size)
@@ -234,6 +241,9 @@ class RunConfig:
             raise ConfigError(f"init_gain: expected a finite float > 0, got {self.init_gain!r}")
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
             raise ConfigError(f"clip: expected None or a finite float > 0, got {self.clip!r}")
+
+    def _check_budget_kernel_and_norm_options(self) -> None:
+        """The step budget, the kernel pin and the form of norm_kwargs."""
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"steps/epochs: expected exactly one of them to be set, got steps={self.steps!r}, "
                               f"epochs={self.epochs!r}")
@@ -253,27 +263,27 @@ class RunConfig:
             if not isinstance(key, str):
                 raise ConfigError(f"norm_kwargs: expected str keys, got {key!r}")
 
-        if check_registries:
-            _choice("norm", self.norm, [None, *available_norms()])
-            options = norm_options(self.norm) if self.norm is not None else None
-            unknown = sorted(set(self.norm_kwargs) - set(options)) if options is not None else []
-            if unknown:
-                raise ConfigError(f"norm_kwargs: unknown option(s) {unknown} for norm {self.norm!r}; expected a "
-                                  f"subset of {sorted(options)}")
-            _choice("init", self.init, available_inits())
-            _choice("between_layers", self.between_layers, _between_layers())
-            from recnorm.experiments.tasks.base import get_task
+    def _check_registered_choices(self) -> None:
+        """The norm and its options, the init, between_layers, and the task with its options, against the registries."""
+        _choice("norm", self.norm, [None, *available_norms()])
+        options = norm_options(self.norm) if self.norm is not None else None
+        unknown = sorted(set(self.norm_kwargs) - set(options)) if options is not None else []
+        if unknown:
+            raise ConfigError(f"norm_kwargs: unknown option(s) {unknown} for norm {self.norm!r}; expected a "
+                              f"subset of {sorted(options)}")
+        _choice("init", self.init, available_inits())
+        _choice("between_layers", self.between_layers, _between_layers())
+        from recnorm.experiments.tasks.base import get_task
 
-            try:
-                cls = get_task(self.task)
-            except ValueError as exc:
-                raise ConfigError(f"task: {exc}") from None
-            valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-            unknown = sorted(set(self.task_options) - set(valid))
-            if unknown:
-                raise ConfigError(f"task_options: unknown option(s) {unknown} for task {self.task!r}; "
-                                  f"expected a subset of {valid}")
-        return self
+        try:
+            cls = get_task(self.task)
+        except ValueError as exc:
+            raise ConfigError(f"task: {exc}") from None
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(self.task_options) - set(valid))
+        if unknown:
+            raise ConfigError(f"task_options: unknown option(s) {unknown} for task {self.task!r}; "
+                              f"expected a subset of {valid}")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
