@@ -187,13 +187,14 @@ def kernel_dispatch(model: torch.nn.Module, kernel: str) -> Iterator[DispatchLog
     log = DispatchLog()
     original = kernels.choose
 
-    def choose(work: Any, x: torch.Tensor, batch_sizes: Any, state: Any, kernel: str = "auto") -> Any:
+    def choose(work: Any, x: torch.Tensor, batch_sizes: Any, state: Any, kernel: str = "auto",
+               first: Optional[str] = None) -> Any:
         layer = names.get(id(work.weight_ih))
         if layer is None or work.on_output is not None:
-            return original(work, x, batch_sizes, state, kernel)
+            return original(work, x, batch_sizes, state, kernel, first)
         phase = "train" if torch.is_grad_enabled() and (x.requires_grad or work.weight_hh.requires_grad) else "eval"
         wanted = pin.get("*") or pin.get(f"{layer}.{phase}", "auto")
-        name, mode = _choose_pinned(original, wanted, kernel, (work, x, batch_sizes, state))
+        name, mode = _choose_pinned(original, wanted, kernel, (work, x, batch_sizes, state), first)
         log.add(layer, phase, name)
         return name, mode
 
@@ -204,12 +205,12 @@ def kernel_dispatch(model: torch.nn.Module, kernel: str) -> Iterator[DispatchLog
         kernels.choose = original
 
 
-def _choose_pinned(original: Any, wanted: str, requested: str, args: tuple) -> Any:
+def _choose_pinned(original: Any, wanted: str, requested: str, args: tuple, first: Optional[str] = None) -> Any:
     """``original(*args, kernel)`` for the pinned ``wanted``; ``"auto"`` keeps the layer's own request
     (its ``kernel=`` or ``$RECNORM_KERNEL``); ``"legacy"`` takes the first of torch's op, the fused kernel
     and the reference loop that serves the call (in eager mode; elsewhere ``"auto"``)."""
-    if wanted == "auto":
-        return original(*args, requested)
+    if wanted == "auto":  # the stack's preferred implementation (``first``) applies as it does unpinned
+        return original(*args, requested, first)
     if wanted != "legacy":
         return original(*args, wanted)
     from recnorm.kernels import execution_mode
