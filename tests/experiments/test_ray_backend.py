@@ -215,6 +215,42 @@ def test_the_ray_extra_installs_the_client():
     import grpc  # noqa: F401  (installed by it, so ray:// works where the extra is installed)
 
 
+def test_ray_client_addresses_work_with_the_extra(cluster, tmp_path):
+    """``--address ray://HOST:PORT`` through a Ray client server in front of the module's instance. It runs
+    before the tests that drive sweeps from this process: after those, the client server's session fails to
+    initialize on this shared instance; the cause is not yet understood (a fresh instance was not tried)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--address", cluster, "--host",
+                               "127.0.0.1", "--port", str(port), "--mode", "proxy"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(json.dumps(small_spec(steps=1, seeds=(0,)).to_dict()))
+        out = tmp_path / "out"
+        proc, _ = _cli(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
+                        f"ray://127.0.0.1:{port}"], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "2 run(s) finished now, 0 before, 0 failed" in proc.stdout
+        assert len(load_records(str(out))) == 2
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 def test_a_failed_task_reports_its_cause(cluster, tmp_path):
     from recnorm.experiments.ray_backend import task_failure
 
@@ -268,40 +304,6 @@ def test_kernels_are_prepared_once_per_node_before_the_runs_and_not_on_the_drive
     # nothing left to run: no kernel task either
     assert main(["sweep", "--spec", str(spec_path), "--out", out, "--backend", "ray", "--address", cluster]) == 0
     assert "preparing" not in capsys.readouterr().out
-
-
-def test_ray_client_addresses_work_with_the_extra(cluster, tmp_path):
-    """``--address ray://HOST:PORT`` through a Ray client server in front of the module's instance."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--address", cluster, "--host",
-                               "127.0.0.1", "--port", str(port), "--mode", "proxy"], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        spec_path = tmp_path / "spec.json"
-        spec_path.write_text(json.dumps(small_spec(steps=1, seeds=(0,)).to_dict()))
-        out = tmp_path / "out"
-        proc, _ = _cli(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
-                        f"ray://127.0.0.1:{port}"], timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "2 run(s) finished now, 0 before, 0 failed" in proc.stdout
-        assert len(load_records(str(out))) == 2
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_a_run_whose_worker_dies_resumes_from_its_checkpoint(cluster, tmp_path, caplog):

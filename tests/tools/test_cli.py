@@ -179,7 +179,7 @@ def test_compare_help_has_a_description(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     out = capsys.readouterr().out
-    assert "Train every run of a preset comparison" in out
+    assert "Train every run of a study" in out
 
 
 def test_tasks_listing_loads_no_data(monkeypatch, capsys):
