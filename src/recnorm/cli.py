@@ -311,7 +311,7 @@ def _report(path: str, out: Optional[str] = None) -> int:
     if verdicts:
         _out("verdicts:")
         for task, claim, _evidence, effect, seeds, verdict in verdicts:
-            _out(f"  [{task}] {claim}: {verdict.strip('*')} (seeds: {seeds})")
+            _out(f"  [{task}] {claim}: {verdict.replace('**', '')} (seeds: {seeds})")
     return 0
 
 
