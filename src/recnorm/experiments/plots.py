@@ -156,6 +156,20 @@ def learning_curves(doc: Any, td: Any, key: str) -> None:
                                           f"training time, one line per seed ({td.context_name(td.reference)})")
 
 
+def _mean_sd_line(ax: Any, runs: List[Dict[str, Any]], field: str, **style: Any) -> None:
+    """Final test metric (mean ± std over seeds) of ``runs`` against their config value ``field``; values
+    whose runs all diverged are left out."""
+    xs, ms, sds = [], [], []
+    for value in sorted({r["config"][field] for r in runs}):
+        s = summary([_final_test(r) for r in runs if r["config"][field] == value])
+        if s["n"]:
+            xs.append(value)
+            ms.append(s["mean"])
+            sds.append(s["std"])
+    if xs:
+        ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, **style)
+
+
 def sensitivity(doc: Any, td: Any, key: str) -> None:
     plt = pyplot()
     schemes = sorted({r["config"]["init"] for r in td.records})
@@ -164,18 +178,8 @@ def sensitivity(doc: Any, td: Any, key: str) -> None:
     for j, scheme in enumerate(schemes):
         ax = axes[0][j]
         for label in td.labels:
-            gains = sorted({r["config"]["init_gain"] for r in td.runs(label) if r["config"]["init"] == scheme})
-            xs, ms, sds = [], [], []
-            for g in gains:
-                vals = [_final_test(r) for r in td.runs(label)
-                        if r["config"]["init"] == scheme and r["config"]["init_gain"] == g]
-                s = summary(vals)
-                if s["n"]:
-                    xs.append(g)
-                    ms.append(s["mean"])
-                    sds.append(s["std"])
-            if xs:
-                ax.errorbar(xs, ms, yerr=sds, color=palette[label], marker="o", capsize=3, label=label)
+            runs = [r for r in td.runs(label) if r["config"]["init"] == scheme]
+            _mean_sd_line(ax, runs, "init_gain", color=palette[label], label=label)
         all_gains = sorted({r["config"]["init_gain"] for r in td.records if r["config"]["init"] == scheme})
         ax.set_xscale("log")
         ax.set_xticks(all_gains)
@@ -196,16 +200,7 @@ def depth(doc: Any, td: Any, key: str) -> None:
     palette = colors(td.labels)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in td.labels:
-        depths = sorted({r["config"]["num_layers"] for r in td.runs(label)})
-        xs, ms, sds = [], [], []
-        for d in depths:
-            s = summary([_final_test(r) for r in td.runs(label) if r["config"]["num_layers"] == d])
-            if s["n"]:
-                xs.append(d)
-                ms.append(s["mean"])
-                sds.append(s["std"])
-        if xs:
-            ax.errorbar(xs, ms, yerr=sds, color=palette[label], marker="o", capsize=3, label=label)
+        _mean_sd_line(ax, td.runs(label), "num_layers", color=palette[label], label=label)
     ax.set_xlabel("recurrent layers")
     ax.set_ylabel(f"final test {td.metric}")
     ax.legend(fontsize=9)

@@ -26,7 +26,7 @@ from recnorm.experiments.results import area_under_curve, model_label
 from recnorm.experiments.sweep import SweepSpec, flatten_config
 
 __all__ = ["Study", "Design", "TuningGrid", "MIN_RATES", "MIN_SPAN", "MIN_SEEDS", "Claim", "Question", "Record", "check_wording", "stopped_early", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
-           "chance_level", "better_of", "compare", "paired", "task_name", "tasks", "labels", "verdict_table"]
+           "chance_level", "better_of", "compare", "paired", "task_name", "tasks", "labels", "verdict_table", "verdicts_section"]
 
 Record = Dict[str, Any]
 Section = Callable[[Any, Sequence[Record], Dict[str, Any]], List["Claim"]]
@@ -412,6 +412,13 @@ def verdict_table(doc: Any, claims: Sequence[Claim]) -> None:
     doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
                "p (BH-adjusted; sign-flip)", "verdict"],
               [[f"{c.claim} [{c.task}]", c.row()[2], c.effect(), c.seeds(), c.p_text(), c.verdict()] for c in claims])
+
+
+def verdicts_section(doc: Any, claims: List[Claim]) -> List[Claim]:
+    """A study section's closing "Verdicts" heading and table; returns ``claims`` (what a section returns)."""
+    doc.h(3, "Verdicts")
+    verdict_table(doc, claims)
+    return claims
 
 
 def adjust(claims: Sequence[Claim]) -> None:

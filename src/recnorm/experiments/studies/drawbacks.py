@@ -8,7 +8,7 @@ import recnorm.experiments.plots as plots
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.study import (
     FASHION_SMOKE, SEEDS5, Claim, Design, Question, Record, Study, by_seed, final, grid, labels, name, paired, run_ids,
-    select, smoke_variant, steps_of, task_name, verdict_table)
+    select, smoke_variant, steps_of, task_name, verdicts_section)
 from recnorm.experiments.document import mean_sd
 from recnorm.experiments.sweep import SweepSpec
 
@@ -192,10 +192,7 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
               f"batches and of batches of the training batch size.")
         doc.table(["norm", "batch size"] + [title for _, title in STATS], rows)
     plots.batch_sizes(doc, records, sizes, labs, STATS, final, select)
-    found = claims(records)
-    doc.h(3, "Verdicts")
-    verdict_table(doc, found)
-    return found
+    return verdicts_section(doc, claims(records))
 
 
 QUESTIONS = (

@@ -11,7 +11,7 @@ from recnorm.experiments.document import fmt, mean_sd
 from recnorm.experiments.results import area_under_curve
 from recnorm.experiments.study import (
     Claim, Design, Question, Record, Study, auc, by_seed, final, grid, labels, name, paired, run_ids, select,
-    smoke_variant, steps_of, task_name, verdict_table)
+    smoke_variant, steps_of, task_name, verdicts_section)
 from recnorm.experiments.sweep import SweepSpec
 
 #: The rows of the study. A new norm joins as one entry (for example ``{"norm": "rms"}``); the
@@ -140,10 +140,7 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
               rows)
     doc.p(ANCHORS + " Every row of the study (recnorm.experiments.studies.language.LANGUAGE_VARIANTS) appears here "
           "and in the verdicts by its label.")
-    found = claims(records)
-    doc.h(3, "Verdicts")
-    verdict_table(doc, found)
-    return found
+    return verdicts_section(doc, claims(records))
 
 
 QUESTIONS = (

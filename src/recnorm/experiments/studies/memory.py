@@ -11,7 +11,7 @@ from recnorm.experiments.document import fmt, mean_sd
 from recnorm.experiments.results import summary
 from recnorm.experiments.study import (
     GENERATED_SMOKE, Claim, Design, Question, Record, Study, auc, better_of, by_seed, final, grid, label, labels,
-    name, paired, run_ids, smoke_variant, steps_of, verdict_table)
+    name, paired, run_ids, smoke_variant, steps_of, verdicts_section)
 from recnorm.experiments.sweep import SweepSpec
 
 
@@ -208,10 +208,7 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
                              f"{fmt(chance)} / {fmt(threshold)}", fmt(init), fmt(end)])
     doc.table(["task", "cell", "norm", "succeeded", "final test metric", "chance / success threshold",
                "log10 grad ratio at init", "after training"], rows)
-    found = claims(records)
-    doc.h(3, "Verdicts")
-    verdict_table(doc, found)
-    return found
+    return verdicts_section(doc, claims(records))
 
 
 QUESTIONS = (

@@ -9,7 +9,7 @@ from recnorm.experiments.config import RunConfig
 from recnorm.experiments.document import fmt, mean_sd
 from recnorm.experiments.study import (
     GENERATED_SMOKE, Claim, Design, Question, Record, Study, auc, better_of, by_seed, final, grid, label, labels,
-    name, paired, run_ids, select, smoke_variant, steps_of, tasks, verdict_table)
+    name, paired, run_ids, select, smoke_variant, steps_of, tasks, verdicts_section)
 from recnorm.experiments.sweep import SweepSpec
 
 
@@ -146,10 +146,7 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
             doc.p("Control: per-example statistics never see padding, so packed and padded layer norm differ only by "
                   "floating-point rounding (the fused kernel on a packed and on a padded batch), which 300-400 "
                   "training steps amplify: " + "; ".join(control) + ".")
-    found = claims(records)
-    doc.h(3, "Verdicts")
-    verdict_table(doc, found)
-    return found
+    return verdicts_section(doc, claims(records))
 
 
 QUESTIONS = (

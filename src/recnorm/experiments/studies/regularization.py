@@ -9,7 +9,7 @@ from recnorm.experiments.config import RunConfig
 from recnorm.experiments.document import mean_sd
 from recnorm.experiments.study import (
     FASHION_SMOKE, SEEDS5, Claim, Design, Question, Record, Study, by_seed, final, grid, label, name, paired, run_ids,
-    smoke_variant, steps_of, task_name, verdict_table)
+    smoke_variant, steps_of, task_name, verdicts_section)
 from recnorm.experiments.sweep import SweepSpec
 
 
@@ -147,10 +147,7 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
           "the gap; inter-layer dropout is the reference.")
     doc.table(["training images", "model", "train accuracy", "test accuracy", "gap (accuracy)",
                "train cross-entropy", "test cross-entropy", "gap (cross-entropy)"], rows)
-    found = claims(records)
-    doc.h(3, "Verdicts")
-    verdict_table(doc, found)
-    return found
+    return verdicts_section(doc, claims(records))
 
 
 QUESTIONS = (Question("BN acts as a regularizer", ("gap:*", "test:*", "dropout_gap:*", "dropout_test:*")),)
