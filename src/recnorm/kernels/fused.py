@@ -263,8 +263,9 @@ def _fused_lstm(
 
     ``joint``: one norm (the input term's gain, centring and eps) over the sum of the two gate terms;
     ``carry``: carry the cell norm's output; ``zone_h``, ``zone_c``: zoneout keep indicators, ``(N, H)``
-    0/1 bytes (uint8; or values of x's dtype) in training, or ``(1, H)`` filled with the rate (eval). ``C`` holds ``2N`` rows (c~, then the carried
-    cells) where the carried cell is not c~ (``carry`` or ``zone_c``)."""
+    0/1 bytes (uint8; or values of x's dtype) in training, or ``(1, H)`` filled with the rate (eval). ``C`` holds the carried cells (``N`` rows),
+    then, where the carried cell is not c~ (``carry`` or ``zone_c``), c~ of the last two steps (``2B`` rows;
+    backward recomputes c~ from the gates)."""
     B, H, I = h0.shape[0], w_hh.shape[1], x.shape[1]
     hoisted = I > INPROJ_MAX
     plan = onednn_plan(B, H, hoisted, x.dtype, "lstm")
@@ -288,7 +289,7 @@ def _fused_lstm_fake(x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, 
         saved = [
             e(N, G),
             e(N, G) if fam != 0 else e(0),
-            e(2 * N, H) if carry or zone_c is not None else e(N, H),
+            e(N + 2 * B, H) if carry or zone_c is not None else e(N, H),
             e(4, N) if fam == 1 else (e(2, T, G) if fam == 2 else e(0)),
             e(2, T, H) if fam == 2 else e(0),
         ]

@@ -44,7 +44,6 @@ _add(shared_bn.STUDY)
 _add(cooijmans.PAPER)
 _add(laurent.PAPER)
 _add(language.PAPER)
-_add(init_rebuilt.PILOT)
 
 
 def get_study(name: str) -> Study:

@@ -19,8 +19,10 @@ FORGET_BIASES = [0.0, 1.0]  # LSTM only
 NORMS: List[Dict[str, Any]] = [{"norm": None}, {"norm": "layer"}, {"norm": "batch", "norm_kwargs.gain_init": 0.1}]
 #: The default init every norm is tuned at; its rate is then held while the init varies.
 DEFAULT_INIT = {"init": "default", "init_gain": 1.0, "forget_bias": 1.0}
-#: The worst init of each cell for no norm, for the 10-seed contrast; set from the pilot before the full
-#: runs (placeholder: the far ends of the gain grid with the scheme that scales with it most).
+#: The bad init of each cell for the 10-seed contrast, declared before any run of the grid (it is not picked
+#: from results): N(0, g^2/fan_in) at the largest gain, the scheme whose scale follows the gain exactly, with
+#: (LSTM) no forget-gate bias; at g = 10 a tanh RNN's recurrent Jacobian starts far in the saturated regime
+#: and an LSTM's gates start saturated.
 WORST_INIT = {"lstm": {"init": "normal", "init_gain": 10.0, "forget_bias": 0.0},
               "rnn": {"init": "normal", "init_gain": 10.0}}
 #: A run succeeds when it reaches its task's target: row-wise Fashion-MNIST test accuracy >= 0.80; adding at
@@ -38,18 +40,30 @@ TUNING = TuningGrid.log_spaced(3e-4, 3e-2, 5, seeds=(100, 101))  # 100x, 5 rates
 
 def _grids(cells: Sequence[str], seeds: List[int], contrast_seeds: List[int], gains: List[float],
            schemes: List[str]) -> List[Dict[str, Any]]:
-    grids: List[Dict[str, Any]] = []
-    for task in TASKS.values():
+    """The sweep in the order it runs: first the default-versus-bad-init contrasts, task by task (adding
+    first: the task where the init matters) and seed by seed within a task, so that a task's contrast claims
+    are complete once its block finishes; then the init grid seed by seed (the finished part is always whole
+    seeds of the whole grid, and its first two seeds are the pilot)."""
+    arms: List[Tuple[str, str, Dict[str, Any]]] = []
+    for task in sorted(TASKS.values(), key=lambda t: t["task"] != "adding"):
         for cell in cells:
-            fb = {"forget_bias": FORGET_BIASES} if cell == "lstm" else {}
             for norm in NORMS:
-                arm = {"cell": [cell], "task": [task["task"]], "task_options": [task["task_options"]],
-                       **{k: [v] for k, v in norm.items()}}
-                grids.append({**arm, "init": schemes, "init_gain": gains, **fb, "seed": seeds})
-                for init in (DEFAULT_INIT, WORST_INIT[cell]):  # the contrast: 10 seeds at two inits
+                arms.append((task["task"], cell, {"cell": [cell], "task": [task["task"]],
+                                                  "task_options": [task["task_options"]],
+                                                  **{k: [v] for k, v in norm.items()}}))
+    contrasts: List[Dict[str, Any]] = []
+    for task in dict.fromkeys(t for t, _, _ in arms):
+        for seed in contrast_seeds:
+            for _, cell, arm in (a for a in arms if a[0] == task):
+                for init in (DEFAULT_INIT, WORST_INIT[cell]):
                     fixed = {k: [v] for k, v in init.items() if k != "forget_bias" or cell == "lstm"}
-                    grids.append({**arm, **fixed, "seed": contrast_seeds})
-    return grids
+                    contrasts.append({**arm, **fixed, "seed": [seed]})
+    grid: List[Dict[str, Any]] = []
+    for seed in seeds:
+        for _, cell, arm in arms:
+            fb = {"forget_bias": FORGET_BIASES} if cell == "lstm" else {}
+            grid.append({**arm, "init": schemes, "init_gain": gains, **fb, "seed": [seed]})
+    return contrasts + grid
 
 
 def sweep(smoke: bool = False) -> SweepSpec:
@@ -82,15 +96,6 @@ def sweep(smoke: bool = False) -> SweepSpec:
     Running time: about 13 hours on 2 CPU cores (estimated); ``--smoke``: about 1 minute.
     """
     return _spec("init", smoke, GRID_SEEDS, CONTRAST_SEEDS)
-
-
-def pilot(smoke: bool = False) -> SweepSpec:
-    """The init study's pilot: its full grid on 2 seeds (contrasts on 2 seeds too), to size the full runs.
-
-    Command: ``python -m recnorm.experiments.tune init_pilot --workers 2`` then ``... --final --workers 2``.
-    Running time: about 5 hours on 2 CPU cores (estimated: 840 runs; pending).
-    """
-    return _spec("init_pilot", smoke, [0, 1], [0, 1])
 
 
 def _spec(sweep_name: str, smoke: bool, seeds: List[int], contrast: List[int]) -> SweepSpec:
@@ -131,7 +136,7 @@ DESIGNS = {
         ("spread", "range of the final test metric over the init grid (schemes x gains x forget biases), per seed",
          "lower"),
         ("success", "fraction of the init grid that reaches the task's target, per seed", "higher"),
-        ("worst", "final test metric at the default init minus at the worst init, per seed (the cost of a bad "
+        ("worst", "final test metric at the default init minus at the declared bad init, per seed (the cost of a bad "
                   "init)", "lower"))
 }
 for _task in TASKS:  # the success rate is a fraction: its own margin
@@ -165,7 +170,7 @@ def _grid_runs(records: Sequence[Record], task: str, cell: str, lab: str) -> Lis
 
 def claims(records: Sequence[Record]) -> List[Claim]:
     """Per task, cell and norm against no norm: the spread over the init grid, the success rate and the cost
-    of the worst init (10 seeds)."""
+    of the declared bad init (10 seeds)."""
     out: List[Claim] = []
     for task in [t for t in TASKS if select(records, task=t)]:
         chance = chance_level(select(records, task=task))
@@ -199,7 +204,7 @@ def claims(records: Sequence[Record]) -> List[Claim]:
 
 
 def _worst_claim(records: Sequence[Record], task: str, cell: str, lab: str, chance: Optional[float]) -> List[Claim]:
-    """The 10-seed contrast: the drop from the default init to the worst init, with the norm against none."""
+    """The 10-seed contrast: the drop from the default init to the declared bad init, with the norm against none."""
     better = TARGETS[task][0]
     sign = 1.0 if better == "higher" else -1.0
     fb = lambda init: {"forget_bias": init["forget_bias"]} if cell == "lstm" and "forget_bias" in init else {}  # noqa: E731
@@ -220,7 +225,7 @@ def _worst_claim(records: Sequence[Record], task: str, cell: str, lab: str, chan
     d = DESIGNS[f"worst_{task}"]
     cname = "tanh RNN" if cell == "rnn" else cell.upper()
     return [Claim(
-        key=f"worst_{task}:{cell}:{lab}", claim=f"{name(lab)} makes the {cname}'s worst init cost less against its "
+        key=f"worst_{task}:{cell}:{lab}", claim=f"{name(lab)} makes the {cname}'s bad init cost less against its "
         f"default init ({worst['init']}, gain {worst['init_gain']:g} against torch's default)",
         source="the question; Cooijmans et al. 2017; Ba et al. 2016", task=f"{task}, {cname}",
         evidence=f"per seed: (default minus worst) with no norm minus with {lab}",
@@ -294,6 +299,4 @@ QUESTIONS = (
 
 # The final runs keep the sweep's own seeds (0-4 on the grid, 0-9 for the contrasts; tuning used 100, 101).
 STUDY = Study(name="init", sweep=sweep, designs=DESIGNS, claims=claims, section=section, questions=QUESTIONS,
-              tuning=TUNING, tune_at=dict(DEFAULT_INIT))
-PILOT = Study(name="init_pilot", sweep=pilot, designs=DESIGNS, claims=claims, section=section,
               tuning=TUNING, tune_at=dict(DEFAULT_INIT))

@@ -234,9 +234,11 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   const T* x_p = x.data_ptr<T>();
   int64_t proj_end = 0;  // steps [.., proj_end) are projected
   Tensor XH = pool_empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
-  // c~ of every step (or of the last two), then, where the carried cell differs from c~, the carried cells.
+  // The carried cells of every step (or of the last two); where they differ from c~ (carry, zone_c), then
+  // c~ of the last two steps: backward recomputes c~ = f * c_{t-1} + i * g from the gates, so C keeps one
+  // (N, H) cell buffer, as torch.nn does.
   const int64_t c_rows = save ? N : 2 * B0;
-  Tensor C = pool_empty({(var.cell_state() ? 2 : 1) * c_rows, H}, opts);
+  Tensor C = pool_empty({c_rows + (var.cell_state() ? 2 * B0 : 0), H}, opts);
   Tensor out = at::empty({N, H}, opts);  // returned to the caller: an ordinary (resizable) tensor, not pooled
   Tensor hn = at::empty({B0, H}, opts), cn = at::empty({B0, H}, opts);
   Tensor O = at::empty({B0, H}, opts);  // output gate of the current step
@@ -254,7 +256,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
   T* xi_all = XI.data_ptr<T>();
   T* xh_all = XH.data_ptr<T>();
   T* c_all = C.data_ptr<T>();
-  T* cs_all = var.cell_state() ? c_all + c_rows * H : c_all;  // the carried cells (c~ itself when they are c~)
+  T* cs_all = c_all;  // the carried cells (c~ itself unless carry or zone_c)
+  T* cc_all = var.cell_state() ? c_all + c_rows * H : nullptr;  // c~ of the last two steps, where it differs
   const T* h0_p = h0.data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   T* o_p = O.data_ptr<T>();
@@ -280,8 +283,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     T* xi = hoisted ? gx_chunk.data_ptr<T>() + (o0 - chunk_o0) * G : (save ? xi_all + o0 * G : xi_all);
     T* xi_dst = save ? xi_all + o0 * G : xi;
     T* xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
-    T* cc = save ? c_all + o0 * H : c_all + (t % 2) * B0 * H;
-    T* cs = save ? cs_all + o0 * H : cs_all + (t % 2) * B0 * H;  // the carried cell (cc unless it differs)
+    T* cs = save ? cs_all + o0 * H : cs_all + (t % 2) * B0 * H;  // the carried cell
+    T* cc = cc_all ? cc_all + (t % 2) * B0 * H : cs;  // c~ (the carried cell itself unless it differs)
     const T* cp = t == 0 ? c0_p : (save ? cs_all + sh.off[t - 1] * H : cs_all + ((t - 1) % 2) * B0 * H);
     T* hout = out_p + o0 * H;
     const T* xrows = x_p + o0 * I;
@@ -552,7 +555,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
   const T* xi_all = XI.data_ptr<T>();
   const T* xh_all = has(XH_t) ? XH_t->data_ptr<T>() : nullptr;
   const T* c_all = C.data_ptr<T>();
-  const T* cs_all = var.cell_state() ? c_all + N * H : c_all;  // the carried cells (see forward)
+  const T* cs_all = c_all;  // the carried cells (see forward)
+  const bool recompute_c = var.cell_state();  // c~ was not kept: recompute it as f * c_{t-1} + i * g
   const T* c0_p = c0.data_ptr<T>();
   const bool var_carry = var.carry;
   const T* sg = has(stats_g_t) ? stats_g_t->data_ptr<T>() : nullptr;
@@ -596,7 +600,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
       const int64_t Bt = sh.bs[t], o0 = sh.off[t];
       const T* xi = xi_all + o0 * G;
       const T* xh = xh_all ? xh_all + o0 * G : nullptr;
-      const T* cc = c_all + o0 * H;
+      const T* cc = recompute_c ? nullptr : c_all + o0 * H;  // c~ where it was kept
       const T* cp = t == 0 ? c0_p : cs_all + sh.off[t - 1] * H;
       const T* dout = d_out ? d_out + o0 * H : nullptr;
       T* dgi = dgi_p + (o0 - cbase) * G;
@@ -628,7 +632,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
               for (int64_t bb = g0; bb < g1; ++bb) {
                 const int64_t r = o0 + bb;
                 const T* xir = xi + bb * G;
-                const T* ccr = cc + bb * H;
+                const T* ccr = cc ? cc + bb * H : nullptr;
                 const T* cpr = cp + bb * H;
                 const T* doutr = dout ? dout + bb * H : nullptr;
                 T* dhr = dhr_p + bb * H;
@@ -640,7 +644,7 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   for (int64_t j = 0; j < H; j += VS) {
                     const int64_t n = kTail ? std::min(VS, H - j) : VS;
                     const Vec<T> i = ld(xir + j, n), f = ld(xir + H + j, n), g = ld(xir + 2 * H + j, n), o = ld(xir + 3 * H + j, n);
-                    const Vec<T> th = tanh_(ld(ccr + j, n));
+                    const Vec<T> th = tanh_(ccr ? ld(ccr + j, n) : fma(f, ld(cpr + j, n), i * g));
                     Vec<T> dh = ld(dhr + j, n);
                     if (doutr) dh += ld(doutr + j, n);
                     if (zhr) {  // zoneout of h: d h_{t-1} gets d * dh (added to the GEMM's part), h~ the rest
@@ -679,7 +683,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                   a[3] = sigmoid(a[3]);
                   for (int k = 0; k < 4; ++k) st(sa + k * H + j, a[k], n);
                   const Vec<T> o_gate = a[3];
-                  const Vec<T> chat = (ld(ccr + j, n) - vmc) * vrc;
+                  const Vec<T> cv = ccr ? ld(ccr + j, n) : fma(a[1], ld(cpr + j, n), a[0] * a[2]);
+                  const Vec<T> chat = (cv - vmc) * vrc;
                   const Vec<T> th = tanh_(fma(ld(gc + j, n), chat, ld(betac + j, n)));
                   Vec<T> dh = ld(dhr + j, n);
                   if (doutr) dh += ld(doutr + j, n);
@@ -808,7 +813,8 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
                 a[3] = sigmoid(a[3]);
                 for (int k = 0; k < 4; ++k) st(sa + bb * G + k * H + j, a[k], n);
                 const Vec<T> o_gate = a[3];
-                const Vec<T> chat = (ld(cc + bb * H + j, n) - mc) * rc;
+                const Vec<T> cv = cc ? ld(cc + bb * H + j, n) : fma(a[1], ld(cp + bb * H + j, n), a[0] * a[2]);
+                const Vec<T> chat = (cv - mc) * rc;
                 const Vec<T> th = tanh_(fma(gcv, chat, bcv));
                 Vec<T> dh = ld(dhr_p + bb * H + j, n);
                 if (dout) dh += ld(dout + bb * H + j, n);
