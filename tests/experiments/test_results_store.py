@@ -112,13 +112,18 @@ def test_a_damaged_line_is_skipped_with_a_problem_naming_it(runs, tmp_path):
 
 
 def test_the_committed_studies_are_published_and_small():
+    """Every committed study loads cleanly; a run costs at most 100 kB of runs.jsonl (10 kB in a study of more
+    than 300 runs, which must thin its records through SweepSpec.published), and results/ stays under 30 MB
+    (the init study's ~2000 runs at its full design take about 13 MB)."""
     total = 0
     for study in sorted(os.listdir(os.path.join(ROOT, "results"))):
         folder = os.path.join(ROOT, "results", study)
         records, problems = load_records_checked(folder)
         assert records and not problems, (study, problems[:3])
-        total += sum(os.path.getsize(os.path.join(folder, f)) for f in (RUNS_FILE, SWEEP_FILE))
-    assert total <= 15_000_000
+        size = os.path.getsize(os.path.join(folder, RUNS_FILE))
+        assert size / len(records) <= (10_000 if len(records) > 300 else 100_000), (study, size / len(records))
+        total += size + os.path.getsize(os.path.join(folder, SWEEP_FILE))
+    assert total <= 30_000_000
     for path in ("docs",):
         for root, _dirs, files in os.walk(os.path.join(ROOT, path)):
             assert not {"result.json", "model.pt", "sweep.lock"} & set(files), root
@@ -289,3 +294,25 @@ def test_a_run_without_a_pin_from_another_dispatch_rule_is_named_on_re_run(tmp_p
     with caplog.at_level("WARNING", logger="recnorm.experiments.results"):
         read_config(path)
     assert caplog.text == ""
+
+
+def test_a_sweep_declares_what_its_published_records_keep(tmp_path):
+    """SweepSpec.published thins the curves and drops named fields of runs.jsonl; the run directory keeps all."""
+    record = {"run_id": "r", "train": {"step": list(range(1, 101)), "loss": [float(i) for i in range(100)]},
+              "diagnostics": {"batch_stats": {"init": [1, 2]}, "grad_flow": [3]}, "final": {"test": {"accuracy": 0.5}}}
+    packed = pack_record(record, 10, ["diagnostics.batch_stats", "diagnostics.absent", "nothing.here"])
+    assert packed["diagnostics"] == {"grad_flow": [3]} and "batch_stats" in record["diagnostics"]  # input untouched
+    assert len(packed["train"]["loss"]) == 11 and packed["train"]["loss"][-1] == 99.0 and packed["final"] == record["final"]
+    base = RunConfig(task="digits", hidden_size=4, steps=3, eval_every=3, batch_size=8, eval_batch_size=16,
+                     task_options={"train_size": 32, "valid_size": 16, "test_size": 16}, diag_every=None)
+    spec = SweepSpec(name="thin", base=base, grids=[{"seed": [0]}],
+                     published={"max_points": 2, "drop": ["diagnostics", "provenance.cpu"]})
+    assert SweepSpec.from_dict(spec.to_dict()).published == spec.published
+    run_sweep(spec, str(tmp_path / "sweep"), results_dir=str(tmp_path / "results"))
+    line = json.loads(open(tmp_path / "results" / RUNS_FILE).readline())
+    assert "diagnostics" not in line and "cpu" not in line["provenance"] and "commit" in line["provenance"]
+    assert len(line["train"]["step"]) <= 3
+    full = load_records(str(tmp_path / "sweep"))[0]
+    assert "diagnostics" in full and "cpu" in full["provenance"]
+    with pytest.raises(ConfigError, match="published: unknown key"):
+        run_sweep(SweepSpec(name="bad", base=base, published={"points": 2}), str(tmp_path / "bad"))

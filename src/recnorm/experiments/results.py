@@ -20,7 +20,10 @@ curves, diagnostics and provenance, packed by :func:`pack_record`:
 * the per-step wall-clock curves ``train.step_time`` and ``train.time`` are dropped (``timing`` keeps the
   totals and ``valid.time`` the training time at each evaluation);
 * a run of more than ``max_points`` steps keeps every k-th step of its training curves (and the last), with
-  ``train.step`` listing the steps kept.
+  ``train.step`` listing the steps kept;
+* the fields a sweep names in ``SweepSpec.published["drop"]`` (dotted paths such as
+  ``diagnostics.batch_stats``) are left out, and ``SweepSpec.published["max_points"]`` replaces the default
+  ``max_points``: a study of thousands of runs keeps what its report reads (the run directory keeps all).
 
 ``sweep.json`` beside it is the manifest of the sweep that made the runs; as in a sweep directory, loading
 the folder returns the manifest's runs in its order. No weights, no locks. Publishing the same run again
@@ -282,10 +285,13 @@ def load_records(path: str) -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- publishing
-def pack_record(record: Dict[str, Any], max_points: Optional[int] = MAX_CURVE_POINTS) -> Dict[str, Any]:
+def pack_record(record: Dict[str, Any], max_points: Optional[int] = MAX_CURVE_POINTS,
+                drop: Sequence[str] = ()) -> Dict[str, Any]:
     """A result as one compact line of ``runs.jsonl`` (see the module docstring); ``run_id`` comes first and
-    ``"dir"`` is left out."""
+    ``"dir"`` is left out, as is every dotted path of ``drop`` (``"diagnostics.batch_stats"``)."""
     out = {"run_id": record["run_id"], **{k: v for k, v in record.items() if k not in ("run_id", "dir")}}
+    for path in drop:
+        _drop_path(out, path.split("."))
     train = {k: v for k, v in (out.get("train") or {}).items() if k not in _DROPPED_CURVES}
     steps = train.get("step")
     if max_points and isinstance(steps, list) and len(steps) > max_points:
@@ -303,6 +309,17 @@ def pack_record(record: Dict[str, Any], max_points: Optional[int] = MAX_CURVE_PO
     return out
 
 
+def _drop_path(record: Dict[str, Any], keys: List[str]) -> None:
+    """Remove ``record[k0][k1]...`` (copying the dicts on the way, so the caller's record is untouched)."""
+    node = record
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            return
+        node[key] = dict(node[key])
+        node = node[key]
+    node.pop(keys[-1], None)
+
+
 def unpack_record(record: Dict[str, Any]) -> Dict[str, Any]:
     """The record a run directory's ``result.json`` would give for a line of ``runs.jsonl`` (without the
     dropped wall-clock curves)."""
@@ -317,7 +334,7 @@ def unpack_record(record: Dict[str, Any]) -> Dict[str, Any]:
 
 def publish(source: Union[str, Iterable[Dict[str, Any]]], results_dir: str, manifest: Optional[Dict[str, Any]] = None,
             mark: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
-            max_points: Optional[int] = MAX_CURVE_POINTS) -> List[str]:
+            max_points: Optional[int] = MAX_CURVE_POINTS, drop: Sequence[str] = ()) -> List[str]:
     """Merge finished runs into ``results_dir/runs.jsonl``, keyed by run id; return the ids written.
 
     Args:
@@ -327,7 +344,7 @@ def publish(source: Union[str, Iterable[Dict[str, Any]]], results_dir: str, mani
         manifest: the sweep manifest to write beside the runs as ``sweep.json``; by default the source's own
             ``sweep.json`` when it is a sweep directory.
         mark: applied to each record before it is packed (the migration of old runs adds their kernel pin).
-        max_points: see :func:`pack_record`.
+        max_points, drop: see :func:`pack_record`.
 
     A run already in the file is replaced in place (the file is rewritten atomically); new runs are appended.
     An OS lock on ``runs.jsonl.lock`` keeps two publishers from interleaving.
@@ -339,7 +356,7 @@ def publish(source: Union[str, Iterable[Dict[str, Any]]], results_dir: str, mani
     lines = {}
     for record in source:
         record = mark(dict(record)) if mark is not None else record
-        lines[record["run_id"]] = json.dumps(sanitize(pack_record(record, max_points)), separators=(",", ":"),
+        lines[record["run_id"]] = json.dumps(sanitize(pack_record(record, max_points, drop)), separators=(",", ":"),
                                              allow_nan=False, ensure_ascii=False)
     ids = list(lines)
     os.makedirs(results_dir, exist_ok=True)

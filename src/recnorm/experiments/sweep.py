@@ -106,6 +106,9 @@ class SweepSpec:
         report: hints for the report, e.g. ``{"target": 0.75}`` (the metric level used for the steps- and
             seconds-to-target tables) or ``{"reference": {"init_gain": 1.0}}`` (the runs compared for
             convergence speed).
+        published: how its runs are packed into ``results/<study>/runs.jsonl`` (see
+            :mod:`recnorm.experiments.results`): ``{"max_points": 50, "drop": ["diagnostics.batch_stats"]}``
+            keeps 50 points of each training curve and leaves those diagnostics in the run directories only.
     """
 
     name: str
@@ -114,6 +117,7 @@ class SweepSpec:
     description: str = ""
     imports: List[str] = dataclasses.field(default_factory=list)
     report: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    published: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def expand(self) -> List[RunConfig]:
         """Every run of the sweep as a validated :class:`RunConfig` (raises :class:`ConfigError` first)."""
@@ -146,7 +150,7 @@ class SweepSpec:
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "description": self.description, "base": self.base.to_dict(),
                 "grids": json.loads(json.dumps(self.grids)), "imports": list(self.imports),
-                "report": dict(self.report)}
+                "report": dict(self.report), **({"published": dict(self.published)} if self.published else {})}
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "SweepSpec":
@@ -280,6 +284,7 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
     """
     if workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+    options = publish_options(spec)
     configs = spec.expand()
     if workers > 1 or backend is not None:
         configs = [c.replace(threads=1) for c in configs]
@@ -293,8 +298,17 @@ def run_sweep(spec: SweepSpec, out_dir: str, workers: int = 1, progress: Optiona
             return _run_locked(spec, configs, run_ids, out_dir, workers, progress, max_runs, backend)
         finally:
             if results_dir is not None:
-                published = publish(out_dir, results_dir)
+                published = publish(out_dir, results_dir, **options)
                 logger.info("published %d finished run(s) of %s to %s", len(published), out_dir, results_dir)
+
+
+def publish_options(spec: SweepSpec) -> Dict[str, Any]:
+    """The keyword arguments of :func:`recnorm.experiments.results.publish` that ``spec.published`` asks for
+    (raises ConfigError on an unknown key)."""
+    unknown = sorted(set(spec.published) - {"max_points", "drop"})
+    if unknown:
+        raise ConfigError(f"sweep {spec.name!r}: published: unknown key(s) {unknown}; expected 'max_points', 'drop'")
+    return {k: (list(v) if k == "drop" else int(v)) for k, v in spec.published.items()}
 
 
 @contextlib.contextmanager

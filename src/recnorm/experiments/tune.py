@@ -113,7 +113,7 @@ def tuning_spec(spec: SweepSpec, grid: TuningGrid, at: Optional[Dict[str, Any]] 
              for g in (spec.grids or [{}])]
     return SweepSpec(name=spec.name + "-tune", base=spec.base, grids=grids,
                      description=f"[tuning: lr {list(grid.lrs)}, seeds {list(grid.seeds)}] " + spec.description,
-                     imports=list(spec.imports), report=dict(spec.report))
+                     imports=list(spec.imports), report=dict(spec.report), published=dict(spec.published))
 
 
 def _score(record: Dict[str, Any]) -> Optional[float]:
@@ -190,7 +190,7 @@ def final_spec(spec: SweepSpec, choices: Dict[str, ArmChoice], seeds: Optional[S
         grids.append({**fields, "lr": [choices[key].lr], "seed": list(seeds) if seeds is not None else [config.seed]})
     return SweepSpec(name=spec.name, base=spec.base, grids=grids,
                      description="[learning rate tuned per arm] " + spec.description, imports=list(spec.imports),
-                     report=dict(spec.report))
+                     report=dict(spec.report), published=dict(spec.published))
 
 
 def tuning_table(choices: Dict[str, ArmChoice], grid: TuningGrid) -> List[str]:

@@ -33,6 +33,9 @@ TASKS: Dict[str, Dict[str, Any]] = {
                                                               "test_size": 2000}},
     "adding": {"task": "adding", "task_options": {"length": 100, "valid_size": 1000, "test_size": 1000}},
 }
+#: What results/init*/runs.jsonl keeps of each of its ~2000 runs: 50 points of each training curve, and not
+#: the per-step batch and population statistics (the report reads final metrics; run directories keep all).
+PUBLISHED = {"max_points": 50, "drop": ["diagnostics.batch_stats", "diagnostics.population_stats"]}
 GRID_SEEDS = [0, 1, 2, 3, 4]  # seeds of the final runs; tuning uses 100 and 101
 CONTRAST_SEEDS = list(range(10))
 TUNING = TuningGrid.log_spaced(3e-4, 3e-2, 5, seeds=(100, 101))  # 100x, 5 rates; 2 tuning seeds
@@ -109,6 +112,7 @@ def _spec(sweep_name: str, smoke: bool, seeds: List[int], contrast: List[int]) -
                          description="[smoke] init study")
         return spec
     return SweepSpec(name=sweep_name, base=base, grids=_grids(["lstm", "rnn"], seeds, contrast, GAINS, SCHEMES),
+                     published=PUBLISHED,
                      description=("Init study: LSTM and tanh RNN, none / layer / per-step BN, 4 schemes x 5 gains "
                                   "(x forget bias 0/1), adding T = 100 and row-wise Fashion-MNIST, learning rate "
                                   "tuned per norm at the default init, to convergence."))

@@ -23,6 +23,8 @@ from recnorm.experiments.sweep import SweepSpec
 
 GAINS = [0.1, 1.0]
 SEEDS = list(range(10))
+#: 50 points of each training curve in results/shared_bn*/runs.jsonl, without the per-step statistics.
+PUBLISHED = {"max_points": 50, "drop": ["diagnostics.batch_stats", "diagnostics.population_stats"]}
 TUNING = TuningGrid.log_spaced(3e-4, 3e-2, 5, seeds=(100, 101))
 
 
@@ -48,7 +50,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
                             steps=1, eval_every=1, eval_batches=1, eval_batch_size=16, batch_size=16,
                             popstat_batches=1, patience=1)
         seeds = [0, 1]
-    return SweepSpec(name="shared_bn" + ("-smoke" if smoke else ""), base=base,
+    return SweepSpec(name="shared_bn" + ("-smoke" if smoke else ""), base=base, published=PUBLISHED,
                      grids=[{"norm": ["batch", "shared_batch"], "norm_kwargs.gain_init": GAINS, "seed": seeds}],
                      description=("[smoke] " if smoke else "") + "Shared BN against per-step BN at the same γ0: "
                                  "training effect and evaluation effect.")
