@@ -32,7 +32,7 @@ def test_smoke_runs_give_a_zero_training_effect_and_an_evaluation_effect(tmp_pat
 def test_the_rate_is_tuned_on_per_step_bn_and_shared_bn_uses_it():
     study = get_study("shared_bn")
     tune = tuning_spec(study.spec(), study.tuning, study.tune_at).expand()
-    assert {c.norm for c in tune} == {"batch"} and len(tune) == 2 * 5 * 2
+    assert {c.norm for c in tune} == {"batch"} and len(tune) == 2 * 7 * 2
     final = study.spec().expand()
     assert len(final) == 40 and {c.seed for c in final} == set(range(10))
     ignore = tuple(study.tune_at)
@@ -50,7 +50,7 @@ def test_the_next_sessions_commands_run_on_the_smoke_variant(tmp_path):
     runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
     assert main(["shared_bn", "--smoke", "--runs", runs, "--results", results]) == 0
     choices = json.load(open(os.path.join(results, "shared_bn-smoke-tune", "choices.json")))
-    assert len(choices["arms"]) == 2 and all(len(a["curve"]) == 5 for a in choices["arms"])
+    assert len(choices["arms"]) == 2 and all(len(a["curve"]) == 7 for a in choices["arms"])
     assert main(["shared_bn", "--smoke", "--final", "--runs", runs, "--results", results]) == 0
     final = [json.loads(line) for line in open(os.path.join(results, "shared_bn-smoke", "runs.jsonl"))]
     assert len(final) == 8
