@@ -160,3 +160,13 @@ def test_tuning_at_a_fixed_init_then_holding_the_rate_while_the_init_varies():
     assert len(final) == 2 * len(spec.expand())  # every setting of the study, at two fresh seeds
     for c in final:
         assert c.lr == {("lstm", None): 1e-3, ("lstm", "layer"): 1e-1, ("rnn", None): 1e-2}[(c.cell, c.norm)]
+
+
+def test_each_evidence_row_names_the_learning_rate_of_each_arm():
+    from types import SimpleNamespace
+
+    from recnorm.experiments.evidence import _rates_cell
+
+    rates = {"a1": ("none", 0.003), "a2": ("none", 0.003), "b1": ("layer", 0.0009487), "c1": ("batch γ=0.1", 0.03)}
+    assert _rates_cell(SimpleNamespace(runs=("a1", "b1", "a2")), rates) == "layer 0.0009487; none 0.003"
+    assert _rates_cell(SimpleNamespace(runs=("zz",)), rates) == "–"

@@ -67,6 +67,7 @@ def _answers(studies: Sequence[Study], results: str, docs: str, notes: Optional[
         if notes is not None:
             notes[(study.name, "stopped")] = stopped_early(records)
             notes[(study.name, "uncovered")] = _uncovered(records, claims)
+            notes[(study.name, "rates")] = {r["run_id"]: (model_label(r["config"]), r["config"]["lr"]) for r in records}
         shown: set = set()
         for q in study.questions:
             matched = [c for c in claims if c.key not in shown and any(fnmatch.fnmatchcase(c.key, k) for k in q.keys)]
@@ -110,10 +111,22 @@ def _runs_cell(study: Study, c: Claim) -> str:
     return f"[{len(c.runs)} runs](../results/{study.name}/{RUNS_FILE}): {ids}"
 
 
-def _row(study: Study, q: Question, c: Claim) -> List[str]:
+def _rates_cell(c: Claim, rates: Dict[str, Tuple[str, float]]) -> str:
+    """The learning rate of each arm behind the claim (``label lr``; chosen per arm where the study was tuned)."""
+    by_arm: Dict[str, set] = {}
+    for run_id in c.runs:
+        if run_id in rates:
+            lab, lr = rates[run_id]
+            by_arm.setdefault(lab, set()).add(lr)
+    if not by_arm:
+        return "–"
+    return "; ".join(f"{lab} {', '.join(f'{x:g}' for x in sorted(lrs))}" for lab, lrs in sorted(by_arm.items()))
+
+
+def _row(study: Study, q: Question, c: Claim, rates: Dict[str, Tuple[str, float]]) -> List[str]:
     link = f"[{study.name}]({study.docs_dir or study.name}/report.md)"
     return [_cell(q.topic), _cell(f"{c.claim} [{c.task}]"), _cell(c.source), link,
-            _cell(f"{c.design.metric}; {c.budget()}"), _cell(c.verdict()), _cell(c.effect()), c.seeds(),
+            _cell(f"{c.design.metric}; {c.budget()}"), _cell(_rates_cell(c, rates)), _cell(c.verdict()), _cell(c.effect()), c.seeds(),
             _cell(c.p_text()), _cell(c.power()), _cell(c.other_text()), _runs_cell(study, c)]
 
 
@@ -207,7 +220,8 @@ def _tuning_lines(study: Study, results: str) -> List[str]:
 def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], results: str = "results",
                   notes: Optional[Dict[Tuple[str, str], Any]] = None) -> List[str]:
     out: List[str] = []
-    header = ("| question | claim [task] | source | study | primary metric; budget | verdict | effect [95% interval] "
+    header = ("| question | claim [task] | source | study | primary metric; budget | learning rate per arm | verdict "
+              "| effect [95% interval] "
               "| seeds that agree | p (BH-adjusted; sign-flip) | power: detects | second metric (not counted) | runs |")
     current = None
     for study, q, claims, n_runs in answers:
@@ -216,11 +230,12 @@ def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], r
             out += (["", f"## {study.name}", ""] + _tuning_lines(study, results)
                     + _budget_line((notes or {}).get((study.name, "stopped"), (0, 0)) if n_runs else (0, -1))
                     + _uncovered_line(study, (notes or {}).get((study.name, "uncovered"), []))
-                    + [header, "|" + "---|" * 12])
+                    + [header, "|" + "---|" * 13])
         if not claims:
             why = "no runs" if not n_runs else "no matching comparison in these runs"
-            out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | {badge('not tested', why)} | – | – | – | – | – | – |")
-        out.extend("| " + " | ".join(_row(study, q, c)) + " |" for c in claims)
+            out.append(f"| {_cell(q.topic)} | – | – | {study.name} | – | – | {badge('not tested', why)} | – | – | – | – | – | – |")
+        rates = (notes or {}).get((study.name, "rates"), {})
+        out.extend("| " + " | ".join(_row(study, q, c, rates)) + " |" for c in claims)
     return out
 
 
