@@ -16,6 +16,7 @@ Usage::
     python benchmarks/count_instructions.py --cell lstm --norm None --size 28,128,28,128 --mode eval
     python benchmarks/count_instructions.py --cell lstm --norm torch ...        # torch.nn's layer
     python benchmarks/count_instructions.py --norm sequence_batch --mode eval --top 30
+    python benchmarks/count_instructions.py --norm layer --mode train --bf16     # under bfloat16 autocast
     python benchmarks/count_instructions.py --table lstm --size 28,128,28,128   # torch.nn and every norm
 
 Needs valgrind (with its headers, ``valgrind/callgrind.h``) and a C compiler; about a minute per count.
@@ -53,7 +54,7 @@ def shim_path(folder: str) -> str:
     return lib
 
 
-def child(cell: str, norm: str, size, mode: str, calls: int, shim: str, kernel: Optional[str]) -> None:
+def child(cell: str, norm: str, size, mode: str, calls: int, shim: str, kernel: Optional[str], bf16: bool = False) -> None:
     """Run under valgrind: build, warm up, then count ``calls`` steps."""
     import torch
 
@@ -65,7 +66,7 @@ def child(cell: str, norm: str, size, mode: str, calls: int, shim: str, kernel: 
     model, x = bench_rnn.build(cell, None if norm == "None" else norm, tuple(size), kernel)
     bench_rnn._train_step(model, x)  # batch norms' running statistics; first-call allocations
     model.train(mode == "train")
-    step = (lambda: bench_rnn._train_step(model, x)) if mode == "train" else (lambda: bench_rnn._eval_step(model, x))
+    step = (lambda: bench_rnn._train_step(model, x, bf16)) if mode == "train" else (lambda: bench_rnn._eval_step(model, x, bf16))
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         step()
@@ -81,13 +82,14 @@ def child(cell: str, norm: str, size, mode: str, calls: int, shim: str, kernel: 
     lib.rn_stop()
 
 
-def count(cell: str, norm: str, size, mode: str, calls: int = 3, top: int = 0, kernel: Optional[str] = None) -> Dict:
+def count(cell: str, norm: str, size, mode: str, calls: int = 3, top: int = 0, kernel: Optional[str] = None,
+          bf16: bool = False) -> Dict:
     """``{"instructions": per call, "top": [(inclusive instructions per call, function), ...]}``."""
     with tempfile.TemporaryDirectory() as tmp:
         shim = shim_path(tmp)
         out = os.path.join(tmp, "callgrind.out")
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", f"--callgrind-out-file={out}",
-               sys.executable, os.path.abspath(__file__), "--child", json.dumps([cell, norm, list(size), mode, calls, shim, kernel])]  # fmt: skip
+               sys.executable, os.path.abspath(__file__), "--child", json.dumps([cell, norm, list(size), mode, calls, shim, kernel, bf16])]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
@@ -117,13 +119,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--mode", default="eval", choices=["eval", "train"])
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--kernel", default=None, help="force a recnorm kernel (default auto)")
+    ap.add_argument("--bf16", action="store_true", help="the step under torch.autocast('cpu', torch.bfloat16)")
     ap.add_argument("--top", type=int, default=0, help="list the functions with the most inclusive instructions")
     ap.add_argument("--table", default=None, metavar="CELL", help="count torch.nn's layer and every norm of CELL")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        cell, norm, size, mode, calls, shim, kernel = json.loads(args.child)
-        child(cell, norm, size, mode, calls, shim, kernel)
+        child(*json.loads(args.child))
         return 0
     size = tuple(int(v) for v in args.size.split(","))
     if args.table:
@@ -135,8 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             base = base or n
             print(f"| {norm} | {n / 1e6:.1f} M | {n / base:.3f} |", flush=True)
         return 0
-    res = count(args.cell, args.norm, size, args.mode, args.calls, args.top, args.kernel)
-    print(f"{args.cell} norm={args.norm} {size} {args.mode}: {res['instructions'] / 1e6:.2f} M instructions per call")
+    res = count(args.cell, args.norm, size, args.mode, args.calls, args.top, args.kernel, args.bf16)
+    print(f"{args.cell} norm={args.norm} {size} {args.mode}{' bf16' if args.bf16 else ''}: "
+          f"{res['instructions'] / 1e6:.2f} M instructions per call")
     for n, fn in res["top"]:
         print(f"  {n / 1e6:10.2f} M  {fn}")
     return 0
