@@ -21,12 +21,27 @@ def test_smoke_runs_give_a_zero_training_effect_and_an_evaluation_effect(tmp_pat
     assert shared and all("test_per_step_statistics" in r["final"] for r in shared)
     assert all("test_per_step_statistics" not in r["final"] for r in records if r["config"]["norm"] == "batch")
     claims = {c.key: c for c in study.derive(records)}
-    assert set(claims) == {"shared_train:0.1", "shared_train:1", "shared_eval:0.1", "shared_eval:1"}
+    assert set(claims) == {f"{k}:{g}" for k in ("shared_train", "shared_select", "shared_eval") for g in ("0.1", "1")}
     for gain in ("0.1", "1"):
         train = claims[f"shared_train:{gain}"].test
         assert train.n == 2 and train.mean == pytest.approx(0.0, abs=1e-9) and train.sd == pytest.approx(0.0, abs=1e-9)
         assert claims[f"shared_eval:{gain}"].test.n == 2
         assert claims[f"shared_train:{gain}"].counted  # a re-measured design, to convergence
+
+
+def test_identical_training_separates_the_training_effect_from_the_checkpoint_choice():
+    """Same training curves, different checkpoints: the training effect is 0 and the selection effect is not."""
+    def rec(norm, seed, acc, per_step=None):
+        final = {"test": {"accuracy": acc}, **({"test_per_step_statistics": {"accuracy": per_step}} if per_step else {})}
+        return {"run_id": f"{norm}-{seed}", "seed": seed, "task": {"name": "fashion_rows"}, "metric": "accuracy", "higher_is_better": True, "status": "ok",
+                "config": {"norm": norm, "norm_kwargs": {"gain_init": 0.1}, "task": "fashion_rows"}, "final": final,
+                "train": {"step": [1, 41, 81] if norm == "batch" else [1, 35, 81], "loss": [2.3, 1.0 + seed, 0.5]},
+                "steps_planned": 100, "valid": {"step": [0], "accuracy": [0.1]}}
+    records = [r for s in range(6) for r in (rec("batch", s, 0.87), rec("shared_batch", s, 0.80, 0.86 - 0.001 * s))]
+    claims = {c.key: c for c in shared_bn.claims(records)}
+    train, select_, eval_ = (claims[f"{k}:0.1"].test for k in ("shared_train", "shared_select", "shared_eval"))
+    assert train.mean == pytest.approx(0.0) and claims["shared_train:0.1"].result == "equivalent"
+    assert select_.mean == pytest.approx(0.0125) and eval_.mean == pytest.approx(0.0575)
 
 
 def test_the_rate_is_tuned_on_per_step_bn_and_shared_bn_uses_it():

@@ -170,3 +170,12 @@ def test_each_evidence_row_names_the_learning_rate_of_each_arm():
     rates = {"a1": ("none", 0.003), "a2": ("none", 0.003), "b1": ("layer", 0.0009487), "c1": ("batch γ=0.1", 0.03)}
     assert _rates_cell(SimpleNamespace(runs=("a1", "b1", "a2")), rates) == "layer 0.0009487; none 0.003"
     assert _rates_cell(SimpleNamespace(runs=("zz",)), rates) == "–"
+
+
+def test_the_evidence_page_says_which_commits_made_each_study():
+    from recnorm.experiments.evidence import commits_of
+
+    records = [{"provenance": {"commit": "a" * 40, "dirty": False}}, {"provenance": {"commit": "a" * 40, "dirty": True}},
+               {"provenance": {"commit": "b" * 40}}, {"provenance": {"commit": None, "committed_in": "c" * 40}}, {}]
+    assert commits_of(records) == {"a" * 10: 1, "a" * 10 + " (dirty tree)": 1, "b" * 10: 1,
+                                   "before runs recorded their commit (arrived in " + "c" * 10 + ")": 1, "unknown": 1}

@@ -67,6 +67,7 @@ def _answers(studies: Sequence[Study], results: str, docs: str, notes: Optional[
         if notes is not None:
             notes[(study.name, "stopped")] = stopped_early(records)
             notes[(study.name, "uncovered")] = _uncovered(records, claims)
+            notes[(study.name, "commits")] = commits_of(records)
             notes[(study.name, "rates")] = {r["run_id"]: (model_label(r["config"]), r["config"]["lr"]) for r in records}
         shown: set = set()
         for q in study.questions:
@@ -77,6 +78,39 @@ def _answers(studies: Sequence[Study], results: str, docs: str, notes: Optional[
         if rest:
             out.append((study, Question(OTHER_SETTINGS.format(study=study.name), ("*",)), rest, len(records)))
     return out, total
+
+
+def commits_of(records: Sequence[dict]) -> Dict[str, int]:
+    """How many runs each code version made: ``"<commit[:10]>"`` (``" (dirty tree)"`` appended when the
+    tree had uncommitted changes), or ``"before runs recorded their commit (arrived in <commit[:10]>)"`` for a run migrated
+    from the time before runs recorded their commit."""
+    counts: Dict[str, int] = {}
+    for r in records:
+        p = r.get("provenance") or {}
+        if p.get("commit"):
+            key = str(p["commit"])[:10] + (" (dirty tree)" if p.get("dirty") else "")
+        elif p.get("committed_in"):
+            key = f"before runs recorded their commit (arrived in {str(p['committed_in'])[:10]})"
+        else:
+            key = "unknown"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _provenance_line(study: Study, results: str, counts: Dict[str, int]) -> List[str]:
+    """Which commits made the study's runs (and its tuning runs), so a reader can tell when a study mixes
+    code versions."""
+    if not counts:
+        return []
+    def listed(c: Dict[str, int]) -> str:
+        return "; ".join((f"`{k}`" if not k.startswith(("before", "unknown")) else k) + f": {n} runs"
+                         for k, n in sorted(c.items(), key=lambda kv: -kv[1]))
+
+    out = f"Code (commit: runs made with it): {listed(counts)}"
+    tune = os.path.join(results, study.name + "-tune", RUNS_FILE)
+    if os.path.isfile(tune):
+        out += f"; tuning runs: {listed(commits_of(load_records(tune)))}"
+    return [out + " (each run's commit, versions, CPU and kernels are in its line of `runs.jsonl`).", ""]
 
 
 def _uncovered(records: Sequence[dict], claims: Sequence[Claim]) -> List[Tuple[str, str, int]]:
@@ -229,6 +263,7 @@ def _study_tables(answers: Sequence[Tuple[Study, Question, List[Claim], int]], r
             current = study
             out += (["", f"## {study.name}", ""] + _tuning_lines(study, results)
                     + _budget_line((notes or {}).get((study.name, "stopped"), (0, 0)) if n_runs else (0, -1))
+                    + _provenance_line(study, results, (notes or {}).get((study.name, "commits"), {}))
                     + _uncovered_line(study, (notes or {}).get((study.name, "uncovered"), []))
                     + [header, "|" + "---|" * 13])
         if not claims:
