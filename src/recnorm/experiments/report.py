@@ -492,7 +492,7 @@ def _gradient_section(doc: Document, td: TaskData, key: str) -> None:
     doc.table(["norm", "median grad norm", "max grad norm", f"steps clipped (global norm above {clip})"], rows)
 
 
-def _task_section(doc: Document, td: TaskData, key: str) -> List[List[str]]:
+def _task_section(doc: Document, td: TaskData, key: str, study: str = "") -> List[List[str]]:
     t = td.task
     opts = {k: v for k, v in (t.get("options") or {}).items() if v is not None}
     doc.h(2, f"Task {t['name']}" + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""))
@@ -504,9 +504,14 @@ def _task_section(doc: Document, td: TaskData, key: str) -> List[List[str]]:
           f"target for the speed table: {fmt(td.target)}. Reference setting for the speed comparisons: "
           f"{td.context_name(td.reference)}.")
     doc.h(3, "Verdicts")
-    verdicts = _verdicts(td)
-    doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
-               "verdict"], verdicts)
+    if study and "none" not in td.labels:  # the generic claims need a no-norm baseline; the study has its own
+        verdicts = []
+        doc.p(f"The generic comparisons against no normalization do not apply (this sweep has no run without "
+              f"one); the claims declared in the {study} study's file follow at the end of this report.")
+    else:
+        verdicts = _verdicts(td)
+        doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
+                   "verdict"], verdicts)
     doc.h(3, "Learning curves")
     plots.learning_curves(doc, td, key)
     doc.h(3, "Convergence speed")
@@ -565,8 +570,12 @@ def _header(doc: Document, path: str, records: List[Dict[str, Any]], manifest: D
     doc.h(1, f"recnorm report: {spec.get('name') or os.path.basename(os.path.abspath(path))}")
     if spec.get("description"):
         doc.p(spec["description"])
-    made_by = f"`recnorm compare --preset {study}`" if study in STUDIES else (
-        "`recnorm sweep`" if manifest else "`recnorm train`")
+    if study in STUDIES and STUDIES.get(study).tuning is not None:  # tuned per arm, then the final sweep
+        made_by = (f"`python -m recnorm.experiments.tune {study}` (tuning) and "
+                   f"`python -m recnorm.experiments.tune {study} --final`")
+    else:
+        made_by = f"`recnorm compare --preset {study}`" if study in STUDIES else (
+            "`recnorm sweep`" if manifest else "`recnorm train`")
     doc.p(f"Made by `recnorm report {path}` from runs made by {made_by}" +
           (" (its smoke variant)" if (spec.get("name") or "").endswith("-smoke") else "") + ". Fixed settings: " +
           fixed_settings(records) + ".")
@@ -617,11 +626,12 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[Document, Lis
         k = r["config"]["task"] + "|" + str(sorted((r["config"].get("task_options") or {}).items()))
         by_task.setdefault(k, []).append(r)
     all_verdicts = []
+    study = (manifest.get("spec", {}).get("name") or "").removesuffix("-smoke")
+    known = study if study in STUDIES else ""
     for i, runs in enumerate(by_task.values()):
         td = TaskData(runs, varied_fields([r["config"] for r in runs]), hints)
-        for row in _task_section(doc, td, f"t{i}_{runs[0]['config']['task']}"):
+        for row in _task_section(doc, td, f"t{i}_{runs[0]['config']['task']}", known):
             all_verdicts.append([td.task["name"]] + row)
-    study = (manifest.get("spec", {}).get("name") or "").removesuffix("-smoke")
     all_verdicts.extend(_study_section(doc, study, records, hints))
     return doc, all_verdicts
 
