@@ -91,4 +91,14 @@ def test_smoke_variant_runs_and_reports(tmp_path):
     assert run_sweep(spec, out).finished and len(spec.expand()) == 32
     result = write_report(out)
     text = open(result["markdown"]).read()
-    assert "## Does normalization rescue a bad init?" in text and "| norm | reached the target" in text
+    assert "## Does normalization rescue a bad init?" in text and "| norm | seeds with the whole grid | reached the target" in text and "cost of the bad init" in text
+
+
+def test_the_contrast_runs_alone_are_not_a_grid():
+    """With only the default and the bad init finished, no spread or success claim is made from two inits."""
+    records = [_rec(seed, 0.85 - 0.3 * bad, cell="rnn", norm=norm, init=init, init_gain=gain)
+               for seed in range(10) for norm in (None, "layer")
+               for bad, (init, gain) in enumerate([("default", 1.0), ("normal", 10.0)])]
+    keys = {c.key for c in ir.claims(records)}
+    assert keys == {"worst_fashion_rows:rnn:layer"}
+    assert ir.grid_seeds(records, "rnn") == []

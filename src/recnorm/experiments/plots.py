@@ -56,6 +56,13 @@ def legend_above(fig: Any, axes: Sequence[Any], title: Optional[str] = None) -> 
                    frameon=False, title=title)
 
 
+def log_scale(ax: Any) -> None:
+    """A log y axis where the panel has a positive value to show (a panel of diverged runs has none, and
+    matplotlib refuses to lay out a log axis without one)."""
+    if any(math.isfinite(y) and y > 0 for line in ax.get_lines() for y in line.get_ydata() if y is not None):
+        ax.set_yscale("log")
+
+
 def colors(labels: List[str]) -> Dict[str, Any]:
     plt = pyplot()
     cmap = plt.get_cmap("tab10")
@@ -130,7 +137,7 @@ def learning_curves(doc: Any, td: Any, key: str) -> None:
             axes[0][j].axhline(td.target, color="grey", lw=0.8, ls=":")
         axes[1][j].set_xlabel("step")
         axes[1][j].set_ylabel("train loss (smoothed)")
-        axes[1][j].set_yscale("log")
+        log_scale(axes[1][j])
     fig.tight_layout()
     legend_above(fig, axes[0])
     n_seeds = len({r["seed"] for r in td.records})
@@ -269,7 +276,7 @@ def grad_flow(doc: Any, td: Any, key: str) -> List[List[str]]:
                 if first_layer and ys:
                     rows.append([td.context_name(ctx), label, which, fmt(ys[0]), fmt(ys[-1]),
                                  fmt(ys[0] / ys[-1] if ys[-1] else None)])
-            ax.set_yscale("log")
+            log_scale(ax)
             ax.set_xlabel("time step t")
             ax.set_ylabel("||dL/dh_t||")
             ax.set_title(f"{td.context_name(ctx)}: {layer}, {'at init' if which == 'init' else 'end of training'}")

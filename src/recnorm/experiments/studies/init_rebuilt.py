@@ -155,11 +155,24 @@ def _value(r: Record, chance: Optional[float]) -> Optional[float]:
     return chance if v is None else v
 
 
-def _per_seed(records: Sequence[Record], fn) -> Dict[int, Optional[float]]:
-    out: Dict[int, Optional[float]] = {}
-    for seed in sorted({r["seed"] for r in records}):
-        vals = [r for r in records if r["seed"] == seed]
-        out[seed] = fn(vals) if len(vals) >= 2 else None
+def _setting(r: Record) -> Tuple[Any, Any, Any]:
+    c = r["config"]
+    return c.get("init"), c.get("init_gain"), c.get("forget_bias") if c.get("cell") == "lstm" else None
+
+
+def grid_seeds(runs: Sequence[Record], cell: str) -> List[int]:
+    """The seeds of ``runs`` (one task, cell and norm) that hold the whole init grid: every setting any seed
+    has, and more than the two inits of the contrast (the contrast's runs alone are not a grid)."""
+    every = {_setting(r) for r in runs}
+    contrast = {_setting({"config": {"cell": cell, **DEFAULT_INIT}}), _setting({"config": {"cell": cell, **WORST_INIT[cell]}})}
+    if every <= contrast:
+        return []
+    return sorted(seed for seed in {r["seed"] for r in runs} if {_setting(r) for r in runs if r["seed"] == seed} == every)
+
+
+def _per_seed(records: Sequence[Record], fn, cell: str) -> Dict[int, Optional[float]]:
+    """``fn`` of each whole-grid seed's runs (see :func:`grid_seeds`)."""
+    out = {seed: fn([r for r in records if r["seed"] == seed]) for seed in grid_seeds(records, cell)}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -186,6 +199,9 @@ def claims(records: Sequence[Record]) -> List[Claim]:
             cname = "tanh RNN" if cell == "rnn" else cell.upper()
             for lab in sorted({_label(r) for r in select(records, task=task, cell=cell)} - {"none"}):
                 runs = _grid_runs(records, task, cell, lab)
+                if not set(grid_seeds(runs, cell)) & set(grid_seeds(base, cell)):  # no whole grid yet: the contrast only
+                    out.extend(_worst_claim(records, task, cell, lab, chance))
+                    continue
                 spread = lambda rs: _range([_value(r, chance) for r in rs])  # noqa: E731
                 rate = lambda rs: statistics.fmean(_success(task, _value(r, chance)) for r in rs)  # noqa: E731
                 where = f"{task}, {cname}"
@@ -195,7 +211,7 @@ def claims(records: Sequence[Record]) -> List[Claim]:
                     f"depend less on the init (range over the init grid), at a tuned learning rate",
                     source="the CNN intuition (Ioffe & Szegedy 2015); Ba et al. 2016", task=where,
                     evidence=f"per seed: range with no norm minus range with {lab}",
-                    test=paired(_per_seed(runs, spread), _per_seed(base, spread), "lower", d), design=d,
+                    test=paired(_per_seed(runs, spread, cell), _per_seed(base, spread, cell), "lower", d), design=d,
                     steps=steps_of(runs), runs=run_ids(runs, base)))
                 d = DESIGNS[f"success_{task}"]
                 out.append(Claim(
@@ -203,7 +219,7 @@ def claims(records: Sequence[Record]) -> List[Claim]:
                     f"the target ({'≥' if better == 'higher' else '≤'} {TARGETS[task][1]:g})",
                     source="the question (does normalization rescue a bad init?)", task=where,
                     evidence=f"per seed: success rate with {lab} minus with no norm", design=d,
-                    test=paired(_per_seed(runs, rate), _per_seed(base, rate), "higher", d),
+                    test=paired(_per_seed(runs, rate, cell), _per_seed(base, rate, cell), "higher", d),
                     steps=steps_of(runs), runs=run_ids(runs, base)))
                 out.extend(_worst_claim(records, task, cell, lab, chance))
     return out
@@ -282,19 +298,48 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
     for task in [t for t in TASKS if select(records, task=t)]:
         chance = chance_level(select(records, task=task))
         for cell in sorted({r["config"]["cell"] for r in select(records, task=task)}):
+            doc.h(3, f"{task}, {cell}")
+            _contrast_table(doc, records, task, cell, chance)
             rows = []
             for lab in sorted({_label(r) for r in select(records, task=task, cell=cell)}):
-                vals = [_value(r, chance) for r in select(records, task=task, cell=cell, label=lab)]
-                vals = [v for v in vals if v is not None]
+                runs = select(records, task=task, cell=cell, label=lab)
+                seeds = set(grid_seeds(runs, cell))
+                vals = [v for v in (_value(r, chance) for r in runs if r["seed"] in seeds) if v is not None]
+                if not vals:
+                    continue
                 ok = sum(_success(task, v) for v in vals)
-                rows.append([name(lab), f"{ok} of {len(vals)}", f"{max(vals) - min(vals):.3f}" if vals else "–",
+                rows.append([name(lab), str(len(seeds)), f"{ok} of {len(vals)}", f"{max(vals) - min(vals):.3f}",
                              f"{iqr(vals):.3f}" if len(vals) >= 2 else "–"])
-            doc.h(3, f"{task}, {cell}")
-            doc.table(["norm", f"reached the target ({TARGETS[task][1]:g})", "range over inits", "IQR over inits"],
-                      rows)
+            if not rows:
+                doc.p("The init grid has not run for this cell yet (a seed counts once it holds every scheme, gain"
+                      " and forget bias).")
+                continue
+            doc.table(["norm", "seeds with the whole grid", f"reached the target ({TARGETS[task][1]:g})",
+                       "range over inits", "IQR over inits"], rows)
             headers, heat = heat_map(records, task, cell)
             doc.table(headers, heat)
     return claims(records)
+
+
+def _contrast_table(doc: Any, records: Sequence[Record], task: str, cell: str, chance: Optional[float]) -> None:
+    """Per norm: the mean final test metric at the default init and at the declared bad init, over the seeds
+    that have both."""
+    worst, rows = WORST_INIT[cell], []
+    for lab in sorted({_label(r) for r in select(records, task=task, cell=cell)}):
+        runs = select(records, task=task, cell=cell, label=lab)
+        good = {r["seed"]: _value(r, chance) for r in runs if _setting(r) == _setting({"config": {"cell": cell, **DEFAULT_INIT}})}
+        bad = {r["seed"]: _value(r, chance) for r in runs if _setting(r) == _setting({"config": {"cell": cell, **worst}})}
+        seeds = sorted(s for s in good if s in bad and None not in (good[s], bad[s]))
+        if seeds:
+            g, b = statistics.fmean(good[s] for s in seeds), statistics.fmean(bad[s] for s in seeds)
+            ok_g, ok_b = sum(_success(task, good[s]) for s in seeds), sum(_success(task, bad[s]) for s in seeds)
+            cost = (g - b) if TARGETS[task][0] == "higher" else (b - g)
+            rows.append([name(lab), str(len(seeds)), f"{g:.4f} ({ok_g} reach the target)", f"{b:.4f} ({ok_b})",
+                         f"{cost:+.4f}"])
+    if rows:
+        fb = f", forget bias {worst['forget_bias']:g}" if "forget_bias" in worst and cell == "lstm" else ""
+        doc.table(["norm", "seeds", "default init: mean final test metric", f"bad init ({worst['init']}, gain "
+                   f"{worst['init_gain']:g}{fb})", "cost of the bad init (positive: worse)"], rows)
 
 
 QUESTIONS = (
