@@ -76,6 +76,8 @@ def test_without_patience_nothing_changes(tmp_path):
 def test_stopped_early_fraction():
     records = [{"extras": {"early_stopping": {"stopped_early": s}}} for s in (True, True, False)] + [{"extras": {}}]
     assert stopped_early(records) == (2, 3)
+    diverged = {"status": "diverged", "extras": {"early_stopping": {"stopped_early": False}}}
+    assert stopped_early(records + [diverged]) == (2, 3)  # it ended for another reason than the budget
 
 
 @pytest.mark.parametrize("text", ["BN ends better than no norm", "layer norm generalizes better",
@@ -96,7 +98,7 @@ def test_evidence_page_states_the_fraction_stopped_early():
     from recnorm.experiments.evidence import _budget_line
 
     assert _budget_line((0, 0))[0] == "Budget: a fixed number of steps for every run (no early stopping)."
-    assert "19 of 20 runs (95%) stopped before their maximum budget." in _budget_line((19, 20))[0]
+    assert "19 of 20 runs (95%) stopped before their maximum budget" in _budget_line((19, 20))[0]
     assert "below 90%" in _budget_line((17, 20))[0]
 
 

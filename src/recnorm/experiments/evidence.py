@@ -231,7 +231,7 @@ def _budget_line(counts: Tuple[int, int]) -> List[str]:
         return ["Budget: a fixed number of steps for every run (no early stopping).", ""]
     warn = "" if k >= 0.9 * n else " (below 90%: the maximum budget is too small for a claim to convergence)"
     return [f"Budget: early stopping on validation; {k} of {n} runs ({100 * k / n:.0f}%) stopped before their "
-            f"maximum budget{warn}.", ""]
+            f"maximum budget{warn} (runs that diverged are not counted).", ""]
 
 
 def _tuning_lines(study: Study, results: str) -> List[str]:

@@ -185,8 +185,9 @@ def check_wording(claim: str, design: Design) -> None:
 
 def stopped_early(records: Sequence[Record]) -> Tuple[int, int]:
     """``(stopped, with_patience)``: how many of the runs with early stopping stopped before their maximum
-    budget (a convergence budget needs most of them to: the maximum was large enough)."""
-    runs = [((r.get("extras") or {}).get("early_stopping") or {}) for r in records]
+    budget (a convergence budget needs most of them to: the maximum was large enough). A run that diverged
+    ended for another reason and is left out of both counts."""
+    runs = [((r.get("extras") or {}).get("early_stopping") or {}) for r in records if r.get("status", "ok") == "ok"]
     runs = [e for e in runs if e]
     return sum(bool(e.get("stopped_early")) for e in runs), len(runs)
 
