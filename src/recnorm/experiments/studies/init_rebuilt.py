@@ -160,11 +160,16 @@ def _setting(r: Record) -> Tuple[Any, Any, Any]:
     return c.get("init"), c.get("init_gain"), c.get("forget_bias") if c.get("cell") == "lstm" else None
 
 
+def _init_setting(cell: str, init: Dict[str, Any]) -> Tuple[Any, Any, Any]:
+    """The :func:`_setting` of a declared init (``DEFAULT_INIT`` or ``WORST_INIT[cell]``) for ``cell``."""
+    return _setting({"config": {"cell": cell, **init}})
+
+
 def grid_seeds(runs: Sequence[Record], cell: str) -> List[int]:
     """The seeds of ``runs`` (one task, cell and norm) that hold the whole init grid: every setting any seed
     has, and more than the two inits of the contrast (the contrast's runs alone are not a grid)."""
     every = {_setting(r) for r in runs}
-    contrast = {_setting({"config": {"cell": cell, **DEFAULT_INIT}}), _setting({"config": {"cell": cell, **WORST_INIT[cell]}})}
+    contrast = {_init_setting(cell, DEFAULT_INIT), _init_setting(cell, WORST_INIT[cell])}
     if every <= contrast:
         return []
     return sorted(seed for seed in {r["seed"] for r in runs} if {_setting(r) for r in runs if r["seed"] == seed} == every)
@@ -327,8 +332,8 @@ def _contrast_table(doc: Any, records: Sequence[Record], task: str, cell: str, c
     worst, rows = WORST_INIT[cell], []
     for lab in sorted({_label(r) for r in select(records, task=task, cell=cell)}):
         runs = select(records, task=task, cell=cell, label=lab)
-        good = {r["seed"]: _value(r, chance) for r in runs if _setting(r) == _setting({"config": {"cell": cell, **DEFAULT_INIT}})}
-        bad = {r["seed"]: _value(r, chance) for r in runs if _setting(r) == _setting({"config": {"cell": cell, **worst}})}
+        good = {r["seed"]: _value(r, chance) for r in runs if _setting(r) == _init_setting(cell, DEFAULT_INIT)}
+        bad = {r["seed"]: _value(r, chance) for r in runs if _setting(r) == _init_setting(cell, worst)}
         seeds = sorted(s for s in good if s in bad and None not in (good[s], bad[s]))
         if seeds:
             g, b = statistics.fmean(good[s] for s in seeds), statistics.fmean(bad[s] for s in seeds)
