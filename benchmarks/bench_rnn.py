@@ -35,7 +35,7 @@ Besides the float32 rows it measures
 * the variants of issue 8 (:data:`VARIANTS`: RMSNorm, the joint/carried LN, haste's one-group LayerNormGRU,
   zoneout, DropConnect, batch norm between stacked layers) at ``--variant-sizes`` (default: the main
   sizes), each timed in the same rounds as torch.nn's layer of its cell and size, with the implementation
-  ``kernel="auto"`` ran for it (recorded from ``recnorm.kernels.choose``, so it says ``reference`` where the
+  ``kernel="auto"`` ran for it (recorded with ``recnorm.kernels.recording``, so it says ``reference`` where the
   fused kernel does not serve a variant yet);
 * a regression check: every ratio against the same row of ``--baseline`` (by default the JSON file
   that ``--json`` is about to overwrite, i.e. the previous committed numbers); rows the baseline lacks
@@ -70,7 +70,6 @@ from PyPI and need no GPU to install::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -275,30 +274,18 @@ def _time(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-@contextlib.contextmanager
 def recording_kernels():
-    """Record the implementation that ``recnorm.kernels.choose`` picks for each layer direction run inside
-    (``fused``, ``native``, ``reference``, ...): what ``kernel="auto"`` (or a forced kernel) actually ran."""
+    """Record the implementation picked for each layer direction run inside (``fused``, ``native``,
+    ``reference``, ...): what ``kernel="auto"`` (or a forced kernel) actually ran
+    (:func:`recnorm.kernels.recording`)."""
     from recnorm import kernels
 
-    chosen: List[str] = []
-    original = kernels.choose
-
-    def spy(*args, **kwargs):
-        name, mode = original(*args, **kwargs)
-        chosen.append(name)
-        return name, mode
-
-    kernels.choose = spy
-    try:
-        yield chosen
-    finally:
-        kernels.choose = original
+    return kernels.recording()
 
 
 def kernel_label(chosen: List[str]) -> str:
     """``fused``, or ``native+fused`` where a stack's layers ran different ones; ``?`` where no direction
-    went through ``recnorm.kernels.choose`` (bfloat16 autocast's float32 path bypasses it)."""
+    was recorded."""
     return "+".join(dict.fromkeys(chosen)) or "?"
 
 
@@ -671,7 +658,7 @@ def variant_lines(vrows: List[Dict], vbaseline_lines: List[str], verdict: bool =
         "2 layers, so its baseline is a 2-layer torch.nn layer (the baseline column). Zoneout and `weight_dropout` act in "
         "training only: the eval column is zoneout's eval formula (`h = p h_{t-1} + (1-p) h~`) and plain `W_hh`. "
         "The kernel column is what `kernel=\"auto\"` ran for every layer direction, recorded from "
-        "`recnorm.kernels.choose` during each candidate's warm-up steps (train / eval; several where it changed with the "
+        "`recnorm.kernels.recording` during each candidate's warm-up steps (train / eval; several where it changed with the "
         "size): `fused` is recnorm's C++ kernels, `native` torch's own op, `reference` the Python time loop. "
         f"Variants per kernel that ran (at every size; train / eval where they differ): {_kernel_counts(summ)}.",
         "",

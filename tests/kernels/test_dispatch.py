@@ -166,20 +166,8 @@ def test_bf16_autocast_runs_in_float32(rule, cell, norm, c0):
 
 def _ran(layer, x, grad: bool):
     """The implementation of every layer direction that one forward ran, in order."""
-    chosen = []
-    original = kernels.choose
-
-    def spy(*args, **kwargs):
-        name, mode = original(*args, **kwargs)
-        chosen.append(name)
-        return name, mode
-
-    kernels.choose = spy
-    try:
-        with torch.set_grad_enabled(grad):
-            layer(x)
-    finally:
-        kernels.choose = original
+    with kernels.recording() as chosen, torch.set_grad_enabled(grad):
+        layer(x)
     return chosen
 
 
@@ -241,3 +229,42 @@ def test_the_stack_preference_is_only_an_order(width_rule, monkeypatch):
         assert kernels.stack_preference(work, x, None, state, "auto", [4, 16]) == "fused"
         monkeypatch.setattr(kernels, "execution_mode", lambda: "compile")
         assert kernels.stack_preference(work, x, None, state, "auto", [4, 16]) is None
+
+
+def test_recording_sees_every_direction_and_the_autocast_upcast(rule):
+    rule(-1.0)  # the fused kernel first
+    layer = _layer("lstm", "layer", num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 5)
+    with kernels.recording() as ran:
+        layer(x)
+    assert ran == ["fused"] * 4
+    with kernels.recording() as ran, torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert ran == ["fused"] * 4  # the upcast path runs the fused kernel in float32, and says so
+    assert not kernels._OBSERVERS  # removed after the block
+
+
+def test_a_route_decides_through_choose_and_the_innermost_wins():
+    layer = _layer("lstm", None)
+    x = torch.randn(6, 3, 5)
+    seen = []
+
+    def outer(call):
+        seen.append("outer")
+        return call.choose(kernel="reference")
+
+    def inner(call):
+        seen.append("inner")
+        return call.choose(kernel="native")
+
+    with kernels.route_dispatch(outer), kernels.recording() as ran:
+        layer(x)
+        with kernels.route_dispatch(inner):
+            layer(x)
+        layer(x)
+    assert ran == ["reference", "native", "reference"] and seen == ["outer", "inner", "outer"]
+    # a policy cannot make an implementation serve a case it refuses: choose's check still raises
+    with kernels.route_dispatch(lambda call: call.choose(kernel="native")):
+        with pytest.raises(ValueError, match="cannot run this layer"):
+            _layer("gru", "layer")(x)
+    assert not kernels._ROUTES and not kernels._OBSERVERS  # gone after the blocks, an exception included

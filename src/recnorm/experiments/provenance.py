@@ -30,7 +30,7 @@ import re
 import socket
 import subprocess
 import sys
-from typing import Any, Dict, Iterator, Optional, Set
+from typing import Any, Dict, Iterator, Optional, Set, Tuple
 
 import torch
 
@@ -176,8 +176,8 @@ def kernel_dispatch(model: torch.nn.Module, kernel: str) -> Iterator[DispatchLog
     ``RunConfig.kernel`` value) asks for, and the returned log records what ran.
 
     The pin applies to the calls that compute the model's outputs; a call with a per-step observer (the
-    diagnostics' capture, which only the reference loop serves) keeps ``"auto"``. It works by wrapping
-    ``recnorm.kernels.choose`` for the block; other models are unaffected (their calls pass through).
+    diagnostics' capture, which only the reference loop serves) keeps ``"auto"``. It is a
+    :func:`recnorm.kernels.route_dispatch` policy for the block; other models' calls choose as they would.
     """
     from recnorm import kernels
 
@@ -185,38 +185,42 @@ def kernel_dispatch(model: torch.nn.Module, kernel: str) -> Iterator[DispatchLog
     names = {id(p): n[len("weight_ih_"):] for m in model.modules() for n, p in m.named_parameters(recurse=False)
              if n.startswith("weight_ih_l")}
     log = DispatchLog()
-    original = kernels.choose
 
-    def choose(work: Any, x: torch.Tensor, batch_sizes: Any, state: Any, kernel: str = "auto",
-               first: Optional[str] = None) -> Any:
+    def policy(call: "kernels.DispatchCall") -> Tuple[str, str]:
+        work = call.work
         layer = names.get(id(work.weight_ih))
         if layer is None or work.on_output is not None:
-            return original(work, x, batch_sizes, state, kernel, first)
-        phase = "train" if torch.is_grad_enabled() and (x.requires_grad or work.weight_hh.requires_grad) else "eval"
+            return call.choose()
+        grad = torch.is_grad_enabled() and (call.x.requires_grad or work.weight_hh.requires_grad)
+        phase = "train" if grad else "eval"
         wanted = pin.get("*") or pin.get(f"{layer}.{phase}", "auto")
-        name, mode = _choose_pinned(original, wanted, kernel, (work, x, batch_sizes, state), first)
+        name, mode = _choose_pinned(call, wanted)
         log.add(layer, phase, name)
         return name, mode
 
-    kernels.choose = choose
-    try:
+    with kernels.route_dispatch(policy):
         yield log
-    finally:
-        kernels.choose = original
 
 
-def _choose_pinned(original: Any, wanted: str, requested: str, args: tuple, first: Optional[str] = None) -> Any:
-    """``original(*args, kernel)`` for the pinned ``wanted``; ``"auto"`` keeps the layer's own request
-    (its ``kernel=`` or ``$RECNORM_KERNEL``); ``"legacy"`` takes the first of torch's op, the fused kernel
-    and the reference loop that serves the call (in eager mode; elsewhere ``"auto"``)."""
-    if wanted == "auto":  # the stack's preferred implementation (``first``) applies as it does unpinned
-        return original(*args, requested, first)
+def _choose_pinned(call: Any, wanted: str) -> Tuple[str, str]:
+    """``call.choose`` for the pinned ``wanted``; ``"auto"`` keeps the layer's own request (its ``kernel=``
+    or ``$RECNORM_KERNEL``, and a stack's preferred implementation); ``"legacy"`` takes the first of
+    torch's op, the fused kernel and the reference loop that serves the call (in eager mode; elsewhere
+    ``"auto"``)."""
+    if wanted == "auto":
+        return call.choose()
     if wanted != "legacy":
-        return original(*args, wanted)
+        return call.choose(kernel=wanted, first=None)
     from recnorm.kernels import execution_mode
 
     if execution_mode() != "eager":
-        return original(*args, "auto")
+        return call.choose(kernel="auto", first=None)
+    for name in _LEGACY_ORDER:
+        try:
+            return call.choose(kernel=name, first=None)
+        except ValueError:  # this implementation cannot serve the call: try the next, as "auto" did
+            continue
+    return call.choose(kernel="auto", first=None)
     for name in _LEGACY_ORDER:
         try:
             return original(*args, name)

@@ -40,15 +40,22 @@ chooses, with a note logged once per reason.
 A new implementation is a module with ``supports`` and ``run_direction``, registered in
 :data:`IMPLEMENTATIONS` (one line below); ``kernel=`` reaches it at once, and ``"auto"`` once
 :func:`_candidates` or :mod:`.autotune` lists it.
+
+Two hooks let tools see and steer the choice without patching :func:`choose`: :func:`observe_dispatch`
+calls a function with every direction's implementation (the autocast upcast included; :func:`recording`
+collects the names), and :func:`route_dispatch` lets a policy pick instead of :func:`choose` (the
+experiments' kernel pins). Both hold for the ``with`` block, in this thread's calls and any other's: they
+are meant for tests, benchmarks and a training loop, not for two models dispatched differently at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -65,6 +72,10 @@ __all__ = [
     "DirectionResult",
     "run_direction",
     "choose",
+    "DispatchCall",
+    "observe_dispatch",
+    "route_dispatch",
+    "recording",
     "stack_preference",
     "execution_mode",
     "KERNELS",
@@ -218,6 +229,76 @@ def choose(
     raise RuntimeError("recnorm: no implementation serves this layer: " + "; ".join(reasons))  # pragma: no cover
 
 
+@dataclasses.dataclass(frozen=True)
+class DispatchCall:
+    """One layer direction asking which implementation runs it: the arguments of :func:`choose`."""
+
+    work: DirectionWork
+    x: Tensor
+    batch_sizes: Optional[Tensor]
+    state: Sequence[Tensor]
+    kernel: str = "auto"
+    first: Optional[str] = None
+
+    def choose(self, kernel: Optional[str] = None, first: Optional[str] = "same") -> Tuple[str, str]:
+        """:func:`choose` for this call, with ``kernel`` (and ``first``) replaced where given."""
+        return choose(self.work, self.x, self.batch_sizes, self.state, self.kernel if kernel is None else kernel,
+                      self.first if first == "same" else first)
+
+
+#: What :func:`observe_dispatch` and :func:`route_dispatch` installed, innermost last. Plain module lists (not
+#: context variables) so that ``torch.compile`` sees two empty lists and nothing else when no hook is active.
+_OBSERVERS: List[Callable[[DispatchCall, str], None]] = []
+_ROUTES: List[Callable[[DispatchCall], Tuple[str, str]]] = []
+
+
+@contextlib.contextmanager
+def observe_dispatch(observer: Callable[[DispatchCall, str], None]) -> Iterator[None]:
+    """Within the block, ``observer(call, name)`` runs after the implementation ``name`` is picked for each
+    layer direction (including a 16-bit input under CPU autocast that runs in float32, :func:`_run_upcast`)."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+@contextlib.contextmanager
+def route_dispatch(policy: Callable[[DispatchCall], Tuple[str, str]]) -> Iterator[None]:
+    """Within the block, ``policy(call)`` returns the ``(implementation, mode)`` for each layer direction
+    instead of :func:`choose`; it decides by calling ``call.choose(kernel=...)``, which keeps every check of
+    :func:`choose` (an implementation that cannot serve the call still raises). The innermost policy wins.
+    Not applied to the autocast upcast, which picks among the implementations that serve float32 itself."""
+    _ROUTES.append(policy)
+    try:
+        yield
+    finally:
+        _ROUTES.remove(policy)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[List[str]]:
+    """The implementation of every layer direction run within the block, in order (``"fused"``,
+    ``"native"``, ...): what ``kernel="auto"`` or a forced kernel actually ran."""
+    names: List[str] = []
+    with observe_dispatch(lambda call, name: names.append(name)):
+        yield names
+
+
+def _dispatch(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Sequence[Tensor], kernel: str,
+              first: Optional[str]) -> Tuple[str, str]:
+    """:func:`choose`, or the innermost :func:`route_dispatch` policy, then the observers."""
+    call = DispatchCall(work, x, batch_sizes, state, kernel, first)
+    name, mode = _ROUTES[-1](call) if _ROUTES else call.choose()
+    _notify(call, name)
+    return name, mode
+
+
+def _notify(call: DispatchCall, name: str) -> None:
+    for observer in list(_OBSERVERS):
+        observer(call, name)
+
+
 def run_direction(
     work: DirectionWork,
     x: Tensor,
@@ -236,7 +317,10 @@ def run_direction(
         res = _run_upcast(work, x, batch_sizes, state)
         if res is not None:
             return res
-    name, mode = choose(work, x, batch_sizes, state, kernel, first)
+    if _ROUTES or _OBSERVERS:
+        name, mode = _dispatch(work, x, batch_sizes, state, kernel, first)
+    else:
+        name, mode = choose(work, x, batch_sizes, state, kernel, first)
     if name == "native":
         return native.run_direction(work, x, batch_sizes, state, as_op=mode != "eager")
     if name == "reference":
@@ -271,6 +355,8 @@ def _run_upcast(
     for name in autotune.eager_order(work, x32, batch_sizes, grad):
         if name == "reference" or _IMPLS[name].supports(work, x32, batch_sizes, "eager") is not None:
             continue
+        if _OBSERVERS:
+            _notify(DispatchCall(work, x32, batch_sizes, state32), name)
         with torch.autocast("cpu", enabled=False):
             res = _IMPLS[name].run_direction(work, x32, batch_sizes, state32)
         return DirectionResult(res.output.to(x.dtype), tuple(s.to(x.dtype) for s in res.state), res.moments)
