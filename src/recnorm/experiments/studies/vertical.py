@@ -3,7 +3,8 @@
 "Vertical" has two readings, and the study runs both against no norm, each arm at its own tuned rate:
 
 - **BN between the layers**: batch norm of each layer's output before the next layer (LSTM -> BN -> LSTM;
-  ``between_layers="batch"``, the laurent study's literal vertical placement);
+  ``between_layers="batch"``, a :class:`recnorm.SequenceBatchNorm`, statistics over batch x time, evaluated
+  with population statistics recomputed exactly; the laurent study's literal vertical placement);
 - **Laurent's sequence-wise BN of the input term** W_ih x_t in every layer (``norm="sequence_batch"``; statistics
   over batch x time), which for the second layer normalizes the first layer's output after its projection.
 
