@@ -128,7 +128,8 @@ def test_speed_claims_by_hand():
     end = claims["speed_end:batch γ=0.1"]
     assert end.test.mean == pytest.approx(0.01) and not end.counted and "second look" in end.verdict()
     assert "fewer steps" in layer.claim and "fastest learning rate" in layer.claim
-    assert "at 5000 steps, learning rate tuned per arm" in layer.budget()
+    assert layer.budget() == ("a speed claim, within at most 5000 steps (the runs stop early on validation, patience "
+                              "5), learning rate tuned per arm")
     assert "to convergence" in end.budget() and "patience 5" in end.budget()
 
 

@@ -48,7 +48,8 @@ class Design:
             declared budget. False (every claim measured before that design): the claim stays on the page with
             its old verdict, marked "at N steps, one untuned learning rate", and is not counted in the totals.
         patience: for a ``"convergence"`` budget, the early-stopping patience in evaluations (None: not
-            declared yet).
+            declared yet); for a ``"steps"`` budget, the patience of runs that stop early, whose speed the claim
+            reads off their validation curves (steps to a target, within their maximum budget).
     """
 
     metric: str
@@ -124,6 +125,10 @@ class Claim:
         if self.design.budget == "convergence":
             patience = f", patience {self.design.patience}" if self.design.patience else ""
             return f"to convergence (early stopping on validation{patience}, at most {self.steps} steps)"
+        if self.design.patience and self.remeasured:  # a speed claim read off runs that stop early
+            most = f"at most {self.steps} steps" if self.steps else "a maximum budget"
+            return (f"a speed claim, within {most} (the runs stop early on validation, patience "
+                    f"{self.design.patience}), learning rate tuned per arm")
         steps = f"at {self.steps} steps" if self.steps else "at N steps"
         return f"{steps}, learning rate tuned per arm" if self.remeasured else f"{steps}, one untuned learning rate"
 

@@ -116,7 +116,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
 DESIGNS = {
     "speed": Design(f"steps to {TARGET:g} validation accuracy (interpolated between evaluations; a run that never "
                     f"reaches it counts as the {MAX_STEPS}-step maximum): no norm's minus the norm's", "lower",
-                    budget="steps", margin=100.0, tuned=True),
+                    budget="steps", margin=100.0, tuned=True, patience=5),
     "speed_end": Design("final test accuracy at the checkpoint early stopping kept (the same runs, at the rate tuned "
                         "for speed)", "higher", budget="convergence", margin=0.01, role="second look", tuned=True,
                         patience=5),

@@ -85,7 +85,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
 DESIGNS = {
     "vertical_speed": Design(f"steps to {TARGET:g} validation accuracy (interpolated between evaluations; a run that "
                              f"never reaches it counts as the {MAX_STEPS}-step maximum): no norm's minus the arm's",
-                             "lower", budget="steps", margin=100.0, tuned=True),
+                             "lower", budget="steps", margin=100.0, tuned=True, patience=5),
     "vertical_end": Design("final test accuracy at the checkpoint early stopping kept", "higher", budget="convergence",
                            margin=0.01, tuned=True, patience=5),
 }
