@@ -36,6 +36,8 @@ def test_the_declared_design(study_name):
     assert all(c.task == "fashion_rows" and c.task_options == {"train_size": 8000, "valid_size": 1000, "test_size": 2000}
                and c.hidden_size == 64 and c.batch_size == 64 and c.clip == 1.0 and c.optimizer == "adam"
                and c.patience == 5 and c.steps == 5000 and c.eval_every == 100 for c in configs)
+    # the init study's tuning init (its tuning runs of the one-layer arms are the speed study's, run ID for run ID)
+    assert all((c.init, c.init_gain, c.forget_bias) == ("default", 1.0, 1.0) for c in configs)
     tune = tuning_spec(study.spec(), study.tuning, study.tune_at).expand()
     assert len(tune) == 3 * 7 * 2 and {c.seed for c in tune} == {100, 101}
     assert len(study.tuning.lrs) >= MIN_RATES and study.tuning.lrs[-1] / study.tuning.lrs[0] >= MIN_SPAN
