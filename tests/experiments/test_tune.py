@@ -10,7 +10,7 @@ import os
 import pytest
 
 from recnorm.experiments.config import RunConfig
-from recnorm.experiments.study import Study
+from recnorm.experiments.study import Study, TuningScore, steps_to_target
 from recnorm.experiments.sweep import SweepSpec
 from recnorm.experiments.tune import (
     CHOICES_FILE, TuningGrid, arm_key, choose, final_spec, read_choices, run_final, tune_study, tuning_spec)
@@ -179,3 +179,61 @@ def test_the_evidence_page_says_which_commits_made_each_study():
                {"provenance": {"commit": "b" * 40}}, {"provenance": {"commit": None, "committed_in": "c" * 40}}, {}]
     assert commits_of(records) == {"a" * 10: 1, "a" * 10 + " (dirty tree)": 1, "b" * 10: 1,
                                    "before runs recorded their commit (arrived in " + "c" * 10 + ")": 1, "unknown": 1}
+
+def _curve_record(seed, curve, *, final=0.85, status="ok", planned=5000, lr=1e-3, steps=None, **config):
+    """A finished run with a validation accuracy curve ``curve`` ({step: accuracy})."""
+    cfg = RunConfig(task="fashion_rows", seed=seed, lr=lr, **config)
+    steps = steps if steps is not None else list(curve)
+    return {"run_id": f"{cfg.run_id}-{seed}-{lr}", "seed": seed, "config": cfg.to_dict(), "metric": "accuracy",
+            "higher_is_better": True, "status": status, "steps_planned": planned, "task": {"name": "fashion_rows"},
+            "valid": {"step": steps, "accuracy": [curve[s] for s in steps]},
+            "final": {"test": {"accuracy": final}, "valid": {"accuracy": final}} if status == "ok" else {}}
+
+
+def test_steps_to_target_interpolates_between_evaluations_and_censors_at_the_budget():
+    # crosses 0.85 between step 300 (0.80) and 400 (0.90): 300 + (0.05 / 0.10) * 100 = 350
+    assert steps_to_target(_curve_record(0, {0: 0.1, 100: 0.5, 200: 0.7, 300: 0.80, 400: 0.90, 500: 0.86}), 0.85) == 350.0
+    # exactly on an evaluation
+    assert steps_to_target(_curve_record(0, {0: 0.1, 100: 0.85, 200: 0.9}), 0.85) == 100.0
+    # the first crossing counts, not a later one
+    assert steps_to_target(_curve_record(0, {0: 0.1, 100: 0.86, 200: 0.7, 300: 0.9}), 0.85) == pytest.approx(
+        0 + (0.75 / 0.76) * 100)
+    # never reached (stopped early at 2000 steps): censored at the maximum budget, not at the stop
+    assert steps_to_target(_curve_record(0, {0: 0.1, 1000: 0.84, 2000: 0.83}), 0.85) == 5000.0
+    # diverged (a None after the last finite evaluation) before reaching it: censored too
+    assert steps_to_target(_curve_record(0, {0: 0.1, 100: 0.5, 200: None}, status="diverged"), 0.85) == 5000.0
+    # a metric where lower is better (MSE): crossing 0.01 between 0.02 at 100 and 0.0 at 200 -> 150
+    r = _curve_record(0, {0: 0.17, 100: 0.02, 200: 0.0})
+    r["higher_is_better"], r["metric"], r["valid"]["mse"] = False, "mse", r["valid"].pop("accuracy")
+    assert steps_to_target(r, 0.01) == 150.0
+    # no curve at all: no value
+    assert steps_to_target({"metric": "accuracy", "higher_is_better": True, "valid": {}}, 0.85) is None
+
+
+def test_the_speed_score_chooses_the_fastest_rate_not_the_best_end_point():
+    grid = TuningGrid((1e-4, 1e-3, 1e-2, 1e-1), seeds=(100, 101))
+    records = []
+    for seed in grid.seeds:
+        # 1e-3: slow (crosses 0.85 at 900) but ends best (0.90); 1e-2: fast (crosses at 250) and ends at 0.87;
+        # 1e-1: fastest for seed 100 (150) but diverges for seed 101; 1e-4: never reaches it
+        records.append(_curve_record(seed, {0: 0.1, 800: 0.80, 1000: 0.90}, final=0.90, lr=1e-3))
+        records.append(_curve_record(seed, {0: 0.1, 200: 0.80, 300: 0.90}, final=0.87, lr=1e-2))
+        records.append(_curve_record(seed, {0: 0.1, 100: 0.80, 200: 0.90}, final=0.86, lr=1e-1,
+                            status="ok" if seed == 100 else "diverged"))
+        records.append(_curve_record(seed, {0: 0.1, 1000: 0.5}, final=0.5, lr=1e-4))
+    key = arm_key(RunConfig(task="fashion_rows"))
+    by_end = choose(records, grid)[key]
+    assert by_end.lr == 1e-3 and by_end.scored_by is None  # the default: the best final validation accuracy
+    speed = TuningScore("mean steps to 0.85 validation accuracy (censored at the maximum budget)",
+                        lambda r: steps_to_target(r, 0.85), "lower")
+    fast = choose(records, grid, score=speed)[key]
+    assert fast.lr == 1e-2 and fast.score == pytest.approx(250.0) and not fast.higher_is_better
+    assert fast.curve[1e-4] == [5000.0, 5000.0] and fast.curve[1e-1] == [150.0, None]  # the diverged run: worst
+    assert fast.scored_by.startswith("mean steps to 0.85 validation accuracy")
+    from recnorm.experiments.tune import ArmChoice, tuning_table
+
+    assert ArmChoice.from_dict(json.loads(json.dumps(fast.to_dict()))).scored_by == fast.scored_by
+    row = tuning_table({key: fast}, grid)[2]
+    assert row == "| none | 0.01 | 5000 | 900 | **250** | 150 ✗ |"
+    with pytest.raises(ValueError, match="better"):
+        TuningScore("x", lambda r: 0.0, "up")

@@ -246,8 +246,10 @@ def _tuning_lines(study: Study, results: str) -> List[str]:
     if not os.path.isfile(path):
         return ["Learning rate: one untuned rate for every arm (the study's sweep).", ""]
     choices, grid = read_choices(path)
+    scored = sorted({c.scored_by for c in choices.values() if c.scored_by})
+    what = "; ".join(scored) if scored else "mean final validation metric"
     return ([f"Learning rates chosen per arm on the validation split (grid {', '.join(f'{x:g}' for x in grid.lrs)}; "
-             f"tuning seeds {', '.join(str(s) for s in grid.seeds)}; mean final validation metric per rate, the "
+             f"tuning seeds {', '.join(str(s) for s in grid.seeds)}; {what} per rate, the "
              f"chosen one in bold; `{path}`):", ""] + tuning_table(choices, grid) + [""])
 
 

@@ -25,7 +25,7 @@ from recnorm.experiments.document import badge, fmt, pvalue, signed
 from recnorm.experiments.results import area_under_curve, model_label
 from recnorm.experiments.sweep import SweepSpec, flatten_config
 
-__all__ = ["Study", "Design", "TuningGrid", "MIN_RATES", "MIN_SPAN", "MIN_SEEDS", "Claim", "Question", "Record", "check_wording", "stopped_early", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
+__all__ = ["Study", "Design", "TuningGrid", "TuningScore", "steps_to_target", "MIN_RATES", "MIN_SPAN", "MIN_SEEDS", "Claim", "Question", "Record", "check_wording", "stopped_early", "grid", "smoke_variant", "adjust", "run_ids", "steps_of", "label", "name", "select", "final", "auc", "by_seed",
            "chance_level", "better_of", "compare", "paired", "task_name", "tasks", "labels", "verdict_table", "verdicts_section"]
 
 Record = Dict[str, Any]
@@ -48,7 +48,8 @@ class Design:
             declared budget. False (every claim measured before that design): the claim stays on the page with
             its old verdict, marked "at N steps, one untuned learning rate", and is not counted in the totals.
         patience: for a ``"convergence"`` budget, the early-stopping patience in evaluations (None: not
-            declared yet).
+            declared yet); for a ``"steps"`` budget, the patience of runs that stop early, whose speed the claim
+            reads off their validation curves (steps to a target, within their maximum budget).
     """
 
     metric: str
@@ -124,6 +125,10 @@ class Claim:
         if self.design.budget == "convergence":
             patience = f", patience {self.design.patience}" if self.design.patience else ""
             return f"to convergence (early stopping on validation{patience}, at most {self.steps} steps)"
+        if self.design.patience and self.remeasured:  # a speed claim read off runs that stop early
+            most = f"at most {self.steps} steps" if self.steps else "a maximum budget"
+            return (f"a speed claim, within {most} (the runs stop early on validation, patience "
+                    f"{self.design.patience}), learning rate tuned per arm")
         steps = f"at {self.steps} steps" if self.steps else "at N steps"
         return f"{steps}, learning rate tuned per arm" if self.remeasured else f"{steps}, one untuned learning rate"
 
@@ -226,6 +231,9 @@ class Study:
             the seeds the sweep gives each run (checked fresh when the final sweep is built).
         tune_at: fields the sweep varies that tuning holds at one value (the init study tunes each norm at
             the default init); the final runs use that rate for every value of these fields.
+        tuning_score: what tuning compares across rates (:class:`TuningScore`); None: the mean final
+            validation metric. A study whose claim is a speed claim scores its rates by speed, so that each arm
+            runs at the rate the claim is about.
     """
 
     name: str
@@ -238,6 +246,7 @@ class Study:
     tuning: Optional["TuningGrid"] = None
     final_seeds: Tuple[int, ...] = ()
     tune_at: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    tuning_score: Optional["TuningScore"] = None
 
     def __post_init__(self) -> None:
         if self.tuning is not None and set(self.final_seeds) & set(self.tuning.seeds):
@@ -299,6 +308,54 @@ class TuningGrid:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"lrs": list(self.lrs), "seeds": list(self.seeds)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningScore:
+    """What tuning compares across the rates of an arm, when it is not the final validation metric.
+
+    Attributes:
+        name: the score in words (shown with the tuning curves).
+        value: ``value(record) -> float or None``, read from the validation split only (None: the worst score);
+            it is only asked about runs that finished (a diverged or failed run scores the worst).
+        better: ``"higher"`` or ``"lower"``.
+    """
+
+    name: str
+    value: Callable[[Record], Optional[float]]
+    better: str = "higher"
+
+    def __post_init__(self) -> None:
+        if self.better not in ("higher", "lower"):
+            raise ValueError(f"TuningScore.better: expected 'higher' or 'lower', got {self.better!r}")
+
+
+def steps_to_target(r: Record, target: float, split: str = "valid") -> Optional[float]:
+    """The number of training steps a run took to reach ``target`` on its ``split`` curve (the validation
+    metric logged every ``eval_every`` steps), interpolated linearly between the two evaluations that bracket
+    the first crossing (so the evaluation interval does not round every run to the same steps).
+
+    A run that never reaches the target, because it stopped early, ran out of steps or diverged, is censored
+    at its maximum budget (``steps_planned``): it counts as needing at least that many. None only when the
+    run logged no curve."""
+    curve = r.get(split) or {}
+    steps, values = curve.get("step") or [], curve.get(r["metric"]) or []
+    higher = bool(r["higher_is_better"])
+    if not steps:
+        return None
+    reached = (lambda v: v >= target) if higher else (lambda v: v <= target)  # noqa: E731
+    prev: Optional[Tuple[float, float]] = None
+    for s, v in zip(steps, values):
+        if v is None or not math.isfinite(v):
+            prev = None
+            continue
+        if reached(v):
+            if prev is None or prev[1] == v:
+                return float(s)
+            s0, v0 = prev
+            return round(s0 + (target - v0) / (v - v0) * (s - s0), 6)  # no float noise in tables
+        prev = (s, v)
+    return float(r.get("steps_planned") or steps[-1])
 
 
 # ---------------------------------------------------------------------------------------------- record access

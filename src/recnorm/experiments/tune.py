@@ -4,7 +4,10 @@ An *arm* is one setting of a study minus its seed and its learning rate (cell x 
 Tuning runs each arm of a study's sweep at every rate of a declared :class:`TuningGrid` (at least 4
 log-spaced values spanning at least 30x) with at least 2 tuning seeds; :func:`choose` picks, per arm, the
 rate with the best mean final *validation* metric over the tuning seeds (a diverged or failed run counts as
-the worst possible score; ties go to the smaller rate) and keeps the whole tuning curve; :func:`final_spec`
+the worst possible score; ties go to the smaller rate) and keeps the whole tuning curve; a study whose claim
+is about speed declares another score read from the validation curve (``Study.tuning_score``, a
+:class:`recnorm.experiments.study.TuningScore`, for example the steps to a validation target), so that each arm
+is tuned for what its claim says; :func:`final_spec`
 then builds the study's final sweep: every arm at its chosen rate, with fresh seeds that share none with
 the tuning seeds. The test split is never looked at while tuning.
 
@@ -48,10 +51,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from recnorm.experiments.config import RunConfig
 from recnorm.experiments.results import model_label, read_json, write_json_atomic
-from recnorm.experiments.study import MIN_RATES, MIN_SEEDS, MIN_SPAN, TuningGrid
+from recnorm.experiments.study import MIN_RATES, MIN_SEEDS, MIN_SPAN, TuningGrid, TuningScore
 from recnorm.experiments.sweep import SweepSpec, flatten_config
 
-__all__ = ["TuningGrid", "ArmChoice", "arm_key", "tuning_spec", "choose", "final_spec", "write_choices",
+__all__ = ["TuningGrid", "TuningScore", "ArmChoice", "arm_key", "tuning_spec", "choose", "final_spec", "write_choices",
            "read_choices", "tuning_table", "tune_study", "run_final", "CHOICES_FILE", "MIN_RATES", "MIN_SPAN", "MIN_SEEDS"]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,8 @@ class ArmChoice:
         at_edge: the chosen rate is the smallest or largest of the grid (the grid may be too narrow).
         metric, higher_is_better: what was compared.
         run_ids: the tuning runs behind the choice.
+        scored_by: the :class:`TuningScore` the rates were compared on, in words (None: the mean final
+            validation metric, and ``curve`` holds that metric).
     """
 
     arm: str
@@ -83,6 +88,7 @@ class ArmChoice:
     metric: str
     higher_is_better: bool
     run_ids: List[str]
+    scored_by: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -116,11 +122,15 @@ def tuning_spec(spec: SweepSpec, grid: TuningGrid, at: Optional[Dict[str, Any]] 
                      imports=list(spec.imports), report=dict(spec.report), published=dict(spec.published))
 
 
-def _score(record: Dict[str, Any]) -> Optional[float]:
-    """The final validation metric of a finished run (None: diverged, failed or missing)."""
+def _score(record: Dict[str, Any], score: Optional[TuningScore] = None) -> Optional[float]:
+    """The final validation metric of a finished run, or ``score``'s value of it (None: diverged, failed or
+    missing)."""
     if record.get("status") != "ok":
         return None
-    value = ((record.get("final") or {}).get("valid") or {}).get(record["metric"])
+    if score is not None:
+        value = score.value(record)
+    else:
+        value = ((record.get("final") or {}).get("valid") or {}).get(record["metric"])
     return None if value is None or not math.isfinite(value) else float(value)
 
 
@@ -130,8 +140,10 @@ def _arm_label(config: Dict[str, Any], varying: Sequence[str]) -> str:
     return ", ".join([model_label(config)] + extra)
 
 
-def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid, ignore: Sequence[str] = ()) -> Dict[str, ArmChoice]:
-    """Per arm, the rate of ``grid`` with the best mean validation metric over the tuning seeds.
+def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid, ignore: Sequence[str] = (),
+           score: Optional[TuningScore] = None) -> Dict[str, ArmChoice]:
+    """Per arm, the rate of ``grid`` with the best mean validation metric over the tuning seeds (or the best
+    mean ``score``, in its own direction, when a study declares one).
 
     A run that diverged or failed, or a (rate, seed) pair with no run, scores the worst possible value, so
     a rate that diverges for one seed is never chosen over one that trains for both. Ties go to the smaller
@@ -149,19 +161,20 @@ def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid, ignore: Sequence
                      and len({repr(f.get(k)) for f in flats}) > 1)
     out: Dict[str, ArmChoice] = {}
     for key, runs in arms.items():
-        higher = bool(runs[0]["higher_is_better"])
+        higher = bool(runs[0]["higher_is_better"]) if score is None else score.better == "higher"
         worst = -math.inf if higher else math.inf
         curve: Dict[float, List[Optional[float]]] = {}
         for lr in grid.lrs:
-            by_seed = {r["seed"]: _score(r) for r in runs if r["config"]["lr"] == lr}
+            by_seed = {r["seed"]: _score(r, score) for r in runs if r["config"]["lr"] == lr}
             curve[lr] = [by_seed.get(s) for s in grid.seeds]
         means = {lr: statistics.fmean(worst if v is None else v for v in vals) for lr, vals in curve.items()}
         sign = 1.0 if higher else -1.0
         best = max(grid.lrs, key=lambda lr: (sign * means[lr], -lr))
-        score = means[best] if math.isfinite(means[best]) else None
-        out[key] = ArmChoice(arm=key, label=_arm_label(runs[0]["config"], varying), lr=best, score=score,
+        best_mean = means[best] if math.isfinite(means[best]) else None
+        out[key] = ArmChoice(arm=key, label=_arm_label(runs[0]["config"], varying), lr=best, score=best_mean,
                              curve=curve, at_edge=best in (grid.lrs[0], grid.lrs[-1]), metric=runs[0]["metric"],
-                             higher_is_better=higher, run_ids=sorted(r["run_id"] for r in runs))
+                             higher_is_better=higher, run_ids=sorted(r["run_id"] for r in runs),
+                             scored_by=None if score is None else score.name)
         if out[key].at_edge:
             logger.warning("tuning: arm %s chose lr %g at the edge of the grid %s", out[key].label, best, grid.lrs)
     return out
@@ -203,7 +216,8 @@ def tuning_table(choices: Dict[str, ArmChoice], grid: TuningGrid) -> List[str]:
         for lr in grid.lrs:
             vals = c.curve.get(lr, [])
             mean = statistics.fmean(v for v in vals if v is not None) if any(v is not None for v in vals) else None
-            text = "✗" if mean is None else f"{mean:.3f}" + (" ✗" if None in vals else "")
+            value = "–" if mean is None else f"{mean:.3f}" if c.scored_by is None else f"{mean:.4g}"
+            text = "✗" if mean is None else value + (" ✗" if None in vals else "")
             cells.append(f"**{text}**" if lr == c.lr else text)
         edge = " (edge of the grid)" if c.at_edge else ""
         out.append(f"| {c.label} | {c.lr:g}{edge} | " + " | ".join(cells) + " |")
@@ -237,7 +251,8 @@ def tune_study(study: Any, runs: str = "runs", results: str = "results", workers
         raise RuntimeError(f"tuning sweep {spec.name}: {len(outcome.failed)} run(s) failed; run the command again")
     from recnorm.experiments.results import load_records
 
-    choices = choose(load_records(os.path.join(published, "runs.jsonl")), study.tuning, tuple(study.tune_at))
+    choices = choose(load_records(os.path.join(published, "runs.jsonl")), study.tuning, tuple(study.tune_at),
+                     getattr(study, "tuning_score", None))
     write_choices(os.path.join(published, CHOICES_FILE), choices, study.tuning)
     return choices
 

@@ -13,7 +13,7 @@ from typing import List
 
 from recnorm.experiments.studies import (
     cooijmans, default, drawbacks, eval_statistics, horizontal, init_rebuilt, language, laurent, memory, padding,
-    regularization, shared_bn)
+    regularization, shared_bn, speed, vertical)
 from recnorm.experiments.study import Study
 from recnorm.registry import Registry
 
@@ -41,6 +41,8 @@ _add(language.STUDY)
 _add(eval_statistics.STUDY)
 _add(init_rebuilt.STUDY)
 _add(shared_bn.STUDY)
+_add(speed.STUDY)
+_add(vertical.STUDY)
 _add(cooijmans.PAPER)
 _add(laurent.PAPER)
 _add(language.PAPER)
