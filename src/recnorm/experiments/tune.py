@@ -289,7 +289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.final:
         return 0 if run_final(study, args.runs, args.results, args.workers, args.smoke).finished else 1
     for c in tune_study(study, args.runs, args.results, args.workers, args.smoke).values():
-        logger.info("%s: lr %g (valid %s %s)%s", c.label, c.lr, c.metric, c.score, " AT THE GRID'S EDGE" if c.at_edge else "")
+        what = c.scored_by or f"valid {c.metric}"
+        score = "none (every run failed)" if c.score is None else f"{c.score:.4g}"
+        logger.info("%s: lr %g (%s %s)%s", c.label, c.lr, what, score, " AT THE GRID'S EDGE" if c.at_edge else "")
     return 0
 
 
