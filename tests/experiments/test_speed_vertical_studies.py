@@ -186,3 +186,20 @@ def test_smoke_tuning_then_final_then_claims(tmp_path, study_name, arms):
     smoke_study = Study(name=f"{study_name}-smoke", sweep=get_study(study_name).sweep)
     text = "\n".join(_tuning_lines(smoke_study, results))
     assert ("mean steps to 0.85 validation accuracy" in text) == (study_name == "speed")
+
+
+def test_a_tuned_study_report_makes_no_undeclared_verdicts(tmp_path):
+    """The report of a tuned study (here the speed study's smoke runs) shows its declared claims, not the
+    generic comparisons (area under the validation curve and the like) that would second-guess them."""
+    from recnorm.experiments.report import build_report
+    from recnorm.experiments.results import load_records
+    from recnorm.experiments.tune import main
+
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    assert main(["speed", "--smoke", "--runs", runs, "--results", results]) == 0
+    assert main(["speed", "--smoke", "--final", "--runs", runs, "--results", results]) == 0
+    doc, verdicts = build_report(os.path.join(runs, "speed-smoke"), figdir=str(tmp_path / "fig"))
+    text = doc.markdown("fig")
+    assert "generic comparisons (area under the validation curve and the like) are not made here" in text
+    claims = {c.claim for c in get_study("speed").derive(load_records(os.path.join(results, "speed-smoke", "runs.jsonl")))}
+    assert verdicts and all(row[1] in claims for row in verdicts)  # the declared claims, and nothing else

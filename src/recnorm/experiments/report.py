@@ -508,6 +508,11 @@ def _task_section(doc: Document, td: TaskData, key: str, study: str = "") -> Lis
         verdicts = []
         doc.p(f"The generic comparisons against no normalization do not apply (this sweep has no run without "
               f"one); the claims declared in the {study} study's file follow at the end of this report.")
+    elif study and STUDIES.get(study).tuning is not None:  # declared claims only: no undeclared second opinion
+        verdicts = []
+        doc.p(f"The generic comparisons (area under the validation curve and the like) are not made here: the "
+              f"{study} study declares its claims, their metrics and budgets in its file, and those claims follow at "
+              f"the end of this report.")
     else:
         verdicts = _verdicts(td)
         doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
