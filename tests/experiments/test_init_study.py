@@ -102,3 +102,29 @@ def test_the_contrast_runs_alone_are_not_a_grid():
     keys = {c.key for c in ir.claims(records)}
     assert keys == {"worst_fashion_rows:rnn:layer"}
     assert ir.grid_seeds(records, "rnn") == []
+
+
+def test_the_gain_table_shows_first_step_gradient_norms():
+    """Median first-step gradient norm per norm and setting, hand-built; a diverged run (no curve) is counted."""
+    def rec(norm, init, gain, seed, grad, status="ok"):
+        r = _rec(seed, 0.9, cell="lstm", norm=norm, init=init, init_gain=gain, forget_bias=1.0)
+        r["status"] = status
+        r["train"] = {"step": [1, 100], "grad_norm": [grad, 0.5]} if grad is not None else {}
+        return r
+
+    records = [rec(None, "default", 1.0, s, g) for s, g in ((0, 1.0), (1, 3.0), (2, 2.0))]
+    records += [rec(None, "normal", 10.0, 0, 1e6), rec(None, "normal", 10.0, 1, None, "diverged")]
+    records += [rec("layer", "default", 1.0, 0, 4.0), rec("layer", "normal", 10.0, 0, 0.5)]
+    tables = []
+
+    class Doc:
+        def p(self, text):
+            pass
+
+        def table(self, headers, rows):
+            tables.append((headers, rows))
+
+    ir._gain_table(Doc(), records, "fashion_rows", "lstm")
+    (headers, rows), = tables
+    assert headers == ["norm", "default init", "N(0, g²/fan_in), g = 10"]
+    assert rows == [["layer norm", "4", "0.5"], ["no norm", "2", "1e+06 (1 diverged)"]]
