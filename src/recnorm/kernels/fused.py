@@ -2,13 +2,15 @@
 
 The whole loop -- forward and a hand-derived backward through time -- runs in a C++ extension
 (``csrc/fused_lstm.cpp`` for the LSTM, ``csrc/fused_gru_rnn.cpp`` for the GRU and the RNN; what they
-share is in ``csrc/fused_common.h``), built against torch on first use (needs a C++ compiler and ninja)
-and cached (see :mod:`recnorm.kernels._build`). Per step it does one GEMM for the recurrent term and one
-fused, vectorized pass (AVX2 where torch has it) for the norm statistics, the normalization, the gates,
-the state update and the LSTM's cell norm; the input projection runs as GEMMs over chunks of steps just
-before they are used (or, for inputs of at most :data:`INPROJ_MAX` features, inside the pass). The
-backward does one fused pass and one GEMM per step, and the weight gradients as a few large GEMMs over
-chunks of consecutive steps. Activations are recomputed in backward from the saved normalized terms.
+share is in ``csrc/fused_common.h``, and the time loop itself, whose phases each kernel implements with
+the statistic family and the cell as template arguments, in ``csrc/fused_loop.h``), built against torch
+on first use (needs a C++ compiler and ninja) and cached (see :mod:`recnorm.kernels._build`). Per step it
+does one GEMM for the recurrent term and one fused, vectorized pass (AVX2 where torch has it) for the norm
+statistics, the normalization, the gates, the state update and the LSTM's cell norm; the input
+projection runs as GEMMs over chunks of steps just before they are used (or, for inputs of at most
+:data:`INPROJ_MAX` features, inside the pass). The backward does one fused pass and one GEMM per step,
+and the weight gradients as a few large GEMMs over chunks of consecutive steps. Activations are
+recomputed in backward from the saved normalized terms.
 
 The kernels are the operators ``torch.ops.recnorm.fused_lstm`` and ``torch.ops.recnorm.fused_gru_rnn``
 (and their ``_backward``), each with a schema, a CPU kernel, a fake kernel whose shapes follow symbolic

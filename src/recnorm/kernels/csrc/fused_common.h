@@ -1,7 +1,8 @@
 // What the fused CPU kernels (fused_lstm.cpp, fused_gru_rnn.cpp) share: the vector helpers and the
 // float32 exp / sigmoid / tanh approximations, row moments and the degenerate-feature rule, the
 // recurrent batch-norm sites with their per-step decision and column statistics, the in-pass input
-// projection, the packed-row Shape with its GEMM chunks, and torch's oneDNN linear.
+// projection, the packed-row Shape with its GEMM chunks, and torch's oneDNN linear. The time loop they
+// share is fused_loop.h.
 //
 // Header-only, and all of it in an unnamed namespace: each extension is one translation unit built into
 // a shared object of its own, so each gets its own copy (the function-local static of dnn_linear_op()

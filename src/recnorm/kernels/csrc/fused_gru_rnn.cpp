@@ -40,6 +40,9 @@
 // step (dh_{t-1} = dA_h W_hh, plus the GRU's direct z * dh term written by the pass), and the weight
 // gradients as a few large GEMMs over chunks of consecutive steps. Saved for backward: the normalized
 // terms (N, G) twice, the outputs, and the rstd of every row group (layer) or step and feature (batch).
+//
+// The loop is fused_loop.h's skeleton; GruRnnForward and GruRnnBackward below implement its phases, with
+// the statistic family and the cell template arguments (chosen once, at the entry point).
 
 #include <torch/csrc/utils/pybind.h>
 
@@ -47,6 +50,7 @@
 #include <vector>
 
 #include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, statistics, BN sites, Shape, GEMMs
+#include "fused_loop.h"    // the time loop and the dispatch over the statistic family
 
 namespace {
 
@@ -86,81 +90,119 @@ struct GateVectors {
         ghh(ptr_or<T>(g_hh, ones.data())) {}
 };
 
+
+// The cell as a type: f(CellTag<kGRU>{}) etc., asked once at the entry point (as the family, fused_loop.h).
+template <Cell C>
+using CellTag = std::integral_constant<Cell, C>;
+
+template <typename F>
+void with_cell(int64_t cell, F&& f) {
+  switch (cell) {
+    case kGRU:
+      f(CellTag<kGRU>{});
+      return;
+    case kTanh:
+      f(CellTag<kTanh>{});
+      return;
+    case kRelu:
+      f(CellTag<kRelu>{});
+      return;
+  }
+  TORCH_CHECK(false, "fused GRU/RNN: unknown cell ", cell);
+}
+
+// Batch statistics need each site's population statistics: running mean and variance (S, G), counts (S).
+void check_population(const std::vector<c10::optional<Tensor>>& pop, const Tensor& x, int64_t G) {
+  for (int s = 0; s < 2; ++s) {
+    const auto &rm = pop[3 * s], &rv = pop[3 * s + 1], &nbt = pop[3 * s + 2];
+    TORCH_CHECK(has(rm) && has(rv) && has(nbt) && rm->is_contiguous() && rv->is_contiguous() && nbt->is_contiguous() &&
+                    rm->scalar_type() == x.scalar_type() && rv->scalar_type() == x.scalar_type() && nbt->scalar_type() == at::kLong &&
+                    rm->dim() == 2 && rm->size(1) == G && rv->sizes() == rm->sizes() && nbt->numel() == rm->size(0),
+                "fused GRU/RNN: batch statistics need population statistics of shape (S, G)");
+  }
+}
+
+// The operator's arguments, as forward and backward pass them on to their kernel classes.
+struct GruRnnArgs {
+  const Tensor &x, &h0, &w_ih, &w_hh;
+  const c10::optional<Tensor> &bias, &b_hn, &g_ih, &g_hh;
+  const c10::optional<Tensor>& w_hh_packed;
+  const std::vector<int64_t>& center;
+  bool training;  // batch statistics (the operator's batch_stats)
+  bool joint;
+  const std::vector<int64_t>& one_group;
+  const ZoneRows& zone;
+};
+
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
 
-template <typename T>
-std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
-                                 const c10::optional<Tensor>& bias, const c10::optional<Tensor>& b_hn_t,
-                                 const c10::optional<Tensor>& g_ih_t, const c10::optional<Tensor>& g_hh_t, const Shape& sh,
-                                 int64_t cell, int64_t mode, const std::vector<int64_t>& center,
-                                 const std::vector<double>& eps, bool training, bool save, int64_t step_offset,
-                                 const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max, int64_t inproj_rows,
-                                 const c10::optional<Tensor>& w_hh_packed, bool joint, const std::vector<int64_t>& one_group,
-                                 const ZoneRows& zone) {
-  constexpr int64_t VS = Vec<T>::size();
-  const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T, K = sh.K;
-  const bool gru = cell == kGRU, relu = cell == kRelu;
-  // First layer-norm group of each site: the GRU's (r, z) block, or the whole row (RNN; one-group GRU).
-  const bool one_ih = !gru || one_group[0] != 0, one_hh = !gru || one_group[1] != 0;
-  const int64_t S_ih = one_ih ? G : 2 * H, S_hh = one_hh ? G : 2 * H;
-  auto opts = x.options();
+// One forward call, with the statistic family M and the cell C fixed at compile time (the phases:
+// fused_loop.h).
+template <typename T, Mode M, Cell C>
+class GruRnnForward {
+ public:
+  static constexpr bool kNorm = M != kNone;   // none: the row pass with mean 0 and rstd 1
+  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel
+  static constexpr bool kGru = C == kGRU;
+  static constexpr bool kRelu_ = C == kRelu;
+  static constexpr int64_t VS = Vec<T>::size();
 
-  const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
-  const T *b = gv.b, *bhn = gv.bhn, *gih = gv.gih, *ghh = gv.ghh;
-  const T eps_ih = T(eps[0]), eps_hh = T(eps[1]);
-  const bool cen_ih = center[0] != 0, cen_hh = center[1] != 0;
-  const bool norm_on = mode != kNone;  // none: the row pass with mean 0 and rstd 1
-
-  // Batch moments of the steps that use batch statistics: (2, T, 2G) means and variances of the input
-  // and the recurrent term per step (rows of other steps stay 0).
-  Tensor moments = mode == kBatch && training ? at::zeros({2, Tn, 2 * G}, opts) : at::empty({0}, opts);
-  BNSite<T> bn[2];
-  if (mode == kBatch) {
-    const int64_t W = 2 * G;
-    T* mp = training ? moments.data_ptr<T>() : nullptr;
-    for (int s = 0; s < 2; ++s)
-      bn[s].init(*pop[3 * s], *pop[3 * s + 1], *pop[3 * s + 2], center[s] != 0, eps[s], mp ? mp + s * G : nullptr,
-                 mp ? mp + Tn * W + s * G : nullptr, W);
+  GruRnnForward(const GruRnnArgs& a, const Shape& shape, const std::vector<double>& eps, bool save_, int64_t step_offset_,
+                const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max, int64_t inproj_rows_)
+      : x(a.x), h0(a.h0), w_hh_packed(a.w_hh_packed), zone(a.zone), sh(shape),
+        H(sh.H), G(sh.G), N(sh.N), B0(sh.B0), Tn(sh.T), K(sh.K), I(sh.I),
+        // First layer-norm group of each site: the GRU's (r, z) block, or the whole row (RNN; one-group GRU).
+        one_ih(!kGru || a.one_group[0] != 0), one_hh(!kGru || a.one_group[1] != 0),
+        S_ih(one_ih ? G : 2 * H), S_hh(one_hh ? G : 2 * H), opts(x.options()),
+        gv(G, a.bias, a.b_hn, a.g_ih, a.g_hh), b(gv.b), bhn(gv.bhn), gih(gv.gih), ghh(gv.ghh),
+        eps_ih(T(eps[0])), eps_hh(T(eps[1])), cen_ih(a.center[0] != 0), cen_hh(a.center[1] != 0), joint(a.joint),
+        training(a.training), save(save_), step_offset(step_offset_), inproj_rows(inproj_rows_), hoisted(I > inproj_max) {
+    // Batch moments of the steps that use batch statistics: (2, T, 2G) means and variances of the input
+    // and the recurrent term per step (rows of other steps stay 0).
+    moments = kStep && training ? at::zeros({2, Tn, 2 * G}, opts) : at::empty({0}, opts);
+    if constexpr (kStep) {
+      check_population(pop, x, G);
+      const int64_t W = 2 * G;
+      T* mp = training ? moments.data_ptr<T>() : nullptr;
+      for (int s = 0; s < 2; ++s)
+        bn[s].init(*pop[3 * s], *pop[3 * s + 1], *pop[3 * s + 2], a.center[s] != 0, eps[s], mp ? mp + s * G : nullptr,
+                   mp ? mp + Tn * W + s * G : nullptr, W);
+    }
+    // Input projection W_ih x: GEMMs over chunks of consecutive steps (about inproj_rows rows each),
+    // each just before its steps run, so that the pass finds its rows in cache; or, for a narrow input
+    // (I <= inproj_max, where a GEMM with a tiny inner dimension is slow), computed row by row inside
+    // the step pass from x and W_ih^T.
+    int64_t xi_rows = save ? N : B0;
+    if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
+    XI = at::empty({xi_rows, G}, opts);  // input term (normalized in place when saved)
+    WT = a.w_ih.t().contiguous();  // (I, G)
+    wt = WT.data_ptr<T>();
+    x_p = x.data_ptr<T>();
+    XH = at::empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
+    out = at::empty({N, H}, opts);
+    hn = at::empty({B0, H}, opts);
+    // Saved statistics. Layer: (4, rows) rstd of the ih groups a, b and the hh groups a, b per row
+    // (group b is the GRU's n block). Batch: (2, steps, G) rstd_ih, rstd_hh per step and feature.
+    if constexpr (!kStep) {
+      stats = at::empty({4, save ? N : B0}, opts);
+    } else {
+      stats = at::empty({2, save ? Tn : 1, G}, opts);
+      means = at::empty({2, G}, opts);  // this step's means of the two gate terms
+    }
+    xi_all = XI.data_ptr<T>();
+    xh_all = XH.data_ptr<T>();
+    out_p = out.data_ptr<T>();
+    hn_p = hn.data_ptr<T>();
+    h0_p = h0.data_ptr<T>();
+    w_hh_t = a.w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
   }
 
-  // Input projection W_ih x: GEMMs over chunks of consecutive steps (about inproj_rows rows each),
-  // each just before its steps run, so that the pass finds its rows in cache; or, for a narrow input
-  // (I <= inproj_max, where a GEMM with a tiny inner dimension is slow), computed row by row inside
-  // the step pass from x and W_ih^T.
-  const int64_t I = sh.I;
-  const bool hoisted = I > inproj_max;
-  int64_t xi_rows = save ? N : B0;
-  if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
-  Tensor XI = at::empty({xi_rows, G}, opts);  // input term (normalized in place when saved)
-  const Tensor WT = w_ih.t().contiguous();  // (I, G)
-  const T* wt = WT.data_ptr<T>();
-  const T* x_p = x.data_ptr<T>();
-  int64_t proj_end = 0, proj_base = 0;  // steps [.., proj_end) are projected; XI row 0 is packed row proj_base
-  Tensor XH = at::empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
-  Tensor out = at::empty({N, H}, opts);
-  Tensor hn = at::empty({B0, H}, opts);
-  // Saved statistics. Layer: (4, rows) rstd of the ih groups a, b and the hh groups a, b per row
-  // (group b is the GRU's n block). Batch: (2, steps, G) rstd_ih, rstd_hh per step and feature.
-  Tensor stats, means;
-  if (mode != kBatch) {
-    stats = at::empty({4, save ? N : B0}, opts);
-  } else {
-    stats = at::empty({2, save ? Tn : 1, G}, opts);
-    means = at::empty({2, G}, opts);  // this step's means of the two gate terms
-  }
-
-  T* xi_all = XI.data_ptr<T>();
-  T* xh_all = XH.data_ptr<T>();
-  T* out_p = out.data_ptr<T>();
-  T* hn_p = hn.data_ptr<T>();
-  const T* h0_p = h0.data_ptr<T>();
-  const Tensor w_hh_t = w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
-
-  for (int64_t t = 0; t < Tn; ++t) {
-    const int64_t Bt = sh.bs[t], o0 = sh.off[t];
-    const int64_t step = t + step_offset;
+  // Step t's row pointers, and the input projection of the chunk of steps that starts at t.
+  void project(int64_t t) {
+    Bt = sh.bs[t], o0 = sh.off[t];
+    step_no = t + step_offset;
     if (hoisted && t >= proj_end) {
       const int64_t t2 = sh.proj_chunk_end(t, inproj_rows);
       const int64_t rows = sh.off[t2] - o0;
@@ -169,156 +211,30 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       at::mm_out(dst, x.narrow(0, o0, rows), WT);
       proj_end = t2;
     }
-    T* xi = hoisted ? xi_all + (o0 - proj_base) * G : (save ? xi_all + o0 * G : xi_all);
-    T* xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
-    const T* hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
-    T* hout = out_p + o0 * H;
-    const T* xrows = x_p + o0 * I;
+    xi = hoisted ? xi_all + (o0 - proj_base) * G : (save ? xi_all + o0 * G : xi_all);
+    xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
+    hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
+    hout = out_p + o0 * H;
+    xrows = x_p + o0 * I;
+  }
 
-    // Recurrent GEMM for the rows valid at t (raw term read from xh, normalized term written to xh_dst).
-    const T* xh;
-    Tensor gh;
-    {
-      Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
-      Tensor dst = save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt);
-      gh = step_gemm(hprev, w_hh_t, w_hh_packed, dst);
-      xh = gh.data_ptr<T>();
+  // Recurrent GEMM for the rows valid at t (raw term read from xh, normalized term written to xh_dst).
+  void recurrent(int64_t t) {
+    Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
+    Tensor dst = save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt);
+    gh = step_gemm(hprev, w_hh_t, w_hh_packed, dst);
+    xh = gh.data_ptr<T>();
+  }
+
+  void step(int64_t t) {
+    if constexpr (kStep) {
+      columns(t);
+    } else {
+      rows();
     }
+  }
 
-    if (mode != kBatch) {
-      T* rs = stats.data_ptr<T>();
-      const int64_t rstride = save ? N : B0;
-      const int64_t rbase = save ? o0 : 0;
-      at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
-        for (int64_t bb = b0; bb < b1; ++bb) {
-          T* xir = xi + bb * G;
-          const T* xhr = xh + bb * G;
-          T* xhw = xh_dst + bb * G;
-          const T* hpr = hp + bb * H;
-          T* hr = hout + bb * H;
-          if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
-          T mia = 0, ria = 1, mib = 0, rib = 1, mha = 0, rha = 1, mhb = 0, rhb = 1, var;
-          if (norm_on) {
-            if (joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
-            row_stats(xir, S_ih, cen_ih, mia, var);
-            ria = ln_rstd(mia, var, eps_ih);
-            if (joint) {
-              rha = 0;
-            } else {
-              row_stats(xhr, S_hh, cen_hh, mha, var);
-              rha = ln_rstd(mha, var, eps_hh);
-            }
-            if (gru) {
-              if (one_ih) {
-                mib = mia, rib = ria;
-              } else {
-                row_stats(xir + S_ih, H, cen_ih, mib, var);
-                rib = ln_rstd(mib, var, eps_ih);
-              }
-              if (one_hh) {
-                mhb = mha, rhb = rha;
-              } else {
-                row_stats(xhr + S_hh, H, cen_hh, mhb, var);
-                rhb = ln_rstd(mhb, var, eps_hh);
-              }
-            }
-          }
-          rs[0 * rstride + rbase + bb] = ria;
-          rs[1 * rstride + rbase + bb] = rib;
-          rs[2 * rstride + rbase + bb] = rha;
-          rs[3 * rstride + rbase + bb] = rhb;
-          const Vec<T> vmia(mia), vria(ria), vmib(mib), vrib(rib), vmha(mha), vrha(rha), vmhb(mhb), vrhb(rhb);
-          for (int64_t j = 0; j < H; j += VS) {
-            const int64_t n = std::min(VS, H - j);
-            if (gru) {
-              Vec<T> a[3], h[3];
-              for (int k = 0; k < 3; ++k) {
-                const int64_t q = k * H + j;
-                a[k] = k < 2 ? (ld(xir + q, n) - vmia) * vria : (ld(xir + q, n) - vmib) * vrib;
-                h[k] = k < 2 ? (ld(xhr + q, n) - vmha) * vrha : (ld(xhr + q, n) - vmhb) * vrhb;
-                if (save) {  // keep the normalized terms for backward
-                  st(xir + q, a[k], n);
-                  st(xhw + q, h[k], n);
-                }
-              }
-              const Vec<T> r = sigmoid(fma(ld(gih + j, n), a[0], fma(ld(ghh + j, n), h[0], ld(b + j, n))));
-              const Vec<T> z = sigmoid(fma(ld(gih + H + j, n), a[1], fma(ld(ghh + H + j, n), h[1], ld(b + H + j, n))));
-              const Vec<T> hnf = fma(ld(ghh + 2 * H + j, n), h[2], ld(bhn + j, n));
-              const Vec<T> nn = tanh_(fma(r, hnf, fma(ld(gih + 2 * H + j, n), a[2], ld(b + 2 * H + j, n))));
-              st(hr + j, fma(z, ld(hpr + j, n) - nn, nn), n);
-            } else {
-              const Vec<T> a = (ld(xir + j, n) - vmia) * vria, h = (ld(xhr + j, n) - vmha) * vrha;
-              if (save) {
-                st(xir + j, a, n);
-                st(xhw + j, h, n);
-              }
-              st(hr + j, act(fma(ld(gih + j, n), a, fma(ld(ghh + j, n), h, ld(b + j, n))), relu), n);
-            }
-          }
-        }
-      });
-    } else {  // kBatch: every hidden unit j is independent of the others (column-parallel)
-      const bool batch = training && Bt >= 2;
-      const BNStep<T> s_ih = bn_begin_step(bn[0], t, step, batch);
-      const BNStep<T> s_hh = bn_begin_step(bn[1], t, step, batch);
-      const int64_t ts = save ? t : 0;
-      T* r_ih = stats.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
-      T* r_hh = stats.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
-      T* m_ih = means.data_ptr<T>();
-      T* m_hh = m_ih + G;
-      const int64_t nchunks = (H + VS - 1) / VS;
-      at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t kc = k0; kc < k1; ++kc) {
-          const int64_t j = kc * VS;
-          const int64_t n = std::min(VS, H - j);
-          if (!hoisted) {
-            for (int64_t bb = 0; bb < Bt; ++bb)
-              for (int64_t k = 0; k < K; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
-          }
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t q = k * H + j;
-            bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
-            bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
-          }
-          Vec<T> vg[3], vh[3], vb[3], mi[3], ri[3], mh[3], rh[3];
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t q = k * H + j;
-            vg[k] = ld(gih + q, n);
-            vh[k] = ld(ghh + q, n);
-            vb[k] = ld(b + q, n);
-            mi[k] = ld(m_ih + q, n);
-            ri[k] = ld(r_ih + q, n);
-            mh[k] = ld(m_hh + q, n);
-            rh[k] = ld(r_hh + q, n);
-          }
-          const Vec<T> vbhn = gru ? ld(bhn + j, n) : Vec<T>(T(0));
-          for (int64_t bb = 0; bb < Bt; ++bb) {
-            T* xir = xi + bb * G + j;
-            const T* xhr = xh + bb * G + j;
-            T* xhw = xh_dst + bb * G + j;
-            Vec<T> a[3], h[3];
-            for (int64_t k = 0; k < K; ++k) {
-              a[k] = (ld(xir + k * H, n) - mi[k]) * ri[k];
-              h[k] = (ld(xhr + k * H, n) - mh[k]) * rh[k];
-              if (save) {  // keep the normalized terms for backward
-                st(xir + k * H, a[k], n);
-                st(xhw + k * H, h[k], n);
-              }
-            }
-            if (gru) {
-              const Vec<T> r = sigmoid(fma(vg[0], a[0], fma(vh[0], h[0], vb[0])));
-              const Vec<T> z = sigmoid(fma(vg[1], a[1], fma(vh[1], h[1], vb[1])));
-              const Vec<T> hnf = fma(vh[2], h[2], vbhn);
-              const Vec<T> nn = tanh_(fma(r, hnf, fma(vg[2], a[2], vb[2])));
-              st(hout + bb * H + j, fma(z, ld(hp + bb * H + j, n) - nn, nn), n);
-            } else {
-              st(hout + bb * H + j, act(fma(vg[0], a[0], fma(vh[0], h[0], vb[0])), relu), n);
-            }
-          }
-        }
-      });
-    }
-
+  void finish(int64_t t) {
     if (zone) {  // zoneout: mix the step's new state with the previous one
       at::parallel_for(0, Bt, 16, [&](int64_t b0, int64_t b1) {
         for (int64_t bb = b0; bb < b1; ++bb) zone_row(hout + bb * H, hout + bb * H, hp + bb * H, zone.at<T>(o0 + bb), H);
@@ -329,41 +245,298 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     if (nb < Bt) std::copy(hout + nb * H, hout + Bt * H, hn_p + nb * H);
   }
 
-  // Outputs of a registered operator must not alias each other: a fresh empty tensor for each unused one.
-  auto none = [&]() { return at::empty({0}, opts); };
-  if (!save) return {out, hn, none(), none(), none(), moments};
-  return {out, hn, XI, XH, stats, moments};
-}
+  std::vector<Tensor> outputs() {
+    // Outputs of a registered operator must not alias each other: a fresh empty tensor for each unused one.
+    auto none = [&]() { return at::empty({0}, opts); };
+    if (!save) return {out, hn, none(), none(), none(), moments};
+    return {out, hn, XI, XH, stats, moments};
+  }
+
+ private:
+  // Row statistics of row bb's two terms, mean and rstd of each group: {ia, ib, ha, hb} (none: 0 and 1).
+  void row_norms(T* xir, const T* xhr, T* m, T* r) {
+    T mia = 0, ria = 1, mib = 0, rib = 1, mha = 0, rha = 1, mhb = 0, rhb = 1, var;
+    if constexpr (kNorm) {
+      if (joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
+      row_stats(xir, S_ih, cen_ih, mia, var);
+      ria = ln_rstd(mia, var, eps_ih);
+      if (joint) {
+        rha = 0;
+      } else {
+        row_stats(xhr, S_hh, cen_hh, mha, var);
+        rha = ln_rstd(mha, var, eps_hh);
+      }
+      if constexpr (kGru) {
+        if (one_ih) {
+          mib = mia, rib = ria;
+        } else {
+          row_stats(xir + S_ih, H, cen_ih, mib, var);
+          rib = ln_rstd(mib, var, eps_ih);
+        }
+        if (one_hh) {
+          mhb = mha, rhb = rha;
+        } else {
+          row_stats(xhr + S_hh, H, cen_hh, mhb, var);
+          rhb = ln_rstd(mhb, var, eps_hh);
+        }
+      }
+    }
+    m[0] = mia, r[0] = ria, m[1] = mib, r[1] = rib, m[2] = mha, r[2] = rha, m[3] = mhb, r[3] = rhb;
+  }
+
+  // Row-parallel pass (no norm, row statistics): each row's statistics, gates and new state.
+  void rows() {
+    T* rs = stats.data_ptr<T>();
+    const int64_t rstride = save ? N : B0;
+    const int64_t rbase = save ? o0 : 0;
+    at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+      for (int64_t bb = b0; bb < b1; ++bb) {
+        T* xir = xi + bb * G;
+        const T* xhr = xh + bb * G;
+        T* xhw = xh_dst + bb * G;
+        const T* hpr = hp + bb * H;
+        T* hr = hout + bb * H;
+        if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
+        T mg[4], rg[4];  // mean and rstd of the groups ia, ib, ha, hb
+        row_norms(xir, xhr, mg, rg);
+        rs[0 * rstride + rbase + bb] = rg[0];
+        rs[1 * rstride + rbase + bb] = rg[1];
+        rs[2 * rstride + rbase + bb] = rg[2];
+        rs[3 * rstride + rbase + bb] = rg[3];
+        const Vec<T> vmia(mg[0]), vria(rg[0]), vmib(mg[1]), vrib(rg[1]), vmha(mg[2]), vrha(rg[2]), vmhb(mg[3]), vrhb(rg[3]);
+        for (int64_t j = 0; j < H; j += VS) {
+          const int64_t n = std::min(VS, H - j);
+          if constexpr (kGru) {
+            Vec<T> a[3], h[3];
+            for (int k = 0; k < 3; ++k) {
+              const int64_t q = k * H + j;
+              a[k] = k < 2 ? (ld(xir + q, n) - vmia) * vria : (ld(xir + q, n) - vmib) * vrib;
+              h[k] = k < 2 ? (ld(xhr + q, n) - vmha) * vrha : (ld(xhr + q, n) - vmhb) * vrhb;
+              if (save) {  // keep the normalized terms for backward
+                st(xir + q, a[k], n);
+                st(xhw + q, h[k], n);
+              }
+            }
+            const Vec<T> r = sigmoid(fma(ld(gih + j, n), a[0], fma(ld(ghh + j, n), h[0], ld(b + j, n))));
+            const Vec<T> z = sigmoid(fma(ld(gih + H + j, n), a[1], fma(ld(ghh + H + j, n), h[1], ld(b + H + j, n))));
+            const Vec<T> hnf = fma(ld(ghh + 2 * H + j, n), h[2], ld(bhn + j, n));
+            const Vec<T> nn = tanh_(fma(r, hnf, fma(ld(gih + 2 * H + j, n), a[2], ld(b + 2 * H + j, n))));
+            st(hr + j, fma(z, ld(hpr + j, n) - nn, nn), n);
+          } else {
+            const Vec<T> a = (ld(xir + j, n) - vmia) * vria, h = (ld(xhr + j, n) - vmha) * vrha;
+            if (save) {
+              st(xir + j, a, n);
+              st(xhw + j, h, n);
+            }
+            st(hr + j, act(fma(ld(gih + j, n), a, fma(ld(ghh + j, n), h, ld(b + j, n))), kRelu_), n);
+          }
+        }
+      }
+    });
+  }
+
+  // Batch statistics: every hidden unit j is independent of the others (column-parallel).
+  void columns(int64_t t) {
+    const bool batch = training && Bt >= 2;
+    const BNStep<T> s_ih = bn_begin_step(bn[0], t, step_no, batch);
+    const BNStep<T> s_hh = bn_begin_step(bn[1], t, step_no, batch);
+    const int64_t ts = save ? t : 0;
+    T* r_ih = stats.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
+    T* r_hh = stats.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
+    T* m_ih = means.data_ptr<T>();
+    T* m_hh = m_ih + G;
+    const int64_t nchunks = (H + VS - 1) / VS;
+    at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t kc = k0; kc < k1; ++kc) {
+        const int64_t j = kc * VS;
+        const int64_t n = std::min(VS, H - j);
+        if (!hoisted) {
+          for (int64_t bb = 0; bb < Bt; ++bb)
+            for (int64_t k = 0; k < K; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t q = k * H + j;
+          bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
+          bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
+        }
+        Vec<T> vg[3], vh[3], vb[3], mi[3], ri[3], mh[3], rh[3];
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t q = k * H + j;
+          vg[k] = ld(gih + q, n);
+          vh[k] = ld(ghh + q, n);
+          vb[k] = ld(b + q, n);
+          mi[k] = ld(m_ih + q, n);
+          ri[k] = ld(r_ih + q, n);
+          mh[k] = ld(m_hh + q, n);
+          rh[k] = ld(r_hh + q, n);
+        }
+        const Vec<T> vbhn = kGru ? ld(bhn + j, n) : Vec<T>(T(0));
+        for (int64_t bb = 0; bb < Bt; ++bb) {
+          T* xir = xi + bb * G + j;
+          const T* xhr = xh + bb * G + j;
+          T* xhw = xh_dst + bb * G + j;
+          Vec<T> a[3], h[3];
+          for (int64_t k = 0; k < K; ++k) {
+            a[k] = (ld(xir + k * H, n) - mi[k]) * ri[k];
+            h[k] = (ld(xhr + k * H, n) - mh[k]) * rh[k];
+            if (save) {  // keep the normalized terms for backward
+              st(xir + k * H, a[k], n);
+              st(xhw + k * H, h[k], n);
+            }
+          }
+          if constexpr (kGru) {
+            const Vec<T> r = sigmoid(fma(vg[0], a[0], fma(vh[0], h[0], vb[0])));
+            const Vec<T> z = sigmoid(fma(vg[1], a[1], fma(vh[1], h[1], vb[1])));
+            const Vec<T> hnf = fma(vh[2], h[2], vbhn);
+            const Vec<T> nn = tanh_(fma(r, hnf, fma(vg[2], a[2], vb[2])));
+            st(hout + bb * H + j, fma(z, ld(hp + bb * H + j, n) - nn, nn), n);
+          } else {
+            st(hout + bb * H + j, act(fma(vg[0], a[0], fma(vh[0], h[0], vb[0])), kRelu_), n);
+          }
+        }
+      }
+    });
+  }
+
+  const Tensor &x, &h0;
+  const c10::optional<Tensor>& w_hh_packed;
+  const ZoneRows& zone;
+  const Shape& sh;
+  const int64_t H, G, N, B0, Tn, K, I;
+  const bool one_ih, one_hh;
+  const int64_t S_ih, S_hh;  // width of the first layer-norm group of each site
+  const at::TensorOptions opts;
+  const GateVectors<T> gv;
+  const T *b, *bhn, *gih, *ghh;
+  const T eps_ih, eps_hh;
+  const bool cen_ih, cen_hh, joint, training, save;
+  const int64_t step_offset, inproj_rows;
+  const bool hoisted;  // input projection by GEMM, not in the pass
+  BNSite<T> bn[2];
+  Tensor moments, XI, WT, XH, out, hn, stats, means, w_hh_t, gh;
+  int64_t proj_end = 0, proj_base = 0;  // steps [.., proj_end) are projected; XI row 0 is packed row proj_base
+  const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr;
+  T *xi_all = nullptr, *xh_all = nullptr, *out_p = nullptr, *hn_p = nullptr;
+  // Step t: rows, input term, recurrent term (raw, and where its normalized form goes), states.
+  int64_t Bt = 0, o0 = 0, step_no = 0;
+  T *xi = nullptr, *xh_dst = nullptr, *hout = nullptr;
+  const T *xh = nullptr, *hp = nullptr, *xrows = nullptr;
+};
 
 // ------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-template <typename T>
-std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c10::optional<Tensor>& d_hn_t, const Tensor& x,
-                                  const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias,
-                                  const c10::optional<Tensor>& b_hn_t, const c10::optional<Tensor>& g_ih_t,
-                                  const c10::optional<Tensor>& g_hh_t, const Tensor& out, const Tensor& XI, const Tensor& XH,
-                                  const Tensor& stats, const Shape& sh, int64_t cell, int64_t mode, const std::vector<int64_t>& center,
-                                  bool training, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed,
-                                  bool joint, const std::vector<int64_t>& one_group, const ZoneRows& zone) {
-  constexpr int64_t VS = Vec<T>::size();
-  const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
-  const bool gru = cell == kGRU, relu = cell == kRelu;
-  const bool one_ih = !gru || one_group[0] != 0, one_hh = !gru || one_group[1] != 0;
-  auto opts = x.options();
+// What forward saved for backward, and the gradients backward receives.
+struct GruRnnSaved {
+  const c10::optional<Tensor> &d_out, &d_hn;  // gradients of out and h_n (absent: zero)
+  const Tensor &out, &XI, &XH, &stats;
+};
 
-  const GateVectors<T> gv(G, bias, b_hn_t, g_ih_t, g_hh_t);
-  const T *b = gv.b, *bhn = gv.bhn, *gih = gv.gih, *ghh = gv.ghh;
-  const T* d_out = ptr_or<T>(d_out_t, static_cast<const T*>(nullptr));
-  // The layer-norm backward's row sums (0 without a norm); its mean-of-gradient terms only when centred.
-  const T on = T(mode != kNone), ci = on * T(center[0] != 0), ch = on * T(center[1] != 0);
+// One backward call, with the statistic family M and the cell C fixed at compile time (the phases:
+// fused_loop.h).
+template <typename T, Mode M, Cell C>
+class GruRnnBackward {
+ public:
+  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel
+  static constexpr bool kGru = C == kGRU;
+  static constexpr bool kRelu_ = C == kRelu;
+  static constexpr int64_t VS = Vec<T>::size();
 
+  GruRnnBackward(const GruRnnArgs& a, const GruRnnSaved& s, const Shape& shape, bool need_dx, int64_t chunk_rows)
+      : x(a.x), h0(a.h0), w_ih(a.w_ih), w_hh(a.w_hh), out(s.out), w_hh_packed(a.w_hh_packed), zone(a.zone), sh(shape),
+        H(sh.H), G(sh.G), N(sh.N), B0(sh.B0), Tn(sh.T), one_ih(!kGru || a.one_group[0] != 0),
+        one_hh(!kGru || a.one_group[1] != 0), joint(a.joint), training(a.training), opts(x.options()),
+        gv(G, a.bias, a.b_hn, a.g_ih, a.g_hh), b(gv.b), bhn(gv.bhn), gih(gv.gih), ghh(gv.ghh),
+        d_out(ptr_or<T>(s.d_out, static_cast<const T*>(nullptr))),
+        // The layer-norm backward's row sums (0 without a norm); its mean-of-gradient terms only when centred.
+        on(T(M != kNone)), ci(on * T(a.center[0] != 0)), ch(on * T(a.center[1] != 0)),
+        nthreads(max_threads()), PW(4 * G), nslots(kStep ? 1 : nthreads) {
+    // dh_rec rows [0, bs[t]) hold dL/dh_t while step t runs; afterwards (GEMM) dL/dh_{t-1}.
+    dh_rec = has(s.d_hn) ? s.d_hn->clone() : at::zeros({B0, H}, opts);
+    dhr_p = dh_rec.data_ptr<T>();
+    xi_all = s.XI.data_ptr<T>();
+    xh_all = s.XH.data_ptr<T>();
+    out_p = out.data_ptr<T>();
+    h0_p = h0.data_ptr<T>();
+    st_p = s.stats.data_ptr<T>();
+    // Parameter-gradient accumulators: per thread for layer mode (row-parallel), shared (column-exclusive)
+    // for batch mode. Layout per slot: db (G), dg_ih (G), dg_hh (G), d(a_h) sums (G; the GRU's n block
+    // is db_hn).
+    partial.assign(nslots * PW, T(0));
+    // Chunks of consecutive steps for the weight-gradient GEMMs.
+    int64_t cap = 0;
+    chunks_ = sh.grad_chunks(chunk_rows, cap);
+    DGH = at::empty({cap, G}, opts);  // dL/d(W_hh h_{t-1}) of the chunk's rows
+    DGI = at::empty({cap, G}, opts);  // dL/d(W_ih x_t)
+    Hprev = at::empty({cap, H}, opts);
+    dgh_p = DGH.data_ptr<T>();
+    dgi_p = DGI.data_ptr<T>();
+    dW_ih = at::zeros_like(w_ih);
+    dW_hh = at::zeros_like(w_hh);
+    dx = need_dx ? at::empty_like(x) : Tensor();
+  }
+
+  const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
+
+  // The fused pass of step t: dL/dh_t -> the gate gradients (DGI, DGH rows), the direct part of
+  // dL/dh_{t-1}, parameter sums.
+  void step(int64_t t, int64_t cbase) {
+    Bt = sh.bs[t], o0 = sh.off[t];
+    xi = xi_all + o0 * G;
+    xh = xh_all + o0 * G;
+    hc = out_p + o0 * H;
+    hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
+    dout = d_out ? d_out + o0 * H : nullptr;
+    dgi = dgi_p + (o0 - cbase) * G;
+    dgh = dgh_p + (o0 - cbase) * G;
+    if constexpr (kStep) {
+      columns(t);
+    } else {
+      rows();
+    }
+  }
+
+  // dh_{t-1} for the rows valid at t: the GRU (and zoneout) add to the direct term the pass left
+  // there. With a joint gate norm the recurrent term's gradient is the joint term's, in DGI.
+  void recurrent(int64_t t, int64_t cbase) {
+    Tensor dst = dh_rec.narrow(0, 0, Bt);
+    Tensor dg = (joint ? DGI : DGH).narrow(0, o0 - cbase, Bt);
+    const bool accumulate = kGru || bool(zone);
+    if (use_packed(w_hh_packed)) {
+      Tensor res = dnn_linear(dg, *w_hh_packed);
+      if (accumulate) {
+        dst.add_(res);
+      } else {
+        dst.copy_(res);
+      }
+    } else if (accumulate) {
+      dst.addmm_(dg, w_hh);
+    } else {
+      at::mm_out(dst, dg, w_hh);
+    }
+  }
+
+  void weight_grads(int64_t t0, int64_t t1) {
+    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, joint ? DGI : DGH, DGI, Hprev, dW_ih, dW_hh, dx);
+  }
+
+  std::vector<Tensor> gradients() {
+    // Reduce the per-thread accumulators.
+    const std::vector<T> acc = reduce_slots(partial, nslots, PW);
+    Tensor db = vec_tensor(acc, 0, G, opts);
+    Tensor dg_ih = vec_tensor(acc, G, G, opts);
+    Tensor dg_hh = vec_tensor(acc, 2 * G, G, opts);
+    Tensor db_hn = kGru ? vec_tensor(acc, 3 * G + 2 * H, H, opts) : at::empty({0}, opts);
+    return {dx, dh_rec, dW_ih, dW_hh, db, db_hn, dg_ih, dg_hh};
+  }
+
+ private:
   // One site's row sums of the layer-norm backward, (mean of dy, mean of dy * y) of group a then group b,
   // from the lane sums (a1, a2) and (b1, b2) of the two groups; `cen` drops the first where not centred.
   // A one-group site (the RNN; haste's LayerNormGRU) sums both blocks over all G features, and its group
   // b reads group a's sums.
-  auto site_sums = [&](bool one, T cen, const Vec<T>& a1, const Vec<T>& a2, const Vec<T>& b1, const Vec<T>& b2, T* out) {
+  void site_sums(bool one, T cen, const Vec<T>& a1, const Vec<T>& a2, const Vec<T>& b1, const Vec<T>& b2, T* out) const {
     if (one) {
       out[0] = out[2] = cen * (hsum(a1) + hsum(b1)) / T(G);
       out[1] = out[3] = on * (hsum(a2) + hsum(b2)) / T(G);
@@ -373,336 +546,330 @@ std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c1
       out[2] = cen * hsum(b1) / T(H);
       out[3] = on * hsum(b2) / T(H);
     }
-  };
-
-  // dh_rec rows [0, bs[t]) hold dL/dh_t while step t runs; afterwards (GEMM) dL/dh_{t-1}.
-  Tensor dh_rec = has(d_hn_t) ? d_hn_t->clone() : at::zeros({B0, H}, opts);
-  T* dhr_p = dh_rec.data_ptr<T>();
-
-  const T* xi_all = XI.data_ptr<T>();
-  const T* xh_all = XH.data_ptr<T>();
-  const T* out_p = out.data_ptr<T>();
-  const T* h0_p = h0.data_ptr<T>();
-  const T* st_p = stats.data_ptr<T>();
-
-  // Parameter-gradient accumulators: per thread for layer mode (row-parallel), shared (column-exclusive)
-  // for batch mode. Layout per slot: db (G), dg_ih (G), dg_hh (G), d(a_h) sums (G; the GRU's n block
-  // is db_hn).
-  const int64_t nthreads = max_threads();
-  const int64_t PW = 4 * G;
-  const int64_t nslots = mode == kBatch ? 1 : nthreads;
-  std::vector<T> partial(nslots * PW, T(0));
-
-  // Chunks of consecutive steps for the weight-gradient GEMMs.
-  int64_t cap = 0;
-  const auto chunks = sh.grad_chunks(chunk_rows, cap);
-  Tensor DGH = at::empty({cap, G}, opts);  // dL/d(W_hh h_{t-1}) of the chunk's rows
-  Tensor DGI = at::empty({cap, G}, opts);  // dL/d(W_ih x_t)
-  Tensor Hprev = at::empty({cap, H}, opts);
-  T* dgh_p = DGH.data_ptr<T>();
-  T* dgi_p = DGI.data_ptr<T>();
-
-  Tensor dW_ih = at::zeros_like(w_ih);
-  Tensor dW_hh = at::zeros_like(w_hh);
-  Tensor dx = need_dx ? at::empty_like(x) : Tensor();
-
-  for (const auto& chunk : chunks) {
-    const int64_t t0 = chunk.first, t1 = chunk.second;
-    const int64_t cbase = sh.off[t0];
-    for (int64_t t = t1; t >= t0; --t) {
-      const int64_t Bt = sh.bs[t], o0 = sh.off[t];
-      const T* xi = xi_all + o0 * G;
-      const T* xh = xh_all + o0 * G;
-      const T* hc = out_p + o0 * H;
-      const T* hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
-      const T* dout = d_out ? d_out + o0 * H : nullptr;
-      T* dgi = dgi_p + (o0 - cbase) * G;
-      T* dgh = dgh_p + (o0 - cbase) * G;
-
-      if (mode != kBatch) {
-        at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
-          const int64_t tid = at::get_thread_num();
-          T* pdb = partial.data() + tid * PW;
-          T* pdgi = pdb + G;
-          T* pdgh = pdgi + G;
-          T* pdbh = pdgh + G;
-          const Vec<T> one(T(1));
-          // Rows go in groups: per row, the gate gradients dA_i, dA_h (before the gains; parked in the
-          // DGI/DGH rows; the GRU's rz blocks of dA_h equal dA_i and are not written) and the row sums
-          // of the layer-norm backward; then, column by column over the group, the parameter-gradient
-          // sums and the layer-norm backward (-> DGI, DGH rows).
-          constexpr int64_t RB = 8;
-          T rsum[8 * RB], rstd[4 * RB];
-          for (int64_t g0 = b0; g0 < b1; g0 += RB) {
-            const int64_t g1 = std::min(b1, g0 + RB);
-            for (int64_t bb = g0; bb < g1; ++bb) {
-              const int64_t r = o0 + bb;
-              const T* xir = xi + bb * G;
-              const T* xhr = xh + bb * G;
-              const T* doutr = dout ? dout + bb * H : nullptr;
-              const ZoneRow<T> zr = zone.at<T>(r);  // zoneout keep indicators of the row (or none)
-              T* dhr = dhr_p + bb * H;
-              T* dgir = dgi + bb * G;
-              T* dghr = dgh + bb * G;
-              Vec<T> sia1(T(0)), sia2(T(0)), sib1(T(0)), sib2(T(0)), sha1(T(0)), sha2(T(0)), shb1(T(0)), shb2(T(0));
-              if (gru) {
-                const T* hpr = hp + bb * H;
-                for (int64_t j = 0; j < H; j += VS) {
-                  const int64_t n = std::min(VS, H - j);
-                  Vec<T> a[3], h[3], gi[3], gh[3];
-                  for (int k = 0; k < 3; ++k) {
-                    const int64_t q = k * H + j;
-                    a[k] = ld(xir + q, n);
-                    h[k] = ld(xhr + q, n);
-                    gi[k] = ld(gih + q, n);
-                    gh[k] = ld(ghh + q, n);
-                  }
-                  const Vec<T> rg = sigmoid(fma(gi[0], a[0], fma(gh[0], h[0], ld(b + j, n))));
-                  const Vec<T> zg = sigmoid(fma(gi[1], a[1], fma(gh[1], h[1], ld(b + H + j, n))));
-                  const Vec<T> hnf = fma(gh[2], h[2], ld(bhn + j, n));
-                  const Vec<T> ng = tanh_(fma(rg, hnf, fma(gi[2], a[2], ld(b + 2 * H + j, n))));
-                  Vec<T> dh = ld(dhr + j, n);
-                  if (doutr) dh += ld(doutr + j, n);
-                  if (zr) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
-                    const Vec<T> dz = zr(j, n) * dh;
-                    dh -= dz;
-                    st(dhr + j, fma(dh, zg, dz), n);
-                  } else {
-                    st(dhr + j, dh * zg, n);  // direct path to h_{t-1}; the GEMM adds the rest
-                  }
-                  const Vec<T> du = lanes(dh * (one - zg) * (one - ng * ng), n);
-                  const Vec<T> dpr = du * hnf * rg * (one - rg);
-                  const Vec<T> dpz = lanes(dh * (ld(hpr + j, n) - ng) * zg * (one - zg), n);
-                  const Vec<T> dahn = du * rg;
-                  st(dgir + j, dpr, n);
-                  st(dgir + H + j, dpz, n);
-                  st(dgir + 2 * H + j, du, n);
-                  st(dghr + 2 * H + j, dahn, n);
-                  const Vec<T> yi0 = dpr * gi[0], yi1 = dpz * gi[1], yi2 = du * gi[2];
-                  const Vec<T> yh0 = dpr * gh[0], yh1 = dpz * gh[1], yh2 = dahn * gh[2];
-                  sia1 += yi0 + yi1;
-                  sia2 = fma(yi0, a[0], fma(yi1, a[1], sia2));
-                  sib1 += yi2;
-                  sib2 = fma(yi2, a[2], sib2);
-                  sha1 += yh0 + yh1;
-                  sha2 = fma(yh0, h[0], fma(yh1, h[1], sha2));
-                  shb1 += yh2;
-                  shb2 = fma(yh2, h[2], shb2);
-                }
-              } else {
-                const T* hcr = hc + bb * H;
-                for (int64_t j = 0; j < H; j += VS) {
-                  const int64_t n = std::min(VS, H - j);
-                  Vec<T> dh = ld(dhr + j, n);
-                  if (doutr) dh += ld(doutr + j, n);
-                  Vec<T> hv;
-                  if (zr) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
-                    const Vec<T> dz = zr(j, n) * dh;
-                    dh -= dz;
-                    st(dhr + j, dz, n);
-                    hv = act(fma(ld(gih + j, n), ld(xir + j, n), fma(ld(ghh + j, n), ld(xhr + j, n), ld(b + j, n))), relu);
-                  } else {
-                    hv = ld(hcr + j, n);
-                  }
-                  const Vec<T> d = lanes(dh * act_grad(hv, relu), n);
-                  st(dgir + j, d, n);
-                  const Vec<T> yi = d * ld(gih + j, n), yh = d * ld(ghh + j, n);
-                  sia1 += yi;
-                  sia2 = fma(yi, ld(xir + j, n), sia2);
-                  sha1 += yh;
-                  sha2 = fma(yh, ld(xhr + j, n), sha2);
-                }
-              }
-              const int64_t lr = bb - g0;
-              const int64_t rstride = N;
-              site_sums(one_ih, ci, sia1, sia2, sib1, sib2, rsum + 8 * lr);
-              site_sums(one_hh, ch, sha1, sha2, shb1, shb2, rsum + 8 * lr + 4);
-              for (int k = 0; k < 4; ++k) rstd[4 * lr + k] = st_p[k * rstride + r];
-            }
-            // Column pass over the group: parameter-gradient sums (in registers across the group's
-            // rows) and the backward of the two gate layer norms.
-            for (int64_t k = 0; k < sh.K; ++k) {
-              const int grp = (gru && k == 2) ? 1 : 0;  // layer-norm group of block k
-              const bool own_dah = gru && k == 2;  // dA_h differs from dA_i (the n block)
-              for (int64_t j = 0; j < H; j += VS) {
-                const int64_t q = k * H + j;
-                const int64_t n = std::min(VS, H - j);
-                Vec<T> adb = ld(pdb + q, n), adgi = ld(pdgi + q, n), adgh = ld(pdgh + q, n), adbh = ld(pdbh + q, n);
-                const Vec<T> vgi = ld(gih + q, n), vgh = ld(ghh + q, n);
-                for (int64_t bb = g0; bb < g1; ++bb) {
-                  const int64_t lr = bb - g0;
-                  T* dgir = dgi + bb * G + q;
-                  T* dghr = dgh + bb * G + q;
-                  const Vec<T> di = ld(dgir, n), dh = own_dah ? ld(dghr, n) : di;
-                  const Vec<T> vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
-                  adb += di;
-                  adgi = fma(di, vxi, adgi);
-                  adgh = fma(dh, vxh, adgh);
-                  if (own_dah) adbh += dh;
-                  const T* rs = rsum + 8 * lr + 2 * grp;
-                  st(dgir, Vec<T>(rstd[4 * lr + grp]) * (di * vgi - Vec<T>(rs[0]) - vxi * Vec<T>(rs[1])), n);
-                  st(dghr, Vec<T>(rstd[4 * lr + 2 + grp]) * (dh * vgh - Vec<T>(rs[4]) - vxh * Vec<T>(rs[5])), n);
-                }
-                st(pdb + q, adb, n);
-                st(pdgi + q, adgi, n);
-                st(pdgh + q, adgh, n);
-                if (own_dah) st(pdbh + q, adbh, n);
-              }
-            }
-          }
-        });
-      } else {  // kBatch, column-parallel
-        const bool batch = training && Bt >= 2;
-        const T* r_ih = st_p + (0 * Tn + t) * G;
-        const T* r_hh = st_p + (1 * Tn + t) * G;
-        T* pdb = partial.data();
-        T* pdgi = pdb + G;
-        T* pdgh = pdgi + G;
-        T* pdbh = pdgh + G;
-        const T invn = T(1) / T(Bt);
-        const int64_t nchunks = (H + VS - 1) / VS;
-        at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-          const Vec<T> one(T(1));
-          for (int64_t kc = k0; kc < k1; ++kc) {
-            const int64_t j = kc * VS;
-            const int64_t n = std::min(VS, H - j);
-            Vec<T> vgi[3], vgh[3], vb[3];
-            for (int64_t k = 0; k < sh.K; ++k) {
-              vgi[k] = ld(gih + k * H + j, n);
-              vgh[k] = ld(ghh + k * H + j, n);
-              vb[k] = ld(b + k * H + j, n);
-            }
-            // P1: sums of dA_i; Pi, Ph: of dA_i * a_i, dA_h * a_h; Pbh: of the GRU's dA_h,n.
-            Vec<T> P1[3], Pi[3], Ph[3], Pbh(T(0));
-            for (int k = 0; k < 3; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
-            if (gru) {
-              const Vec<T> vbhn = ld(bhn + j, n);
-              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A: gate gradients
-                const T* xir = xi + bb * G + j;
-                const T* xhr = xh + bb * G + j;
-                Vec<T> a[3], h[3];
-                for (int k = 0; k < 3; ++k) {
-                  a[k] = ld(xir + k * H, n);
-                  h[k] = ld(xhr + k * H, n);
-                }
-                const Vec<T> rg = sigmoid(fma(vgi[0], a[0], fma(vgh[0], h[0], vb[0])));
-                const Vec<T> zg = sigmoid(fma(vgi[1], a[1], fma(vgh[1], h[1], vb[1])));
-                const Vec<T> hnf = fma(vgh[2], h[2], vbhn);
-                const Vec<T> ng = tanh_(fma(rg, hnf, fma(vgi[2], a[2], vb[2])));
-                T* dhr = dhr_p + bb * H + j;
-                Vec<T> dh = ld(dhr, n);
-                if (dout) dh += ld(dout + bb * H + j, n);
-                if (zone) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
-                  const Vec<T> dz = zone.at<T>(o0 + bb)(j, n) * dh;
-                  dh -= dz;
-                  st(dhr, fma(dh, zg, dz), n);
-                } else {
-                  st(dhr, dh * zg, n);
-                }
-                const Vec<T> du = lanes(dh * (one - zg) * (one - ng * ng), n);
-                const Vec<T> dp[3] = {du * hnf * rg * (one - rg), lanes(dh * (ld(hp + bb * H + j, n) - ng) * zg * (one - zg), n), du};
-                const Vec<T> dahn = du * rg;
-                T* dgir = dgi + bb * G + j;
-                for (int k = 0; k < 3; ++k) {
-                  st(dgir + k * H, dp[k], n);
-                  P1[k] += dp[k];
-                  Pi[k] = fma(dp[k], a[k], Pi[k]);
-                }
-                st(dgh + bb * G + 2 * H + j, dahn, n);
-                Ph[0] = fma(dp[0], h[0], Ph[0]);
-                Ph[1] = fma(dp[1], h[1], Ph[1]);
-                Ph[2] = fma(dahn, h[2], Ph[2]);
-                Pbh += dahn;
-              }
-            } else {
-              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A: gate gradients
-                Vec<T> dh = ld(dhr_p + bb * H + j, n);
-                if (dout) dh += ld(dout + bb * H + j, n);
-                Vec<T> hv;
-                if (zone) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
-                  const Vec<T> dz = zone.at<T>(o0 + bb)(j, n) * dh;
-                  dh -= dz;
-                  st(dhr_p + bb * H + j, dz, n);
-                  hv = act(fma(vgi[0], ld(xi + bb * G + j, n), fma(vgh[0], ld(xh + bb * G + j, n), vb[0])), relu);
-                } else {
-                  hv = ld(hc + bb * H + j, n);
-                }
-                const Vec<T> d = lanes(dh * act_grad(hv, relu), n);
-                st(dgi + bb * G + j, d, n);
-                P1[0] += d;
-                Pi[0] = fma(d, ld(xi + bb * G + j, n), Pi[0]);
-                Ph[0] = fma(d, ld(xh + bb * G + j, n), Ph[0]);
-              }
-            }
-            for (int64_t k = 0; k < sh.K; ++k) {
-              const int64_t q = k * H + j;
-              st(pdb + q, ld(pdb + q, n) + P1[k], n);
-              st(pdgi + q, ld(pdgi + q, n) + Pi[k], n);
-              st(pdgh + q, ld(pdgh + q, n) + Ph[k], n);
-            }
-            if (gru) st(pdbh + 2 * H + j, ld(pdbh + 2 * H + j, n) + Pbh, n);
-            // Pass C: through the two gate batch norms (population statistics: a fixed scale).
-            Vec<T> si[3], sgh[3], mi[3], mih[3], mh[3], mhh[3];
-            for (int64_t k = 0; k < sh.K; ++k) {
-              const int64_t q = k * H + j;
-              si[k] = ld(r_ih + q, n) * vgi[k];
-              sgh[k] = ld(r_hh + q, n) * vgh[k];
-              mi[k] = P1[k] * Vec<T>(ci * invn);
-              mih[k] = Pi[k] * Vec<T>(invn);
-              mh[k] = ((gru && k == 2) ? Pbh : P1[k]) * Vec<T>(ch * invn);
-              mhh[k] = Ph[k] * Vec<T>(invn);
-            }
-            for (int64_t bb = 0; bb < Bt; ++bb) {
-              const T* xir = xi + bb * G + j;
-              const T* xhr = xh + bb * G + j;
-              T* dgir = dgi + bb * G + j;
-              T* dghr = dgh + bb * G + j;
-              for (int64_t k = 0; k < sh.K; ++k) {
-                const Vec<T> di = ld(dgir + k * H, n);
-                const Vec<T> dh = (gru && k == 2) ? ld(dghr + k * H, n) : di;
-                if (batch) {
-                  st(dgir + k * H, si[k] * (di - mi[k] - ld(xir + k * H, n) * mih[k]), n);
-                  st(dghr + k * H, sgh[k] * (dh - mh[k] - ld(xhr + k * H, n) * mhh[k]), n);
-                } else {
-                  st(dgir + k * H, si[k] * di, n);
-                  st(dghr + k * H, sgh[k] * dh, n);
-                }
-              }
-            }
-          }
-        });
-      }
-
-      // dh_{t-1} for the rows valid at t: the GRU (and zoneout) add to the direct term the pass left
-      // there. With a joint gate norm the recurrent term's gradient is the joint term's, in DGI.
-      Tensor dst = dh_rec.narrow(0, 0, Bt);
-      Tensor dg = (joint ? DGI : DGH).narrow(0, o0 - cbase, Bt);
-      const bool accumulate = gru || bool(zone);
-      if (use_packed(w_hh_packed)) {
-        Tensor res = dnn_linear(dg, *w_hh_packed);
-        if (accumulate) {
-          dst.add_(res);
-        } else {
-          dst.copy_(res);
-        }
-      } else if (accumulate) {
-        dst.addmm_(dg, w_hh);
-      } else {
-        at::mm_out(dst, dg, w_hh);
-      }
-    }
-
-    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, joint ? DGI : DGH, DGI, Hprev, dW_ih, dW_hh, dx);
   }
 
-  // Reduce the per-thread accumulators.
-  const std::vector<T> acc = reduce_slots(partial, nslots, PW);
-  Tensor db = vec_tensor(acc, 0, G, opts);
-  Tensor dg_ih = vec_tensor(acc, G, G, opts);
-  Tensor dg_hh = vec_tensor(acc, 2 * G, G, opts);
-  Tensor db_hn = gru ? vec_tensor(acc, 3 * G + 2 * H, H, opts) : at::empty({0}, opts);
-  return {dx, dh_rec, dW_ih, dW_hh, db, db_hn, dg_ih, dg_hh};
-}
+  // Row-parallel pass (no norm, row statistics). Rows go in groups: per row, the gate gradients dA_i,
+  // dA_h (before the gains; parked in the DGI/DGH rows; the GRU's rz blocks of dA_h equal dA_i and are
+  // not written) and the row sums of the layer-norm backward; then, column by column over the group, the
+  // parameter-gradient sums and the layer-norm backward (-> DGI, DGH rows).
+  void rows() {
+    at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+      const int64_t tid = at::get_thread_num();
+      T* pdb = partial.data() + tid * PW;
+      constexpr int64_t RB = 8;
+      T rsum[8 * RB], rstd[4 * RB];
+      for (int64_t g0 = b0; g0 < b1; g0 += RB) {
+        const int64_t g1 = std::min(b1, g0 + RB);
+        for (int64_t bb = g0; bb < g1; ++bb) {
+          const int64_t r = o0 + bb;
+          const int64_t lr = bb - g0;
+          // Lane sums of the layer-norm backward: sia1, sia2, sib1, sib2 (ih), sha1, sha2, shb1, shb2 (hh).
+          Vec<T> s[8];
+          for (int k = 0; k < 8; ++k) s[k] = Vec<T>(T(0));
+          if constexpr (kGru) {
+            gru_row(bb, s);
+          } else {
+            rnn_row(bb, s);
+          }
+          const int64_t rstride = N;
+          site_sums(one_ih, ci, s[0], s[1], s[2], s[3], rsum + 8 * lr);
+          site_sums(one_hh, ch, s[4], s[5], s[6], s[7], rsum + 8 * lr + 4);
+          for (int k = 0; k < 4; ++k) rstd[4 * lr + k] = st_p[k * rstride + r];
+        }
+        group_columns(g0, g1, pdb, rsum, rstd);
+      }
+    });
+  }
+
+  // The GRU's gate gradients of row bb, and the lane sums s of its layer-norm backward.
+  void gru_row(int64_t bb, Vec<T>* s) {
+    const T* xir = xi + bb * G;
+    const T* xhr = xh + bb * G;
+    const T* doutr = dout ? dout + bb * H : nullptr;
+    const ZoneRow<T> zr = zone.at<T>(o0 + bb);  // zoneout keep indicators of the row (or none)
+    T* dhr = dhr_p + bb * H;
+    T* dgir = dgi + bb * G;
+    T* dghr = dgh + bb * G;
+    Vec<T>&sia1 = s[0], &sia2 = s[1], &sib1 = s[2], &sib2 = s[3], &sha1 = s[4], &sha2 = s[5], &shb1 = s[6], &shb2 = s[7];
+    const Vec<T> one(T(1));
+    const T* hpr = hp + bb * H;
+    for (int64_t j = 0; j < H; j += VS) {
+      const int64_t n = std::min(VS, H - j);
+      Vec<T> a[3], h[3], gi[3], gh[3];
+      for (int k = 0; k < 3; ++k) {
+        const int64_t q = k * H + j;
+        a[k] = ld(xir + q, n);
+        h[k] = ld(xhr + q, n);
+        gi[k] = ld(gih + q, n);
+        gh[k] = ld(ghh + q, n);
+      }
+      const Vec<T> rg = sigmoid(fma(gi[0], a[0], fma(gh[0], h[0], ld(b + j, n))));
+      const Vec<T> zg = sigmoid(fma(gi[1], a[1], fma(gh[1], h[1], ld(b + H + j, n))));
+      const Vec<T> hnf = fma(gh[2], h[2], ld(bhn + j, n));
+      const Vec<T> ng = tanh_(fma(rg, hnf, fma(gi[2], a[2], ld(b + 2 * H + j, n))));
+      Vec<T> dh = ld(dhr + j, n);
+      if (doutr) dh += ld(doutr + j, n);
+      if (zr) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
+        const Vec<T> dz = zr(j, n) * dh;
+        dh -= dz;
+        st(dhr + j, fma(dh, zg, dz), n);
+      } else {
+        st(dhr + j, dh * zg, n);  // direct path to h_{t-1}; the GEMM adds the rest
+      }
+      const Vec<T> du = lanes(dh * (one - zg) * (one - ng * ng), n);
+      const Vec<T> dpr = du * hnf * rg * (one - rg);
+      const Vec<T> dpz = lanes(dh * (ld(hpr + j, n) - ng) * zg * (one - zg), n);
+      const Vec<T> dahn = du * rg;
+      st(dgir + j, dpr, n);
+      st(dgir + H + j, dpz, n);
+      st(dgir + 2 * H + j, du, n);
+      st(dghr + 2 * H + j, dahn, n);
+      const Vec<T> yi0 = dpr * gi[0], yi1 = dpz * gi[1], yi2 = du * gi[2];
+      const Vec<T> yh0 = dpr * gh[0], yh1 = dpz * gh[1], yh2 = dahn * gh[2];
+      sia1 += yi0 + yi1;
+      sia2 = fma(yi0, a[0], fma(yi1, a[1], sia2));
+      sib1 += yi2;
+      sib2 = fma(yi2, a[2], sib2);
+      sha1 += yh0 + yh1;
+      sha2 = fma(yh0, h[0], fma(yh1, h[1], sha2));
+      shb1 += yh2;
+      shb2 = fma(yh2, h[2], shb2);
+    }
+  }
+
+  // The RNN's gate gradients of row bb, and the lane sums s of its layer-norm backward.
+  void rnn_row(int64_t bb, Vec<T>* s) {
+    const T* xir = xi + bb * G;
+    const T* xhr = xh + bb * G;
+    const T* doutr = dout ? dout + bb * H : nullptr;
+    const ZoneRow<T> zr = zone.at<T>(o0 + bb);  // zoneout keep indicators of the row (or none)
+    T* dhr = dhr_p + bb * H;
+    T* dgir = dgi + bb * G;
+    Vec<T>&sia1 = s[0], &sia2 = s[1], &sha1 = s[4], &sha2 = s[5];
+    const T* hcr = hc + bb * H;
+    for (int64_t j = 0; j < H; j += VS) {
+      const int64_t n = std::min(VS, H - j);
+      Vec<T> dh = ld(dhr + j, n);
+      if (doutr) dh += ld(doutr + j, n);
+      Vec<T> hv;
+      if (zr) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
+        const Vec<T> dz = zr(j, n) * dh;
+        dh -= dz;
+        st(dhr + j, dz, n);
+        hv = act(fma(ld(gih + j, n), ld(xir + j, n), fma(ld(ghh + j, n), ld(xhr + j, n), ld(b + j, n))), kRelu_);
+      } else {
+        hv = ld(hcr + j, n);
+      }
+      const Vec<T> d = lanes(dh * act_grad(hv, kRelu_), n);
+      st(dgir + j, d, n);
+      const Vec<T> yi = d * ld(gih + j, n), yh = d * ld(ghh + j, n);
+      sia1 += yi;
+      sia2 = fma(yi, ld(xir + j, n), sia2);
+      sha1 += yh;
+      sha2 = fma(yh, ld(xhr + j, n), sha2);
+    }
+  }
+
+  // Column pass over the group of rows [g0, g1): parameter-gradient sums (in registers across the group's
+  // rows) and the backward of the two gate layer norms.
+  void group_columns(int64_t g0, int64_t g1, T* pdb, const T* rsum, const T* rstd) {
+    T* pdgi = pdb + G;
+    T* pdgh = pdgi + G;
+    T* pdbh = pdgh + G;
+    for (int64_t k = 0; k < sh.K; ++k) {
+      const int grp = (kGru && k == 2) ? 1 : 0;  // layer-norm group of block k
+      const bool own_dah = kGru && k == 2;  // dA_h differs from dA_i (the n block)
+      for (int64_t j = 0; j < H; j += VS) {
+        const int64_t q = k * H + j;
+        const int64_t n = std::min(VS, H - j);
+        Vec<T> adb = ld(pdb + q, n), adgi = ld(pdgi + q, n), adgh = ld(pdgh + q, n), adbh = ld(pdbh + q, n);
+        const Vec<T> vgi = ld(gih + q, n), vgh = ld(ghh + q, n);
+        for (int64_t bb = g0; bb < g1; ++bb) {
+          const int64_t lr = bb - g0;
+          T* dgir = dgi + bb * G + q;
+          T* dghr = dgh + bb * G + q;
+          const Vec<T> di = ld(dgir, n), dh = own_dah ? ld(dghr, n) : di;
+          const Vec<T> vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
+          adb += di;
+          adgi = fma(di, vxi, adgi);
+          adgh = fma(dh, vxh, adgh);
+          if (own_dah) adbh += dh;
+          const T* rs = rsum + 8 * lr + 2 * grp;
+          st(dgir, Vec<T>(rstd[4 * lr + grp]) * (di * vgi - Vec<T>(rs[0]) - vxi * Vec<T>(rs[1])), n);
+          st(dghr, Vec<T>(rstd[4 * lr + 2 + grp]) * (dh * vgh - Vec<T>(rs[4]) - vxh * Vec<T>(rs[5])), n);
+        }
+        st(pdb + q, adb, n);
+        st(pdgi + q, adgi, n);
+        st(pdgh + q, adgh, n);
+        if (own_dah) st(pdbh + q, adbh, n);
+      }
+    }
+  }
+
+  // Batch statistics, column-parallel: per chunk of VS hidden units, the gate gradients (pass A) and the
+  // gate batch norms' backward (pass C).
+  void columns(int64_t t) {
+    const bool batch = training && Bt >= 2;
+    const T invn = T(1) / T(Bt);
+    const int64_t nchunks = (H + VS - 1) / VS;
+    at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t kc = k0; kc < k1; ++kc) {
+        const int64_t j = kc * VS;
+        const int64_t n = std::min(VS, H - j);
+        Vec<T> vgi[3], vgh[3], vb[3];
+        for (int64_t k = 0; k < sh.K; ++k) {
+          vgi[k] = ld(gih + k * H + j, n);
+          vgh[k] = ld(ghh + k * H + j, n);
+          vb[k] = ld(b + k * H + j, n);
+        }
+        // P1: sums of dA_i; Pi, Ph: of dA_i * a_i, dA_h * a_h; Pbh: of the GRU's dA_h,n.
+        Vec<T> P1[3], Pi[3], Ph[3], Pbh(T(0));
+        for (int k = 0; k < 3; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
+        if constexpr (kGru) {
+          column_gru(j, n, vgi, vgh, vb, P1, Pi, Ph, Pbh);
+        } else {
+          column_rnn(j, n, vgi, vgh, vb, P1, Pi, Ph);
+        }
+        column_gate_norms(t, j, n, batch, invn, vgi, vgh, P1, Pi, Ph, Pbh);
+      }
+    });
+  }
+
+  // Pass A of the GRU for hidden units [j, j + n): gate gradients (DGI rows, DGH's n block) and their sums.
+  void column_gru(int64_t j, int64_t n, const Vec<T>* vgi, const Vec<T>* vgh, const Vec<T>* vb, Vec<T>* P1, Vec<T>* Pi,
+                  Vec<T>* Ph, Vec<T>& Pbh) {
+    const Vec<T> one(T(1));
+    const Vec<T> vbhn = ld(bhn + j, n);
+    for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A: gate gradients
+      const T* xir = xi + bb * G + j;
+      const T* xhr = xh + bb * G + j;
+      Vec<T> a[3], h[3];
+      for (int k = 0; k < 3; ++k) {
+        a[k] = ld(xir + k * H, n);
+        h[k] = ld(xhr + k * H, n);
+      }
+      const Vec<T> rg = sigmoid(fma(vgi[0], a[0], fma(vgh[0], h[0], vb[0])));
+      const Vec<T> zg = sigmoid(fma(vgi[1], a[1], fma(vgh[1], h[1], vb[1])));
+      const Vec<T> hnf = fma(vgh[2], h[2], vbhn);
+      const Vec<T> ng = tanh_(fma(rg, hnf, fma(vgi[2], a[2], vb[2])));
+      T* dhr = dhr_p + bb * H + j;
+      Vec<T> dh = ld(dhr, n);
+      if (dout) dh += ld(dout + bb * H + j, n);
+      if (zone) {  // zoneout: d * dh goes to h_{t-1} directly, (1 - d) * dh to h~
+        const Vec<T> dz = zone.at<T>(o0 + bb)(j, n) * dh;
+        dh -= dz;
+        st(dhr, fma(dh, zg, dz), n);
+      } else {
+        st(dhr, dh * zg, n);
+      }
+      const Vec<T> du = lanes(dh * (one - zg) * (one - ng * ng), n);
+      const Vec<T> dp[3] = {du * hnf * rg * (one - rg), lanes(dh * (ld(hp + bb * H + j, n) - ng) * zg * (one - zg), n), du};
+      const Vec<T> dahn = du * rg;
+      T* dgir = dgi + bb * G + j;
+      for (int k = 0; k < 3; ++k) {
+        st(dgir + k * H, dp[k], n);
+        P1[k] += dp[k];
+        Pi[k] = fma(dp[k], a[k], Pi[k]);
+      }
+      st(dgh + bb * G + 2 * H + j, dahn, n);
+      Ph[0] = fma(dp[0], h[0], Ph[0]);
+      Ph[1] = fma(dp[1], h[1], Ph[1]);
+      Ph[2] = fma(dahn, h[2], Ph[2]);
+      Pbh += dahn;
+    }
+  }
+
+  // Pass A of the RNN for hidden units [j, j + n): gate gradients (DGI rows) and their sums.
+  void column_rnn(int64_t j, int64_t n, const Vec<T>* vgi, const Vec<T>* vgh, const Vec<T>* vb, Vec<T>* P1, Vec<T>* Pi,
+                  Vec<T>* Ph) {
+    for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A: gate gradients
+      Vec<T> dh = ld(dhr_p + bb * H + j, n);
+      if (dout) dh += ld(dout + bb * H + j, n);
+      Vec<T> hv;
+      if (zone) {  // zoneout: d * dh to h_{t-1} directly; h~ recomputed from the saved terms
+        const Vec<T> dz = zone.at<T>(o0 + bb)(j, n) * dh;
+        dh -= dz;
+        st(dhr_p + bb * H + j, dz, n);
+        hv = act(fma(vgi[0], ld(xi + bb * G + j, n), fma(vgh[0], ld(xh + bb * G + j, n), vb[0])), kRelu_);
+      } else {
+        hv = ld(hc + bb * H + j, n);
+      }
+      const Vec<T> d = lanes(dh * act_grad(hv, kRelu_), n);
+      st(dgi + bb * G + j, d, n);
+      P1[0] += d;
+      Pi[0] = fma(d, ld(xi + bb * G + j, n), Pi[0]);
+      Ph[0] = fma(d, ld(xh + bb * G + j, n), Ph[0]);
+    }
+  }
+
+  // The parameter-gradient sums of hidden units [j, j + n), and pass C: through the two gate batch norms
+  // (population statistics: a fixed scale) -> the DGI and DGH rows.
+  void column_gate_norms(int64_t t, int64_t j, int64_t n, bool batch, T invn, const Vec<T>* vgi, const Vec<T>* vgh,
+                         const Vec<T>* P1, const Vec<T>* Pi, const Vec<T>* Ph, const Vec<T>& Pbh) {
+    const T* r_ih = st_p + (0 * Tn + t) * G;
+    const T* r_hh = st_p + (1 * Tn + t) * G;
+    T* pdb = partial.data();
+    T* pdgi = pdb + G;
+    T* pdgh = pdgi + G;
+    T* pdbh = pdgh + G;
+    for (int64_t k = 0; k < sh.K; ++k) {
+      const int64_t q = k * H + j;
+      st(pdb + q, ld(pdb + q, n) + P1[k], n);
+      st(pdgi + q, ld(pdgi + q, n) + Pi[k], n);
+      st(pdgh + q, ld(pdgh + q, n) + Ph[k], n);
+    }
+    if (kGru) st(pdbh + 2 * H + j, ld(pdbh + 2 * H + j, n) + Pbh, n);
+    Vec<T> si[3], sgh[3], mi[3], mih[3], mh[3], mhh[3];
+    for (int64_t k = 0; k < sh.K; ++k) {
+      const int64_t q = k * H + j;
+      si[k] = ld(r_ih + q, n) * vgi[k];
+      sgh[k] = ld(r_hh + q, n) * vgh[k];
+      mi[k] = P1[k] * Vec<T>(ci * invn);
+      mih[k] = Pi[k] * Vec<T>(invn);
+      mh[k] = ((kGru && k == 2) ? Pbh : P1[k]) * Vec<T>(ch * invn);
+      mhh[k] = Ph[k] * Vec<T>(invn);
+    }
+    for (int64_t bb = 0; bb < Bt; ++bb) {
+      const T* xir = xi + bb * G + j;
+      const T* xhr = xh + bb * G + j;
+      T* dgir = dgi + bb * G + j;
+      T* dghr = dgh + bb * G + j;
+      for (int64_t k = 0; k < sh.K; ++k) {
+        const Vec<T> di = ld(dgir + k * H, n);
+        const Vec<T> dh = (kGru && k == 2) ? ld(dghr + k * H, n) : di;
+        if (batch) {
+          st(dgir + k * H, si[k] * (di - mi[k] - ld(xir + k * H, n) * mih[k]), n);
+          st(dghr + k * H, sgh[k] * (dh - mh[k] - ld(xhr + k * H, n) * mhh[k]), n);
+        } else {
+          st(dgir + k * H, si[k] * di, n);
+          st(dghr + k * H, sgh[k] * dh, n);
+        }
+      }
+    }
+  }
+
+  const Tensor &x, &h0, &w_ih, &w_hh, &out;
+  const c10::optional<Tensor>& w_hh_packed;
+  const ZoneRows& zone;
+  const Shape& sh;
+  const int64_t H, G, N, B0, Tn;
+  const bool one_ih, one_hh, joint, training;
+  const at::TensorOptions opts;
+  const GateVectors<T> gv;
+  const T *b, *bhn, *gih, *ghh;
+  const T* d_out;  // dL/d out (null: zero)
+  const T on, ci, ch;
+  const int64_t nthreads, PW, nslots;  // threads, accumulator slot width, slots
+  Tensor dh_rec, DGH, DGI, Hprev, dW_ih, dW_hh, dx;
+  T *dhr_p = nullptr, *dgh_p = nullptr, *dgi_p = nullptr;
+  const T *xi_all = nullptr, *xh_all = nullptr, *out_p = nullptr, *h0_p = nullptr, *st_p = nullptr;
+  std::vector<T> partial;
+  std::vector<std::pair<int64_t, int64_t>> chunks_;
+  // Step t: rows, saved terms, states, gradient rows.
+  int64_t Bt = 0, o0 = 0;
+  const T *xi = nullptr, *xh = nullptr, *hc = nullptr, *hp = nullptr, *dout = nullptr;
+  T *dgi = nullptr, *dgh = nullptr;
+};
 
 // ------------------------------------------------------------------------------------------------
 // Entry points
@@ -715,7 +882,8 @@ int64_t check_common(const Tensor& x, const Tensor& h0, const Tensor& w_ih, cons
   for (const Tensor* t : {&x, &h0, &w_ih, &w_hh}) {
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type(), "fused GRU/RNN: expected contiguous tensors of one dtype");
   }
-  const int64_t K = cell == kGRU ? 3 : 1;
+  constexpr int64_t kBlocks[] = {3, 1, 1};  // gate blocks of H per cell: GRU (r, z, n), RNN (one)
+  const int64_t K = kBlocks[cell];
   TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(1) == x.size(1) && w_hh.size(0) == K * w_hh.size(1) &&
                   w_ih.size(0) == w_hh.size(0),
               "fused GRU/RNN: bad shapes");
@@ -754,19 +922,15 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
   check_vec(b_hn, x, sh.H, "b_hn");
   check_vec(g_ih, x, sh.G, "g_ih");
   check_vec(g_hh, x, sh.G, "g_hh");
-  if (mode == kBatch) {
-    for (int s = 0; s < 2; ++s) {
-      const auto &rm = pop[3 * s], &rv = pop[3 * s + 1], &nbt = pop[3 * s + 2];
-      TORCH_CHECK(has(rm) && has(rv) && has(nbt) && rm->is_contiguous() && rv->is_contiguous() && nbt->is_contiguous() &&
-                      rm->scalar_type() == x.scalar_type() && rv->scalar_type() == x.scalar_type() && nbt->scalar_type() == at::kLong &&
-                      rm->dim() == 2 && rm->size(1) == sh.G && rv->sizes() == rm->sizes() && nbt->numel() == rm->size(0),
-                  "fused GRU/RNN: batch statistics need population statistics of shape (S, G)");
-    }
-  }
+  const GruRnnArgs a{x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, w_hh_packed, center, batch_stats, joint, one_group, zone};
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_forward", [&] {
-    res = forward_impl<scalar_t>(x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, sh, cell, mode, center, eps, batch_stats, save, step_offset,
-                                 pop, inproj_max, inproj_rows, w_hh_packed, joint, one_group, zone);
+    with_family(mode, [&](auto family) {
+      with_cell(cell, [&](auto c) {
+        GruRnnForward<scalar_t, decltype(family)::value, decltype(c)::value> k(a, sh, eps, save, step_offset, pop, inproj_max, inproj_rows);
+        res = run_forward(k, sh);
+      });
+    });
   });
   return res;
 }
@@ -788,10 +952,16 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
     TORCH_CHECK(!has(*g) || ((*g)->is_contiguous() && (*g)->scalar_type() == x.scalar_type()), "fused GRU/RNN: bad gradient");
   }
   TORCH_CHECK(out.size(0) == sh.N && XI.size(0) == sh.N && XH.size(0) == sh.N, "fused GRU/RNN: saved tensors do not match batch_sizes");
+  const GruRnnArgs a{x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, w_hh_packed, center, batch_stats, joint, one_group, zone};
+  const GruRnnSaved saved{d_out, d_hn, out, XI, XH, stats};
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_backward", [&] {
-    res = backward_impl<scalar_t>(d_out, d_hn, x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, sh, cell, mode, center,
-                                  batch_stats, need_dx, chunk_rows, w_hh_packed, joint, one_group, zone);
+    with_family(mode, [&](auto family) {
+      with_cell(cell, [&](auto c) {
+        GruRnnBackward<scalar_t, decltype(family)::value, decltype(c)::value> k(a, saved, sh, need_dx, chunk_rows);
+        res = run_backward(k, sh);
+      });
+    });
   });
   return res;
 }

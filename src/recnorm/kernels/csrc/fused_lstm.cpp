@@ -17,6 +17,10 @@
 // and one GEMM (dh_{t-1} = dG_hh W_hh) per step, and the weight gradients as a few large GEMMs over
 // chunks of consecutive steps. Large buffers come from a small caching pool (see BufferPool).
 //
+// The loop is fused_loop.h's skeleton; LstmForward and LstmBackward below implement its phases, with the
+// statistic family a template argument (chosen once, at the entry point), so the passes of one family
+// compile without the others' branches.
+//
 // Statistic families (all three sites use the same one; `center` per site picks LN/BN or RMS):
 //   none:  pre = W_ih x + W_hh h + b
 //   row:   pre = g_ih * N(W_ih x) + g_hh * N(W_hh h) + b, h = o * tanh(g_c * N(c) + beta_c), N the
@@ -38,6 +42,7 @@
 #include <vector>
 
 #include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, statistics, BN sites, Shape, GEMMs
+#include "fused_loop.h"    // the time loop and the dispatch over the statistic family
 
 namespace {
 
@@ -174,102 +179,80 @@ struct Variant {
   ZoneRow<T> zone_c(int64_t row) const { return zc.at<T>(row); }
 };
 
+// The optional per-feature vectors of forward and backward, absent ones read as their identity: the bias
+// and the cell norm's shift as 0, the gains as 1. Not copyable (the pointers may point into it).
+template <typename T>
+struct LstmVectors {
+  std::vector<T> zeros_g, ones_g, zeros_h, ones_h;
+  const T *b, *gih, *ghh, *gc, *betac;
+  LstmVectors(int64_t G, int64_t H, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih,
+              const c10::optional<Tensor>& g_hh, const c10::optional<Tensor>& g_c, const c10::optional<Tensor>& beta_c)
+      : zeros_g(G, T(0)),
+        ones_g(G, T(1)),
+        zeros_h(H, T(0)),
+        ones_h(H, T(1)),
+        b(ptr_or<T>(bias, zeros_g.data())),
+        gih(ptr_or<T>(g_ih, ones_g.data())),
+        ghh(ptr_or<T>(g_hh, ones_g.data())),
+        gc(ptr_or<T>(g_c, ones_h.data())),
+        betac(ptr_or<T>(beta_c, zeros_h.data())) {}
+  LstmVectors(const LstmVectors&) = delete;
+  LstmVectors& operator=(const LstmVectors&) = delete;
+};
+
+// The operator's arguments, as forward and backward pass them on to their kernel classes.
+struct LstmArgs {
+  const Tensor &x, &h0, &c0, &w_ih, &w_hh;
+  const c10::optional<Tensor> &bias, &g_ih, &g_hh, &g_c, &beta_c;
+  const c10::optional<Tensor>& w_hh_packed;
+  const std::vector<int64_t>& center;
+  bool training;  // batch statistics (the operator's batch_stats)
+};
+
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
 
-template <typename T>
-std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                                 const c10::optional<Tensor>& bias, const c10::optional<Tensor>& g_ih_t,
-                                 const c10::optional<Tensor>& g_hh_t, const c10::optional<Tensor>& g_c_t,
-                                 const c10::optional<Tensor>& beta_c_t, const Shape& sh, int64_t mode,
-                                 const std::vector<int64_t>& center, const std::vector<double>& eps, bool training, bool save,
-                                 int64_t step_offset, const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max,
-                                 int64_t inproj_rows, const c10::optional<Tensor>& w_hh_packed,
-                                 const c10::optional<Tensor>& w_ih_packed, const Variant& var) {
-  constexpr int64_t VS = Vec<T>::size();
-  const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
-  auto opts = x.options();
+// One forward call, with the statistic family M fixed at compile time (the phases: fused_loop.h).
+template <typename T, Mode M>
+class LstmForward {
+ public:
+  static constexpr bool kPlain = M == kNone;  // no norm: pre = W_ih x + W_hh h + b
+  static constexpr bool kRow = M == kLayer;   // row statistics (layer norm, RMSNorm): row-parallel
+  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel (or folded)
+  static constexpr int64_t VS = Vec<T>::size();
 
-  std::vector<T> zeros_g(G, T(0)), ones_g(G, T(1)), zeros_h(H, T(0)), ones_h(H, T(1));
-  const T* b = ptr_or<T>(bias, zeros_g.data());
-  const T* gih = ptr_or<T>(g_ih_t, ones_g.data());
-  const T* ghh = ptr_or<T>(g_hh_t, ones_g.data());
-  const T* gc = ptr_or<T>(g_c_t, ones_h.data());
-  const T* betac = ptr_or<T>(beta_c_t, zeros_h.data());
-  const T eps_ih = T(eps[0]), eps_hh = T(eps[1]), eps_c = T(eps[2]);
-  const bool cen_ih = center[0] != 0, cen_hh = center[1] != 0, cen_c = center[2] != 0;
-  const bool var_joint = var.joint, var_carry = var.carry;
-  TORCH_CHECK(!(var_joint || var_carry) || mode == kLayer, "fused LSTM: a joint gate norm and a carried cell need row statistics");
-
-  // Batch moments of the steps that use batch statistics: (2, T, 2G + H) means and variances of the
-  // input term, the recurrent term and the cell, per step (rows of other steps stay 0).
-  Tensor moments = mode == kBatch && training ? at::zeros({2, Tn, 2 * G + H}, opts) : at::empty({0}, opts);
-  BNSite<T> bn[3];
-  if (mode == kBatch) {
-    const int64_t W = 2 * G + H;
-    T* mp = training ? moments.data_ptr<T>() : nullptr;
-    const int64_t col[3] = {0, G, 2 * G};
-    for (int s = 0; s < 3; ++s)
-      bn[s].init(*pop[3 * s], *pop[3 * s + 1], *pop[3 * s + 2], center[s] != 0, eps[s], mp ? mp + col[s] : nullptr,
-                 mp ? mp + Tn * W + col[s] : nullptr, W);
+  LstmForward(const LstmArgs& a, const Shape& shape, const std::vector<double>& eps, bool save_, int64_t step_offset_,
+              const std::vector<c10::optional<Tensor>>& pop, int64_t inproj_max, int64_t inproj_rows_,
+              const c10::optional<Tensor>& w_ih_packed_, const Variant& var_)
+      : x(a.x), h0(a.h0), w_hh_packed(a.w_hh_packed), w_ih_packed(w_ih_packed_), sh(shape), var(var_),
+        H(sh.H), G(sh.G), N(sh.N), B0(sh.B0), Tn(sh.T), I(sh.I), opts(x.options()),
+        v(G, H, a.bias, a.g_ih, a.g_hh, a.g_c, a.beta_c), b(v.b), gih(v.gih), ghh(v.ghh), gc(v.gc), betac(v.betac),
+        eps_ih(T(eps[0])), eps_hh(T(eps[1])), eps_c(T(eps[2])),
+        cen_ih(a.center[0] != 0), cen_hh(a.center[1] != 0), cen_c(a.center[2] != 0),
+        var_joint(var.joint), var_carry(var.carry), training(a.training), save(save_), step_offset(step_offset_),
+        inproj_rows(inproj_rows_), hoisted(I > inproj_max), dnn_in(hoisted && use_packed(w_ih_packed)),
+        folded(kStep && !training && !save) {
+    TORCH_CHECK(!(var_joint || var_carry) || kRow, "fused LSTM: a joint gate norm and a carried cell need row statistics");
+    // Batch moments of the steps that use batch statistics: (2, T, 2G + H) means and variances of the
+    // input term, the recurrent term and the cell, per step (rows of other steps stay 0).
+    moments = kStep && training ? at::zeros({2, Tn, 2 * G + H}, opts) : at::empty({0}, opts);
+    if constexpr (kStep) {
+      for (auto& p : pop) TORCH_CHECK(has(p) && p->is_contiguous(), "fused LSTM: batch statistics need population statistics");
+      const int64_t W = 2 * G + H;
+      T* mp = training ? moments.data_ptr<T>() : nullptr;
+      const int64_t col[3] = {0, G, 2 * G};
+      for (int s = 0; s < 3; ++s)
+        bn[s].init(*pop[3 * s], *pop[3 * s + 1], *pop[3 * s + 2], a.center[s] != 0, eps[s], mp ? mp + col[s] : nullptr,
+                   mp ? mp + Tn * W + col[s] : nullptr, W);
+    }
+    allocate(a);
   }
 
-  // Input projection W_ih x: GEMMs over chunks of consecutive steps (about inproj_rows rows each),
-  // each just before its steps run, so that the pass finds its rows in cache; or, for a narrow input
-  // (I <= inproj_max, where a GEMM with a tiny inner dimension is slow), computed row by row inside
-  // the step pass from x and W_ih^T.
-  TIC(6);
-  const int64_t I = sh.I;
-  const bool hoisted = I > inproj_max;
-  int64_t xi_rows = save ? N : B0;
-  if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
-  const bool dnn_in = hoisted && use_packed(w_ih_packed);
-  if (dnn_in && !save) xi_rows = 0;  // oneDNN returns each chunk's projection in a tensor of its own
-  Tensor XI = pool_empty({xi_rows, G}, opts);
-  Tensor gx_chunk;  // the current chunk's projection (hoisted)
-  int64_t chunk_o0 = 0;
-  const Tensor WT = w_ih.t().contiguous();  // (I, G)
-  const T* wt = WT.data_ptr<T>();
-  const T* x_p = x.data_ptr<T>();
-  int64_t proj_end = 0;  // steps [.., proj_end) are projected
-  Tensor XH = pool_empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
-  // The carried cells of every step (or of the last two); where they differ from c~ (carry, zone_c), then
-  // c~ of the last two steps: backward recomputes c~ = f * c_{t-1} + i * g from the gates, so C keeps one
-  // (N, H) cell buffer, as torch.nn does.
-  const int64_t c_rows = save ? N : 2 * B0;
-  Tensor C = pool_empty({c_rows + (var.cell_state() ? 2 * B0 : 0), H}, opts);
-  Tensor out = at::empty({N, H}, opts);  // returned to the caller: an ordinary (resizable) tensor, not pooled
-  Tensor hn = at::empty({B0, H}, opts), cn = at::empty({B0, H}, opts);
-  Tensor O = at::empty({B0, H}, opts);  // output gate of the current step
-  // Saved statistics: LN (4, N): rstd_ih, rstd_hh, mean_c, rstd_c per row; BN: (2, T, G) rstd_ih, rstd_hh
-  // and (2, T, H) mean_c, rstd_c per step and feature.
-  Tensor stats_g, stats_h, means;
-  if (mode == kLayer) {
-    stats_g = pool_empty({4, save ? N : B0}, opts);
-  } else if (mode == kBatch) {
-    stats_g = pool_empty({2, save ? Tn : 1, G}, opts);
-    stats_h = pool_empty({2, save ? Tn : 1, H}, opts);
-    means = at::empty({2, G}, opts);  // this step's batch means of the two gate terms
-  }
-
-  T* xi_all = XI.data_ptr<T>();
-  T* xh_all = XH.data_ptr<T>();
-  T* c_all = C.data_ptr<T>();
-  T* cs_all = c_all;  // the carried cells (c~ itself unless carry or zone_c)
-  T* cc_all = var.cell_state() ? c_all + c_rows * H : nullptr;  // c~ of the last two steps, where it differs
-  const T* h0_p = h0.data_ptr<T>();
-  T* out_p = out.data_ptr<T>();
-  T* o_p = O.data_ptr<T>();
-  T* hn_p = hn.data_ptr<T>();
-  T* cn_p = cn.data_ptr<T>();
-  const T* c0_p = c0.data_ptr<T>();
-  const Tensor w_hh_t = w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
-  std::vector<T> fold(mode == kBatch && !training && !save ? 3 * G + 2 * H : 0);
-
-  for (int64_t t = 0; t < Tn; ++t) {
-    const int64_t Bt = sh.bs[t], o0 = sh.off[t];
-    const int64_t step = t + step_offset;
+  // Step t's row pointers, and the input projection of the chunk of steps that starts at t.
+  void project(int64_t t) {
+    Bt = sh.bs[t], o0 = sh.off[t];
+    step_no = t + step_offset;
     if (hoisted && t >= proj_end) {
       const int64_t t2 = sh.proj_chunk_end(t, inproj_rows);
       const int64_t rows = sh.off[t2] - o0;
@@ -280,219 +263,41 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
       proj_end = t2;
     }
     // Input term: read (raw) from xi, normalized term (or activations, mode none) kept in xi_dst.
-    T* xi = hoisted ? gx_chunk.data_ptr<T>() + (o0 - chunk_o0) * G : (save ? xi_all + o0 * G : xi_all);
-    T* xi_dst = save ? xi_all + o0 * G : xi;
-    T* xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
-    T* cs = save ? cs_all + o0 * H : cs_all + (t % 2) * B0 * H;  // the carried cell
-    T* cc = cc_all ? cc_all + (t % 2) * B0 * H : cs;  // c~ (the carried cell itself unless it differs)
-    const T* cp = t == 0 ? c0_p : (save ? cs_all + sh.off[t - 1] * H : cs_all + ((t - 1) % 2) * B0 * H);
-    T* hout = out_p + o0 * H;
-    const T* xrows = x_p + o0 * I;
+    xi = hoisted ? gx_chunk.data_ptr<T>() + (o0 - chunk_o0) * G : (save ? xi_all + o0 * G : xi_all);
+    xi_dst = save ? xi_all + o0 * G : xi;
+    xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
+    cs = save ? cs_all + o0 * H : cs_all + (t % 2) * B0 * H;  // the carried cell
+    cc = cc_all ? cc_all + (t % 2) * B0 * H : cs;  // c~ (the carried cell itself unless it differs)
+    cp = t == 0 ? c0_p : (save ? cs_all + sh.off[t - 1] * H : cs_all + ((t - 1) % 2) * B0 * H);
+    hout = out_p + o0 * H;
+    xrows = x_p + o0 * I;
+  }
 
-    // Recurrent GEMM for the rows valid at t (raw term read from xh, normalized term written to xh_dst).
-    Tensor gh;
-    {
-      Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
-      TIC(1);
-      gh = step_gemm(hprev, w_hh_t, w_hh_packed, save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt));
-      TOC(1);
-    }
-    T* xh = gh.data_ptr<T>();
+  // Recurrent GEMM for the rows valid at t (raw term read from xh, normalized term written to xh_dst).
+  void recurrent(int64_t t) {
+    Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
+    TIC(1);
+    gh = step_gemm(hprev, w_hh_t, w_hh_packed, save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt));
+    TOC(1);
+    xh = gh.data_ptr<T>();
+  }
 
+  void step(int64_t t) {
     TIC(2);
-    // Batch norm in eval without autograd: every step uses population statistics, so each norm is an
-    // affine map per feature, folded into per-step coefficients; the pass is then row-parallel.
-    const bool folded = mode == kBatch && !training && !save;
-    const T *fa_i = nullptr, *fa_h = nullptr, *fb = nullptr, *fa_c = nullptr, *fb_c = nullptr;
-    if (folded) {
-      const BNStep<T> s_ih = bn_begin_step(bn[0], t, step, false);
-      const BNStep<T> s_hh = bn_begin_step(bn[1], t, step, false);
-      const BNStep<T> s_c = bn_begin_step(bn[2], t, step, false);
-      T* f = fold.data();
-      for (int64_t q = 0; q < G; ++q) {
-        const T ai = gih[q] * population_rstd(s_ih.rm[q], s_ih.rv[q], s_ih.eps);
-        const T ah = ghh[q] * population_rstd(s_hh.rm[q], s_hh.rv[q], s_hh.eps);
-        f[q] = ai;
-        f[G + q] = ah;
-        f[2 * G + q] = b[q] - (cen_ih ? ai * s_ih.rm[q] : T(0)) - (cen_hh ? ah * s_hh.rm[q] : T(0));
-      }
-      for (int64_t j = 0; j < H; ++j) {
-        const T ac = gc[j] * population_rstd(s_c.rm[j], s_c.rv[j], s_c.eps);
-        f[3 * G + j] = ac;
-        f[3 * G + H + j] = betac[j] - (cen_c ? ac * s_c.rm[j] : T(0));
-      }
-      fa_i = f;
-      fa_h = f + G;
-      fb = f + 2 * G;
-      fa_c = f + 3 * G;
-      fb_c = f + 3 * G + H;
-    }
-    if (mode == kNone || mode == kLayer || folded) {
-      T* rs = nullptr;
-      if (mode == kLayer) rs = stats_g.data_ptr<T>();
-      const int64_t rstride = save ? N : B0;  // stats row stride
-      const int64_t rbase = save ? o0 : 0;
-      auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
-        constexpr bool kTail = decltype(tail)::value;
-        at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
-          for (int64_t bb = b0; bb < b1; ++bb) {
-            T* xir = xi + bb * G;
-            T* xiw = xi_dst + bb * G;
-            const T* xhr = xh + bb * G;
-            T* xhw = xh_dst + bb * G;
-            const T* cpr = cp + bb * H;
-            T* ccr = cc + bb * H;
-            T* csr = cs + bb * H;
-            T* orow = o_p + bb * H;
-            T* hr = hout + bb * H;
-            if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
-            T mi = 0, ri = 0, mh = 0, rh = 0;
-            if (mode == kLayer) {
-              T var;
-              if (var_joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
-              row_stats(xir, G, cen_ih, mi, var);
-              ri = ln_rstd(mi, var, eps_ih);
-              if (!var_joint) {
-                row_stats(xhr, G, cen_hh, mh, var);
-                rh = ln_rstd(mh, var, eps_hh);
-              }
-              rs[0 * rstride + rbase + bb] = ri;
-              rs[1 * rstride + rbase + bb] = rh;
-            }
-            const Vec<T> vmi(mi), vri(ri), vmh(mh), vrh(rh);
-            for (int64_t j = 0; j < H; j += VS) {
-              const int64_t n = kTail ? std::min(VS, H - j) : VS;
-              Vec<T> pre[4];
-              for (int k = 0; k < 4; ++k) {
-                const int64_t q = k * H + j;
-                if (mode == kLayer) {
-                  const Vec<T> a = (ld(xir + q, n) - vmi) * vri, h = (ld(xhr + q, n) - vmh) * vrh;
-                  if (save) {  // keep the normalized terms for backward
-                    st(xiw + q, a, n);
-                    st(xhw + q, h, n);
-                  }
-                  pre[k] = fma(ld(gih + q, n), a, fma(ld(ghh + q, n), h, ld(b + q, n)));
-                } else if (folded) {
-                  pre[k] = fma(ld(fa_i + q, n), ld(xir + q, n), fma(ld(fa_h + q, n), ld(xhr + q, n), ld(fb + q, n)));
-                } else {
-                  pre[k] = ld(xir + q, n) + ld(xhr + q, n) + ld(b + q, n);
-                }
-              }
-              const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
-              const Vec<T> c = fma(f, ld(cpr + j, n), i * g);
-              st(ccr + j, c, n);
-
-              if (mode == kLayer) {
-                st(orow + j, o, n);
-              } else if (folded) {
-                st(hr + j, o * tanh_(fma(ld(fa_c + j, n), c, ld(fb_c + j, n))), n);
-              } else {
-                st(hr + j, o * tanh_(c), n);
-              }
-              if (save && mode == kNone) {  // keep the activations for backward in place of W_ih x
-                st(xiw + j, i, n);
-                st(xiw + H + j, f, n);
-                st(xiw + 2 * H + j, g, n);
-                st(xiw + 3 * H + j, o, n);
-              }
-            }
-            if (mode == kLayer) {
-              T mean, var;
-              row_stats(ccr, H, cen_c, mean, var);
-              const T rstd = ln_rstd(mean, var, eps_c);
-              rs[2 * rstride + rbase + bb] = mean;
-              rs[3 * rstride + rbase + bb] = rstd;
-              const Vec<T> m(mean), r(rstd);
-              for (int64_t j = 0; j < H; j += VS) {
-                const int64_t n = kTail ? std::min(VS, H - j) : VS;
-                const Vec<T> cn_ = fma(ld(gc + j, n), (ld(ccr + j, n) - m) * r, ld(betac + j, n));
-                st(hr + j, ld(orow + j, n) * tanh_(cn_), n);
-                if (var_carry) st(csr + j, cn_, n);
-              }
-            }
-          }
-        });
-      };
-      if (H % VS == 0) {
-        pass(std::false_type{});
+    if constexpr (kStep) {
+      if (folded) {
+        fold(t);
+        with_tail(H % VS != 0, [&](auto tail) { rows<decltype(tail)::value>(); });
       } else {
-        pass(std::true_type{});
+        with_tail(H % VS != 0, [&](auto tail) { columns<decltype(tail)::value>(t); });
       }
-    } else {  // kBatch: every hidden unit j is independent of the others (column-parallel)
-      const bool batch = training && Bt >= 2;
-      const BNStep<T> s_ih = bn_begin_step(bn[0], t, step, batch);
-      const BNStep<T> s_hh = bn_begin_step(bn[1], t, step, batch);
-      const BNStep<T> s_c = bn_begin_step(bn[2], t, step, batch);
-      const int64_t ts = save ? t : 0;
-      T* r_ih = stats_g.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
-      T* r_hh = stats_g.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
-      T* m_c = stats_h.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * H;
-      T* r_c = stats_h.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * H;
-      T* m_ih = means.data_ptr<T>();
-      T* m_hh = m_ih + G;
-      const int64_t nchunks = (H + VS - 1) / VS;
-      auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
-        constexpr bool kTail = decltype(tail)::value;
-        at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-          for (int64_t kc = k0; kc < k1; ++kc) {
-            const int64_t j = kc * VS;
-            const int64_t n = kTail ? std::min(VS, H - j) : VS;
-            if (!hoisted) {
-              for (int64_t bb = 0; bb < Bt; ++bb)
-                for (int k = 0; k < 4; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
-            }
-            for (int k = 0; k < 4; ++k) {
-              const int64_t q = k * H + j;
-              bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
-              bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
-            }
-            Vec<T> vg[4], vh[4], vb[4], mi[4], ri[4], mh[4], rh[4];
-            for (int k = 0; k < 4; ++k) {
-              const int64_t q = k * H + j;
-              vg[k] = ld(gih + q, n);
-              vh[k] = ld(ghh + q, n);
-              vb[k] = ld(b + q, n);
-              mi[k] = ld(m_ih + q, n);
-              ri[k] = ld(r_ih + q, n);
-              mh[k] = ld(m_hh + q, n);
-              rh[k] = ld(r_hh + q, n);
-            }
-            for (int64_t bb = 0; bb < Bt; ++bb) {
-              const T* xir = xi + bb * G + j;
-              T* xiw = xi_dst + bb * G + j;
-              const T* xhr = xh + bb * G + j;
-              T* xhw = xh_dst + bb * G + j;
-              Vec<T> pre[4];
-              for (int k = 0; k < 4; ++k) {
-                const Vec<T> a = (ld(xir + k * H, n) - mi[k]) * ri[k], h = (ld(xhr + k * H, n) - mh[k]) * rh[k];
-                if (save) {  // keep the normalized terms for backward
-                  st(xiw + k * H, a, n);
-                  st(xhw + k * H, h, n);
-                }
-                pre[k] = fma(vg[k], a, fma(vh[k], h, vb[k]));
-              }
-              const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
-              st(cc + bb * H + j, fma(f, ld(cp + bb * H + j, n), i * g), n);
-              st(o_p + bb * H + j, o, n);
-
-            }
-            bn_columns(cc + j, H, Bt, n, j, s_c, m_c + j, r_c + j);
-            const Vec<T> m = ld(m_c + j, n), r = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
-            for (int64_t bb = 0; bb < Bt; ++bb) {
-              const Vec<T> cn_ = fma(gcv, (ld(cc + bb * H + j, n) - m) * r, bcv);
-              st(hout + bb * H + j, ld(o_p + bb * H + j, n) * tanh_(cn_), n);
-            }
-          }
-        });
-      };
-      if (H % VS == 0) {
-        pass(std::false_type{});
-      } else {
-        pass(std::true_type{});
-      }
+    } else {
+      with_tail(H % VS != 0, [&](auto tail) { rows<decltype(tail)::value>(); });
     }
-
     TOC(2);
+  }
+
+  void finish(int64_t t) {
     if (var.zh || var.zc) {  // zoneout: mix the step's new states with the previous ones
       const T* hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
       at::parallel_for(0, Bt, 16, [&](int64_t b0, int64_t b1) {
@@ -510,433 +315,752 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& h0, const Tensor
     }
   }
 
-  TOC(6);
-  // Outputs of a registered operator must not alias each other: a fresh empty tensor for each unused one.
-  auto none = [&]() { return at::empty({0}, opts); };
-  if (!save) return {out, hn, cn, none(), none(), none(), none(), none(), moments};
-  if (mode == kNone) XH = none();
-  return {out, hn, cn, XI, XH, C, stats_g.defined() ? stats_g : none(), stats_h.defined() ? stats_h : none(), moments};
-}
+  std::vector<Tensor> outputs() {
+    // Outputs of a registered operator must not alias each other: a fresh empty tensor for each unused one.
+    auto none = [&]() { return at::empty({0}, opts); };
+    if (!save) return {out, hn, cn, none(), none(), none(), none(), none(), moments};
+    if constexpr (kPlain) XH = none();
+    return {out, hn, cn, XI, XH, C, stats_g.defined() ? stats_g : none(), stats_h.defined() ? stats_h : none(), moments};
+  }
+
+ private:
+  // The call's buffers.
+  void allocate(const LstmArgs& a) {
+    // Input projection W_ih x: GEMMs over chunks of consecutive steps (about inproj_rows rows each),
+    // each just before its steps run, so that the pass finds its rows in cache; or, for a narrow input
+    // (I <= inproj_max, where a GEMM with a tiny inner dimension is slow), computed row by row inside
+    // the step pass from x and W_ih^T.
+    int64_t xi_rows = save ? N : B0;
+    if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
+    if (dnn_in && !save) xi_rows = 0;  // oneDNN returns each chunk's projection in a tensor of its own
+    XI = pool_empty({xi_rows, G}, opts);
+    WT = a.w_ih.t().contiguous();  // (I, G)
+    wt = WT.data_ptr<T>();
+    x_p = x.data_ptr<T>();
+    XH = pool_empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
+    // The carried cells of every step (or of the last two); where they differ from c~ (carry, zone_c), then
+    // c~ of the last two steps: backward recomputes c~ = f * c_{t-1} + i * g from the gates, so C keeps one
+    // (N, H) cell buffer, as torch.nn does.
+    const int64_t c_rows = save ? N : 2 * B0;
+    C = pool_empty({c_rows + (var.cell_state() ? 2 * B0 : 0), H}, opts);
+    out = at::empty({N, H}, opts);  // returned to the caller: an ordinary (resizable) tensor, not pooled
+    hn = at::empty({B0, H}, opts), cn = at::empty({B0, H}, opts);
+    O = at::empty({B0, H}, opts);  // output gate of the current step
+    // Saved statistics: LN (4, N): rstd_ih, rstd_hh, mean_c, rstd_c per row; BN: (2, T, G) rstd_ih, rstd_hh
+    // and (2, T, H) mean_c, rstd_c per step and feature.
+    if constexpr (kRow) {
+      stats_g = pool_empty({4, save ? N : B0}, opts);
+    } else if constexpr (kStep) {
+      stats_g = pool_empty({2, save ? Tn : 1, G}, opts);
+      stats_h = pool_empty({2, save ? Tn : 1, H}, opts);
+      means = at::empty({2, G}, opts);  // this step's batch means of the two gate terms
+    }
+    xi_all = XI.data_ptr<T>();
+    xh_all = XH.data_ptr<T>();
+    c_all = C.data_ptr<T>();
+    cs_all = c_all;  // the carried cells (c~ itself unless carry or zone_c)
+    cc_all = var.cell_state() ? c_all + c_rows * H : nullptr;  // c~ of the last two steps, where it differs
+    h0_p = h0.data_ptr<T>();
+    out_p = out.data_ptr<T>();
+    o_p = O.data_ptr<T>();
+    hn_p = hn.data_ptr<T>();
+    cn_p = cn.data_ptr<T>();
+    c0_p = a.c0.data_ptr<T>();
+    w_hh_t = a.w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
+    fold_.resize(folded ? 3 * G + 2 * H : 0);
+  }
+
+  // Batch norm in eval without autograd: every step uses population statistics, so each norm is an
+  // affine map per feature, folded into per-step coefficients; the pass is then row-parallel.
+  void fold(int64_t t) {
+    const BNStep<T> s_ih = bn_begin_step(bn[0], t, step_no, false);
+    const BNStep<T> s_hh = bn_begin_step(bn[1], t, step_no, false);
+    const BNStep<T> s_c = bn_begin_step(bn[2], t, step_no, false);
+    T* f = fold_.data();
+    for (int64_t q = 0; q < G; ++q) {
+      const T ai = gih[q] * population_rstd(s_ih.rm[q], s_ih.rv[q], s_ih.eps);
+      const T ah = ghh[q] * population_rstd(s_hh.rm[q], s_hh.rv[q], s_hh.eps);
+      f[q] = ai;
+      f[G + q] = ah;
+      f[2 * G + q] = b[q] - (cen_ih ? ai * s_ih.rm[q] : T(0)) - (cen_hh ? ah * s_hh.rm[q] : T(0));
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      const T ac = gc[j] * population_rstd(s_c.rm[j], s_c.rv[j], s_c.eps);
+      f[3 * G + j] = ac;
+      f[3 * G + H + j] = betac[j] - (cen_c ? ac * s_c.rm[j] : T(0));
+    }
+  }
+
+  // Row-parallel pass (no norm, row statistics, folded batch norm): each row's gates, cell and output.
+  template <bool kTail>
+  void rows() {
+    T* rs = nullptr;
+    if constexpr (kRow) rs = stats_g.data_ptr<T>();
+    const int64_t rstride = save ? N : B0;  // stats row stride
+    const int64_t rbase = save ? o0 : 0;
+    const T* fa_i = fold_.data();  // the folded coefficients (folded batch norm)
+    const T *fa_h = fa_i + G, *fb = fa_i + 2 * G, *fa_c = fa_i + 3 * G, *fb_c = fa_i + 3 * G + H;
+    at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+      for (int64_t bb = b0; bb < b1; ++bb) {
+        T* xir = xi + bb * G;
+        T* xiw = xi_dst + bb * G;
+        const T* xhr = xh + bb * G;
+        T* xhw = xh_dst + bb * G;
+        const T* cpr = cp + bb * H;
+        T* ccr = cc + bb * H;
+        T* orow = o_p + bb * H;
+        T* hr = hout + bb * H;
+        if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
+        T mi = 0, ri = 0, mh = 0, rh = 0;
+        if constexpr (kRow) {
+          T var;
+          if (var_joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
+          row_stats(xir, G, cen_ih, mi, var);
+          ri = ln_rstd(mi, var, eps_ih);
+          if (!var_joint) {
+            row_stats(xhr, G, cen_hh, mh, var);
+            rh = ln_rstd(mh, var, eps_hh);
+          }
+          rs[0 * rstride + rbase + bb] = ri;
+          rs[1 * rstride + rbase + bb] = rh;
+        }
+        const Vec<T> vmi(mi), vri(ri), vmh(mh), vrh(rh);
+        for (int64_t j = 0; j < H; j += VS) {
+          const int64_t n = kTail ? std::min(VS, H - j) : VS;
+          Vec<T> pre[4];
+          for (int k = 0; k < 4; ++k) {
+            const int64_t q = k * H + j;
+            if constexpr (kRow) {
+              const Vec<T> a = (ld(xir + q, n) - vmi) * vri, h = (ld(xhr + q, n) - vmh) * vrh;
+              if (save) {  // keep the normalized terms for backward
+                st(xiw + q, a, n);
+                st(xhw + q, h, n);
+              }
+              pre[k] = fma(ld(gih + q, n), a, fma(ld(ghh + q, n), h, ld(b + q, n)));
+            } else if constexpr (kStep) {
+              pre[k] = fma(ld(fa_i + q, n), ld(xir + q, n), fma(ld(fa_h + q, n), ld(xhr + q, n), ld(fb + q, n)));
+            } else {
+              pre[k] = ld(xir + q, n) + ld(xhr + q, n) + ld(b + q, n);
+            }
+          }
+          const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+          const Vec<T> c = fma(f, ld(cpr + j, n), i * g);
+          st(ccr + j, c, n);
+
+          if constexpr (kRow) {
+            st(orow + j, o, n);
+          } else if constexpr (kStep) {
+            st(hr + j, o * tanh_(fma(ld(fa_c + j, n), c, ld(fb_c + j, n))), n);
+          } else {
+            st(hr + j, o * tanh_(c), n);
+          }
+          if constexpr (kPlain) {
+            if (save) {  // keep the activations for backward in place of W_ih x
+              st(xiw + j, i, n);
+              st(xiw + H + j, f, n);
+              st(xiw + 2 * H + j, g, n);
+              st(xiw + 3 * H + j, o, n);
+            }
+          }
+        }
+        if constexpr (kRow) cell_norm_row<kTail>(bb, rs, rstride, rbase);
+      }
+    });
+  }
+
+  // Row statistics: the cell norm of row bb and its output h = o * tanh(g_c * N(c) + beta_c).
+  template <bool kTail>
+  void cell_norm_row(int64_t bb, T* rs, int64_t rstride, int64_t rbase) {
+    const T* ccr = cc + bb * H;
+    T* csr = cs + bb * H;
+    const T* orow = o_p + bb * H;
+    T* hr = hout + bb * H;
+    T mean, var;
+    row_stats(ccr, H, cen_c, mean, var);
+    const T rstd = ln_rstd(mean, var, eps_c);
+    rs[2 * rstride + rbase + bb] = mean;
+    rs[3 * rstride + rbase + bb] = rstd;
+    const Vec<T> m(mean), r(rstd);
+    for (int64_t j = 0; j < H; j += VS) {
+      const int64_t n = kTail ? std::min(VS, H - j) : VS;
+      const Vec<T> cn_ = fma(ld(gc + j, n), (ld(ccr + j, n) - m) * r, ld(betac + j, n));
+      st(hr + j, ld(orow + j, n) * tanh_(cn_), n);
+      if (var_carry) st(csr + j, cn_, n);
+    }
+  }
+
+  // Batch statistics: every hidden unit j is independent of the others (column-parallel).
+  template <bool kTail>
+  void columns(int64_t t) {
+    const bool batch = training && Bt >= 2;
+    const BNStep<T> s_ih = bn_begin_step(bn[0], t, step_no, batch);
+    const BNStep<T> s_hh = bn_begin_step(bn[1], t, step_no, batch);
+    const BNStep<T> s_c = bn_begin_step(bn[2], t, step_no, batch);
+    const int64_t ts = save ? t : 0;
+    T* r_ih = stats_g.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
+    T* r_hh = stats_g.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
+    T* m_c = stats_h.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * H;
+    T* r_c = stats_h.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * H;
+    T* m_ih = means.data_ptr<T>();
+    T* m_hh = m_ih + G;
+    const int64_t nchunks = (H + VS - 1) / VS;
+    at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t kc = k0; kc < k1; ++kc) {
+        const int64_t j = kc * VS;
+        const int64_t n = kTail ? std::min(VS, H - j) : VS;
+        if (!hoisted) {
+          for (int64_t bb = 0; bb < Bt; ++bb)
+            for (int k = 0; k < 4; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
+        }
+        for (int k = 0; k < 4; ++k) {
+          const int64_t q = k * H + j;
+          bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
+          bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
+        }
+        Vec<T> vg[4], vh[4], vb[4], mi[4], ri[4], mh[4], rh[4];
+        for (int k = 0; k < 4; ++k) {
+          const int64_t q = k * H + j;
+          vg[k] = ld(gih + q, n);
+          vh[k] = ld(ghh + q, n);
+          vb[k] = ld(b + q, n);
+          mi[k] = ld(m_ih + q, n);
+          ri[k] = ld(r_ih + q, n);
+          mh[k] = ld(m_hh + q, n);
+          rh[k] = ld(r_hh + q, n);
+        }
+        for (int64_t bb = 0; bb < Bt; ++bb) {
+          const T* xir = xi + bb * G + j;
+          T* xiw = xi_dst + bb * G + j;
+          const T* xhr = xh + bb * G + j;
+          T* xhw = xh_dst + bb * G + j;
+          Vec<T> pre[4];
+          for (int k = 0; k < 4; ++k) {
+            const Vec<T> a = (ld(xir + k * H, n) - mi[k]) * ri[k], h = (ld(xhr + k * H, n) - mh[k]) * rh[k];
+            if (save) {  // keep the normalized terms for backward
+              st(xiw + k * H, a, n);
+              st(xhw + k * H, h, n);
+            }
+            pre[k] = fma(vg[k], a, fma(vh[k], h, vb[k]));
+          }
+          const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+          st(cc + bb * H + j, fma(f, ld(cp + bb * H + j, n), i * g), n);
+          st(o_p + bb * H + j, o, n);
+        }
+        bn_columns(cc + j, H, Bt, n, j, s_c, m_c + j, r_c + j);
+        const Vec<T> m = ld(m_c + j, n), r = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
+        for (int64_t bb = 0; bb < Bt; ++bb) {
+          const Vec<T> cn_ = fma(gcv, (ld(cc + bb * H + j, n) - m) * r, bcv);
+          st(hout + bb * H + j, ld(o_p + bb * H + j, n) * tanh_(cn_), n);
+        }
+      }
+    });
+  }
+
+  const Tensor &x, &h0;
+  const c10::optional<Tensor>&w_hh_packed, &w_ih_packed;
+  const Shape& sh;
+  const Variant& var;
+  const int64_t H, G, N, B0, Tn, I;
+  const at::TensorOptions opts;
+  const LstmVectors<T> v;
+  const T *b, *gih, *ghh, *gc, *betac;
+  const T eps_ih, eps_hh, eps_c;
+  const bool cen_ih, cen_hh, cen_c, var_joint, var_carry, training, save;
+  const int64_t step_offset, inproj_rows;
+  const bool hoisted, dnn_in;  // input projection by GEMM (oneDNN's, dnn_in), not in the pass
+  const bool folded;           // batch norm with population statistics only: the folded row pass
+  BNSite<T> bn[3];
+  Tensor moments, XI, gx_chunk, WT, XH, C, out, hn, cn, O, stats_g, stats_h, means, w_hh_t, gh;
+  int64_t chunk_o0 = 0, proj_end = 0;  // the current projection chunk's first row; steps [.., proj_end) are projected
+  const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr, *c0_p = nullptr;
+  T *xi_all = nullptr, *xh_all = nullptr, *c_all = nullptr, *cs_all = nullptr, *cc_all = nullptr;
+  T *out_p = nullptr, *o_p = nullptr, *hn_p = nullptr, *cn_p = nullptr;
+  std::vector<T> fold_;  // the folded coefficients: a_ih (G), a_hh (G), shift (G), a_c (H), shift_c (H)
+  // Step t: rows, input term (raw, and where its normalized form goes), recurrent term, cells, output.
+  int64_t Bt = 0, o0 = 0, step_no = 0;
+  T *xi = nullptr, *xi_dst = nullptr, *xh_dst = nullptr, *xh = nullptr, *cs = nullptr, *cc = nullptr, *hout = nullptr;
+  const T *cp = nullptr, *xrows = nullptr;
+};
 
 // ------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-template <typename T>
-std::vector<Tensor> backward_impl(const c10::optional<Tensor>& d_out_t, const c10::optional<Tensor>& d_hn_t,
-                                  const c10::optional<Tensor>& d_cn_t, const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                  const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& bias,
-                                  const c10::optional<Tensor>& g_ih_t, const c10::optional<Tensor>& g_hh_t,
-                                  const c10::optional<Tensor>& g_c_t, const c10::optional<Tensor>& beta_c_t, const Tensor& out,
-                                  const Tensor& XI, const c10::optional<Tensor>& XH_t, const Tensor& C,
-                                  const c10::optional<Tensor>& stats_g_t, const c10::optional<Tensor>& stats_h_t, const Shape& sh,
-                                  int64_t mode, const std::vector<int64_t>& center, bool training, bool need_dx,
-                                  int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed, const Variant& var) {
-  constexpr int64_t VS = Vec<T>::size();
-  const int64_t H = sh.H, G = sh.G, N = sh.N, B0 = sh.B0, Tn = sh.T;
-  auto opts = x.options();
+// What forward saved for backward, and the gradients backward receives.
+struct LstmSaved {
+  const c10::optional<Tensor> &d_out, &d_hn, &d_cn;  // gradients of out, h_n, c_n (absent: zero)
+  const Tensor &out, &XI;
+  const c10::optional<Tensor>& XH;
+  const Tensor& C;
+  const c10::optional<Tensor> &stats_g, &stats_h;
+};
 
-  TIC(7);
-  std::vector<T> zeros_g(G, T(0)), ones_g(G, T(1)), zeros_h(H, T(0)), ones_h(H, T(1));
-  const T* b = ptr_or<T>(bias, zeros_g.data());
-  const T* gih = ptr_or<T>(g_ih_t, ones_g.data());
-  const T* ghh = ptr_or<T>(g_hh_t, ones_g.data());
-  const T* gc = ptr_or<T>(g_c_t, ones_h.data());
-  const T* betac = ptr_or<T>(beta_c_t, zeros_h.data());
-  const T* d_out = ptr_or<T>(d_out_t, static_cast<const T*>(nullptr));
-  // 1 for a centred norm, 0 for RMS: the backward's mean-of-gradient terms exist only when centred.
-  const T cen_ih = T(center[0] != 0), cen_hh = T(center[1] != 0), cen_c = T(center[2] != 0);
+// One backward call, with the statistic family M fixed at compile time (the phases: fused_loop.h).
+template <typename T, Mode M>
+class LstmBackward {
+ public:
+  static constexpr bool kPlain = M == kNone;  // no norm: the saved input term holds the activations
+  static constexpr bool kRow = M == kLayer;   // row statistics: row-parallel
+  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel
+  static constexpr int64_t VS = Vec<T>::size();
 
-  Tensor dh_rec = has(d_hn_t) ? d_hn_t->clone() : at::zeros({B0, H}, opts);
-  Tensor dc_rec = has(d_cn_t) ? d_cn_t->clone() : at::zeros({B0, H}, opts);
-  T* dhr_p = dh_rec.data_ptr<T>();
-  T* dcr_p = dc_rec.data_ptr<T>();
-
-  const T* xi_all = XI.data_ptr<T>();
-  const T* xh_all = has(XH_t) ? XH_t->data_ptr<T>() : nullptr;
-  const T* c_all = C.data_ptr<T>();
-  const T* cs_all = c_all;  // the carried cells (see forward)
-  const bool recompute_c = var.cell_state();  // c~ was not kept: recompute it as f * c_{t-1} + i * g
-  const T* c0_p = c0.data_ptr<T>();
-  const bool var_carry = var.carry;
-  const T* sg = has(stats_g_t) ? stats_g_t->data_ptr<T>() : nullptr;
-  const T* sh_ = has(stats_h_t) ? stats_h_t->data_ptr<T>() : nullptr;
-
-  // Parameter-gradient accumulators: per thread for the row-parallel modes, shared (column-exclusive)
-  // for batch mode. Layout per slot: db (G), dg_ih (G), dg_hh (G), dg_c (H), dbeta_c (H).
-  const int64_t nthreads = max_threads();
-  const int64_t PW = 3 * G + 2 * H;
-  const int64_t nslots = mode == kBatch ? 1 : nthreads;
-  std::vector<T> partial(nslots * PW, T(0));
-  // Per-thread row scratch (none/layer): acts (G), dO, dyc, chat (3H).
-  const int64_t SW = G + 3 * H;
-  std::vector<T> scratch;
-  if (mode != kBatch) scratch.resize(nthreads * SW);
-  // Batch mode scratch per step: acts (B0, G), dO/dyc/chat (3, B0, H).
-  Tensor bscratch;
-  T* bs_p = nullptr;
-  if (mode == kBatch) {
-    bscratch = at::empty({B0 * (G + 3 * H)}, opts);
-    bs_p = bscratch.data_ptr<T>();
+  LstmBackward(const LstmArgs& a, const LstmSaved& s, const Shape& shape, bool need_dx, int64_t chunk_rows, const Variant& var_)
+      : x(a.x), h0(a.h0), w_ih(a.w_ih), w_hh(a.w_hh), out(s.out), w_hh_packed(a.w_hh_packed), sh(shape), var(var_),
+        H(sh.H), G(sh.G), N(sh.N), B0(sh.B0), Tn(sh.T), opts(x.options()),
+        v(G, H, a.bias, a.g_ih, a.g_hh, a.g_c, a.beta_c), b(v.b), gih(v.gih), ghh(v.ghh), gc(v.gc), betac(v.betac),
+        d_out(ptr_or<T>(s.d_out, static_cast<const T*>(nullptr))),
+        // 1 for a centred norm, 0 for RMS: the backward's mean-of-gradient terms exist only when centred.
+        cen_ih(T(a.center[0] != 0)), cen_hh(T(a.center[1] != 0)), cen_c(T(a.center[2] != 0)),
+        training(a.training), var_carry(var.carry), recompute_c(var.cell_state()),
+        nthreads(max_threads()), PW(3 * G + 2 * H), nslots(kStep ? 1 : nthreads), SW(G + 3 * H) {
+    dh_rec = has(s.d_hn) ? s.d_hn->clone() : at::zeros({B0, H}, opts);
+    dc_rec = has(s.d_cn) ? s.d_cn->clone() : at::zeros({B0, H}, opts);
+    dhr_p = dh_rec.data_ptr<T>();
+    dcr_p = dc_rec.data_ptr<T>();
+    xi_all = s.XI.data_ptr<T>();
+    xh_all = has(s.XH) ? s.XH->data_ptr<T>() : nullptr;
+    c_all = s.C.data_ptr<T>();
+    cs_all = c_all;  // the carried cells (see forward); recompute_c: c~ was not kept, f * c_{t-1} + i * g
+    c0_p = a.c0.data_ptr<T>();
+    sg = has(s.stats_g) ? s.stats_g->data_ptr<T>() : nullptr;
+    sh_ = has(s.stats_h) ? s.stats_h->data_ptr<T>() : nullptr;
+    // Parameter-gradient accumulators: per thread for the row-parallel modes, shared (column-exclusive)
+    // for batch mode. Layout per slot: db (G), dg_ih (G), dg_hh (G), dg_c (H), dbeta_c (H).
+    partial.assign(nslots * PW, T(0));
+    // Per-thread row scratch (none/layer): acts (G), dO, dyc, chat (3H).
+    if constexpr (!kStep) scratch.resize(nthreads * SW);
+    // Batch mode scratch per step: acts (B0, G), dO/dyc/chat (3, B0, H).
+    if constexpr (kStep) {
+      bscratch = at::empty({B0 * (G + 3 * H)}, opts);
+      bs_p = bscratch.data_ptr<T>();
+    }
+    // Chunks of consecutive steps for the weight-gradient GEMMs.
+    int64_t cap = 0;
+    chunks_ = sh.grad_chunks(chunk_rows, cap);
+    DGH = pool_empty({cap, G}, opts);
+    DGI = kPlain ? DGH : pool_empty({cap, G}, opts);
+    Hprev = pool_empty({cap, H}, opts);
+    dgh_p = DGH.data_ptr<T>();
+    dgi_p = DGI.data_ptr<T>();
+    dW_ih = at::zeros_like(w_ih);
+    dW_hh = at::zeros_like(w_hh);
+    dx = need_dx ? at::empty(x.sizes(), opts) : Tensor();  // may become x.grad: not pooled
   }
 
-  // Chunks of consecutive steps for the weight-gradient GEMMs.
-  int64_t cap = 0;
-  const auto chunks = sh.grad_chunks(chunk_rows, cap);
-  Tensor DGH = pool_empty({cap, G}, opts);
-  Tensor DGI = mode == kNone ? DGH : pool_empty({cap, G}, opts);
-  Tensor Hprev = pool_empty({cap, H}, opts);
-  T* dgh_p = DGH.data_ptr<T>();
-  T* dgi_p = DGI.data_ptr<T>();
+  const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
 
-  Tensor dW_ih = at::zeros_like(w_ih);
-  Tensor dW_hh = at::zeros_like(w_hh);
-  Tensor dx = need_dx ? at::empty(x.sizes(), opts) : Tensor();  // may become x.grad: not pooled
-
-  for (const auto& chunk : chunks) {
-    const int64_t t0 = chunk.first, t1 = chunk.second;
-    const int64_t cbase = sh.off[t0];
-    for (int64_t t = t1; t >= t0; --t) {
-      const int64_t Bt = sh.bs[t], o0 = sh.off[t];
-      const T* xi = xi_all + o0 * G;
-      const T* xh = xh_all ? xh_all + o0 * G : nullptr;
-      const T* cc = recompute_c ? nullptr : c_all + o0 * H;  // c~ where it was kept
-      const T* cp = t == 0 ? c0_p : cs_all + sh.off[t - 1] * H;
-      const T* dout = d_out ? d_out + o0 * H : nullptr;
-      T* dgi = dgi_p + (o0 - cbase) * G;
-      T* dgh = dgh_p + (o0 - cbase) * G;
-
-      TIC(3);
-      if (mode == kNone || mode == kLayer) {
-        auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
-          constexpr bool kTail = decltype(tail)::value;
-          at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
-            const int64_t tid = at::get_thread_num();
-            T* pdb = partial.data() + tid * PW;
-            T* pdgi = pdb + G;
-            T* pdgh = pdgi + G;
-            T* pdgc = pdgh + G;
-            T* pdbc = pdgc + H;
-            T* sa = scratch.data() + tid * SW;
-            T* sdo = sa + G;
-            T* sdy = sdo + H;
-            T* sch = sdy + H;
-            const Vec<T> one(T(1));
-            // Rows go in groups: per row, the cell and gate gradients (dpre, parked in the DGH row);
-            // then, column by column over the group, the parameter-gradient sums and the two gate-norm
-            // backward steps (dpre -> DGI, DGH rows).
-            constexpr int64_t RB = 8;
-            T rsum[4 * RB], rstd[2 * RB];
-            for (int64_t g0 = b0; g0 < b1; g0 += RB) {
-              const int64_t g1 = std::min(b1, g0 + RB);
-              for (int64_t bb = g0; bb < g1; ++bb) {
-                const int64_t r = o0 + bb;
-                const T* xir = xi + bb * G;
-                const T* ccr = cc ? cc + bb * H : nullptr;
-                const T* cpr = cp + bb * H;
-                const T* doutr = dout ? dout + bb * H : nullptr;
-                T* dhr = dhr_p + bb * H;
-                T* dcr = dcr_p + bb * H;
-                T* dghr = dgh + bb * G;
-                const ZoneRow<T> zhr = var.zone_h<T>(r);  // zoneout keep indicators of the row (or none)
-                const ZoneRow<T> zcr = var.zone_c<T>(r);
-                if (mode == kNone) {
-                  for (int64_t j = 0; j < H; j += VS) {
-                    const int64_t n = kTail ? std::min(VS, H - j) : VS;
-                    const Vec<T> i = ld(xir + j, n), f = ld(xir + H + j, n), g = ld(xir + 2 * H + j, n), o = ld(xir + 3 * H + j, n);
-                    const Vec<T> th = tanh_(ccr ? ld(ccr + j, n) : fma(f, ld(cpr + j, n), i * g));
-                    Vec<T> dh = ld(dhr + j, n);
-                    if (doutr) dh += ld(doutr + j, n);
-                    if (zhr) {  // zoneout of h: d h_{t-1} gets d * dh (added to the GEMM's part), h~ the rest
-                      const Vec<T> d = zhr(j, n);
-                      st(dhr + j, d * dh, n);
-                      dh = dh - d * dh;
-                    }
-                    const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
-                    const Vec<T> dzc = zcr ? zcr(j, n) : Vec<T>(T(0));
-                    const Vec<T> dc = fma(dh * o, one - th * th, dcs - dzc * dcs);
-                    st(dcr + j, fma(dc, f, dzc * dcs), n);
-                    st(dghr + j, dc * g * i * (one - i), n);
-                    st(dghr + H + j, dc * ld(cpr + j, n) * f * (one - f), n);
-                    st(dghr + 2 * H + j, dc * i * (one - g * g), n);
-                    st(dghr + 3 * H + j, dh * th * o * (one - o), n);
-                  }
-                  continue;
-                }
-                // kLayer
-                const T mc = sg[2 * N + r], rc = sg[3 * N + r];
-                const T* xhr = xh + bb * G;
-                const Vec<T> vmc(mc), vrc(rc);
-                Vec<T> s1(T(0)), s2(T(0));
-                const T* sar = sa;  // gate activations of this row
-                for (int64_t j = 0; j < H; j += VS) {  // pass A: gates, output and cell-norm terms
-                  const int64_t n = kTail ? std::min(VS, H - j) : VS;
-                  // Recompute the activations from the saved normalized terms (cheaper than keeping them).
-                  Vec<T> a[4];
-                  for (int k = 0; k < 4; ++k) {
-                    const int64_t q = k * H + j;
-                    a[k] = fma(ld(gih + q, n), ld(xir + q, n), fma(ld(ghh + q, n), ld(xhr + q, n), ld(b + q, n)));
-                  }
-                  a[0] = sigmoid(a[0]);
-                  a[1] = sigmoid(a[1]);
-                  a[2] = tanh_(a[2]);
-                  a[3] = sigmoid(a[3]);
-                  for (int k = 0; k < 4; ++k) st(sa + k * H + j, a[k], n);
-                  const Vec<T> o_gate = a[3];
-                  const Vec<T> cv = ccr ? ld(ccr + j, n) : fma(a[1], ld(cpr + j, n), a[0] * a[2]);
-                  const Vec<T> chat = (cv - vmc) * vrc;
-                  const Vec<T> th = tanh_(fma(ld(gc + j, n), chat, ld(betac + j, n)));
-                  Vec<T> dh = ld(dhr + j, n);
-                  if (doutr) dh += ld(doutr + j, n);
-                  if (zhr) {  // zoneout of h (as in mode none)
-                    const Vec<T> d = zhr(j, n);
-                    st(dhr + j, d * dh, n);
-                    dh = dh - d * dh;
-                  }
-                  Vec<T> dcn = dh * o_gate * (one - th * th);
-                  if (var_carry) {  // the carried state is the cell norm's output: its gradient joins dcn
-                    const Vec<T> dcs = ld(dcr + j, n);
-                    dcn += zcr ? dcs - zcr(j, n) * dcs : dcs;
-                  }
-                  st(pdgc + j, fma(dcn, chat, ld(pdgc + j, n)), n);
-                  st(pdbc + j, ld(pdbc + j, n) + dcn, n);
-                  const Vec<T> dyc = dcn * ld(gc + j, n);
-                  s1 += lanes(dyc, n);
-                  s2 += lanes(dyc * chat, n);
-                  st(sdo + j, dh * th, n);
-                  st(sdy + j, dyc, n);
-                  st(sch + j, chat, n);
-                }
-                const Vec<T> m1(cen_c * hsum(s1) / T(H)), m2(hsum(s2) / T(H));
-                Vec<T> si1(T(0)), si2(T(0)), sh1(T(0)), sh2(T(0));
-                for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
-                  const int64_t n = kTail ? std::min(VS, H - j) : VS;
-                  const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
-                  const Vec<T> dzc = zcr ? zcr(j, n) : Vec<T>(T(0));
-                  const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, var_carry ? Vec<T>(T(0)) : dcs - dzc * dcs);
-                  const Vec<T> i = ld(sar + j, n), f = ld(sar + H + j, n), g = ld(sar + 2 * H + j, n), o = ld(sar + 3 * H + j, n);
-                  const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cpr + j, n) * f * (one - f), dc * i * (one - g * g),
-                                        ld(sdo + j, n) * o * (one - o)};
-                  st(dcr + j, fma(dc, f, dzc * dcs), n);
-                  for (int k = 0; k < 4; ++k) {
-                    const int64_t q = k * H + j;
-                    const Vec<T> dyi = lanes(dp[k] * ld(gih + q, n), n), dyh = lanes(dp[k] * ld(ghh + q, n), n);
-                    si1 += dyi;
-                    si2 = fma(dyi, ld(xir + q, n), si2);
-                    sh1 += dyh;
-                    sh2 = fma(dyh, ld(xhr + q, n), sh2);
-                    st(dghr + q, dp[k], n);
-                  }
-                }
-                const int64_t lr = bb - g0;
-                rsum[4 * lr + 0] = cen_ih * hsum(si1) / T(G);
-                rsum[4 * lr + 1] = hsum(si2) / T(G);
-                rsum[4 * lr + 2] = cen_hh * hsum(sh1) / T(G);
-                rsum[4 * lr + 3] = hsum(sh2) / T(G);
-                rstd[2 * lr + 0] = sg[0 * N + r];
-                rstd[2 * lr + 1] = sg[1 * N + r];
-              }
-              // Column pass over the group: parameter-gradient sums (in registers across the group's
-              // rows) and, in layer mode, the backward of the two gate layer norms.
-              for (int64_t q = 0; q < G; q += VS) {
-                const int64_t n = kTail ? std::min(VS, G - q) : VS;
-                Vec<T> adb = ld(pdb + q, n);
-                if (mode == kNone) {
-                  for (int64_t bb = g0; bb < g1; ++bb) adb += ld(dgh + bb * G + q, n);
-                  st(pdb + q, adb, n);
-                  continue;
-                }
-                Vec<T> adgi = ld(pdgi + q, n), adgh = ld(pdgh + q, n);
-                const Vec<T> vgi = ld(gih + q, n), vgh = ld(ghh + q, n);
-                for (int64_t bb = g0; bb < g1; ++bb) {
-                  const int64_t lr = bb - g0;
-                  T* dghr = dgh + bb * G + q;
-                  const Vec<T> dp = ld(dghr, n), vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
-                  adb += dp;
-                  adgi = fma(dp, vxi, adgi);
-                  adgh = fma(dp, vxh, adgh);
-                  st(dgi + bb * G + q, Vec<T>(rstd[2 * lr]) * (dp * vgi - Vec<T>(rsum[4 * lr]) - vxi * Vec<T>(rsum[4 * lr + 1])), n);
-                  st(dghr, Vec<T>(rstd[2 * lr + 1]) * (dp * vgh - Vec<T>(rsum[4 * lr + 2]) - vxh * Vec<T>(rsum[4 * lr + 3])), n);
-                }
-                st(pdb + q, adb, n);
-                st(pdgi + q, adgi, n);
-                st(pdgh + q, adgh, n);
-              }
-            }
-          });
-        };
-        if (H % VS == 0) {
-          pass(std::false_type{});
-        } else {
-          pass(std::true_type{});
-        }
-      } else {  // kBatch, column-parallel
-        const bool batch = training && Bt >= 2;
-        const T* r_ih = sg + (0 * Tn + t) * G;
-        const T* r_hh = sg + (1 * Tn + t) * G;
-        const T* m_c = sh_ + (0 * Tn + t) * H;
-        const T* r_c = sh_ + (1 * Tn + t) * H;
-        T* pdb = partial.data();
-        T* pdgi = pdb + G;
-        T* pdgh = pdgi + G;
-        T* pdgc = pdgh + G;
-        T* pdbc = pdgc + H;
-        T* sa = bs_p;  // gate activations of the step's rows
-        T* sdo = bs_p + B0 * G;
-        T* sdy = sdo + B0 * H;
-        T* sch = sdy + B0 * H;
-        const T invn = T(1) / T(Bt);
-        const int64_t nchunks = (H + VS - 1) / VS;
-        auto pass = [&](auto tail) {  // tail: whether H is not a multiple of the vector width
-          constexpr bool kTail = decltype(tail)::value;
-          at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-            const Vec<T> one(T(1));
-            for (int64_t kc = k0; kc < k1; ++kc) {
-              const int64_t j = kc * VS;
-              const int64_t n = kTail ? std::min(VS, H - j) : VS;
-              Vec<T> vgi[4], vgh[4], vb[4];
-              for (int k = 0; k < 4; ++k) {
-                vgi[k] = ld(gih + k * H + j, n);
-                vgh[k] = ld(ghh + k * H + j, n);
-                vb[k] = ld(b + k * H + j, n);
-              }
-              const Vec<T> mc = ld(m_c + j, n), rc = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
-              Vec<T> S1(T(0)), S2(T(0)), agc(T(0)), abc(T(0));
-              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A
-                const T* xir = xi + bb * G + j;
-                const T* xhr = xh + bb * G + j;
-                Vec<T> a[4];  // recompute the activations from the saved normalized terms
-                for (int k = 0; k < 4; ++k) a[k] = fma(vgi[k], ld(xir + k * H, n), fma(vgh[k], ld(xhr + k * H, n), vb[k]));
-                a[0] = sigmoid(a[0]);
-                a[1] = sigmoid(a[1]);
-                a[2] = tanh_(a[2]);
-                a[3] = sigmoid(a[3]);
-                for (int k = 0; k < 4; ++k) st(sa + bb * G + k * H + j, a[k], n);
-                const Vec<T> o_gate = a[3];
-                const Vec<T> cv = cc ? ld(cc + bb * H + j, n) : fma(a[1], ld(cp + bb * H + j, n), a[0] * a[2]);
-                const Vec<T> chat = (cv - mc) * rc;
-                const Vec<T> th = tanh_(fma(gcv, chat, bcv));
-                Vec<T> dh = ld(dhr_p + bb * H + j, n);
-                if (dout) dh += ld(dout + bb * H + j, n);
-                if (var.zh) {  // zoneout of h (as in mode none)
-                  const Vec<T> d = var.zone_h<T>(o0 + bb)(j, n);
-                  st(dhr_p + bb * H + j, d * dh, n);
-                  dh = dh - d * dh;
-                }
-                const Vec<T> dcn = dh * o_gate * (one - th * th);
-                agc = fma(dcn, chat, agc);
-                abc += dcn;
-                const Vec<T> dyc = dcn * gcv;
-                S1 += dyc;
-                S2 = fma(dyc, chat, S2);
-                st(sdo + bb * H + j, dh * th, n);
-                st(sdy + bb * H + j, dyc, n);
-                st(sch + bb * H + j, chat, n);
-              }
-              st(pdgc + j, ld(pdgc + j, n) + agc, n);
-              st(pdbc + j, ld(pdbc + j, n) + abc, n);
-              const Vec<T> m1 = S1 * Vec<T>(cen_c * invn), m2 = S2 * Vec<T>(invn);
-              Vec<T> P1[4], Pi[4], Ph[4];
-              for (int k = 0; k < 4; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
-              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
-                const Vec<T> dyc = ld(sdy + bb * H + j, n);
-                const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
-                const Vec<T> dcs = ld(dcr_p + bb * H + j, n);  // dL/d(carried c_t)
-                const Vec<T> dzc = var.zc ? var.zone_c<T>(o0 + bb)(j, n) : Vec<T>(T(0));
-                const Vec<T> dc = dcn_norm + (dcs - dzc * dcs);
-                const T* sar = sa + bb * G + j;
-                const Vec<T> i = ld(sar, n), f = ld(sar + H, n), g = ld(sar + 2 * H, n), o = ld(sar + 3 * H, n);
-                const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cp + bb * H + j, n) * f * (one - f), dc * i * (one - g * g),
-                                      ld(sdo + bb * H + j, n) * o * (one - o)};
-                st(dcr_p + bb * H + j, fma(dc, f, dzc * dcs), n);
-                const T* xir = xi + bb * G + j;
-                const T* xhr = xh + bb * G + j;
-                T* dghr = dgh + bb * G + j;
-                for (int k = 0; k < 4; ++k) {
-                  P1[k] += dp[k];
-                  Pi[k] = fma(dp[k], ld(xir + k * H, n), Pi[k]);
-                  Ph[k] = fma(dp[k], ld(xhr + k * H, n), Ph[k]);
-                  st(dghr + k * H, dp[k], n);
-                }
-              }
-              for (int k = 0; k < 4; ++k) {
-                const int64_t q = k * H + j;
-                st(pdb + q, ld(pdb + q, n) + P1[k], n);
-                st(pdgi + q, ld(pdgi + q, n) + Pi[k], n);
-                st(pdgh + q, ld(pdgh + q, n) + Ph[k], n);
-              }
-              Vec<T> ri[4], rh[4], mp[4], mpi[4], mph[4];
-              for (int k = 0; k < 4; ++k) {
-                const int64_t q = k * H + j;
-                ri[k] = ld(r_ih + q, n) * vgi[k];
-                rh[k] = ld(r_hh + q, n) * vgh[k];
-                mp[k] = P1[k] * Vec<T>(invn);
-                mpi[k] = Pi[k] * Vec<T>(invn);
-                mph[k] = Ph[k] * Vec<T>(invn);
-              }
-              for (int64_t bb = 0; bb < Bt; ++bb) {  // pass C: through the two gate batch norms
-                const T* xir = xi + bb * G + j;
-                const T* xhr = xh + bb * G + j;
-                T* dghr = dgh + bb * G + j;
-                T* dgir = dgi + bb * G + j;
-                for (int k = 0; k < 4; ++k) {
-                  const Vec<T> dp = ld(dghr + k * H, n);
-                  if (batch) {
-                    st(dgir + k * H, ri[k] * (dp - Vec<T>(cen_ih) * mp[k] - ld(xir + k * H, n) * mpi[k]), n);
-                    st(dghr + k * H, rh[k] * (dp - Vec<T>(cen_hh) * mp[k] - ld(xhr + k * H, n) * mph[k]), n);
-                  } else {
-                    st(dgir + k * H, ri[k] * dp, n);
-                    st(dghr + k * H, rh[k] * dp, n);
-                  }
-                }
-              }
-            }
-          });
-        };
-        if (H % VS == 0) {
-          pass(std::false_type{});
-        } else {
-          pass(std::true_type{});
-        }
-      }
-
-      TOC(3);
-      // dh_{t-1} for the rows valid at t (with a joint gate norm, the recurrent term's gradient is the
-      // joint term's, in DGI); with zoneout of h, added to the part the pass left there.
-      Tensor dst = dh_rec.narrow(0, 0, Bt);
-      const Tensor& dg_rec = var.joint ? DGI : DGH;
-      TIC(4);
-      if (var.zh) {
-        if (use_packed(w_hh_packed)) {
-          dst.add_(dnn_linear(dg_rec.narrow(0, o0 - cbase, Bt), *w_hh_packed));
-        } else {
-          dst.addmm_(dg_rec.narrow(0, o0 - cbase, Bt), w_hh);
-        }
+  // The fused pass of step t: dL/dh_t, dL/dc_t -> dpre (DGI, DGH rows), dL/dc_{t-1}, parameter sums.
+  void step(int64_t t, int64_t cbase) {
+    Bt = sh.bs[t], o0 = sh.off[t];
+    xi = xi_all + o0 * G;
+    xh = xh_all ? xh_all + o0 * G : nullptr;
+    cc = recompute_c ? nullptr : c_all + o0 * H;  // c~ where it was kept
+    cp = t == 0 ? c0_p : cs_all + sh.off[t - 1] * H;
+    dout = d_out ? d_out + o0 * H : nullptr;
+    dgi = dgi_p + (o0 - cbase) * G;
+    dgh = dgh_p + (o0 - cbase) * G;
+    TIC(3);
+    with_tail(H % VS != 0, [&](auto tail) {
+      if constexpr (kStep) {
+        columns<decltype(tail)::value>(t);
       } else {
-        Tensor res = step_gemm(dg_rec.narrow(0, o0 - cbase, Bt), w_hh, w_hh_packed, dst);
-        if (!res.is_same(dst)) dst.copy_(res);
+        rows<decltype(tail)::value>();
       }
-      TOC(4);
-    }
+    });
+    TOC(3);
+  }
 
+  // dh_{t-1} for the rows valid at t (with a joint gate norm, the recurrent term's gradient is the
+  // joint term's, in DGI); with zoneout of h, added to the part the pass left there.
+  void recurrent(int64_t t, int64_t cbase) {
+    Tensor dst = dh_rec.narrow(0, 0, Bt);
+    const Tensor& dg_rec = var.joint ? DGI : DGH;
+    TIC(4);
+    if (var.zh) {
+      if (use_packed(w_hh_packed)) {
+        dst.add_(dnn_linear(dg_rec.narrow(0, o0 - cbase, Bt), *w_hh_packed));
+      } else {
+        dst.addmm_(dg_rec.narrow(0, o0 - cbase, Bt), w_hh);
+      }
+    } else {
+      Tensor res = step_gemm(dg_rec.narrow(0, o0 - cbase, Bt), w_hh, w_hh_packed, dst);
+      if (!res.is_same(dst)) dst.copy_(res);
+    }
+    TOC(4);
+  }
+
+  void weight_grads(int64_t t0, int64_t t1) {
     TIC(5);
     chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, var.joint ? DGI : DGH, DGI, Hprev, dW_ih, dW_hh, dx);
     TOC(5);
   }
 
-  TOC(7);
-  // Reduce the per-thread accumulators.
-  const std::vector<T> acc = reduce_slots(partial, nslots, PW);
-  Tensor db = vec_tensor(acc, 0, G, opts);
-  Tensor dg_ih, dg_hh, dg_c, dbeta_c;
-  if (mode != kNone) {
-    dg_ih = vec_tensor(acc, G, G, opts);
-    dg_hh = vec_tensor(acc, 2 * G, G, opts);
-    dg_c = vec_tensor(acc, 3 * G, H, opts);
-    dbeta_c = vec_tensor(acc, 3 * G + H, H, opts);
+  std::vector<Tensor> gradients() {
+    // Reduce the per-thread accumulators.
+    const std::vector<T> acc = reduce_slots(partial, nslots, PW);
+    Tensor db = vec_tensor(acc, 0, G, opts);
+    Tensor dg_ih, dg_hh, dg_c, dbeta_c;
+    if constexpr (!kPlain) {
+      dg_ih = vec_tensor(acc, G, G, opts);
+      dg_hh = vec_tensor(acc, 2 * G, G, opts);
+      dg_c = vec_tensor(acc, 3 * G, H, opts);
+      dbeta_c = vec_tensor(acc, 3 * G + H, H, opts);
+    }
+    return {dx, dh_rec, dc_rec, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c};
   }
-  return {dx, dh_rec, dc_rec, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c};
-}
+
+ private:
+  // A thread's accumulators (db, dg_ih, dg_hh, dg_c, dbeta_c) and row scratch (acts, dO, dyc, chat).
+  struct Slot {
+    T *pdb, *pdgi, *pdgh, *pdgc, *pdbc, *sa, *sdo, *sdy, *sch;
+  };
+
+  // Row-parallel pass (no norm, row statistics). Rows go in groups: per row, the cell and gate gradients
+  // (dpre, parked in the DGH row); then, column by column over the group, the parameter-gradient sums and
+  // the two gate-norm backward steps (dpre -> DGI, DGH rows).
+  template <bool kTail>
+  void rows() {
+    at::parallel_for(0, Bt, 8, [&](int64_t b0, int64_t b1) {
+      const int64_t tid = at::get_thread_num();
+      Slot s;
+      s.pdb = partial.data() + tid * PW;
+      s.pdgi = s.pdb + G;
+      s.pdgh = s.pdgi + G;
+      s.pdgc = s.pdgh + G;
+      s.pdbc = s.pdgc + H;
+      s.sa = scratch.data() + tid * SW;
+      s.sdo = s.sa + G;
+      s.sdy = s.sdo + H;
+      s.sch = s.sdy + H;
+      constexpr int64_t RB = 8;
+      T rsum[4 * RB], rstd[2 * RB];
+      for (int64_t g0 = b0; g0 < b1; g0 += RB) {
+        const int64_t g1 = std::min(b1, g0 + RB);
+        for (int64_t bb = g0; bb < g1; ++bb) {
+          if constexpr (kPlain) {
+            plain_row<kTail>(bb);
+          } else {
+            layer_row<kTail>(bb, bb - g0, s, rsum, rstd);
+          }
+        }
+        group_columns<kTail>(g0, g1, s, rsum, rstd);
+      }
+    });
+  }
+
+  // No norm: the gate gradients of row bb from the saved activations.
+  template <bool kTail>
+  void plain_row(int64_t bb) {
+    const int64_t r = o0 + bb;
+    const T* xir = xi + bb * G;
+    const T* ccr = cc ? cc + bb * H : nullptr;
+    const T* cpr = cp + bb * H;
+    const T* doutr = dout ? dout + bb * H : nullptr;
+    T* dhr = dhr_p + bb * H;
+    T* dcr = dcr_p + bb * H;
+    T* dghr = dgh + bb * G;
+    const ZoneRow<T> zhr = var.zone_h<T>(r);  // zoneout keep indicators of the row (or none)
+    const ZoneRow<T> zcr = var.zone_c<T>(r);
+    const Vec<T> one(T(1));
+    for (int64_t j = 0; j < H; j += VS) {
+      const int64_t n = kTail ? std::min(VS, H - j) : VS;
+      const Vec<T> i = ld(xir + j, n), f = ld(xir + H + j, n), g = ld(xir + 2 * H + j, n), o = ld(xir + 3 * H + j, n);
+      const Vec<T> th = tanh_(ccr ? ld(ccr + j, n) : fma(f, ld(cpr + j, n), i * g));
+      Vec<T> dh = ld(dhr + j, n);
+      if (doutr) dh += ld(doutr + j, n);
+      if (zhr) {  // zoneout of h: d h_{t-1} gets d * dh (added to the GEMM's part), h~ the rest
+        const Vec<T> d = zhr(j, n);
+        st(dhr + j, d * dh, n);
+        dh = dh - d * dh;
+      }
+      const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
+      const Vec<T> dzc = zcr ? zcr(j, n) : Vec<T>(T(0));
+      const Vec<T> dc = fma(dh * o, one - th * th, dcs - dzc * dcs);
+      st(dcr + j, fma(dc, f, dzc * dcs), n);
+      st(dghr + j, dc * g * i * (one - i), n);
+      st(dghr + H + j, dc * ld(cpr + j, n) * f * (one - f), n);
+      st(dghr + 2 * H + j, dc * i * (one - g * g), n);
+      st(dghr + 3 * H + j, dh * th * o * (one - o), n);
+    }
+  }
+
+  // Row statistics: the gate and cell gradients of row bb (the group's row lr), through the cell norm,
+  // and the row sums of the two gate norms' backward (rsum, with the rows' rstd).
+  template <bool kTail>
+  void layer_row(int64_t bb, int64_t lr, const Slot& s, T* rsum, T* rstd) {
+    const int64_t r = o0 + bb;
+    const T* xir = xi + bb * G;
+    const T* ccr = cc ? cc + bb * H : nullptr;
+    const T* cpr = cp + bb * H;
+    const T* doutr = dout ? dout + bb * H : nullptr;
+    T* dhr = dhr_p + bb * H;
+    T* dcr = dcr_p + bb * H;
+    T* dghr = dgh + bb * G;
+    const ZoneRow<T> zhr = var.zone_h<T>(r);  // zoneout keep indicators of the row (or none)
+    const ZoneRow<T> zcr = var.zone_c<T>(r);
+    const Vec<T> one(T(1));
+    T *pdgc = s.pdgc, *pdbc = s.pdbc, *sa = s.sa, *sdo = s.sdo, *sdy = s.sdy, *sch = s.sch;
+    const T mc = sg[2 * N + r], rc = sg[3 * N + r];
+    const T* xhr = xh + bb * G;
+    const Vec<T> vmc(mc), vrc(rc);
+    Vec<T> s1(T(0)), s2(T(0));
+    const T* sar = sa;  // gate activations of this row
+    for (int64_t j = 0; j < H; j += VS) {  // pass A: gates, output and cell-norm terms
+      const int64_t n = kTail ? std::min(VS, H - j) : VS;
+      // Recompute the activations from the saved normalized terms (cheaper than keeping them).
+      Vec<T> a[4];
+      for (int k = 0; k < 4; ++k) {
+        const int64_t q = k * H + j;
+        a[k] = fma(ld(gih + q, n), ld(xir + q, n), fma(ld(ghh + q, n), ld(xhr + q, n), ld(b + q, n)));
+      }
+      a[0] = sigmoid(a[0]);
+      a[1] = sigmoid(a[1]);
+      a[2] = tanh_(a[2]);
+      a[3] = sigmoid(a[3]);
+      for (int k = 0; k < 4; ++k) st(sa + k * H + j, a[k], n);
+      const Vec<T> o_gate = a[3];
+      const Vec<T> cv = ccr ? ld(ccr + j, n) : fma(a[1], ld(cpr + j, n), a[0] * a[2]);
+      const Vec<T> chat = (cv - vmc) * vrc;
+      const Vec<T> th = tanh_(fma(ld(gc + j, n), chat, ld(betac + j, n)));
+      Vec<T> dh = ld(dhr + j, n);
+      if (doutr) dh += ld(doutr + j, n);
+      if (zhr) {  // zoneout of h (as in mode none)
+        const Vec<T> d = zhr(j, n);
+        st(dhr + j, d * dh, n);
+        dh = dh - d * dh;
+      }
+      Vec<T> dcn = dh * o_gate * (one - th * th);
+      if (var_carry) {  // the carried state is the cell norm's output: its gradient joins dcn
+        const Vec<T> dcs = ld(dcr + j, n);
+        dcn += zcr ? dcs - zcr(j, n) * dcs : dcs;
+      }
+      st(pdgc + j, fma(dcn, chat, ld(pdgc + j, n)), n);
+      st(pdbc + j, ld(pdbc + j, n) + dcn, n);
+      const Vec<T> dyc = dcn * ld(gc + j, n);
+      s1 += lanes(dyc, n);
+      s2 += lanes(dyc * chat, n);
+      st(sdo + j, dh * th, n);
+      st(sdy + j, dyc, n);
+      st(sch + j, chat, n);
+    }
+    const Vec<T> m1(cen_c * hsum(s1) / T(H)), m2(hsum(s2) / T(H));
+    Vec<T> si1(T(0)), si2(T(0)), sh1(T(0)), sh2(T(0));
+    for (int64_t j = 0; j < H; j += VS) {  // pass B: cell and gate gradients
+      const int64_t n = kTail ? std::min(VS, H - j) : VS;
+      const Vec<T> dcs = ld(dcr + j, n);  // dL/d(carried c_t)
+      const Vec<T> dzc = zcr ? zcr(j, n) : Vec<T>(T(0));
+      const Vec<T> dc = fma(vrc, ld(sdy + j, n) - m1 - ld(sch + j, n) * m2, var_carry ? Vec<T>(T(0)) : dcs - dzc * dcs);
+      const Vec<T> i = ld(sar + j, n), f = ld(sar + H + j, n), g = ld(sar + 2 * H + j, n), o = ld(sar + 3 * H + j, n);
+      const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cpr + j, n) * f * (one - f), dc * i * (one - g * g),
+                            ld(sdo + j, n) * o * (one - o)};
+      st(dcr + j, fma(dc, f, dzc * dcs), n);
+      for (int k = 0; k < 4; ++k) {
+        const int64_t q = k * H + j;
+        const Vec<T> dyi = lanes(dp[k] * ld(gih + q, n), n), dyh = lanes(dp[k] * ld(ghh + q, n), n);
+        si1 += dyi;
+        si2 = fma(dyi, ld(xir + q, n), si2);
+        sh1 += dyh;
+        sh2 = fma(dyh, ld(xhr + q, n), sh2);
+        st(dghr + q, dp[k], n);
+      }
+    }
+    rsum[4 * lr + 0] = cen_ih * hsum(si1) / T(G);
+    rsum[4 * lr + 1] = hsum(si2) / T(G);
+    rsum[4 * lr + 2] = cen_hh * hsum(sh1) / T(G);
+    rsum[4 * lr + 3] = hsum(sh2) / T(G);
+    rstd[2 * lr + 0] = sg[0 * N + r];
+    rstd[2 * lr + 1] = sg[1 * N + r];
+  }
+
+  // Column pass over the group of rows [g0, g1): parameter-gradient sums (in registers across the group's
+  // rows) and, with row statistics, the backward of the two gate layer norms.
+  template <bool kTail>
+  void group_columns(int64_t g0, int64_t g1, const Slot& s, const T* rsum, const T* rstd) {
+    T *pdb = s.pdb, *pdgi = s.pdgi, *pdgh = s.pdgh;
+    for (int64_t q = 0; q < G; q += VS) {
+      const int64_t n = kTail ? std::min(VS, G - q) : VS;
+      Vec<T> adb = ld(pdb + q, n);
+      if constexpr (kPlain) {
+        for (int64_t bb = g0; bb < g1; ++bb) adb += ld(dgh + bb * G + q, n);
+        st(pdb + q, adb, n);
+        continue;
+      }
+      Vec<T> adgi = ld(pdgi + q, n), adgh = ld(pdgh + q, n);
+      const Vec<T> vgi = ld(gih + q, n), vgh = ld(ghh + q, n);
+      for (int64_t bb = g0; bb < g1; ++bb) {
+        const int64_t lr = bb - g0;
+        T* dghr = dgh + bb * G + q;
+        const Vec<T> dp = ld(dghr, n), vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
+        adb += dp;
+        adgi = fma(dp, vxi, adgi);
+        adgh = fma(dp, vxh, adgh);
+        st(dgi + bb * G + q, Vec<T>(rstd[2 * lr]) * (dp * vgi - Vec<T>(rsum[4 * lr]) - vxi * Vec<T>(rsum[4 * lr + 1])), n);
+        st(dghr, Vec<T>(rstd[2 * lr + 1]) * (dp * vgh - Vec<T>(rsum[4 * lr + 2]) - vxh * Vec<T>(rsum[4 * lr + 3])), n);
+      }
+      st(pdb + q, adb, n);
+      st(pdgi + q, adgi, n);
+      st(pdgh + q, adgh, n);
+    }
+  }
+
+  // Batch statistics, column-parallel: per chunk of VS hidden units, the cell gradients (passes A, B) and
+  // the gate batch norms' backward (pass C).
+  template <bool kTail>
+  void columns(int64_t t) {
+    const bool batch = training && Bt >= 2;
+    const T invn = T(1) / T(Bt);
+    const int64_t nchunks = (H + VS - 1) / VS;
+    at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t kc = k0; kc < k1; ++kc) {
+        const int64_t j = kc * VS;
+        const int64_t n = kTail ? std::min(VS, H - j) : VS;
+        Vec<T> vgi[4], vgh[4], P1[4], Pi[4], Ph[4];
+        column_cell<kTail>(t, j, n, batch, invn, vgi, vgh, P1, Pi, Ph);
+        column_gate_norms(t, j, n, batch, invn, vgi, vgh, P1, Pi, Ph);
+      }
+    });
+  }
+
+  // Passes A and B over the step's rows for hidden units [j, j + n): activations, output and cell norm
+  // (A), cell and gate gradients dpre (B, parked in the DGH rows) with their column sums P1, Pi, Ph.
+  template <bool kTail>
+  void column_cell(int64_t t, int64_t j, int64_t n, bool batch, T invn, Vec<T>* vgi, Vec<T>* vgh, Vec<T>* P1, Vec<T>* Pi,
+                   Vec<T>* Ph) {
+    const T* m_c = sh_ + (0 * Tn + t) * H;
+    const T* r_c = sh_ + (1 * Tn + t) * H;
+    T* pdb = partial.data();
+    T *pdgi = pdb + G, *pdgh = pdgi + G, *pdgc = pdgh + G, *pdbc = pdgc + H;
+    T* sa = bs_p;  // gate activations of the step's rows
+    T *sdo = bs_p + B0 * G, *sdy = sdo + B0 * H, *sch = sdy + B0 * H;
+    const Vec<T> one(T(1));
+    Vec<T> vb[4];
+    for (int k = 0; k < 4; ++k) {
+      vgi[k] = ld(gih + k * H + j, n);
+      vgh[k] = ld(ghh + k * H + j, n);
+      vb[k] = ld(b + k * H + j, n);
+    }
+    const Vec<T> mc = ld(m_c + j, n), rc = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
+    Vec<T> S1(T(0)), S2(T(0)), agc(T(0)), abc(T(0));
+    for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A
+      const T* xir = xi + bb * G + j;
+      const T* xhr = xh + bb * G + j;
+      Vec<T> a[4];  // recompute the activations from the saved normalized terms
+      for (int k = 0; k < 4; ++k) a[k] = fma(vgi[k], ld(xir + k * H, n), fma(vgh[k], ld(xhr + k * H, n), vb[k]));
+      a[0] = sigmoid(a[0]);
+      a[1] = sigmoid(a[1]);
+      a[2] = tanh_(a[2]);
+      a[3] = sigmoid(a[3]);
+      for (int k = 0; k < 4; ++k) st(sa + bb * G + k * H + j, a[k], n);
+      const Vec<T> o_gate = a[3];
+      const Vec<T> cv = cc ? ld(cc + bb * H + j, n) : fma(a[1], ld(cp + bb * H + j, n), a[0] * a[2]);
+      const Vec<T> chat = (cv - mc) * rc;
+      const Vec<T> th = tanh_(fma(gcv, chat, bcv));
+      Vec<T> dh = ld(dhr_p + bb * H + j, n);
+      if (dout) dh += ld(dout + bb * H + j, n);
+      if (var.zh) {  // zoneout of h (as in mode none)
+        const Vec<T> d = var.zone_h<T>(o0 + bb)(j, n);
+        st(dhr_p + bb * H + j, d * dh, n);
+        dh = dh - d * dh;
+      }
+      const Vec<T> dcn = dh * o_gate * (one - th * th);
+      agc = fma(dcn, chat, agc);
+      abc += dcn;
+      const Vec<T> dyc = dcn * gcv;
+      S1 += dyc;
+      S2 = fma(dyc, chat, S2);
+      st(sdo + bb * H + j, dh * th, n);
+      st(sdy + bb * H + j, dyc, n);
+      st(sch + bb * H + j, chat, n);
+    }
+    st(pdgc + j, ld(pdgc + j, n) + agc, n);
+    st(pdbc + j, ld(pdbc + j, n) + abc, n);
+    const Vec<T> m1 = S1 * Vec<T>(cen_c * invn), m2 = S2 * Vec<T>(invn);
+    for (int k = 0; k < 4; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
+    for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
+      const Vec<T> dyc = ld(sdy + bb * H + j, n);
+      const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
+      const Vec<T> dcs = ld(dcr_p + bb * H + j, n);  // dL/d(carried c_t)
+      const Vec<T> dzc = var.zc ? var.zone_c<T>(o0 + bb)(j, n) : Vec<T>(T(0));
+      const Vec<T> dc = dcn_norm + (dcs - dzc * dcs);
+      const T* sar = sa + bb * G + j;
+      const Vec<T> i = ld(sar, n), f = ld(sar + H, n), g = ld(sar + 2 * H, n), o = ld(sar + 3 * H, n);
+      const Vec<T> dp[4] = {dc * g * i * (one - i), dc * ld(cp + bb * H + j, n) * f * (one - f), dc * i * (one - g * g),
+                            ld(sdo + bb * H + j, n) * o * (one - o)};
+      st(dcr_p + bb * H + j, fma(dc, f, dzc * dcs), n);
+      const T* xir = xi + bb * G + j;
+      const T* xhr = xh + bb * G + j;
+      T* dghr = dgh + bb * G + j;
+      for (int k = 0; k < 4; ++k) {
+        P1[k] += dp[k];
+        Pi[k] = fma(dp[k], ld(xir + k * H, n), Pi[k]);
+        Ph[k] = fma(dp[k], ld(xhr + k * H, n), Ph[k]);
+        st(dghr + k * H, dp[k], n);
+      }
+    }
+    for (int k = 0; k < 4; ++k) {
+      const int64_t q = k * H + j;
+      st(pdb + q, ld(pdb + q, n) + P1[k], n);
+      st(pdgi + q, ld(pdgi + q, n) + Pi[k], n);
+      st(pdgh + q, ld(pdgh + q, n) + Ph[k], n);
+    }
+  }
+
+  // Pass C: dpre through the two gate batch norms of hidden units [j, j + n) (population statistics: a
+  // fixed scale) -> the DGI and DGH rows.
+  void column_gate_norms(int64_t t, int64_t j, int64_t n, bool batch, T invn, const Vec<T>* vgi, const Vec<T>* vgh,
+                         const Vec<T>* P1, const Vec<T>* Pi, const Vec<T>* Ph) {
+    const T* r_ih = sg + (0 * Tn + t) * G;
+    const T* r_hh = sg + (1 * Tn + t) * G;
+    Vec<T> ri[4], rh[4], mp[4], mpi[4], mph[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t q = k * H + j;
+      ri[k] = ld(r_ih + q, n) * vgi[k];
+      rh[k] = ld(r_hh + q, n) * vgh[k];
+      mp[k] = P1[k] * Vec<T>(invn);
+      mpi[k] = Pi[k] * Vec<T>(invn);
+      mph[k] = Ph[k] * Vec<T>(invn);
+    }
+    for (int64_t bb = 0; bb < Bt; ++bb) {
+      const T* xir = xi + bb * G + j;
+      const T* xhr = xh + bb * G + j;
+      T* dghr = dgh + bb * G + j;
+      T* dgir = dgi + bb * G + j;
+      for (int k = 0; k < 4; ++k) {
+        const Vec<T> dp = ld(dghr + k * H, n);
+        if (batch) {
+          st(dgir + k * H, ri[k] * (dp - Vec<T>(cen_ih) * mp[k] - ld(xir + k * H, n) * mpi[k]), n);
+          st(dghr + k * H, rh[k] * (dp - Vec<T>(cen_hh) * mp[k] - ld(xhr + k * H, n) * mph[k]), n);
+        } else {
+          st(dgir + k * H, ri[k] * dp, n);
+          st(dghr + k * H, rh[k] * dp, n);
+        }
+      }
+    }
+  }
+
+  const Tensor &x, &h0, &w_ih, &w_hh, &out;
+  const c10::optional<Tensor>& w_hh_packed;
+  const Shape& sh;
+  const Variant& var;
+  const int64_t H, G, N, B0, Tn;
+  const at::TensorOptions opts;
+  const LstmVectors<T> v;
+  const T *b, *gih, *ghh, *gc, *betac;
+  const T* d_out;  // dL/d out (null: zero)
+  const T cen_ih, cen_hh, cen_c;
+  const bool training, var_carry, recompute_c;
+  const int64_t nthreads, PW, nslots, SW;  // threads, accumulator slot width, slots, row scratch width
+  Tensor dh_rec, dc_rec, bscratch, DGH, DGI, Hprev, dW_ih, dW_hh, dx;
+  T *dhr_p = nullptr, *dcr_p = nullptr, *bs_p = nullptr, *dgh_p = nullptr, *dgi_p = nullptr;
+  const T *xi_all = nullptr, *xh_all = nullptr, *c_all = nullptr, *cs_all = nullptr, *c0_p = nullptr;
+  const T *sg = nullptr, *sh_ = nullptr;  // saved statistics of the gate terms and of the cell
+  std::vector<T> partial, scratch;
+  std::vector<std::pair<int64_t, int64_t>> chunks_;
+  // Step t: rows, saved terms, cells, gradient rows.
+  int64_t Bt = 0, o0 = 0;
+  const T *xi = nullptr, *xh = nullptr, *cc = nullptr, *cp = nullptr, *dout = nullptr;
+  T *dgi = nullptr, *dgh = nullptr;
+};
 
 // ------------------------------------------------------------------------------------------------
 // Entry points
@@ -971,14 +1095,16 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused LSTM"), w_hh.size(1), x.size(1), 4, "fused LSTM");
   TORCH_CHECK(x.size(0) == sh.N && h0.size(0) == sh.B0 && c0.size(0) == sh.B0, "fused LSTM: rows do not match batch_sizes");
   TORCH_CHECK(stat.size() == 3 && center.size() == 3 && eps.size() == 3 && pop.size() == 9, "fused LSTM: bad norm arguments");
-  if (mode == kBatch) {
-    for (auto& t : pop) TORCH_CHECK(has(t) && t->is_contiguous(), "fused LSTM: batch statistics need population statistics");
-  }
+  const LstmArgs a{x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, w_hh_packed, center, batch_stats};
   std::vector<Tensor> res;
+  TIC(6);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_forward", [&] {
-    res = forward_impl<scalar_t>(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, sh, mode, center, eps, batch_stats, save,
-                                 step_offset, pop, inproj_max, inproj_rows, w_hh_packed, w_ih_packed, var);
+    with_family(mode, [&](auto family) {
+      LstmForward<scalar_t, decltype(family)::value> k(a, sh, eps, save, step_offset, pop, inproj_max, inproj_rows, w_ih_packed, var);
+      res = run_forward(k, sh);
+    });
   });
+  TOC(6);
   return res;
 }
 
@@ -999,11 +1125,17 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
   for (const c10::optional<Tensor>* g : {&d_out, &d_hn, &d_cn}) {
     TORCH_CHECK(!has(*g) || ((*g)->is_contiguous() && (*g)->scalar_type() == x.scalar_type()), "fused LSTM: bad gradient");
   }
+  const LstmArgs a{x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, w_hh_packed, center, batch_stats};
+  const LstmSaved saved{d_out, d_hn, d_cn, out, XI, XH, C, stats_g, stats_h};
   std::vector<Tensor> res;
+  TIC(7);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_backward", [&] {
-    res = backward_impl<scalar_t>(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, out, XI, XH, C, stats_g,
-                                  stats_h, sh, mode, center, batch_stats, need_dx, chunk_rows, w_hh_packed, var);
+    with_family(mode, [&](auto family) {
+      LstmBackward<scalar_t, decltype(family)::value> k(a, saved, sh, need_dx, chunk_rows, var);
+      res = run_backward(k, sh);
+    });
   });
+  TOC(7);
   return res;
 }
 
