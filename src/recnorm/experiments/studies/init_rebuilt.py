@@ -251,9 +251,10 @@ def _worst_claim(records: Sequence[Record], task: str, cell: str, lab: str, chan
         return []
     d = DESIGNS[f"worst_{task}"]
     cname = "tanh RNN" if cell == "rnn" else cell.upper()
+    fb = f", forget bias {worst['forget_bias']:g}" if cell == "lstm" and "forget_bias" in worst else ""
     return [Claim(
         key=f"worst_{task}:{cell}:{lab}", claim=f"{name(lab)} makes the {cname}'s bad init cost less against its "
-        f"default init ({worst['init']}, gain {worst['init_gain']:g} against torch's default)",
+        f"default init ({worst['init']}, gain {worst['init_gain']:g}{fb} against torch's default)",
         source="the question; Cooijmans et al. 2017; Ba et al. 2016", task=f"{task}, {cname}",
         evidence=f"per seed: (default minus worst) with no norm minus with {lab}",
         test=paired(with_norm, without, "lower", d), design=d, steps=steps_of(runs_a), runs=run_ids(runs_a, runs_b))]
