@@ -41,8 +41,9 @@ from typing import Any, Dict, List, Sequence
 
 from recnorm.experiments.study import (
     Claim, Design, Question, Record, Study, TuningGrid, by_seed, chance_level, final, grid, paired, run_ids,
-    select, steps_of, steps_to_target, task_name)
-from recnorm.experiments.studies.speed import MAX_STEPS, PUBLISHED, SECOND_TARGET, TARGET, base_config, smoke_config
+    select, steps_of, task_name)
+from recnorm.experiments.studies.speed import (
+    MAX_STEPS, PUBLISHED, SECOND_TARGET, TARGET, base_config, smoke_config, to_second_target, to_target)
 from recnorm.experiments.sweep import SweepSpec
 
 LAYERS = 2
@@ -98,14 +99,6 @@ WHAT = {BETWEEN: "BN of each layer's output between the layers", SEQ: "sequence-
 SHORT = {BETWEEN: "BN between the layers", SEQ: "sequence-wise BN of W_ih x_t"}
 
 
-def _to_target(r: Record):
-    return steps_to_target(r, TARGET)
-
-
-def _to_second_target(r: Record):
-    return steps_to_target(r, SECOND_TARGET)
-
-
 def claims(records: Sequence[Record]) -> List[Claim]:
     """Per vertical arm against no norm: steps to 0.85 validation accuracy (a speed claim) and the final test
     accuracy to convergence (expected: equivalent)."""
@@ -125,9 +118,9 @@ def claims(records: Sequence[Record]) -> List[Claim]:
             key=f"vertical_speed:{lab}", claim=f"{WHAT[lab]} makes a {layers} reach {TARGET:g} validation accuracy in "
             f"fewer steps than no norm, each at the rate tuned for its final validation accuracy",
             source=SOURCES[lab], task=task, evidence=f"per seed: steps with no norm minus steps with {SHORT[lab]}",
-            test=paired(by_seed(arm, _to_target), by_seed(none, _to_target), "lower", d), design=d, steps=steps,
+            test=paired(by_seed(arm, to_target), by_seed(none, to_target), "lower", d), design=d, steps=steps,
             other=(f"steps to {SECOND_TARGET:g} validation accuracy",
-                   paired(by_seed(arm, _to_second_target), by_seed(none, _to_second_target), "lower", d)),
+                   paired(by_seed(arm, to_second_target), by_seed(none, to_second_target), "lower", d)),
             runs=run_ids(arm, none)))
         d = DESIGNS["vertical_end"]
         other = None
