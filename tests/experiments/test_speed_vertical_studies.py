@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 
@@ -15,16 +14,9 @@ from recnorm.experiments.config import RunConfig
 from recnorm.experiments.studies import get_study, speed, vertical
 from recnorm.experiments.study import Design, check_wording
 from recnorm.experiments.tune import MIN_RATES, MIN_SEEDS, MIN_SPAN, arm_key, tuning_spec
+from test_tune import _curve_record
 
-
-def _rec(seed, curve, *, final=0.85, status="ok", planned=5000, lr=1e-3, steps=None, **config):
-    """A finished run with a validation accuracy curve ``curve`` ({step: accuracy})."""
-    cfg = RunConfig(task="fashion_rows", seed=seed, lr=lr, **config)
-    steps = steps if steps is not None else list(curve)
-    return {"run_id": f"{cfg.run_id}-{random.random()}", "seed": seed, "config": cfg.to_dict(), "metric": "accuracy",
-            "higher_is_better": True, "status": status, "steps_planned": planned, "task": {"name": "fashion_rows"},
-            "valid": {"step": steps, "accuracy": [curve[s] for s in steps]},
-            "final": {"test": {"accuracy": final}, "valid": {"accuracy": final}} if status == "ok" else {}}
+_rec = _curve_record  # a finished run with a validation accuracy curve (test_tune.py)
 
 
 # ---------------------------------------------------------------------------------------------- the designs
