@@ -808,9 +808,9 @@ def dispatch_lines(sizes) -> List[str]:
         "fitted on (outside it, torch's op). "
         "`python benchmarks/fit_dispatch.py --fit` fitted it to the measurements in `benchmarks/dispatch_data.json` "
         f"(`{autotune.RULE.get('measured', {}).get('command', '?')}`, `norm=None`, each implementation forced). "
-        "Per size: fused / torch time as measured there (median of per-round ratios), then as the rule predicts it, and the choice:",
+        "Per size: fused / torch time as measured there (median of per-round ratios), the rule's score (below 0: fused), and the choice:",
         "",
-        "| cell / phase | points fitted | slower picks on them (worst cost) | " + " | ".join(str(s) for s in sizes) + " |",
+        "| cell / phase | points fitted | slower picks on them (worst cost); left-one-out | " + " | ".join(str(s) for s in sizes) + " |",
         "|---|---|---|" + "---|" * len(sizes),
     ]
     for key, entry in rules.items():
@@ -821,9 +821,10 @@ def dispatch_lines(sizes) -> List[str]:
         for size in sizes:
             pred = autotune.predict(cell, phase == "train", dtype, *size)
             m = measured.get((cell, phase, dtype, tuple(size)))
-            cells.append(f"{m:.2f} / {math.exp(pred):.2f} → {'fused' if pred < 0 else 'torch'}" if m else f"– / {math.exp(pred):.2f} → {'fused' if pred < 0 else 'torch'}")
+            cells.append(f"{f'{m:.2f}' if m else '–'} / {pred:+.1f} → {'fused' if pred < 0 else 'torch'}")
         lines.append(
-            f"| {cell} / {phase} | {entry.get('points', '?')} | {entry.get('wrong_picks', '?')} ({entry.get('worst_regret', '?')}x) | "
+            f"| {cell} / {phase} | {entry.get('points', '?')} | {entry.get('wrong_picks', '?')} ({entry.get('worst_regret', '?')}x); "
+            f"{entry.get('loo_wrong_picks', '?')} ({entry.get('loo_worst_regret', '?')}x) | "
             + " | ".join(cells) + " |"
         )
     return lines

@@ -7,9 +7,12 @@ step, where torch's CPU op has no fused backward), while torch's oneDNN inferenc
 most eval forwards. The choice comes from a rule fitted to measurements, :data:`RULE` at the end of this
 file, which ``benchmarks/fit_dispatch.py --fit`` writes there from ``benchmarks/dispatch_data.json``:
 
-    for each ``cell/phase/dtype`` (phase ``train`` when autograd records the call, else ``eval``), the
-    least-squares fit of ``log(t_fused / t_native)`` as ``c0 + cT log2 T + cB log2 B + cI log2 I +
-    cH log2 H`` over the measured sizes. The fused kernel goes first where the prediction is below 0.
+    for each ``cell/phase/dtype`` (phase ``train`` when autograd records the call, else ``eval``), a score
+    ``c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H``; the fused kernel goes first where it is below 0.
+    The coefficients are a logistic regression of "the fused kernel was faster" over the measured sizes,
+    each size weighted by ``|log(t_fused / t_native)|`` (what a wrong pick there costs): a decision rule,
+    not a prediction of the ratio's size. ``fit_dispatch.py``'s report and the benchmark page give its
+    wrong picks on the measured sizes, in sample and left-one-out.
 
 In a stack of layers trained with autograd, one implementation runs every layer (:func:`stack_first`,
 through :func:`recnorm.kernels.stack_preference`): the one predicted faster over the whole stack. Each
@@ -48,8 +51,9 @@ def rule() -> Dict[str, List[float]]:
 
 
 def predict(kind: str, train: bool, dtype: str, T: int, B: int, I: int, H: int) -> Optional[float]:
-    """The rule's predicted ``log(t_fused / t_native)``, or None where it has no entry or the size lies
-    outside the range of T, B, I or H that the rule was fitted on (it does not extrapolate)."""
+    """The rule's score (log-odds that torch's op is the faster; below 0: the fused kernel), or None where it
+    has no entry or the size lies outside the range of T, B, I or H that the rule was fitted on (it does
+    not extrapolate)."""
     entry = RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
     if entry is None or min(T, B, I, H) < 1:
         return None
@@ -89,7 +93,7 @@ def eager_order(work, x: Tensor, batch_sizes: Optional[Tensor], train: bool) -> 
 def stack_first(work, x: Tensor, batch_sizes: Optional[Tensor], widths: Sequence[int]) -> str:
     """``"fused"`` or ``"native"``: the implementation that the rule predicts faster over a whole stack
     whose layers take inputs of ``widths`` features (the first layer's is ``x``'s), in training. The
-    prediction for the stack is the sum of the layers' predicted ``log(t_fused / t_native)``; a layer
+    score for the stack is the sum of the layers' scores (their log-odds); a layer
     outside the rule's range (or a case without an entry) gives torch's op, as for one layer."""
     kind = work.cell.kind
     dtype = _DTYPES.get(str(x.dtype))
@@ -109,50 +113,63 @@ def stack_first(work, x: Tensor, batch_sizes: Optional[Tensor], widths: Sequence
 # BEGIN line to the END line (the measurements it was fitted to are in benchmarks/dispatch_data.json).
 # BEGIN RULE
 RULE: Dict = {'about': 'Fitted by benchmarks/fit_dispatch.py --fit from benchmarks/dispatch_data.json: per '
-          "'cell/phase/dtype', coefficients (c0, cT, cB, cI, cH) of log(t_fused / t_native) ~ c0 + cT log2 T "
-          "+ cB log2 B + cI log2 I + cH log2 H; kernel='auto' puts the fused kernel before torch's op where "
-          "the prediction is below 0, inside 'range' (the measured [min, max] of T, B, I, H); outside it, "
-          "torch's op goes first.",
+          "'cell/phase/dtype', coefficients (c0, cT, cB, cI, cH) of the score c0 + cT log2 T + cB log2 B + "
+          "cI log2 I + cH log2 H, a logistic regression of 'the fused kernel was faster' weighted by "
+          "|log(t_fused / t_native)|; kernel='auto' puts the fused kernel before torch's op where the score "
+          "is below 0, inside 'range' (the measured [min, max] of T, B, I, H); outside it, torch's op goes "
+          'first.',
  'measured': {'machine': 'x86_64, 2 CPUs',
-              'cpu_capability': 'AVX2',
+              'cpu_capability': 'AVX512',
               'torch': '2.13.0+cpu',
               'threads': 2,
-              'rounds': 5,
-              'command': 'python benchmarks/fit_dispatch.py --measure --points 6 --rounds 5'},
- 'rules': {'gru/eval/float32': {'coef': [1.0339, -0.0458, -0.1055, -0.1638, 0.0074],
-                                'range': [[6, 784], [13, 128], [1, 254], [8, 512]],
-                                'points': 10,
+              'rounds': 7,
+              'command': 'python benchmarks/fit_dispatch.py --measure --points 24 --rounds 7'},
+ 'rules': {'gru/eval/float32': {'coef': [12.4012, -3.2202, -0.8504, 0.0994, 0.5147],
+                                'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
+                                'points': 28,
                                 'wrong_picks': 1,
-                                'median_regret': 1.0,
-                                'worst_regret': 1.128},
-           'gru/train/float32': {'coef': [1.6673, -0.0195, -0.5611, -0.1961, 0.2609],
-                                 'range': [[6, 784], [13, 128], [1, 254], [8, 512]],
-                                 'points': 10,
+                                'worst_regret': 1.026,
+                                'loo_wrong_picks': 3,
+                                'loo_worst_regret': 1.259,
+                                'bench_sizes_wrong': []},
+           'gru/train/float32': {'coef': [7.3185, -3.2983, -0.0245, -0.1391, 0.2722],
+                                 'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
+                                 'points': 28,
                                  'wrong_picks': 0,
-                                 'median_regret': 1.0,
-                                 'worst_regret': 1.0},
-           'lstm/eval/float32': {'coef': [4.0657, -0.178, -0.0587, -0.0463, -0.2906],
-                                 'range': [[2, 784], [2, 128], [1, 128], [18, 976]],
-                                 'points': 10,
-                                 'wrong_picks': 4,
-                                 'median_regret': 1.0,
-                                 'worst_regret': 1.942},
-           'lstm/train/float32': {'coef': [-3.2966, -0.1275, 0.204, 0.0295, 0.3329],
-                                  'range': [[2, 784], [2, 128], [1, 128], [18, 976]],
-                                  'points': 10,
-                                  'wrong_picks': 3,
-                                  'median_regret': 1.0,
-                                  'worst_regret': 1.17},
-           'rnn_tanh/eval/float32': {'coef': [0.755, -0.2539, 0.1203, -0.1668, 0.0801],
-                                     'range': [[2, 784], [1, 128], [1, 418], [6, 913]],
-                                     'points': 10,
-                                     'wrong_picks': 1,
-                                     'median_regret': 1.0,
-                                     'worst_regret': 1.093},
-           'rnn_tanh/train/float32': {'coef': [-0.203, -0.0505, 0.1612, 0.0159, -0.0868],
-                                      'range': [[2, 784], [1, 128], [1, 418], [6, 913]],
-                                      'points': 10,
-                                      'wrong_picks': 1,
-                                      'median_regret': 1.0,
-                                      'worst_regret': 1.081}}}
+                                 'worst_regret': 1.0,
+                                 'loo_wrong_picks': 2,
+                                 'loo_worst_regret': 1.108,
+                                 'bench_sizes_wrong': []},
+           'lstm/eval/float32': {'coef': [11.7114, -0.0186, -1.3669, -0.978, 1.3752],
+                                 'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
+                                 'points': 28,
+                                 'wrong_picks': 0,
+                                 'worst_regret': 1.0,
+                                 'loo_wrong_picks': 1,
+                                 'loo_worst_regret': 1.115,
+                                 'bench_sizes_wrong': []},
+           'lstm/train/float32': {'coef': [40.7382, -2.0578, -2.9899, -0.6911, -0.8644],
+                                  'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
+                                  'points': 28,
+                                  'wrong_picks': 1,
+                                  'worst_regret': 1.073,
+                                  'loo_wrong_picks': 3,
+                                  'loo_worst_regret': 1.515,
+                                  'bench_sizes_wrong': []},
+           'rnn_tanh/eval/float32': {'coef': [15.8925, -2.569, -1.1329, 0.0437, -0.067],
+                                     'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
+                                     'points': 28,
+                                     'wrong_picks': 4,
+                                     'worst_regret': 1.176,
+                                     'loo_wrong_picks': 6,
+                                     'loo_worst_regret': 1.795,
+                                     'bench_sizes_wrong': []},
+           'rnn_tanh/train/float32': {'coef': [12.6712, -2.9201, -0.206, 0.0998, -0.1967],
+                                      'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
+                                      'points': 28,
+                                      'wrong_picks': 0,
+                                      'worst_regret': 1.0,
+                                      'loo_wrong_picks': 0,
+                                      'loo_worst_regret': 1.0,
+                                      'bench_sizes_wrong': []}}}
 # END RULE
