@@ -126,6 +126,29 @@ def test_fused_onednn_gemm_path(cell, norm, input_size, monkeypatch):
             torch.testing.assert_close(fast(x)[0], ref(x)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_onednn_plan_knows_whether_the_forward_saves(monkeypatch):
+    """The LSTM's hoisted input projection goes to oneDNN only in a forward that saves nothing (eval):
+    the plan must be told which forward it serves."""
+    monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
+    monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
+    assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=False) == (True, True, True)
+    assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=True) == (False, True, True)
+    assert fused.onednn_plan(32, 64, True, torch.float32, "lstm", saving=False) == (False, False, False)
+    assert fused.onednn_plan(8, 128, False, torch.float32, "lstm")[1] is False
+    assert fused.onednn_plan(64, 128, False, torch.float32, "lstm")[1] is True
+    assert fused.onednn_plan(64, 128, False, torch.float32, "gru_rnn")[1] is False  # its own, older rule
+    assert fused.onednn_plan(32, 512, True, torch.float64, "lstm", saving=False) == (False, False, False)
+    seen = []
+    real = fused.onednn_plan
+    monkeypatch.setattr(fused, "onednn_plan", lambda *a, **k: seen.append(k.get("saving", True)) or real(*a, **k))
+    layer = recnorm.LSTM(4, 8, kernel="fused")
+    x = torch.randn(3, 2, 4)
+    layer(x)[0].sum().backward()
+    with torch.no_grad():
+        layer.eval()(x)
+    assert seen[0] is True and seen[-1] is False
+
+
 @pytest.mark.parametrize("cell,norm,mode", [
     pytest.param(c, n, m, id=case_id(c, n, m)) for (c, n), m in itertools.product(SERVED, ["train", "eval"])
 ])  # fmt: skip

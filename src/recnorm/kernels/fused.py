@@ -198,15 +198,24 @@ def _onednn_available(family: str) -> bool:
     return e.onednn
 
 
-def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, family: str) -> Tuple[bool, bool, bool]:
+def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, family: str, saving: bool = True) -> Tuple[bool, bool, bool]:
     """Which GEMMs go to oneDNN's linear instead of MKL's sgemm: (input projection, forward step,
-    backward step). ``hoisted``: whether the input projection runs as GEMMs at all.
+    backward step). ``hoisted``: whether the input projection runs as GEMMs at all; ``saving``: whether
+    the forward keeps what a backward needs (False in eval and under ``no_grad``).
 
-    Measured on a 2-core AMD EPYC (AVX2), 2 threads, with prepacked weights: oneDNN is 10-40% faster for
-    the forward product ``h W_hh^T`` once H >= 256, and for the backward product ``dG W_hh`` when H >= 512
-    with a batch of at most 64. For the chunked input projection it won in isolation but not inside the
-    loop, so MKL keeps it by default (and the GRU/RNN kernel always keeps MKL for it).
-    ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice (or a mask such as ``011``). float32 only.
+    Measured on the 2-core AMD EPYC (AVX-512) of ``benchmarks/``, 2 threads, prepacked weights, the
+    LSTM's ``norm=None`` forward with one choice changed at a time (2026-12-05, load < 0.3):
+
+    * forward product ``h W_hh^T``: oneDNN takes 0.85-0.94 of MKL's time from H = 192 at every batch
+      from 4 to 256, 0.98-0.99 at H = 128 with a batch of 64 or more (and 1.29 -> 0.98 of torch.nn for the
+      whole eval forward at (T, B, I, H) = (784, 64, 1, 128)), but 1.1-2.1x at H <= 96 with small batches;
+    * hoisted input projection, in eval: 0.92 of the whole forward at (200, 32, 64, 512), neutral at
+      H <= 256; in training it won in isolation but not inside the loop, so MKL keeps it there;
+    * backward product ``dG W_hh``: 10-40% faster when H >= 512 with a batch of at most 64.
+
+    The GRU/RNN kernel keeps its earlier rule (step from H >= 256; MKL for the projection): it was not
+    re-measured. ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice (or a mask such as ``011``).
+    float32 only.
     """
     env = os.environ.get("RECNORM_FUSED_ONEDNN", "")
     if env == "0" or dtype != torch.float32 or not _onednn_available(family):
@@ -215,7 +224,10 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
         return (hoisted, True, True)
     if len(env) == 3 and set(env) <= {"0", "1"}:  # a mask, e.g. "011"
         return (hoisted and env[0] == "1", env[1] == "1", env[2] == "1")
-    return (False, hidden >= 256, hidden >= 512 and batch <= 64)
+    backward = hidden >= 512 and batch <= 64
+    if family == "lstm":
+        return (hoisted and not saving and hidden >= 256, hidden >= 192 or (hidden >= 128 and batch >= 64), backward)
+    return (False, hidden >= 256, backward)
 
 
 def _pack(w: Tensor, batch: int) -> Tensor:
@@ -270,7 +282,7 @@ def _fused_lstm(
     backward recomputes c~ from the gates)."""
     B, H, I = h0.shape[0], w_hh.shape[1], x.shape[1]
     hoisted = I > INPROJ_MAX
-    plan = onednn_plan(B, H, hoisted, x.dtype, "lstm")
+    plan = onednn_plan(B, H, hoisted, x.dtype, "lstm", saving=bool(save))
     res = _ext("lstm").forward(
         x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, list(pop), list(stat), list(center), list(eps),
         batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS,
