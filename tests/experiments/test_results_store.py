@@ -316,3 +316,17 @@ def test_a_sweep_declares_what_its_published_records_keep(tmp_path):
     assert "diagnostics" in full and "cpu" in full["provenance"]
     with pytest.raises(ConfigError, match="published: unknown key"):
         run_sweep(SweepSpec(name="bad", base=base, published={"points": 2}), str(tmp_path / "bad"))
+
+
+def test_legacy_replays_the_fused_lstm_gemm_rule_it_ran_with():
+    """Runs marked "legacy" predate the fused LSTM's current oneDNN rule; inside their dispatch block the
+    kernel follows the earlier rule (GEMMs through oneDNN and MKL round differently), and only there."""
+    import recnorm
+    from recnorm.kernels import fused
+
+    model = torch.nn.Sequential(recnorm.LSTM(3, 4, norm="layer"))
+    with kernel_dispatch(model, "legacy"):
+        assert fused._ONEDNN_RULE == "2026-12-04"
+    with kernel_dispatch(model, "fused"):
+        assert fused._ONEDNN_RULE == "current"
+    assert fused._ONEDNN_RULE == "current"

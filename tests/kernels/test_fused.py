@@ -126,6 +126,19 @@ def test_fused_onednn_gemm_path(cell, norm, input_size, monkeypatch):
             torch.testing.assert_close(fast(x)[0], ref(x)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_onednn_rule_restores_the_earlier_lstm_plan(monkeypatch):
+    """Runs made before the LSTM's GEMM rule changed replay with the rule they ran with."""
+    monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
+    monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
+    with fused.onednn_rule("2026-12-04"):
+        assert fused.onednn_plan(64, 128, False, torch.float32, "lstm") == (False, False, False)
+        assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=False) == (False, True, True)
+    assert fused.onednn_plan(64, 128, False, torch.float32, "lstm")[1] is True  # restored on exit
+    with pytest.raises(ValueError, match="expected one of"):
+        with fused.onednn_rule("newest"):
+            pass
+
+
 def test_onednn_plan_knows_whether_the_forward_saves(monkeypatch):
     """The LSTM's hoisted input projection goes to oneDNN only in a forward that saves nothing (eval):
     the plan must be told which forward it serves."""

@@ -49,10 +49,11 @@ Performance knobs (environment, read per call unless noted):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -198,6 +199,26 @@ def _onednn_available(family: str) -> bool:
     return e.onednn
 
 
+#: The rule :func:`onednn_plan` follows: ``"current"``, or ``"2026-12-04"``, the rule before oneDNN's linear
+#: served the LSTM's forward step below H = 256 and its eval input projection. GEMMs through oneDNN and
+#: MKL round differently, so runs made before the change replay with the old rule (:func:`onednn_rule`).
+ONEDNN_RULES = ("current", "2026-12-04")
+_ONEDNN_RULE = "current"
+
+
+@contextlib.contextmanager
+def onednn_rule(rule: str) -> Iterator[None]:
+    """Within the block, :func:`onednn_plan` follows ``rule`` (one of :data:`ONEDNN_RULES`)."""
+    global _ONEDNN_RULE
+    if rule not in ONEDNN_RULES:
+        raise ValueError(f"onednn_rule: expected one of {ONEDNN_RULES}, got {rule!r}")
+    old, _ONEDNN_RULE = _ONEDNN_RULE, rule
+    try:
+        yield
+    finally:
+        _ONEDNN_RULE = old
+
+
 def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, family: str, saving: bool = True) -> Tuple[bool, bool, bool]:
     """Which GEMMs go to oneDNN's linear instead of MKL's sgemm: (input projection, forward step,
     backward step). ``hoisted``: whether the input projection runs as GEMMs at all; ``saving``: whether
@@ -213,7 +234,7 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
       H <= 256; in training it won in isolation but not inside the loop, so MKL keeps it there;
     * backward product ``dG W_hh``: 10-40% faster when H >= 512 with a batch of at most 64.
 
-    The GRU/RNN kernel keeps its earlier rule (step from H >= 256; MKL for the projection): it was not
+    Under :func:`onednn_rule` ``("2026-12-04")`` the LSTM follows the earlier rule too. The GRU/RNN kernel keeps its earlier rule (step from H >= 256; MKL for the projection): it was not
     re-measured. ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice (or a mask such as ``011``).
     float32 only.
     """
@@ -225,7 +246,7 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
     if len(env) == 3 and set(env) <= {"0", "1"}:  # a mask, e.g. "011"
         return (hoisted and env[0] == "1", env[1] == "1", env[2] == "1")
     backward = hidden >= 512 and batch <= 64
-    if family == "lstm":
+    if family == "lstm" and _ONEDNN_RULE == "current":
         return (hoisted and not saving and hidden >= 256, hidden >= 192 or (hidden >= 128 and batch >= 64), backward)
     return (False, hidden >= 256, backward)
 
