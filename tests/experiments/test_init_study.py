@@ -128,3 +128,30 @@ def test_the_gain_table_shows_first_step_gradient_norms():
     (headers, rows), = tables
     assert headers == ["norm", "default init", "N(0, g²/fan_in), g = 10"]
     assert rows == [["layer norm", "4", "0.5"], ["no norm", "2", "1e+06 (1 diverged)"]]
+
+
+def test_a_partial_grid_is_not_judged():
+    """Two whole seeds of a huge, consistent effect: the floored t test alone would call it (p = 0.015), but
+    the grid's claims declare 5 seeds and the contrast 10, so they read "not enough data", stay out of the
+    Benjamini-Hochberg family and say how many seeds they have; the same effect on 5 seeds is judged."""
+    from recnorm.experiments.study import adjust
+
+    def grid(seeds):
+        return [_rec(seed, 0.85 + 0.001 * seed - (0.3 if norm is None else 0.0) * (init == "normal" and gain == 10.0),
+                     cell="rnn", norm=norm, init=init, init_gain=gain)
+                for seed in seeds for norm in (None, "layer") for init in ("default", "normal")
+                for gain in (1.0, 10.0)]
+
+    claims = {c.key: c for c in ir.claims(grid(range(2)))}
+    spread = claims["spread_fashion_rows:rnn:layer"]
+    assert spread.test.n == 2 and spread.test.p < 0.05  # the t test alone would call it
+    adjust(list(claims.values()))
+    for c in claims.values():
+        assert c.result == "insufficient" and c.p_adjusted is None, c.key
+    assert spread.seeds() == "2 of 2 (declared: 5)" and "not judged: 2 of the 5 seeds declared" in spread.p_text()
+    assert "not enough data" in spread.verdict()
+    claims = {c.key: c for c in ir.claims(grid(range(5)))}
+    adjust(list(claims.values()))
+    assert claims["spread_fashion_rows:rnn:layer"].result == "supported"
+    assert claims["worst_fashion_rows:rnn:layer"].result == "insufficient"  # the contrast declares 10
+    assert all(d.min_seeds == (10 if k.startswith("worst") else 5) for k, d in ir.DESIGNS.items())

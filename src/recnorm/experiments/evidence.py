@@ -192,7 +192,10 @@ _HOW_TO_READ = (
     "over every setting the studies ran (the old page adjusted only the rows it showed). Each row shows its adjusted p beside the exact sign-flip permutation p (which cannot go below 2/2^n with "
     "n seeds). Verdicts: " + ", ".join(f"{badge(v)}" for v in _COUNTED) + ". *Supported* / *the opposite "
     "holds*: the adjusted p is below 0.05 and the effect points that way. *Equivalent*: otherwise, the two "
-    "one-sided tests (TOST) place the effect within the claim's margin. *Inconclusive*: neither. Power: the "
+    "one-sided tests (TOST) place the effect within the claim's margin. *Inconclusive*: neither. *Not enough "
+    "data*: fewer paired seeds than the claim's study declared before running (at least 2; the rebuilt init "
+    "study's grid claims declare 5, its contrasts and the shared-BN claims 10); such a row shows its interval "
+    "and p, is not judged, and is not among the adjusted tests. Power: the "
     "smallest effect the test would detect four times in five at its n and spread. Controls and second looks "
     "at the same runs are shown and not counted. Runs that diverged count as chance level.")
 

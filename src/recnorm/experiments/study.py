@@ -50,6 +50,9 @@ class Design:
         patience: for a ``"convergence"`` budget, the early-stopping patience in evaluations (None: not
             declared yet); for a ``"steps"`` budget, the patience of runs that stop early, whose speed the claim
             reads off their validation curves (steps to a target, within their maximum budget).
+        min_seeds: the number of paired seeds the claim declares before its test is judged. With fewer (a
+            sweep still running), the claim reads "not enough data", whatever its p, and it is left out of
+            the page's Benjamini-Hochberg family: a verdict read off a partial sweep would be peeking.
     """
 
     metric: str
@@ -60,8 +63,11 @@ class Design:
     role: str = "primary"
     tuned: bool = False
     patience: Optional[int] = None
+    min_seeds: int = 2
 
     def __post_init__(self) -> None:
+        if not isinstance(self.min_seeds, int) or self.min_seeds < 2:
+            raise ValueError(f"Design.min_seeds: expected an int >= 2, got {self.min_seeds!r}")
         if self.better not in ("higher", "lower"):
             raise ValueError(f"Design.better: expected 'higher' or 'lower', got {self.better!r}")
         if self.budget not in ("steps", "convergence"):
@@ -115,9 +121,17 @@ class Claim:
         return self.primary and self.remeasured
 
     @property
+    def enough(self) -> bool:
+        """The test has the seeds its design declares (``Design.min_seeds``)."""
+        return self.test.n >= self.design.min_seeds
+
+    @property
     def result(self) -> str:
         """One of :data:`recnorm.experiments.statistics.VERDICTS` (a primary claim is judged on its
-        BH-adjusted p, adjusted within its family: re-measured claims together, older ones together)."""
+        BH-adjusted p, adjusted within its family: re-measured claims together, older ones together);
+        "insufficient" below the design's declared number of seeds."""
+        if not self.enough:
+            return "insufficient"
         p = self.p_adjusted if self.primary else None
         return st.verdict(self.test, p)
 
@@ -145,12 +159,16 @@ class Claim:
         return interval_text(self.test)
 
     def seeds(self) -> str:
-        return f"{self.test.wins} of {self.test.n}"
+        short = "" if self.enough else f" (declared: {self.design.min_seeds})"
+        return f"{self.test.wins} of {self.test.n}{short}"
 
     def p_text(self) -> str:
         t = self.test
         if t.p is None:
             return "–"
+        if not self.enough:
+            return (f"{pvalue(t.p)} (not judged: {t.n} of the {self.design.min_seeds} seeds declared; sign-flip "
+                    f"{pvalue(t.p_sign_flip)})")
         adj = pvalue(self.p_adjusted) if self.p_adjusted is not None else "not counted"
         return f"{pvalue(t.p)} (BH {adj}; sign-flip {pvalue(t.p_sign_flip)})"
 
@@ -482,9 +500,11 @@ def verdicts_section(doc: Any, claims: List[Claim]) -> List[Claim]:
 def adjust(claims: Sequence[Claim]) -> None:
     """Benjamini-Hochberg across the primary claims of one page (sets each one's ``p_adjusted``), in two
     families: the re-measured claims (the ones counted) together, and the claims not yet re-measured
-    together (so their old verdicts stay as they were, shown and not counted)."""
+    together (so their old verdicts stay as they were, shown and not counted). A claim below its declared
+    number of seeds is not judged, so it is not among the tests either."""
     for remeasured in (True, False):
-        family = [c for c in claims if c.primary and c.remeasured == remeasured and c.test.p_primary is not None]
+        family = [c for c in claims if c.primary and c.remeasured == remeasured and c.test.p_primary is not None
+                  and c.enough]
         for c, p in zip(family, st.benjamini_hochberg([c.test.p_primary for c in family])):
             c.p_adjusted = p
 

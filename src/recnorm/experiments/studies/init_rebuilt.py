@@ -135,8 +135,11 @@ def _smoke_grids() -> List[Dict[str, Any]]:
 
 
 _MARGIN = {"fashion_rows": 0.01, "adding": 0.002}
+#: Every claim is judged only once it has the seeds the design declares (5 on the grid, 10 for the contrasts):
+#: a verdict read off the first seeds of a sweep still running would be peeking.
 DESIGNS = {
-    f"{kind}_{task}": Design(metric, better, budget="convergence", margin=_MARGIN[task], tuned=True, patience=5)
+    f"{kind}_{task}": Design(metric, better, budget="convergence", margin=_MARGIN[task], tuned=True, patience=5,
+                             min_seeds=len(CONTRAST_SEEDS) if kind == "worst" else len(GRID_SEEDS))
     for task in TASKS
     for kind, metric, better in (
         ("spread", "range of the final test metric over the init grid (schemes x gains x forget biases), per seed",
@@ -147,7 +150,7 @@ DESIGNS = {
 }
 for _task in TASKS:  # the success rate is a fraction: its own margin
     DESIGNS[f"success_{_task}"] = Design(DESIGNS[f"success_{_task}"].metric, "higher", budget="convergence",
-                                         margin=0.05, tuned=True, patience=5)
+                                         margin=0.05, tuned=True, patience=5, min_seeds=len(GRID_SEEDS))
 
 
 def _value(r: Record, chance: Optional[float]) -> Optional[float]:

@@ -64,12 +64,13 @@ def sweep(smoke: bool = False) -> SweepSpec:
 DESIGNS = {
     "shared_train": Design("mean training loss over the steps both runs logged (same seed, hence the same batches): "
                            "shared BN's minus per-step BN's", "lower", budget="convergence", margin=0.01, tuned=True,
-                           patience=5),
+                           patience=5, min_seeds=len(SEEDS)),
     "shared_select": Design("final test accuracy, both evaluated with exact per-step population statistics, at the "
                             "checkpoint each run's own validation picked", "higher", budget="convergence", margin=0.01,
-                            tuned=True, patience=5),
+                            tuned=True, patience=5, min_seeds=len(SEEDS)),
     "shared_eval": Design("final test accuracy of the shared-BN model: one statistic per step minus one for all "
-                          "steps", "higher", budget="convergence", margin=0.01, tuned=True, patience=5),
+                          "steps", "higher", budget="convergence", margin=0.01, tuned=True, patience=5,
+                          min_seeds=len(SEEDS)),
 }
 
 
