@@ -301,3 +301,43 @@ def test_a_worker_that_dies_fails_its_run_and_is_replaced(tmp_path, monkeypatch)
     assert len(outcome.completed) == 2 and len(outcome.failed) == 1
     assert all("worker process died (exit code 9)" in m for m in outcome.failed.values())
     assert all(run_id.startswith("dying_adding-") for run_id in outcome.failed)
+
+
+def test_compacted_keeps_every_run_in_order_in_fewer_grids():
+    from recnorm.experiments.sweep import compact_grids
+
+    base = small_spec().base
+    # built one run at a time, as a tuned final sweep is, in an order that is not one product
+    spec = SweepSpec(name="s", base=base, grids=[
+        {"norm": [n], "init_gain": [g], "hidden_size": [h], "seed": [s]}
+        for s in (0, 1) for n in (None, "layer") for g in (0.5, 1.0, 2.0) for h in (4, 8)
+        if not (s == 1 and n == "layer" and g == 1.0 and h == 8)])  # one run missing: that grid cannot merge whole
+    compact = spec.compacted()
+    assert [c.run_id for c in compact.expand()] == [c.run_id for c in spec.expand()]
+    assert len(spec.grids) == 23 and len(compact.grids) < 8
+    # 1 and 1.0 are different values in a config: never merged as if equal
+    assert len(compact_grids([{"init_gain": [1], "seed": [0]}, {"init_gain": [1.0], "seed": [1]}])) == 2
+    # neighbours differing in two fields do not merge into a product they are not
+    pair = [{"norm": [None], "seed": [0]}, {"norm": ["layer"], "seed": [1]}]
+    assert compact_grids(pair) == pair
+
+
+def test_migrate_compact_rewrites_a_published_manifest(tmp_path):
+    from recnorm.experiments.migrate import main
+    from recnorm.experiments.results import write_json_atomic
+
+    spec = SweepSpec(name="s", base=small_spec().base,
+                     grids=[{"norm": [n], "seed": [s]} for s in range(3) for n in (None, "layer")])
+    folder = tmp_path / "results" / "s"
+    folder.mkdir(parents=True)
+    runs = [c.run_id for c in spec.expand()]
+    write_json_atomic(str(folder / "sweep.json"), {"name": "s", "spec": spec.to_dict(), "runs": runs})
+    assert main(["--compact", "--results", str(tmp_path / "results")]) == 0
+    manifest = read_json(str(folder / "sweep.json"))
+    assert manifest["runs"] == runs and len(manifest["spec"]["grids"]) == 3  # one per seed: seeds run outermost
+    assert [c.run_id for c in SweepSpec.from_dict(manifest["spec"]).expand()] == runs
+    # a manifest whose run list disagrees with its spec is left as it is
+    write_json_atomic(str(folder / "sweep.json"), {"name": "s", "spec": spec.to_dict(), "runs": runs[::-1]})
+    with pytest.raises(ValueError, match="left as it is"):
+        main(["--compact", "--results", str(tmp_path / "results")])
+    assert len(read_json(str(folder / "sweep.json"))["spec"]["grids"]) == 6

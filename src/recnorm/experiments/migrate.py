@@ -9,6 +9,9 @@ Command, from the repository root (it reads the git log for each run's commit)::
 Every ``config.json`` + ``result.json`` pair becomes one line of ``results/<study>/runs.jsonl`` and each
 study's ``sweep.json`` moves beside it. Weights (``model.pt``) and locks are not carried over.
 
+``python -m recnorm.experiments.migrate --compact --results results`` only rewrites each published
+``sweep.json`` with its grids merged (same runs, same order; see :func:`compact_manifests`).
+
 These runs predate the fitted dispatch rule (:mod:`recnorm.kernels.autotune`) and predate provenance, so each
 migrated record gets ``config.kernel = "legacy"`` (torch's op first, then the fused kernel, then the reference
 loop: how ``kernel="auto"`` chose before the rule), which replays them bit for bit, and a ``provenance`` that
@@ -24,10 +27,10 @@ import logging
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from recnorm.experiments.results import (
-    RESULT_FILE, SWEEP_FILE, is_sweep_dir, load_records, publish, read_json)
+    RESULT_FILE, SWEEP_FILE, is_sweep_dir, load_records, publish, read_json, write_json_atomic)
 
 __all__ = ["migrate", "LEGACY_REPLAY_ENV"]
 
@@ -93,11 +96,44 @@ def migrate(docs: str, results: str, studies: Optional[Sequence[str]] = None) ->
     return done
 
 
+def compact_manifests(results: str, studies: Optional[Sequence[str]] = None) -> Dict[str, Tuple[int, int]]:
+    """Rewrite each ``results/<study>/sweep.json`` with its grids merged (:meth:`SweepSpec.compacted`): the
+    same runs in the same order, checked against the manifest's own run list. A sweep published by an older
+    checkout (the init study's pinned runner writes one grid per run) shrinks from megabytes to kilobytes.
+    Returns ``{study: (grids before, grids after)}`` for the manifests it changed."""
+    from recnorm.experiments.sweep import SweepSpec
+
+    done: Dict[str, Tuple[int, int]] = {}
+    for study in sorted(studies or os.listdir(results)):
+        path = os.path.join(results, study, SWEEP_FILE)
+        if not os.path.isfile(path):
+            continue
+        manifest = read_json(path)
+        spec = SweepSpec.from_dict(manifest["spec"])
+        compact = spec.compacted()
+        if len(compact.grids) == len(spec.grids):
+            continue
+        runs = [c.run_id for c in compact.expand()]
+        if manifest.get("runs") is not None and runs != manifest["runs"]:
+            raise ValueError(f"{path}: its spec expands to other runs than its 'runs' list; left as it is")
+        write_json_atomic(path, {**manifest, "spec": compact.to_dict()})
+        done[study] = (len(spec.grids), len(compact.grids))
+        logger.info("%s: %d grids -> %d", path, len(spec.grids), len(compact.grids))
+    return done
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recnorm.experiments.migrate", description=__doc__.split("\n")[0])
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--compact", action="store_true",
+                        help="only rewrite each results/<study>/sweep.json with its grids merged (same runs, same "
+                             "order)")
     args = parser.parse_args(argv)
+    if args.compact:
+        for study, (before, after) in compact_manifests(args.results).items():
+            print(f"{os.path.join(args.results, study, SWEEP_FILE)}: {before} grids -> {after}")
+        return 0
     for study, n in migrate(args.docs, args.results).items():
         print(f"{study}: {n} runs -> {os.path.join(args.results, study, 'runs.jsonl')}")
     return 0

@@ -88,6 +88,33 @@ class SweepBackend(Protocol):
             record: Callable[[RunOutcome], None]) -> None: ...
 
 
+def compact_grids(grids: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Merge neighbouring grids that differ in one field into one grid, keeping the expansion order.
+
+    A sweep built one run at a time (a tuned final sweep: one grid per run) expands to the same runs as far
+    fewer grids. Fields are merged from the last (which varies fastest in a grid's product) to the first;
+    two neighbours merge on a field when every other field is equal (as JSON, so 1 and 1.0 stay apart) and
+    no field before it has more than one value, so the merged grid's product is the two grids one after the
+    other. Grids with different fields (or field order) are left as they are."""
+    grids = [{k: (list(v) if isinstance(v, list) else [v]) for k, v in g.items()} for g in grids]
+    if not grids or any(list(g) != list(grids[0]) for g in grids):
+        return grids
+    keys = list(grids[0])
+    dump = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731
+    for i in range(len(keys) - 1, -1, -1):
+        key, slower = keys[i], keys[:i]
+        out: List[Dict[str, Any]] = []
+        for g in grids:
+            last = out[-1] if out else None
+            if (last is not None and all(len(last[k]) == 1 and len(g[k]) == 1 for k in slower)
+                    and all(dump(last[k]) == dump(g[k]) for k in keys if k != key)):
+                out[-1] = {**last, key: last[key] + g[key]}
+            else:
+                out.append(g)
+        grids = out
+    return grids
+
+
 class SweepBusyError(RuntimeError):
     """Another live process is running a sweep in the same directory."""
 
@@ -146,6 +173,15 @@ class SweepSpec:
                     seen.add(config.run_id)
                     configs.append(config)
         return configs
+
+    def compacted(self) -> "SweepSpec":
+        """The same sweep in fewer grids (see :func:`compact_grids`): the same runs in the same order, which
+        is checked (``ValueError`` otherwise)."""
+        out = dataclasses.replace(self, grids=compact_grids(self.grids))
+        before, after = [c.run_id for c in self.expand()], [c.run_id for c in out.expand()]
+        if before != after:  # pragma: no cover - compact_grids keeps the order by construction
+            raise ValueError(f"SweepSpec.compacted: {self.name!r} expands differently once compacted")
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "description": self.description, "base": self.base.to_dict(),

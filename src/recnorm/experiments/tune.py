@@ -203,7 +203,7 @@ def final_spec(spec: SweepSpec, choices: Dict[str, ArmChoice], seeds: Optional[S
         grids.append({**fields, "lr": [choices[key].lr], "seed": list(seeds) if seeds is not None else [config.seed]})
     return SweepSpec(name=spec.name, base=spec.base, grids=grids,
                      description="[learning rate tuned per arm] " + spec.description, imports=list(spec.imports),
-                     report=dict(spec.report), published=dict(spec.published))
+                     report=dict(spec.report), published=dict(spec.published)).compacted()
 
 
 def tuning_table(choices: Dict[str, ArmChoice], grid: TuningGrid) -> List[str]:
