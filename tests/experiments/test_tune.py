@@ -132,7 +132,19 @@ def test_tuning_table_shows_the_chosen_rate_and_the_curve():
     records[-1] = _record(1e-1, 101, None, status="diverged")
     lines = tuning_table(choose(records, GRID), GRID)
     assert lines[0] == "| arm | chosen lr | lr 0.0001 | lr 0.001 | lr 0.01 | lr 0.1 |"
-    assert lines[2] == "| none | 0.001 | 0.410 | **0.810** | 0.410 | 0.400 ✗ |"
+    assert lines[2] == "| no norm | 0.001 | 0.410 | **0.810** | 0.410 | 0.400 ✗ |"
+
+
+def test_arm_labels_read_as_words():
+    """The tuning table names an arm in words, once: not "none+between=batch, between_layers=batch"."""
+    from recnorm.experiments.tune import arm_words
+
+    assert arm_words("none+between=batch, between_layers=batch") == "no norm, BN between layers"
+    assert arm_words("sequence_batch, between_layers=None") == "sequence-wise BN"
+    assert arm_words("batch γ=0.1, cell=lstm, forget_bias=1.0, task=adding, task_options.length=100, "
+                     "task_options.test_size=1000") == "per-step BN (γ0 = 0.1) · LSTM · forget bias 1 · adding · T = 100"
+    assert arm_words("layer, cell=rnn, forget_bias=None, task=fashion_rows") == "layer norm · RNN · fashion_rows"
+    assert arm_words("none, hidden_size=64") == "no norm · hidden_size=64"  # other fields stay as they are
 
 
 def test_tuning_at_a_fixed_init_then_holding_the_rate_while_the_init_varies():
@@ -234,6 +246,6 @@ def test_the_speed_score_chooses_the_fastest_rate_not_the_best_end_point():
 
     assert ArmChoice.from_dict(json.loads(json.dumps(fast.to_dict()))).scored_by == fast.scored_by
     row = tuning_table({key: fast}, grid)[2]
-    assert row == "| none | 0.01 | 5000 | 900 | **250** | 150 ✗ |"
+    assert row == "| no norm | 0.01 | 5000 | 900 | **250** | 150 ✗ |"
     with pytest.raises(ValueError, match="better"):
         TuningScore("x", lambda r: 0.0, "up")

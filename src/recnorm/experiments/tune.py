@@ -206,6 +206,34 @@ def final_spec(spec: SweepSpec, choices: Dict[str, ArmChoice], seeds: Optional[S
                      report=dict(spec.report), published=dict(spec.published)).compacted()
 
 
+_CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+def arm_words(label: str) -> str:
+    """An arm's label (:class:`ArmChoice`) in words: the norm by its name (``"none+between=batch"`` -> "no
+    norm, BN between layers"), the cell and task as words, and only the fields that tell arms apart
+    (``between_layers`` is already in the norm's name; split sizes and an unset forget bias are dropped)."""
+    from recnorm.experiments.study import name
+
+    head, *extra = label.split(", ")
+    words = [name(head)]
+    for item in extra:
+        key, _, value = item.partition("=")
+        if key == "between_layers" or key.startswith("task_options.") and key.endswith("_size") or value == "None":
+            continue
+        if key == "cell":
+            words.append(_CELLS.get(value, value))
+        elif key == "task":
+            words.append(value)
+        elif key == "task_options.length":
+            words.append(f"T = {value}")
+        elif key == "forget_bias":
+            words.append(f"forget bias {float(value):g}")
+        else:
+            words.append(item)
+    return " · ".join(words)
+
+
 def tuning_table(choices: Dict[str, ArmChoice], grid: TuningGrid) -> List[str]:
     """Markdown lines: per arm, the chosen rate and its tuning curve (mean validation metric per rate; ✗ for
     a rate where a tuning seed diverged or failed; an edge choice is flagged)."""
@@ -220,7 +248,7 @@ def tuning_table(choices: Dict[str, ArmChoice], grid: TuningGrid) -> List[str]:
             text = "✗" if mean is None else value + (" ✗" if None in vals else "")
             cells.append(f"**{text}**" if lr == c.lr else text)
         edge = " (edge of the grid)" if c.at_edge else ""
-        out.append(f"| {c.label} | {c.lr:g}{edge} | " + " | ".join(cells) + " |")
+        out.append(f"| {arm_words(c.label)} | {c.lr:g}{edge} | " + " | ".join(cells) + " |")
     return out
 
 
