@@ -193,5 +193,6 @@ def test_a_tuned_study_report_makes_no_undeclared_verdicts(tmp_path):
     doc, verdicts = build_report(os.path.join(runs, "speed-smoke"), figdir=str(tmp_path / "fig"))
     text = doc.markdown("fig")
     assert "generic comparisons (area under the validation curve and the like) are not made here" in text
+    assert f"reached {speed.TARGET:.3f}" in text  # the study's declared target, not a generic one
     claims = {c.claim for c in get_study("speed").derive(load_records(os.path.join(results, "speed-smoke", "runs.jsonl")))}
     assert verdicts and all(row[1] in claims for row in verdicts)  # the declared claims, and nothing else

@@ -426,7 +426,9 @@ def _speed_table(doc: Document, td: TaskData) -> None:
     doc.table(["norm", "runs", f"mean valid {td.metric} over training", "mean training loss over training",
                f"reached {fmt(td.target)}", "steps to target", "seconds to target", "time per step"], rows)
     doc.p("Steps and seconds to target are means over the seeds that reached it (evaluation every "
-          f"{td.records[0]['config']['eval_every']} steps); seconds are training time on one thread.")
+          f"{td.records[0]['config']['eval_every']} steps); seconds are training time on one thread, measured "
+          "while the sweep ran its runs side by side with whatever else the machine ran: they are not a speed "
+          "measurement (`benchmarks/bench_rnn.py` is, on a quiet machine).")
 
 
 def _final_table(doc: Document, td: TaskData) -> None:
@@ -623,6 +625,9 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[Document, Lis
             f"; skipped {len(skipped)} damaged result(s): " + "; ".join(skipped) if skipped else ""))
     manifest = read_json(os.path.join(path, SWEEP_FILE)) if is_sweep_dir(path) else {}
     hints = manifest.get("spec", {}).get("report", {}) or {}
+    declared = (manifest.get("spec", {}).get("name") or "").removesuffix("-smoke")
+    if declared in STUDIES:  # the study file's declared hints (its target) under what the manifest recorded
+        hints = {**(STUDIES.get(declared).spec().report or {}), **hints}
     doc = Document(figdir or os.path.join(path, "figures"))
     doc.skipped = skipped
     _header(doc, path, records, manifest, skipped)

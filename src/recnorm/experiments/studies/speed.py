@@ -112,6 +112,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     if smoke:
         base, seeds = smoke_config(base), [0, 1]
     return SweepSpec(name="speed" + ("-smoke" if smoke else ""), base=base, published=PUBLISHED,
+                     report={"target": TARGET},
                      grids=grid(NORMS, seed=seeds),
                      description=("[smoke] " if smoke else "") + "Per-step BN (γ0 = 0.1) and layer norm against no "
                                  "norm: steps to 0.85 validation accuracy, learning rate tuned per arm for speed.")

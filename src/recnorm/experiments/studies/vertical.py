@@ -79,6 +79,7 @@ def sweep(smoke: bool = False) -> SweepSpec:
     if smoke:
         base, seeds = smoke_config(base), [0, 1]
     return SweepSpec(name="vertical" + ("-smoke" if smoke else ""), base=base, published=PUBLISHED,
+                     report={"target": TARGET},
                      grids=grid(ARMS, seed=seeds),
                      description=("[smoke] " if smoke else "") + "Vertical BN in a 2-layer LSTM: BN between the layers "
                                  "and sequence-wise BN of the input term against no norm, learning rate tuned per arm.")
