@@ -321,6 +321,24 @@ def test_opcheck(cell, norm, training, packed, monkeypatch):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("cell,norm", [("rnn_tanh", None), ("rnn_relu", None), ("rnn_tanh", "layer"), ("gru", None)])
+def test_a_plain_rnn_saves_only_what_its_backward_reads(cell, norm, monkeypatch):
+    """An Elman RNN with no norm (no gains, no zoneout) differentiates through its outputs alone, so its
+    training call keeps back the two gate terms (T * B * H values each); with a norm or as a GRU it saves
+    them. Its gradients are checked against the reference in the gradcheck tests."""
+    bs = torch.tensor([3, 3, 2, 1])
+    work, x, state = _op_args(cell, norm, True, bs)
+    calls = []
+    op = torch.ops.recnorm.fused_gru_rnn
+    monkeypatch.setattr(torch.ops.recnorm, "fused_gru_rnn", lambda *a: calls.append(op(*a)) or calls[-1])
+    fused.run_direction(work, x, bs, state)
+    (res,) = calls
+    XI, XH, stats = res[2], res[3], res[4]
+    lean = cell != "gru" and norm is None
+    assert (XI.numel(), XH.numel()) == ((0, 0) if lean else (9 * work.weight_hh.shape[0],) * 2)
+    assert stats.numel() > 0  # what tells backward that this call saved for it
+
+
 @pytest.mark.parametrize("cell,norm,training", [
     pytest.param(c, n, t, id=case_id(c, n, t)) for c, n, t in itertools.product(CELL_IDS, [None, "layer", "batch"], [True, False])
 ])  # fmt: skip

@@ -450,6 +450,14 @@ def _fused_gru_rnn(
     return list(res)
 
 
+def _gru_rnn_terms_unused(cell: int, stat: List[int], joint: bool, zone_h: Optional[Tensor], g_ih: Optional[Tensor],
+                          g_hh: Optional[Tensor]) -> bool:
+    """Whether a saving call keeps its two gate terms back (``terms_unused`` in the C++, which this mirrors):
+    an Elman RNN with no norm, no gains, no zoneout and no joint norm, whose backward reads only its outputs.
+    XI and XH then come back empty and only the row statistics are saved."""
+    return int(cell) != 0 and stat[0] == 0 and not joint and zone_h is None and g_ih is None and g_hh is None
+
+
 @_fused_gru_rnn.register_fake
 def _fused_gru_rnn_fake(x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, pop, cell, stat, center, eps, batch_stats, save, step_offset,
                         joint, one_group, zone_h):  # fmt: skip
@@ -460,6 +468,8 @@ def _fused_gru_rnn_fake(x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, 
     saved = [e(0)] * 3
     if save:
         saved = [e(N, G), e(N, G), e(2, T, G) if fam == 2 else e(4, N)]
+        if _gru_rnn_terms_unused(cell, stat, joint, zone_h, g_ih, g_hh):
+            saved[:2] = [e(0), e(0)]
     moments = e(2, T, 2 * G) if fam == 2 and batch_stats else e(0)
     return [e(N, H), e(B, H)] + saved + [moments]
 
@@ -509,7 +519,7 @@ def _gru_backward(ctx, grads):
         return _gru_backward_by_recompute(ctx, grads, why == "graph")
     d_out, d_hn = (g.contiguous() if g is not None else None for g in grads[:2])
     x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, zone_h = ctx.saved_tensors
-    if XI.numel() == 0 and out.numel() > 0:
+    if stats.numel() == 0 and out.numel() > 0:  # (XI and XH may be empty by design: _gru_rnn_terms_unused)
         raise RuntimeError("recnorm: this fused GRU/RNN call saved nothing for backward (it ran without autograd)")
     g = torch.ops.recnorm.fused_gru_rnn_backward(
         d_out, d_hn, x, ctx.batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, out, XI, XH, stats, ctx.cell, ctx.stat, ctx.center,

@@ -39,7 +39,8 @@
 // consecutive steps just before their steps. The backward (BPTT) does one fused pass and one GEMM per
 // step (dh_{t-1} = dA_h W_hh, plus the GRU's direct z * dh term written by the pass), and the weight
 // gradients as a few large GEMMs over chunks of consecutive steps. Saved for backward: the normalized
-// terms (N, G) twice, the outputs, and the rstd of every row group (layer) or step and feature (batch).
+// terms (N, G) twice, the outputs, and the rstd of every row group (layer) or step and feature (batch);
+// an Elman RNN with no norm, gains or zoneout saves its outputs and row statistics only (terms_unused).
 //
 // The loop is fused_loop.h's skeleton; GruRnnForward and GruRnnBackward below implement its phases, with
 // the statistic family and the cell template arguments (chosen once, at the entry point).
@@ -134,6 +135,16 @@ struct GruRnnArgs {
   const ZoneRows& zone;
 };
 
+// Whether backward can do without the two gate terms XI and XH: an Elman RNN with no norm, no gains, no
+// zoneout and no joint norm, whose backward needs only its outputs (tanh' = 1 - h^2, relu' = [h > 0]).
+// Such a call saves the row statistics alone (4, N), and XI and XH come back empty: T * B * H * 2 values
+// less for a training step. The Python side's fake (recnorm/kernels/fused.py, _gru_rnn_terms_unused)
+// follows the same rule.
+template <Mode M, int64_t C>
+bool terms_unused(const GruRnnArgs& a) {
+  return C != 0 && M == kNone && !a.joint && !a.zone && !has(a.g_ih) && !has(a.g_hh);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
@@ -158,7 +169,8 @@ class GruRnnForward {
         S_ih(one_ih ? G : 2 * H), S_hh(one_hh ? G : 2 * H), opts(x.options()),
         gv(G, a.bias, a.b_hn, a.g_ih, a.g_hh), b(gv.b), bhn(gv.bhn), gih(gv.gih), ghh(gv.ghh),
         eps_ih(T(eps[0])), eps_hh(T(eps[1])), cen_ih(a.center[0] != 0), cen_hh(a.center[1] != 0), joint(a.joint),
-        training(a.training), save(save_), step_offset(step_offset_), inproj_rows(inproj_rows_), hoisted(I > inproj_max) {
+        training(a.training), save(save_), keep(save_ && !terms_unused<M, C>(a)), step_offset(step_offset_),
+        inproj_rows(inproj_rows_), hoisted(I > inproj_max) {
     // Batch moments of the steps that use batch statistics: (2, T, 2G) means and variances of the input
     // and the recurrent term per step (rows of other steps stay 0).
     moments = kStep && training ? at::zeros({2, Tn, 2 * G}, opts) : at::empty({0}, opts);
@@ -174,13 +186,13 @@ class GruRnnForward {
     // each just before its steps run, so that the pass finds its rows in cache; or, for a narrow input
     // (I <= inproj_max, where a GEMM with a tiny inner dimension is slow), computed row by row inside
     // the step pass from x and W_ih^T.
-    int64_t xi_rows = save ? N : B0;
-    if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
-    XI = at::empty({xi_rows, G}, opts);  // input term (normalized in place when saved)
+    int64_t xi_rows = keep ? N : B0;
+    if (hoisted && !keep) xi_rows = sh.proj_chunk_max(inproj_rows);
+    XI = at::empty({xi_rows, G}, opts);  // input term (normalized in place when kept)
     WT = a.w_ih.t().contiguous();  // (I, G)
     wt = WT.data_ptr<T>();
     x_p = x.data_ptr<T>();
-    XH = at::empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
+    XH = at::empty({keep ? N : B0, G}, opts);  // recurrent term (normalized in place when kept)
     out = at::empty({N, H}, opts);
     hn = at::empty({B0, H}, opts);
     // Saved statistics. Layer: (4, rows) rstd of the ih groups a, b and the hh groups a, b per row
@@ -206,13 +218,13 @@ class GruRnnForward {
     if (hoisted && t >= proj_end) {
       const int64_t t2 = sh.proj_chunk_end(t, inproj_rows);
       const int64_t rows = sh.off[t2] - o0;
-      proj_base = save ? 0 : o0;
+      proj_base = keep ? 0 : o0;
       Tensor dst = XI.narrow(0, o0 - proj_base, rows);
       at::mm_out(dst, x.narrow(0, o0, rows), WT);
       proj_end = t2;
     }
-    xi = hoisted ? xi_all + (o0 - proj_base) * G : (save ? xi_all + o0 * G : xi_all);
-    xh_dst = save ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
+    xi = hoisted ? xi_all + (o0 - proj_base) * G : (keep ? xi_all + o0 * G : xi_all);
+    xh_dst = keep ? xh_all + o0 * G : xh_all;  // where the (normalized) recurrent term is kept
     hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
     hout = out_p + o0 * H;
     xrows = x_p + o0 * I;
@@ -221,7 +233,7 @@ class GruRnnForward {
   // Recurrent GEMM for the rows valid at t (raw term read from xh, normalized term written to xh_dst).
   void recurrent(int64_t t) {
     Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
-    Tensor dst = save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt);
+    Tensor dst = keep ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt);
     gh = step_gemm(hprev, w_hh_t, w_hh_packed, dst);
     xh = gh.data_ptr<T>();
   }
@@ -249,6 +261,7 @@ class GruRnnForward {
     // Outputs of a registered operator must not alias each other: a fresh empty tensor for each unused one.
     auto none = [&]() { return at::empty({0}, opts); };
     if (!save) return {out, hn, none(), none(), none(), moments};
+    if (!keep) return {out, hn, none(), none(), stats, moments};  // the terms are not needed (terms_unused)
     return {out, hn, XI, XH, stats, moments};
   }
 
@@ -312,7 +325,7 @@ class GruRnnForward {
               const int64_t q = k * H + j;
               a[k] = k < 2 ? (ld(xir + q, n) - vmia) * vria : (ld(xir + q, n) - vmib) * vrib;
               h[k] = k < 2 ? (ld(xhr + q, n) - vmha) * vrha : (ld(xhr + q, n) - vmhb) * vrhb;
-              if (save) {  // keep the normalized terms for backward
+              if (keep) {  // keep the normalized terms for backward
                 st(xir + q, a[k], n);
                 st(xhw + q, h[k], n);
               }
@@ -324,7 +337,7 @@ class GruRnnForward {
             st(hr + j, fma(z, ld(hpr + j, n) - nn, nn), n);
           } else {
             const Vec<T> a = (ld(xir + j, n) - vmia) * vria, h = (ld(xhr + j, n) - vmha) * vrha;
-            if (save) {
+            if (keep) {
               st(xir + j, a, n);
               st(xhw + j, h, n);
             }
@@ -379,7 +392,7 @@ class GruRnnForward {
           for (int64_t k = 0; k < K; ++k) {
             a[k] = (ld(xir + k * H, n) - mi[k]) * ri[k];
             h[k] = (ld(xhr + k * H, n) - mh[k]) * rh[k];
-            if (save) {  // keep the normalized terms for backward
+            if (keep) {  // keep the normalized terms for backward
               st(xir + k * H, a[k], n);
               st(xhw + k * H, h[k], n);
             }
@@ -410,6 +423,7 @@ class GruRnnForward {
   const T *b, *bhn, *gih, *ghh;
   const T eps_ih, eps_hh;
   const bool cen_ih, cen_hh, joint, training, save;
+  const bool keep;  // save the two gate terms for backward (see terms_unused)
   const int64_t step_offset, inproj_rows;
   const bool hoisted;  // input projection by GEMM, not in the pass
   BNSite<T> bn[2];
@@ -455,8 +469,10 @@ class GruRnnBackward {
     // dh_rec rows [0, bs[t]) hold dL/dh_t while step t runs; afterwards (GEMM) dL/dh_{t-1}.
     dh_rec = has(s.d_hn) ? s.d_hn->clone() : at::zeros({B0, H}, opts);
     dhr_p = dh_rec.data_ptr<T>();
-    xi_all = s.XI.data_ptr<T>();
-    xh_all = s.XH.data_ptr<T>();
+    // Without kept terms (terms_unused), xi and xh stay null and nothing reads them.
+    TORCH_CHECK(s.XI.size(0) == N || (terms_unused<M, C>(a)), "fused GRU/RNN: backward needs the saved gate terms");
+    xi_all = s.XI.numel() ? s.XI.data_ptr<T>() : nullptr;
+    xh_all = s.XH.numel() ? s.XH.data_ptr<T>() : nullptr;
     out_p = out.data_ptr<T>();
     h0_p = h0.data_ptr<T>();
     st_p = s.stats.data_ptr<T>();
@@ -483,8 +499,8 @@ class GruRnnBackward {
   // dL/dh_{t-1}, parameter sums.
   void step(int64_t t, int64_t cbase) {
     Bt = sh.bs[t], o0 = sh.off[t];
-    xi = xi_all + o0 * G;
-    xh = xh_all + o0 * G;
+    xi = xi_all ? xi_all + o0 * G : nullptr;
+    xh = xh_all ? xh_all + o0 * G : nullptr;
     hc = out_p + o0 * H;
     hp = t == 0 ? h0_p : out_p + sh.off[t - 1] * H;
     dout = d_out ? d_out + o0 * H : nullptr;
@@ -639,8 +655,8 @@ class GruRnnBackward {
 
   // The RNN's gate gradients of row bb, and the lane sums s of its layer-norm backward.
   void rnn_row(int64_t bb, Vec<T>* s) {
-    const T* xir = xi + bb * G;
-    const T* xhr = xh + bb * G;
+    const T* xir = xi ? xi + bb * G : nullptr;  // null: not kept (terms_unused)
+    const T* xhr = xh ? xh + bb * G : nullptr;
     const T* doutr = dout ? dout + bb * H : nullptr;
     const ZoneRow<T> zr = zone.at<T>(o0 + bb);  // zoneout keep indicators of the row (or none)
     T* dhr = dhr_p + bb * H;
@@ -662,11 +678,13 @@ class GruRnnBackward {
       }
       const Vec<T> d = lanes(dh * act_grad(hv, kRelu_), n);
       st(dgir + j, d, n);
-      const Vec<T> yi = d * ld(gih + j, n), yh = d * ld(ghh + j, n);
-      sia1 += yi;
-      sia2 = fma(yi, ld(xir + j, n), sia2);
-      sha1 += yh;
-      sha2 = fma(yh, ld(xhr + j, n), sha2);
+      if constexpr (M != kNone) {  // the layer-norm backward's lane sums (no norm: unused, and xi may be null)
+        const Vec<T> yi = d * ld(gih + j, n), yh = d * ld(ghh + j, n);
+        sia1 += yi;
+        sia2 = fma(yi, ld(xir + j, n), sia2);
+        sha1 += yh;
+        sha2 = fma(yh, ld(xhr + j, n), sha2);
+      }
     }
   }
 
@@ -689,7 +707,9 @@ class GruRnnBackward {
           T* dgir = dgi + bb * G + q;
           T* dghr = dgh + bb * G + q;
           const Vec<T> di = ld(dgir, n), dh = own_dah ? ld(dghr, n) : di;
-          const Vec<T> vxi = ld(xi + bb * G + q, n), vxh = ld(xh + bb * G + q, n);
+          // No kept terms (terms_unused: no norm, no gains): the gain sums and the norm backward use 0.
+          const Vec<T> vxi = xi ? ld(xi + bb * G + q, n) : Vec<T>(T(0));
+          const Vec<T> vxh = xh ? ld(xh + bb * G + q, n) : Vec<T>(T(0));
           adb += di;
           adgi = fma(di, vxi, adgi);
           adgh = fma(dh, vxh, adgh);
@@ -951,7 +971,8 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
   for (const c10::optional<Tensor>* g : {&d_out, &d_hn}) {
     TORCH_CHECK(!has(*g) || ((*g)->is_contiguous() && (*g)->scalar_type() == x.scalar_type()), "fused GRU/RNN: bad gradient");
   }
-  TORCH_CHECK(out.size(0) == sh.N && XI.size(0) == sh.N && XH.size(0) == sh.N, "fused GRU/RNN: saved tensors do not match batch_sizes");
+  TORCH_CHECK(out.size(0) == sh.N && ((XI.size(0) == sh.N && XH.size(0) == sh.N) || (XI.numel() == 0 && XH.numel() == 0)),
+              "fused GRU/RNN: saved tensors do not match batch_sizes");
   const GruRnnArgs a{x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, w_hh_packed, center, batch_stats, joint, one_group, zone};
   const GruRnnSaved saved{d_out, d_hn, out, XI, XH, stats};
   std::vector<Tensor> res;
@@ -974,5 +995,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused GRU/RNN direction forward", py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "fused GRU/RNN direction backward", py::call_guard<py::gil_scoped_release>());
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
-  m.attr("VERSION") = 3;
+  m.attr("VERSION") = 4;
 }
