@@ -871,6 +871,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         f"**Load.** {quiet_text(meta)}",
         "",
+        *([f"**Memory.** {meta['memory_remeasured']}", ""] if meta.get("memory_remeasured") else []),
         "**How to read it.** Absolute milliseconds depend on the machine and on what else runs on it. "
         "What means something is the *ratio* to "
         "torch.nn measured in the same round: each round times every candidate once, in alternating order, and a "
@@ -1027,6 +1028,44 @@ def render(args) -> int:
     return readme_or_refuse(args.readme, data["rows"], memory, meta, reasons)
 
 
+def _commit() -> str:
+    """The checkout's commit (short), with "+dirty" when the tree has changes; "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def memory_only(args, norms, sizes, bf16_cells, variant_sizes) -> int:
+    """Re-measure the peak memory of the candidates the arguments select into the ``--json`` file of an
+    earlier run (memory does not depend on the load, and a kernel change can alter it without touching the
+    times), note when and at which commit in its meta, and write ``--out`` again from it."""
+    if not args.json or not os.path.exists(args.json):
+        raise SystemExit(f"--memory-only re-measures into the --json file of an earlier run; expected an existing file, got {args.json!r}")
+    with open(args.json) as f:
+        data = json.load(f)
+    FAILED.update(_keyed(data.get("failed", {})))
+    fresh = measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes)
+    memory = {**_keyed(data.get("memory_mib", {})), **fresh}
+    attach_memory(data["rows"], memory)
+    data["memory_mib"] = {f"{k[0]} {k[1]}": v for k, v in memory.items()}
+    cells = ", ".join(args.cells)
+    data["meta"]["memory_remeasured"] = (
+        f"peak memory of {len(fresh)} candidates ({cells}; {len(sizes)} sizes) re-measured on {time.strftime('%Y-%m-%d')} "
+        f"at commit {_commit()} (`bench_rnn.py {' '.join(args.argv)}`); the times are those of the run above.")
+    with open(args.json, "w") as f:
+        json.dump(data, f, indent=1)
+    reasons = run_reasons(data["meta"], args.max_load, args.max_spread)
+    md = to_markdown(data["rows"], memory, data["meta"], data.get("compile", []), notes=_read_notes(args.notes),
+                     regressions=regression_sections(data["rows"], None, data.get("regression")), reasons=reasons)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+    return 0
+
+
 def readme_or_refuse(path: str | None, rows: List[Dict], memory: Dict, meta: Dict, reasons: List[str]) -> int:
     """Rewrite README's speed table at ``path`` from a quiet run (0); from a run that was not quiet, say why
     on stderr and leave README as it is (2). Nothing to do without ``path`` (0)."""
@@ -1095,6 +1134,9 @@ def main(argv=None) -> int:
                     help="measure the variants only (with torch.nn timed in their rounds) and merge them into the --json file, "
                          "keeping its other rows; --out/--readme are then written from the merged file")  # fmt: skip
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="time nothing: re-measure the peak memory of the selected candidates into the --json file of an "
+                         "earlier run (its times are kept; its meta says when and at which commit), then write --out again")
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     ap.add_argument("--json", default=None, help="write the raw rows here")
     ap.add_argument("--baseline", default=None, help="previous JSON for the regression check (default: the --json file before it is overwritten)")
@@ -1109,6 +1151,7 @@ def main(argv=None) -> int:
                          "range over median; default %(default)s). A run that is not quiet gives no verdict on the targets "
                          "and leaves --readme as it is (exit status 2)")  # fmt: skip
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.render:
         return render(args)
     if args.only_variants and not args.variants:
@@ -1123,6 +1166,8 @@ def main(argv=None) -> int:
     bf16_cells = args.bf16_cells
     if args.only_variants:  # nothing of the main tables: no norms, bfloat16, peers or compiled step
         sizes, norms, bf16_cells = [], [], []
+    if args.memory_only:
+        return memory_only(args, norms, sizes, bf16_cells, variant_sizes)
     baseline = None
     base_path = args.baseline or args.json
     if base_path and os.path.exists(base_path):

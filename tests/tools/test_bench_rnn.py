@@ -136,6 +136,29 @@ def test_only_variants_merges_into_an_existing_json_and_renders(tmp_path, capsys
     assert "recnorm.RNN [rms]" not in text  # variants are one summary line in the README, not table rows
 
 
+def test_memory_only_re_measures_memory_into_an_earlier_json(tmp_path, quiet_machine, monkeypatch):
+    """--memory-only times nothing: it replaces the selected candidates' memory figures (here stubbed, the
+    subprocess measurement has its own test) and their ratios in the JSON, keeps every time, says when and at
+    which commit on the page, and leaves the other candidates' figures alone."""
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    size = ",".join(map(str, TINY))
+    common = ["--rounds", 1, "--cells", "rnn", "--no-compile", "--bf16-cells", "--sizes", size, "--no-variants"]
+    monkeypatch.setattr(bench_rnn, "memory_of", lambda c, size, threads, kernel=None: 10.0 if c.label.startswith("torch") else 8.0)
+    _main(*common, "--norms", "None", "layer", "--json", js)
+    before = json.loads(js.read_text())
+    monkeypatch.setattr(bench_rnn, "measure_time", lambda *a, **k: pytest.fail("--memory-only must time nothing"))
+    monkeypatch.setattr(bench_rnn, "memory_of", lambda c, size, threads, kernel=None: 10.0 if c.label.startswith("torch") else 5.0)
+    _main(*common, "--norms", "None", "--memory-only", "--json", js, "--out", md)
+    after = json.loads(js.read_text())
+    assert after["rows"] == before["rows"]  # the times are the earlier run's
+    mem = after["memory_mib"]
+    assert mem[f"recnorm.RNN(norm=None) {TINY}"] == 5.0 and mem[f"recnorm.RNN(norm='layer') {TINY}"] == 8.0
+    assert "re-measured on" in after["meta"]["memory_remeasured"] and "at commit " in after["meta"]["memory_remeasured"]
+    assert "**Memory.** peak memory of" in md.read_text()
+    with pytest.raises(SystemExit, match="expected an existing file"):
+        bench_rnn.main([*map(str, common), "--memory-only", "--json", str(tmp_path / "none.json")])
+
+
 def _section(page: str, start: str, end: str) -> str:
     return page.split(start, 1)[1].split(end, 1)[0]
 
