@@ -1052,9 +1052,11 @@ def memory_only(args, norms, sizes, bf16_cells, variant_sizes) -> int:
     attach_memory(data["rows"], memory)
     data["memory_mib"] = {f"{k[0]} {k[1]}": v for k, v in memory.items()}
     cells = ", ".join(args.cells)
-    data["meta"]["memory_remeasured"] = (
-        f"peak memory of {len(fresh)} candidates ({cells}; {len(sizes)} sizes) re-measured on {time.strftime('%Y-%m-%d')} "
-        f"at commit {_commit()} (`bench_rnn.py {' '.join(args.argv)}`); the times are those of the run above.")
+    earlier = data["meta"].get("memory_remeasured")
+    data["meta"]["memory_remeasured"] = (earlier + " Then the " if earlier else "The ") + (
+        f"peak memory of {len(fresh)} candidates ({cells}; {len(sizes)} sizes) was re-measured on "
+        f"{time.strftime('%Y-%m-%d')} at commit {_commit()} (`bench_rnn.py {' '.join(args.argv)}`); the times are "
+        "those of the run above.")
     with open(args.json, "w") as f:
         json.dump(data, f, indent=1)
     reasons = run_reasons(data["meta"], args.max_load, args.max_spread)

@@ -154,7 +154,7 @@ def test_memory_only_re_measures_memory_into_an_earlier_json(tmp_path, quiet_mac
     mem = after["memory_mib"]
     assert mem[f"recnorm.RNN(norm=None) {TINY}"] == 5.0 and mem[f"recnorm.RNN(norm='layer') {TINY}"] == 8.0
     assert "re-measured on" in after["meta"]["memory_remeasured"] and "at commit " in after["meta"]["memory_remeasured"]
-    assert "**Memory.** peak memory of" in md.read_text()
+    assert "**Memory.** The peak memory of" in md.read_text()
     with pytest.raises(SystemExit, match="expected an existing file"):
         bench_rnn.main([*map(str, common), "--memory-only", "--json", str(tmp_path / "none.json")])
 
