@@ -521,14 +521,17 @@ print(json.dumps({{"peak_kib": status("VmHWM") - before}}))
 """
 
 
-def measure_memory(cells, norms, sizes, threads: int, kernel=None, bf16_cells=(), variant_sizes=()) -> Dict[Tuple[str, Tuple], float]:
-    """Peak RSS rise (MiB) of one training step, each candidate in a fresh interpreter."""
+def measure_memory(cells, norms, sizes, threads: int, kernel=None, bf16_cells=(), variant_sizes=(),
+                   samples: int = 1) -> Dict[Tuple[str, Tuple], float]:
+    """Peak RSS rise (MiB) of one training step, each candidate in a fresh interpreter: the median of
+    ``samples`` such processes (one sample moves by up to about 8%: the allocator's and oneDNN's one-time
+    buffers differ from process to process)."""
     out = {}
     for size, cands in plan(cells, norms, sizes, bf16_cells, variant_sizes):
         for c in cands:
-            mib = memory_of(c, size, threads, kernel)
-            if mib is not None:  # None: a candidate that cannot run (see FAILED)
-                out[(c.label, tuple(size))] = mib
+            mibs = [memory_of(c, size, threads, kernel) for _ in range(max(1, samples))]
+            if None not in mibs:  # None: a candidate that cannot run (see FAILED)
+                out[(c.label, tuple(size))] = statistics.median(mibs)
     return out
 
 
@@ -876,8 +879,9 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "What means something is the *ratio* to "
         "torch.nn measured in the same round: each round times every candidate once, in alternating order, and a "
         "figure is the median over rounds of (candidate time / torch.nn time of that round). Below 1 is faster "
-        "than torch.nn. Even so, a row moves by up to about ±0.1 between runs; the memory column is one sample "
-        "per candidate. Train = forward + backward of `output.sum()`; eval = forward under `no_grad` in eval mode. "
+        "than torch.nn. Even so, a row moves by up to about ±0.1 between runs; the memory column is "
+        + (f"the median of {meta['memory_samples']} fresh processes per candidate" if meta.get("memory_samples", 1) > 1
+           else "one sample per candidate (it moves by up to about 8%)") + ". Train = forward + backward of `output.sum()`; eval = forward under `no_grad` in eval mode. "
         "Memory = rise of peak resident memory during one training step in a fresh process, as a ratio to torch.nn "
         "(absolute MiB in brackets).",
         "",
@@ -1029,10 +1033,14 @@ def render(args) -> int:
 
 
 def _commit() -> str:
-    """The checkout's commit (short), with "+dirty" when the tree has changes; "unknown" outside git."""
+    """The checkout's commit (short), with "+dirty" when its code (src/, benchmarks/) has uncommitted changes;
+    "unknown" outside git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        here = os.path.dirname(os.path.abspath(__file__))
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
+        # the code that measures: the package and the benchmarks (the pages it writes may differ meanwhile)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "../src", "."],
+                               capture_output=True, text=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -1047,16 +1055,19 @@ def memory_only(args, norms, sizes, bf16_cells, variant_sizes) -> int:
     with open(args.json) as f:
         data = json.load(f)
     FAILED.update(_keyed(data.get("failed", {})))
-    fresh = measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes)
+    fresh = measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes,
+                           args.memory_samples)
     memory = {**_keyed(data.get("memory_mib", {})), **fresh}
+    if set(fresh) >= set(_keyed(data.get("memory_mib", {}))):  # every figure is new: the column's sample count
+        data["meta"]["memory_samples"] = args.memory_samples
     attach_memory(data["rows"], memory)
     data["memory_mib"] = {f"{k[0]} {k[1]}": v for k, v in memory.items()}
     cells = ", ".join(args.cells)
     earlier = data["meta"].get("memory_remeasured")
     data["meta"]["memory_remeasured"] = (earlier + " Then the " if earlier else "The ") + (
         f"peak memory of {len(fresh)} candidates ({cells}; {len(sizes)} sizes) was re-measured on "
-        f"{time.strftime('%Y-%m-%d')} at commit {_commit()} (`bench_rnn.py {' '.join(args.argv)}`); the times are "
-        "those of the run above.")
+        f"{time.strftime('%Y-%m-%d')} at commit {_commit()} (`bench_rnn.py {' '.join(args.argv)}`), the median of "
+        f"{args.memory_samples} processes each; the times are those of the run above.")
     with open(args.json, "w") as f:
         json.dump(data, f, indent=1)
     reasons = run_reasons(data["meta"], args.max_load, args.max_spread)
@@ -1136,6 +1147,8 @@ def main(argv=None) -> int:
                     help="measure the variants only (with torch.nn timed in their rounds) and merge them into the --json file, "
                          "keeping its other rows; --out/--readme are then written from the merged file")  # fmt: skip
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-samples", type=int, default=3,
+                    help="fresh processes per candidate for peak memory; the median is reported (default %(default)s)")
     ap.add_argument("--memory-only", action="store_true",
                     help="time nothing: re-measure the peak memory of the selected candidates into the --json file of an "
                          "earlier run (its times are kept; its meta says when and at which commit), then write --out again")
@@ -1205,7 +1218,8 @@ def main(argv=None) -> int:
     quiet = dict(watch.stop(), torch_spread=worst_spread(rows))
     # Peak memory is measured after the timing, in fresh processes one at a time (it does not depend on the
     # load, but the processes would load the machine that the timing runs on).
-    memory = {} if args.no_memory else measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes)
+    memory = {} if args.no_memory else measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells,
+                                                      variant_sizes, args.memory_samples)
     attach_memory(rows, memory)
     meta = {
         "argv": " ".join(sys.argv[1:] if argv is None else argv),
@@ -1216,6 +1230,7 @@ def main(argv=None) -> int:
         "rounds": rounds,
         "kernel": args.kernel or os.environ.get("RECNORM_KERNEL") or "auto",
         "quiet": quiet,
+        "memory_samples": args.memory_samples,
     }
     if variant_sizes:
         meta["variants"] = dict(meta)
