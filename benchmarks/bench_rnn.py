@@ -524,8 +524,7 @@ print(json.dumps({{"peak_kib": status("VmHWM") - before}}))
 def measure_memory(cells, norms, sizes, threads: int, kernel=None, bf16_cells=(), variant_sizes=(),
                    samples: int = 1) -> Dict[Tuple[str, Tuple], float]:
     """Peak RSS rise (MiB) of one training step, each candidate in a fresh interpreter: the median of
-    ``samples`` such processes (one sample moves by up to about 8%: the allocator's and oneDNN's one-time
-    buffers differ from process to process)."""
+    ``samples`` such processes (see :func:`memory_env` for what keeps one process's figure steady)."""
     out = {}
     for size, cands in plan(cells, norms, sizes, bf16_cells, variant_sizes):
         for c in cands:
@@ -535,11 +534,27 @@ def measure_memory(cells, norms, sizes, threads: int, kernel=None, bf16_cells=()
     return out
 
 
+#: glibc's mmap threshold for the memory children, fixed (see :func:`memory_env`).
+MMAP_THRESHOLD = 65536
+
+
+def memory_env() -> Dict[str, str]:
+    """The environment of a memory child: glibc's mmap threshold fixed at :data:`MMAP_THRESHOLD` bytes.
+
+    By default glibc raises the threshold each time a large mapped block is freed, so later large buffers
+    come from the heap and may stay resident after they are freed; which ones do depends on the order of
+    allocations, so one process's high-water mark moved by up to 50% (torch.nn.RNN at (200, 32, 64, 512):
+    59.5, 64.4, 77.3 and 117 MiB). With the threshold fixed every buffer above it is mapped, and unmapped
+    when freed, so the high-water mark follows the peak of live memory: within 1% over 5 processes. A
+    threshold already set in the environment is kept."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ}
+
+
 def memory_of(c: Candidate, size, threads: int, kernel=None) -> float | None:
     """Peak RSS rise (MiB) of one training step of candidate ``c`` in a fresh interpreter; None if it fails."""
     code = _MEM_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), threads=threads)
     arg = json.dumps([c.cell, c.norm, list(size), kernel, c.bf16, c.variant, c.layers])
-    res = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=memory_env())
     if res.returncode != 0:
         return None
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
@@ -881,7 +896,9 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "figure is the median over rounds of (candidate time / torch.nn time of that round). Below 1 is faster "
         "than torch.nn. Even so, a row moves by up to about ±0.1 between runs; the memory column is "
         + (f"the median of {meta['memory_samples']} fresh processes per candidate" if meta.get("memory_samples", 1) > 1
-           else "one sample per candidate (it moves by up to about 8%)") + ". Train = forward + backward of `output.sum()`; eval = forward under `no_grad` in eval mode. "
+           else "one sample per candidate")
+        + (", with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_`) so that the high-water mark follows live "
+           "memory" if meta.get("memory_mmap_threshold") else "") + ". Train = forward + backward of `output.sum()`; eval = forward under `no_grad` in eval mode. "
         "Memory = rise of peak resident memory during one training step in a fresh process, as a ratio to torch.nn "
         "(absolute MiB in brackets).",
         "",
@@ -1060,6 +1077,7 @@ def memory_only(args, norms, sizes, bf16_cells, variant_sizes) -> int:
     memory = {**_keyed(data.get("memory_mib", {})), **fresh}
     if set(fresh) >= set(_keyed(data.get("memory_mib", {}))):  # every figure is new: the column's sample count
         data["meta"]["memory_samples"] = args.memory_samples
+        data["meta"]["memory_mmap_threshold"] = int(memory_env()["MALLOC_MMAP_THRESHOLD_"])
     attach_memory(data["rows"], memory)
     data["memory_mib"] = {f"{k[0]} {k[1]}": v for k, v in memory.items()}
     cells = ", ".join(args.cells)
@@ -1067,7 +1085,8 @@ def memory_only(args, norms, sizes, bf16_cells, variant_sizes) -> int:
     data["meta"]["memory_remeasured"] = (earlier + " Then the " if earlier else "The ") + (
         f"peak memory of {len(fresh)} candidates ({cells}; {len(sizes)} sizes) was re-measured on "
         f"{time.strftime('%Y-%m-%d')} at commit {_commit()} (`bench_rnn.py {' '.join(args.argv)}`), the median of "
-        f"{args.memory_samples} processes each; the times are those of the run above.")
+        f"{args.memory_samples} processes each with glibc's mmap threshold at {memory_env()['MALLOC_MMAP_THRESHOLD_']} "
+        "bytes; the times are those of the run above.")
     with open(args.json, "w") as f:
         json.dump(data, f, indent=1)
     reasons = run_reasons(data["meta"], args.max_load, args.max_spread)
@@ -1231,6 +1250,7 @@ def main(argv=None) -> int:
         "kernel": args.kernel or os.environ.get("RECNORM_KERNEL") or "auto",
         "quiet": quiet,
         "memory_samples": args.memory_samples,
+        "memory_mmap_threshold": int(memory_env()["MALLOC_MMAP_THRESHOLD_"]),
     }
     if variant_sizes:
         meta["variants"] = dict(meta)

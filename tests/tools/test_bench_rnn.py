@@ -302,3 +302,12 @@ def test_fit_dispatch_measures_on_a_quiet_machine_only(tmp_path, monkeypatch):
     points = json.loads(data.read_text())["points"]
     assert [tuple(p["size"]) for p in points] == fit_dispatch.BENCH_SIZES
     assert all(p["load"]["others_load"] == 0.0 for p in points)
+
+
+def test_memory_children_fix_glibcs_mmap_threshold(monkeypatch):
+    """The memory children run with a fixed mmap threshold (so one process's high-water mark follows its live
+    memory); a threshold the caller set is kept."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert bench_rnn.memory_env()["MALLOC_MMAP_THRESHOLD_"] == str(bench_rnn.MMAP_THRESHOLD)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert bench_rnn.memory_env()["MALLOC_MMAP_THRESHOLD_"] == "131072"
