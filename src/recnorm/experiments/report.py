@@ -625,9 +625,9 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[Document, Lis
             f"; skipped {len(skipped)} damaged result(s): " + "; ".join(skipped) if skipped else ""))
     manifest = read_json(os.path.join(path, SWEEP_FILE)) if is_sweep_dir(path) else {}
     hints = manifest.get("spec", {}).get("report", {}) or {}
-    declared = (manifest.get("spec", {}).get("name") or "").removesuffix("-smoke")
-    if declared in STUDIES:  # the study file's declared hints (its target) under what the manifest recorded
-        hints = {**(STUDIES.get(declared).spec().report or {}), **hints}
+    study = (manifest.get("spec", {}).get("name") or "").removesuffix("-smoke")
+    if study in STUDIES:  # the study file's declared hints (its target) under what the manifest recorded
+        hints = {**(STUDIES.get(study).spec().report or {}), **hints}
     doc = Document(figdir or os.path.join(path, "figures"))
     doc.skipped = skipped
     _header(doc, path, records, manifest, skipped)
@@ -636,7 +636,6 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[Document, Lis
         k = r["config"]["task"] + "|" + str(sorted((r["config"].get("task_options") or {}).items()))
         by_task.setdefault(k, []).append(r)
     all_verdicts = []
-    study = (manifest.get("spec", {}).get("name") or "").removesuffix("-smoke")
     known = study if study in STUDIES else ""
     for i, runs in enumerate(by_task.values()):
         td = TaskData(runs, varied_fields([r["config"] for r in runs]), hints)
