@@ -1075,13 +1075,14 @@ def memory_only(args, norms, sizes, bf16_cells, variant_sizes) -> int:
     fresh = measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells, variant_sizes,
                            args.memory_samples)
     memory = {**_keyed(data.get("memory_mib", {})), **fresh}
+    earlier = data["meta"].get("memory_remeasured")
     if set(fresh) >= set(_keyed(data.get("memory_mib", {}))):  # every figure is new: the column's sample count
         data["meta"]["memory_samples"] = args.memory_samples
         data["meta"]["memory_mmap_threshold"] = int(memory_env()["MALLOC_MMAP_THRESHOLD_"])
+        earlier = None  # and what earlier re-measures said of the column no longer describes it
     attach_memory(data["rows"], memory)
     data["memory_mib"] = {f"{k[0]} {k[1]}": v for k, v in memory.items()}
     cells = ", ".join(args.cells)
-    earlier = data["meta"].get("memory_remeasured")
     data["meta"]["memory_remeasured"] = (earlier + " Then the " if earlier else "The ") + (
         f"peak memory of {len(fresh)} candidates ({cells}; {len(sizes)} sizes) was re-measured on "
         f"{time.strftime('%Y-%m-%d')} at commit {_commit()} (`bench_rnn.py {' '.join(args.argv)}`), the median of "

@@ -155,6 +155,12 @@ def test_memory_only_re_measures_memory_into_an_earlier_json(tmp_path, quiet_mac
     assert mem[f"recnorm.RNN(norm=None) {TINY}"] == 5.0 and mem[f"recnorm.RNN(norm='layer') {TINY}"] == 8.0
     assert "re-measured on" in after["meta"]["memory_remeasured"] and "at commit " in after["meta"]["memory_remeasured"]
     assert "**Memory.** The peak memory of" in md.read_text()
+    partial = after["meta"]["memory_remeasured"]
+    _main(*common, "--norms", "layer", "--memory-only", "--json", js, "--out", md)  # another partial one: both said
+    assert json.loads(js.read_text())["meta"]["memory_remeasured"].startswith(partial + " Then the ")
+    _main(*common, "--norms", "None", "layer", "--memory-only", "--json", js, "--out", md)  # all: supersedes them
+    whole = json.loads(js.read_text())["meta"]["memory_remeasured"]
+    assert whole.startswith("The peak memory of 3 candidates") and "Then the" not in whole
     with pytest.raises(SystemExit, match="expected an existing file"):
         bench_rnn.main([*map(str, common), "--memory-only", "--json", str(tmp_path / "none.json")])
 
