@@ -92,6 +92,9 @@ def test_smoke_variant_runs_and_reports(tmp_path):
     result = write_report(out)
     text = open(result["markdown"]).read()
     assert "## Does normalization rescue a bad init?" in text and "| norm | seeds with the whole grid | reached the target" in text and "cost of the bad init" in text
+    # the study's answer comes first, the detail per task after it
+    assert text.index("## Does normalization rescue a bad init?") < text.index("## Task ") < text.index("### Final test metric")
+    assert "its section above" in text and "end of this report" not in text
 
 
 def test_the_contrast_runs_alone_are_not_a_grid():

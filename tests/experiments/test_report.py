@@ -28,6 +28,23 @@ def test_verdict_cells_carry_a_word_an_icon_and_a_colour():
     assert "color:#1f5fbf" in doc.html("t") and "**= equivalent within the margin**" in doc.markdown("figures")
 
 
+def test_a_long_table_folds_and_a_short_one_does_not():
+    from recnorm.experiments.document import Document
+
+    doc = Document("unused")
+    n = Document.FOLD_ROWS
+    doc.table(["a"], [[i] for i in range(n)], fold="short: never folded")
+    doc.table(["b"], [[i] for i in range(n + 1)], fold=f"{n + 1} rows <open>")
+    doc.table(["c"], [[i] for i in range(n + 1)])  # no summary: never folded
+    md, page = doc.markdown("figures"), doc.html("t")
+    assert "short: never folded" not in md + page and md.count("<details>") == page.count("<details>") == 1
+    # Markdown: a blank line after the summary and before </details>, so that the table inside still renders
+    assert f"<details><summary>{n + 1} rows &lt;open&gt;</summary>\n\n| b |" in md
+    assert f"| {n} |\n\n</details>" in md
+    assert re.search(r"<details><summary>\d+ rows &lt;open&gt;</summary>\n<table><tr><th>b</th>", page)
+    assert page.index("</details>") < page.index("<th>c</th>")
+
+
 def test_numbers_and_seeds_are_written_one_way():
     from recnorm.experiments.document import fmt, mean_sd, seed_list, signed
 

@@ -112,8 +112,14 @@ class Document:
     def p(self, text: str) -> None:
         self.blocks.append(("p", text))
 
-    def table(self, headers: List[str], rows: List[List[Any]]) -> None:
-        self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows]))
+    def table(self, headers: List[str], rows: List[List[Any]], fold: Optional[str] = None) -> None:
+        """A table; with ``fold`` (a summary line) and more than :attr:`FOLD_ROWS` rows, a folded one
+        (``<details>``, in HTML and in Markdown alike) that the reader opens by its summary."""
+        folded = fold if fold is not None and len(rows) > self.FOLD_ROWS else None
+        self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows], folded))
+
+    #: the most rows a table that may fold shows unfolded
+    FOLD_ROWS = 24
 
     def figure(self, fig: Any, name: str, caption: str) -> None:
         buf = io.BytesIO()
@@ -137,10 +143,14 @@ class Document:
             elif b[0] == "p":
                 out.append(b[1])
             elif b[0] == "table":
-                headers, rows = b[1], b[2]
+                headers, rows, fold = b[1], b[2], b[3]
+                if fold:  # GitHub renders Markdown inside <details> when blank lines surround it
+                    out.append(f"<details><summary>{html.escape(fold)}</summary>\n")
                 out.append("| " + " | ".join(_esc(h) for h in headers) + " |")
                 out.append("|" + "|".join("---" for _ in headers) + "|")
                 out.extend("| " + " | ".join(_esc(c) for c in row) + " |" for row in rows)
+                if fold:
+                    out.append("\n</details>")
             elif b[0] == "img":
                 out.append(f"![{b[3]}]({figrel}/{b[1]})\n\n*{b[3]}*")
             out.append("")
@@ -152,17 +162,21 @@ class Document:
                  "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;line-height:1.4}"
                  "table{border-collapse:collapse;margin:0.5em 0 1em}td,th{border:1px solid #bbb;padding:3px 8px;"
                  "font-size:0.9em;text-align:left}th{background:#eee}img{max-width:100%}"
-                 "figcaption{font-size:0.85em;color:#444}</style></head><body>"]
+                 "figcaption{font-size:0.85em;color:#444}summary{cursor:pointer;color:#225;margin:0.5em 0}</style></head><body>"]
         for b in self.blocks:
             if b[0] == "h":
                 parts.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
             elif b[0] == "p":
                 parts.append(f"<p>{inline_html(b[1])}</p>")
             elif b[0] == "table":
+                if b[3]:
+                    parts.append(f"<details><summary>{e(b[3])}</summary>")
                 parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>")
                 for row in b[2]:
                     parts.append("<tr>" + "".join(f"<td>{inline_html(c)}</td>" for c in row) + "</tr>")
                 parts.append("</table>")
+                if b[3]:
+                    parts.append("</details>")
             elif b[0] == "img":
                 parts.append(f"<figure><img alt='{e(b[3])}' src='data:image/png;base64,{b[2]}'>"
                              f"<figcaption>{e(b[3])}</figcaption></figure>")

@@ -439,7 +439,8 @@ def _final_table(doc: Document, td: TaskData) -> None:
             if runs:
                 rows.append([td.context_name(ctx), label, mean_sd([_final_test(r) for r in runs]), len(runs),
                              sum(r["status"] != "ok" for r in runs), f"{sum(td.trains(r) for r in runs)} of {len(runs)}"])
-    doc.table(["setting", "norm", f"test {td.metric} (mean ± sd)", "runs", "diverged", "trained"], rows)
+    doc.table(["setting", "norm", f"test {td.metric} (mean ± sd)", "runs", "diverged", "trained"], rows,
+              fold=f"Every setting's final test {td.metric}: {len(rows)} rows (open)")
     doc.p(f"A run *trained* when it did not diverge and its final valid {td.metric} closes at least "
           f"{TRAIN_FRACTION:.0%} of the gap between chance and the best setting's mean. Batch-norm models are "
           "evaluated with population statistics recomputed exactly from training batches.")
@@ -509,12 +510,12 @@ def _task_section(doc: Document, td: TaskData, key: str, study: str = "") -> Lis
     if study and "none" not in td.labels:  # the generic claims need a no-norm baseline; the study has its own
         verdicts = []
         doc.p(f"The generic comparisons against no normalization do not apply (this sweep has no run without "
-              f"one); the claims declared in the {study} study's file follow at the end of this report.")
+              f"one); the claims declared in the {study} study's file are in its section above.")
     elif study and STUDIES.get(study).tuning is not None:  # declared claims only: no undeclared second opinion
         verdicts = []
         doc.p(f"The generic comparisons (area under the validation curve and the like) are not made here: the "
-              f"{study} study declares its claims, their metrics and budgets in its file, and those claims follow at "
-              f"the end of this report.")
+              f"{study} study declares its claims, their metrics and budgets in its file, and those claims are in its "
+              f"section above.")
     else:
         verdicts = _verdicts(td)
         doc.table(["claim", "evidence", "effect [95% interval] (positive favours the claim)", "seeds where it holds",
@@ -637,11 +638,16 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[Document, Lis
         by_task.setdefault(k, []).append(r)
     all_verdicts = []
     known = study if study in STUDIES else ""
+    head = len(doc.blocks)
     for i, runs in enumerate(by_task.values()):
         td = TaskData(runs, varied_fields([r["config"] for r in runs]), hints)
         for row in _task_section(doc, td, f"t{i}_{runs[0]['config']['task']}", known):
             all_verdicts.append([td.task["name"]] + row)
+    tasks = len(doc.blocks)
     all_verdicts.extend(_study_section(doc, study, records, hints))
+    if len(doc.blocks) > tasks:  # the study's answer first, under the header; the detail per task after it
+        doc.blocks[head:] = doc.blocks[tasks:] + [("p", "The detail per task follows: learning curves, every setting's "
+                                                   "final metric, initialization and gradients.")] + doc.blocks[head:tasks]
     return doc, all_verdicts
 
 
