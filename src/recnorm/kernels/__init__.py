@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from recnorm.kernels import autotune, fused, native, reference, scan
+from recnorm.kernels.compile_cache import tag_compile_cache
 from recnorm.kernels.contract import BatchMoments, CellDesc, DirectionResult, DirectionWork, NormDesc
 from recnorm.registry import Registry
 
@@ -88,6 +89,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# torch.compile's disk caches do not see what a custom operator does: key them to this version of ours
+tag_compile_cache()
 
 
 @dataclasses.dataclass(frozen=True)
