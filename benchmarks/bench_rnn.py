@@ -467,50 +467,8 @@ def run_reasons(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_
     return why
 
 
-#: glibc's allocator while timing (see :func:`fix_allocator`): buffers up to 32 MiB come from the heap, and the
-#: heap keeps up to 1 GiB of freed memory instead of returning it to the system.
-TIMING_MMAP_THRESHOLD, TIMING_TRIM_THRESHOLD = 32 << 20, 1 << 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-def fix_allocator() -> Dict | None:
-    """Fix glibc's mmap and trim thresholds in this process (``mallopt``) for the timing; returns them, or None
-    where this is not glibc.
-
-    By default glibc moves both thresholds as blocks are freed (the mmap threshold up to 32 MiB, the trim
-    threshold with it), so whether a step's large buffers come from fresh pages (page faults, zeroing) or
-    from memory the heap kept depends on which candidates ran before it in the round. torch.nn's own step
-    moved by 20-32% across rounds at (200, 32, 64, 512) and (784, 64, 1, 128) on an idle machine (GRU and
-    RNN), and two quiet runs of this script were refused for it; with the thresholds fixed it moved by
-    1-10%. Fixed, every candidate's buffers up to 32 MiB (glibc's own ceiling for the dynamic threshold,
-    the state a training loop that repeats one step settles in) come from a heap that keeps what it was
-    given, so the times measure the computation, not the order of the round. The memory children set
-    their own threshold (:func:`memory_env`)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    if mallopt(_M_MMAP_THRESHOLD, TIMING_MMAP_THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, TIMING_TRIM_THRESHOLD) != 1:
-        return None
-    return {"mmap_threshold": TIMING_MMAP_THRESHOLD, "trim_threshold": TIMING_TRIM_THRESHOLD}
-
-
-def allocator_text(meta: Dict) -> str:
-    """One sentence on the allocator the times were taken with (empty for a run from before it was fixed)."""
-    a = meta.get("allocator")
-    if not a:
-        return ""
-    return (f" Times were taken with glibc's mmap threshold fixed at {a['mmap_threshold'] >> 20} MiB and its trim "
-            f"threshold at {a['trim_threshold'] >> 20} MiB (`mallopt`), so that whether a step's buffers need fresh "
-            "pages does not depend on the candidates timed before it.")
-
-
 def quiet_text(meta: Dict) -> str:
-    """One sentence on the load a run was measured at (and one on its allocator, where it was fixed)."""
+    """One sentence on the load a run was measured at."""
     q = meta.get("quiet")
     if not q:
         return "Load not recorded."
@@ -519,7 +477,7 @@ def quiet_text(meta: Dict) -> str:
     return (
         f"Load average {q['load_before']:.2f} before and {q['load_after']:.2f} after the run (this run's own threads "
         f"included); other processes used {q['others_load']:.2f} cores during it; torch.nn's step moved by at most {sp} "
-        "across rounds (interquartile range over median)." + allocator_text(meta)
+        "across rounds (interquartile range over median)."
     )
 
 
@@ -1255,7 +1213,6 @@ def main(argv=None) -> int:
         with open(args.json) as f:
             previous = json.load(f)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    allocator = fix_allocator()
     watch = LoadWatch()
     if watch.load_before > args.max_load:
         log(f"  load average {watch.load_before:.2f} (more than {args.max_load}): this run will give no verdict on the targets")
@@ -1293,7 +1250,6 @@ def main(argv=None) -> int:
         "rounds": rounds,
         "kernel": args.kernel or os.environ.get("RECNORM_KERNEL") or "auto",
         "quiet": quiet,
-        "allocator": allocator,
         "memory_samples": args.memory_samples,
         "memory_mmap_threshold": int(memory_env()["MALLOC_MMAP_THRESHOLD_"]),
     }

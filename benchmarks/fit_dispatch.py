@@ -155,7 +155,6 @@ def measure(args) -> None:
             "rule fitted to timings under load picks by the load. Run it with nothing else running."
         )
     torch.set_num_threads(args.threads)
-    allocator = bench_rnn.fix_allocator()  # the times bench_rnn.py takes: glibc's thresholds fixed (recorded per point)
     data = _load(args.data)
     data["meta"].update({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -178,8 +177,7 @@ def measure(args) -> None:
             print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: other processes used {quiet['others_load']:.2f} cores meanwhile "
                   "(more than --max-load): not stored", file=sys.stderr, flush=True)  # fmt: skip
             continue
-        data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times, "load": quiet,
-                               "allocator": allocator})
+        data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times, "load": quiet})
         _save(data, args.data)
         ratios = {ph: statistics.median(f / n for f, n in zip(t["fused"], t["native"])) for ph, t in times.items()}
         print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: fused/native train {ratios['train']:.2f} eval {ratios['eval']:.2f} "

@@ -236,43 +236,6 @@ def test_not_quiet_names_every_reason_and_follows_the_thresholds():
     assert bench_rnn.run_reasons(meta) == [w for w in bench_rnn.run_reasons(meta) if w.startswith("variants' run:")] != []
 
 
-_KEPT = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-import bench_rnn
-fixed = bench_rnn.fix_allocator() if sys.argv[2] == "fix" else None
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])  # KiB
-before = rss()
-block = b"\x01" * (8 << 20)  # 8 MiB, every page written
-del block
-print(fixed is not None, (rss() - before) / 1024)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc: Linux only")
-def test_fixed_allocator_keeps_freed_buffers_and_the_page_says_so():
-    """With glibc's thresholds fixed, an 8 MiB buffer comes from the heap and its pages stay after it is freed
-    (no page faults for the next step's buffer); by default glibc maps it and returns it on free."""
-    import subprocess
-
-    def kept(mode):
-        res = subprocess.run([sys.executable, "-c", _KEPT, os.path.join(ROOT, "benchmarks"), mode], capture_output=True,
-                             text=True, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
-        fixed, mib = res.stdout.split()
-        return fixed == "True", float(mib)
-
-    fixed, mib = kept("fix")
-    assert fixed and mib > 7.5
-    fixed, mib = kept("default")
-    assert not fixed and mib < 1.0
-    meta = _meta(allocator={"mmap_threshold": bench_rnn.TIMING_MMAP_THRESHOLD, "trim_threshold": bench_rnn.TIMING_TRIM_THRESHOLD})
-    assert "mmap threshold fixed at 32 MiB and its trim threshold at 1024 MiB" in bench_rnn.quiet_text(meta)
-    assert "mmap threshold" not in bench_rnn.quiet_text(_meta())  # a run from before: nothing claimed
-
-
 _ARGS = ["--rounds", 3, "--cells", "rnn", "--norms", "None", "--no-memory", "--no-compile", "--bf16-cells", "--no-variants"]
 
 
