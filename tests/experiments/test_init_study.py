@@ -95,6 +95,8 @@ def test_smoke_variant_runs_and_reports(tmp_path):
     # the study's answer comes first, the detail per task after it
     assert text.index("## Does normalization rescue a bad init?") < text.index("## Task ") < text.index("### Final test metric")
     assert "its section above" in text and "end of this report" not in text
+    # the heat map is a picture, its numbers a folded table beside it
+    assert "](figures/init_heat_fashion_rows_" in text and "<details><summary>The heat map's numbers (open)</summary>" in text
 
 
 def test_the_contrast_runs_alone_are_not_a_grid():

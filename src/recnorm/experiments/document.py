@@ -112,10 +112,13 @@ class Document:
     def p(self, text: str) -> None:
         self.blocks.append(("p", text))
 
-    def table(self, headers: List[str], rows: List[List[Any]], fold: Optional[str] = None) -> None:
-        """A table; with ``fold`` (a summary line) and more than :attr:`FOLD_ROWS` rows, a folded one
+    def table(self, headers: List[str], rows: List[List[Any]], fold: Optional[str] = None,
+              fold_over: Optional[int] = None) -> None:
+        """A table; with ``fold`` (a summary line) and more than ``fold_over`` rows (default
+        :attr:`FOLD_ROWS`; 0 folds it whatever its length, say a wide table beside its figure), a folded one
         (``<details>``, in HTML and in Markdown alike) that the reader opens by its summary."""
-        folded = fold if fold is not None and len(rows) > self.FOLD_ROWS else None
+        limit = self.FOLD_ROWS if fold_over is None else fold_over
+        folded = fold if fold is not None and len(rows) > limit else None
         self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows], folded))
 
     #: the most rows a table that may fold shows unfolded
@@ -145,7 +148,7 @@ class Document:
             elif b[0] == "table":
                 headers, rows, fold = b[1], b[2], b[3]
                 if fold:  # GitHub renders Markdown inside <details> when blank lines surround it
-                    out.append(f"<details><summary>{html.escape(fold)}</summary>\n")
+                    out.append(f"<details><summary>{html.escape(fold, quote=False)}</summary>\n")
                 out.append("| " + " | ".join(_esc(h) for h in headers) + " |")
                 out.append("|" + "|".join("---" for _ in headers) + "|")
                 out.extend("| " + " | ".join(_esc(c) for c in row) + " |" for row in rows)

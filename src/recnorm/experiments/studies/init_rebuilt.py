@@ -3,6 +3,7 @@ at a sensible learning rate? (issue 16, item 4)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -327,8 +328,56 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
             doc.table(["norm", "seeds with the whole grid", f"reached the target ({TARGETS[task][1]:g})",
                        "range over inits", "IQR over inits"], rows)
             headers, heat = heat_map(records, task, cell)
-            doc.table(headers, heat)
+            heat_figure(doc, records, task, cell)
+            doc.table(headers, heat, fold="The heat map's numbers (open)", fold_over=0)
     return claims(records)
+
+
+def heat_figure(doc: Any, records: Sequence[Record], task: str, cell: str) -> None:
+    """The heat map as a picture: norms down, (scheme, gain) across, each cell coloured and labelled by the mean
+    final test metric over seeds and forget biases (MSE on a log scale), grey where no run has finished."""
+    from recnorm.experiments import plots
+
+    chance = chance_level(select(records, task=task))
+    better, target = TARGETS[task]
+    labs = sorted({_label(r) for r in select(records, task=task, cell=cell)})
+    cols = [(s, g) for s in SCHEMES for g in GAINS]
+    means = []
+    for lab in labs:
+        row = []
+        for s, g in cols:
+            vals = [_value(r, chance) for r in select(records, task=task, cell=cell, label=lab, init=s, init_gain=g)]
+            vals = [v for v in vals if v is not None]
+            row.append(statistics.fmean(vals) if vals else math.nan)
+        means.append(row)
+    log = better == "lower"  # MSE spans decades
+    shown = [[math.log10(v) if log and v > 0 else v for v in row] for row in means]
+    plt = plots.pyplot()
+    fig, ax = plt.subplots(figsize=(13, 0.55 * len(labs) + 1.9))
+    cmap = plt.get_cmap("RdYlGn_r" if log else "RdYlGn").with_extremes(bad="#dddddd")
+    image = ax.imshow(shown, aspect="auto", cmap=cmap)
+    for i, row in enumerate(means):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                hit = v <= target if log else v >= target
+                ax.text(j, i, f"{v:.0e}" if log else f"{v:.2f}", ha="center", va="center", fontsize=8.5,
+                        fontweight="bold" if hit else "normal")
+    ax.set_yticks(range(len(labs)))
+    ax.set_yticklabels([name(lab) for lab in labs])
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([f"{g:g}" for _, g in cols])
+    ax.set_xlabel("init gain g, per scheme")
+    for k, scheme in enumerate(SCHEMES):
+        ax.text(k * len(GAINS) + (len(GAINS) - 1) / 2, -0.62, scheme, ha="center", va="bottom", fontsize=11)
+        if k:
+            ax.axvline(k * len(GAINS) - 0.5, color="white", lw=4)
+    metric = "MSE" if log else "accuracy"
+    fig.colorbar(image, ax=ax, pad=0.01, label=f"log10 mean final test {metric}" if log else f"mean final test {metric}")
+    fig.tight_layout()
+    doc.figure(fig, f"init_heat_{task}_{cell}",
+               f"{task}, {cell}: mean final test {metric} over seeds{' and forget biases' if cell == 'lstm' else ''} "
+               f"per norm and init (scheme, gain); bold where the mean reaches the target ({target:g}); grey: no "
+               "finished run")
 
 
 def _first_grad_norm(r: Record) -> Optional[float]:
