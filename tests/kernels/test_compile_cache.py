@@ -32,12 +32,14 @@ def test_the_fingerprint_follows_the_operators_sources_and_nothing_else(tmp_path
     assert compile_cache.operator_fingerprint(str(root)) not in (first, second)
 
 
-def test_the_tag_is_set_on_import_and_added_after_a_users_own(monkeypatch):
+def test_the_tag_is_set_on_import_and_added_after_a_users_own():
     ours = compile_cache._tag()
     assert ours.startswith("recnorm-ops-") and ours in torch.compiler.config.cache_key_tag.split("|")
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "my-job")
-    assert compile_cache.tag_compile_cache() == f"my-job|{ours}"
-    assert compile_cache.tag_compile_cache() == f"my-job|{ours}"  # once
+    # torch's own patch, not pytest's monkeypatch: undoing that deletes the option from torch's config module
+    with torch.compiler.config.patch(cache_key_tag="my-job"):
+        assert compile_cache.tag_compile_cache() == f"my-job|{ours}"
+        assert compile_cache.tag_compile_cache() == f"my-job|{ours}"  # once
+    assert ours in torch.compiler.config.cache_key_tag.split("|")
 
 
 _COMPILE = r"""

@@ -260,15 +260,16 @@ def _chunk_rows(n_rows: int) -> int:
     """Rows per chunk of the backward's weight-gradient GEMMs (``$RECNORM_FUSED_CHUNK_ROWS`` if set).
 
     The backward keeps the gate gradients of one chunk (two ``(rows, G)`` buffers) for its GEMMs, so the
-    chunk is memory as well as GEMM size: a quarter of the rows, and at least 1024. The floor was 2048
-    until the GRU's training step at (28, 128, 28, 128) peaked at 1.12 of torch.nn's (21.4 MiB against
-    19.2; 17.9 at 1024 rows). Measured with the machine otherwise stopped, the fused training step at
-    1024 rows against 2048 took 0.95-0.99 as long at that size (the chunk stays in cache), and 1600
-    rows (a quarter) against 2048 took 1.00-1.02 at (100, 64, 128, 256) and (200, 32, 64, 512)."""
+    chunk is memory as well as GEMM size. The chunking also fixes the order in which the weight gradients
+    are summed, so changing this rule changes the rounding of every fused training run with more rows than
+    the old chunk, and committed runs would no longer replay to 1e-6: keep it, or make the old rule a replay
+    setting first. ``RECNORM_FUSED_CHUNK_ROWS=1024`` trades that for memory: the GRU's training step at
+    (28, 128, 28, 128) peaks at 17.9 MiB instead of 21.4 (torch.nn.GRU 19.2), at 0.95-0.99 of the time
+    (measured with the machine otherwise stopped)."""
     env = os.environ.get("RECNORM_FUSED_CHUNK_ROWS")
     if env:
         return max(1, int(env))
-    return max(1024, n_rows // 4)
+    return max(2048, n_rows // 4)
 
 
 def _none_to_empty(ts: Sequence[Optional[Tensor]], like: Tensor) -> List[Tensor]:
