@@ -636,19 +636,18 @@ def build_report(path: str, figdir: Optional[str] = None) -> Tuple[Document, Lis
     for r in records:
         k = r["config"]["task"] + "|" + str(sorted((r["config"].get("task_options") or {}).items()))
         by_task.setdefault(k, []).append(r)
+    head = len(doc.blocks)
+    study_rows = _study_section(doc, study, records, hints)  # the study's answer first, under the header
+    if len(doc.blocks) > head:
+        doc.p("The detail per task follows: learning curves, every setting's final metric, initialization and "
+              "gradients.")
     all_verdicts = []
     known = study if study in STUDIES else ""
-    head = len(doc.blocks)
     for i, runs in enumerate(by_task.values()):
         td = TaskData(runs, varied_fields([r["config"] for r in runs]), hints)
         for row in _task_section(doc, td, f"t{i}_{runs[0]['config']['task']}", known):
             all_verdicts.append([td.task["name"]] + row)
-    tasks = len(doc.blocks)
-    all_verdicts.extend(_study_section(doc, study, records, hints))
-    if len(doc.blocks) > tasks:  # the study's answer first, under the header; the detail per task after it
-        doc.blocks[head:] = doc.blocks[tasks:] + [("p", "The detail per task follows: learning curves, every setting's "
-                                                   "final metric, initialization and gradients.")] + doc.blocks[head:tasks]
-    return doc, all_verdicts
+    return doc, all_verdicts + study_rows
 
 
 def write_report(path: str, out_dir: Optional[str] = None) -> Dict[str, Any]:

@@ -281,19 +281,32 @@ def iqr(values: Sequence[float]) -> float:
     return q[2] - q[0]
 
 
-def heat_map(records: Sequence[Record], task: str, cell: str) -> Tuple[List[str], List[List[str]]]:
-    """Rows norm, columns (scheme, gain): the mean final test metric over seeds (and forget biases)."""
+def heat_means(records: Sequence[Record], task: str, cell: str) -> Tuple[List[str], List[Tuple[str, float]],
+                                                                        List[List[float]]]:
+    """The heat map's cells: norm labels, (scheme, gain) columns, and per norm and column the mean final test
+    metric over seeds (and forget biases); NaN where no run has finished."""
     chance = chance_level(select(records, task=task))
     cols = [(s, g) for s in SCHEMES for g in GAINS]
     labs = sorted({_label(r) for r in select(records, task=task, cell=cell)})
-    rows = []
+    means = []
     for lab in labs:
-        row = [name(lab)]
+        row = []
         for s, g in cols:
             vals = [_value(r, chance) for r in select(records, task=task, cell=cell, label=lab, init=s, init_gain=g)]
             vals = [v for v in vals if v is not None]
-            row.append(f"{statistics.fmean(vals):.3f}" if vals else "–")
-        rows.append(row)
+            row.append(statistics.fmean(vals) if vals else math.nan)
+        means.append(row)
+    return labs, cols, means
+
+
+def heat_map(records: Sequence[Record], task: str, cell: str) -> Tuple[List[str], List[List[str]]]:
+    """Rows norm, columns (scheme, gain): the mean final test metric over seeds (and forget biases)."""
+    return _heat_table(*heat_means(records, task, cell))
+
+
+def _heat_table(labs: List[str], cols: List[Tuple[str, float]], means: List[List[float]]
+                ) -> Tuple[List[str], List[List[str]]]:
+    rows = [[name(lab)] + ["–" if math.isnan(v) else f"{v:.3f}" for v in row] for lab, row in zip(labs, means)]
     return ["norm"] + [f"{s} {g:g}" for s, g in cols], rows
 
 
@@ -327,29 +340,19 @@ def section(doc: Any, records: Sequence[Record], hints: Dict[str, Any]) -> List[
                 continue
             doc.table(["norm", "seeds with the whole grid", f"reached the target ({TARGETS[task][1]:g})",
                        "range over inits", "IQR over inits"], rows)
-            headers, heat = heat_map(records, task, cell)
-            heat_figure(doc, records, task, cell)
-            doc.table(headers, heat, fold="The heat map's numbers (open)", fold_over=0)
+            heat = heat_means(records, task, cell)
+            heat_figure(doc, task, cell, *heat)
+            doc.table(*_heat_table(*heat), fold="The heat map's numbers (open)", fold_over=0)
     return claims(records)
 
 
-def heat_figure(doc: Any, records: Sequence[Record], task: str, cell: str) -> None:
-    """The heat map as a picture: norms down, (scheme, gain) across, each cell coloured and labelled by the mean
-    final test metric over seeds and forget biases (MSE on a log scale), grey where no run has finished."""
+def heat_figure(doc: Any, task: str, cell: str, labs: List[str], cols: List[Tuple[str, float]],
+                means: List[List[float]]) -> None:
+    """The heat map (:func:`heat_means`) as a picture: norms down, (scheme, gain) across, each cell coloured and
+    labelled by its mean final test metric (MSE on a log scale), grey where no run has finished."""
     from recnorm.experiments import plots
 
-    chance = chance_level(select(records, task=task))
     better, target = TARGETS[task]
-    labs = sorted({_label(r) for r in select(records, task=task, cell=cell)})
-    cols = [(s, g) for s in SCHEMES for g in GAINS]
-    means = []
-    for lab in labs:
-        row = []
-        for s, g in cols:
-            vals = [_value(r, chance) for r in select(records, task=task, cell=cell, label=lab, init=s, init_gain=g)]
-            vals = [v for v in vals if v is not None]
-            row.append(statistics.fmean(vals) if vals else math.nan)
-        means.append(row)
     log = better == "lower"  # MSE spans decades
     shown = [[math.log10(v) if log and v > 0 else v for v in row] for row in means]
     plt = plots.pyplot()
