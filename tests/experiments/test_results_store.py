@@ -180,6 +180,47 @@ def test_a_run_records_provenance_and_its_config_replays_its_kernels(tmp_path):
     assert again.final == result.final and again.provenance["kernels"] == p["kernels"]
 
 
+def test_a_run_records_its_chunk_floor_and_replays_with_it(tmp_path, monkeypatch):
+    from recnorm.kernels import fused
+
+    monkeypatch.delenv("RECNORM_FUSED_CHUNK_ROWS", raising=False)
+    chunks = []
+    real = fused._chunk_rows
+    monkeypatch.setattr(fused, "_chunk_rows", lambda n: chunks.append((n, real(n))) or chunks[-1][1])
+    result = train_and_evaluate(tiny(kernel="fused"), str(tmp_path / "a"))
+    assert result.provenance["chunk_floor"] == fused.CHUNK_FLOOR and "chunk_rows_env" not in result.provenance
+    assert chunks and all(c == max(fused.CHUNK_FLOOR, n // 4) for n, c in chunks)
+    assert json.load(open(tmp_path / "a" / "config.json"))["chunk_floor"] == fused.CHUNK_FLOOR
+    assert read_config(str(tmp_path / "a" / "result.json"))["chunk_floor"] == fused.CHUNK_FLOOR
+    # a run asking for its own floor trains with it (64 rows: a quarter is 16, so a floor of 40 decides)
+    chunks.clear()
+    result = train_and_evaluate(tiny(kernel="fused", chunk_floor=40), str(tmp_path / "b"))
+    assert chunks and {c for _, c in chunks} == {40} and result.provenance["chunk_floor"] == 40
+    assert fused._CHUNK_FLOOR == fused.CHUNK_FLOOR  # restored after the run
+    # the floor is how the run is executed, not what it computes: the run id does not change
+    assert tiny(chunk_floor=40).run_id == tiny().run_id
+    with pytest.raises(ConfigError, match="chunk_floor: expected None or an int >= 1, got 0"):
+        tiny(chunk_floor=0).validate()
+
+
+def test_a_record_without_a_chunk_floor_replays_with_the_old_floor(tmp_path, caplog):
+    from recnorm.kernels.fused import LEGACY_CHUNK_FLOOR
+
+    path = str(tmp_path / "result.json")
+    record = {"run_id": "r", "config": {k: v for k, v in tiny().to_dict().items() if k != "chunk_floor"},
+              "provenance": {"kernel_pin": "l0.train=fused,l0.eval=fused"}}
+    json.dump(record, open(path, "w"))
+    assert LEGACY_CHUNK_FLOOR == 2048 and read_config(path)["chunk_floor"] == 2048
+    record["provenance"].update(chunk_floor=512, chunk_rows_env="9")
+    json.dump(record, open(path, "w"))
+    with caplog.at_level("WARNING", logger="recnorm.experiments.results"):
+        assert read_config(path)["chunk_floor"] == 512
+    assert "RECNORM_FUSED_CHUNK_ROWS=9" in caplog.text
+    # a config the user wrote (no provenance) keeps the library's floor
+    json.dump(tiny().to_dict(), open(path, "w"))
+    assert read_config(path)["chunk_floor"] is None
+
+
 def test_read_config_names_a_published_run(runs, tmp_path):
     results = str(tmp_path / "tiny")
     publish(runs, results)

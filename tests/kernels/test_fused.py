@@ -82,6 +82,26 @@ def test_fused_matches_reference_wide_and_chunked(cell, norm, hoisted, monkeypat
         assert_all_close(run_and_grad(ref, x, lengths=lens), run_and_grad(fast, x, lengths=lens), rtol=1e-9, atol=1e-10)
 
 
+def test_chunk_rule_follows_the_floor_in_force_and_the_environment(monkeypatch):
+    monkeypatch.delenv("RECNORM_FUSED_CHUNK_ROWS", raising=False)
+    assert fused._chunk_rows(3584) == max(fused.CHUNK_FLOOR, 896) == 1024
+    assert fused._chunk_rows(100_000) == 25_000
+    with fused.chunk_floor(fused.LEGACY_CHUNK_FLOOR):
+        assert fused._chunk_rows(3584) == 2048 and fused.chunk_setting() == {"chunk_floor": 2048}
+        with fused.chunk_floor(None):
+            assert fused._chunk_rows(3584) == fused.CHUNK_FLOOR
+        assert fused._chunk_rows(3584) == 2048
+    assert fused._chunk_rows(3584) == fused.CHUNK_FLOOR
+    monkeypatch.setenv("RECNORM_FUSED_CHUNK_ROWS", "9")
+    with fused.chunk_floor(2048):
+        assert fused._chunk_rows(3584) == 9 and fused.chunk_setting() == {"chunk_floor": 2048, "chunk_rows_env": "9"}
+    for bad in (0, -3, 1.5, True, "1024"):
+        with pytest.raises(ValueError, match="chunk_floor: expected None or an int >= 1"):
+            with fused.chunk_floor(bad):
+                pass
+    assert fused._CHUNK_FLOOR == fused.CHUNK_FLOOR
+
+
 def _assert_as_accurate_as_reference(ref, fast, x, lengths):
     """float32: the fused result is about as close to the float64 reference as the float32 reference is
     (within 5e-4 of the largest value: steps with 2 valid rows make batch norm ill-conditioned, and the

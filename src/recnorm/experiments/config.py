@@ -24,14 +24,16 @@ import math
 import typing
 from typing import Any, Dict, List, Optional
 
-__all__ = ["RunConfig", "ConfigError", "OPTIMIZERS", "FEEDS", "is_batch_norm", "uses_batch_statistics",
+__all__ = ["RunConfig", "ConfigError", "EXECUTION_FIELDS", "OPTIMIZERS", "FEEDS", "is_batch_norm", "uses_batch_statistics",
            "cell_options"]
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 #: How variable-length batches reach the recurrent stack (``RunConfig.feed``).
 FEEDS = ("packed", "padded")
-# Fields that describe how a run is executed, not what it computes: left out of the run hash.
-_EXECUTION_FIELDS = ("threads", "kernel")
+#: Fields that describe how a run is executed, not what it computes: left out of the run hash, of a tuned
+#: arm's identity, and of the factors a report compares.
+EXECUTION_FIELDS = ("threads", "kernel", "chunk_floor")
+_EXECUTION_FIELDS = EXECUTION_FIELDS
 # Fields added after runs were first committed: left out of the run hash while they hold these defaults, so
 # the run ids (and the finished runs on disk) of configs that do not use them stay what they were.
 _HASHED_UNLESS_DEFAULT = {"feed": "packed", "sort_by_length": 0, "between_layers": None,
@@ -128,6 +130,11 @@ class RunConfig:
                                   "'legacy' (torch's op first, as 'auto' chose before the rule existed), "
                                   "'reference', 'native', 'fused', or a per-layer pin such as "
                                   "'l0.train=fused,l0.eval=native' (what a run records in provenance.kernel_pin)")
+    chunk_floor: Optional[int] = _f(None, help="the fused kernels' smallest weight-gradient chunk in rows (not part of "
+                                              "the run id): it fixes the order in which weight gradients are "
+                                              "summed, so a replay uses the run's own (provenance.chunk_floor; "
+                                              "runs that do not record it used 2048). None: the library's "
+                                              "(recnorm.kernels.fused.CHUNK_FLOOR)")
 
     def __post_init__(self) -> None:
         # Canonical forms, so that equal runs hash equally: "none" is no norm; ints given for float fields
@@ -251,6 +258,8 @@ class RunConfig:
             raise ConfigError(f"steps: expected an int >= 0, got {self.steps!r}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ConfigError(f"epochs: expected a finite float > 0, got {self.epochs!r}")
+        if self.chunk_floor is not None and self.chunk_floor < 1:
+            raise ConfigError(f"chunk_floor: expected None or an int >= 1, got {self.chunk_floor!r}")
         from recnorm.experiments.provenance import parse_kernel_pin
 
         try:

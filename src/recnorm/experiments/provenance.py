@@ -11,6 +11,9 @@ Why a pin: ``kernel="auto"`` orders torch's op and recnorm's fused kernel by a r
 trajectory is chaotic: a difference of 1e-7 at one step moves a final accuracy by 0.02. A re-run reproduces a
 run only on the same kernels, so every run records what ran (``kernels``) and a pin that replays it
 (``kernel_pin``, a value for ``RunConfig.kernel``). Runs made before the rule existed replay with ``"legacy"``.
+The fused backward's weight-gradient chunking fixes the order in which weight gradients are summed, so a run
+also records its chunk floor (``chunk_floor``, a value for ``RunConfig.chunk_floor``); runs that do not record
+one replay with the floor they ran with, 2048 (:data:`recnorm.kernels.fused.LEGACY_CHUNK_FLOOR`).
 
 The machine matters too: torch's own op (oneDNN) and ATen's vectorized kernels pick code paths by the CPU's
 vector ISA (``cpu.capability``: AVX2, AVX512...), with different rounding. A run reproduces on a machine with
@@ -148,6 +151,7 @@ class DispatchLog:
 
     def __init__(self) -> None:
         self.seen: Dict[str, Dict[str, Set[str]]] = {}
+        self.chunks: Dict[str, Any] = {}
 
     def add(self, layer: str, phase: str, name: str) -> None:
         self.seen.setdefault(layer, {}).setdefault(phase, set()).add(name)
@@ -171,9 +175,11 @@ class DispatchLog:
 
 
 @contextlib.contextmanager
-def kernel_dispatch(model: torch.nn.Module, kernel: str) -> Iterator[DispatchLog]:
+def kernel_dispatch(model: torch.nn.Module, kernel: str, chunk_floor: Optional[int] = None) -> Iterator[DispatchLog]:
     """Within the block, every recnorm layer of ``model`` runs the implementation ``kernel`` (a
-    ``RunConfig.kernel`` value) asks for, and the returned log records what ran.
+    ``RunConfig.kernel`` value) asks for, with the fused backward's weight-gradient chunks of at least
+    ``chunk_floor`` rows (``RunConfig.chunk_floor``; None: the library's), and the returned log records what
+    ran (``log.chunks``: the chunk setting in force, :func:`recnorm.kernels.fused.chunk_setting`).
 
     The pin applies to the calls that compute the model's outputs; a call with a per-step observer (the
     diagnostics' capture, which only the reference loop serves) keeps ``"auto"``. It is a
@@ -204,7 +210,8 @@ def kernel_dispatch(model: torch.nn.Module, kernel: str) -> Iterator[DispatchLog
     # every run marked "legacy" predates it. Runs with provenance made before it replay with the current
     # rule; the committed ones all use H = 64, where both rules choose the same GEMMs.
     rule = fused.onednn_rule("2026-12-04") if pin.get("*") == "legacy" else contextlib.nullcontext()
-    with kernels.route_dispatch(policy), rule:
+    with kernels.route_dispatch(policy), rule, fused.chunk_floor(chunk_floor):
+        log.chunks = fused.chunk_setting()
         yield log
 
 

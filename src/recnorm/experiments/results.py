@@ -420,7 +420,8 @@ def read_config(path: str) -> Dict[str, Any]:
     """The config fields that re-run a run: from a ``config.json``, a ``result.json``, or one published run
     named as ``RESULTS/runs.jsonl#RUN_ID`` (or ``RESULTS#RUN_ID``). A record whose config asked for
     ``kernel="auto"`` gets the kernels that ran (``provenance.kernel_pin``), so the re-run uses them even
-    after the dispatch rule has changed. The run id, if present, is left out."""
+    after the dispatch rule has changed, and a record without a ``chunk_floor`` gets the one it ran with
+    (``provenance.chunk_floor``; 2048 where the record predates it). The run id, if present, is left out."""
     base, _, run_id = path.partition("#")
     if run_id:
         if os.path.isdir(base):
@@ -436,6 +437,14 @@ def read_config(path: str) -> Dict[str, Any]:
     config = dict(data["config"]) if isinstance(data.get("config"), dict) else dict(data)
     config.pop("run_id", None)
     provenance = data.get("provenance") or {}
+    if config.get("chunk_floor") is None and "config" in data and isinstance(data.get("provenance"), dict):
+        from recnorm.kernels.fused import LEGACY_CHUNK_FLOOR
+
+        # a run replays with its own chunk floor; runs that do not record one ran with the old floor
+        config["chunk_floor"] = provenance.get("chunk_floor", LEGACY_CHUNK_FLOOR)
+        if provenance.get("chunk_rows_env"):
+            logger.warning("%s ran with RECNORM_FUSED_CHUNK_ROWS=%s: a re-run reproduces it only with the same "
+                           "setting", path, provenance["chunk_rows_env"])
     if config.get("kernel", "auto") == "auto" and provenance.get("kernel_pin") and "config" in data:
         config["kernel"] = provenance["kernel_pin"]
     elif config.get("kernel", "auto") == "auto" and provenance.get("dispatch_rule"):

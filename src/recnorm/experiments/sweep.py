@@ -56,7 +56,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
-from recnorm.experiments.config import ConfigError, RunConfig, set_field
+from recnorm.experiments.config import EXECUTION_FIELDS, ConfigError, RunConfig, set_field
 from recnorm.experiments.results import (
     SWEEP_FILE, ResultError, is_run_dir, load_run, publish, read_json, write_json_atomic)
 
@@ -239,7 +239,7 @@ def flatten_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return flat
 
 
-_EXECUTION = ("threads", "kernel")  # how a run was executed, not what it computed: never a compared factor
+_EXECUTION = EXECUTION_FIELDS  # how a run was executed, not what it computed: never a compared factor
 
 
 def varied_fields(configs: Sequence[Dict[str, Any]]) -> List[str]:

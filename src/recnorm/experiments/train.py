@@ -696,13 +696,17 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
     provenance = collect_provenance(config.kernel)
     run = _setup(config, progress, on_step)
     run.checkpoint = checkpoint
-    with kernel_dispatch(run.model, config.kernel) as dispatch:
+    with kernel_dispatch(run.model, config.kernel, config.chunk_floor) as dispatch:
         outcome = _train_loop(run)
         final, population = _final_evaluation(run) if outcome[1] is None else ({}, {})
-    provenance.update(kernels=dispatch.kernels(), kernel_pin=dispatch.pin())
-    if config.kernel == "auto" and provenance["kernel_pin"]:  # config.json replays the kernels that ran
-        write_json_atomic(os.path.join(workdir, CONFIG_FILE),
-                          {"run_id": config.run_id, **config.to_dict(), "kernel": provenance["kernel_pin"]})
+    provenance.update(kernels=dispatch.kernels(), kernel_pin=dispatch.pin(), **dispatch.chunks)
+    replay = {}  # config.json replays the kernels that ran and their chunk floor
+    if config.kernel == "auto" and provenance["kernel_pin"]:
+        replay["kernel"] = provenance["kernel_pin"]
+    if config.chunk_floor is None:
+        replay["chunk_floor"] = provenance["chunk_floor"]
+    if replay:
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE), {"run_id": config.run_id, **config.to_dict(), **replay})
     result = _summary(run, outcome, final, population, provenance, started, wall0)
     if result.status == "ok":
         with atomic_file(os.path.join(workdir, MODEL_FILE), "wb") as f:

@@ -49,7 +49,7 @@ import math
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from recnorm.experiments.config import RunConfig
+from recnorm.experiments.config import EXECUTION_FIELDS, RunConfig
 from recnorm.experiments.results import model_label, read_json, write_json_atomic
 from recnorm.experiments.study import MIN_RATES, MIN_SEEDS, MIN_SPAN, TuningGrid, TuningScore
 from recnorm.experiments.sweep import SweepSpec, flatten_config
@@ -105,7 +105,7 @@ class ArmChoice:
 def arm_key(config: RunConfig, ignore: Sequence[str] = ()) -> str:
     """The arm of a run: a hash of its config without the seed, the learning rate, the execution fields and
     the fields in ``ignore`` (those a study tunes at one fixed value and then varies at the chosen rate)."""
-    data = {k: v for k, v in config.to_dict().items() if k not in ("seed", "lr", "threads", "kernel", *ignore)}
+    data = {k: v for k, v in config.to_dict().items() if k not in ("seed", "lr", *EXECUTION_FIELDS, *ignore)}
     return hashlib.sha1(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
 
 
@@ -157,7 +157,7 @@ def choose(records: Sequence[Dict[str, Any]], grid: TuningGrid, ignore: Sequence
                              f"in {list(grid.lrs)} and a seed in {list(grid.seeds)}")
         arms.setdefault(arm_key(config, ignore), []).append(r)
     flats = [flatten_config(r["config"]) for r in records]
-    varying = sorted(k for k in (flats[0] if flats else {}) if k not in ("lr", "seed", "threads", "kernel")
+    varying = sorted(k for k in (flats[0] if flats else {}) if k not in ("lr", "seed", *EXECUTION_FIELDS)
                      and len({repr(f.get(k)) for f in flats}) > 1)
     out: Dict[str, ArmChoice] = {}
     for key, runs in arms.items():

@@ -44,7 +44,8 @@ Performance knobs (environment, read per call unless noted):
   :func:`empty_cache` releases them.
 * ``RECNORM_FUSED_ONEDNN``: ``0``/``1`` or a mask such as ``011`` forcing which GEMMs use oneDNN's linear
   instead of MKL (see :func:`onednn_plan`).
-* ``RECNORM_FUSED_CHUNK_ROWS``, ``RECNORM_FUSED_INPROJ_ROWS`` (read at import): GEMM chunk sizes.
+* ``RECNORM_FUSED_CHUNK_ROWS`` (read per call): the backward's weight-gradient chunk in rows, instead of
+  :func:`chunk_floor`'s rule; ``RECNORM_FUSED_INPROJ_ROWS`` (read at import): the input projection's chunk.
 """
 
 from __future__ import annotations
@@ -256,20 +257,55 @@ def _pack(w: Tensor, batch: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch)
 
 
+#: The smallest weight-gradient chunk of the fused backward, in rows (:func:`_chunk_rows`).
+CHUNK_FLOOR = 1024
+#: The floor before 2026-12-05 (evening). Runs made with it replay with it (``RunConfig.chunk_floor``, which
+#: :func:`recnorm.experiments.results.read_config` sets for records that do not name their floor).
+LEGACY_CHUNK_FLOOR = 2048
+_CHUNK_FLOOR = CHUNK_FLOOR
+
+
+@contextlib.contextmanager
+def chunk_floor(rows: Optional[int]) -> Iterator[None]:
+    """Within the block, the fused backward's weight-gradient chunks are at least ``rows`` rows (None:
+    :data:`CHUNK_FLOOR`). A replay setting: the chunking fixes the order in which the weight gradients are
+    summed, so a run replays to 1e-6 only with the floor it ran with."""
+    global _CHUNK_FLOOR
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"chunk_floor: expected None or an int >= 1, got {rows!r}")
+    old, _CHUNK_FLOOR = _CHUNK_FLOOR, CHUNK_FLOOR if rows is None else rows
+    try:
+        yield
+    finally:
+        _CHUNK_FLOOR = old
+
+
+def chunk_setting() -> Dict[str, object]:
+    """What decides the chunks now, for a run's provenance: ``{"chunk_floor": rows}``, plus
+    ``"chunk_rows_env"`` when ``$RECNORM_FUSED_CHUNK_ROWS`` overrides it."""
+    setting: Dict[str, object] = {"chunk_floor": _CHUNK_FLOOR}
+    env = os.environ.get("RECNORM_FUSED_CHUNK_ROWS")
+    if env:
+        setting["chunk_rows_env"] = env
+    return setting
+
+
 def _chunk_rows(n_rows: int) -> int:
-    """Rows per chunk of the backward's weight-gradient GEMMs (``$RECNORM_FUSED_CHUNK_ROWS`` if set).
+    """Rows per chunk of the backward's weight-gradient GEMMs: a quarter of the rows, and at least the floor
+    in force (:data:`CHUNK_FLOOR`, or :func:`chunk_floor`'s); ``$RECNORM_FUSED_CHUNK_ROWS``, if set, is the
+    chunk itself.
 
     The backward keeps the gate gradients of one chunk (two ``(rows, G)`` buffers) for its GEMMs, so the
-    chunk is memory as well as GEMM size. The chunking also fixes the order in which the weight gradients
-    are summed, so changing this rule changes the rounding of every fused training run with more rows than
-    the old chunk, and committed runs would no longer replay to 1e-6: keep it, or make the old rule a replay
-    setting first. ``RECNORM_FUSED_CHUNK_ROWS=1024`` trades that for memory: the GRU's training step at
-    (28, 128, 28, 128) peaks at 17.9 MiB instead of 21.4 (torch.nn.GRU 19.2), at 0.95-0.99 of the time
-    (measured with the machine otherwise stopped)."""
+    chunk is memory as well as GEMM size. The floor was 2048 until the GRU's training step at
+    (28, 128, 28, 128) peaked at 1.12 of torch.nn's (21.4 MiB against 19.2; 17.9 at 1024 rows). Measured
+    with the machine otherwise stopped, the fused training step at 1024 rows against 2048 took 0.95-0.99 as
+    long at that size (the chunk stays in cache), and 1600 rows (a quarter) against 2048 took 1.00-1.02 at
+    (100, 64, 128, 256) and (200, 32, 64, 512). The chunking also fixes the order in which the weight
+    gradients are summed, so runs made with the old floor replay with it (:data:`LEGACY_CHUNK_FLOOR`)."""
     env = os.environ.get("RECNORM_FUSED_CHUNK_ROWS")
     if env:
         return max(1, int(env))
-    return max(2048, n_rows // 4)
+    return max(_CHUNK_FLOOR, n_rows // 4)
 
 
 def _none_to_empty(ts: Sequence[Optional[Tensor]], like: Tensor) -> List[Tensor]:
