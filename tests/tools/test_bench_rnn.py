@@ -317,3 +317,40 @@ def test_memory_children_fix_glibcs_mmap_threshold(monkeypatch):
     assert bench_rnn.memory_env()["MALLOC_MMAP_THRESHOLD_"] == str(bench_rnn.MMAP_THRESHOLD)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert bench_rnn.memory_env()["MALLOC_MMAP_THRESHOLD_"] == "131072"
+
+
+def test_a_size_whose_torch_step_was_not_steady_is_timed_again(monkeypatch):
+    attempts = []
+    real_rounds = bench_rnn._rounds
+
+    def counted(*a, **k):
+        attempts.append(1)
+        return real_rounds(*a, **k)
+
+    monkeypatch.setattr(bench_rnn, "_rounds", counted)
+    # torch.nn's step wanders in the first attempt of every size, and is steady in the next
+    monkeypatch.setattr(bench_rnn, "spread", lambda times: 0.3 if len(attempts) % 2 == 1 else 0.05)
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_spread=0.1, retries=2)
+    assert len(attempts) == 2 and rows
+    assert all(r["retimed"] == [0.3, 0.05] for r in rows)
+    text = bench_rnn.retimed_text(rows)
+    assert f"{TINY} 2 times" in text and "30%, 5%" in text and "last attempt" in text
+
+    # never steady: the retries run out and the last attempt is kept, with every spread named
+    attempts.clear()
+    monkeypatch.setattr(bench_rnn, "spread", lambda times: 0.3)
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_spread=0.1, retries=2)
+    assert len(attempts) == 3 and all(r["retimed"] == [0.3, 0.3, 0.3] for r in rows)
+    # steady at once, or no retries asked for: timed once, and the page says nothing about re-timing
+    for spread, retries in ((0.05, 2), (0.3, 0)):
+        attempts.clear()
+        monkeypatch.setattr(bench_rnn, "spread", lambda times, s=spread: s)
+        rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_spread=0.1,
+                                      retries=retries)
+        assert len(attempts) == 1 and not any("retimed" in r for r in rows) and bench_rnn.retimed_text(rows) == ""
+
+
+def test_retries_must_not_be_negative(capsys):
+    with pytest.raises(SystemExit):
+        bench_rnn.main(["--retries", "-1", "--no-memory"])
+    assert "--retries: expected an int >= 0, got -1" in capsys.readouterr().err
