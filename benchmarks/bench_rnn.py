@@ -933,6 +933,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
     rows, vrows = split_rows(rows)
     fp32 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if not c.endswith(BF16)]
     bf16 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if c.endswith(BF16)]
+    retimed = retimed_text(rows)
     vmeta = meta.get("variants") or {}
     lines = [
         "# Benchmarks: recnorm layers against torch.nn",
@@ -944,7 +945,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         f"**Load.** {quiet_text(meta)}",
         "",
-        *([f"**Re-timed.** {retimed_text(rows)}", ""] if retimed_text(rows) else []),
+        *([f"**Re-timed.** {retimed}", ""] if retimed else []),
         *([f"**Memory.** {meta['memory_remeasured']}", ""] if meta.get("memory_remeasured") else []),
         "**How to read it.** Absolute milliseconds depend on the machine and on what else runs on it. "
         "What means something is the *ratio* to "

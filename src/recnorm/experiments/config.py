@@ -33,7 +33,6 @@ FEEDS = ("packed", "padded")
 #: Fields that describe how a run is executed, not what it computes: left out of the run hash, of a tuned
 #: arm's identity, and of the factors a report compares.
 EXECUTION_FIELDS = ("threads", "kernel", "chunk_floor")
-_EXECUTION_FIELDS = EXECUTION_FIELDS
 # Fields added after runs were first committed: left out of the run hash while they hold these defaults, so
 # the run ids (and the finished runs on disk) of configs that do not use them stay what they were.
 _HASHED_UNLESS_DEFAULT = {"feed": "packed", "sort_by_length": 0, "between_layers": None,
@@ -175,7 +174,7 @@ class RunConfig:
     @property
     def config_hash(self) -> str:
         """A stable 10-hex-digit hash of every field that can change the result."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS
+        data = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS
                 and not (k in _HASHED_UNLESS_DEFAULT and v == _HASHED_UNLESS_DEFAULT[k])}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:10]

@@ -239,9 +239,6 @@ def flatten_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return flat
 
 
-_EXECUTION = EXECUTION_FIELDS  # how a run was executed, not what it computed: never a compared factor
-
-
 def varied_fields(configs: Sequence[Dict[str, Any]]) -> List[str]:
     """The (flattened) fields whose values differ between ``configs``, in field order."""
     flats = [flatten_config(c) for c in configs]
@@ -253,7 +250,8 @@ def varied_fields(configs: Sequence[Dict[str, Any]]) -> List[str]:
 
     keys = sorted({k for f in flats for k in f}, key=position)
     marker = object()
-    return [k for k in keys if k not in _EXECUTION and len({json.dumps(f.get(k, marker), default=str) for f in flats}) > 1]
+    # how a run was executed is never a compared factor
+    return [k for k in keys if k not in EXECUTION_FIELDS and len({json.dumps(f.get(k, marker), default=str) for f in flats}) > 1]
 
 
 # ---------------------------------------------------------------------------------------------- running
