@@ -818,10 +818,16 @@ def peer_lines(rows: List[Dict]) -> List[str]:
     return lines
 
 
-def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05) -> List[str]:
-    """Rows whose ratio to torch.nn rose by more than ``threshold`` against the same row of ``baseline``."""
+def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05, threads: int | None = None) -> List[str]:
+    """Rows whose ratio to torch.nn rose by more than ``threshold`` against the same row of ``baseline``.
+    A baseline timed with another number of threads than this run (``threads``) is not compared: a ratio
+    to torch.nn moves with the threads both use, so the check would report the change of setting."""
     if not baseline:
         return ["No baseline JSON was given or found: no regression check in this run."]
+    before = baseline.get("meta", {}).get("threads")
+    if threads is not None and before is not None and before != threads:
+        return [f"No regression check in this run: the previous run ({baseline.get('meta', {}).get('when', '?')}) "
+                f"used {before} threads and this one {threads}, and a ratio to torch.nn moves with the threads."]
     old = {(r["candidate"], tuple(r["size"]), r["mode"]): r["ratio"] for r in baseline.get("rows", [])}
     compared, new, worse = 0, 0, []
     for r in rows:
@@ -907,16 +913,18 @@ def dispatch_lines(sizes) -> List[str]:
     return lines
 
 
-def regression_sections(rows: List[Dict], baseline: Dict | None, stored: Dict | None = None, main_baseline: bool = True) -> Dict[str, List[str]]:
+def regression_sections(rows: List[Dict], baseline: Dict | None, stored: Dict | None = None, main_baseline: bool = True,
+                        threads: int | None = None) -> Dict[str, List[str]]:
     """The regression check of the main rows and of the variants' rows, each against ``baseline``; where
     there is none (or, with ``main_baseline`` False, for the main rows, which a ``--only-variants`` run did
-    not measure), the lines stored in the JSON by the run that measured them."""
+    not measure), the lines stored in the JSON by the run that measured them. ``threads``: this run's (see
+    :func:`regression`)."""
     stored = stored or {}
     main, vrows = split_rows(rows)
     out = {}
     for key, part, use in (("main", main, main_baseline), ("variants", vrows, True)):
         if baseline and use:
-            out[key] = regression(part, baseline)
+            out[key] = regression(part, baseline, threads=threads)
         else:
             out[key] = stored.get(key) or regression(part, None)
     return out
@@ -940,7 +948,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         f"Produced by `python benchmarks/bench_rnn.py {meta['argv']}` on {meta['when']}"
         + (f"; this page written from its JSON by `python benchmarks/bench_rnn.py {meta['rendered']}`." if meta.get("rendered") else "."),
-        f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; float32 unless marked; "
+        f"Machine: {meta['machine']}; torch {meta['torch']}; {_threads(meta['threads'])}; float32 unless marked; "
         f"{meta['rounds']} interleaved rounds; kernel selection `{meta['kernel']}`.",
         "",
         f"**Load.** {quiet_text(meta)}",
@@ -995,7 +1003,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
     if vmeta and vmeta.get("argv") != meta.get("argv"):
         lines += [
             f"Measured by `python benchmarks/bench_rnn.py {vmeta['argv']}` on {vmeta['when']} ({vmeta['rounds']} interleaved "
-            f"rounds, {vmeta['threads']} threads, kernel selection `{vmeta['kernel']}`), merged into this page's JSON; "
+            f"rounds, {_threads(vmeta['threads'])}, kernel selection `{vmeta['kernel']}`), merged into this page's JSON; "
             "torch.nn's layer was timed again in those rounds, and each ratio is to that.",
             "",
         ]
@@ -1037,6 +1045,10 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
 README_BEGIN, README_END = "<!-- speed table: benchmarks/bench_rnn.py --readme -->", "<!-- end of speed table -->"
 
 
+def _threads(n) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
     rows, vrows = split_rows(rows)
     summ = summary(rows, memory)
@@ -1045,7 +1057,7 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
         README_BEGIN,
         f"Worst ratio to torch.nn over the sizes of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
         f"`python benchmarks/bench_rnn.py {meta['argv']}` on {meta['machine']}; {meta['rounds']} interleaved rounds, "
-        f"{meta['threads']} threads). {quiet_text(meta)} Bold: over the target of issue 11.",
+        f"{_threads(meta['threads'])}). {quiet_text(meta)} Bold: over the target of issue 11.",
         "",
         *summary_table(summ),
         *(["", vline] if vline else []),
@@ -1095,7 +1107,7 @@ def render(args) -> int:
         data["compile"] = crows
         with open(args.render, "w") as f:  # keep the JSON the pages come from complete
             json.dump(data, f, indent=1)
-    regressions = regression_sections(data["rows"], baseline, data.get("regression"))
+    regressions = regression_sections(data["rows"], baseline, data.get("regression"), threads=meta.get("threads"))
     reasons = run_reasons(meta, args.max_load, args.max_spread)
     md = to_markdown(data["rows"], memory, meta, crows, notes=notes, regressions=regressions, reasons=reasons)
     if args.out:
@@ -1328,11 +1340,11 @@ def main(argv=None) -> int:
         FAILED.update(_keyed(data["failed"]))
         # the main rows were not measured now: their check is the stored one, or against an explicit --baseline
         regressions = regression_sections(data["rows"], baseline, (previous or {}).get("regression"),
-                                          main_baseline=bool(args.baseline))  # fmt: skip
+                                          main_baseline=bool(args.baseline), threads=args.threads)  # fmt: skip
         memory = _keyed(data["memory_mib"])
         crows = data.get("compile", [])
     else:
-        regressions = regression_sections(rows, baseline)
+        regressions = regression_sections(rows, baseline, threads=args.threads)
     data["regression"] = regressions
     reasons = run_reasons(data["meta"], args.max_load, args.max_spread)
     md = to_markdown(data["rows"], memory, data["meta"], crows, notes=_read_notes(args.notes), regressions=regressions, reasons=reasons)

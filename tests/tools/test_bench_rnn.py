@@ -354,3 +354,15 @@ def test_retries_must_not_be_negative(capsys):
     with pytest.raises(SystemExit):
         bench_rnn.main(["--retries", "-1", "--no-memory"])
     assert "--retries: expected an int >= 0, got -1" in capsys.readouterr().err
+
+
+def test_the_regression_check_compares_runs_with_the_same_threads_only():
+    row = {"candidate": "LSTM layer", "size": [4, 2, 3, 5], "mode": "train", "norm": "layer", "ratio": 1.5}
+    baseline = {"meta": {"when": "then", "rounds": 7, "threads": 2}, "rows": [dict(row, ratio=1.0)]}
+    same = bench_rnn.regression([row], baseline, threads=2)
+    assert "1 rows compared, 0 within 5%, 1 above" in same[0] and "| 1.50 |" in same[-1]
+    other = bench_rnn.regression([row], baseline, threads=1)
+    assert other == [bench_rnn.regression([row], baseline, threads=1)[0]] and "used 2 threads and this one 1" in other[0]
+    assert "rows compared" in bench_rnn.regression([row], baseline)[0]  # threads unknown: compared, as before
+    sections = bench_rnn.regression_sections([row], baseline, threads=1)
+    assert "used 2 threads" in sections["main"][0]
