@@ -41,6 +41,12 @@ A new implementation is a module with ``supports`` and ``run_direction``, regist
 :data:`IMPLEMENTATIONS` (one line below); ``kernel=`` reaches it at once, and ``"auto"`` once
 :func:`_candidates` or :mod:`.autotune` lists it.
 
+A plain layer (no norm, zoneout, observer, dropout in training or second direction; see
+``RecurrentBase._lean_forward``) asks :func:`native_runs_plain` instead: the same answer as :func:`choose`
+for such a stack, from its sizes alone, so that a call that ends in torch's op costs about what
+``torch.nn``'s own does (building each layer's :class:`DirectionWork` and choosing took about 5% of an
+eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied).
+
 Two hooks let tools see and steer the choice without patching :func:`choose`: :func:`observe_dispatch`
 calls a function with every direction's implementation (the autocast upcast included; :func:`recording`
 collects the names), and :func:`route_dispatch` lets a policy pick instead of :func:`choose` (the
@@ -78,6 +84,7 @@ __all__ = [
     "route_dispatch",
     "recording",
     "stack_preference",
+    "native_runs_plain",
     "execution_mode",
     "KERNELS",
     "KernelPreference",
@@ -192,6 +199,33 @@ def stack_preference(
     if any(_IMPLS[name].supports(work, x, batch_sizes, "eager") is not None for name in ("native", "fused")):
         return None
     return autotune.stack_first(work, x, batch_sizes, widths)
+
+
+def native_runs_plain(kind: Optional[str], x: Tensor, widths: Sequence[int], hidden: int, proj: bool, grad: bool,
+                      kernel: str) -> bool:
+    """Whether :func:`choose` would pick torch's op for every layer of a *plain* unidirectional stack: cells
+    of ``kind``, no norm, zoneout or per-step observer, layers that take ``widths`` input features and have
+    ``hidden`` units (``proj``: a projection), a full batch ``x`` ``(T, B, F)``, and autograd needed (``grad``)
+    as :func:`choose` would find it. False also where it cannot answer without :func:`choose` (a stack
+    trained with several layers, where :func:`stack_preference` weighs them together; a dispatch hook,
+    which must see every call): the caller then takes the full path, so the two never disagree."""
+    if _ROUTES or _OBSERVERS or kind not in native._OPS or (grad and len(widths) > 1):
+        return False
+    if x.dtype not in native.DTYPES or execution_mode() != "eager" or native._vmapped():
+        return False
+    if kernel != "auto":
+        return kernel == "native"  # native serves every plain layer; a preference for another runs "auto" only where that one cannot
+    if proj:
+        return True  # no rule entry with a projection: torch's op first (autotune.eager_order)
+    dtype = autotune._DTYPES.get(str(x.dtype))
+    if dtype is None or x.device.type != "cpu":
+        return True
+    T, B = int(x.shape[0]), int(x.shape[1])
+    for width in widths:
+        pred = autotune.predict(kind, grad, dtype, T, B, int(width), hidden)
+        if pred is not None and pred < 0:
+            return False
+    return True
 
 
 def choose(

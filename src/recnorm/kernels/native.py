@@ -17,7 +17,7 @@ fused kernels serve training.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -25,9 +25,11 @@ from torch import Tensor
 from recnorm.kernels.contract import DirectionResult, DirectionWork
 from recnorm.kernels.functional import fold_sequence_norm
 
-__all__ = ["supports", "run_direction"]
+__all__ = ["supports", "run_direction", "run_plain", "run_plain_stack"]
 
 NAME = "native"
+#: The dtypes torch's RNN ops take.
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OPS = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
 
 
@@ -43,7 +45,7 @@ def supports(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], mode
         return "it serves norm=None and sequence-wise batch norm of the input term only"
     if "ih" in norms and norms["ih"].sync and norms["ih"].batch_stats:
         return "it does not synchronize batch statistics across processes"
-    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    if x.dtype not in DTYPES:
         return f"dtype {x.dtype}"
     if _vmapped():
         return "torch's fused RNN op has no vmap rule (torch.func.vmap)"
@@ -67,7 +69,7 @@ def _vmapped() -> bool:
 def _aten(kind: str, x: Tensor, batch_sizes: Optional[Tensor], hx: List[Tensor], weights: List[Tensor], has_bias: bool, train: bool):
     """torch's fused RNN op on one layer and direction; returns ``(out, [h_n, (c_n)])`` with ``out``
     ``(T, B, H')`` for a full batch ``x`` ``(T, B, F)``, or ``(N, H')`` for packed rows."""
-    op = getattr(torch._VF, _OPS[kind])
+    op = _op(kind)
     states = [s.unsqueeze(0) for s in hx]  # (1, B, ·): one layer, one direction
     hx_arg = tuple(states) if kind == "lstm" else states[0]
     if batch_sizes is None:  # x: (T, B, F)
@@ -97,11 +99,48 @@ def run_direction(
         res = torch.ops.recnorm.native_rnn(x, batch_sizes, list(state), weights, work.cell.kind, has_bias)
         out, finals = res[0], tuple(res[1 : 1 + len(state)])
     else:
-        # "train" tells oneDNN/cuDNN to keep what backward needs; dropout is 0 either way
-        train = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights) or any(s.requires_grad for s in state))
-        out, finals = _aten(work.cell.kind, x, batch_sizes, list(state), weights, has_bias, train)
-        finals = tuple(finals)
+        out, finals = run_plain(work.cell.kind, x, batch_sizes, state, weights, has_bias)
     return DirectionResult(out, finals, moments)
+
+
+def run_plain(kind: str, x: Tensor, batch_sizes: Optional[Tensor], state: Sequence[Tensor], weights: List[Tensor],
+              has_bias: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """One direction through torch's op in eager mode, from its weights (``weight_ih, weight_hh[, bias_ih,
+    bias_hh][, weight_hr]``) and states ``(B, H')``: ``(out, final states)``."""
+    out, finals = _aten(kind, x, batch_sizes, list(state), weights, has_bias, _train(x, weights, state))
+    return out, tuple(finals)
+
+
+def run_plain_stack(kind: str, x: Tensor, state: Sequence[Tensor], weights: List[Tensor], layers: int,
+                    has_bias: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """A unidirectional stack of ``layers`` layers without norms through torch's op in eager mode, layer after
+    layer exactly as :func:`run_direction` runs each (the same calls on the same tensors), with the states in
+    torch.nn's layout, ``(layers, B, H')`` each, and ``weights`` torch.nn's ``_flat_weights``: ``(out, final
+    states (layers, B, H') each)``. What a plain layer's lean path (``RecurrentBase._lean_forward``) runs."""
+    op, per = _op(kind), len(weights) // layers
+    ends = []
+    for layer in range(layers):
+        hx = list(state) if layers == 1 else [s[layer : layer + 1] for s in state]  # (1, B, ·), as _aten makes them
+        w = weights[layer * per : (layer + 1) * per]
+        res = op(x, tuple(hx) if kind == "lstm" else hx[0], w, has_bias, 1, 0.0, _train(x, w, hx), False, False)
+        x = res[0]
+        ends.append(res[1:])
+    return x, ends[0] if layers == 1 else tuple(torch.cat([e[i] for e in ends]) for i in range(len(state)))
+
+
+def _train(x: Tensor, weights: Sequence[Tensor], state: Sequence[Tensor]) -> bool:
+    """torch's op's ``train``: keep what backward needs (oneDNN, cuDNN); dropout is 0 either way."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights) or any(s.requires_grad for s in state))
+
+
+def _op(kind: str):
+    op = _OP_FUNCTIONS.get(kind)
+    if op is None:
+        op = _OP_FUNCTIONS[kind] = getattr(torch._VF, _OPS[kind])
+    return op
+
+
+_OP_FUNCTIONS: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -356,7 +356,8 @@ class RecurrentBase(_NormSetup, nn.Module):
         utilities and tests that read it. Read afresh at every access, so it always holds what the layer
         computes with: after ``.to()``/``.double()``, ``load_state_dict``, ``weight_norm`` or a
         parametrization (whose computed weight ``getattr`` returns)."""
-        return [getattr(self, name, None) for name in self._flat_weights_names]
+        params = self._parameters  # a parameter where it is one; else what getattr finds (a parametrization, weight_norm)
+        return [params[name] if name in params else getattr(self, name, None) for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
@@ -577,6 +578,10 @@ class RecurrentBase(_NormSetup, nn.Module):
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         """Run the layer. Inputs and outputs are those of the corresponding torch.nn layer."""
+        if type(input) is Tensor and self._plain():
+            lean = self._lean_forward(input, hx)
+            if lean is not None:
+                return lean
         if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             if torch.jit.is_tracing():
@@ -635,6 +640,43 @@ class RecurrentBase(_NormSetup, nn.Module):
             elif self.batch_first:
                 out = out.transpose(0, 1)
         return out, (finals if self.cell.state_size == 2 else finals[0])
+
+    def _plain(self) -> bool:
+        """A layer whose every call in eager mode may end in torch's op with nothing around it: no norm or
+        other submodule, one direction, no zoneout, per-step observer, or dropout (between layers or on the
+        weights) in training."""
+        return (self.norm is None and not self._modules and not self.bidirectional and self._step_observer is None
+                and not any(self._zoneout_rates)
+                and not (self.training and (self.weight_dropout or (self.dropout and self.num_layers > 1))))
+
+    def _lean_forward(self, input: Tensor, hx):
+        """The forward of a :meth:`_plain` layer on a batched tensor where :func:`recnorm.kernels.native_runs_plain`
+        says that every layer runs torch's op: that op, layer after layer, with what the full path computes and
+        checks around it and nothing else (so the call costs about what torch.nn's does). None where that is not
+        so, or where the input needs one of the full path's answers (another mode or dtype, an error, an empty
+        batch): the full path then runs. Its results are the full path's, bit for bit (tests/nn/test_lean.py)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None  # before any look at the sizes: a trace or a graph must not record one
+        if input.dim() != 3 or torch.is_autocast_enabled(input.device.type):
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        weights = self._flat_weights
+        w = weights[0]
+        if not (x.dtype == w.dtype and x.is_floating_point() and x.device == w.device and x.shape[0] > 0 and x.shape[1] > 0
+                and x.shape[2] == self.input_size):
+            return None
+        state = self._prepare_state(hx, x.shape[1], True, x, None)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for t in weights) or any(t.requires_grad for t in state))
+        L, out_width = self.num_layers, self.proj_size or self.hidden_size
+        kind = self.cell.kind()
+        if not kernels.native_runs_plain(kind, x, [self.input_size] + [out_width] * (L - 1), self.hidden_size,
+                                         bool(self.proj_size), grad, kernels.resolve_kernel(self.kernel)):
+            return None
+        out, ends = kernels.native.run_plain_stack(kind, x, state, weights, L, self.bias)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (ends if self.cell.state_size == 2 else ends[0])
 
     def _empty_result(self, input: Tensor, hx, is_batched: bool):
         """torch.nn's answer for a batch of 0 sequences: empty outputs and states of the right shapes, which

@@ -1,0 +1,212 @@
+"""A plain layer's lean path (RecurrentBase._lean_forward): where kernels.native_runs_plain says that every
+layer runs torch's op, the layer calls that op with nothing around it. It must be taken exactly where the
+full path would choose torch's op, and give the full path's results bit for bit; everywhere else (another
+implementation, mode, dtype or input, a hook that must see every call) it must step aside."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import recnorm
+from recnorm import kernels
+from recnorm.kernels import autotune
+from recnorm.nn.rnn import RecurrentBase
+
+LAYERS = {"lstm": recnorm.LSTM, "gru": recnorm.GRU, "rnn": recnorm.RNN, "rnn_relu": recnorm.RNN}
+RULE_CELL = ("lstm", "gru", "rnn_tanh")
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """The calls the lean path served (True) or left to the full path (False)."""
+    seen = []
+    original = RecurrentBase._lean_forward
+
+    def spy(self, input, hx):
+        out = original(self, input, hx)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(RecurrentBase, "_lean_forward", spy)
+    return seen
+
+
+@pytest.fixture
+def rule(monkeypatch):
+    """A constant dispatch rule: the fused kernel first (c0 < 0) or torch's op first (c0 > 0)."""
+
+    def set_rule(c0: float):
+        fake = {"rules": {f"{c}/{p}/float32": {"coef": [c0, 0.0, 0.0, 0.0, 0.0]} for c in RULE_CELL for p in ("train", "eval")}}
+        monkeypatch.setattr(autotune, "RULE", fake)
+
+    return set_rule
+
+
+def _layer(cell, **kw):
+    torch.manual_seed(0)
+    extra = {"nonlinearity": "relu"} if cell == "rnn_relu" else {}
+    return LAYERS[cell](5, 7, **extra, **kw)
+
+
+def _run(layer, x, hx, train: bool):
+    """Outputs, final states and (training) the gradients of x, hx and every parameter."""
+    layer.train(train)
+    leaves = [x, *([hx] if isinstance(hx, torch.Tensor) else list(hx or ()))]
+    for t in leaves:
+        t.grad = None
+    layer.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(train):
+        out, fin = layer(x, hx)
+        fin = fin if isinstance(fin, tuple) else (fin,)
+        results = [out, *fin]
+        if train:
+            (out.square().sum() + sum(f.sum() for f in fin)).backward()
+            results += [t.grad for t in leaves] + [p.grad for p in layer.parameters()]
+    return [r.detach().clone() if r is not None else None for r in results]
+
+
+def _full_path(layer, x, hx, train):
+    """The same call through the full path (a dispatch observer makes the lean path step aside) and the
+    implementations it chose."""
+    with kernels.recording() as ran:
+        return _run(layer, x, hx, train), list(ran)
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None)
+        if u is not None:
+            assert u.shape == v.shape and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn_relu"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("config", [{}, {"num_layers": 2}, {"batch_first": True}, {"bias": False}, {"proj_size": 3}],
+                         ids=["one", "two_layers", "batch_first", "no_bias", "proj"])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
+def test_lean_path_is_the_full_path_bit_for_bit(cell, train, config, with_hx, rule, lean_calls):
+    if "proj_size" in config and cell != "lstm":
+        pytest.skip("a projection is LSTM's only")
+    rule(+1.0)  # torch's op first: the lean path applies wherever it can
+    layer = _layer(cell, **config)
+    T, B = 4, 3
+    x = torch.randn(B, T, 5) if layer.batch_first else torch.randn(T, B, 5)
+    hx = None
+    if with_hx:
+        shapes = layer._state_shapes(B)
+        hx = tuple(torch.randn(s) for s in shapes)
+        hx = hx if cell == "lstm" else hx[0]
+    if train:
+        x.requires_grad_(True)
+        if hx is not None:
+            for t in (hx if isinstance(hx, tuple) else (hx,)):
+                t.requires_grad_(True)
+    full, ran = _full_path(layer, x, hx, train)
+    lean = _run(layer, x, hx, train)
+    assert set(ran) == {"native"}
+    grad_stack = train and layer.num_layers > 1  # a trained stack is weighed as a whole: the full path decides
+    assert lean_calls[-1] is not grad_stack
+    _same(lean, full)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_lean_path_is_taken_exactly_where_the_full_path_chooses_torchs_op(cell, train, rule, lean_calls):
+    x = torch.randn(6, 4, 5)
+    for c0, expected in ((-1.0, "fused"), (+1.0, "native")):
+        rule(c0)
+        layer = _layer(cell)
+        full, ran = _full_path(layer, x, None, train)
+        assert ran == [expected]
+        lean = _run(layer, x, None, train)
+        assert lean_calls[-1] is (expected == "native")
+        _same(lean, full)
+    # the fitted rule itself, at sizes where it picks either: the two paths agree on the choice
+    for T, B, I, H in [(3, 2, 5, 7), (40, 64, 16, 32), (200, 8, 8, 64), (28, 128, 28, 128)]:
+        torch.manual_seed(0)
+        layer = LAYERS[cell](I, H).train(train)
+        xs = torch.randn(T, B, I)
+        with torch.set_grad_enabled(train), kernels.recording() as ran:
+            layer(xs)
+        work = layer.direction_work(0, 0, None, xs)
+        grad = train
+        assert kernels.native_runs_plain(work.cell.kind, xs, [I], H, False, grad, "auto") is (ran == ["native"])
+
+
+def test_the_lean_path_reads_the_weights_a_parametrization_computes(rule, lean_calls):
+    rule(+1.0)
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = _layer("lstm")
+    x = torch.randn(4, 3, 5)
+    plain = _run(layer, x, None, False)
+    parametrize.register_parametrization(layer, "weight_hh_l0", Double())
+    full, _ = _full_path(layer, x, None, False)
+    lean = _run(layer, x, None, False)
+    assert lean_calls[-1] is True
+    _same(lean, full)
+    assert not torch.equal(lean[0], plain[0])
+
+
+def test_the_lean_path_steps_aside(rule, lean_calls, monkeypatch):
+    rule(+1.0)
+    x = torch.randn(4, 3, 5)
+
+    def served(layer, *args, train=False):
+        lean_calls.clear()
+        layer.train(train)
+        with torch.set_grad_enabled(train):
+            layer(*args)
+        return bool(lean_calls) and lean_calls[-1]
+
+    assert served(_layer("lstm"), x)
+    # structure: a norm, zoneout, a second direction, dropout in training, weight dropout in training
+    for kw in ({"norm": "layer"}, {"zoneout": 0.1}, {"bidirectional": True}):
+        assert not served(_layer("lstm", **kw), x)
+    assert not served(_layer("lstm", num_layers=2, dropout=0.5), x, train=True)
+    assert served(_layer("lstm", num_layers=2, dropout=0.5), x, train=False)
+    assert not served(_layer("lstm", weight_dropout=0.5), x, train=True)
+    assert served(_layer("lstm", weight_dropout=0.5), x, train=False)
+    # inputs: unbatched, packed, empty batch, another dtype, autocast
+    assert not served(_layer("lstm"), x[:, 0])
+    assert not served(_layer("lstm"), pack_padded_sequence(x, [4, 3, 2]))
+    assert not served(_layer("lstm"), torch.randn(4, 0, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not served(_layer("lstm"), x)
+    # a forced implementation, an environment preference, a per-step observer
+    assert not served(_layer("lstm", kernel="reference"), x)
+    assert served(_layer("lstm", kernel="native"), x)
+    monkeypatch.setenv("RECNORM_KERNEL", "fused")
+    assert not served(_layer("lstm"), x)
+    monkeypatch.setenv("RECNORM_KERNEL", "native")
+    assert served(_layer("lstm"), x)
+    monkeypatch.delenv("RECNORM_KERNEL")
+    with recnorm.diagnostics.capture(layer := _layer("lstm")):
+        assert not served(layer, x)
+    # tracing: the trace must record the registered operator, not the eager call
+    lean_calls.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(_layer("lstm").eval(), (x,), check_trace=False)
+    assert lean_calls and not any(lean_calls)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+def test_bad_input_gets_the_full_paths_error(rule):
+    rule(+1.0)
+    layer = _layer("lstm")
+    with pytest.raises(ValueError, match="input dtype"):
+        layer(torch.randn(4, 3, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="input_size"):
+        layer(torch.randn(4, 3, 6))
+    with pytest.raises(RuntimeError, match="Expected hidden"):
+        layer(torch.randn(4, 3, 5), (torch.zeros(1, 2, 7), torch.zeros(1, 2, 7)))
