@@ -17,16 +17,24 @@ a measurement (issue 17: two cores shared with a test suite move ratios by 0.5),
 * the load average before and after it, and the CPU that other processes used during it (cores: the
   machine's busy time from ``/proc/stat`` minus this process's and its children's, over the wall time);
 * the spread of torch.nn's own step across rounds (interquartile range over median, per size and mode;
-  the worst is kept),
+  the worst is kept);
+* the noise of the ratios: each cell's torch.nn layer is timed a second time in every round, as its A/A
+  control (the same layer, weights and input at another place in the round), and the spread of the
+  control's per-round ratio to torch.nn (interquartile range over median) is what a ratio moves by when
+  there is nothing to find (the worst over sizes and modes is kept),
 
 and a run that is not quiet -- load average before it or other processes' CPU during it above
-``--max-load`` (0.5), or torch.nn's spread above ``--max-spread`` (10%) -- gives no verdict on the targets
-(the page shows the ratios unjudged and says why) and does not rewrite ``--readme`` (exit status 2).
+``--max-load`` (0.5), or the A/A control's spread above ``--max-noise`` (5%) -- gives no verdict on the
+targets (the page shows the ratios unjudged and says why) and does not rewrite ``--readme`` (exit status 2).
 Peak memory is measured after the timing, so that its processes do not load the machine meanwhile.
-Run it with nothing else running: no parallel jobs, no test suite. Even then this 2-core VM's speed wanders
-by itself (torch.nn's step moved 17-26% in one row of otherwise quiet runs), so a size whose torch.nn step
-moved more than ``--max-spread`` is timed again, all its candidates, up to ``--retries`` times (2); its rows
-come from the last attempt, and the page names the sizes re-timed with every attempt's spread.
+Run it with nothing else running: no parallel jobs, no test suite. Even then this VM's speed changes by
+itself: with nothing else running, torch.nn.LSTM's eval forward at (28, 128, 28, 128) on two threads takes
+3.4 ms for seconds at a time and 4.6 ms for the next seconds, and one thread moved 18-24% across rounds at
+two of the four sizes. A ratio is taken within a round and cancels most of that, so torch.nn's own spread
+(which the runs before the control were judged by, against ``--max-spread``, 10%) is kept as information,
+and the judgement reads the control. A size whose control moved more than ``--max-noise`` is timed again,
+all its candidates, up to ``--retries`` times (2); its rows come from the last attempt, and the page names
+the sizes re-timed with every attempt's spread.
 
 Besides the float32 rows it measures
 
@@ -179,6 +187,8 @@ def _candidates(cells: List[str], norms: List[str | None], bf16_cells=(), peers:
     out = []
     for cell in cells:
         out.append(Candidate(torch_label(cell), cell, "torch"))
+        # the A/A control: a second torch.nn layer with the same weights, timed at another place in each round
+        out.append(Candidate(torch_label(cell) + CONTROL, cell, "torch", section="control"))
         for norm in norms:
             out.append(Candidate(f"recnorm.{_NAMES[cell]}(norm={norm!r})", cell, norm))
         if peers and cell == "lstm" and _available("haste_pytorch"):
@@ -199,6 +209,10 @@ def _candidates(cells: List[str], norms: List[str | None], bf16_cells=(), peers:
     return out
 
 
+#: The label suffix of a cell's A/A control (see :func:`_aa_stats`).
+CONTROL = " (A/A control)"
+
+
 def plan(cells, norms, sizes, bf16_cells=(), variant_sizes=()) -> List[Tuple[Tuple[int, ...], List[Candidate]]]:
     """``(size, candidates)`` for every size of ``sizes`` or ``variant_sizes``: the main rows at ``sizes``,
     the variants at ``variant_sizes``. A torch.nn baseline timed at a size only the variants have belongs
@@ -208,7 +222,7 @@ def plan(cells, norms, sizes, bf16_cells=(), variant_sizes=()) -> List[Tuple[Tup
         main, var = size in [tuple(s) for s in sizes], size in [tuple(s) for s in variant_sizes]
         cands = _candidates(cells, norms if main else [], bf16_cells if main else (), peers=main, variants=var)
         if not main:
-            cands = [c._replace(section="variants") for c in cands]
+            cands = [c._replace(section="variants" if c.section != "control" else "control") for c in cands]
         out.append((size, cands))
     return out
 
@@ -297,14 +311,17 @@ FAILED: Dict[Tuple[str, Tuple], str] = {}
 
 
 def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_cells=(), variant_sizes=(),
-                 max_spread: float | None = None, retries: int = 0) -> List[Dict]:
+                 max_noise: float | None = None, retries: int = 0) -> List[Dict]:
     """Time every candidate of every size in interleaved rounds; one row per candidate and mode.
 
-    A size whose torch.nn step moved by more than ``max_spread`` across its rounds (this VM's speed wanders
-    by itself: 17-26% in one row of otherwise quiet runs) is timed again, all its candidates, up to
-    ``retries`` times; its rows come from the last attempt and record every attempt's worst torch.nn spread
-    (``"retimed"``), so the page says which sizes were re-timed and why. Re-timing keeps or drops a whole
-    attempt by torch.nn's steadiness alone, never by a candidate's ratio."""
+    Each cell's torch.nn layer is timed twice per round, once more as its A/A control (the same layer and
+    weights at another place in the round): the control's per-round ratio to torch.nn is what a ratio
+    would read with no difference to find, and its spread across rounds (``"aa_spread"`` on the torch.nn
+    rows) is the noise of this run's ratios. A size whose worst A/A spread exceeds ``max_noise`` is timed
+    again, all its candidates, up to ``retries`` times; its rows come from the last attempt and record every
+    attempt's worst A/A spread (``"retimed"``). Re-timing keeps or drops a whole attempt by the control
+    alone, never by a candidate's ratio. torch.nn's own spread across rounds (``"spread"``) is recorded
+    too: on this VM it moves with the machine's speed, which the ratios, taken within a round, cancel."""
     rows = []
     for size, cands in plan(cells, norms, sizes, bf16_cells, variant_sizes):
         built, ran = {}, {}
@@ -329,14 +346,14 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
         attempts: List[Dict] = []
         while True:
             times = _rounds(built, rounds, size, log)
-            worst = _worst_torch_spread(cands, times)
+            worst = _worst_noise(cands, times)
             attempts.append(worst)
-            if max_spread is None or worst["spread"] is None or worst["spread"] <= max_spread or len(attempts) > retries:
+            if max_noise is None or worst["noise"] is None or worst["noise"] <= max_noise or len(attempts) > retries:
                 break
-            log(f"  size {size}: torch.nn's step moved by {100 * worst['spread']:.0f}% ({worst['candidate']}, "
-                f"{worst['mode']}); timing the size again ({len(attempts)} of {retries} retries)")
+            log(f"  size {size}: the A/A control moved by {100 * worst['noise']:.0f}% against torch.nn "
+                f"({worst['candidate']}, {worst['mode']}); timing the size again ({len(attempts)} of {retries} retries)")
         for c in cands:
-            if c.label not in built or c.base not in built:
+            if c.label not in built or c.base not in built or c.section == "control":
                 continue
             fp32 = c.label[: -len(BF16)] if c.bf16 else c.label
             for mode in ("train", "eval"):
@@ -358,8 +375,10 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                     row["kernel"] = ran[c.label][mode]
                 if c.norm == "torch" and not c.bf16:
                     row["spread"] = spread(ts)
+                    if (c.label + CONTROL, mode) in times:
+                        row.update(_aa_stats(times[(c.label + CONTROL, mode)], ts))
                 if len(attempts) > 1:  # the attempts this size's rows come from the last of
-                    row["retimed"] = [a["spread"] for a in attempts]
+                    row["retimed"] = [a["noise"] for a in attempts]
                 if c.section != "main":
                     row.update(section=c.section, baseline=c.base)
                 if c.variant is not None:
@@ -386,22 +405,33 @@ def _rounds(built: Dict, rounds: int, size, log) -> Dict[Tuple[str, str], List[f
     return times
 
 
-def _worst_torch_spread(cands, times: Dict[Tuple[str, str], List[float]]) -> Dict:
-    """The torch.nn candidate and mode of one size whose step moved most across rounds (``{"spread":
-    None}`` when there are none, or too few rounds)."""
-    found = [(spread(times[(c.label, m)]), c.label, m) for c in cands if c.norm == "torch" and not c.bf16
-             for m in ("train", "eval") if (c.label, m) in times]
+def _aa_stats(control: List[float], base: List[float]) -> Dict:
+    """The A/A control against its torch.nn layer over one size's rounds: the median of the per-round
+    ratios (``"aa_ratio"``, 1 for a machine without position effects) and their spread (``"aa_spread"``,
+    interquartile range over median; None with fewer than 3 rounds)."""
+    ratios = [c / b for c, b in zip(control, base)]
+    return {"aa_ratio": round(statistics.median(ratios), 4), "aa_spread": spread(ratios)}
+
+
+def _worst_noise(cands, times: Dict[Tuple[str, str], List[float]]) -> Dict:
+    """The cell and mode of one size whose A/A control moved most against torch.nn across rounds
+    (``{"noise": None}`` without controls, or with too few rounds)."""
+    found = []
+    for c in cands:
+        for m in ("train", "eval"):
+            if c.section == "control" and (c.label, m) in times and (c.base, m) in times:
+                found.append((_aa_stats(times[(c.label, m)], times[(c.base, m)])["aa_spread"], c.base, m))
     if not found or any(s is None for s, _, _ in found):
-        return {"spread": None}
+        return {"noise": None}
     s, label, mode = max(found)
-    return {"spread": round(s, 4), "candidate": label, "mode": mode}
+    return {"noise": round(s, 4), "candidate": label, "mode": mode}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Is the machine quiet? (issue 17: a timing under load is not a measurement)
 # ---------------------------------------------------------------------------------------------------
 
-MAX_LOAD, MAX_SPREAD = 0.5, 0.10
+MAX_LOAD, MAX_SPREAD, MAX_NOISE = 0.5, 0.10, 0.05
 
 
 def load_average() -> float:
@@ -470,11 +500,25 @@ def worst_spread(rows: List[Dict]) -> Dict | None:
     return {"spread": round(r["spread"], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"]}
 
 
-def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD) -> List[str]:
+def worst_noise(rows: List[Dict]) -> Dict | None:
+    """The torch.nn row whose A/A control moved most against it across rounds: ``{"noise", "candidate",
+    "size", "mode"}``; ``{"noise": None}`` where one has too few rounds to tell; None without controls."""
+    rows = [r for r in rows if "aa_spread" in r]
+    if not rows:
+        return None
+    if any(r["aa_spread"] is None for r in rows):
+        return {"noise": None}
+    r = max(rows, key=lambda r: r["aa_spread"])
+    return {"noise": round(r["aa_spread"], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"]}
+
+
+def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD,
+              max_noise: float = MAX_NOISE) -> List[str]:
     """Why the timings of the run ``meta`` describes cannot be judged against the targets (empty: they can).
     A run is quiet when the load average before it and the other processes' CPU during it are at most
-    ``max_load``, and torch.nn's own step moved by at most ``max_spread`` (interquartile range over median)
-    across rounds in every size and mode."""
+    ``max_load``, and its ratios are steady: the A/A control moved by at most ``max_noise`` against torch.nn
+    (interquartile range over median of the per-round ratio) in every size and mode. A run from before the
+    control was judged by torch.nn's own step instead, which had to move by at most ``max_spread``."""
     quiet = meta.get("quiet")
     if not quiet:
         return ["the load was not recorded (a run from before issue 17)"]
@@ -483,6 +527,18 @@ def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SP
         why.append(f"load average {quiet['load_before']:.2f} before the run (more than {max_load})")
     if quiet["others_load"] > max_load:
         why.append(f"other processes used {quiet['others_load']:.2f} cores during the run (more than {max_load})")
+    if "ratio_noise" in quiet:
+        noise = quiet["ratio_noise"]
+        if noise is None:
+            why.append("no A/A control was timed: the noise of the ratios is unknown")
+        elif noise["noise"] is None:
+            why.append("fewer than 3 rounds: the noise of the ratios is unknown")
+        elif noise["noise"] > max_noise:
+            why.append(
+                f"the A/A control moved by {100 * noise['noise']:.0f}% against torch.nn across rounds ({noise['candidate']}, "
+                f"{tuple(noise['size'])}, {noise['mode']}; more than {100 * max_noise:.0f}%)"
+            )
+        return why
     worst = quiet.get("torch_spread")
     if worst is not None:
         if worst["spread"] is None:
@@ -495,13 +551,14 @@ def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SP
     return why
 
 
-def run_reasons(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD) -> List[str]:
+def run_reasons(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD,
+                max_noise: float = MAX_NOISE) -> List[str]:
     """:func:`not_quiet` of the run of ``meta`` and, where the variants were merged in from another run, of
     that one too."""
-    why = not_quiet(meta, max_load, max_spread)
+    why = not_quiet(meta, max_load, max_spread, max_noise)
     vmeta = meta.get("variants")
     if vmeta and vmeta.get("argv") != meta.get("argv"):
-        why += [f"variants' run: {w}" for w in not_quiet(vmeta, max_load, max_spread)]
+        why += [f"variants' run: {w}" for w in not_quiet(vmeta, max_load, max_spread, max_noise)]
     return why
 
 
@@ -512,27 +569,36 @@ def quiet_text(meta: Dict) -> str:
         return "Load not recorded."
     s = q.get("torch_spread") or {}
     sp = "unknown" if s.get("spread") is None else f"{100 * s['spread']:.1f}%"
-    return (
+    text = (
         f"Load average {q['load_before']:.2f} before and {q['load_after']:.2f} after the run (this run's own threads "
         f"included); other processes used {q['others_load']:.2f} cores during it; torch.nn's step moved by at most {sp} "
-        "across rounds (interquartile range over median)."
+        "across rounds (interquartile range over median)"
     )
+    if "ratio_noise" not in q:
+        return text + "."
+    n = q["ratio_noise"] or {}
+    noise = "unknown" if n.get("noise") is None else f"{100 * n['noise']:.1f}%"
+    return (text + f", and its A/A control (the same torch.nn layer timed again in each round) by at most {noise} "
+            "against it: the noise of a ratio on this page.")
 
 
 def retimed_text(rows: List[Dict]) -> str:
-    """The sizes that were timed again because torch.nn's step was not steady, with each attempt's worst
-    spread ("" when none was)."""
+    """The sizes that were timed again because the A/A control (before it, torch.nn's step) was not steady,
+    with each attempt's worst spread ("" when none was)."""
     seen: Dict[Tuple, List] = {}
     for r in rows:
         if r.get("retimed"):
             seen.setdefault(tuple(r["size"]), r["retimed"])
     if not seen:
         return ""
+    control = any("aa_spread" in r for r in rows)
+    what = "the A/A control's worst spread against torch.nn" if control else "torch.nn's worst spread"
     parts = []
     for size, spreads in seen.items():
         shown = ", ".join("unknown" if s is None else f"{100 * s:.0f}%" for s in spreads)
-        parts.append(f"{size} {len(spreads)} times (torch.nn's worst spread per attempt: {shown})")
-    return ("A size whose torch.nn step moved by more than the limit across its rounds was timed again, all its "
+        parts.append(f"{size} {len(spreads)} times ({what} per attempt: {shown})")
+    moved = "whose A/A control moved against torch.nn" if control else "whose torch.nn step moved"
+    return (f"A size {moved} by more than the limit across its rounds was timed again, all its "
             "candidates, and its rows come from the last attempt: " + "; ".join(parts) + ".")
 
 
@@ -583,6 +649,8 @@ def measure_memory(cells, norms, sizes, threads: int, kernel=None, bf16_cells=()
     out = {}
     for size, cands in plan(cells, norms, sizes, bf16_cells, variant_sizes):
         for c in cands:
+            if c.section == "control":  # the same layer as torch.nn's: nothing to measure twice
+                continue
             mibs = [memory_of(c, size, threads, kernel) for _ in range(max(1, samples))]
             if None not in mibs:  # None: a candidate that cannot run (see FAILED)
                 out[(c.label, tuple(size))] = statistics.median(mibs)
@@ -1108,7 +1176,7 @@ def render(args) -> int:
         with open(args.render, "w") as f:  # keep the JSON the pages come from complete
             json.dump(data, f, indent=1)
     regressions = regression_sections(data["rows"], baseline, data.get("regression"), threads=meta.get("threads"))
-    reasons = run_reasons(meta, args.max_load, args.max_spread)
+    reasons = run_reasons(meta, args.max_load, args.max_spread, args.max_noise)
     md = to_markdown(data["rows"], memory, meta, crows, notes=notes, regressions=regressions, reasons=reasons)
     if args.out:
         with open(args.out, "w") as f:
@@ -1159,7 +1227,7 @@ def memory_only(args, norms, sizes, bf16_cells, variant_sizes) -> int:
         "bytes; the times are those of the run above.")
     with open(args.json, "w") as f:
         json.dump(data, f, indent=1)
-    reasons = run_reasons(data["meta"], args.max_load, args.max_spread)
+    reasons = run_reasons(data["meta"], args.max_load, args.max_spread, args.max_noise)
     md = to_markdown(data["rows"], memory, data["meta"], data.get("compile", []), notes=_read_notes(args.notes),
                      regressions=regression_sections(data["rows"], None, data.get("regression")), reasons=reasons)
     if args.out:
@@ -1250,10 +1318,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-load", type=float, default=MAX_LOAD,
                     help="quiet machine: at most this load average before the run, and this many cores used by other "
                          "processes during it (default %(default)s)")  # fmt: skip
+    ap.add_argument("--max-noise", type=float, default=MAX_NOISE,
+                    help="quiet machine: the A/A control moves by at most this fraction against torch.nn across rounds "
+                         "(interquartile range over median of the per-round ratio; default %(default)s). A run that is "
+                         "not quiet gives no verdict on the targets and leaves --readme as it is (exit status 2)")  # fmt: skip
     ap.add_argument("--max-spread", type=float, default=MAX_SPREAD,
-                    help="quiet machine: torch.nn's own step moves by at most this fraction across rounds (interquartile "
-                         "range over median; default %(default)s). A run that is not quiet gives no verdict on the targets "
-                         "and leaves --readme as it is (exit status 2)")  # fmt: skip
+                    help="for runs from before the A/A control (--render): torch.nn's own step moves by at most this "
+                         "fraction across rounds (default %(default)s)")  # fmt: skip
+    ap.add_argument("--memory-from", default=None,
+                    help="take the memory column from this JSON of an earlier run instead of measuring it (peak memory "
+                         "does not depend on the load; the page says where the column comes from)")
     ap.add_argument("--retries", type=int, default=2,
                     help="time a size again, all its candidates, when torch.nn's step moved by more than --max-spread "
                          "across its rounds, at most this many times; the page names the sizes re-timed and every "
@@ -1292,7 +1366,7 @@ def main(argv=None) -> int:
     if watch.load_before > args.max_load:
         log(f"  load average {watch.load_before:.2f} (more than {args.max_load}): this run will give no verdict on the targets")
     rows = measure_time(args.cells, norms, sizes, rounds, args.kernel, log, bf16_cells, variant_sizes,
-                        max_spread=args.max_spread, retries=args.retries)
+                        max_noise=args.max_noise, retries=args.retries)
     crows = []
     if args.only_variants:
         pass
@@ -1311,11 +1385,21 @@ def main(argv=None) -> int:
                 for norm in norms:
                     crows.append(bench_compile.measure(cell, norm, size, rounds))
                     log(f"  compiled {cell} {norm} {size}: {crows[-1]['ratio']:.2f}")
-    quiet = dict(watch.stop(), torch_spread=worst_spread(rows))
+    quiet = dict(watch.stop(), torch_spread=worst_spread(rows), ratio_noise=worst_noise(rows))
     # Peak memory is measured after the timing, in fresh processes one at a time (it does not depend on the
     # load, but the processes would load the machine that the timing runs on).
-    memory = {} if args.no_memory else measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells,
-                                                      variant_sizes, args.memory_samples)
+    memory_note = None
+    if args.memory_from:
+        with open(args.memory_from) as f:
+            earlier = json.load(f)
+        memory = _keyed(earlier.get("memory_mib", {}))
+        em = earlier.get("meta", {})
+        memory_note = (f"The memory column comes from an earlier run ({em.get('when', '?')}, {_threads(em.get('threads'))}, "
+                       f"`bench_rnn.py {em.get('argv', '?')}`), taken over with `--memory-from`: peak memory does not "
+                       "depend on the load.")  # fmt: skip
+    else:
+        memory = {} if args.no_memory else measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells,
+                                                          variant_sizes, args.memory_samples)
     attach_memory(rows, memory)
     meta = {
         "argv": " ".join(sys.argv[1:] if argv is None else argv),
@@ -1330,6 +1414,10 @@ def main(argv=None) -> int:
         "memory_samples": args.memory_samples,
         "memory_mmap_threshold": int(memory_env()["MALLOC_MMAP_THRESHOLD_"]),
     }
+    if memory_note:
+        meta["memory_remeasured"] = memory_note
+        meta["memory_samples"] = em.get("memory_samples", 1)
+        meta["memory_mmap_threshold"] = em.get("memory_mmap_threshold")
     if variant_sizes:
         meta["variants"] = dict(meta)
     data = {"meta": meta, "rows": rows, "memory_mib": {f"{k[0]} {k[1]}": v for k, v in memory.items()}, "compile": crows,
@@ -1346,7 +1434,7 @@ def main(argv=None) -> int:
     else:
         regressions = regression_sections(rows, baseline, threads=args.threads)
     data["regression"] = regressions
-    reasons = run_reasons(data["meta"], args.max_load, args.max_spread)
+    reasons = run_reasons(data["meta"], args.max_load, args.max_spread, args.max_noise)
     md = to_markdown(data["rows"], memory, data["meta"], crows, notes=_read_notes(args.notes), regressions=regressions, reasons=reasons)
     print(md)
     if args.out:

@@ -264,7 +264,7 @@ def test_a_busy_machine_gets_no_verdict_and_leaves_readme_alone(tmp_path, monkey
     _main("--render", js, "--out", md, "--readme", readme, rc=2)
     assert "\nold\n" in readme.read_text()
     # thresholds raised on purpose: the judgement follows the options, and the page says the load
-    _main("--render", js, "--out", md, "--readme", readme, "--max-load", 5, "--max-spread", 1)
+    _main("--render", js, "--out", md, "--readme", readme, "--max-load", 5, "--max-noise", 1)
     assert "\nold\n" not in readme.read_text() and "Load average" in readme.read_text()
 
 
@@ -274,6 +274,7 @@ def test_a_quiet_machine_gets_a_verdict_and_its_readme_table(tmp_path, quiet_mac
     meta = json.loads(js.read_text())["meta"]
     assert meta["quiet"]["load_before"] == 0.05 and meta["quiet"]["others_load"] == 0.0
     assert meta["quiet"]["torch_spread"]["spread"] == 0.01 and meta["quiet"]["torch_spread"]["candidate"] == "torch.nn.RNN"
+    assert meta["quiet"]["ratio_noise"]["noise"] == 0.01 and meta["quiet"]["ratio_noise"]["candidate"] == "torch.nn.RNN"
     targets = _section(md.read_text(), "## Against the targets of issue 11", "## Every size")
     assert "No verdict" not in targets and "train (≤ 0.9)" in targets
     text = readme.read_text()
@@ -286,6 +287,10 @@ def test_the_torch_rows_carry_their_spread(monkeypatch):
     assert torch_rows and all(r["spread"] is not None and r["spread"] >= 0 for r in torch_rows)
     assert all("spread" not in r for r in rows if r["norm"] != "torch")
     assert bench_rnn.worst_spread(rows)["spread"] == round(max(r["spread"] for r in torch_rows), 4)
+    # the A/A control: no rows of its own, its ratio and spread on torch.nn's rows
+    assert not [r for r in rows if bench_rnn.CONTROL in r["candidate"]]
+    assert all(r["aa_ratio"] > 0 and r["aa_spread"] is not None for r in torch_rows)
+    assert bench_rnn.worst_noise(rows)["noise"] == round(max(r["aa_spread"] for r in torch_rows), 4)
 
 
 def test_fit_dispatch_measures_on_a_quiet_machine_only(tmp_path, monkeypatch):
@@ -330,22 +335,22 @@ def test_a_size_whose_torch_step_was_not_steady_is_timed_again(monkeypatch):
     monkeypatch.setattr(bench_rnn, "_rounds", counted)
     # torch.nn's step wanders in the first attempt of every size, and is steady in the next
     monkeypatch.setattr(bench_rnn, "spread", lambda times: 0.3 if len(attempts) % 2 == 1 else 0.05)
-    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_spread=0.1, retries=2)
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_noise=0.1, retries=2)
     assert len(attempts) == 2 and rows
     assert all(r["retimed"] == [0.3, 0.05] for r in rows)
     text = bench_rnn.retimed_text(rows)
-    assert f"{TINY} 2 times" in text and "30%, 5%" in text and "last attempt" in text
+    assert f"{TINY} 2 times" in text and "30%, 5%" in text and "last attempt" in text and "A/A control" in text
 
     # never steady: the retries run out and the last attempt is kept, with every spread named
     attempts.clear()
     monkeypatch.setattr(bench_rnn, "spread", lambda times: 0.3)
-    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_spread=0.1, retries=2)
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_noise=0.1, retries=2)
     assert len(attempts) == 3 and all(r["retimed"] == [0.3, 0.3, 0.3] for r in rows)
     # steady at once, or no retries asked for: timed once, and the page says nothing about re-timing
     for spread, retries in ((0.05, 2), (0.3, 0)):
         attempts.clear()
         monkeypatch.setattr(bench_rnn, "spread", lambda times, s=spread: s)
-        rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_spread=0.1,
+        rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_noise=0.1,
                                       retries=retries)
         assert len(attempts) == 1 and not any("retimed" in r for r in rows) and bench_rnn.retimed_text(rows) == ""
 
@@ -366,3 +371,41 @@ def test_the_regression_check_compares_runs_with_the_same_threads_only():
     assert "rows compared" in bench_rnn.regression([row], baseline)[0]  # threads unknown: compared, as before
     sections = bench_rnn.regression_sections([row], baseline, threads=1)
     assert "used 2 threads" in sections["main"][0]
+
+
+def _noise_meta(noise=0.02, **extra):
+    meta = _meta(spread=0.3, **extra)  # torch.nn's own spread is information only once there is a control
+    meta["quiet"]["ratio_noise"] = None if noise == "none" else {
+        "noise": noise, "candidate": "torch.nn.GRU", "size": [100, 64, 128, 256], "mode": "train"}
+    return meta
+
+
+def test_a_run_with_the_control_is_judged_by_the_noise_of_its_ratios():
+    assert bench_rnn.not_quiet(_noise_meta()) == []
+    why = bench_rnn.not_quiet(_noise_meta(noise=0.08))
+    assert len(why) == 1 and "A/A control moved by 8%" in why[0] and "torch.nn.GRU" in why[0] and "(100, 64, 128, 256)" in why[0]
+    assert bench_rnn.not_quiet(_noise_meta(noise=0.08), max_noise=0.1) == []
+    assert "unknown" in bench_rnn.not_quiet(_noise_meta(noise=None))[0]
+    assert "no A/A control" in bench_rnn.not_quiet(_noise_meta(noise="none"))[0]
+    assert "load average 1.30" in bench_rnn.not_quiet(_noise_meta(load_before=1.3))[0]
+    text = bench_rnn.quiet_text(_noise_meta())
+    assert "moved by at most 30.0%" in text and "A/A control" in text and "at most 2.0%" in text
+    # a run from before the control keeps its judgement by torch.nn's spread
+    assert "moved by 30%" in bench_rnn.not_quiet(_meta(spread=0.3))[0] and "A/A" not in bench_rnn.quiet_text(_meta())
+
+
+def test_the_memory_column_can_come_from_an_earlier_run(tmp_path, quiet_machine, monkeypatch):
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    earlier = tmp_path / "earlier.json"
+    size = list(TINY)
+    earlier.write_text(json.dumps({"meta": {"when": "2026-01-02", "threads": 1, "argv": "--threads 1", "memory_samples": 2},
+                                   "memory_mib": {f"torch.nn.RNN {tuple(size)}": 2.0,
+                                                  f"recnorm.RNN(norm=None) {tuple(size)}": 1.0}}))
+    monkeypatch.setattr(bench_rnn, "measure_memory", lambda *a, **k: pytest.fail("measured memory"))
+    _main(*_ARGS[:-4], "--no-compile", "--bf16-cells", "--no-variants", "--sizes", ",".join(map(str, TINY)),
+          "--memory-from", earlier, "--json", js, "--out", md)
+    data = json.loads(js.read_text())
+    assert data["memory_mib"][f"recnorm.RNN(norm=None) {tuple(size)}"] == 1.0
+    assert "2026-01-02" in data["meta"]["memory_remeasured"] and data["meta"]["memory_samples"] == 2
+    page = md.read_text()
+    assert "taken over with `--memory-from`" in page and "0.50" in page
