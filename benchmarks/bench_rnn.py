@@ -222,7 +222,7 @@ def plan(cells, norms, sizes, bf16_cells=(), variant_sizes=()) -> List[Tuple[Tup
         main, var = size in [tuple(s) for s in sizes], size in [tuple(s) for s in variant_sizes]
         cands = _candidates(cells, norms if main else [], bf16_cells if main else (), peers=main, variants=var)
         if not main:
-            cands = [c._replace(section="variants" if c.section != "control" else "control") for c in cands]
+            cands = [c if c.section == "control" else c._replace(section="variants") for c in cands]
         out.append((size, cands))
     return out
 
@@ -346,7 +346,8 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
         attempts: List[Dict] = []
         while True:
             times = _rounds(built, rounds, size, log)
-            worst = _worst_noise(cands, times)
+            aa = _aa_table(cands, times)
+            worst = _worst_noise(aa)
             attempts.append(worst)
             if max_noise is None or worst["noise"] is None or worst["noise"] <= max_noise or len(attempts) > retries:
                 break
@@ -375,8 +376,7 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                     row["kernel"] = ran[c.label][mode]
                 if c.norm == "torch" and not c.bf16:
                     row["spread"] = spread(ts)
-                    if (c.label + CONTROL, mode) in times:
-                        row.update(_aa_stats(times[(c.label + CONTROL, mode)], ts))
+                    row.update(aa.get((c.label, mode), {}))
                 if len(attempts) > 1:  # the attempts this size's rows come from the last of
                     row["retimed"] = [a["noise"] for a in attempts]
                 if c.section != "main":
@@ -413,18 +413,19 @@ def _aa_stats(control: List[float], base: List[float]) -> Dict:
     return {"aa_ratio": round(statistics.median(ratios), 4), "aa_spread": spread(ratios)}
 
 
-def _worst_noise(cands, times: Dict[Tuple[str, str], List[float]]) -> Dict:
-    """The cell and mode of one size whose A/A control moved most against torch.nn across rounds
-    (``{"noise": None}`` without controls, or with too few rounds)."""
-    found = []
-    for c in cands:
-        for m in ("train", "eval"):
-            if c.section == "control" and (c.label, m) in times and (c.base, m) in times:
-                found.append((_aa_stats(times[(c.label, m)], times[(c.base, m)])["aa_spread"], c.base, m))
-    if not found or any(s is None for s, _, _ in found):
+def _aa_table(cands, times: Dict[Tuple[str, str], List[float]]) -> Dict[Tuple[str, str], Dict]:
+    """:func:`_aa_stats` of every A/A control of one size, keyed by its torch.nn layer's (label, mode)."""
+    return {(c.base, m): _aa_stats(times[(c.label, m)], times[(c.base, m)]) for c in cands if c.section == "control"
+            for m in ("train", "eval") if (c.label, m) in times and (c.base, m) in times}
+
+
+def _worst_noise(aa: Dict[Tuple[str, str], Dict]) -> Dict:
+    """The torch.nn layer and mode of one size (``aa``: :func:`_aa_table`) whose A/A control moved most
+    against it across rounds (``{"noise": None}`` without controls, or with too few rounds)."""
+    if not aa or any(v["aa_spread"] is None for v in aa.values()):
         return {"noise": None}
-    s, label, mode = max(found)
-    return {"noise": round(s, 4), "candidate": label, "mode": mode}
+    (label, mode), v = max(aa.items(), key=lambda kv: kv[1]["aa_spread"])
+    return {"noise": round(v["aa_spread"], 4), "candidate": label, "mode": mode}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,28 +489,26 @@ class LoadWatch:
         return self.record
 
 
-def worst_spread(rows: List[Dict]) -> Dict | None:
-    """The torch.nn row whose step moved most across rounds: ``{"spread", "candidate", "size", "mode"}``;
-    ``{"spread": None}`` where a torch.nn row has too few rounds to tell; None without torch.nn rows."""
-    torch_rows = [r for r in rows if r["norm"] == "torch" and not r.get("bf16")]
-    if not torch_rows:
+def _worst_row(rows: List[Dict], field: str, name: str) -> Dict | None:
+    """The row of ``rows`` with the largest ``field``: ``{name, "candidate", "size", "mode"}``; ``{name: None}``
+    where one row's is unknown (too few rounds); None without rows."""
+    if not rows:
         return None
-    if any(r.get("spread") is None for r in torch_rows):
-        return {"spread": None}
-    r = max(torch_rows, key=lambda r: r["spread"])
-    return {"spread": round(r["spread"], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"]}
+    if any(r.get(field) is None for r in rows):
+        return {name: None}
+    r = max(rows, key=lambda r: r[field])
+    return {name: round(r[field], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"]}
+
+
+def worst_spread(rows: List[Dict]) -> Dict | None:
+    """The torch.nn row whose step moved most across rounds (:func:`_worst_row`, key ``"spread"``)."""
+    return _worst_row([r for r in rows if r["norm"] == "torch" and not r.get("bf16")], "spread", "spread")
 
 
 def worst_noise(rows: List[Dict]) -> Dict | None:
-    """The torch.nn row whose A/A control moved most against it across rounds: ``{"noise", "candidate",
-    "size", "mode"}``; ``{"noise": None}`` where one has too few rounds to tell; None without controls."""
-    rows = [r for r in rows if "aa_spread" in r]
-    if not rows:
-        return None
-    if any(r["aa_spread"] is None for r in rows):
-        return {"noise": None}
-    r = max(rows, key=lambda r: r["aa_spread"])
-    return {"noise": round(r["aa_spread"], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"]}
+    """The torch.nn row whose A/A control moved most against it across rounds (:func:`_worst_row`, key
+    ``"noise"``); None without controls."""
+    return _worst_row([r for r in rows if "aa_spread" in r], "aa_spread", "noise")
 
 
 def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD,
@@ -1329,8 +1328,8 @@ def main(argv=None) -> int:
                     help="take the memory column from this JSON of an earlier run instead of measuring it (peak memory "
                          "does not depend on the load; the page says where the column comes from)")
     ap.add_argument("--retries", type=int, default=2,
-                    help="time a size again, all its candidates, when torch.nn's step moved by more than --max-spread "
-                         "across its rounds, at most this many times; the page names the sizes re-timed and every "
+                    help="time a size again, all its candidates, when its A/A control moved by more than --max-noise "
+                         "against torch.nn across its rounds, at most this many times; the page names the sizes re-timed and every "
                          "attempt's spread (default %(default)s)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.retries < 0:

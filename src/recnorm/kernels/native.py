@@ -17,6 +17,7 @@ fused kernels serve training.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 from recnorm.kernels.contract import DirectionResult, DirectionWork
 from recnorm.kernels.functional import fold_sequence_norm
 
-__all__ = ["supports", "run_direction", "run_plain", "run_plain_stack"]
+__all__ = ["supports", "run_direction", "run_plain_stack", "grad_needed"]
 
 NAME = "native"
 #: The dtypes torch's RNN ops take.
@@ -99,16 +100,9 @@ def run_direction(
         res = torch.ops.recnorm.native_rnn(x, batch_sizes, list(state), weights, work.cell.kind, has_bias)
         out, finals = res[0], tuple(res[1 : 1 + len(state)])
     else:
-        out, finals = run_plain(work.cell.kind, x, batch_sizes, state, weights, has_bias)
+        out, finals = _aten(work.cell.kind, x, batch_sizes, list(state), weights, has_bias, grad_needed(x, weights, state))
+        finals = tuple(finals)
     return DirectionResult(out, finals, moments)
-
-
-def run_plain(kind: str, x: Tensor, batch_sizes: Optional[Tensor], state: Sequence[Tensor], weights: List[Tensor],
-              has_bias: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """One direction through torch's op in eager mode, from its weights (``weight_ih, weight_hh[, bias_ih,
-    bias_hh][, weight_hr]``) and states ``(B, H')``: ``(out, final states)``."""
-    out, finals = _aten(kind, x, batch_sizes, list(state), weights, has_bias, _train(x, weights, state))
-    return out, tuple(finals)
 
 
 def run_plain_stack(kind: str, x: Tensor, state: Sequence[Tensor], weights: List[Tensor], layers: int,
@@ -122,25 +116,22 @@ def run_plain_stack(kind: str, x: Tensor, state: Sequence[Tensor], weights: List
     for layer in range(layers):
         hx = list(state) if layers == 1 else [s[layer : layer + 1] for s in state]  # (1, B, ·), as _aten makes them
         w = weights[layer * per : (layer + 1) * per]
-        res = op(x, tuple(hx) if kind == "lstm" else hx[0], w, has_bias, 1, 0.0, _train(x, w, hx), False, False)
+        res = op(x, tuple(hx) if kind == "lstm" else hx[0], w, has_bias, 1, 0.0, grad_needed(x, w, hx), False, False)
         x = res[0]
         ends.append(res[1:])
     return x, ends[0] if layers == 1 else tuple(torch.cat([e[i] for e in ends]) for i in range(len(state)))
 
 
-def _train(x: Tensor, weights: Sequence[Tensor], state: Sequence[Tensor]) -> bool:
-    """torch's op's ``train``: keep what backward needs (oneDNN, cuDNN); dropout is 0 either way."""
+def grad_needed(x: Tensor, weights: Sequence[Tensor], state: Sequence[Tensor]) -> bool:
+    """Whether autograd needs this call's graph; torch's op's ``train`` (keep what backward needs: oneDNN,
+    cuDNN; dropout is 0 either way)."""
     return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights) or any(s.requires_grad for s in state))
 
 
+@functools.lru_cache(maxsize=None)
 def _op(kind: str):
-    op = _OP_FUNCTIONS.get(kind)
-    if op is None:
-        op = _OP_FUNCTIONS[kind] = getattr(torch._VF, _OPS[kind])
-    return op
-
-
-_OP_FUNCTIONS: dict = {}
+    """torch's RNN op of ``kind`` (looked up once: ``torch._VF``'s attribute lookup is slow)."""
+    return getattr(torch._VF, _OPS[kind])
 
 
 # ---------------------------------------------------------------------------------------------------

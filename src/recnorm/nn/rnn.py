@@ -666,8 +666,7 @@ class RecurrentBase(_NormSetup, nn.Module):
                 and x.shape[2] == self.input_size):
             return None
         state = self._prepare_state(hx, x.shape[1], True, x, None)
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for t in weights) or any(t.requires_grad for t in state))
+        grad = kernels.native.grad_needed(x, weights, state)
         L, out_width = self.num_layers, self.proj_size or self.hidden_size
         kind = self.cell.kind()
         if not kernels.native_runs_plain(kind, x, [self.input_size] + [out_width] * (L - 1), self.hidden_size,
