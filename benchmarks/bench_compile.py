@@ -4,7 +4,8 @@ For each cell and norm, one layer runs eagerly and a copy with the same weights 
 ``torch.compile(layer)`` (default backend, default options); a training step is a forward and a backward
 of ``output.sum()``. After warm-up (the compile, then a few steps, so that the measured steps hit the
 compiled graphs), both are timed in interleaved rounds (eager, compiled, then compiled, eager), and
-the figure is the median over rounds of compiled / eager. Graph breaks and recompiles during the timed
+the figure is the median over rounds of compiled / eager, with the distribution-free 95% interval of
+that median (``ratio_ci``; :func:`recnorm.experiments.statistics.median_interval`). Graph breaks and recompiles during the timed
 steps would show up as a high ratio; the number of graphs dynamo made is reported too.
 
 Usage::
@@ -28,6 +29,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import recnorm  # noqa: E402
+from recnorm.experiments.statistics import median_interval  # noqa: E402
+
+
+def _interval(values: List[float]):
+    """The distribution-free 95% interval of the median of ``values`` (None with fewer than 6)."""
+    ci = median_interval(values)
+    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
 
 NORMS = [None, "layer", "batch", "sequence_batch", "shared_batch"]
 LAYERS = {"lstm": recnorm.LSTM, "gru": recnorm.GRU, "rnn": recnorm.RNN}
@@ -71,6 +79,7 @@ def measure(cell: str, norm, size, rounds: int, warmup: int = 3) -> Dict:
         "eager_ms": 1e3 * statistics.median(times["eager"]),
         "compiled_ms": 1e3 * statistics.median(times["compiled"]),
         "ratio": statistics.median(c / e for c, e in zip(times["compiled"], times["eager"])),
+        "ratio_ci": _interval([c / e for c, e in zip(times["compiled"], times["eager"])]),
         "dynamo_events_while_timed": frames_after - frames_before,
         "rounds": rounds,
     }

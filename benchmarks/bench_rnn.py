@@ -9,32 +9,37 @@ For every size, cell and norm it measures
   that allocator caches of other candidates do not count (after a tiny warm-up step that loads
   libraries and extensions, which every candidate gets). Linux only.
 
-Timings are taken in *interleaved rounds*: each round times every candidate once (after a warm-up), and
-the reported figure is the median over rounds of the ratio to the torch.nn layer timed in the same round.
-Absolute milliseconds are reported as medians too. Interleaving does not make a loaded machine's timings
-a measurement (issue 17: two cores shared with a test suite move ratios by 0.5), so the run records
+Timings are taken in *interleaved rounds*: each round times every candidate once per mode, in a random
+order drawn anew for every round, and each timing repeats the step until it lasts ``--min-time`` (50 ms) at
+least. A figure is the median over rounds of the ratio to the torch.nn layer timed in the same round, and
+it is judged by the distribution-free 95% confidence interval of that median (order statistics of the
+rounds, :func:`recnorm.experiments.statistics.median_interval`): a target is *met* where the interval lies
+at or below it, *missed* where it lies above it, and *open* (this run cannot tell) where it contains it.
+Absolute milliseconds are reported as medians too. Interleaving does not make a loaded machine's timings a
+measurement (issue 17: two cores shared with a test suite move ratios by 0.5), so the run records
 
 * the load average before and after it, and the CPU that other processes used during it (cores: the
   machine's busy time from ``/proc/stat`` minus this process's and its children's, over the wall time);
 * the spread of torch.nn's own step across rounds (interquartile range over median, per size and mode;
   the worst is kept);
-* the noise of the ratios: each cell's torch.nn layer is timed a second time in every round, as its A/A
-  control (the same layer, weights and input at another place in the round), and the spread of the
-  control's per-round ratio to torch.nn (interquartile range over median) is what a ratio moves by when
-  there is nothing to find (the worst over sizes and modes is kept),
+* the resolution of the ratios: each cell's torch.nn layer is timed a second time in every round, as its
+  A/A control (the same layer, weights and input at another place in the round). Its median ratio to
+  torch.nn is 1 on a machine that can tell two layers apart, and the farthest end of that median's 95%
+  interval from 1 is the smallest difference the run resolves (the worst over sizes and modes is kept),
 
 and a run that is not quiet -- load average before it or other processes' CPU during it above
-``--max-load`` (0.5), or the A/A control's spread above ``--max-noise`` (5%) -- gives no verdict on the
-targets (the page shows the ratios unjudged and says why) and does not rewrite ``--readme`` (exit status 2).
-Peak memory is measured after the timing, so that its processes do not load the machine meanwhile.
-Run it with nothing else running: no parallel jobs, no test suite. Even then this VM's speed changes by
-itself: with nothing else running, torch.nn.LSTM's eval forward at (28, 128, 28, 128) on two threads takes
-3.4 ms for seconds at a time and 4.6 ms for the next seconds, and one thread moved 18-24% across rounds at
-two of the four sizes. A ratio is taken within a round and cancels most of that, so torch.nn's own spread
-(which the runs before the control were judged by, against ``--max-spread``, 10%) is kept as information,
-and the judgement reads the control. A size whose control moved more than ``--max-noise`` is timed again,
-all its candidates, up to ``--retries`` times (2); its rows come from the last attempt, and the page names
-the sizes re-timed with every attempt's spread.
+``--max-load`` (0.5), or an A/A interval reaching farther than ``--max-noise`` (5%) from 1 -- gives no
+verdict on the targets (the page shows the ratios unjudged and says why) and does not rewrite ``--readme``
+(exit status 2). Where a size's A/A interval is too wide, ``--rounds`` (9) more rounds of all its candidates
+are added, up to ``--retries`` (2) times: the interval narrows as the rounds grow, and the decision reads the
+control alone. Peak memory is measured after the timing, so that its processes do not load the machine
+meanwhile. Run it with nothing else running: no parallel jobs, no test suite. Even then this VM's speed
+changes by itself: with nothing else running, torch.nn.LSTM's eval forward at (28, 128, 28, 128) on two
+threads takes 3.4 ms for seconds at a time and 4.6 ms for the next seconds. A ratio is taken within a
+round and cancels most of that, so torch.nn's own spread (which the runs before the control were judged
+by, against ``--max-spread``, 10%) is kept as information. Runs from 2026-12-05 (the control's spread
+across rounds judged, fixed order reversed every other round, one call per timing) and before keep their
+judgement when rendered again.
 
 Besides the float32 rows it measures
 
@@ -86,6 +91,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -95,6 +101,7 @@ from typing import Callable, Dict, List, NamedTuple, Tuple
 import torch
 
 import recnorm
+from recnorm.experiments.statistics import median_interval
 
 SIZES: List[Tuple[int, int, int, int]] = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512), (784, 64, 1, 128)]
 NORMS = [None, "layer", "batch", "sequence_batch", "shared_batch"]
@@ -285,10 +292,23 @@ def _eval_step(model, x, bf16: bool = False) -> None:
         model(x)
 
 
-def _time(fn: Callable[[], None]) -> float:
+def _time(fn: Callable[[], None], calls: int = 1) -> float:
+    """Seconds per call of ``fn``, over ``calls`` calls back to back."""
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+#: Each timing of a candidate repeats its step until it lasts at least this long (seconds; ``--min-time``):
+#: a single eval call at the smallest size takes 3-8 ms, which one scheduler tick moves by several percent.
+MIN_TIME = 0.05
+
+
+def _calls(fn: Callable[[], None], min_time: float) -> int:
+    """How many back-to-back calls of ``fn`` (already warmed up) one timing needs to last ``min_time``: one
+    call timed, then ``ceil(min_time / its time)``, at least 1."""
+    return max(1, math.ceil(min_time / max(_time(fn), 1e-6)))
 
 
 def recording_kernels():
@@ -311,17 +331,25 @@ FAILED: Dict[Tuple[str, Tuple], str] = {}
 
 
 def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_cells=(), variant_sizes=(),
-                 max_noise: float | None = None, retries: int = 0) -> List[Dict]:
+                 max_noise: float | None = None, retries: int = 0, min_time: float = 0.0) -> List[Dict]:
     """Time every candidate of every size in interleaved rounds; one row per candidate and mode.
+
+    Each round times every candidate once per mode, in a random order drawn anew for every round (seeded by
+    the size and the round, so a run can be repeated), each timing ``min_time`` long at least (see
+    :func:`_calls`). A row's ``"ratio"`` is the median over rounds of its per-round ratio to torch.nn, and
+    ``"ratio_ci"`` the distribution-free 95% confidence interval of that median
+    (:func:`~recnorm.experiments.statistics.median_interval`).
 
     Each cell's torch.nn layer is timed twice per round, once more as its A/A control (the same layer and
     weights at another place in the round): the control's per-round ratio to torch.nn is what a ratio
-    would read with no difference to find, and its spread across rounds (``"aa_spread"`` on the torch.nn
-    rows) is the noise of this run's ratios. A size whose worst A/A spread exceeds ``max_noise`` is timed
-    again, all its candidates, up to ``retries`` times; its rows come from the last attempt and record every
-    attempt's worst A/A spread (``"retimed"``). Re-timing keeps or drops a whole attempt by the control
-    alone, never by a candidate's ratio. torch.nn's own spread across rounds (``"spread"``) is recorded
-    too: on this VM it moves with the machine's speed, which the ratios, taken within a round, cancel."""
+    would read with no difference to find. The 95% interval of the control's median ratio (``"aa_ci"`` on
+    the torch.nn rows) is the resolution of this run's figures, and its farthest end from 1 (``"aa_noise"``)
+    is what the judgement reads. Where a size's worst ``aa_noise`` exceeds ``max_noise``, ``rounds`` more
+    rounds of all its candidates are added (the intervals narrow as the rounds grow), up to ``retries``
+    times; the rows record the worst ``aa_noise`` after each batch of rounds (``"extended"``). Adding rounds
+    is decided by the control alone, never by a candidate's ratio. torch.nn's own spread across rounds
+    (``"spread"``) and the control's (``"aa_spread"``) are recorded too: on this VM torch.nn's time moves
+    with the machine's speed, which the ratios, taken within a round, cancel."""
     rows = []
     for size, cands in plan(cells, norms, sizes, bf16_cells, variant_sizes):
         built, ran = {}, {}
@@ -340,25 +368,33 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                 continue
             model.train()
             _train_step(model, x, c.bf16)  # batch-norm running statistics for eval
-            built[c.label] = (model, x, c.bf16)
+            train_fn, eval_fn = _steps(model, x, c.bf16)
+            calls = {"train": _calls(train_fn, min_time) if min_time else 1}
+            model.eval()
+            calls["eval"] = _calls(eval_fn, min_time) if min_time else 1
+            built[c.label] = (model, x, c.bf16, calls)
             if isinstance(model, (recnorm.LSTM, recnorm.GRU, recnorm.RNN)):
                 ran[c.label] = {"train": kernel_label(train_ran), "eval": kernel_label(eval_ran)}
-        attempts: List[Dict] = []
+        looks: List[Dict] = []
+        times: Dict[Tuple[str, str], List[float]] = {}
+        _warm_round(built)
         while True:
-            times = _rounds(built, rounds, size, log)
+            _rounds(built, rounds, size, log, times)
             aa = _aa_table(cands, times)
             worst = _worst_noise(aa)
-            attempts.append(worst)
-            if max_noise is None or worst["noise"] is None or worst["noise"] <= max_noise or len(attempts) > retries:
+            looks.append(worst)
+            if max_noise is None or worst["noise"] is None or worst["noise"] <= max_noise or len(looks) > retries:
                 break
-            log(f"  size {size}: the A/A control moved by {100 * worst['noise']:.0f}% against torch.nn "
-                f"({worst['candidate']}, {worst['mode']}); timing the size again ({len(attempts)} of {retries} retries)")
+            log(f"  size {size}: the A/A control's median ratio to torch.nn is known to +-{100 * worst['noise']:.0f}% "
+                f"only ({worst['candidate']}, {worst['mode']}); {rounds} more rounds ({len(looks)} of {retries})")
+        done = len(next(iter(times.values()))) if times else 0
         for c in cands:
             if c.label not in built or c.base not in built or c.section == "control":
                 continue
             fp32 = c.label[: -len(BF16)] if c.bf16 else c.label
             for mode in ("train", "eval"):
                 ts, bs, fs = times[(c.label, mode)], times[(c.base, mode)], times[(fp32, mode)]
+                ratios, to_fp32 = [t / b for t, b in zip(ts, bs)], [t / f for t, f in zip(ts, fs)]
                 row = {
                     "size": list(size),
                     "cell": c.cell,
@@ -367,18 +403,21 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                     "bf16": c.bf16,
                     "mode": mode,
                     "ms": 1e3 * statistics.median(ts),
-                    "ratio": statistics.median(t / b for t, b in zip(ts, bs)),
+                    "ratio": statistics.median(ratios),
+                    "ratio_ci": _interval(ratios),
                     "ratio_min_over_min": min(ts) / min(bs),
-                    "ratio_to_fp32": statistics.median(t / f for t, f in zip(ts, fs)),
-                    "rounds": rounds,
+                    "ratio_to_fp32": statistics.median(to_fp32),
+                    "ratio_to_fp32_ci": _interval(to_fp32),
+                    "rounds": done,
+                    "calls": built[c.label][3][mode],
                 }
                 if c.label in ran:
                     row["kernel"] = ran[c.label][mode]
                 if c.norm == "torch" and not c.bf16:
                     row["spread"] = spread(ts)
                     row.update(aa.get((c.label, mode), {}))
-                if len(attempts) > 1:  # the attempts this size's rows come from the last of
-                    row["retimed"] = [a["noise"] for a in attempts]
+                if len(looks) > 1:  # rounds were added: the worst A/A noise after each batch
+                    row["extended"] = [a["noise"] for a in looks]
                 if c.section != "main":
                     row.update(section=c.section, baseline=c.base)
                 if c.variant is not None:
@@ -389,28 +428,73 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
     return rows
 
 
-def _rounds(built: Dict, rounds: int, size, log) -> Dict[Tuple[str, str], List[float]]:
-    """``rounds`` interleaved rounds over the built candidates of one size: ``{(label, mode): [seconds]}``."""
-    times: Dict[Tuple[str, str], List[float]] = {}
-    for r in range(rounds):
+def _steps(model, x, bf16: bool) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """The timed training step (gradients reset first, as a training loop does) and eval step of a model."""
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        _train_step(model, x, bf16)
+
+    return train, lambda: _eval_step(model, x, bf16)
+
+
+def _order(labels: List[str], size, r: int, mode: str) -> List[str]:
+    """The order of round ``r`` of ``mode`` at ``size``: a random permutation, drawn anew for every round and
+    mode from a seed that names them, so that no candidate keeps a place in the round or a neighbour (the A/A
+    control's median ratio read 0.89 with a fixed order reversed every other round)."""
+    out = list(labels)
+    random.Random(f"{tuple(size)} {r} {mode}").shuffle(out)
+    return out
+
+
+def _rounds(built: Dict, rounds: int, size, log, times: Dict | None = None) -> Dict[Tuple[str, str], List[float]]:
+    """``rounds`` more interleaved rounds over the built candidates of one size, appended to ``times``
+    (``{(label, mode): [seconds per call]}``, new when None), which is returned."""
+    times = {} if times is None else times
+    first = len(next(iter(times.values()))) if times else 0
+    for r in range(first, first + rounds):
         for mode in ("train", "eval"):
-            # every other round in reverse order, so that no candidate always follows the same one
-            items = list(built.items()) if r % 2 == 0 else list(built.items())[::-1]
-            for label, (model, x, bf16) in items:
+            for label in _order(list(built), size, r, mode):
+                model, x, bf16, calls = built[label]
                 model.train(mode == "train")
-                model.zero_grad(set_to_none=True)
-                fn = (lambda: _train_step(model, x, bf16)) if mode == "train" else (lambda: _eval_step(model, x, bf16))
-                times.setdefault((label, mode), []).append(_time(fn))
-        log(f"  size {size}: round {r + 1}/{rounds} done")
+                train, ev = _steps(model, x, bf16)
+                times.setdefault((label, mode), []).append(_time(train if mode == "train" else ev, calls[mode]))
+        log(f"  size {size}: round {r + 1} done")
     return times
+
+
+def _warm_round(built: Dict) -> None:
+    """One untimed round over the built candidates of a size, each timing's calls in both modes: the first
+    timed round comes after every candidate has run once more at its timed length (in a pilot at
+    (28, 128, 28, 128), the first round's A/A ratio read 0.43 and the next 26 0.92-1.07)."""
+    for label, (model, x, bf16, calls) in built.items():
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            train, ev = _steps(model, x, bf16)
+            _time(train if mode == "train" else ev, calls[mode])
+
+
+def _interval(values: List[float]) -> List[float] | None:
+    """:func:`median_interval` of ``values`` as a JSON-ready list, rounded (None with too few rounds)."""
+    ci = median_interval(values)
+    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
+
+
+def aa_interval(ratios: List[float]) -> List[float] | None:
+    """The 95% interval of the A/A control's median ratio to torch.nn (:func:`_interval`)."""
+    return _interval(ratios)
 
 
 def _aa_stats(control: List[float], base: List[float]) -> Dict:
     """The A/A control against its torch.nn layer over one size's rounds: the median of the per-round
-    ratios (``"aa_ratio"``, 1 for a machine without position effects) and their spread (``"aa_spread"``,
-    interquartile range over median; None with fewer than 3 rounds)."""
+    ratios (``"aa_ratio"``, 1 for a machine without position effects), their spread (``"aa_spread"``,
+    interquartile range over median; None with fewer than 3 rounds), the 95% interval of that median
+    (``"aa_ci"``) and how far its farther end lies from 1 (``"aa_noise"``: the smallest difference between
+    two layers that this run's figures resolve; None with fewer than 6 rounds)."""
     ratios = [c / b for c, b in zip(control, base)]
-    return {"aa_ratio": round(statistics.median(ratios), 4), "aa_spread": spread(ratios)}
+    ci = aa_interval(ratios)
+    noise = None if ci is None else round(max(abs(ci[0] - 1.0), abs(ci[1] - 1.0)), 4)
+    return {"aa_ratio": round(statistics.median(ratios), 4), "aa_spread": spread(ratios), "aa_ci": ci, "aa_noise": noise}
 
 
 def _aa_table(cands, times: Dict[Tuple[str, str], List[float]]) -> Dict[Tuple[str, str], Dict]:
@@ -420,12 +504,12 @@ def _aa_table(cands, times: Dict[Tuple[str, str], List[float]]) -> Dict[Tuple[st
 
 
 def _worst_noise(aa: Dict[Tuple[str, str], Dict]) -> Dict:
-    """The torch.nn layer and mode of one size (``aa``: :func:`_aa_table`) whose A/A control moved most
-    against it across rounds (``{"noise": None}`` without controls, or with too few rounds)."""
-    if not aa or any(v["aa_spread"] is None for v in aa.values()):
+    """The torch.nn layer and mode of one size (``aa``: :func:`_aa_table`) whose A/A control's median is
+    known least well (largest ``"aa_noise"``; ``{"noise": None}`` without controls, or with too few rounds)."""
+    if not aa or any(v["aa_noise"] is None for v in aa.values()):
         return {"noise": None}
-    (label, mode), v = max(aa.items(), key=lambda kv: kv[1]["aa_spread"])
-    return {"noise": round(v["aa_spread"], 4), "candidate": label, "mode": mode}
+    (label, mode), v = max(aa.items(), key=lambda kv: kv[1]["aa_noise"])
+    return {"noise": v["aa_noise"], "candidate": label, "mode": mode}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -506,9 +590,18 @@ def worst_spread(rows: List[Dict]) -> Dict | None:
 
 
 def worst_noise(rows: List[Dict]) -> Dict | None:
-    """The torch.nn row whose A/A control moved most against it across rounds (:func:`_worst_row`, key
-    ``"noise"``); None without controls."""
-    return _worst_row([r for r in rows if "aa_spread" in r], "aa_spread", "noise")
+    """The torch.nn row whose A/A control's median ratio is known least well (:func:`_worst_row` of
+    ``"aa_noise"``, with its interval and ``"measure": "interval"``); None without controls. Rows from before
+    the interval (2026-12-05) carry only the control's spread across rounds, which is used there."""
+    rows = [r for r in rows if "aa_spread" in r]
+    if rows and all("aa_noise" in r for r in rows):
+        worst = _worst_row(rows, "aa_noise", "noise")
+        if worst and worst["noise"] is not None:
+            r = next(r for r in rows if r["candidate"] == worst["candidate"] and r["size"] == worst["size"]
+                     and r["mode"] == worst["mode"])
+            worst["interval"] = r["aa_ci"]
+        return dict(worst, measure="interval") if worst else worst
+    return _worst_row(rows, "aa_spread", "noise")
 
 
 def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SPREAD,
@@ -528,11 +621,20 @@ def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SP
         why.append(f"other processes used {quiet['others_load']:.2f} cores during the run (more than {max_load})")
     if "ratio_noise" in quiet:
         noise = quiet["ratio_noise"]
+        interval = bool(noise) and noise.get("measure") == "interval"
         if noise is None:
             why.append("no A/A control was timed: the noise of the ratios is unknown")
         elif noise["noise"] is None:
-            why.append("fewer than 3 rounds: the noise of the ratios is unknown")
-        elif noise["noise"] > max_noise:
+            why.append(f"fewer than {6 if interval else 3} rounds: the noise of the ratios is unknown")
+        elif interval and noise["noise"] > max_noise:
+            lo, hi = noise["interval"]
+            why.append(
+                f"the A/A control's median ratio to torch.nn, which is 1 on a machine that can tell two layers apart, "
+                f"has a 95% interval of [{lo:.3f}, {hi:.3f}] ({noise['candidate']}, {tuple(noise['size'])}, "
+                f"{noise['mode']}): figures on this page are known to {100 * noise['noise']:.0f}% only, more than "
+                f"{100 * max_noise:.0f}%"
+            )
+        elif not interval and noise["noise"] > max_noise:
             why.append(
                 f"the A/A control moved by {100 * noise['noise']:.0f}% against torch.nn across rounds ({noise['candidate']}, "
                 f"{tuple(noise['size'])}, {noise['mode']}; more than {100 * max_noise:.0f}%)"
@@ -577,8 +679,34 @@ def quiet_text(meta: Dict) -> str:
         return text + "."
     n = q["ratio_noise"] or {}
     noise = "unknown" if n.get("noise") is None else f"{100 * n['noise']:.1f}%"
+    if n.get("measure") == "interval" and n.get("noise") is None:
+        return (text + ". Its A/A control (the same torch.nn layer timed again in each round) had too few rounds (fewer "
+                "than 6) for a 95% interval of its median ratio: the resolution of a figure on this page is unknown.")
+    if n.get("measure") == "interval":
+        return (text + ". Its A/A control (the same torch.nn layer timed again in each round, at a random place in "
+                f"it) read a median ratio whose 95% interval lies within {noise} of 1 at every size and mode "
+                f"(the worst: {n['candidate']}, {tuple(n['size'])}, {n['mode']}, [{n['interval'][0]:.3f}, "
+                f"{n['interval'][1]:.3f}]): the smallest difference a figure on this page resolves.")
     return (text + f", and its A/A control (the same torch.nn layer timed again in each round) by at most {noise} "
             "against it: the noise of a ratio on this page.")
+
+
+def extended_text(rows: List[Dict]) -> str:
+    """The sizes that got more rounds because the interval of the A/A control's median was wider than the
+    limit, with the worst noise after each batch of rounds ("" when none did; runs from before 2026-12-06
+    re-timed instead: :func:`retimed_text`)."""
+    seen: Dict[Tuple, Tuple] = {}
+    for r in rows:
+        if r.get("extended"):
+            seen.setdefault(tuple(r["size"]), (r["extended"], r["rounds"]))
+    if not seen:
+        return retimed_text(rows)
+    parts = []
+    for size, (noise, rounds) in seen.items():
+        shown = ", ".join("unknown" if s is None else f"{100 * s:.1f}%" for s in noise)
+        parts.append(f"{size}: {rounds} rounds (the worst A/A noise after each batch: {shown})")
+    return ("A size whose A/A control's median was not known to within the limit got more rounds, all its candidates, "
+            "and its figures come from all of them: " + "; ".join(parts) + ".")
 
 
 def retimed_text(rows: List[Dict]) -> str:
@@ -698,6 +826,25 @@ def attach_memory(rows: List[Dict], memory: Dict) -> None:
 
 
 TARGETS = {"train": 0.9, "eval": 1.0, "memory": 1.1}
+BF16_TARGET = 1.05  # bfloat16 autocast against the same layer in float32 (issue 17)
+COMPILE_TARGET = 1.1  # the compiled training step against the eager one (issue 7)
+_WORSE = {"met": 0, "open": 1, "missed": 2}
+
+
+def judge(value: float, ci, target: float) -> str:
+    """A figure against its target (at most ``target``): ``"met"`` where the 95% interval of the median ratio
+    lies at or below it, ``"missed"`` where the interval lies above it, ``"open"`` where it contains it (this
+    run cannot tell). A figure without an interval (memory; runs from before 2026-12-06) is judged by its
+    value alone."""
+    if ci is None:
+        return "met" if value <= target else "missed"
+    if ci[1] <= target:
+        return "met"
+    return "missed" if ci[0] > target else "open"
+
+
+def _worse(a: str | None, b: str) -> str:
+    return b if a is None or _WORSE[b] > _WORSE[a] else a
 PEERS = ("haste", "haste_ln", "flashrnn")
 
 
@@ -730,7 +877,8 @@ def _table(rows: List[Dict], memory: Dict, cands: List[str]) -> List[str]:
 
 def summary(rows: List[Dict], memory: Dict) -> Dict[str, Dict]:
     """Per recnorm float32 candidate: the worst (largest) ratio over sizes of train, eval and memory,
-    and of bfloat16 autocast against float32 of the same layer."""
+    and of bfloat16 autocast against float32 of the same layer; beside each (``"<key>_status"``) the worst
+    :func:`judge` of its sizes against the target."""
     out: Dict[str, Dict] = {}
     for r in rows:
         if r["norm"] in ("torch",) + PEERS:
@@ -738,12 +886,14 @@ def summary(rows: List[Dict], memory: Dict) -> Dict[str, Dict]:
         label = r["candidate"][: -len(BF16)] if r.get("bf16") else r["candidate"]
         d = out.setdefault(label, {"cell": r["cell"], "norm": r["norm"]})
         key = f"bf16_{r['mode']}" if r.get("bf16") else r["mode"]
-        val = r["ratio_to_fp32"] if r.get("bf16") else r["ratio"]
+        val, ci = (r["ratio_to_fp32"], r.get("ratio_to_fp32_ci")) if r.get("bf16") else (r["ratio"], r.get("ratio_ci"))
         d[key] = max(d.get(key, 0.0), val)
+        d[key + "_status"] = _worse(d.get(key + "_status"), judge(val, ci, BF16_TARGET if r.get("bf16") else TARGETS[r["mode"]]))
         if not r.get("bf16") and r["mode"] == "train":
             mem, base = memory.get((label, tuple(r["size"]))), memory.get((torch_label(r["cell"]), tuple(r["size"])))
             if mem is not None and base:
                 d["memory"] = max(d.get("memory", 0.0), mem / base)
+                d["memory_status"] = _worse(d.get("memory_status"), judge(mem / base, None, TARGETS["memory"]))
     return out
 
 
@@ -766,11 +916,15 @@ def variant_summary(vrows: List[Dict]) -> Dict[str, Dict]:
         if tuple(r["size"]) not in d["sizes"]:
             d["sizes"].append(tuple(r["size"]))
         d[r["mode"]] = max(d.get(r["mode"], 0.0), r["ratio"])
+        d[r["mode"] + "_status"] = _worse(d.get(r["mode"] + "_status"), judge(r["ratio"], r.get("ratio_ci"), TARGETS[r["mode"]]))
         d["kernels"][r["mode"]].append(r.get("kernel", "?"))
         if "memory_ratio" in r:
             d["memory"] = max(d.get("memory", 0.0), r["memory_ratio"])
+            d["memory_status"] = _worse(d.get("memory_status"), judge(r["memory_ratio"], None, TARGETS["memory"]))
     for d in out.values():  # None: a figure is missing (e.g. --no-memory), so the targets are undecided
-        d["met"] = None if any(d.get(k) is None for k in TARGETS) else all(d[k] <= TARGETS[k] for k in TARGETS)
+        statuses = [d.get(k + "_status") for k in TARGETS]
+        d["met"] = (None if None in statuses else False if "missed" in statuses else "open" if "open" in statuses
+                    else True)
     return out
 
 
@@ -806,7 +960,7 @@ def variant_lines(vrows: List[Dict], vbaseline_lines: List[str], verdict: bool =
         "size): `fused` is recnorm's C++ kernels, `native` torch's own op, `reference` the Python time loop. "
         f"Variants per kernel that ran (at every size; train / eval where they differ): {_kernel_counts(summ)}.",
         "",
-        "Worst ratio over the sizes measured (bold: over the target):" if verdict else
+        f"Worst ratio over the sizes measured ({LEGEND}):" if verdict else
         "Worst ratio over the sizes measured (not judged against the targets: the machine was not quiet, see the top of the page):",
         "",
         "| cell | variant | layer arguments | baseline | kernel (train / eval) | train (≤ 0.9) | eval (≤ 1.0) | memory (≤ 1.1) | targets met | sizes |",
@@ -816,8 +970,10 @@ def variant_lines(vrows: List[Dict], vbaseline_lines: List[str], verdict: bool =
         lines.append(
             f"| {_NAMES[d['cell']]} | {d['variant']} | `{d['config']}` | {d['baseline']} | "
             f"{_kernels_text(d['kernels']['train'])} / {_kernels_text(d['kernels']['eval'])} | "
-            f"{_fmt(d.get('train'), TARGETS['train'], verdict)} | {_fmt(d.get('eval'), TARGETS['eval'], verdict)} | "
-            f"{_fmt(d.get('memory'), TARGETS['memory'], verdict)} | { {True: 'yes', False: 'no', None: '–'}[d['met'] if verdict else None] } | "
+            f"{_fmt(d.get('train'), TARGETS['train'], verdict, d.get('train_status'))} | "
+            f"{_fmt(d.get('eval'), TARGETS['eval'], verdict, d.get('eval_status'))} | "
+            f"{_fmt(d.get('memory'), TARGETS['memory'], verdict, d.get('memory_status'))} | "
+            f"{ {True: 'yes', False: 'no', None: '–', 'open': 'open'}[d['met'] if verdict else None] } | "
             f"{len(d['sizes'])} |"
         )
     labels = list(dict.fromkeys(r["candidate"] for r in vrows if r.get("variant")))
@@ -833,7 +989,7 @@ def variant_readme_line(vrows: List[Dict]) -> str:
         return ""
     met = sum(d["met"] is True for d in summ.values())
     sizes = len({s for d in summ.values() for s in d["sizes"]})
-    per = {k: sum(d.get(k) is not None and d[k] <= TARGETS[k] for d in summ.values()) for k in TARGETS}
+    per = {k: sum(d.get(k + "_status") == "met" for d in summ.values()) for k in TARGETS}
     return (
         f"Variants of issue 8 ([docs/benchmarks.md](docs/benchmarks.md#variants-issue-8)), {len(summ)} layer configurations at "
         f"{sizes} size{'s' if sizes > 1 else ''}: all three targets met at every size by {met} of {len(summ)} (train "
@@ -842,25 +998,35 @@ def variant_readme_line(vrows: List[Dict]) -> str:
     )
 
 
-def _fmt(v, target, verdict: bool = True) -> str:
-    """``v`` to two decimals, bold where it is over ``target`` (never bold without ``verdict``)."""
+#: What the marks of a judged table mean.
+LEGEND = ("bold: the target is missed, the 95% interval of the median ratio lies above it; †: the interval contains "
+          "the target, so this run cannot tell; plain: met")
+
+
+def _fmt(v, target, verdict: bool = True, status: str | None = None) -> str:
+    """``v`` to two decimals; with ``verdict``, bold where the target is missed and † where this run cannot tell
+    (``status`` from :func:`judge`; without one, ``v`` against ``target``)."""
     if v is None:
         return "–"
-    return f"**{v:.2f}**" if verdict and v > target else f"{v:.2f}"
+    if not verdict:
+        return f"{v:.2f}"
+    status = status or judge(v, None, target)
+    return {"met": f"{v:.2f}", "open": f"{v:.2f}†", "missed": f"**{v:.2f}**"}[status]
 
 
 def summary_table(summ: Dict[str, Dict], verdict: bool = True) -> List[str]:
-    """Worst ratios per layer; with ``verdict``, the targets in the header and bold where one is missed."""
+    """Worst ratios per layer; with ``verdict``, the targets in the header and each figure judged (:data:`LEGEND`)."""
     t = (lambda target: f" (≤ {target})") if verdict else (lambda target: "")  # noqa: E731
     lines = [
-        f"| layer | train{t(0.9)} | eval{t(1.0)} | memory{t(1.1)} | bf16 autocast / float32, train{t(1.0)} | eval{t(1.0)} |",
+        f"| layer | train{t(TARGETS['train'])} | eval{t(TARGETS['eval'])} | memory{t(TARGETS['memory'])} | "
+        f"bf16 autocast / float32, train{t(BF16_TARGET)} | eval{t(BF16_TARGET)} |",
         "|---|---|---|---|---|---|",
     ]
     for label, d in summ.items():
+        f = lambda key, target: _fmt(d.get(key), target, verdict, d.get(key + "_status"))  # noqa: E731
         lines.append(
-            f"| {label} | {_fmt(d.get('train'), TARGETS['train'], verdict)} | {_fmt(d.get('eval'), TARGETS['eval'], verdict)} | "
-            f"{_fmt(d.get('memory'), TARGETS['memory'], verdict)} | {_fmt(d.get('bf16_train'), 1.0, verdict)} | "
-            f"{_fmt(d.get('bf16_eval'), 1.0, verdict)} |"
+            f"| {label} | {f('train', TARGETS['train'])} | {f('eval', TARGETS['eval'])} | {f('memory', TARGETS['memory'])} | "
+            f"{f('bf16_train', BF16_TARGET)} | {f('bf16_eval', BF16_TARGET)} |"
         )
     return lines
 
@@ -931,7 +1097,7 @@ def compile_lines(crows: List[Dict], verdict: bool = True) -> List[str]:
     for r in crows:
         lines.append(
             f"| {r['cell']} | {r['norm']} | {tuple(r['size'])} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
-            f"{_fmt(r['ratio'], 1.1, verdict)} | {r['compile_s']:.0f} |"
+            f"{_fmt(r['ratio'], COMPILE_TARGET, verdict, judge(r['ratio'], r.get('ratio_ci'), COMPILE_TARGET))} | {r['compile_s']:.0f} |"
         )
     return lines
 
@@ -1008,7 +1174,8 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
     rows, vrows = split_rows(rows)
     fp32 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if not c.endswith(BF16)]
     bf16 = [c for c in dict.fromkeys(r["candidate"] for r in rows) if c.endswith(BF16)]
-    retimed = retimed_text(rows)
+    retimed = extended_text(rows)
+    new = any("calls" in r for r in rows)  # a run from 2026-12-06 on: random order, repeated calls, intervals
     vmeta = meta.get("variants") or {}
     lines = [
         "# Benchmarks: recnorm layers against torch.nn",
@@ -1016,17 +1183,25 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         f"Produced by `python benchmarks/bench_rnn.py {meta['argv']}` on {meta['when']}"
         + (f"; this page written from its JSON by `python benchmarks/bench_rnn.py {meta['rendered']}`." if meta.get("rendered") else "."),
         f"Machine: {meta['machine']}; torch {meta['torch']}; {_threads(meta['threads'])}; float32 unless marked; "
-        f"{meta['rounds']} interleaved rounds; kernel selection `{meta['kernel']}`.",
+        f"{_rounds_text(meta, rows)}; kernel selection `{meta['kernel']}`.",
         "",
         f"**Load.** {quiet_text(meta)}",
         "",
-        *([f"**Re-timed.** {retimed}", ""] if retimed else []),
+        *([f"**{'More rounds' if new else 'Re-timed'}.** {retimed}", ""] if retimed else []),
         *([f"**Memory.** {meta['memory_remeasured']}", ""] if meta.get("memory_remeasured") else []),
         "**How to read it.** Absolute milliseconds depend on the machine and on what else runs on it. "
         "What means something is the *ratio* to "
-        "torch.nn measured in the same round: each round times every candidate once, in alternating order, and a "
-        "figure is the median over rounds of (candidate time / torch.nn time of that round). Below 1 is faster "
-        "than torch.nn. Even so, a row moves by up to about ±0.1 between runs; the memory column is "
+        "torch.nn measured in the same round: "
+        + ("each round times every candidate once per mode, in a random order drawn anew for every round, each timing "
+           f"repeating the step until it lasts {1e3 * meta.get('min_time', MIN_TIME):.0f} ms at least, and a figure is the "
+           "median over rounds of (candidate time / torch.nn time of that round). Below 1 is faster than torch.nn. A "
+           "figure is judged by the distribution-free 95% interval of that median (order statistics of the rounds; in "
+           "the JSON as `ratio_ci`), and the A/A control's interval says how finely this run resolves a ratio at all; "
+           if new else
+           "each round times every candidate once, in alternating order, and a figure is the median over rounds of "
+           "(candidate time / torch.nn time of that round). Below 1 is faster than torch.nn. Even so, a row moves by up "
+           "to about ±0.1 between runs; ")
+        + "the memory column is "
         + (f"the median of {meta['memory_samples']} fresh processes per candidate" if meta.get("memory_samples", 1) > 1
            else "one sample per candidate")
         + (", with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_`) so that the high-water mark follows live "
@@ -1034,9 +1209,10 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "Memory = rise of peak resident memory during one training step in a fresh process, as a ratio to torch.nn "
         "(absolute MiB in brackets).",
         "",
-        "## Against the targets of issue 11",
+        "## Against the targets",
         "",
-        *(["Worst ratio over the sizes measured (bold: over the target)."] if verdict else [
+        *([f"Worst ratio over the sizes measured ({LEGEND})." if new else
+           "Worst ratio over the sizes measured (bold: over the target)."] if verdict else [
             "**No verdict on the targets: the machine was not quiet while this ran** (" + "; ".join(reasons) + "). "
             "A timing under load is not a measurement: run `benchmarks/bench_rnn.py` again with nothing else running. "
             "The worst ratios over the sizes measured, not judged:"]),  # fmt: skip
@@ -1091,7 +1267,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "`pip install --target /tmp/peers haste-pytorch-cpu flashrnn einops` and run the script with "
         "`PYTHONPATH=/tmp/peers`.",
         "",
-        "## Compiled training step (issue 7: at most 1.1x eager)",
+        f"## Compiled training step (issue 7: at most {COMPILE_TARGET}x eager)",
         "",
         "`torch.compile(layer)` (default backend) against the same layer in eager mode, training step, median of "
         f"per-round ratios (`python benchmarks/bench_compile.py --rounds {crows[0]['rounds'] if crows else '?'}`, run beside this script; "
@@ -1112,6 +1288,14 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
 README_BEGIN, README_END = "<!-- speed table: benchmarks/bench_rnn.py --readme -->", "<!-- end of speed table -->"
 
 
+def _rounds_text(meta: Dict, rows: List[Dict]) -> str:
+    """How many rounds the run took: ``7 interleaved rounds``, or per size where rounds were added."""
+    counts = sorted({r["rounds"] for r in rows if "rounds" in r})
+    if len(counts) <= 1:
+        return f"{counts[0] if counts else meta['rounds']} interleaved rounds"
+    return f"{counts[0]}-{counts[-1]} interleaved rounds per size (batches of {meta['rounds']})"
+
+
 def _threads(n) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
@@ -1123,8 +1307,9 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
     lines = [
         README_BEGIN,
         f"Worst ratio to torch.nn over the sizes of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
-        f"`python benchmarks/bench_rnn.py {meta['argv']}` on {meta['machine']}; {meta['rounds']} interleaved rounds, "
-        f"{_threads(meta['threads'])}). {quiet_text(meta)} Bold: over the target of issue 11.",
+        f"`python benchmarks/bench_rnn.py {meta['argv']}` on {meta['machine']}; {_rounds_text(meta, rows)}, "
+        f"{_threads(meta['threads'])}, {meta['when']}, commit {meta.get('commit', 'not recorded')}). {quiet_text(meta)} "
+        + (LEGEND[0].upper() + LEGEND[1:] + "." if any("ratio_ci" in r for r in rows) else "Bold: over the target of issue 11."),
         "",
         *summary_table(summ),
         *(["", vline] if vline else []),
@@ -1284,7 +1469,11 @@ def merge_variants(old: Dict, rows: List[Dict], memory: Dict, meta: Dict) -> Dic
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9,
+                    help="interleaved rounds per size, and per batch of rounds added (--retries; default %(default)s: "
+                         "the fewest whose median has a 95%% interval inside the range of the rounds)")  # fmt: skip
+    ap.add_argument("--min-time", type=float, default=MIN_TIME,
+                    help="each timing repeats the step until it lasts this many seconds (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"], choices=sorted(TORCH))
     ap.add_argument("--norms", nargs="+", default=[str(n) for n in NORMS], help="None and/or names from recnorm.list_norms()")
@@ -1318,9 +1507,10 @@ def main(argv=None) -> int:
                     help="quiet machine: at most this load average before the run, and this many cores used by other "
                          "processes during it (default %(default)s)")  # fmt: skip
     ap.add_argument("--max-noise", type=float, default=MAX_NOISE,
-                    help="quiet machine: the A/A control moves by at most this fraction against torch.nn across rounds "
-                         "(interquartile range over median of the per-round ratio; default %(default)s). A run that is "
-                         "not quiet gives no verdict on the targets and leaves --readme as it is (exit status 2)")  # fmt: skip
+                    help="quiet machine: the 95%% interval of the A/A control's median ratio to torch.nn lies within this "
+                         "fraction of 1 at every size and mode (for runs from before 2026-12-06, --render: the control's "
+                         "interquartile range over median across rounds; default %(default)s). A run that is not quiet "
+                         "gives no verdict on the targets and leaves --readme as it is (exit status 2)")  # fmt: skip
     ap.add_argument("--max-spread", type=float, default=MAX_SPREAD,
                     help="for runs from before the A/A control (--render): torch.nn's own step moves by at most this "
                          "fraction across rounds (default %(default)s)")  # fmt: skip
@@ -1328,12 +1518,16 @@ def main(argv=None) -> int:
                     help="take the memory column from this JSON of an earlier run instead of measuring it (peak memory "
                          "does not depend on the load; the page says where the column comes from)")
     ap.add_argument("--retries", type=int, default=2,
-                    help="time a size again, all its candidates, when its A/A control moved by more than --max-noise "
-                         "against torch.nn across its rounds, at most this many times; the page names the sizes re-timed and every "
-                         "attempt's spread (default %(default)s)")  # fmt: skip
+                    help="add --rounds more rounds of a size, all its candidates, when the 95%% interval of its A/A "
+                         "control's median ratio reaches farther than --max-noise from 1, at most this many times; the "
+                         "page names the sizes that got more rounds and the noise after each batch (default %(default)s)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.retries < 0:
         ap.error(f"--retries: expected an int >= 0, got {args.retries}")
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected an int >= 1, got {args.rounds}")
+    if args.min_time < 0:
+        ap.error(f"--min-time: expected seconds >= 0, got {args.min_time}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.render:
         return render(args)
@@ -1365,7 +1559,7 @@ def main(argv=None) -> int:
     if watch.load_before > args.max_load:
         log(f"  load average {watch.load_before:.2f} (more than {args.max_load}): this run will give no verdict on the targets")
     rows = measure_time(args.cells, norms, sizes, rounds, args.kernel, log, bf16_cells, variant_sizes,
-                        max_noise=args.max_noise, retries=args.retries)
+                        max_noise=args.max_noise, retries=args.retries, min_time=args.min_time)
     crows = []
     if args.only_variants:
         pass
@@ -1408,6 +1602,8 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "rounds": rounds,
         "kernel": args.kernel or os.environ.get("RECNORM_KERNEL") or "auto",
+        "commit": _commit(),
+        "min_time": args.min_time,
         "quiet": quiet,
         "retries": args.retries,
         "memory_samples": args.memory_samples,

@@ -108,3 +108,32 @@ def test_paired_differences_count_each_seed_once_and_sign_by_direction():
     assert st.paired_differences(a, b, "lower", worst=0.1) == pytest.approx([-0.1, 0.4, 0.2])
     with pytest.raises(ValueError, match="expected 'higher' or 'lower'"):
         st.paired_differences(a, b, "up")
+
+
+@pytest.mark.parametrize("n", [3, 5, 6, 7, 9, 10, 15, 21, 27, 40])
+def test_median_interval_is_the_widest_order_statistic_pair_with_the_coverage(n):
+    values = [float((7 * i) % n) for i in range(n)]  # 0 .. n-1, shuffled
+    got = st.median_interval(values)
+    xs = sorted(values)
+
+    def coverage(k):  # [x_(k), x_(n+1-k)] covers the median with probability 1 - 2 P(Bin(n, 1/2) <= k - 1)
+        return 1 - 2 * stats.binom.cdf(k - 1, n, 0.5)
+
+    ks = [k for k in range(1, n // 2 + 1) if coverage(k) >= 0.95]
+    if not ks:
+        assert got is None
+        return
+    k = max(ks)
+    assert got == (xs[k - 1], xs[n - k])
+    assert coverage(k + 1) < 0.95 or k + 1 > n // 2  # the narrowest such pair
+
+
+def test_median_interval_covers_the_median_as_stated():
+    import random
+
+    rng = random.Random(1)
+    hits = 0
+    for _ in range(4000):  # a skewed distribution with median exp(0) = 1
+        lo, hi = st.median_interval([math.exp(rng.gauss(0, 1)) for _ in range(9)])
+        hits += lo <= 1.0 <= hi
+    assert 0.95 <= hits / 4000 <= 0.975  # stated coverage 0.961 for n = 9

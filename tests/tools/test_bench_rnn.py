@@ -87,8 +87,9 @@ class _Machine:
         monkeypatch.setattr(bench_rnn, "clock", self._clock)
         monkeypatch.setattr(bench_rnn, "own_cpu_seconds", lambda: self.now)
         monkeypatch.setattr(bench_rnn, "busy_cpu_seconds", lambda: self.now * (1.0 + self.others))
-        if spread is not None:
+        if spread is not None:  # torch.nn's spread, and the A/A control's median known to within +-spread
             monkeypatch.setattr(bench_rnn, "spread", lambda times: spread)
+            monkeypatch.setattr(bench_rnn, "aa_interval", lambda ratios: [1.0 - spread, 1.0 + spread])
 
     def _clock(self):
         self.now, self.next = self.next, self.next + 10.0
@@ -181,9 +182,9 @@ def test_render_of_the_committed_json_keeps_its_tables(tmp_path):
     page = out.read_text()
     sections = [("## Every size, float32", "## What")]
     if not bench_rnn.run_reasons(meta):  # a quiet run's page judges the targets; another's must not
-        sections.append(("## Against the targets of issue 11", "## Every size"))
+        sections.append(("## Against the targets", "## Every size"))
     else:
-        assert "No verdict on the targets" in _section(page, "## Against the targets of issue 11", "## Every size")
+        assert "No verdict on the targets" in _section(page, "## Against the targets", "## Every size")
     for start, end in sections:
         assert _section(page, start, end) == _section(committed, start, end)
     assert "## Variants (issue 8)" in page
@@ -255,7 +256,7 @@ def test_a_busy_machine_gets_no_verdict_and_leaves_readme_alone(tmp_path, monkey
     assert "not quiet" in err and "left as it is" in err
     assert "\nold\n" in readme.read_text()  # untouched
     page = md.read_text()
-    targets = _section(page, "## Against the targets of issue 11", "## Every size")
+    targets = _section(page, "## Against the targets", "## Every size")
     assert "No verdict on the targets" in targets
     assert not [line for line in targets.splitlines() if line.startswith("|") and "**" in line]  # nothing judged
     assert "(≤ 0.9)" not in targets
@@ -275,22 +276,68 @@ def test_a_quiet_machine_gets_a_verdict_and_its_readme_table(tmp_path, quiet_mac
     assert meta["quiet"]["load_before"] == 0.05 and meta["quiet"]["others_load"] == 0.0
     assert meta["quiet"]["torch_spread"]["spread"] == 0.01 and meta["quiet"]["torch_spread"]["candidate"] == "torch.nn.RNN"
     assert meta["quiet"]["ratio_noise"]["noise"] == 0.01 and meta["quiet"]["ratio_noise"]["candidate"] == "torch.nn.RNN"
-    targets = _section(md.read_text(), "## Against the targets of issue 11", "## Every size")
+    assert meta["quiet"]["ratio_noise"]["measure"] == "interval" and meta["quiet"]["ratio_noise"]["interval"] == [0.99, 1.01]
+    assert meta["commit"] and meta["min_time"] == bench_rnn.MIN_TIME
+    targets = _section(md.read_text(), "## Against the targets", "## Every size")
     assert "No verdict" not in targets and "train (≤ 0.9)" in targets
     text = readme.read_text()
     assert "\nold\n" not in text and "recnorm.RNN(norm=None)" in text and "Load average 0.05 before" in text
 
 
 def test_the_torch_rows_carry_their_spread(monkeypatch):
-    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET)
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 6, None, QUIET)
     torch_rows = [r for r in rows if r["norm"] == "torch"]
     assert torch_rows and all(r["spread"] is not None and r["spread"] >= 0 for r in torch_rows)
     assert all("spread" not in r for r in rows if r["norm"] != "torch")
     assert bench_rnn.worst_spread(rows)["spread"] == round(max(r["spread"] for r in torch_rows), 4)
-    # the A/A control: no rows of its own, its ratio and spread on torch.nn's rows
+    # the A/A control: no rows of its own; its ratio, spread and the interval of its median on torch.nn's rows
     assert not [r for r in rows if bench_rnn.CONTROL in r["candidate"]]
     assert all(r["aa_ratio"] > 0 and r["aa_spread"] is not None for r in torch_rows)
-    assert bench_rnn.worst_noise(rows)["noise"] == round(max(r["aa_spread"] for r in torch_rows), 4)
+    for r in torch_rows:
+        lo, hi = r["aa_ci"]
+        assert lo <= r["aa_ratio"] <= hi and r["aa_noise"] == round(max(abs(lo - 1), abs(hi - 1)), 4)
+    worst = bench_rnn.worst_noise(rows)
+    assert worst["measure"] == "interval" and worst["noise"] == max(r["aa_noise"] for r in torch_rows)
+    assert worst["interval"] in [r["aa_ci"] for r in torch_rows]
+    # every row: the interval of its median ratio, from the 6 rounds' extremes (n = 6: min and max at 95%)
+    for r in rows:
+        assert r["rounds"] == 6 and r["calls"] == {"train": 1, "eval": 1}[r["mode"]]
+        assert r["ratio_ci"][0] <= round(r["ratio"], 4) <= r["ratio_ci"][1]
+    # with fewer than 6 rounds there is no interval, so the noise is unknown and the run is not judged
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 5, None, QUIET)
+    assert all(r["ratio_ci"] is None for r in rows) and bench_rnn.worst_noise(rows)["noise"] is None
+
+
+def test_each_round_has_its_own_random_order():
+    labels = [f"c{i}" for i in range(8)]
+    orders = {tuple(bench_rnn._order(labels, TINY, r, m)) for r in range(6) for m in ("train", "eval")}
+    assert all(sorted(o) == labels for o in orders)  # a permutation of every candidate
+    assert len(orders) > 6  # anew each round and mode
+    assert bench_rnn._order(labels, TINY, 3, "eval") == bench_rnn._order(labels, TINY, 3, "eval")  # repeatable
+    # no candidate keeps its place: each is first in some round
+    firsts = {bench_rnn._order(labels, TINY, r, "train")[0] for r in range(60)}
+    assert firsts == set(labels)
+
+
+def test_a_timing_repeats_a_short_step_until_it_lasts_min_time(monkeypatch):
+    calls = []
+    now = [0.0]
+
+    def step():  # a fake step of 4 ms on a fake clock
+        calls.append(1)
+        now[0] += 0.004
+
+    monkeypatch.setattr(bench_rnn.time, "perf_counter", lambda: now[0])
+    assert bench_rnn._calls(step, 0.05) == 13  # ceil(50 / 4)
+    calls.clear()
+    assert bench_rnn._time(step, 13) == pytest.approx(0.004) and len(calls) == 13
+    assert bench_rnn._calls(step, 0.001) == 1
+    # in a run: a clock that moves 1/256 s per reading (exact in binary) makes every step look that long, so a
+    # timing of 1/16 s takes 16 calls
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(bench_rnn.time, "perf_counter", lambda: next(ticks) / 256)
+    rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 1, None, QUIET, min_time=1 / 16)
+    assert rows and all(r["calls"] == 16 for r in rows)
 
 
 def test_fit_dispatch_measures_on_a_quiet_machine_only(tmp_path, monkeypatch):
@@ -324,35 +371,31 @@ def test_memory_children_fix_glibcs_mmap_threshold(monkeypatch):
     assert bench_rnn.memory_env()["MALLOC_MMAP_THRESHOLD_"] == "131072"
 
 
-def test_a_size_whose_torch_step_was_not_steady_is_timed_again(monkeypatch):
-    attempts = []
-    real_rounds = bench_rnn._rounds
+def test_a_size_whose_control_is_not_known_well_enough_gets_more_rounds(monkeypatch):
+    seen = []
 
-    def counted(*a, **k):
-        attempts.append(1)
-        return real_rounds(*a, **k)
+    def interval(ratios):  # the control's median is known to +-30% after 3 rounds, to +-5% after 6
+        seen.append(len(ratios))
+        return [0.7, 1.3] if len(ratios) < 6 else [0.95, 1.05]
 
-    monkeypatch.setattr(bench_rnn, "_rounds", counted)
-    # torch.nn's step wanders in the first attempt of every size, and is steady in the next
-    monkeypatch.setattr(bench_rnn, "spread", lambda times: 0.3 if len(attempts) % 2 == 1 else 0.05)
+    monkeypatch.setattr(bench_rnn, "aa_interval", interval)
     rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_noise=0.1, retries=2)
-    assert len(attempts) == 2 and rows
-    assert all(r["retimed"] == [0.3, 0.05] for r in rows)
-    text = bench_rnn.retimed_text(rows)
-    assert f"{TINY} 2 times" in text and "30%, 5%" in text and "last attempt" in text and "A/A control" in text
+    assert rows and set(seen) == {3, 6}  # the rounds were added to the first ones, not started again
+    assert all(r["rounds"] == 6 and r["extended"] == [0.3, 0.05] for r in rows)
+    text = bench_rnn.extended_text(rows)
+    assert f"{TINY}: 6 rounds" in text and "30.0%, 5.0%" in text and "all of them" in text
 
-    # never steady: the retries run out and the last attempt is kept, with every spread named
-    attempts.clear()
-    monkeypatch.setattr(bench_rnn, "spread", lambda times: 0.3)
+    # never known well enough: the batches run out, and every batch's noise is named
+    monkeypatch.setattr(bench_rnn, "aa_interval", lambda ratios: [0.7, 1.3])
     rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_noise=0.1, retries=2)
-    assert len(attempts) == 3 and all(r["retimed"] == [0.3, 0.3, 0.3] for r in rows)
-    # steady at once, or no retries asked for: timed once, and the page says nothing about re-timing
-    for spread, retries in ((0.05, 2), (0.3, 0)):
-        attempts.clear()
-        monkeypatch.setattr(bench_rnn, "spread", lambda times, s=spread: s)
+    assert all(r["rounds"] == 9 and r["extended"] == [0.3, 0.3, 0.3] for r in rows)
+    # known at once, or no more rounds asked for: one batch, and the page says nothing about it
+    for noise, retries in ((0.05, 2), (0.3, 0)):
+        monkeypatch.setattr(bench_rnn, "aa_interval", lambda ratios, n=noise: [1 - n, 1 + n])
         rows = bench_rnn.measure_time(["rnn"], [None], [TINY], 3, None, QUIET, bf16_cells=(), max_noise=0.1,
                                       retries=retries)
-        assert len(attempts) == 1 and not any("retimed" in r for r in rows) and bench_rnn.retimed_text(rows) == ""
+        assert all(r["rounds"] == 3 for r in rows) and not any("extended" in r for r in rows)
+        assert bench_rnn.extended_text(rows) == ""
 
 
 def test_retries_must_not_be_negative(capsys):
@@ -409,3 +452,42 @@ def test_the_memory_column_can_come_from_an_earlier_run(tmp_path, quiet_machine,
     assert "2026-01-02" in data["meta"]["memory_remeasured"] and data["meta"]["memory_samples"] == 2
     page = md.read_text()
     assert "taken over with `--memory-from`" in page and "0.50" in page
+
+
+def test_a_figure_is_judged_by_the_interval_of_its_median():
+    assert bench_rnn.judge(0.95, [0.90, 0.99], 1.0) == "met"
+    assert bench_rnn.judge(0.99, [0.97, 1.03], 1.0) == "open"  # the interval contains the target: cannot tell
+    assert bench_rnn.judge(1.10, [1.02, 1.20], 1.0) == "missed"
+    assert bench_rnn.judge(1.01, None, 1.0) == "missed" and bench_rnn.judge(1.0, None, 1.0) == "met"  # no interval
+
+    def row(size, mode, ratio, ci, bf16=False, to_fp32=1.0, to_fp32_ci=None):
+        label = "recnorm.LSTM(norm='layer')" + (bench_rnn.BF16 if bf16 else "")
+        return {"size": list(size), "cell": "lstm", "candidate": label, "norm": "layer", "bf16": bf16, "mode": mode,
+                "ratio": ratio, "ratio_ci": ci, "ratio_to_fp32": to_fp32, "ratio_to_fp32_ci": to_fp32_ci}
+
+    rows = [row((1, 1, 1, 1), "train", 0.80, [0.78, 0.85]), row((2, 2, 2, 2), "train", 0.88, [0.85, 0.93]),
+            row((1, 1, 1, 1), "eval", 0.90, [0.88, 0.95]), row((2, 2, 2, 2), "eval", 1.08, [1.03, 1.12]),
+            row((1, 1, 1, 1), "train", 1.2, None, True, 1.04, [1.01, 1.045]),
+            row((1, 1, 1, 1), "eval", 1.2, None, True, 1.04, [1.02, 1.07])]
+    summ = bench_rnn.summary(rows, {})["recnorm.LSTM(norm='layer')"]
+    # the worst median over sizes, and the worst judgement over sizes
+    assert summ["train"] == 0.88 and summ["train_status"] == "open"
+    assert summ["eval"] == 1.08 and summ["eval_status"] == "missed"
+    assert summ["bf16_train_status"] == "met" and summ["bf16_eval_status"] == "open"  # against 1.05
+    line = bench_rnn.summary_table({"L": summ})[2]
+    assert line == "| L | 0.88† | **1.08** | – | 1.04 | 1.04† |"
+    assert "(≤ 1.05)" in bench_rnn.summary_table({"L": summ})[0]
+    assert "| 0.88 | 1.08 |" in bench_rnn.summary_table({"L": summ}, verdict=False)[2]  # unjudged: plain
+
+
+def test_a_run_whose_control_is_not_known_well_enough_gets_no_verdict():
+    meta = _noise_meta()
+    meta["quiet"]["ratio_noise"] = {"noise": 0.08, "interval": [0.97, 1.08], "measure": "interval",
+                                    "candidate": "torch.nn.GRU", "size": [100, 64, 128, 256], "mode": "eval"}
+    why = bench_rnn.not_quiet(meta)
+    assert len(why) == 1 and "[0.970, 1.080]" in why[0] and "known to 8% only" in why[0] and "torch.nn.GRU" in why[0]
+    assert bench_rnn.not_quiet(meta, max_noise=0.1) == []
+    text = bench_rnn.quiet_text(meta)
+    assert "within 8.0% of 1" in text and "[0.970, 1.080]" in text
+    meta["quiet"]["ratio_noise"] = {"noise": None, "measure": "interval"}
+    assert "fewer than 6 rounds" in bench_rnn.not_quiet(meta)[0] and "unknown" in bench_rnn.quiet_text(meta)

@@ -31,7 +31,7 @@ import statistics
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["PairedTest", "paired_test", "paired_differences", "t_cdf", "t_quantile", "sign_flip_p", "tost_p",
-           "benjamini_hochberg", "verdict", "VERDICTS", "ALPHA", "POWER", "PRIMARY_TEST"]
+           "benjamini_hochberg", "verdict", "median_interval", "VERDICTS", "ALPHA", "POWER", "PRIMARY_TEST"]
 
 ALPHA = 0.05  # two-sided level of every test, and the BH false-discovery rate q
 POWER = 0.8  # the power at which the smallest detectable effect is stated
@@ -194,6 +194,28 @@ def paired_differences(a: Dict[int, Optional[float]], b: Dict[int, Optional[floa
         if va is not None and vb is not None:
             out.append(sign * (va - vb))
     return out
+
+
+def median_interval(values: Sequence[float], level: float = 1 - ALPHA) -> Optional[tuple]:
+    """A distribution-free confidence interval for the median of the distribution ``values`` were drawn from
+    (independent draws): the order statistics ``(x_(k), x_(n+1-k))`` with the largest ``k`` whose coverage
+    ``1 - 2 P(Binomial(n, 1/2) <= k - 1)`` is at least ``level``. It assumes nothing about the shape of the
+    distribution (the benchmark's per-round time ratios are skewed and sometimes bimodal), and it narrows as
+    the number of values grows. None where even ``(min, max)`` covers less than ``level`` (fewer than 6 values
+    at 95%)."""
+    n = len(values)
+    xs = sorted(values)
+    below, k = 0.0, 0  # below: P(Binomial(n, 1/2) <= k - 1) for the candidate k + 1
+    best = None
+    while 2 * k < n:
+        below += math.comb(n, k) / 2 ** n
+        if 1 - 2 * below < level:
+            break
+        k += 1
+        best = k
+    if best is None:
+        return None
+    return (xs[best - 1], xs[n - best])
 
 
 # ---------------------------------------------------------------------------------------------- a page of tests
