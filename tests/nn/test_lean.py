@@ -212,3 +212,110 @@ def test_bad_input_gets_the_full_paths_error(rule):
         layer(torch.randn(4, 3, 6))
     with pytest.raises(RuntimeError, match="Expected hidden"):
         layer(torch.randn(4, 3, 5), (torch.zeros(1, 2, 7), torch.zeros(1, 2, 7)))
+
+
+# -- a sequence-wise BN of the input term, folded in eval (issue 17: the wrapper above torch's op) --------
+
+
+def _calibrated(cell, **kw):
+    """A sequence_batch layer whose running statistics and affine parameters are not the defaults (a few
+    training batches, then random gains and shifts), so that a fold that ignored any of them would show."""
+    layer = _layer(cell, norm="sequence_batch", **kw)
+    with torch.no_grad():
+        for _ in range(3):
+            layer.train()(torch.randn(4, 3, 5) * 2 + 1)
+        for name, p in layer.named_parameters():
+            if name.startswith("norm"):
+                p.copy_(torch.randn_like(p))
+    return layer.eval()
+
+
+def _eval_run(layer, x, hx):
+    with torch.no_grad():
+        out, fin = layer(x, hx)
+    return [out, *(fin if isinstance(fin, tuple) else (fin,))]
+
+
+@pytest.mark.parametrize("cell,config", CASES)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
+def test_folded_lean_path_is_the_full_path_bit_for_bit(cell, config, with_hx, rule, lean_calls):
+    rule(+1.0)
+    layer = _calibrated(cell, **config)
+    T, B = 4, 3
+    x = torch.randn(B, T, 5) if layer.batch_first else torch.randn(T, B, 5)
+    hx = None
+    if with_hx:
+        hx = tuple(torch.randn(s) for s in layer._state_shapes(B))
+        hx = hx if cell == "lstm" else hx[0]
+    with kernels.recording() as ran:  # a dispatch observer: the full path
+        full = _eval_run(layer, x, hx)
+    assert set(ran) == {"native"} and lean_calls[-1] is False
+    lean = _eval_run(layer, x, hx)
+    assert lean_calls[-1] is True
+    _same(lean, full)
+    # and the same as the reference loop, which normalizes W_ih x with the running statistics step by step
+    with torch.no_grad():
+        layer.kernel = "reference"
+        ref = _eval_run(layer, x, hx)
+    for a, b in zip(lean, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_lean_path_follows_every_change_of_what_it_folds(rule, lean_calls):
+    """Nothing is cached: a change of the running statistics, the norm's affine parameters or the weights,
+    however it is made (in place, through .data), shows in the next call."""
+    rule(+1.0)
+    layer = _calibrated("lstm")
+    x = torch.randn(4, 3, 5)
+    before = _eval_run(layer, x, None)[0]
+    norm = layer.norm_ih_l0 if hasattr(layer, "norm_ih_l0") else next(m for m in layer.modules() if hasattr(m, "running_var"))
+    for change in (lambda: norm.running_var.data.mul_(4.0), lambda: norm.weight.data.add_(0.5),
+                   lambda: layer.weight_ih_l0.data.mul_(-1.0), lambda: norm.running_mean.add_(1.0)):
+        change()
+        after = _eval_run(layer, x, None)[0]
+        assert lean_calls[-1] is True and not torch.equal(after, before)
+        with kernels.recording():
+            _same([after], [_eval_run(layer, x, None)[0]])
+        before = after
+
+
+def _served(lean_calls, call) -> bool:
+    """Whether the lean path served ``call()`` (it may not even have been asked)."""
+    n = len(lean_calls)
+    call()
+    return len(lean_calls) > n and lean_calls[-1]
+
+
+def test_folded_lean_path_steps_aside_where_the_fold_needs_autograd_or_does_not_apply(rule, lean_calls):
+    rule(+1.0)
+    x = torch.randn(4, 3, 5)
+    layer = _calibrated("lstm")
+    assert _served(lean_calls, lambda: _eval_run(layer, x, None))
+    with torch.enable_grad():  # autograd through the fold: the full path
+        assert not _served(lean_calls, lambda: layer(x))
+    layer.train()
+    with torch.no_grad():  # training: batch statistics
+        assert not _served(lean_calls, lambda: layer(x))
+    for kw in ({"norm": "layer"}, {"norm": "batch"}, {"norm": "shared_batch"}, {"norm": "sequence_batch", "bidirectional": True},
+               {"norm": "sequence_batch", "num_layers": 2, "between_layers": "batch"}, {"norm": "sequence_batch", "zoneout": 0.1}):
+        other = _layer("lstm", **kw).eval()
+        assert not _served(lean_calls, lambda: _eval_run(other, x, None)), kw
+    rule(-1.0)  # the fused kernel first: the full path runs it
+    layer.eval()
+    with kernels.recording() as ran:
+        _eval_run(layer, x, None)
+    assert ran == ["fused"]
+    assert not _served(lean_calls, lambda: _eval_run(layer, x, None))
+
+
+def test_folded_lean_path_keeps_the_full_paths_checks(rule, lean_calls):
+    rule(+1.0)
+    layer = _calibrated("lstm")
+    x = torch.randn(4, 3, 5)
+    norm = next(m for m in layer.modules() if hasattr(m, "num_batches_tracked"))
+    norm.num_batches_tracked = norm.num_batches_tracked.float()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="must be an integer tensor"):
+        layer(x)
+    norm.num_batches_tracked = norm.num_batches_tracked.long()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 5, got 6"):
+        layer(torch.randn(4, 3, 6))  # the input's error, from the full path

@@ -45,7 +45,10 @@ A plain layer (no norm, zoneout, observer, dropout in training or second directi
 ``RecurrentBase._lean_forward``) asks :func:`native_runs_plain` instead: the same answer as :func:`choose`
 for such a stack, from its sizes alone, so that a call that ends in torch's op costs about what
 ``torch.nn``'s own does (building each layer's :class:`DirectionWork` and choosing took about 5% of an
-eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied).
+eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied). An eval call without
+autograd of a layer whose only norm is a sequence-wise BN of the input term takes the same path, on the
+input weights with the norm folded in (:func:`.native.folded_stack`, computed at every call: nothing is
+cached, so no change of the weights or statistics can be missed).
 
 Two hooks let tools see and steer the choice without patching :func:`choose`: :func:`observe_dispatch`
 calls a function with every direction's implementation (the autocast upcast included; :func:`recording`
@@ -204,7 +207,8 @@ def stack_preference(
 def native_runs_plain(kind: Optional[str], x: Tensor, widths: Sequence[int], hidden: int, proj: bool, grad: bool,
                       kernel: str) -> bool:
     """Whether :func:`choose` would pick torch's op for every layer of a *plain* unidirectional stack: cells
-    of ``kind``, no norm, zoneout or per-step observer, layers that take ``widths`` input features and have
+    of ``kind``, no norm (or, in eval without autograd, a sequence-wise BN of the input term, which folds
+    into ``W_ih`` and leaves the same choice), zoneout or per-step observer, layers that take ``widths`` input features and have
     ``hidden`` units (``proj``: a projection), a full batch ``x`` ``(T, B, F)``, and autograd needed (``grad``)
     as :func:`choose` would find it. False also where it cannot answer without :func:`choose` (a stack
     trained with several layers, where :func:`stack_preference` weighs them together; a dispatch hook,

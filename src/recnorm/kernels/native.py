@@ -26,7 +26,7 @@ from torch import Tensor
 from recnorm.kernels.contract import DirectionResult, DirectionWork
 from recnorm.kernels.functional import fold_sequence_norm
 
-__all__ = ["supports", "run_direction", "run_plain_stack", "grad_needed"]
+__all__ = ["supports", "run_direction", "run_plain_stack", "folded_stack", "grad_needed"]
 
 NAME = "native"
 #: The dtypes torch's RNN ops take.
@@ -120,6 +120,28 @@ def run_plain_stack(kind: str, x: Tensor, state: Sequence[Tensor], weights: List
         x = res[0]
         ends.append(res[1:])
     return x, ends[0] if layers == 1 else tuple(torch.cat([e[i] for e in ends]) for i in range(len(state)))
+
+
+def folded_stack(works: Sequence[DirectionWork], x: Tensor) -> Optional[Tuple[List[Tensor], bool]]:
+    """The flat weights (torch.nn's ``_flat_weights`` order) and ``has_bias`` of a unidirectional stack whose
+    layers' only norm is a sequence-wise BN of the input term on population statistics (eval), folded into
+    the input weights by :func:`fold_sequence_norm` exactly as :func:`run_direction` folds each layer: what
+    :func:`run_plain_stack` then runs. None where a layer has any other norm, would take batch statistics
+    (which depend on the layer's input, not ``x``), or where the layers' biases differ."""
+    weights: List[Tensor] = []
+    flags = set()
+    for work in works:
+        norms = work.present_norms()
+        d = norms.get("ih")
+        if set(norms) != {"ih"} or d.stat != "sequence" or d.batch_stats:
+            return None
+        folded, _ = fold_sequence_norm(work, x)
+        w, has_bias = _weights(folded)
+        weights += w
+        flags.add(has_bias)
+    if len(flags) != 1:
+        return None
+    return weights, flags.pop()
 
 
 def grad_needed(x: Tensor, weights: Sequence[Tensor], state: Sequence[Tensor]) -> bool:

@@ -578,7 +578,7 @@ class RecurrentBase(_NormSetup, nn.Module):
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         """Run the layer. Inputs and outputs are those of the corresponding torch.nn layer."""
-        if type(input) is Tensor and self._plain():
+        if type(input) is Tensor and (self._plain() or self._folds_in_eval()):
             lean = self._lean_forward(input, hx)
             if lean is not None:
                 return lean
@@ -649,12 +649,25 @@ class RecurrentBase(_NormSetup, nn.Module):
                 and not any(self._zoneout_rates)
                 and not (self.training and (self.weight_dropout or (self.dropout and self.num_layers > 1))))
 
+    def _folds_in_eval(self) -> bool:
+        """A normalized layer whose eval call without autograd may end in torch's op: one direction, no zoneout,
+        observer or batch norm between layers, in eval mode with gradients off. Whether its norms do fold
+        (sequence-wise BN of the input term on population statistics only) is for
+        :func:`recnorm.kernels.native.folded_stack` to say, from the layers' descriptors."""
+        return (self.norm is not None and not self.training and not torch.is_grad_enabled() and not self.bidirectional
+                and self._step_observer is None and not any(self._zoneout_rates) and self.between_layers is None
+                and all(set(sites) == {"ih"} and getattr(getattr(self, sites["ih"]), "stat", None) == "sequence"
+                        for sites in self._norm_sites))  # a cheap look first: other norms never fold
+
     def _lean_forward(self, input: Tensor, hx):
-        """The forward of a :meth:`_plain` layer on a batched tensor where :func:`recnorm.kernels.native_runs_plain`
-        says that every layer runs torch's op: that op, layer after layer, with what the full path computes and
-        checks around it and nothing else (so the call costs about what torch.nn's does). None where that is not
-        so, or where the input needs one of the full path's answers (another mode or dtype, an error, an empty
-        batch): the full path then runs. Its results are the full path's, bit for bit (tests/nn/test_lean.py)."""
+        """The forward of a :meth:`_plain` layer, or of a :meth:`_folds_in_eval` one, on a batched tensor where
+        :func:`recnorm.kernels.native_runs_plain` says that every layer runs torch's op: that op, layer after
+        layer (for a normalized layer, on the input weights with the sequence-wise norm folded in, as
+        :func:`recnorm.kernels.native.run_direction` folds it), with what the full path computes and checks
+        around it and nothing else (so the call costs about what torch.nn's does). None where that is not so, or
+        where the input needs one of the full path's answers (another mode or dtype, an error, an empty batch, a
+        norm that does not fold): the full path then runs. Its results are the full path's, bit for bit
+        (tests/nn/test_lean.py)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None  # before any look at the sizes: a trace or a graph must not record one
         if input.dim() != 3 or torch.is_autocast_enabled(input.device.type):
@@ -672,7 +685,15 @@ class RecurrentBase(_NormSetup, nn.Module):
         if not kernels.native_runs_plain(kind, x, [self.input_size] + [out_width] * (L - 1), self.hidden_size,
                                          bool(self.proj_size), grad, kernels.resolve_kernel(self.kernel)):
             return None
-        out, ends = kernels.native.run_plain_stack(kind, x, state, weights, L, self.bias)
+        has_bias = self.bias
+        if self.norm is not None:  # eval without autograd: fold each layer's sequence-wise norm into W_ih
+            self._check_population_statistics()  # the full path's checks, in its order (the input's came first)
+            _warn_if_uncalibrated(self)
+            folded = kernels.native.folded_stack([self.direction_work(layer, 0) for layer in range(L)], x)
+            if folded is None:
+                return None
+            weights, has_bias = folded
+        out, ends = kernels.native.run_plain_stack(kind, x, state, weights, L, has_bias)
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, (ends if self.cell.state_size == 2 else ends[0])
