@@ -9,10 +9,11 @@ For every size, cell and norm it measures
   that allocator caches of other candidates do not count (after a tiny warm-up step that loads
   libraries and extensions, which every candidate gets). Linux only.
 
-Timings are taken in *interleaved rounds*: each round times every candidate once per mode, in a random
-order drawn anew for every round, and each timing repeats the step until it lasts ``--min-time`` (50 ms) at
-least. A figure is the median over rounds of the ratio to the torch.nn layer timed in the same round, and
-it is judged by the distribution-free 95% confidence interval of that median (order statistics of the
+Timings are taken in *interleaved rounds*: each round times every candidate once per mode, each back to
+back with its torch.nn layer (and a bfloat16 row with its float32 twin) as a *group* whose members run in
+a random order, the groups in a random order too, drawn anew for every round; each timing repeats the step
+until it lasts ``--min-time`` (50 ms) at least. A figure is the median over rounds of the ratio to the
+torch.nn layer timed in the same group, and it is judged by the distribution-free 95% confidence interval of that median (order statistics of the
 rounds, :func:`recnorm.experiments.statistics.median_interval`): a target is *met* where the interval lies
 at or below it, *missed* where it lies above it, and *open* (this run cannot tell) where it contains it.
 Absolute milliseconds are reported as medians too. Interleaving does not make a loaded machine's timings a
@@ -334,9 +335,10 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                  max_noise: float | None = None, retries: int = 0, min_time: float = 0.0) -> List[Dict]:
     """Time every candidate of every size in interleaved rounds; one row per candidate and mode.
 
-    Each round times every candidate once per mode, in a random order drawn anew for every round (seeded by
-    the size and the round, so a run can be repeated), each timing ``min_time`` long at least (see
-    :func:`_calls`). A row's ``"ratio"`` is the median over rounds of its per-round ratio to torch.nn, and
+    Each round times every candidate once per mode, back to back with its torch.nn layer (a group,
+    :func:`_groups`), groups and members in a random order drawn anew for every round (seeded by the size,
+    the round and the group, so a run can be repeated), each timing ``min_time`` long at least (see
+    :func:`_calls`). A row's ``"ratio"`` is the median over rounds of its ratio to torch.nn in its group, and
     ``"ratio_ci"`` the distribution-free 95% confidence interval of that median
     (:func:`~recnorm.experiments.statistics.median_interval`).
 
@@ -376,10 +378,11 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
             if isinstance(model, (recnorm.LSTM, recnorm.GRU, recnorm.RNN)):
                 ran[c.label] = {"train": kernel_label(train_ran), "eval": kernel_label(eval_ran)}
         looks: List[Dict] = []
-        times: Dict[Tuple[str, str], List[float]] = {}
+        groups = _groups([c for c in cands if c.label in built], built)
+        times = Timings()
         _warm_round(built)
         while True:
-            _rounds(built, rounds, size, log, times)
+            _rounds(built, groups, rounds, size, log, times)
             aa = _aa_table(cands, times)
             worst = _worst_noise(aa)
             looks.append(worst)
@@ -387,14 +390,13 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                 break
             log(f"  size {size}: the A/A control's median ratio to torch.nn is known to +-{100 * worst['noise']:.0f}% "
                 f"only ({worst['candidate']}, {worst['mode']}); {rounds} more rounds ({len(looks)} of {retries})")
-        done = len(next(iter(times.values()))) if times else 0
+        done = times.rounds
         for c in cands:
-            if c.label not in built or c.base not in built or c.section == "control":
-                continue
-            fp32 = c.label[: -len(BF16)] if c.bf16 else c.label
+            if c.label not in built or c.base not in built or c.section == "control" or (c.label, "train") not in times.own:
+                continue  # the control has no rows of its own; a baseline of nothing was never timed
             for mode in ("train", "eval"):
-                ts, bs, fs = times[(c.label, mode)], times[(c.base, mode)], times[(fp32, mode)]
-                ratios, to_fp32 = [t / b for t, b in zip(ts, bs)], [t / f for t, f in zip(ts, fs)]
+                ts, bs = times.own[(c.label, mode)], times.own[(c.base, mode)]
+                ratios, to_fp32 = times.ratios(c.label, c.base, mode), times.ratios(c.label, _fp32(c), mode)
                 row = {
                     "size": list(size),
                     "cell": c.cell,
@@ -428,6 +430,41 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
     return rows
 
 
+class Timings:
+    """One size's timings. ``groups[(label, mode)]``: per round, the seconds per call of every member of the
+    label's group (:func:`_groups`), timed back to back; ``own[(label, mode)]``: per round, the label's first
+    timing in it (for its milliseconds and torch.nn's spread across rounds)."""
+
+    def __init__(self) -> None:
+        self.groups: Dict[Tuple[str, str], List[Dict[str, float]]] = {}
+        self.own: Dict[Tuple[str, str], List[float]] = {}
+        self.rounds = 0
+
+    def ratios(self, label: str, base: str, mode: str) -> List[float]:
+        """Per round, ``label``'s time over ``base``'s in the same group (1 where they are the same layer)."""
+        if label == base:
+            return [1.0] * self.rounds
+        return [g[label] / g[base] for g in self.groups[(label, mode)]]
+
+
+def _fp32(c: "Candidate") -> str:
+    """The label of the float32 layer a candidate's ``ratio_to_fp32`` is taken against (itself in float32)."""
+    return c.label[: -len(BF16)] if c.bf16 else c.label
+
+
+def _groups(cands: List["Candidate"], built: Dict) -> Dict[str, List[str]]:
+    """Per candidate that is not a torch.nn baseline itself: the layers timed back to back with it in every
+    round, its baseline first and, for a bfloat16 row, its float32 twin. A ratio is taken within the group,
+    so the machine's speed changes over a round (on this VM, levels that last seconds: a round takes up to
+    30 s) cancel; a baseline is timed once per group it belongs to."""
+    out = {}
+    for c in cands:
+        if c.label == c.base or c.base not in built or _fp32(c) not in built:
+            continue
+        out[c.label] = list(dict.fromkeys([c.base, _fp32(c), c.label]))
+    return out
+
+
 def _steps(model, x, bf16: bool) -> Tuple[Callable[[], None], Callable[[], None]]:
     """The timed training step (gradients reset first, as a training loop does) and eval step of a model."""
 
@@ -438,27 +475,36 @@ def _steps(model, x, bf16: bool) -> Tuple[Callable[[], None], Callable[[], None]
     return train, lambda: _eval_step(model, x, bf16)
 
 
-def _order(labels: List[str], size, r: int, mode: str) -> List[str]:
-    """The order of round ``r`` of ``mode`` at ``size``: a random permutation, drawn anew for every round and
-    mode from a seed that names them, so that no candidate keeps a place in the round or a neighbour (the A/A
-    control's median ratio read 0.89 with a fixed order reversed every other round)."""
+def _order(labels: List[str], size, r, mode: str) -> List[str]:
+    """The order of round ``r`` of ``mode`` at ``size`` (``r`` may name a group within the round too): a random
+    permutation, drawn anew for every round, mode and group from a seed that names them, so that no candidate
+    keeps a place or a neighbour (the A/A control's median ratio read 0.89 with a fixed order reversed every
+    other round)."""
     out = list(labels)
     random.Random(f"{tuple(size)} {r} {mode}").shuffle(out)
     return out
 
 
-def _rounds(built: Dict, rounds: int, size, log, times: Dict | None = None) -> Dict[Tuple[str, str], List[float]]:
-    """``rounds`` more interleaved rounds over the built candidates of one size, appended to ``times``
-    (``{(label, mode): [seconds per call]}``, new when None), which is returned."""
-    times = {} if times is None else times
-    first = len(next(iter(times.values()))) if times else 0
-    for r in range(first, first + rounds):
+def _rounds(built: Dict, groups: Dict[str, List[str]], rounds: int, size, log, times: "Timings | None" = None) -> "Timings":
+    """``rounds`` more rounds over the groups of one size (:func:`_groups`), appended to ``times`` (new when
+    None), which is returned. A round times, per mode, every group in a random order, and the members of a
+    group back to back in a random order of their own."""
+    times = Timings() if times is None else times
+    for r in range(times.rounds, times.rounds + rounds):
         for mode in ("train", "eval"):
-            for label in _order(list(built), size, r, mode):
-                model, x, bf16, calls = built[label]
-                model.train(mode == "train")
-                train, ev = _steps(model, x, bf16)
-                times.setdefault((label, mode), []).append(_time(train if mode == "train" else ev, calls[mode]))
+            seen = set()
+            for label in _order(list(groups), size, r, mode):
+                got = {}
+                for member in _order(groups[label], size, f"{r}/{label}", mode):
+                    model, x, bf16, calls = built[member]
+                    model.train(mode == "train")
+                    train, ev = _steps(model, x, bf16)
+                    got[member] = _time(train if mode == "train" else ev, calls[mode])
+                    if member not in seen:
+                        seen.add(member)
+                        times.own.setdefault((member, mode), []).append(got[member])
+                times.groups.setdefault((label, mode), []).append(got)
+        times.rounds += 1
         log(f"  size {size}: round {r + 1} done")
     return times
 
@@ -497,10 +543,10 @@ def _aa_stats(control: List[float], base: List[float]) -> Dict:
     return {"aa_ratio": round(statistics.median(ratios), 4), "aa_spread": spread(ratios), "aa_ci": ci, "aa_noise": noise}
 
 
-def _aa_table(cands, times: Dict[Tuple[str, str], List[float]]) -> Dict[Tuple[str, str], Dict]:
+def _aa_table(cands, times: "Timings") -> Dict[Tuple[str, str], Dict]:
     """:func:`_aa_stats` of every A/A control of one size, keyed by its torch.nn layer's (label, mode)."""
-    return {(c.base, m): _aa_stats(times[(c.label, m)], times[(c.base, m)]) for c in cands if c.section == "control"
-            for m in ("train", "eval") if (c.label, m) in times and (c.base, m) in times}
+    return {(c.base, m): _aa_stats(*zip(*[(g[c.label], g[c.base]) for g in times.groups[(c.label, m)]]))
+            for c in cands if c.section == "control" for m in ("train", "eval") if (c.label, m) in times.groups}
 
 
 def _worst_noise(aa: Dict[Tuple[str, str], Dict]) -> Dict:
@@ -683,8 +729,8 @@ def quiet_text(meta: Dict) -> str:
         return (text + ". Its A/A control (the same torch.nn layer timed again in each round) had too few rounds (fewer "
                 "than 6) for a 95% interval of its median ratio: the resolution of a figure on this page is unknown.")
     if n.get("measure") == "interval":
-        return (text + ". Its A/A control (the same torch.nn layer timed again in each round, at a random place in "
-                f"it) read a median ratio whose 95% interval lies within {noise} of 1 at every size and mode "
+        where = "back to back with it, in a random order" if meta.get("paired") else "at a random place in it"
+        return (text + f". Its A/A control (the same torch.nn layer timed again in each round, {where}) read a median ratio whose 95% interval lies within {noise} of 1 at every size and mode "
                 f"(the worst: {n['candidate']}, {tuple(n['size'])}, {n['mode']}, [{n['interval'][0]:.3f}, "
                 f"{n['interval'][1]:.3f}]): the smallest difference a figure on this page resolves.")
     return (text + f", and its A/A control (the same torch.nn layer timed again in each round) by at most {noise} "
@@ -1192,7 +1238,12 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "**How to read it.** Absolute milliseconds depend on the machine and on what else runs on it. "
         "What means something is the *ratio* to "
         "torch.nn measured in the same round: "
-        + ("each round times every candidate once per mode, in a random order drawn anew for every round, each timing "
+        + ("each round times every candidate once per mode, back to back with its torch.nn layer (a bfloat16 row with "
+           "its float32 twin too), in a random order within the pair and of the pairs, drawn anew for every round, each "
+           f"timing repeating the step until it lasts {1e3 * meta.get('min_time', MIN_TIME):.0f} ms at least, and a figure "
+           "is the median over rounds of (candidate time / torch.nn time next to it). Below 1 is faster than torch.nn. A "
+           if meta.get("paired") else
+           "each round times every candidate once per mode, in a random order drawn anew for every round, each timing "
            f"repeating the step until it lasts {1e3 * meta.get('min_time', MIN_TIME):.0f} ms at least, and a figure is the "
            "median over rounds of (candidate time / torch.nn time of that round). Below 1 is faster than torch.nn. A "
            "figure is judged by the distribution-free 95% interval of that median (order statistics of the rounds; in "
@@ -1604,6 +1655,7 @@ def main(argv=None) -> int:
         "kernel": args.kernel or os.environ.get("RECNORM_KERNEL") or "auto",
         "commit": _commit(),
         "min_time": args.min_time,
+        "paired": True,  # each candidate timed back to back with its baseline (from 2026-12-06)
         "quiet": quiet,
         "retries": args.retries,
         "memory_samples": args.memory_samples,

@@ -491,3 +491,41 @@ def test_a_run_whose_control_is_not_known_well_enough_gets_no_verdict():
     assert "within 8.0% of 1" in text and "[0.970, 1.080]" in text
     meta["quiet"]["ratio_noise"] = {"noise": None, "measure": "interval"}
     assert "fewer than 6 rounds" in bench_rnn.not_quiet(meta)[0] and "unknown" in bench_rnn.quiet_text(meta)
+
+
+def test_each_candidate_is_timed_back_to_back_with_its_baseline(monkeypatch):
+    """A round times groups (baseline, candidate; a bfloat16 row with its float32 twin too), each group's
+    members one after the other, so that a ratio is taken between timings that are next to each other."""
+
+    class Fake:
+        def __init__(self, label):
+            self.label = label
+
+        def train(self, mode=True):
+            return self
+
+    seq = []
+    monkeypatch.setattr(bench_rnn, "_steps", lambda model, x, bf16: (lambda: seq.append(model.label),) * 2)
+    cands = bench_rnn._candidates(["lstm"], [None, "layer"], bf16_cells=("lstm",), peers=False)
+    built = {c.label: (Fake(c.label), None, c.bf16, {"train": 1, "eval": 1}) for c in cands}
+    groups = bench_rnn._groups(cands, built)
+    base, bf = "torch.nn.LSTM", "recnorm.LSTM(norm='layer')" + bench_rnn.BF16
+    assert groups["recnorm.LSTM(norm='layer')"] == [base, "recnorm.LSTM(norm='layer')"]
+    assert groups[bf] == [base, "recnorm.LSTM(norm='layer')", bf]  # with its float32 twin
+    assert groups["torch.nn.LSTM" + bench_rnn.CONTROL] == [base, "torch.nn.LSTM" + bench_rnn.CONTROL]
+    assert base not in groups  # the baseline is timed in every group, never alone
+    times = bench_rnn._rounds(built, groups, 4, TINY, QUIET)
+    assert times.rounds == 4 and len(seq) == 2 * 4 * sum(len(g) for g in groups.values())
+    # the sequence is the groups one after another, each group's members together
+    i, firsts = 0, []
+    for r in range(4):
+        for mode in ("train", "eval"):
+            for label in bench_rnn._order(list(groups), TINY, r, mode):
+                members = seq[i: i + len(groups[label])]
+                assert sorted(members) == sorted(groups[label])
+                firsts.append(members[0])
+                i += len(members)
+    assert len(set(firsts)) > 1  # the baseline does not always go first
+    # ratios come from within each group; the baseline's own times (its first in each round) give its milliseconds
+    assert len(times.ratios("recnorm.LSTM(norm=None)", base, "train")) == 4
+    assert times.ratios(base, base, "eval") == [1.0] * 4 and len(times.own[(base, "eval")]) == 4
