@@ -933,7 +933,8 @@ def summary(rows: List[Dict], memory: Dict) -> Dict[str, Dict]:
         d = out.setdefault(label, {"cell": r["cell"], "norm": r["norm"]})
         key = f"bf16_{r['mode']}" if r.get("bf16") else r["mode"]
         val, ci = (r["ratio_to_fp32"], r.get("ratio_to_fp32_ci")) if r.get("bf16") else (r["ratio"], r.get("ratio_ci"))
-        d[key] = max(d.get(key, 0.0), val)
+        if val >= d.get(key, 0.0):  # the worst size: its value and the interval of its median
+            d[key], d[key + "_ci"] = val, ci
         d[key + "_status"] = _worse(d.get(key + "_status"), judge(val, ci, BF16_TARGET if r.get("bf16") else TARGETS[r["mode"]]))
         if not r.get("bf16") and r["mode"] == "train":
             mem, base = memory.get((label, tuple(r["size"]))), memory.get((torch_label(r["cell"]), tuple(r["size"])))
@@ -1061,7 +1062,8 @@ def _fmt(v, target, verdict: bool = True, status: str | None = None) -> str:
 
 
 def summary_table(summ: Dict[str, Dict], verdict: bool = True) -> List[str]:
-    """Worst ratios per layer; with ``verdict``, the targets in the header and each figure judged (:data:`LEGEND`)."""
+    """Worst ratios per layer, each with the 95% interval of its median where the run has one (in brackets); with
+    ``verdict``, the targets in the header and each figure judged (:data:`LEGEND`)."""
     t = (lambda target: f" (≤ {target})") if verdict else (lambda target: "")  # noqa: E731
     lines = [
         f"| layer | train{t(TARGETS['train'])} | eval{t(TARGETS['eval'])} | memory{t(TARGETS['memory'])} | "
@@ -1069,7 +1071,11 @@ def summary_table(summ: Dict[str, Dict], verdict: bool = True) -> List[str]:
         "|---|---|---|---|---|---|",
     ]
     for label, d in summ.items():
-        f = lambda key, target: _fmt(d.get(key), target, verdict, d.get(key + "_status"))  # noqa: E731
+        def f(key, target, d=d):
+            ci = d.get(key + "_ci")
+            text = _fmt(d.get(key), target, verdict, d.get(key + "_status"))
+            return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
         lines.append(
             f"| {label} | {f('train', TARGETS['train'])} | {f('eval', TARGETS['eval'])} | {f('memory', TARGETS['memory'])} | "
             f"{f('bf16_train', BF16_TARGET)} | {f('bf16_eval', BF16_TARGET)} |"
@@ -1227,6 +1233,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "# Benchmarks: recnorm layers against torch.nn",
         "",
         f"Produced by `python benchmarks/bench_rnn.py {meta['argv']}` on {meta['when']}"
+        + (f" at commit {meta['commit']}" if meta.get("commit") else "")
         + (f"; this page written from its JSON by `python benchmarks/bench_rnn.py {meta['rendered']}`." if meta.get("rendered") else "."),
         f"Machine: {meta['machine']}; torch {meta['torch']}; {_threads(meta['threads'])}; float32 unless marked; "
         f"{_rounds_text(meta, rows)}; kernel selection `{meta['kernel']}`.",
@@ -1238,17 +1245,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "**How to read it.** Absolute milliseconds depend on the machine and on what else runs on it. "
         "What means something is the *ratio* to "
         "torch.nn measured in the same round: "
-        + ("each round times every candidate once per mode, back to back with its torch.nn layer (a bfloat16 row with "
-           "its float32 twin too), in a random order within the pair and of the pairs, drawn anew for every round, each "
-           f"timing repeating the step until it lasts {1e3 * meta.get('min_time', MIN_TIME):.0f} ms at least, and a figure "
-           "is the median over rounds of (candidate time / torch.nn time next to it). Below 1 is faster than torch.nn. A "
-           if meta.get("paired") else
-           "each round times every candidate once per mode, in a random order drawn anew for every round, each timing "
-           f"repeating the step until it lasts {1e3 * meta.get('min_time', MIN_TIME):.0f} ms at least, and a figure is the "
-           "median over rounds of (candidate time / torch.nn time of that round). Below 1 is faster than torch.nn. A "
-           "figure is judged by the distribution-free 95% interval of that median (order statistics of the rounds; in "
-           "the JSON as `ratio_ci`), and the A/A control's interval says how finely this run resolves a ratio at all; "
-           if new else
+        + (_how_timed(meta) if new else
            "each round times every candidate once, in alternating order, and a figure is the median over rounds of "
            "(candidate time / torch.nn time of that round). Below 1 is faster than torch.nn. Even so, a row moves by up "
            "to about ±0.1 between runs; ")
@@ -1262,11 +1259,16 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         "## Against the targets",
         "",
-        *([f"Worst ratio over the sizes measured ({LEGEND})." if new else
+        *([f"Worst ratio over the sizes measured, with the 95% interval of its median in brackets ({LEGEND})." if new else
            "Worst ratio over the sizes measured (bold: over the target)."] if verdict else [
-            "**No verdict on the targets: the machine was not quiet while this ran** (" + "; ".join(reasons) + "). "
-            "A timing under load is not a measurement: run `benchmarks/bench_rnn.py` again with nothing else running. "
-            "The worst ratios over the sizes measured, not judged:"]),  # fmt: skip
+            ("**No verdict on the targets: the machine was not quiet while this ran** (" + "; ".join(reasons) + "). "
+             "A timing under load is not a measurement: run `benchmarks/bench_rnn.py` again with nothing else running. "
+             if any("load" in r or "cores during" in r for r in reasons) else
+             "**No verdict on the targets: the load was within its limits, but this run did not resolve ratios finely enough to judge "
+             "them** (" + "; ".join(reasons) + "). Run it again (more rounds: `--retries`), or judge by the intervals in "
+             "the JSON where they lie far from a target. ")
+            + "The worst ratios over the sizes measured, not judged (in brackets the 95% interval of the median at that "
+            "size, where the run has one):"]),  # fmt: skip
         "",
         "The bfloat16 columns are the same layer "
         "under `torch.autocast(\"cpu\", torch.bfloat16)` against itself in float32, in the same rounds.",
@@ -1337,6 +1339,23 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
 
 
 README_BEGIN, README_END = "<!-- speed table: benchmarks/bench_rnn.py --readme -->", "<!-- end of speed table -->"
+
+
+def _how_timed(meta: Dict) -> str:
+    """How a run from 2026-12-06 on took its ratios and judged them (the page's "How to read it")."""
+    ms = f"{1e3 * meta.get('min_time', MIN_TIME):.0f} ms"
+    if meta.get("paired"):
+        how = ("each round times every candidate once per mode, back to back with its torch.nn layer (a bfloat16 row "
+               "with its float32 twin too), in a random order within the pair and of the pairs, drawn anew for every "
+               f"round, each timing repeating the step until it lasts {ms} at least, and a figure is the median over "
+               "rounds of (candidate time / torch.nn time next to it). ")
+    else:
+        how = ("each round times every candidate once per mode, in a random order drawn anew for every round, each "
+               f"timing repeating the step until it lasts {ms} at least, and a figure is the median over rounds of "
+               "(candidate time / torch.nn time of that round). ")
+    return how + ("Below 1 is faster than torch.nn. A figure is judged by the distribution-free 95% interval of that "
+                  "median (order statistics of the rounds; in the JSON as `ratio_ci`), and the A/A control's interval "
+                  "says how finely this run resolves a ratio at all; ")
 
 
 def _rounds_text(meta: Dict, rows: List[Dict]) -> str:

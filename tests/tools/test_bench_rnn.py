@@ -474,10 +474,12 @@ def test_a_figure_is_judged_by_the_interval_of_its_median():
     assert summ["train"] == 0.88 and summ["train_status"] == "open"
     assert summ["eval"] == 1.08 and summ["eval_status"] == "missed"
     assert summ["bf16_train_status"] == "met" and summ["bf16_eval_status"] == "open"  # against 1.05
+    # the worst size's interval beside its median
     line = bench_rnn.summary_table({"L": summ})[2]
-    assert line == "| L | 0.88† | **1.08** | – | 1.04 | 1.04† |"
+    assert line == "| L | 0.88† [0.85, 0.93] | **1.08** [1.03, 1.12] | – | 1.04 [1.01, 1.04] | 1.04† [1.02, 1.07] |"
     assert "(≤ 1.05)" in bench_rnn.summary_table({"L": summ})[0]
-    assert "| 0.88 | 1.08 |" in bench_rnn.summary_table({"L": summ}, verdict=False)[2]  # unjudged: plain
+    # unjudged: plain figures, the intervals kept
+    assert "| 0.88 [0.85, 0.93] | 1.08 [1.03, 1.12] |" in bench_rnn.summary_table({"L": summ}, verdict=False)[2]
 
 
 def test_a_run_whose_control_is_not_known_well_enough_gets_no_verdict():
