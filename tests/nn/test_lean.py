@@ -183,7 +183,9 @@ def test_the_lean_path_steps_aside(rule, lean_calls, monkeypatch):
     assert not served(_layer("lstm"), pack_padded_sequence(x, [4, 3, 2]))
     assert not served(_layer("lstm"), torch.randn(4, 0, 5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not served(_layer("lstm"), x)
+        assert not served(_layer("lstm"), x, train=True)  # autograd through the 16-bit casts: the full path
+        assert served(_layer("lstm"), x)  # eval: the full path's float32 upcast (test_lean_path_under_autocast...)
+        assert not served(_layer("lstm", kernel="native"), x)  # forced: the full path runs the op in 16 bits
     # a forced implementation, an environment preference, a per-step observer
     assert not served(_layer("lstm", kernel="reference"), x)
     assert served(_layer("lstm", kernel="native"), x)
@@ -319,3 +321,25 @@ def test_folded_lean_path_keeps_the_full_paths_checks(rule, lean_calls):
     norm.num_batches_tracked = norm.num_batches_tracked.long()
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 5, got 6"):
         layer(torch.randn(4, 3, 6))  # the input's error, from the full path
+
+
+@pytest.mark.parametrize("cell,config", CASES)
+@pytest.mark.parametrize("norm", [None, "sequence_batch"])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_lean_path_under_autocast_is_the_full_path_bit_for_bit(cell, config, norm, low, rule, lean_calls):
+    """Under CPU autocast without autograd, the lean path rounds each layer's input and state to the 16-bit
+    dtype and runs it in float32, as the full path's upcast does: the same outputs and states, in that dtype."""
+    rule(+1.0)
+    layer = (_calibrated(cell, **config) if norm else _layer(cell, **config)).eval()
+    T, B = 4, 3
+    x = torch.randn(B, T, 5) if layer.batch_first else torch.randn(T, B, 5)
+    hx = tuple(torch.randn(s) for s in layer._state_shapes(B))
+    hx = hx if cell == "lstm" else hx[0]
+    with torch.autocast("cpu", dtype=low):
+        with kernels.recording() as ran:
+            full = _eval_run(layer, x, hx)
+        assert set(ran) == {"native"} and lean_calls[-1] is False
+        lean = _eval_run(layer, x, hx)
+    assert lean_calls[-1] is True
+    assert all(t.dtype == low for t in lean)
+    _same(lean, full)

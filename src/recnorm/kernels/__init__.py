@@ -48,7 +48,9 @@ for such a stack, from its sizes alone, so that a call that ends in torch's op c
 eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied). An eval call without
 autograd of a layer whose only norm is a sequence-wise BN of the input term takes the same path, on the
 input weights with the norm folded in (:func:`.native.folded_stack`, computed at every call: nothing is
-cached, so no change of the weights or statistics can be missed).
+cached, so no change of the weights or statistics can be missed). Under CPU autocast without autograd both
+take it too, rounding each layer's input, state and output to the 16-bit dtype around a float32 call, as
+:func:`_run_upcast` does on the full path.
 
 Two hooks let tools see and steer the choice without patching :func:`choose`: :func:`observe_dispatch`
 calls a function with every direction's implementation (the autocast upcast included; :func:`recording`

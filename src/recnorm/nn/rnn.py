@@ -670,33 +670,62 @@ class RecurrentBase(_NormSetup, nn.Module):
         (tests/nn/test_lean.py)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None  # before any look at the sizes: a trace or a graph must not record one
-        if input.dim() != 3 or torch.is_autocast_enabled(input.device.type):
+        if input.dim() != 3:
             return None
+        low = None  # under CPU autocast: the 16-bit dtype each layer's input and output are rounded to
+        if torch.is_autocast_enabled(input.device.type):
+            low = torch.get_autocast_dtype(input.device.type)
+            if input.device.type != "cpu" or low not in (torch.bfloat16, torch.float16) or kernels.resolve_kernel(self.kernel) != "auto":
+                return None  # the full path's kernels._run_upcast serves "auto" on CPU only
         x = input.transpose(0, 1) if self.batch_first else input
         weights = self._flat_weights
         w = weights[0]
-        if not (x.dtype == w.dtype and x.is_floating_point() and x.device == w.device and x.shape[0] > 0 and x.shape[1] > 0
+        same_dtype = x.dtype == w.dtype if low is None else w.dtype == torch.float32
+        if not (same_dtype and x.is_floating_point() and x.device == w.device and x.shape[0] > 0 and x.shape[1] > 0
                 and x.shape[2] == self.input_size):
             return None
         state = self._prepare_state(hx, x.shape[1], True, x, None)
         grad = kernels.native.grad_needed(x, weights, state)
+        if low is not None and grad:
+            return None  # the 16-bit casts under autograd: the full path
         L, out_width = self.num_layers, self.proj_size or self.hidden_size
         kind = self.cell.kind()
-        if not kernels.native_runs_plain(kind, x, [self.input_size] + [out_width] * (L - 1), self.hidden_size,
-                                         bool(self.proj_size), grad, kernels.resolve_kernel(self.kernel)):
+        if not kernels.native_runs_plain(kind, x if low is None else x.float(), [self.input_size] + [out_width] * (L - 1),
+                                         self.hidden_size, bool(self.proj_size), grad, kernels.resolve_kernel(self.kernel)):
             return None
         has_bias = self.bias
         if self.norm is not None:  # eval without autograd: fold each layer's sequence-wise norm into W_ih
             self._check_population_statistics()  # the full path's checks, in its order (the input's came first)
             _warn_if_uncalibrated(self)
-            folded = kernels.native.folded_stack([self.direction_work(layer, 0) for layer in range(L)], x)
+            with torch.autocast(x.device.type, enabled=False):  # as kernels._run_upcast folds it: in float32
+                folded = kernels.native.folded_stack([self.direction_work(layer, 0) for layer in range(L)], x)
             if folded is None:
                 return None
             weights, has_bias = folded
-        out, ends = kernels.native.run_plain_stack(kind, x, state, weights, L, has_bias)
+        if low is None:
+            out, ends = kernels.native.run_plain_stack(kind, x, state, weights, L, has_bias)
+        else:
+            out, ends = self._lean_upcast(kind, x, state, weights, has_bias, low)
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, (ends if self.cell.state_size == 2 else ends[0])
+
+    def _lean_upcast(self, kind: str, x: Tensor, state, weights: List[Tensor], has_bias: bool, low: torch.dtype):
+        """The layers under CPU autocast as the full path runs them (:func:`recnorm.kernels._run_upcast`): each
+        layer's input and initial state rounded to ``low`` and run in float32 by torch's op with autocast off,
+        its output and final states rounded to ``low``."""
+        L = self.num_layers
+        per = len(weights) // L
+        h, state = x.to(low), tuple(s.to(low) for s in state)
+        finals = []
+        with torch.autocast(x.device.type, enabled=False):
+            for layer in range(L):
+                out, ends = kernels.native.run_plain_stack(kind, h.float(), [s[layer : layer + 1].float() for s in state],
+                                                           weights[layer * per : (layer + 1) * per], 1, has_bias)
+                h = out.to(low)
+                finals.append([e.to(low) for e in ends])
+        ends = tuple(finals[0]) if L == 1 else tuple(torch.cat([f[i] for f in finals]) for i in range(len(state)))
+        return h, ends
 
     def _empty_result(self, input: Tensor, hx, is_batched: bool):
         """torch.nn's answer for a batch of 0 sequences: empty outputs and states of the right shapes, which
