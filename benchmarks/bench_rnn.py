@@ -922,9 +922,10 @@ def _table(rows: List[Dict], memory: Dict, cands: List[str]) -> List[str]:
 
 
 def summary(rows: List[Dict], memory: Dict) -> Dict[str, Dict]:
-    """Per recnorm float32 candidate: the worst (largest) ratio over sizes of train, eval and memory,
-    and of bfloat16 autocast against float32 of the same layer; beside each (``"<key>_status"``) the worst
-    :func:`judge` of its sizes against the target."""
+    """Per recnorm float32 candidate: the worst size's ratio of train, eval and memory, and of bfloat16 autocast
+    against float32 of the same layer, with its interval (``"<key>_ci"``) and :func:`judge` against the target
+    (``"<key>_status"``). The worst size is the one judged worst (missed, open, met), and among those the one
+    with the largest ratio: the figure shown is then the one its judgement comes from."""
     out: Dict[str, Dict] = {}
     for r in rows:
         if r["norm"] in ("torch",) + PEERS:
@@ -933,9 +934,10 @@ def summary(rows: List[Dict], memory: Dict) -> Dict[str, Dict]:
         d = out.setdefault(label, {"cell": r["cell"], "norm": r["norm"]})
         key = f"bf16_{r['mode']}" if r.get("bf16") else r["mode"]
         val, ci = (r["ratio_to_fp32"], r.get("ratio_to_fp32_ci")) if r.get("bf16") else (r["ratio"], r.get("ratio_ci"))
-        if val >= d.get(key, 0.0):  # the worst size: its value and the interval of its median
-            d[key], d[key + "_ci"] = val, ci
-        d[key + "_status"] = _worse(d.get(key + "_status"), judge(val, ci, BF16_TARGET if r.get("bf16") else TARGETS[r["mode"]]))
+        status = judge(val, ci, BF16_TARGET if r.get("bf16") else TARGETS[r["mode"]])
+        # the worst size, by its judgement first and then by its median: its value, interval and judgement
+        if key not in d or (_WORSE[status], val) >= (_WORSE[d[key + "_status"]], d[key]):
+            d[key], d[key + "_ci"], d[key + "_status"] = val, ci, status
         if not r.get("bf16") and r["mode"] == "train":
             mem, base = memory.get((label, tuple(r["size"]))), memory.get((torch_label(r["cell"]), tuple(r["size"])))
             if mem is not None and base:
@@ -1259,7 +1261,8 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         "## Against the targets",
         "",
-        *([f"Worst ratio over the sizes measured, with the 95% interval of its median in brackets ({LEGEND})." if new else
+        *([f"The worst size of each figure (judged worst, then the largest ratio), with the 95% interval of its median in "
+           f"brackets ({LEGEND})." if new else
            "Worst ratio over the sizes measured (bold: over the target)."] if verdict else [
             ("**No verdict on the targets: the machine was not quiet while this ran** (" + "; ".join(reasons) + "). "
              "A timing under load is not a measurement: run `benchmarks/bench_rnn.py` again with nothing else running. "
@@ -1376,7 +1379,7 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
     vline = variant_readme_line(vrows)
     lines = [
         README_BEGIN,
-        f"Worst ratio to torch.nn over the sizes of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
+        f"Ratio to torch.nn at the worst size (judged worst, then the largest) of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
         f"`python benchmarks/bench_rnn.py {meta['argv']}` on {meta['machine']}; {_rounds_text(meta, rows)}, "
         f"{_threads(meta['threads'])}, {meta['when']}, commit {meta.get('commit', 'not recorded')}). {quiet_text(meta)} "
         + (LEGEND[0].upper() + LEGEND[1:] + "." if any("ratio_ci" in r for r in rows) else "Bold: over the target of issue 11."),
