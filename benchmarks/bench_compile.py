@@ -32,8 +32,9 @@ import recnorm  # noqa: E402
 from recnorm.experiments.statistics import median_interval  # noqa: E402
 
 
-def _interval(values: List[float]):
-    """The distribution-free 95% interval of the median of ``values`` (None with fewer than 6)."""
+def interval(values: List[float]) -> List[float] | None:
+    """The distribution-free 95% interval of the median of ``values`` as a JSON-ready list, rounded (None with
+    fewer than 6 values); bench_rnn.py's intervals too."""
     ci = median_interval(values)
     return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
 
@@ -79,7 +80,7 @@ def measure(cell: str, norm, size, rounds: int, warmup: int = 3) -> Dict:
         "eager_ms": 1e3 * statistics.median(times["eager"]),
         "compiled_ms": 1e3 * statistics.median(times["compiled"]),
         "ratio": statistics.median(c / e for c, e in zip(times["compiled"], times["eager"])),
-        "ratio_ci": _interval([c / e for c, e in zip(times["compiled"], times["eager"])]),
+        "ratio_ci": interval([c / e for c, e in zip(times["compiled"], times["eager"])]),
         "dynamo_events_while_timed": frames_after - frames_before,
         "rounds": rounds,
     }

@@ -24,7 +24,7 @@ measurement (issue 17: two cores shared with a test suite move ratios by 0.5), s
 * the spread of torch.nn's own step across rounds (interquartile range over median, per size and mode;
   the worst is kept);
 * the resolution of the ratios: each cell's torch.nn layer is timed a second time in every round, as its
-  A/A control (the same layer, weights and input at another place in the round). Its median ratio to
+  A/A control (the same layer, weights and input, in a group with torch.nn like any candidate). Its median ratio to
   torch.nn is 1 on a machine that can tell two layers apart, and the farthest end of that median's 95%
   interval from 1 is the smallest difference the run resolves (the worst over sizes and modes is kept),
 
@@ -102,7 +102,7 @@ from typing import Callable, Dict, List, NamedTuple, Tuple
 import torch
 
 import recnorm
-from recnorm.experiments.statistics import median_interval
+from bench_compile import interval as _interval  # the median's 95% interval, as a JSON-ready list
 
 SIZES: List[Tuple[int, int, int, int]] = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512), (784, 64, 1, 128)]
 NORMS = [None, "layer", "batch", "sequence_batch", "shared_batch"]
@@ -343,7 +343,7 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
     (:func:`~recnorm.experiments.statistics.median_interval`).
 
     Each cell's torch.nn layer is timed twice per round, once more as its A/A control (the same layer and
-    weights at another place in the round): the control's per-round ratio to torch.nn is what a ratio
+    weights, in a group with torch.nn like any candidate): the control's per-round ratio to torch.nn is what a ratio
     would read with no difference to find. The 95% interval of the control's median ratio (``"aa_ci"`` on
     the torch.nn rows) is the resolution of this run's figures, and its farthest end from 1 (``"aa_noise"``)
     is what the judgement reads. Where a size's worst ``aa_noise`` exceeds ``max_noise``, ``rounds`` more
@@ -390,7 +390,6 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                 break
             log(f"  size {size}: the A/A control's median ratio to torch.nn is known to +-{100 * worst['noise']:.0f}% "
                 f"only ({worst['candidate']}, {worst['mode']}); {rounds} more rounds ({len(looks)} of {retries})")
-        done = times.rounds
         for c in cands:
             if c.label not in built or c.base not in built or c.section == "control" or (c.label, "train") not in times.own:
                 continue  # the control has no rows of its own; a baseline of nothing was never timed
@@ -410,7 +409,7 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                     "ratio_min_over_min": min(ts) / min(bs),
                     "ratio_to_fp32": statistics.median(to_fp32),
                     "ratio_to_fp32_ci": _interval(to_fp32),
-                    "rounds": done,
+                    "rounds": times.rounds,
                     "calls": built[c.label][3][mode],
                 }
                 if c.label in ran:
@@ -496,10 +495,7 @@ def _rounds(built: Dict, groups: Dict[str, List[str]], rounds: int, size, log, t
             for label in _order(list(groups), size, r, mode):
                 got = {}
                 for member in _order(groups[label], size, f"{r}/{label}", mode):
-                    model, x, bf16, calls = built[member]
-                    model.train(mode == "train")
-                    train, ev = _steps(model, x, bf16)
-                    got[member] = _time(train if mode == "train" else ev, calls[mode])
+                    got[member] = _time_built(built[member], mode)
                     if member not in seen:
                         seen.add(member)
                         times.own.setdefault((member, mode), []).append(got[member])
@@ -513,17 +509,17 @@ def _warm_round(built: Dict) -> None:
     """One untimed round over the built candidates of a size, each timing's calls in both modes: the first
     timed round comes after every candidate has run once more at its timed length (in a pilot at
     (28, 128, 28, 128), the first round's A/A ratio read 0.43 and the next 26 0.92-1.07)."""
-    for label, (model, x, bf16, calls) in built.items():
+    for entry in built.values():
         for mode in ("train", "eval"):
-            model.train(mode == "train")
-            train, ev = _steps(model, x, bf16)
-            _time(train if mode == "train" else ev, calls[mode])
+            _time_built(entry, mode)
 
 
-def _interval(values: List[float]) -> List[float] | None:
-    """:func:`median_interval` of ``values`` as a JSON-ready list, rounded (None with too few rounds)."""
-    ci = median_interval(values)
-    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
+def _time_built(entry: Tuple, mode: str) -> float:
+    """Seconds per call of one built candidate's step in ``mode``, over its timing's calls."""
+    model, x, bf16, calls = entry
+    model.train(mode == "train")
+    train, ev = _steps(model, x, bf16)
+    return _time(train if mode == "train" else ev, calls[mode])
 
 
 def aa_interval(ratios: List[float]) -> List[float] | None:
@@ -531,13 +527,12 @@ def aa_interval(ratios: List[float]) -> List[float] | None:
     return _interval(ratios)
 
 
-def _aa_stats(control: List[float], base: List[float]) -> Dict:
-    """The A/A control against its torch.nn layer over one size's rounds: the median of the per-round
-    ratios (``"aa_ratio"``, 1 for a machine without position effects), their spread (``"aa_spread"``,
+def _aa_stats(ratios: List[float]) -> Dict:
+    """The A/A control against its torch.nn layer over one size's rounds (``ratios``: per round, the control's
+    time over torch.nn's in their group): the median of the per-round ratios (``"aa_ratio"``, 1 for a machine without position effects), their spread (``"aa_spread"``,
     interquartile range over median; None with fewer than 3 rounds), the 95% interval of that median
     (``"aa_ci"``) and how far its farther end lies from 1 (``"aa_noise"``: the smallest difference between
     two layers that this run's figures resolve; None with fewer than 6 rounds)."""
-    ratios = [c / b for c, b in zip(control, base)]
     ci = aa_interval(ratios)
     noise = None if ci is None else round(max(abs(ci[0] - 1.0), abs(ci[1] - 1.0)), 4)
     return {"aa_ratio": round(statistics.median(ratios), 4), "aa_spread": spread(ratios), "aa_ci": ci, "aa_noise": noise}
@@ -545,7 +540,7 @@ def _aa_stats(control: List[float], base: List[float]) -> Dict:
 
 def _aa_table(cands, times: "Timings") -> Dict[Tuple[str, str], Dict]:
     """:func:`_aa_stats` of every A/A control of one size, keyed by its torch.nn layer's (label, mode)."""
-    return {(c.base, m): _aa_stats(*zip(*[(g[c.label], g[c.base]) for g in times.groups[(c.label, m)]]))
+    return {(c.base, m): _aa_stats(times.ratios(c.label, c.base, m))
             for c in cands if c.section == "control" for m in ("train", "eval") if (c.label, m) in times.groups}
 
 
@@ -619,15 +614,17 @@ class LoadWatch:
         return self.record
 
 
-def _worst_row(rows: List[Dict], field: str, name: str) -> Dict | None:
-    """The row of ``rows`` with the largest ``field``: ``{name, "candidate", "size", "mode"}``; ``{name: None}``
-    where one row's is unknown (too few rounds); None without rows."""
+def _worst_row(rows: List[Dict], field: str, name: str, extra: Dict[str, str] | None = None) -> Dict | None:
+    """The row of ``rows`` with the largest ``field``: ``{name, "candidate", "size", "mode"}`` and, for each
+    ``extra`` item ``key: row_field``, that row's field as ``key``; ``{name: None}`` where one row's is
+    unknown (too few rounds); None without rows."""
     if not rows:
         return None
     if any(r.get(field) is None for r in rows):
         return {name: None}
     r = max(rows, key=lambda r: r[field])
-    return {name: round(r[field], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"]}
+    return {name: round(r[field], 4), "candidate": r["candidate"], "size": r["size"], "mode": r["mode"],
+            **{key: r[f] for key, f in (extra or {}).items()}}
 
 
 def worst_spread(rows: List[Dict]) -> Dict | None:
@@ -641,12 +638,7 @@ def worst_noise(rows: List[Dict]) -> Dict | None:
     the interval (2026-12-05) carry only the control's spread across rounds, which is used there."""
     rows = [r for r in rows if "aa_spread" in r]
     if rows and all("aa_noise" in r for r in rows):
-        worst = _worst_row(rows, "aa_noise", "noise")
-        if worst and worst["noise"] is not None:
-            r = next(r for r in rows if r["candidate"] == worst["candidate"] and r["size"] == worst["size"]
-                     and r["mode"] == worst["mode"])
-            worst["interval"] = r["aa_ci"]
-        return dict(worst, measure="interval") if worst else worst
+        return dict(_worst_row(rows, "aa_noise", "noise", {"interval": "aa_ci"}), measure="interval")
     return _worst_row(rows, "aa_spread", "noise")
 
 
@@ -889,8 +881,12 @@ def judge(value: float, ci, target: float) -> str:
     return "missed" if ci[0] > target else "open"
 
 
-def _worse(a: str | None, b: str) -> str:
-    return b if a is None or _WORSE[b] > _WORSE[a] else a
+def _keep_worst(d: Dict, key: str, value: float, ci, status: str) -> None:
+    """Keep in ``d`` the worst size of a figure seen so far: the one judged worst (missed, open, met) and among
+    those the largest ratio, as ``d[key]``, ``d[key + "_ci"]`` and ``d[key + "_status"]``, so that a figure, its
+    interval and its judgement always come from one size."""
+    if key not in d or (_WORSE[status], value) >= (_WORSE[d[key + "_status"]], d[key]):
+        d[key], d[key + "_ci"], d[key + "_status"] = value, ci, status
 PEERS = ("haste", "haste_ln", "flashrnn")
 
 
@@ -934,15 +930,11 @@ def summary(rows: List[Dict], memory: Dict) -> Dict[str, Dict]:
         d = out.setdefault(label, {"cell": r["cell"], "norm": r["norm"]})
         key = f"bf16_{r['mode']}" if r.get("bf16") else r["mode"]
         val, ci = (r["ratio_to_fp32"], r.get("ratio_to_fp32_ci")) if r.get("bf16") else (r["ratio"], r.get("ratio_ci"))
-        status = judge(val, ci, BF16_TARGET if r.get("bf16") else TARGETS[r["mode"]])
-        # the worst size, by its judgement first and then by its median: its value, interval and judgement
-        if key not in d or (_WORSE[status], val) >= (_WORSE[d[key + "_status"]], d[key]):
-            d[key], d[key + "_ci"], d[key + "_status"] = val, ci, status
+        _keep_worst(d, key, val, ci, judge(val, ci, BF16_TARGET if r.get("bf16") else TARGETS[r["mode"]]))
         if not r.get("bf16") and r["mode"] == "train":
             mem, base = memory.get((label, tuple(r["size"]))), memory.get((torch_label(r["cell"]), tuple(r["size"])))
             if mem is not None and base:
-                d["memory"] = max(d.get("memory", 0.0), mem / base)
-                d["memory_status"] = _worse(d.get("memory_status"), judge(mem / base, None, TARGETS["memory"]))
+                _keep_worst(d, "memory", mem / base, None, judge(mem / base, None, TARGETS["memory"]))
     return out
 
 
@@ -964,12 +956,11 @@ def variant_summary(vrows: List[Dict]) -> Dict[str, Dict]:
                                             "kernels": {"train": [], "eval": []}})  # fmt: skip
         if tuple(r["size"]) not in d["sizes"]:
             d["sizes"].append(tuple(r["size"]))
-        d[r["mode"]] = max(d.get(r["mode"], 0.0), r["ratio"])
-        d[r["mode"] + "_status"] = _worse(d.get(r["mode"] + "_status"), judge(r["ratio"], r.get("ratio_ci"), TARGETS[r["mode"]]))
+        ci = r.get("ratio_ci")
+        _keep_worst(d, r["mode"], r["ratio"], ci, judge(r["ratio"], ci, TARGETS[r["mode"]]))
         d["kernels"][r["mode"]].append(r.get("kernel", "?"))
         if "memory_ratio" in r:
-            d["memory"] = max(d.get("memory", 0.0), r["memory_ratio"])
-            d["memory_status"] = _worse(d.get("memory_status"), judge(r["memory_ratio"], None, TARGETS["memory"]))
+            _keep_worst(d, "memory", r["memory_ratio"], None, judge(r["memory_ratio"], None, TARGETS["memory"]))
     for d in out.values():  # None: a figure is missing (e.g. --no-memory), so the targets are undecided
         statuses = [d.get(k + "_status") for k in TARGETS]
         d["met"] = (None if None in statuses else False if "missed" in statuses else "open" if "open" in statuses

@@ -672,10 +672,11 @@ class RecurrentBase(_NormSetup, nn.Module):
             return None  # before any look at the sizes: a trace or a graph must not record one
         if input.dim() != 3:
             return None
+        kernel = kernels.resolve_kernel(self.kernel)
         low = None  # under CPU autocast: the 16-bit dtype each layer's input and output are rounded to
         if torch.is_autocast_enabled(input.device.type):
             low = torch.get_autocast_dtype(input.device.type)
-            if input.device.type != "cpu" or low not in (torch.bfloat16, torch.float16) or kernels.resolve_kernel(self.kernel) != "auto":
+            if input.device.type != "cpu" or low not in (torch.bfloat16, torch.float16) or kernel != "auto":
                 return None  # the full path's kernels._run_upcast serves "auto" on CPU only
         x = input.transpose(0, 1) if self.batch_first else input
         weights = self._flat_weights
@@ -691,7 +692,7 @@ class RecurrentBase(_NormSetup, nn.Module):
         L, out_width = self.num_layers, self.proj_size or self.hidden_size
         kind = self.cell.kind()
         if not kernels.native_runs_plain(kind, x if low is None else x.float(), [self.input_size] + [out_width] * (L - 1),
-                                         self.hidden_size, bool(self.proj_size), grad, kernels.resolve_kernel(self.kernel)):
+                                         self.hidden_size, bool(self.proj_size), grad, kernel):
             return None
         has_bias = self.bias
         if self.norm is not None:  # eval without autograd: fold each layer's sequence-wise norm into W_ih
