@@ -220,7 +220,7 @@ class GruRnnForward {
       const int64_t rows = sh.off[t2] - o0;
       proj_base = keep ? 0 : o0;
       Tensor dst = XI.narrow(0, o0 - proj_base, rows);
-      at::mm_out(dst, x.narrow(0, o0, rows), WT);
+      gemm_into(dst, x.narrow(0, o0, rows), WT);
       proj_end = t2;
     }
     xi = hoisted ? xi_all + (o0 - proj_base) * G : (keep ? xi_all + o0 * G : xi_all);
@@ -529,7 +529,7 @@ class GruRnnBackward {
     } else if (accumulate) {
       dst.addmm_(dg, w_hh);
     } else {
-      at::mm_out(dst, dg, w_hh);
+      gemm_into(dst, dg, w_hh);
     }
   }
 
