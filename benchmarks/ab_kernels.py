@@ -162,8 +162,9 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         ap.error(f"--size: expected four positive integers T,B,I,H, got {args.size!r}")
-    if load_average() > args.max_load:
-        print(f"ab_kernels: load average {load_average():.2f} is above --max-load {args.max_load}: the machine is not quiet, "
+    load_before = load_average()
+    if load_before > args.max_load:
+        print(f"ab_kernels: load average {load_before:.2f} is above --max-load {args.max_load}: the machine is not quiet, "
               "so the ratios would measure the load. Run it with nothing else running.", file=sys.stderr)  # fmt: skip
         return 2
     torch.set_num_threads(args.threads)
@@ -176,8 +177,8 @@ def main(argv=None) -> int:
             return 2
         r = measure(args.cell, norm, size, args.mode == "train", base, args.rounds, args.reps)
     ci = r["new/base ci"]
-    print(f"{args.cell} {args.norm} {args.mode} {size}, {args.threads} thread(s), {args.rounds} rounds (load before "
-          f"{load_average():.2f}): new / base {r['new/base']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    print(f"{args.cell} {args.norm} {args.mode} {size}, {args.threads} thread(s), {args.rounds} rounds (load average "
+          f"{load_before:.2f} before, {load_average():.2f} after): new / base {r['new/base']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
           + f"; base / torch.nn {r['base/torch.nn']:.3f}, new / torch.nn {r['new/torch.nn']:.3f}; torch.nn {r['torch.nn ms']:.2f} ms")  # fmt: skip
     if r["max_abs_diff"] == 0:
         print("outputs" + (" and gradients" if args.mode == "train" else "") + " equal to the bit")
