@@ -39,7 +39,7 @@ from bench_compile import interval  # noqa: E402
 from bench_rnn import load_average  # noqa: E402
 
 import recnorm  # noqa: E402
-from recnorm.kernels import _build, fused  # noqa: E402
+from recnorm.kernels import fused  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = "src/recnorm/kernels/csrc"
@@ -69,8 +69,7 @@ def load_base(cell: str, rev: str, dest: str):
     """The extension of ``cell``'s kernel file built from ``rev`` (cached like recnorm's own builds)."""
     family, source = FAMILIES[cell]
     directory = sources_at(rev, dest)
-    _, flags = fused.build_flags()
-    return _build.load(f"recnorm_ab_{family}_{os.path.basename(directory)}", [os.path.join(directory, source)], flags, ["-fopenmp"])
+    return fused.build_extension(f"recnorm_ab_{family}_{os.path.basename(directory)}", os.path.join(directory, source))
 
 
 def _step(model, x: torch.Tensor, train: bool) -> List[torch.Tensor]:

@@ -100,14 +100,9 @@ class _Extension:
         with self._lock:
             if self.module is None and self.error is None:
                 try:
-                    from recnorm.kernels import _build
-
-                    tag, flags = build_flags()
+                    tag, _ = build_flags()
                     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", self.source)
-                    module = _build.load(f"{self.name}_{tag}", [path], flags, ["-fopenmp"])
-                    if hasattr(module, "set_pool_capacity"):
-                        module.set_pool_capacity(_pool_bytes())
-                    self.module = module
+                    self.module = build_extension(f"{self.name}_{tag}", path)
                 except Exception as exc:  # no compiler, no ninja, a build error, ...
                     text = str(exc).strip().splitlines()
                     self.error = f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -140,6 +135,19 @@ def build_flags() -> Tuple[str, List[str]]:
         # AVX2 vectors with torch's own SLEEF exp/tanh (the functions torch.sigmoid/tanh use).
         return "avx2", flags + ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
     return "default", flags
+
+
+def build_extension(name: str, path: str):
+    """The kernel file ``path`` (its headers beside it) built and loaded as the extension ``name``, with this
+    CPU's flags (:func:`build_flags`) and the buffer pool's capacity set. Raises on a build error. What
+    recnorm's own extensions are built with, and benchmarks/ab_kernels.py's build of an earlier revision."""
+    from recnorm.kernels import _build
+
+    _, flags = build_flags()
+    module = _build.load(name, [path], flags, ["-fopenmp"])
+    if hasattr(module, "set_pool_capacity"):
+        module.set_pool_capacity(_pool_bytes())
+    return module
 
 
 def _pool_bytes() -> int:
