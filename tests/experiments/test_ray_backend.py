@@ -36,6 +36,7 @@ def cluster():
     """A local Ray instance with 2 CPUs for the module; afterwards none of its processes may survive."""
     assert not ray.is_initialized()
     env_path = os.environ.get("PYTHONPATH", "")
+    auth_mode = os.environ.get("RAY_AUTH_MODE")  # a new local instance sets it to "token" in this process
     os.environ["PYTHONPATH"] = SRC + (os.pathsep + env_path if env_path else "")  # the workers import this tree
     # Children this process had before (a multiprocessing resource tracker of an earlier test, say) are not Ray's.
     before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -47,6 +48,10 @@ def cluster():
     finally:
         ray.shutdown()
         os.environ["PYTHONPATH"] = env_path
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
         gone, alive = psutil.wait_procs(children, timeout=20)
         for p in alive:  # only processes this fixture's Ray started
             p.kill()
@@ -62,6 +67,166 @@ def small_spec(steps: int = 3, seeds=(0, 1)) -> SweepSpec:
 
 def finished(out_dir: str) -> dict:
     return {r["run_id"]: r["timing"]["started_at"] for r in load_records(out_dir)} if os.path.exists(out_dir) else {}
+
+
+def _free_ports(n: int) -> list:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _tails(folder: str, pattern: str, lines: int = 15) -> str:
+    import glob
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True)):
+        with open(path, errors="replace") as f:
+            out.append(f"== {path}\n" + "".join(f.readlines()[-lines:]))
+    return "\n".join(out)
+
+
+def test_ray_client_addresses_work_with_the_extra(tmp_path):
+    """``--address ray://HOST:PORT`` against a head started the way users start one (``ray start --head``, whose
+    Ray client server listens on ``--ray-client-server-port``). The head is this test's own, on free ports and
+    in its own temporary folder, not the module's shared instance: a client session on that instance once failed
+    to initialize in CI after other tests had used it. A failure prints the client servers' logs."""
+    import shutil
+    import socket
+    import tempfile
+
+    import secrets
+
+    gcs, client, *others = _free_ports(8)
+    temp = tempfile.mkdtemp(prefix="rn-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # as Ray's docs set up a cluster
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **auth}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard", "false",
+         "--num-cpus", "1", "--object-store-memory", str(100 * 1024 * 1024), "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--ray-client-server-port", str(client), "--temp-dir", temp,
+         *[f"--{name}={port}" for name, port in zip(
+             ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port", "node-manager-port", "object-manager-port"], others)]],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", client), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None, f"ray start exited with {head.returncode}\n{_tails(temp, '*.err')}"
+                assert time.time() < deadline, f"no Ray client server after 180 s\n{_tails(temp, '*.err')}"
+                time.sleep(0.5)
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(json.dumps(small_spec(steps=1, seeds=(0,)).to_dict()))
+        out = tmp_path / "out"
+        args = ["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
+                f"ray://127.0.0.1:{client}"]
+        # no token mode here: the head drops the requests, and the one line says what a token cluster needs
+        refused, _ = _cli(args, timeout=300, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None)
+        assert refused.returncode == 2 and not out.exists(), refused.stderr[-3000:]
+        assert "also needs RAY_AUTH_MODE=token here" in _errors(refused.stderr)[-1], refused.stderr[-3000:]
+        proc, _ = _cli(args, timeout=600, **auth)
+        assert proc.returncode == 0, proc.stderr[-3000:] + "\n" + _tails(temp, "ray_client_server*.err")
+        assert "2 run(s) finished now, 0 before, 0 failed" in proc.stdout
+        assert len(load_records(str(out))) == 2
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops the node's processes on SIGTERM
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
+        left = [p for p in psutil.process_iter(["cmdline"]) if any(temp in a for a in p.info["cmdline"] or [])]
+        for p in left:
+            p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"the head's processes survived: {[p.info['cmdline'][:2] for p in left]}"
+
+
+class _FakeRay:
+    """ray's connection calls, with ray.init's outcomes in order (an exception raises, None joins)."""
+
+    def __init__(self, outcomes):
+        self.outcomes, self.inits, self.shutdowns = list(outcomes), 0, 0
+
+    def is_initialized(self):
+        return False
+
+    def init(self, address=None, **kwargs):
+        self.inits += 1
+        outcome = self.outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+
+SERVER_START_FAILED = ConnectionAbortedError(
+    "Initialization failure from server:\nTraceback (most recent call last):\n  File \"proxier.py\", line 772\n"
+    "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for detailed logs.\n")
+
+
+@pytest.mark.parametrize("address, outcomes, joins, inits", [
+    ("ray://127.0.0.1:{port}", [SERVER_START_FAILED, None], True, 2),  # the proxy's failure: once more
+    ("ray://127.0.0.1:{port}", [SERVER_START_FAILED, SERVER_START_FAILED], False, 2),  # not a third time
+    ("127.0.0.1:{port}", [SERVER_START_FAILED], False, 1),  # only a ray:// address goes through the proxy
+    ("ray://127.0.0.1:{port}", [ConnectionAbortedError("Initialization failure from server:\nValueError: x")],
+     False, 1),  # any other failure of the server: at once
+])
+def test_a_client_server_that_failed_to_start_is_asked_once_more(monkeypatch, caplog, address, outcomes, joins,
+                                                                    inits):
+    import socket
+
+    import recnorm.experiments.ray_backend as rb
+
+    fake = _FakeRay(outcomes)
+    monkeypatch.setattr(rb, "_import_ray", lambda: fake)
+    listening = socket.socket()  # what the fail-fast probe looks for
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(4)
+    try:
+        backend = rb.RayBackend(address=address.format(port=listening.getsockname()[1]), connect_timeout=10)
+        if joins:
+            with caplog.at_level("WARNING", logger="recnorm.experiments.ray_backend"):
+                backend.connect()
+            assert backend._owns and fake.shutdowns == 1
+            assert "the head could not start this client's server (ConnectionAbortedError: Initialization " \
+                   "failure from server: RuntimeError: Starting Ray client server failed." in caplog.text
+        else:
+            with pytest.raises(rb.RayConnectError, match="cannot join the Ray cluster at") as info:
+                backend.connect()
+            assert "\n" not in str(info.value) and not backend._owns
+    finally:
+        listening.close()
+    assert fake.inits == inits and fake.outcomes == []
+
+
+def test_a_connection_error_keeps_the_cause_a_ray_server_sends_after_a_colon():
+    from recnorm.experiments.ray_backend import _one_line
+
+    server = ("Initialization failure from server:\nTraceback (most recent call last):\n  File \"proxier.py\", "
+              "line 780, in Datapath\n    raise RuntimeError(\nRuntimeError: Proxy failed to Connect to backend!\n")
+    assert _one_line(ConnectionAbortedError(server)) == (
+        "ConnectionAbortedError: Initialization failure from server: RuntimeError: Proxy failed to Connect to "
+        "backend!")
+    assert _one_line(ValueError("first\nsecond")) == "ValueError: first"  # no colon: the first line alone
+    assert _one_line(ConnectionAbortedError("\x1b[31mcut:\x1b[0m\n")) == "ConnectionAbortedError: cut:"
+    assert _one_line(KeyError()) == "KeyError"
 
 
 def test_ray_sweep_matches_local_runs(cluster, tmp_path):
@@ -136,8 +301,10 @@ def test_missing_ray_is_one_clear_line(monkeypatch, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- the rough edges (issue 19)
 def _cli(args, timeout=300, **env):
+    """``python -m recnorm ARGS`` on this tree; a variable given as None is unset."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
     env.pop("RAY_ADDRESS", None)
+    env = {k: v for k, v in env.items() if v is not None}
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "recnorm", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -183,12 +350,19 @@ def test_a_wrong_address_fails_within_the_limit_and_writes_nothing(tmp_path):
     try:
         port = silent.getsockname()[1]
         proc, seconds = _cli(["compare", "--smoke", "--out", str(out), "--backend", "ray", "--address",
-                              f"127.0.0.1:{port}"], RECNORM_RAY_CONNECT_TIMEOUT="5")
+                              f"127.0.0.1:{port}"], RECNORM_RAY_CONNECT_TIMEOUT="5", RAY_AUTH_MODE="token")
+        unset, _ = _cli(["sweep", "--grid", "norm=none", "--out", str(out), "--backend", "ray", "--address",
+                         f"127.0.0.1:{port}"], RECNORM_RAY_CONNECT_TIMEOUT="5", RAY_AUTH_MODE=None)
     finally:
         silent.close()
     assert proc.returncode == 2 and seconds < 60, proc.stderr
     assert _errors(proc.stderr) == [f"recnorm compare: error: the Ray cluster at 127.0.0.1:{port} did not answer "
                                     "within 5 s (check --address; $RECNORM_RAY_CONNECT_TIMEOUT sets the limit)"]
+    # without a token mode here, a timeout may be a cluster that drops unauthenticated requests: the line says so
+    assert _errors(unset.stderr) == [f"recnorm sweep: error: the Ray cluster at 127.0.0.1:{port} did not answer "
+                                     "within 5 s (check --address; $RECNORM_RAY_CONNECT_TIMEOUT sets the limit) (a "
+                                     "cluster with token authentication also needs RAY_AUTH_MODE=token here, and its "
+                                     "token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"]
     assert not out.exists()
 
 
@@ -213,42 +387,6 @@ def test_the_ray_extra_installs_the_client():
         extras = tomllib.load(f)["project"]["optional-dependencies"]
     assert any(req.startswith("ray[client]") for req in extras["ray"]), extras["ray"]
     import grpc  # noqa: F401  (installed by it, so ray:// works where the extra is installed)
-
-
-def test_ray_client_addresses_work_with_the_extra(cluster, tmp_path):
-    """``--address ray://HOST:PORT`` through a Ray client server in front of the module's instance. It runs
-    before the tests that drive sweeps from this process: after those, the client server's session fails to
-    initialize on this shared instance; the cause is not yet understood (a fresh instance was not tried)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--address", cluster, "--host",
-                               "127.0.0.1", "--port", str(port), "--mode", "proxy"], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        spec_path = tmp_path / "spec.json"
-        spec_path.write_text(json.dumps(small_spec(steps=1, seeds=(0,)).to_dict()))
-        out = tmp_path / "out"
-        proc, _ = _cli(["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
-                        f"ray://127.0.0.1:{port}"], timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "2 run(s) finished now, 0 before, 0 failed" in proc.stdout
-        assert len(load_records(str(out))) == 2
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_a_failed_task_reports_its_cause(cluster, tmp_path):

@@ -111,9 +111,14 @@ def ray_client_error(address: Optional[str]) -> Optional[str]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` without terminal colour codes."""
+    """``Type: first line of the message`` without terminal colour codes. A first line that ends in a colon
+    introduces what follows (Ray's client puts the server's traceback there), so the last line, the
+    traceback's own exception, is kept after it."""
     lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[-1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return f"{type(exc).__name__}: {text}"
 
 
 def task_failure(exc: BaseException) -> Tuple[str, str]:
@@ -122,6 +127,26 @@ def task_failure(exc: BaseException) -> Tuple[str, str]:
     cause = getattr(exc, "cause", None)
     error = _one_line(cause if isinstance(cause, BaseException) else exc)
     return error, _ANSI.sub("", str(exc))
+
+
+def _transient_client_server_failure(address: Optional[str], error: BaseException) -> bool:
+    """Whether ``ray.init("ray://...")`` failed because the head's proxy could not start the session's server,
+    a failure that a second connection does not repeat."""
+    return (address or "").startswith("ray://") and isinstance(error, ConnectionAbortedError) and \
+        "Starting Ray client server failed" in str(error)
+
+
+def _auth_hint(address: Optional[str], error: Optional[BaseException]) -> str:
+    """A note for a failed connection to a given address while this process has no Ray token mode set: since
+    Ray 2.52 a cluster may require a token (``ray start`` turns it on where ``~/.ray/auth_token`` exists), and
+    Ray never turns it on by itself for an explicit address; the server then drops the requests, which reads
+    as a timeout."""
+    if address is None or os.environ.get("RAY_AUTH_MODE"):
+        return ""
+    if error is not None and "timeout" not in str(error).lower() and "authenticat" not in str(error).lower():
+        return ""
+    return (" (a cluster with token authentication also needs RAY_AUTH_MODE=token here, and its token in "
+            "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
 
 
 class _DropMessage(logging.Filter):
@@ -329,6 +354,27 @@ class RayBackend:
         start = time.perf_counter()
         if address is not None:
             _probe(address, self.connect_timeout)
+        for attempt in (1, 2):
+            error = self._init_within_limit(ray, address, kwargs)
+            if error is None:
+                break
+            if attempt == 1 and _transient_client_server_failure(address, error):
+                # The head's client proxy sometimes fails to start the session's own server (Ray 2.60: about
+                # one first connection in five to a fresh `ray start --head` here); the next one starts it.
+                logger.warning("ray: the head could not start this client's server (%s); connecting again",
+                               _one_line(error))
+                ray.shutdown()
+                continue
+            raise RayConnectError(f"cannot join the Ray cluster at {address or 'a new local instance'}: "
+                                  f"{_one_line(error)}{_auth_hint(address, error)}") from None
+        self._owns = True
+        logger.info("ray: %s in %.1f s (%s CPUs)", f"joined {address}" if address else "started a local instance",
+                    time.perf_counter() - start, ray.cluster_resources().get("CPU"))
+
+    def _init_within_limit(self, ray: Any, address: Optional[str], kwargs: Dict[str, Any]
+                           ) -> Optional[BaseException]:
+        """``ray.init`` in a daemon thread (it retries an address that does not answer for many minutes): its
+        error, None when it joined, :class:`RayConnectError` when it did not finish within the limit."""
         outcome: Dict[str, BaseException] = {}
 
         def init() -> None:
@@ -342,19 +388,14 @@ class RayBackend:
             finally:
                 worker_log.removeFilter(quiet)
 
-        # ray.init retries an address that does not answer for many minutes: wait for it in a daemon thread
         thread = threading.Thread(target=init, name="recnorm-ray-connect", daemon=True)
         thread.start()
         thread.join(self.connect_timeout)
         if thread.is_alive():
             raise RayConnectError(f"the Ray cluster at {address} did not answer within {self.connect_timeout:.0f} s "
-                                  "(check --address; $RECNORM_RAY_CONNECT_TIMEOUT sets the limit)")
-        if "error" in outcome:
-            raise RayConnectError(f"cannot join the Ray cluster at {address or 'a new local instance'}: "
-                                  f"{_one_line(outcome['error'])}") from None
-        self._owns = True
-        logger.info("ray: %s in %.1f s (%s CPUs)", f"joined {address}" if address else "started a local instance",
-                    time.perf_counter() - start, ray.cluster_resources().get("CPU"))
+                                  f"(check --address; $RECNORM_RAY_CONNECT_TIMEOUT sets the limit)"
+                                  f"{_auth_hint(address, None)}")
+        return outcome.get("error")
 
     def close(self) -> None:
         """End the connection if this backend started it."""
