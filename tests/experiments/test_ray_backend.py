@@ -133,10 +133,11 @@ def test_ray_client_addresses_work_with_the_extra(tmp_path):
         args = ["sweep", "--spec", str(spec_path), "--out", str(out), "--backend", "ray", "--address",
                 f"ray://127.0.0.1:{client}"]
         # no token mode here: the head drops the requests, and the one line says what a token cluster needs
-        refused, _ = _cli(args, timeout=300, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None)
+        refused, _ = _cli(args, timeout=300, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None,
+                          RECNORM_RAY_CONNECT_TIMEOUT="20")
         assert refused.returncode == 2 and not out.exists(), refused.stderr[-3000:]
         assert "also needs RAY_AUTH_MODE=token here" in _errors(refused.stderr)[-1], refused.stderr[-3000:]
-        proc, _ = _cli(args, timeout=600, **auth)
+        proc, _ = _cli(args, timeout=600, RECNORM_RAY_CONNECT_TIMEOUT="120", **auth)  # a busy CI machine
         assert proc.returncode == 0, proc.stderr[-3000:] + "\n" + _tails(temp, "ray_client_server*.err")
         assert "2 run(s) finished now, 0 before, 0 failed" in proc.stdout
         assert len(load_records(str(out))) == 2
@@ -214,6 +215,20 @@ def test_a_client_server_that_failed_to_start_is_asked_once_more(monkeypatch, ca
     finally:
         listening.close()
     assert fake.inits == inits and fake.outcomes == []
+
+
+def test_a_refused_or_silent_connection_names_token_authentication_only_where_it_may_be_the_cause(monkeypatch):
+    from recnorm.experiments.ray_backend import _auth_hint
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    timeout = ConnectionError("ray client connection timeout")  # what Ray's client says when the head drops it
+    assert "RAY_AUTH_MODE=token" in _auth_hint("ray://head:10001", timeout)
+    assert "RAY_AUTH_MODE=token" in _auth_hint("head:6379", None)  # recnorm's own deadline
+    assert "RAY_AUTH_MODE=token" in _auth_hint("head:6379", RuntimeError("Invalid or missing authentication token"))
+    assert _auth_hint("ray://head:10001", ConnectionAbortedError("Initialization failure")) == ""  # another cause
+    assert _auth_hint(None, timeout) == ""  # a local instance sets its own mode
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert _auth_hint("ray://head:10001", timeout) == ""  # the mode is set: a token is not what is missing
 
 
 def test_a_connection_error_keeps_the_cause_a_ray_server_sends_after_a_colon():

@@ -23,7 +23,7 @@ that fails to import, constructing the backend raises ImportError saying which, 
 Before the runs:
 
 * :meth:`RayBackend.connect` joins the cluster within ``$RECNORM_RAY_CONNECT_TIMEOUT`` seconds (default
-  45): an address nobody listens on fails at once, one that does not answer fails at the deadline, each
+  60; Ray's client takes about 40 s to report a session server that failed to start): an address nobody listens on fails at once, one that does not answer fails at the deadline, each
   with one line (:class:`RayConnectError`); the sweep writes nothing before the cluster has answered;
 * when the runs use the fused C++ kernels, one task per node (pinned to it) builds them, or finds them
   built, before any run starts, and the backend reports each node's outcome through ``notify``: a cold
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'recnorm[ray]'"
 
 
-CONNECT_TIMEOUT = 45.0  # seconds; $RECNORM_RAY_CONNECT_TIMEOUT
+CONNECT_TIMEOUT = 60.0  # seconds per attempt; $RECNORM_RAY_CONNECT_TIMEOUT
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -297,7 +297,7 @@ class RayBackend:
         num_cpus: CPUs of a local instance started here (None: all of this machine's).
         init_kwargs: more keyword arguments for ``ray.init`` (for example ``runtime_env``).
         connect_timeout: seconds to wait for the cluster to answer (None: ``$RECNORM_RAY_CONNECT_TIMEOUT``,
-            default 45).
+            default 60), for each attempt.
         notify: called with one line per event a person should see (kernel builds on the nodes); default:
             logged at INFO.
         checkpoint_every: save each run's training state every this many steps, kept by the driver in
