@@ -373,8 +373,8 @@ class RayBackend:
 
     def _init_within_limit(self, ray: Any, address: Optional[str], kwargs: Dict[str, Any]
                            ) -> Optional[BaseException]:
-        """``ray.init`` in a daemon thread (it retries an address that does not answer for many minutes): its
-        error, None when it joined, :class:`RayConnectError` when it did not finish within the limit."""
+        """``ray.init`` in a daemon thread (it retries an address that does not answer for many minutes): returns
+        its error, or None when it joined; raises :class:`RayConnectError` when it did not end within the limit."""
         outcome: Dict[str, BaseException] = {}
 
         def init() -> None:
@@ -392,7 +392,8 @@ class RayBackend:
         thread.start()
         thread.join(self.connect_timeout)
         if thread.is_alive():
-            raise RayConnectError(f"the Ray cluster at {address} did not answer within {self.connect_timeout:.0f} s "
+            raise RayConnectError(f"the Ray cluster at {address or 'a new local instance'} did not answer within "
+                                  f"{self.connect_timeout:.0f} s "
                                   f"(check --address; $RECNORM_RAY_CONNECT_TIMEOUT sets the limit)"
                                   f"{_auth_hint(address, None)}")
         return outcome.get("error")
