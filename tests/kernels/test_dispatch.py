@@ -93,13 +93,18 @@ def test_a_refusing_implementation_is_never_chosen(rule, monkeypatch):
     assert _choice(layer, 4, 3, True) == "native"
 
 
-def test_outside_eager_mode_the_rule_is_not_used(rule, monkeypatch):
+def test_under_compile_the_rule_orders_only_the_lstm_training_steps_onednn_serves(rule, monkeypatch):
     rule(+1.0)  # torch's op first in eager mode ...
     monkeypatch.setattr(kernels, "execution_mode", lambda: "compile")
-    # ... but under compile, training runs the fused operator (torch's op has no traceable backward)
-    assert _choice(_layer("lstm", None), 4, 3, True) == "fused"
+    # ... and in a compiled LSTM training step that oneDNN serves (recnorm::native_lstm_train)
+    onednn = torch.backends.mkldnn.is_available()
+    assert _choice(_layer("lstm", None), 4, 3, True) == ("native" if onednn else "fused")
+    # other cells have no such operator (torch's op has no traceable backward there): the fused one
+    assert _choice(_layer("gru", None), 4, 3, True) == "fused"
+    assert _choice(_layer("lstm", None, proj_size=3), 4, 3, True) == "reference"  # (no fused projection)
     rule(-1.0)
-    assert _choice(_layer("lstm", None), 4, 3, False) == "native"
+    assert _choice(_layer("lstm", None), 4, 3, True) == "fused"
+    assert _choice(_layer("lstm", None), 4, 3, False) == "native"  # eval: torch's op first, whatever the rule
 
 
 def test_kernel_argument_and_environment_override(rule, monkeypatch):

@@ -119,3 +119,178 @@ def test_env_var_forces_reference(monkeypatch):
     with pytest.raises(TypeError):  # the stub returns None: proves the native path was taken
         recnorm.LSTM(3, 4)(torch.randn(2, 2, 3))
     assert calls == ["lstm"]
+
+
+# --- the LSTM's oneDNN training operator (compiled training steps) -------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each compiled test starts from no compiled code: past dynamo's recompile limit a frame runs eagerly,
+    which would hide what the compiled step chooses."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_pair(**kw):
+    torch.manual_seed(0)
+    eager = recnorm.LSTM(5, 7, **kw)
+    compiled = recnorm.LSTM(5, 7, **kw)
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _train_step(m, x, h_weight):
+    """A step whose loss reads the output and, with a weight, the final states (their gradients reach oneDNN's
+    backward; without, they stay None)."""
+    out, (h, c) = m(x)
+    loss = out.sum() + h_weight * (h.square().sum() + c.sum())
+    loss.backward()
+    return out, h, c
+
+
+@needs_onednn
+@pytest.mark.parametrize("fullgraph,bias,layers,h_weight", [
+    (True, True, 1, 0.0), (True, False, 2, 0.5), (False, True, 2, 0.5), (False, False, 1, 0.0),
+])  # fmt: skip
+def test_compiled_lstm_training_runs_torchs_op_and_equals_eager_to_the_bit(fresh_dynamo, fullgraph, bias, layers, h_weight):
+    """torch.compile of a training step runs what the eager step runs, torch's LSTM op through oneDNN (forward
+    and oneDNN's backward on its workspace), so outputs and gradients are equal to the bit. Without fullgraph
+    the operator's workspace (a size oneDNN picks when it runs) breaks the graph around it; with it, one graph."""
+    eager, c = _compiled_pair(bias=bias, num_layers=layers)
+    compiled = torch.compile(c, fullgraph=fullgraph, backend="aot_eager")
+    x = torch.randn(6, 3, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    want = _train_step(eager, x, h_weight)
+    with recnorm.kernels.recording() as names:
+        got = _train_step(compiled, x2, h_weight)
+    assert names == ["native"] * layers
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(x2.grad, x.grad)
+    for (name, p), q in zip(eager.named_parameters(), c.parameters()):
+        assert torch.equal(q.grad, p.grad), name
+
+
+@needs_onednn
+def test_compiled_lstm_training_follows_the_sizes_dynamically(fresh_dynamo):
+    """The operator follows symbolic sizes: new lengths and batches, no recompile, eager's numbers; and
+    "auto" under dynamic shapes asks the rule without specializing T (a new length that stays on the same
+    side of the rule's threshold reuses the graph)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    eager, c = _compiled_pair(kernel="native")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(c, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for T, B in [(6, 3), (9, 4), (2, 5)]:
+        for p in (*eager.parameters(), *c.parameters()):
+            p.grad = None
+        x = torch.randn(T, B, 5, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        want, got = _train_step(eager, x, 0.0), _train_step(compiled, x2, 0.0)
+        assert torch.equal(got[0], want[0]) and torch.equal(x2.grad, x.grad)
+        assert all(torch.equal(q.grad, p.grad) for p, q in zip(eager.parameters(), c.parameters()))
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[-1], frames  # no recompile for the new sizes
+    counter = CompileCounterWithBackend("aot_eager")
+    auto = torch.compile(recnorm.LSTM(5, 7), fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for T in (6, 9, 2):
+        auto(torch.randn(T, 3, 5))[0].sum().backward()
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[-1], frames
+    with recnorm.kernels.recording() as names:  # (an observer's list is a side effect dynamo guards on)
+        auto(torch.randn(7, 3, 5))[0].sum().backward()
+    assert names == ["native"]
+
+
+@needs_onednn
+def test_the_training_operator_refuses_a_second_derivative(fresh_dynamo):
+    """oneDNN's backward has no derivative itself: a graph of it raises (torch.compile's own refusal of
+    create_graph, or the operator's missing formula) instead of giving wrong numbers."""
+    _, c = _compiled_pair()
+    x = torch.randn(4, 2, 5, requires_grad=True)
+    out, _ = torch.compile(c, fullgraph=True, backend="aot_eager")(x)
+    with pytest.raises(RuntimeError, match="create_graph|native_lstm_train_backward"):
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        g.sum().backward()
+
+
+def test_compiled_training_serves_only_what_torchs_op_runs_through_onednn():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5)
+    lstm = recnorm.LSTM(5, 7).direction_work(0, 0)
+    assert native.compiled_training(lstm, x, None) is None or not torch.backends.mkldnn.is_available()
+    assert "LSTM only" in native.compiled_training(recnorm.GRU(5, 7).direction_work(0, 0), x, None)
+    assert "packed" in native.compiled_training(lstm, x.reshape(12, 5), torch.tensor([3, 3, 3, 3]))
+    assert "projection" in native.compiled_training(recnorm.LSTM(5, 7, proj_size=3).direction_work(0, 0), x, None)
+    assert "float32" in native.compiled_training(lstm, x.double(), None)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kw,packed", [({"proj_size": 3}, False), ({}, True)])
+def test_compiled_lstm_training_that_onednn_does_not_serve_runs_the_fused_kernel(fresh_dynamo, kw, packed):
+    """A projection or packed sequences: torch's op runs without oneDNN there, so the compiled step keeps the
+    fused kernel (or the reference loop), as before."""
+    torch.manual_seed(0)
+    m = recnorm.LSTM(5, 7, **kw)
+    x = torch.randn(6, 3, 5)
+    if packed:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 4, 2]))
+    compiled = torch.compile(m, backend="aot_eager")
+    with recnorm.kernels.recording() as names:
+        out = compiled(x)[0]
+        (out.data if packed else out).sum().backward()
+    assert names and "native" not in names, names
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_training_operator_passes_opcheck(bias):
+    """recnorm::native_lstm_train: schema, autograd registration and fake kernel (the workspace's size comes
+    from the run), and its outputs and gradients equal torch's LSTM op's in eager mode."""
+    torch.manual_seed(0)
+    w = recnorm.LSTM(3, 5, bias=bias).direction_work(0, 0)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    h0, c0 = (torch.randn(2, 5, requires_grad=True) for _ in range(2))
+    weights = [w.weight_ih, w.weight_hh] + ([w.bias_ih, w.bias_hh] if bias else [])
+    # test_aot_dispatch_dynamic compares every output of two runs, and oneDNN leaves parts of the workspace (its
+    # scratch, read only by its backward) unwritten: the compiled steps above check that path instead
+    torch.library.opcheck(torch.ops.recnorm.native_lstm_train, (x, h0, c0, weights, bias),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out, hy, cy, _ = torch.ops.recnorm.native_lstm_train(x, h0, c0, weights, bias)
+    ref_out, ref_h, ref_c = torch._VF.lstm(x, (h0[None], c0[None]), weights, bias, 1, 0.0, True, False, False)
+    assert torch.equal(out, ref_out) and torch.equal(hy, ref_h[0]) and torch.equal(cy, ref_c[0])
+    leaves = [x, h0, c0, *weights]
+    got = torch.autograd.grad(out.sum() + hy.square().sum() + cy.sum(), leaves)
+    want = torch.autograd.grad(ref_out.sum() + ref_h.square().sum() + ref_c.sum(), leaves)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_the_compiled_order_is_the_eager_order():
+    """autotune.compiled_order asks the rule by comparing T with a threshold: the same answer as eager_order's
+    score at every size (up to rounding at the threshold itself), inside and outside the rule's range."""
+    import random
+
+    from recnorm.kernels import autotune
+
+    rng = random.Random(0)
+    for _ in range(400):
+        T, B, I, H = rng.randint(1, 1200), rng.randint(1, 300), rng.randint(1, 400), rng.randint(1, 1000)
+        work = recnorm.LSTM(I, H).direction_work(0, 0) if H <= 64 else _FakeWork(I, H)
+        x = torch.empty(T, B, I)
+        for train in (True, False):
+            assert autotune.compiled_order(work, x, train) == autotune.eager_order(work, x, None, train), (T, B, I, H)
+
+
+class _FakeWork:
+    """The fields the rule reads, without allocating a layer of H units."""
+
+    def __init__(self, I, H):
+        self.cell = type("Cell", (), {"kind": "lstm"})()
+        self.weight_ih, self.weight_hh, self.weight_hr = torch.empty(4 * H, I), torch.empty(4 * H, H), None

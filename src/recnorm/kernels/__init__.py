@@ -28,8 +28,11 @@ case (None when it can):
   has no entry. Under CPU autocast to bfloat16/float16, a case that torch's op or the fused kernel serves
   in float32 runs there (in the same order) on the input cast to float32, and the result is cast back
   (:func:`_run_upcast`);
-* compiling: ``native``, ``fused``, ``reference`` without autograd; with autograd ``fused``, then
-  ``reference``.
+* compiling: ``native``, ``fused``, ``reference`` without autograd; with autograd, an LSTM that torch's op
+  runs through oneDNN (:func:`.native.compiled_training`) takes the eager order (:func:`.autotune.compiled_order`:
+  the same rule, with T compared to a threshold rather than read, so that it is not specialized; torch's op
+  runs as the registered ``recnorm::native_lstm_train``, with oneDNN's backward), and every other case
+  ``fused``, then ``reference``.
 
 ``kernel=`` on a layer forces one implementation; one that cannot serve the case raises ValueError with the
 reason. ``$RECNORM_KERNEL`` (for layers built without ``kernel=``) is a preference: the named implementation
@@ -184,7 +187,8 @@ def _candidates(mode: str, grad: bool) -> List[str]:
     if mode == "trace":
         return ["fused", "native"]
     if grad and mode == "compile":
-        # Under compile, the native operator's recompute backward cannot be traced: training runs fused.
+        # Under compile, the native operator's recompute backward cannot be traced: training runs fused
+        # (the LSTM's oneDNN training operator aside: choose)
         return ["fused", "reference"]
     return ["native", "fused", "reference"]
 
@@ -254,7 +258,12 @@ def choose(
         _note_fallback(kernel, why)
     reasons = []
     grad = _needs_grad(work, x, state)
-    order = autotune.eager_order(work, x, batch_sizes, grad) if mode == "eager" else _candidates(mode, grad)
+    if mode == "eager":
+        order = autotune.eager_order(work, x, batch_sizes, grad)
+    elif mode == "compile" and grad and native.compiled_training(work, x, batch_sizes) is None:
+        order = autotune.compiled_order(work, x, grad)  # the eager step's choice, without specializing T
+    else:
+        order = _candidates(mode, grad)
     if first is not None and mode == "eager":
         order = [first] + [name for name in order if name != first]
     for name in order:

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-__all__ = ["eager_order", "stack_first", "rule", "predict", "RULE"]
+__all__ = ["eager_order", "compiled_order", "stack_first", "rule", "predict", "RULE"]
 
 DEFAULT_ORDER = ("native", "fused", "reference")
 FUSED_FIRST = ("fused", "native", "reference")
@@ -88,6 +88,35 @@ def eager_order(work, x: Tensor, batch_sizes: Optional[Tensor], train: bool) -> 
         return DEFAULT_ORDER
     pred = predict(kind, train, dtype, *sizes)
     return FUSED_FIRST if pred is not None and pred < 0 else DEFAULT_ORDER
+
+
+def compiled_order(work, x: Tensor, train: bool) -> Sequence[str]:
+    """:func:`eager_order` for a full batch ``x`` (T, B, I) inside ``torch.compile``: the same rule, asked
+    without reading T as a number. ``log2 T`` enters the score linearly, so "score below 0" is a comparison
+    of T with a threshold computed from B, I and H (the weights' sizes are static under torch.compile; B is
+    read, which specializes it). Dynamo then guards on which side of the threshold (and of the rule's range)
+    T lies instead of on its value: a new sequence length does not recompile unless it crosses one."""
+    kind = work.cell.kind
+    dtype = _DTYPES.get(str(x.dtype))
+    if kind is None or dtype is None or x.device.type != "cpu" or work.weight_hr is not None or x.dim() != 3:
+        return DEFAULT_ORDER
+    entry = RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
+    B, I, H = int(x.shape[1]), int(work.weight_ih.shape[1]), int(work.weight_hh.shape[1])
+    if entry is None or min(B, I, H) < 1:
+        return DEFAULT_ORDER
+    T = x.shape[0]
+    rng = entry.get("range")
+    if rng is not None:
+        if any(not lo <= v <= hi for v, (lo, hi) in zip((B, I, H), rng[1:])) or T < rng[0][0] or T > rng[0][1]:
+            return DEFAULT_ORDER  # outside the measured sizes: no extrapolation
+    c0, cT, cB, cI, cH = entry["coef"]
+    rest = c0 + cB * math.log2(B) + cI * math.log2(I) + cH * math.log2(H)
+    if cT == 0:
+        fused = rest < 0
+    else:  # rest + cT log2 T < 0
+        bound = 2.0 ** (-rest / cT)
+        fused = T > bound if cT < 0 else T < bound
+    return FUSED_FIRST if fused else DEFAULT_ORDER
 
 
 def stack_first(work, x: Tensor, batch_sizes: Optional[Tensor], widths: Sequence[int]) -> str:

@@ -11,8 +11,10 @@ Two entry points: :func:`run_direction` calls the ATen op directly (eager mode: 
 backward), and the registered operator ``torch.ops.recnorm.native_rnn`` wraps the same call with a fake
 kernel whose shapes follow symbolic T and B, for ``torch.compile`` and ``torch.jit.trace``. The
 operator's registered backward recomputes the forward under autograd, as ATen exposes no backward of its
-fused CPU RNN op; under ``torch.compile`` recnorm runs it without autograd only (inference), and the
-fused kernels serve training.
+fused CPU RNN op; under ``torch.compile`` recnorm runs it without autograd only (inference). A compiled
+training step of an LSTM that torch's op runs through oneDNN calls ``torch.ops.recnorm.native_lstm_train``
+instead (:func:`compiled_training`): oneDNN's LSTM layer, whose workspace goes to oneDNN's own backward,
+as in eager mode; the fused kernels serve the other compiled training steps.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor
 from recnorm.kernels.contract import DirectionResult, DirectionWork
 from recnorm.kernels.functional import fold_sequence_norm
 
-__all__ = ["supports", "run_direction", "run_plain_stack", "folded_stack", "grad_needed"]
+__all__ = ["supports", "run_direction", "run_plain_stack", "folded_stack", "grad_needed", "compiled_training"]
 
 NAME = "native"
 #: The dtypes torch's RNN ops take.
@@ -96,7 +98,11 @@ def run_direction(
     """One direction through torch's op: directly (``as_op=False``) or through the registered operator."""
     work, moments = fold_sequence_norm(work, x)
     weights, has_bias = _weights(work)
-    if as_op:
+    if as_op and torch.compiler.is_compiling() and grad_needed(x, weights, state) and \
+            compiled_training(work, x, batch_sizes) is None:
+        res = torch.ops.recnorm.native_lstm_train(x, state[0], state[1], weights, has_bias)
+        out, finals = res[0], (res[1], res[2])
+    elif as_op:
         res = torch.ops.recnorm.native_rnn(x, batch_sizes, list(state), weights, work.cell.kind, has_bias)
         out, finals = res[0], tuple(res[1 : 1 + len(state)])
     else:
@@ -201,3 +207,103 @@ def _native_backward(ctx, grads):
 
 
 _native_rnn.register_autograd(_native_backward, setup_context=_native_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registered training operator of the LSTM (torch.compile with autograd)
+# ---------------------------------------------------------------------------------------------------
+
+_MKLDNN_LSTM = 2  # oneDNN's RNN mode number of the LSTM (ATen's mkldnn_rnn_layer)
+_MKLDNN_BUILT = torch.backends.mkldnn.is_available()  # asked once: torch.compile does not trace the question
+
+
+def compiled_training(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor]) -> Optional[str]:
+    """None where ``recnorm::native_lstm_train`` serves this direction in a compiled training step, else why
+    not. It is the call torch's LSTM op makes on CPU through oneDNN (``aten::mkldnn_rnn_layer``), with
+    oneDNN's own backward (``aten::mkldnn_rnn_layer_backward``) on the workspace the forward returns, so a
+    compiled step computes what the eager one does, bit for bit. oneDNN serves it where torch's op uses
+    oneDNN: an LSTM without a projection, a full batch (T, B, F) in float32 on the CPU. (Switched off with
+    ``torch.backends.mkldnn.flags(enabled=False)``, eager mode runs torch's op without oneDNN, and the two
+    steps then differ by rounding.)"""
+    if work.cell.kind != "lstm":
+        return "torch's oneDNN RNN layer computes the LSTM only"
+    if batch_sizes is not None or x.dim() != 3:
+        return "packed sequences run torch's op without oneDNN"
+    if work.weight_hr is not None:
+        return "oneDNN's RNN layer has no projection (proj_size)"
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return f"it serves float32 on the CPU (got {x.dtype} on {x.device.type})"
+    if not _MKLDNN_BUILT:
+        return "this torch has no oneDNN"
+    return None
+
+
+def _lstm_args(weights: List[Tensor], has_bias: bool) -> List[Tensor]:
+    w_ih, w_hh = weights[0], weights[1]
+    if has_bias:
+        return [w_ih, w_hh, weights[2], weights[3]]
+    zero = w_ih.new_zeros(w_ih.shape[0])  # as torch's op passes a layer without biases
+    return [w_ih, w_hh, zero, zero]
+
+
+@torch.library.custom_op("recnorm::native_lstm_train", mutates_args=())
+def _native_lstm_train(x: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], has_bias: bool) -> List[Tensor]:
+    """``[out (T, B, H), h_n (B, H), c_n (B, H), workspace]`` of oneDNN's LSTM layer in training mode."""
+    w_ih, w_hh, b_ih, b_hh = _lstm_args(weights, has_bias)
+    with torch.enable_grad():  # the op returns its workspace only where autograd is on
+        out, hy, cy, ws = torch.ops.aten.mkldnn_rnn_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, False, [], _MKLDNN_LSTM,
+                                                          w_hh.shape[1], 1, has_bias, False, False, True)
+    return [out, hy, cy, ws]
+
+
+@_native_lstm_train.register_fake
+def _native_lstm_train_fake(x, h0, c0, weights, has_bias):
+    # the workspace's size is oneDNN's to choose: a size known only when the op runs
+    size = torch.library.get_ctx().new_dynamic_size()
+    return [x.new_empty((x.shape[0], x.shape[1], weights[1].shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            x.new_empty((size,), dtype=torch.uint8)]
+
+
+@torch.library.custom_op("recnorm::native_lstm_train_backward", mutates_args=())
+def _native_lstm_train_backward(x: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], has_bias: bool, out: Tensor,
+                                hy: Tensor, cy: Tensor, d_out: Optional[Tensor], d_hy: Optional[Tensor],
+                                d_cy: Optional[Tensor], workspace: Tensor) -> List[Tensor]:
+    """``[dx, dW_ih, dW_hh, db_ih, db_hh, dh0, dc0]``: oneDNN's backward of :func:`_native_lstm_train`."""
+    w_ih, w_hh, b_ih, b_hh = _lstm_args(weights, has_bias)
+    res = torch.ops.aten.mkldnn_rnn_layer_backward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, hy, cy, d_out, d_hy, d_cy,
+                                                   False, _MKLDNN_LSTM, w_hh.shape[1], 1, has_bias, True, False, [],
+                                                   False, workspace)
+    return [t.contiguous() for t in res]
+
+
+@_native_lstm_train_backward.register_fake
+def _native_lstm_train_backward_fake(x, h0, c0, weights, has_bias, out, hy, cy, d_out, d_hy, d_cy, workspace):
+    w_ih = weights[0]
+    return [x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), weights[1].new_empty(weights[1].shape),
+            w_ih.new_empty(w_ih.shape[:1]), w_ih.new_empty(w_ih.shape[:1]), h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape)]
+
+
+def _lstm_train_setup(ctx, inputs, output):
+    x, h0, c0, weights, has_bias = inputs
+    ctx.has_bias, ctx.n_w = has_bias, len(weights)
+    ctx.save_for_backward(x, h0, c0, *weights, *output)
+    ctx.mark_non_differentiable(output[3])  # the workspace
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: oneDNN takes None (no zeros to fill)
+
+
+def _lstm_train_grad(ctx, grads):
+    """oneDNN's backward on the saved workspace. It is not differentiable again: a graph of this backward
+    (``create_graph=True``, which torch.compile does not support either) raises instead of being wrong."""
+    saved = ctx.saved_tensors
+    x, h0, c0 = saved[:3]
+    weights = list(saved[3 : 3 + ctx.n_w])
+    out, hy, cy, ws = saved[3 + ctx.n_w :]
+    d_out, d_hy, d_cy = grads[:3]
+    dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0 = _native_lstm_train_backward(x, h0, c0, weights, ctx.has_bias, out, hy,
+                                                                          cy, d_out, d_hy, d_cy, ws)
+    d_weights = [dw_ih, dw_hh] + ([db_ih, db_hh] if ctx.has_bias else [])
+    return dx, dh0, dc0, d_weights, None
+
+
+_native_lstm_train.register_autograd(_lstm_train_grad, setup_context=_lstm_train_setup)
