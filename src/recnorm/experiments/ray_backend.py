@@ -23,8 +23,9 @@ that fails to import, constructing the backend raises ImportError saying which, 
 Before the runs:
 
 * :meth:`RayBackend.connect` joins the cluster within ``$RECNORM_RAY_CONNECT_TIMEOUT`` seconds (default
-  60; Ray's client takes about 40 s to report a session server that failed to start): an address nobody listens on fails at once, one that does not answer fails at the deadline, each
-  with one line (:class:`RayConnectError`); the sweep writes nothing before the cluster has answered;
+  60; Ray's client takes about 40 s to report a session server that failed to start): an address nobody
+  listens on fails at once, one that does not answer fails at the deadline, each with one line
+  (:class:`RayConnectError`); the sweep writes nothing before the cluster has answered;
 * when the runs use the fused C++ kernels, one task per node (pinned to it) builds them, or finds them
   built, before any run starts, and the backend reports each node's outcome through ``notify``: a cold
   node then compiles once, visibly, instead of inside its first run.

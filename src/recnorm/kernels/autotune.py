@@ -50,11 +50,25 @@ def rule() -> Dict[str, List[float]]:
     return {k: v["coef"] for k, v in RULE["rules"].items()}
 
 
+def _entry(kind: str, train: bool, dtype: str) -> Optional[Dict]:
+    """The rule's entry for a cell, phase and dtype (None: it has none)."""
+    return RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
+
+
+def _dtype_key(work, x: Tensor) -> Optional[str]:
+    """The rule's dtype name for a call it may order (a CPU call of a cell it knows, without a projection);
+    None for any other."""
+    dtype = _DTYPES.get(str(x.dtype))
+    if work.cell.kind is None or dtype is None or x.device.type != "cpu" or work.weight_hr is not None:
+        return None
+    return dtype
+
+
 def predict(kind: str, train: bool, dtype: str, T: int, B: int, I: int, H: int) -> Optional[float]:
     """The rule's score (log-odds that torch's op is the faster; below 0: the fused kernel), or None where it
     has no entry or the size lies outside the range of T, B, I or H that the rule was fitted on (it does
     not extrapolate)."""
-    entry = RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
+    entry = _entry(kind, train, dtype)
     if entry is None or min(T, B, I, H) < 1:
         return None
     rng = entry.get("range")
@@ -79,14 +93,11 @@ def _sizes(x: Tensor, batch_sizes: Optional[Tensor], hidden: int) -> Optional[Tu
 
 def eager_order(work, x: Tensor, batch_sizes: Optional[Tensor], train: bool) -> Sequence[str]:
     """The candidates of an eager call, fastest first by the rule (see the module docstring)."""
-    kind = work.cell.kind
-    dtype = _DTYPES.get(str(x.dtype))
-    if kind is None or dtype is None or x.device.type != "cpu" or work.weight_hr is not None:
-        return DEFAULT_ORDER
-    sizes = _sizes(x, batch_sizes, int(work.weight_hh.shape[1]))
+    dtype = _dtype_key(work, x)
+    sizes = None if dtype is None else _sizes(x, batch_sizes, int(work.weight_hh.shape[1]))
     if sizes is None:
         return DEFAULT_ORDER
-    pred = predict(kind, train, dtype, *sizes)
+    pred = predict(work.cell.kind, train, dtype, *sizes)
     return FUSED_FIRST if pred is not None and pred < 0 else DEFAULT_ORDER
 
 
@@ -96,11 +107,10 @@ def compiled_order(work, x: Tensor, train: bool) -> Sequence[str]:
     of T with a threshold computed from B, I and H (the weights' sizes are static under torch.compile; B is
     read, which specializes it). Dynamo then guards on which side of the threshold (and of the rule's range)
     T lies instead of on its value: a new sequence length does not recompile unless it crosses one."""
-    kind = work.cell.kind
-    dtype = _DTYPES.get(str(x.dtype))
-    if kind is None or dtype is None or x.device.type != "cpu" or work.weight_hr is not None or x.dim() != 3:
+    dtype = _dtype_key(work, x)
+    if dtype is None or x.dim() != 3:
         return DEFAULT_ORDER
-    entry = RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
+    entry = _entry(work.cell.kind, train, dtype)
     B, I, H = int(x.shape[1]), int(work.weight_ih.shape[1]), int(work.weight_hh.shape[1])
     if entry is None or min(B, I, H) < 1:
         return DEFAULT_ORDER
@@ -124,15 +134,12 @@ def stack_first(work, x: Tensor, batch_sizes: Optional[Tensor], widths: Sequence
     whose layers take inputs of ``widths`` features (the first layer's is ``x``'s), in training. The
     score for the stack is the sum of the layers' scores (their log-odds); a layer
     outside the rule's range (or a case without an entry) gives torch's op, as for one layer."""
-    kind = work.cell.kind
-    dtype = _DTYPES.get(str(x.dtype))
-    if kind is None or dtype is None or x.device.type != "cpu" or work.weight_hr is not None:
-        return DEFAULT_ORDER[0]
-    sizes = _sizes(x, batch_sizes, int(work.weight_hh.shape[1]))
+    dtype = _dtype_key(work, x)
+    sizes = None if dtype is None else _sizes(x, batch_sizes, int(work.weight_hh.shape[1]))
     if sizes is None:
         return DEFAULT_ORDER[0]
     T, B, _, H = sizes
-    preds = [predict(kind, True, dtype, T, B, width, H) for width in widths]
+    preds = [predict(work.cell.kind, True, dtype, T, B, width, H) for width in widths]
     if any(p is None for p in preds):
         return DEFAULT_ORDER[0]
     return FUSED_FIRST[0] if sum(preds) < 0 else DEFAULT_ORDER[0]
