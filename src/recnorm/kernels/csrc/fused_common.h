@@ -384,11 +384,25 @@ inline void bn_columns(const T* X, int64_t stride, int64_t n, int64_t cnt, int64
   st(rstd_out, rstd, cnt);
 }
 
-// Input projection of one row: y[0:G) = sum_k x[k] W_ih^T[k, 0:G)  (wt is W_ih^T, (I, G)).
+// Input projection of one row: y[0:G) = sum_k x[k] W_ih^T[k, 0:G)  (wt is W_ih^T, (I, G)). Every output
+// is summed in the order k = 0, 1, ..., I - 1 from 0 (so its rounding does not depend on the blocking);
+// kBlock vectors at a time, whose independent FMA chains hide the FMA's latency.
 template <typename T>
 inline void project_row(const T* xr, const T* wt, int64_t I, int64_t G, T* y) {
   constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < G; j += VS) {
+  constexpr int64_t kBlock = 8;
+  int64_t j = 0;
+  for (; j + kBlock * VS <= G; j += kBlock * VS) {
+    Vec<T> acc[kBlock];
+    for (int64_t u = 0; u < kBlock; ++u) acc[u] = Vec<T>(T(0));
+    for (int64_t k = 0; k < I; ++k) {
+      const Vec<T> xk(xr[k]);
+      const T* w = wt + k * G + j;
+      for (int64_t u = 0; u < kBlock; ++u) acc[u] = fma(xk, Vec<T>::loadu(w + u * VS), acc[u]);
+    }
+    for (int64_t u = 0; u < kBlock; ++u) acc[u].store(y + j + u * VS);
+  }
+  for (; j < G; j += VS) {
     const int64_t n = std::min(VS, G - j);
     Vec<T> acc(T(0));
     for (int64_t k = 0; k < I; ++k) acc = fma(Vec<T>(xr[k]), ld(wt + k * G + j, n), acc);
@@ -396,12 +410,40 @@ inline void project_row(const T* xr, const T* wt, int64_t I, int64_t G, T* y) {
   }
 }
 
-// The same for columns [q, q + n) only.
-template <typename T>
-inline void project_cols(const T* xr, const T* wt, int64_t I, int64_t G, int64_t q, int64_t n, T* y) {
-  Vec<T> acc(T(0));
-  for (int64_t k = 0; k < I; ++k) acc = fma(Vec<T>(xr[k]), ld(wt + k * G + q, n), acc);
-  st(y + q, acc, n);
+// The same for columns [j, j + n) of each of the K gate blocks (of width H) only, for the first `rows` rows
+// of x (row stride I) into the rows of y (row stride G). Two rows at a time: their 2K chains are
+// independent. Each output is summed as in project_row.
+template <int64_t K, typename T>
+inline void project_gate_cols(const T* x, const T* wt, int64_t I, int64_t G, int64_t H, int64_t j, int64_t n, int64_t rows, T* y) {
+  int64_t bb = 0;
+  for (; bb + 2 <= rows; bb += 2) {
+    const T *x0 = x + bb * I, *x1 = x0 + I;
+    Vec<T> a0[K], a1[K];
+    for (int64_t g = 0; g < K; ++g) a0[g] = a1[g] = Vec<T>(T(0));
+    for (int64_t k = 0; k < I; ++k) {
+      const Vec<T> u0(x0[k]), u1(x1[k]);
+      const T* w = wt + k * G + j;
+      for (int64_t g = 0; g < K; ++g) {
+        const Vec<T> wg = ld(w + g * H, n);
+        a0[g] = fma(u0, wg, a0[g]);
+        a1[g] = fma(u1, wg, a1[g]);
+      }
+    }
+    for (int64_t g = 0; g < K; ++g) {
+      st(y + bb * G + g * H + j, a0[g], n);
+      st(y + (bb + 1) * G + g * H + j, a1[g], n);
+    }
+  }
+  for (; bb < rows; ++bb) {
+    const T* x0 = x + bb * I;
+    Vec<T> a0[K];
+    for (int64_t g = 0; g < K; ++g) a0[g] = Vec<T>(T(0));
+    for (int64_t k = 0; k < I; ++k) {
+      const Vec<T> u0(x0[k]);
+      for (int64_t g = 0; g < K; ++g) a0[g] = fma(u0, ld(wt + k * G + g * H + j, n), a0[g]);
+    }
+    for (int64_t g = 0; g < K; ++g) st(y + bb * G + g * H + j, a0[g], n);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

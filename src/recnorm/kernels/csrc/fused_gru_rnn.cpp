@@ -364,8 +364,11 @@ class GruRnnForward {
         const int64_t j = kc * VS;
         const int64_t n = std::min(VS, H - j);
         if (!hoisted) {
-          for (int64_t bb = 0; bb < Bt; ++bb)
-            for (int64_t k = 0; k < K; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
+          if (K == 3) {
+            project_gate_cols<3>(xrows, wt, I, G, H, j, n, Bt, xi);
+          } else {
+            project_gate_cols<1>(xrows, wt, I, G, H, j, n, Bt, xi);
+          }
         }
         for (int64_t k = 0; k < K; ++k) {
           const int64_t q = k * H + j;

@@ -508,10 +508,7 @@ class LstmForward {
       for (int64_t kc = k0; kc < k1; ++kc) {
         const int64_t j = kc * VS;
         const int64_t n = kTail ? std::min(VS, H - j) : VS;
-        if (!hoisted) {
-          for (int64_t bb = 0; bb < Bt; ++bb)
-            for (int k = 0; k < 4; ++k) project_cols(xrows + bb * I, wt, I, G, k * H + j, n, xi + bb * G);
-        }
+        if (!hoisted) project_gate_cols<4>(xrows, wt, I, G, H, j, n, Bt, xi);
         for (int k = 0; k < 4; ++k) {
           const int64_t q = k * H + j;
           bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
