@@ -536,3 +536,57 @@ def test_backward_gets_no_zero_filled_gradients_of_the_saved_terms(norm):
     saved_terms = 2 * T * B * 4 * H * 4  # XI and XH, float32
     assert allocated < saved_terms, (allocated, saved_terms)
     assert m.weight_hh_l0.grad is not None and torch.isfinite(m.weight_hh_l0.grad).all()
+
+
+@pytest.mark.skipif(not fused._onednn_available("lstm"), reason="oneDNN linear is not available in this torch build")
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_eval_calls_reuse_a_packed_weight_only_while_its_values_are_unchanged(cell, monkeypatch):
+    """The oneDNN packing of W_hh is kept between forward calls that save nothing for a backward, and used
+    again only for a weight whose values are bit for bit those it was packed from: an in-place change
+    through ``.data``, which moves no version counter, must not leave a stale packing in use."""
+    monkeypatch.setenv("RECNORM_FUSED_ONEDNN", "1")
+    fused.empty_cache()
+    torch.manual_seed(0)
+    layer = getattr(recnorm, cell)(4, 8, kernel="fused").eval()
+    x = torch.randn(5, 3, 4)
+
+    def uncached():
+        monkeypatch.setattr(fused, "PACK_CACHE_ENTRIES", 0)
+        try:
+            with torch.no_grad():
+                return layer(x)[0]
+        finally:
+            monkeypatch.undo()
+            monkeypatch.setenv("RECNORM_FUSED_ONEDNN", "1")
+
+    with torch.no_grad():
+        first = layer(x)[0]
+        assert len(fused._PACKED) == 1
+        again = layer(x)[0]  # from the kept packing
+    assert torch.equal(first, again) and torch.equal(again, uncached())
+    layer.weight_hh_l0.data.mul_(-0.5)  # no version counter moves
+    with torch.no_grad():
+        changed = layer(x)[0]
+    assert not torch.equal(changed, first) and torch.equal(changed, uncached())
+    with torch.no_grad():
+        layer.weight_hh_l0.copy_(layer.weight_hh_l0.flip(0))
+        assert torch.equal(layer(x)[0], uncached())
+    # a forward that keeps what a backward needs packs its weight afresh and keeps nothing
+    fused.empty_cache()
+    assert not fused._PACKED
+    layer.train()
+    layer(x)[0].sum().backward()
+    assert not fused._PACKED
+
+
+def test_the_kept_packings_are_bounded(monkeypatch):
+    monkeypatch.setattr(fused, "_pack", lambda w, batch: w.detach().clone())  # packing itself is not under test
+    fused.empty_cache()
+    weights = [torch.randn(8, 2) for _ in range(fused.PACK_CACHE_ENTRIES + 2)]
+    for w in weights:
+        assert torch.equal(fused._pack_reused(w, 3), w)
+    assert len(fused._PACKED) == fused.PACK_CACHE_ENTRIES
+    kept = {key[0] for key in fused._PACKED}
+    assert kept == {w.data_ptr() for w in weights[2:]}  # the least recently used went first
+    fused.empty_cache()
+    assert not fused._PACKED
