@@ -376,6 +376,10 @@ class LstmForward {
     const BNStep<T> s_ih = bn_begin_step(bn[0], t, step_no, false);
     const BNStep<T> s_hh = bn_begin_step(bn[1], t, step_no, false);
     const BNStep<T> s_c = bn_begin_step(bn[2], t, step_no, false);
+    // The same slots as the previous step's (one slot shared over time, or steps past the last slot): the
+    // same coefficients.
+    if (s_ih.rm == fold_slots_[0] && s_hh.rm == fold_slots_[1] && s_c.rm == fold_slots_[2]) return;
+    fold_slots_[0] = s_ih.rm, fold_slots_[1] = s_hh.rm, fold_slots_[2] = s_c.rm;
     T* f = fold_.data();
     for (int64_t q = 0; q < G; ++q) {
       const T ai = gih[q] * population_rstd(s_ih.rm[q], s_ih.rv[q], s_ih.eps);
@@ -573,6 +577,7 @@ class LstmForward {
   T *xi_all = nullptr, *xh_all = nullptr, *c_all = nullptr, *cs_all = nullptr, *cc_all = nullptr;
   T *out_p = nullptr, *o_p = nullptr, *hn_p = nullptr, *cn_p = nullptr;
   std::vector<T> fold_;  // the folded coefficients: a_ih (G), a_hh (G), shift (G), a_c (H), shift_c (H)
+  const T* fold_slots_[3] = {nullptr, nullptr, nullptr};  // the population slots fold_ was computed from
   // Step t: rows, input term (raw, and where its normalized form goes), recurrent term, cells, output.
   int64_t Bt = 0, o0 = 0, step_no = 0;
   T *xi = nullptr, *xi_dst = nullptr, *xh_dst = nullptr, *xh = nullptr, *cs = nullptr, *cc = nullptr, *hout = nullptr;
