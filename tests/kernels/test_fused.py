@@ -580,13 +580,17 @@ def test_eval_calls_reuse_a_packed_weight_only_while_its_values_are_unchanged(ce
 
 
 def test_the_kept_packings_are_bounded(monkeypatch):
-    monkeypatch.setattr(fused, "_pack", lambda w, batch: w.detach().clone())  # packing itself is not under test
+    monkeypatch.setattr(fused, "_reorder", lambda w, batch: w.detach().clone())  # packing itself is not under test
     fused.empty_cache()
     weights = [torch.randn(8, 2) for _ in range(fused.PACK_CACHE_ENTRIES + 2)]
     for w in weights:
-        assert torch.equal(fused._pack_reused(w, 3), w)
+        assert torch.equal(fused._pack(w, 3, reuse=True), w)
     assert len(fused._PACKED) == fused.PACK_CACHE_ENTRIES
     kept = {key[0] for key in fused._PACKED}
     assert kept == {w.data_ptr() for w in weights[2:]}  # the least recently used went first
+    fused._pack(weights[2], 3, reuse=True)  # a hit makes it the most recently used
+    extra = torch.randn(8, 2)
+    fused._pack(extra, 3, reuse=True)
+    assert {key[0] for key in fused._PACKED} == {w.data_ptr() for w in [weights[2], *weights[4:], extra]}
     fused.empty_cache()
     assert not fused._PACKED

@@ -44,7 +44,7 @@ Performance knobs (environment, read per call unless noted):
   :func:`empty_cache` releases them.
 * ``RECNORM_FUSED_ONEDNN``: ``0``/``1`` or a mask such as ``011`` forcing which GEMMs use oneDNN's linear
   instead of MKL (see :func:`onednn_plan`). A forward that saves nothing for a backward (eval, ``no_grad``)
-  reuses the packing of a weight whose values are unchanged, bit for bit (:func:`_pack_reused`, up to
+  reuses the packing of a weight whose values are unchanged, bit for bit (:func:`_pack` with ``reuse``, up to
   :data:`PACK_CACHE_ENTRIES` weights; :func:`empty_cache` drops them).
 * ``RECNORM_FUSED_CHUNK_ROWS`` (read per call): the backward's weight-gradient chunk in rows, instead of
   :func:`chunk_floor`'s rule; ``RECNORM_FUSED_INPROJ_ROWS`` (read at import): the input projection's chunk.
@@ -180,7 +180,8 @@ def available(family: str = "lstm") -> bool:
 def empty_cache() -> None:
     """Release the freed buffers the LSTM kernel keeps for reuse (see ``RECNORM_FUSED_POOL_MB``) and the
     weights packed for oneDNN that eval calls reuse."""
-    _PACKED.clear()
+    with _PACKED_LOCK:
+        _PACKED.clear()
     ext = EXTENSIONS["lstm"].module
     if ext is not None:
         ext.set_pool_capacity(0)
@@ -265,39 +266,46 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
     return (False, hidden >= 256, backward)
 
 
-def _pack(w: Tensor, batch: int) -> Tensor:
+def _reorder(w: Tensor, batch: int) -> Tensor:
     """``w`` (out, in) prepacked for oneDNN's linear ``x w^T``."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch)
 
 
-#: How many packed weights :func:`_pack_reused` keeps (each with a copy of the weight's values).
+#: How many packed weights a forward that saves nothing keeps for the next (each with a copy of its values).
 PACK_CACHE_ENTRIES = 4
 _PACKED: "collections.OrderedDict[tuple, Tuple[Tensor, Tensor]]" = collections.OrderedDict()
+_PACKED_LOCK = threading.Lock()
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
-def _pack_reused(w: Tensor, batch: int) -> Tensor:
-    """:func:`_pack`, reusing the packing of an earlier call whose weight had the same values, bit for bit.
+def _pack(w: Tensor, batch: int, reuse: bool = False) -> Tensor:
+    """``w`` (out, in) prepacked for oneDNN's linear ``x w^T``.
 
-    For the calls that keep nothing for a backward (eval, ``no_grad``), which usually run again and again
-    on unchanged weights: packing ``W_hh`` costs about 0.25 ms a call at (B, H) = (128, 128), some 5% of
-    the LSTM's eval forward there. A hit is decided by comparing the weight with a copy of the values it
-    was packed from, not by its version counter, which an in-place change through ``.data`` does not move:
-    a weight changed in any way is packed anew. Keeps :data:`PACK_CACHE_ENTRIES` weights (the most recently
+    ``reuse``: for the calls that keep nothing for a backward (eval, ``no_grad``), which usually run again
+    and again on unchanged weights, the packing of an earlier call is used again if its weight had the same
+    values, bit for bit (packing ``W_hh`` costs about 0.25 ms a call at (B, H) = (128, 128), some 5% of the
+    LSTM's eval forward there). A hit is decided by comparing the weight with a copy of the values it was
+    packed from, not by its version counter, which an in-place change through ``.data`` does not move: a
+    weight changed in any way is packed anew. Keeps :data:`PACK_CACHE_ENTRIES` weights (the most recently
     used); :func:`empty_cache` drops them."""
-    if PACK_CACHE_ENTRIES <= 0:
-        return _pack(w, batch)
+    if not reuse or PACK_CACHE_ENTRIES <= 0:
+        return _reorder(w, batch)
     w = w.detach()
     key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, batch)
-    hit = _PACKED.get(key)
-    bits = torch.int32 if w.element_size() == 4 else torch.int16
+    bits = _BITS[w.element_size()]
+    with _PACKED_LOCK:
+        hit = _PACKED.get(key)
     if hit is not None and torch.equal(w.view(bits), hit[0].view(bits)):
-        _PACKED.move_to_end(key)
+        with _PACKED_LOCK:
+            if _PACKED.get(key) is hit:
+                _PACKED.move_to_end(key)
         return hit[1]
-    packed = _pack(w, batch)
-    _PACKED[key] = (w.clone(), packed)
-    _PACKED.move_to_end(key)
-    while len(_PACKED) > PACK_CACHE_ENTRIES:
-        _PACKED.popitem(last=False)
+    packed = _reorder(w, batch)
+    with _PACKED_LOCK:
+        _PACKED[key] = (w.clone(), packed)
+        _PACKED.move_to_end(key)
+        while len(_PACKED) > PACK_CACHE_ENTRIES:
+            _PACKED.popitem(last=False)
     return packed
 
 
@@ -392,11 +400,11 @@ def _fused_lstm(
     B, H, I = h0.shape[0], w_hh.shape[1], x.shape[1]
     hoisted = I > INPROJ_MAX
     plan = onednn_plan(B, H, hoisted, x.dtype, "lstm", saving=bool(save))
-    pack = _pack if save else _pack_reused
     res = _ext("lstm").forward(
         x, batch_sizes, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, beta_c, list(pop), list(stat), list(center), list(eps),
         batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS,
-        pack(w_hh, B) if plan[1] else None, pack(w_ih, INPROJ_ROWS) if plan[0] else None, joint, carry, zone_h, zone_c,
+        _pack(w_hh, B, reuse=not save) if plan[1] else None, _pack(w_ih, INPROJ_ROWS, reuse=not save) if plan[0] else None,
+        joint, carry, zone_h, zone_c,
     )  # fmt: skip
     return list(res)
 
@@ -533,7 +541,7 @@ def _fused_gru_rnn(
     plan = onednn_plan(B, H, False, x.dtype, "gru_rnn")
     res = _ext("gru_rnn").forward(
         x, batch_sizes, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, list(pop), int(cell), list(stat), list(center), list(eps),
-        batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS, (_pack if save else _pack_reused)(w_hh, B) if plan[1] else None, joint,
+        batch_stats, save, int(step_offset), INPROJ_MAX, INPROJ_ROWS, _pack(w_hh, B, reuse=not save) if plan[1] else None, joint,
         list(one_group), zone_h,
     )  # fmt: skip
     return list(res)

@@ -363,13 +363,7 @@ class GruRnnForward {
       for (int64_t kc = k0; kc < k1; ++kc) {
         const int64_t j = kc * VS;
         const int64_t n = std::min(VS, H - j);
-        if (!hoisted) {
-          if (K == 3) {
-            project_gate_cols<3>(xrows, wt, I, G, H, j, n, Bt, xi);
-          } else {
-            project_gate_cols<1>(xrows, wt, I, G, H, j, n, Bt, xi);
-          }
-        }
+        if (!hoisted) project_gate_cols<kGru ? 3 : 1>(xrows, wt, I, G, H, j, n, Bt, xi);
         for (int64_t k = 0; k < K; ++k) {
           const int64_t q = k * H + j;
           bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
