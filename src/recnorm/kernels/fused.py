@@ -17,7 +17,8 @@ The kernels are the operators ``torch.ops.recnorm.fused_lstm`` and ``torch.ops.r
 T and B, and registered autograd, so ``torch.compile``, ``torch.jit.trace`` and ``torch.export`` see
 them as what they are. They read norm descriptors' fields (statistic family, centring, eps, affine
 tensors, population statistics) and never write module state: a training call returns the batch moments
-of every step, and the layer updates its running statistics from them.
+of every step, and the layer updates its running statistics from them (by :func:`running_stats_update`, one
+C++ call equal to the update's reference in tensor operations, where it serves).
 
 They compute exactly what :func:`recnorm.kernels.reference.run_direction` computes (the oracle they are
 tested against): packed rows, per-step batch statistics over the valid rows, population statistics in
@@ -193,6 +194,50 @@ def _ext(family: str):
     if ext is None:
         raise RuntimeError(f"recnorm's fused {EXTENSIONS[family].what} kernel is not available: {EXTENSIONS[family].error}")
     return ext
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running statistics of recurrent batch norm
+# ---------------------------------------------------------------------------------------------------
+
+
+def _is_plain_cpu(t: Tensor, rows: bool = False) -> bool:
+    """A CPU tensor of torch's own, contiguous (``rows``: each row of a 2-D tensor contiguous)."""
+    return (
+        t.device.type == "cpu"
+        and (t.is_contiguous() or (rows and t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] == 1)))
+        and t.layout == torch.strided
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and type(t) is torch.Tensor
+    )
+
+
+def running_stats_update(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, m: BatchMoments, momentum: Optional[float]
+) -> Optional[Tuple[Tensor, int]]:
+    """:meth:`recnorm.nn.norms.RecurrentBatchNorm.record`'s update of the running statistics in one C++ call
+    (``csrc/running_stats.h``), equal to the reference in Python bit for bit. Updates the buffers in place and
+    returns the ``(K,)`` mask of steps whose moments are finite (or over fewer than 2 rows) and how many are
+    not. Returns None, with nothing done, where the reference must run instead: no extension loaded yet (this
+    never builds one), a tensor that is not a plain contiguous CPU tensor (the moments: contiguous rows),
+    buffers in autograd, dtypes other than one of float32 and float64 throughout, two steps of the call in one
+    slot of their own, or under torch.compile or torch.jit.trace."""
+    ext = next((e.module for e in EXTENSIONS.values() if e.module is not None), None)
+    if ext is None or not hasattr(ext, "running_stats_update") or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None  # a trace records tensor operations: the reference's are what a traced module replays
+    tensors = (running_mean, running_var, num_batches_tracked, m.steps, m.count)
+    if not all(_is_plain_cpu(t) for t in tensors) or not all(_is_plain_cpu(t, rows=True) for t in (m.mean, m.var)):
+        return None
+    if any(t.requires_grad for t in tensors[:3]):  # written in place: buffers, never in autograd (moments are only read)
+        return None
+    dt = running_mean.dtype
+    if dt not in (torch.float32, torch.float64) or any(t.dtype != dt for t in (running_var, m.mean, m.var)):
+        return None
+    if any(t.dtype != torch.long for t in (num_batches_tracked, m.steps, m.count)) or running_mean.dim() != 2:
+        return None
+    finite, bad = ext.running_stats_update(running_mean, running_var, num_batches_tracked, m.steps, m.mean, m.var, m.count,
+                                           -1.0 if momentum is None else float(momentum))
+    return None if bad < 0 else (finite, bad)
 
 
 # ---------------------------------------------------------------------------------------------------

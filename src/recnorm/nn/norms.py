@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from recnorm.kernels import fused
 from recnorm.kernels import functional as kfn
 from recnorm.kernels.contract import BatchMoments, NormDesc
 from recnorm.kernels.stats import batch_moments, count_valid, degenerate_features, stats_dtype, sync_active
@@ -280,10 +281,23 @@ class RecurrentBatchNorm(nn.Module):
                 if int(m.count[k]) >= 2:
                     observe(int(m.steps[k]), m.mean[k], m.var[k], int(m.count[k]))
         self._check_steps(m)
+        if self._population is None and not _traced(m.mean):  # the same update in one C++ call, where it serves
+            done = fused.running_stats_update(self.running_mean, self.running_var, self.num_batches_tracked, m, self.momentum)
+            if done is not None:
+                if done[1]:
+                    self._warn_non_finite(m, done[0])
+                self._updated_since_calibration = True
+                return
         finite = self._finite_steps(m)
         if self._population is not None:
             self._pool(m, finite)
             return
+        self._update_reference(m, finite)
+
+    @torch.no_grad()
+    def _update_reference(self, m: BatchMoments, finite: Tensor) -> None:
+        """The running-statistics update of :meth:`record` in tensor operations: the readable reference of
+        ``fused.running_stats_update`` (csrc/running_stats.h), and what runs where that does not serve."""
         S = self.max_steps
         dev = self.running_mean.device
         slots = m.steps.to(dev).clamp(max=S - 1)
@@ -338,15 +352,19 @@ class RecurrentBatchNorm(nn.Module):
         if _traced(finite):  # no data-dependent branch under torch.func or compile: the mask applies, unannounced
             return finite
         if not bool(finite.all()):
-            bad = m.steps[~finite.to(m.steps.device)].tolist()
-            shown = ", ".join(str(t) for t in bad[:8]) + (f", ... ({len(bad)} steps)" if len(bad) > 8 else "")
-            log.warning(
-                "recnorm: batch norm (%d features) got non-finite batch statistics (NaN or inf in the batch) at time"
-                " "
-                "%s %s of its %s call; they were left out of the running statistics",
-                self.num_features, "steps" if len(bad) > 1 else "step", shown, "population-pass" if self._population is not None else "training",
-            )
+            self._warn_non_finite(m, finite)
         return finite
+
+    def _warn_non_finite(self, m: BatchMoments, finite: Tensor) -> None:
+        """Warns, naming the steps, that the steps where ``finite`` is False were left out."""
+        bad = m.steps[~finite.to(m.steps.device)].tolist()
+        shown = ", ".join(str(t) for t in bad[:8]) + (f", ... ({len(bad)} steps)" if len(bad) > 8 else "")
+        log.warning(
+            "recnorm: batch norm (%d features) got non-finite batch statistics (NaN or inf in the batch) at time"
+            " "
+            "%s %s of its %s call; they were left out of the running statistics",
+            self.num_features, "steps" if len(bad) > 1 else "step", shown, "population-pass" if self._population is not None else "training",
+        )
 
     def _pool(self, m: BatchMoments, finite: Optional[Tensor] = None) -> None:
         acc = self._population

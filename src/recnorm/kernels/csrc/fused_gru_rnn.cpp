@@ -52,6 +52,7 @@
 
 #include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, statistics, BN sites, Shape, GEMMs
 #include "fused_loop.h"    // the time loop and the dispatch over the statistic family
+#include "running_stats.h"  // the running-statistics update of recurrent batch norm
 
 namespace {
 
@@ -993,6 +994,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The loops touch no Python object: let other Python threads run meanwhile.
   m.def("forward", &forward, "fused GRU/RNN direction forward", py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "fused GRU/RNN direction backward", py::call_guard<py::gil_scoped_release>());
+  m.def("running_stats_update", &running_stats_update, "recurrent batch norm: fold a call's batch moments into the running statistics");
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
   m.attr("VERSION") = 4;
 }
