@@ -281,7 +281,7 @@ class RecurrentBatchNorm(nn.Module):
                 if int(m.count[k]) >= 2:
                     observe(int(m.steps[k]), m.mean[k], m.var[k], int(m.count[k]))
         self._check_steps(m)
-        if self._population is None and not _traced(m.mean):  # the same update in one C++ call, where it serves
+        if self._population is None:  # the same update in one C++ call where it serves (it declines traced tensors)
             done = fused.running_stats_update(self.running_mean, self.running_var, self.num_batches_tracked, m, self.momentum)
             if done is not None:
                 if done[1]:

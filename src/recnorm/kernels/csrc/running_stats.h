@@ -135,7 +135,8 @@ void running_stats_impl(Tensor& rm, Tensor& rv, Tensor& nbt, const Tensor& steps
 // Folds one call's batch moments (steps (K,), mean and var (K, F), count (K,)) into the running statistics
 // rm, rv (S, F) and num_batches_tracked (S,) in place; momentum < 0 stands for None (a cumulative average).
 // Returns whether each step's moments were finite (or carried no information: count < 2), and how many were
-// not; or -1 for the count, with nothing changed, where two steps share a slot of their own. The caller checked dtypes, shapes, devices and contiguity (recnorm/kernels/fused.py).
+// not; or -1 for the count, with nothing changed, where two steps share a slot of their own. The caller
+// checked dtypes, shapes, devices and contiguity (recnorm/kernels/fused.py).
 std::tuple<Tensor, int64_t> running_stats_update(Tensor rm, Tensor rv, Tensor nbt, const Tensor& steps, const Tensor& mean,
                                                  const Tensor& var, const Tensor& count, double momentum) {
   TORCH_CHECK(rm.dim() == 2 && rv.sizes() == rm.sizes() && nbt.dim() == 1 && nbt.size(0) == rm.size(0) && mean.dim() == 2 &&
@@ -169,9 +170,9 @@ std::tuple<Tensor, int64_t> running_stats_update(Tensor rm, Tensor rv, Tensor nb
   AT_DISPATCH_FLOATING_TYPES(rm.scalar_type(), "running_stats_update", [&] {
     const scalar_t *mu = mean.data_ptr<scalar_t>(), *va = var.data_ptr<scalar_t>();
     const int64_t* cnt = count.data_ptr<int64_t>();
+    const scalar_t big = std::numeric_limits<scalar_t>::max();
     for (int64_t k = 0; k < K; ++k) {
       const scalar_t *mr = mu + k * mean.stride(0), *vr = va + k * var.stride(0);
-      const scalar_t big = std::numeric_limits<scalar_t>::max();
       int nonfinite = 0;  // |x| <= max fails for an inf and a NaN (a comparison and an OR: the loop vectorizes)
       for (int64_t j = 0; j < F; ++j) nonfinite |= int(!(std::abs(mr[j]) <= big)) | int(!(std::abs(vr[j]) <= big));
       fin[k] = !nonfinite || cnt[k] < 2;
