@@ -152,10 +152,13 @@ def test_every_choice_computes_the_same(rule, cell, norm):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("norm", [None, "layer", "batch"])
 @pytest.mark.parametrize("c0", [-1.0, 1.0], ids=["fused_first", "native_first"])
-def test_bf16_autocast_runs_in_float32(rule, cell, norm, c0):
+def test_bf16_autocast_runs_in_float32(rule, cell, norm, c0, monkeypatch):
     """Under CPU bfloat16 autocast, auto runs torch's op or the fused kernel in float32 on the upcast
     input: the result is float32's, rounded to bfloat16 (the layer casts its input to bfloat16 first, so
-    the float32 reference runs on that rounded input). The fused kernel's is bit for bit the reference's."""
+    the float32 reference runs on that rounded input). The fused kernel's is bit for bit the reference's.
+    (On a CPU with native bfloat16 a plain LSTM runs torch's op in bfloat16 instead: the next test; here the
+    CPU is taken to lack it.)"""
+    monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: False)
     rule(c0)
     layer = _layer(cell, norm)
     x = torch.randn(6, 3, 5)
@@ -167,6 +170,54 @@ def test_bf16_autocast_runs_in_float32(rule, cell, norm, c0):
     else:  # torch's op in float32: within one bfloat16 rounding of the reference
         torch.testing.assert_close(out.float(), ref_out, atol=1e-5, rtol=2**-8)
     assert all(g is not None and g.dtype == torch.float32 for g in grads[1:])
+
+
+@pytest.mark.parametrize("c0", [-1.0, 1.0], ids=["fused_first", "native_first"])
+@pytest.mark.parametrize("config", [{}, {"num_layers": 2}, {"bidirectional": True}, {"batch_first": True}],
+                         ids=["one", "two_layers", "bidirectional", "batch_first"])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "eval"])
+def test_bf16_autocast_plain_lstm_is_torch_nn_on_a_bf16_cpu(rule, c0, config, grad):
+    """On a CPU with native bfloat16, a plain LSTM under CPU bfloat16 autocast runs torch's op in bfloat16,
+    whatever the rule's float32 order: outputs, final states and gradients equal torch.nn.LSTM's under the
+    same autocast, bit for bit, and the recording says native."""
+    if not kernels.cpu_has_bf16():
+        pytest.skip("this CPU has no native bfloat16: the float32 upcast runs (the test above)")
+    rule(c0)
+    ours = _layer("lstm", None, **config)
+    ref = torch.nn.LSTM(5, 7, **config)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 6, 5) if config.get("batch_first") else torch.randn(6, 3, 5)
+    results = []
+    for m in (ours, ref):
+        xg = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16), kernels.recording() as ran:
+            out, (h, c) = m(xg)
+        if grad:
+            out.float().square().sum().backward()
+        results.append(([out, h, c] + ([xg.grad] + [p.grad for p in m.parameters()] if grad else []), ran))
+    (mine, ran), (theirs, _) = results
+    assert set(ran) == {"native"} and mine[0].dtype == torch.bfloat16
+    for a, b in zip(mine, theirs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_only_a_plain_full_batch_bf16_lstm_runs_torch_op_in_bf16(monkeypatch):
+    """Normalized layers, a projection, other cells, float16, packed input and a CPU without native bfloat16
+    run in float32 under autocast (kernels._run_upcast)."""
+    monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: True)
+    x = torch.randn(6, 3, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        work = _layer("lstm", None).direction_work(0, 0)
+        xb = x.bfloat16()
+        assert kernels.native_runs_bf16(work, xb, None)
+        assert not kernels.native_runs_bf16(_layer("lstm", "layer").direction_work(0, 0), xb, None)
+        assert not kernels.native_runs_bf16(_layer("lstm", None, proj_size=3).direction_work(0, 0), xb, None)
+        assert not kernels.native_runs_bf16(_layer("gru", None).direction_work(0, 0), xb, None)
+        assert not kernels.native_runs_bf16(work, x.half(), None)
+        assert not kernels.native_runs_bf16(work, xb.reshape(-1, 5), torch.tensor([3] * 6))
+        monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: False)
+        assert not kernels.native_runs_bf16(work, xb, None)
 
 
 def _ran(layer, x, grad: bool):

@@ -27,7 +27,8 @@ case (None when it can):
   both serve (``norm=None``, ``"sequence_batch"``) have a choice; torch's op goes first where the rule
   has no entry. Under CPU autocast to bfloat16/float16, a case that torch's op or the fused kernel serves
   in float32 runs there (in the same order) on the input cast to float32, and the result is cast back
-  (:func:`_run_upcast`);
+  (:func:`_run_upcast`); except a plain LSTM in bfloat16 on a CPU with native bfloat16, which runs torch's
+  op in bfloat16 as torch.nn does (:func:`native_runs_bf16`);
 * compiling: ``native``, ``fused``, ``reference`` without autograd; with autograd, an LSTM that torch's op
   runs through oneDNN (:func:`.native.compiled_training`) takes the eager order (:func:`.autotune.compiled_order`:
   the same rule, with T compared to a threshold rather than read, so that it is not specialized; torch's op
@@ -66,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from types import ModuleType
@@ -92,6 +94,7 @@ __all__ = [
     "route_dispatch",
     "recording",
     "stack_preference",
+    "native_runs_bf16",
     "native_runs_plain",
     "execution_mode",
     "KERNELS",
@@ -384,6 +387,25 @@ def run_direction(
 _HALF = (torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX) for oneDNN."""
+    return torch.backends.mkldnn.is_available() and bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def native_runs_bf16(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor]) -> bool:
+    """Whether a bfloat16 input under CPU autocast runs torch's op in bfloat16, with autocast on, as torch.nn
+    runs it: a plain LSTM direction (no norm, no projection) on a full batch, float32 weights, on a CPU with
+    native bfloat16 (:func:`cpu_has_bf16`), where oneDNN's LSTM in bfloat16 takes 0.55-0.74 of its float32
+    time (docs/benchmarks.md, 2026-12-06). Its outputs and gradients are then torch.nn's under the same
+    autocast, bit for bit (tests/kernels/test_dispatch.py). Everything else under autocast runs in float32
+    (:func:`_run_upcast`); the lean path (``RecurrentBase._lean_forward``) asks this too."""
+    return (x.dtype == torch.bfloat16 and batch_sizes is None and work.cell.kind == "lstm" and not work.present_norms()
+            and work.weight_hr is None and work.weight_ih.dtype == torch.float32 and cpu_has_bf16()
+            # the float32 case is what torch's op must serve (supports() reads the dtype, not the shape)
+            and native.supports(work, x.new_empty((0,), dtype=torch.float32), None, "eager") is None)
+
+
 def _run_upcast(
     work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor], state: Tuple[Tensor, ...]
 ) -> Optional[DirectionResult]:
@@ -400,14 +422,18 @@ def _run_upcast(
     and final states come back in the input's dtype; the batch moments stay float32. Gradients flow
     through the casts.
 
-    The price on a CPU that does have native bfloat16 arithmetic: there torch.nn.LSTM under bfloat16 autocast
-    runs at 0.55-0.74 of its float32 time (AVX-512 BF16, docs/benchmarks.md, 2026-12-06), and a layer that
-    this function serves keeps float32's time, 1.25-1.86x torch.nn's under the same autocast for
-    ``norm=None``. Running torch's op in bfloat16 on such CPUs would match torch.nn bit for bit and in speed,
-    at bfloat16's precision; that is not done yet.
+    On a CPU that does have native bfloat16 arithmetic, torch.nn.LSTM under bfloat16 autocast runs at
+    0.55-0.74 of its float32 time (AVX-512 BF16, docs/benchmarks.md, 2026-12-06), and a layer served here
+    would keep float32's time (1.25-1.86x torch.nn's under the same autocast for ``norm=None``). There a
+    plain LSTM (:func:`native_runs_bf16`) runs torch's op in bfloat16 with autocast on instead: torch.nn's
+    results, bit for bit, at its speed and at bfloat16's precision. Normalized layers keep float32.
     """
     if execution_mode() != "eager" or x.device.type != "cpu":
         return None
+    if native_runs_bf16(work, x, batch_sizes):
+        if _OBSERVERS:
+            _notify(DispatchCall(work, x, batch_sizes, state), "native")
+        return native.run_direction(work, x, batch_sizes, state)  # autocast on: torch.nn's own call
     x32 = x.float()
     state32 = tuple(s.float() for s in state)
     grad = _needs_grad(work, x, state)
