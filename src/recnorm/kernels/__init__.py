@@ -389,8 +389,10 @@ _HALF = (torch.bfloat16, torch.float16)
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX) for oneDNN."""
-    return torch.backends.mkldnn.is_available() and bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Whether this CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX) for oneDNN (False where this torch
+    lacks the private checks it reads)."""
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(bool(c()) for c in checks if c is not None)
 
 
 def native_runs_bf16(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor]) -> bool:
