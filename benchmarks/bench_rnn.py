@@ -97,7 +97,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -612,6 +612,38 @@ class LoadWatch:
         self.record = {"load_before": round(self.load_before, 2), "load_after": round(load_average(), 2),
                        "others_load": round(max(others, 0.0), 2)}  # fmt: skip
         return self.record
+
+
+def refuse_loaded(tool: str, load: float, max_load: float) -> bool:
+    """For a timing tool about to start (gemm_floor.py, rnn_memory_floor.py): whether the load average
+    ``load`` is above ``max_load``, in which case it says so on stderr."""
+    if load <= max_load:
+        return False
+    print(f"{tool}: load average {load:.2f} is above --max-load {max_load}: the machine is not quiet, so the ratios "
+          "would measure the load. Run it with nothing else running.", file=sys.stderr)  # fmt: skip
+    return True
+
+
+def refuse_others(record: Dict, max_load: float) -> bool:
+    """After such a tool's timed run (``record``: :meth:`LoadWatch.stop`): whether other processes used more
+    than ``max_load`` cores meanwhile, in which case it says so on stderr."""
+    if record["others_load"] <= max_load:
+        return False
+    print(f"other processes used {record['others_load']} cores during the run: not a quiet measurement.", file=sys.stderr)
+    return True
+
+
+def ratio_table(what: str, record: Dict, rows: List[Tuple], keys: List[str], extra: Sequence[Tuple[str, str, str]] = ()) -> List[str]:
+    """Such a tool's printout: ``what`` with the load around the run (``record``), then a Markdown table of
+    ``rows`` (``(size, result)``): torch.nn's milliseconds (``result["torch.nn ms"]``), the ratios of ``keys``
+    and, per ``extra`` item ``(heading, key, format)``, one more column."""
+    lines = [f"{what} (load before {record['load_before']}, others' CPU during the run {record['others_load']} cores)",
+             "| (T, B, I, H) | torch.nn (ms) | " + " | ".join(keys + [h for h, _, _ in extra]) + " |",
+             "|---|---|" + "---|" * (len(keys) + len(extra))]  # fmt: skip
+    for size, r in rows:
+        cells = [f"{r[k]:.2f}" for k in keys] + [format(r[k], f) for _, k, f in extra]
+        lines.append(f"| {size} | {r['torch.nn ms']:.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _worst_row(rows: List[Dict], field: str, name: str, extra: Dict[str, str] | None = None) -> Dict | None:

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_rnn import LoadWatch, load_average  # noqa: E402
+from bench_rnn import LoadWatch, load_average, ratio_table, refuse_loaded, refuse_others  # noqa: E402
 
 import recnorm  # noqa: E402
 
@@ -108,23 +108,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--max-load", type=float, default=0.5)
     args = ap.parse_args(argv)
-    if load_average() > args.max_load:
-        print(f"gemm_floor: load average {load_average():.2f} is above --max-load {args.max_load}: the machine is not "
-              "quiet, so the ratios would measure the load. Run it with nothing else running.", file=sys.stderr)  # fmt: skip
+    if refuse_loaded("gemm_floor", load_average(), args.max_load):
         return 2
     torch.set_num_threads(args.threads)
     watch = LoadWatch()
     rows = [(s, measure(s, args.rounds, args.reps)) for s in SIZES]
     load = watch.stop()
     keys = [k for k in rows[0][1] if k != "torch.nn ms"]
-    print(f"LSTM eval forward, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.LSTM "
-          f"(load before {load['load_before']}, others' CPU during the run {load['others_load']} cores)")  # fmt: skip
-    print("| (T, B, I, H) | torch.nn (ms) | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---|" * len(keys))
-    for s, r in rows:
-        print(f"| {s} | {r['torch.nn ms']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
-    if load["others_load"] > args.max_load:
-        print(f"other processes used {load['others_load']} cores during the run: not a quiet measurement.", file=sys.stderr)
+    what = f"LSTM eval forward, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.LSTM"
+    print("\n".join(ratio_table(what, load, rows, keys)))
+    if refuse_others(load, args.max_load):
         return 2
     return 0
 

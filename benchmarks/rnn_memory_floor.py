@@ -28,27 +28,18 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_rnn import LoadWatch, load_average  # noqa: E402
+from bench_rnn import LoadWatch, _calls, _time, load_average, ratio_table, refuse_loaded, refuse_others  # noqa: E402
 
 import recnorm  # noqa: E402
 
 #: The sizes of bench_rnn.py where the normalized RNN misses memory (at (784, 64, 1, 128) it is 1.00-1.01).
 SIZES = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512)]
 NORMS = ("layer", "batch")
-
-
-def _time(fn, calls: int) -> float:
-    """Seconds per call over ``calls`` calls back to back."""
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t) / calls
 
 
 def measure(size, rounds: int, min_time: float = 0.05) -> dict:
@@ -76,7 +67,7 @@ def measure(size, rounds: int, min_time: float = 0.05) -> dict:
     for fn in cands.values():  # warm-up: first-call allocations, batch norm's running statistics
         fn()
         fn()
-    calls = max(1, round(min_time / max(_time(cands["torch.nn"], 1), 1e-6)))
+    calls = _calls(cands["torch.nn"], min_time)
     ratios = {k: [] for k in cands if k != "torch.nn"}
     base_ms = []
     for _ in range(rounds):
@@ -98,23 +89,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--max-load", type=float, default=0.5)
     args = ap.parse_args(argv)
-    if load_average() > args.max_load:
-        print(f"rnn_memory_floor: load average {load_average():.2f} is above --max-load {args.max_load}: the machine is "
-              "not quiet, so the ratios would measure the load. Run it with nothing else running.", file=sys.stderr)  # fmt: skip
+    if refuse_loaded("rnn_memory_floor", load_average(), args.max_load):
         return 2
     torch.set_num_threads(args.threads)
     watch = LoadWatch()
     rows = [(s, measure(s, args.rounds)) for s in SIZES]
     load = watch.stop()
     keys = [k for k in rows[0][1] if k not in ("torch.nn ms", "kept terms MiB")]
-    print(f"RNN training step, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.RNN "
-          f"(load before {load['load_before']}, others' CPU during the run {load['others_load']} cores)")  # fmt: skip
-    print("| (T, B, I, H) | torch.nn (ms) | " + " | ".join(keys) + " | kept terms (MiB) |")
-    print("|---|---|" + "---|" * (len(keys) + 1))
-    for s, r in rows:
-        print(f"| {s} | {r['torch.nn ms']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + f" | {r['kept terms MiB']:.1f} |")
-    if load["others_load"] > args.max_load:
-        print(f"other processes used {load['others_load']} cores during the run: not a quiet measurement.", file=sys.stderr)
+    what = f"RNN training step, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.RNN"
+    print("\n".join(ratio_table(what, load, rows, keys, [("kept terms (MiB)", "kept terms MiB", ".1f")])))
+    if refuse_others(load, args.max_load):
         return 2
     return 0
 

@@ -3,16 +3,13 @@ sums add up, the kept terms' size is 2 x N x H floats; the quiet check refuses a
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-_spec = importlib.util.spec_from_file_location("rnn_memory_floor", os.path.join(ROOT, "benchmarks", "rnn_memory_floor.py"))
-rnn_memory_floor = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rnn_memory_floor)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+
+import rnn_memory_floor  # noqa: E402
 
 
 def test_measure_gives_every_ratio_at_a_tiny_size():

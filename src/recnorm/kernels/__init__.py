@@ -94,6 +94,7 @@ __all__ = [
     "route_dispatch",
     "recording",
     "stack_preference",
+    "native_bf16",
     "native_runs_bf16",
     "native_runs_plain",
     "execution_mode",
@@ -395,15 +396,23 @@ def cpu_has_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and any(bool(c()) for c in checks if c is not None)
 
 
+def native_bf16(kind: str, dtype: torch.dtype, proj: bool, packed: bool) -> bool:
+    """Whether a layer direction of cell ``kind`` with a ``dtype`` input under CPU autocast runs torch's op in
+    that dtype, with autocast on, as torch.nn runs it, where torch's op serves its float32 case with no norm:
+    a bfloat16 LSTM without a projection (``proj``) on a full batch (not ``packed``), on a CPU with native
+    bfloat16 (:func:`cpu_has_bf16`), where oneDNN's LSTM in bfloat16 takes 0.55-0.74 of its float32 time
+    (docs/benchmarks.md, 2026-12-06). Its outputs and gradients are then torch.nn's under the same autocast,
+    bit for bit (tests/kernels/test_dispatch.py). Everything else under autocast runs in float32
+    (:func:`_run_upcast`). The lean path (``RecurrentBase._lean_forward``) asks this directly, having
+    checked the rest; the full path through :func:`native_runs_bf16`."""
+    return dtype == torch.bfloat16 and kind == "lstm" and not proj and not packed and cpu_has_bf16()
+
+
 def native_runs_bf16(work: DirectionWork, x: Tensor, batch_sizes: Optional[Tensor]) -> bool:
-    """Whether a bfloat16 input under CPU autocast runs torch's op in bfloat16, with autocast on, as torch.nn
-    runs it: a plain LSTM direction (no norm, no projection) on a full batch, float32 weights, on a CPU with
-    native bfloat16 (:func:`cpu_has_bf16`), where oneDNN's LSTM in bfloat16 takes 0.55-0.74 of its float32
-    time (docs/benchmarks.md, 2026-12-06). Its outputs and gradients are then torch.nn's under the same
-    autocast, bit for bit (tests/kernels/test_dispatch.py). Everything else under autocast runs in float32
-    (:func:`_run_upcast`); the lean path (``RecurrentBase._lean_forward``) asks this too."""
-    return (x.dtype == torch.bfloat16 and batch_sizes is None and work.cell.kind == "lstm" and not work.present_norms()
-            and work.weight_hr is None and work.weight_ih.dtype == torch.float32 and cpu_has_bf16()
+    """:func:`native_bf16` for one direction of the full path: no norm, float32 weights, and torch's op
+    serving the float32 case."""
+    return (native_bf16(work.cell.kind, x.dtype, work.weight_hr is not None, batch_sizes is not None)
+            and not work.present_norms() and work.weight_ih.dtype == torch.float32
             # the float32 case is what torch's op must serve (supports() reads the dtype, not the shape)
             and native.supports(work, x.new_empty((0,), dtype=torch.float32), None, "eager") is None)
 

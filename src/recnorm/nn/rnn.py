@@ -705,7 +705,7 @@ class RecurrentBase(_NormSetup, nn.Module):
             weights, has_bias = folded
         if low is None:
             out, ends = kernels.native.run_plain_stack(kind, x, state, weights, L, has_bias)
-        elif self.norm is None and kernels.native_runs_bf16(self.direction_work(0, 0), x.new_empty((0,), dtype=low), None):
+        elif self.norm is None and kernels.native_bf16(kind, low, bool(self.proj_size), packed=False):
             # torch's op in bfloat16 with autocast on, as the full path runs each layer (kernels._run_upcast)
             out, ends = kernels.native.run_plain_stack(kind, x.to(low), tuple(s.to(low) for s in state), weights, L, has_bias)
         else:
