@@ -1315,8 +1315,10 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
             "## bfloat16 autocast",
             "",
             "The same layers under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`, ratio to torch.nn in *float32*. "
-            "recnorm computes the recurrence and the statistics in float32 (its fused kernel runs on the input cast "
-            "to float32; the output comes back in bfloat16).",
+            "A normalized recnorm layer computes the recurrence and the statistics in float32 (its fused kernel runs on "
+            "the input cast to float32; the output comes back in bfloat16). From commit 862133e, a plain LSTM "
+            "(`norm=None`) on a CPU with native bfloat16 runs torch's op in bfloat16, as torch.nn.LSTM does; before "
+            "it, it computed in float32 too.",
             "",
             *_table(rows, memory, bf16),
             "",

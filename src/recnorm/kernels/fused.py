@@ -2,8 +2,9 @@
 
 The whole loop -- forward and a hand-derived backward through time -- runs in a C++ extension
 (``csrc/fused_lstm.cpp`` for the LSTM, ``csrc/fused_gru_rnn.cpp`` for the GRU and the RNN; what they
-share is in ``csrc/fused_common.h``, and the time loop itself, whose phases each kernel implements with
-the statistic family and the cell as template arguments, in ``csrc/fused_loop.h``), built against torch
+share is in ``csrc/fused_common.h``; the time loop itself, whose phases each kernel implements with the
+statistic family and the cell as template arguments, in ``csrc/fused_loop.h``; each statistic family's
+statistics in a header of its own, ``csrc/family_*.h``, listed in ``csrc/families.h``), built against torch
 on first use (needs a C++ compiler and ninja) and cached (see :mod:`recnorm.kernels._build`). Per step it
 does one GEMM for the recurrent term and one fused, vectorized pass (AVX2 where torch has it) for the norm
 statistics, the normalization, the gates, the state update and the LSTM's cell norm; the input
@@ -79,6 +80,7 @@ INPROJ_MAX = 8
 # just before its steps, so that the step pass finds them in cache.
 INPROJ_ROWS = int(os.environ.get("RECNORM_FUSED_INPROJ_ROWS", "1024"))
 
+# The statistic family codes of the operators' ``stat`` argument: each family's kCode in csrc/family_*.h.
 _FAMILY = {"none": 0, "row": 1, "step": 2, "shared": 2}
 _CELL_CODES = {"gru": 0, "rnn_tanh": 1, "rnn_relu": 2}
 

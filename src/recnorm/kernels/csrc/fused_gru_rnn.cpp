@@ -16,11 +16,12 @@
 //        n = tanh(a_i,n + b_in + r * (a_h,n + b_hn)),  h = n + z * (h_{t-1} - n)
 //        (b_r, b_z = b_ih + b_hh of those blocks; b_in, b_hn kept apart, b_hn inside the reset product)
 //   RNN: h = act(a_i + a_h + b), act = tanh or relu
-// Statistic families (both sites use the same one; `center` per site picks LN/BN or RMS):
+// Statistic families (both sites use the same one; `center` per site picks LN/BN or RMS), each in a header
+// of its own (family_none.h, family_row.h, family_batch.h); the passes read the family's axis (family.h):
 //   none:  N = identity (the row pass with mean 0 and rstd 1)
 //   row:   N = layer norm (or RMSNorm) of each row; the GRU normalizes the (r, z) block and the n block
 //          separately (groups (2H, H)), the RNN the whole row.
-//   batch: per-step batch statistics over the valid rows (population statistics in eval mode and
+//   step:  per-step batch statistics over the valid rows (population statistics in eval mode and
 //          for steps with fewer than 2 valid rows); the batch moments go to the `moments` output.
 // A feature (BN: a column over the batch; LN: a row group) whose values are all equal normalizes to
 // exactly 0 and passes no gradient (recnorm.kernels.stats.degenerate_features); stored as rstd = 0.
@@ -50,8 +51,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, statistics, BN sites, Shape, GEMMs
-#include "fused_loop.h"    // the time loop and the dispatch over the statistic family
+#include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, Shape, GEMMs
+#include "fused_loop.h"    // the time loop, and the statistic families with their dispatch (families.h)
 #include "running_stats.h"  // the running-statistics update of recurrent batch norm
 
 namespace {
@@ -141,22 +142,22 @@ struct GruRnnArgs {
 // Such a call saves the row statistics alone (4, N), and XI and XH come back empty: T * B * H * 2 values
 // less for a training step. The Python side's fake (recnorm/kernels/fused.py, _gru_rnn_terms_unused)
 // follows the same rule.
-template <Mode M, int64_t C>
+template <class F, int64_t C>
 bool terms_unused(const GruRnnArgs& a) {
-  return C != 0 && M == kNone && !a.joint && !a.zone && !has(a.g_ih) && !has(a.g_hh);
+  return C != 0 && F::kAxis == Axis::kNone && !a.joint && !a.zone && !has(a.g_ih) && !has(a.g_hh);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
 
-// One forward call, with the statistic family M and the cell C fixed at compile time (the phases:
+// One forward call, with the statistic family F (families.h) and the cell C fixed at compile time (the phases:
 // fused_loop.h).
-template <typename T, Mode M, Cell C>
+template <typename T, class F, Cell C>
 class GruRnnForward {
  public:
-  static constexpr bool kNorm = M != kNone;   // none: the row pass with mean 0 and rstd 1
-  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel
+  static_assert(family_check<F, T>());
+  static constexpr bool kStep = F::kAxis == Axis::kBatch;  // per-step batch statistics: column-parallel
   static constexpr bool kGru = C == kGRU;
   static constexpr bool kRelu_ = C == kRelu;
   static constexpr int64_t VS = Vec<T>::size();
@@ -170,7 +171,7 @@ class GruRnnForward {
         S_ih(one_ih ? G : 2 * H), S_hh(one_hh ? G : 2 * H), opts(x.options()),
         gv(G, a.bias, a.b_hn, a.g_ih, a.g_hh), b(gv.b), bhn(gv.bhn), gih(gv.gih), ghh(gv.ghh),
         eps_ih(T(eps[0])), eps_hh(T(eps[1])), cen_ih(a.center[0] != 0), cen_hh(a.center[1] != 0), joint(a.joint),
-        training(a.training), save(save_), keep(save_ && !terms_unused<M, C>(a)), step_offset(step_offset_),
+        training(a.training), save(save_), keep(save_ && !terms_unused<F, C>(a)), step_offset(step_offset_),
         inproj_rows(inproj_rows_), hoisted(I > inproj_max) {
     // Batch moments of the steps that use batch statistics: (2, T, 2G) means and variances of the input
     // and the recurrent term per step (rows of other steps stay 0).
@@ -267,32 +268,27 @@ class GruRnnForward {
   }
 
  private:
-  // Row statistics of row bb's two terms, mean and rstd of each group: {ia, ib, ha, hb} (none: 0 and 1).
+  // Row statistics of row bb's two terms, mean and rstd of each group: {ia, ib, ha, hb} (the family
+  // "none": 0 and 1).
   void row_norms(T* xir, const T* xhr, T* m, T* r) {
-    T mia = 0, ria = 1, mib = 0, rib = 1, mha = 0, rha = 1, mhb = 0, rhb = 1, var;
-    if constexpr (kNorm) {
-      if (joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
-      row_stats(xir, S_ih, cen_ih, mia, var);
-      ria = ln_rstd(mia, var, eps_ih);
-      if (joint) {
-        rha = 0;
+    T mia = 0, ria = 1, mib = 0, rib = 1, mha = 0, rha = 1, mhb = 0, rhb = 1;
+    if (joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
+    F::group(xir, S_ih, cen_ih, eps_ih, mia, ria);
+    if (joint) {
+      rha = 0;
+    } else {
+      F::group(xhr, S_hh, cen_hh, eps_hh, mha, rha);
+    }
+    if constexpr (kGru) {
+      if (one_ih) {
+        mib = mia, rib = ria;
       } else {
-        row_stats(xhr, S_hh, cen_hh, mha, var);
-        rha = ln_rstd(mha, var, eps_hh);
+        F::group(xir + S_ih, H, cen_ih, eps_ih, mib, rib);
       }
-      if constexpr (kGru) {
-        if (one_ih) {
-          mib = mia, rib = ria;
-        } else {
-          row_stats(xir + S_ih, H, cen_ih, mib, var);
-          rib = ln_rstd(mib, var, eps_ih);
-        }
-        if (one_hh) {
-          mhb = mha, rhb = rha;
-        } else {
-          row_stats(xhr + S_hh, H, cen_hh, mhb, var);
-          rhb = ln_rstd(mhb, var, eps_hh);
-        }
+      if (one_hh) {
+        mhb = mha, rhb = rha;
+      } else {
+        F::group(xhr + S_hh, H, cen_hh, eps_hh, mhb, rhb);
       }
     }
     m[0] = mia, r[0] = ria, m[1] = mib, r[1] = rib, m[2] = mha, r[2] = rha, m[3] = mhb, r[3] = rhb;
@@ -351,9 +347,9 @@ class GruRnnForward {
 
   // Batch statistics: every hidden unit j is independent of the others (column-parallel).
   void columns(int64_t t) {
-    const bool batch = training && Bt >= 2;
-    const BNStep<T> s_ih = bn_begin_step(bn[0], t, step_no, batch);
-    const BNStep<T> s_hh = bn_begin_step(bn[1], t, step_no, batch);
+    const bool batch = F::batch_step(training, Bt);
+    const auto s_ih = F::begin_step(bn[0], t, step_no, batch);
+    const auto s_hh = F::begin_step(bn[1], t, step_no, batch);
     const int64_t ts = save ? t : 0;
     T* r_ih = stats.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
     T* r_hh = stats.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
@@ -367,8 +363,8 @@ class GruRnnForward {
         if (!hoisted) project_gate_cols<kGru ? 3 : 1>(xrows, wt, I, G, H, j, n, Bt, xi);
         for (int64_t k = 0; k < K; ++k) {
           const int64_t q = k * H + j;
-          bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
-          bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
+          F::columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
+          F::columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
         }
         Vec<T> vg[3], vh[3], vb[3], mi[3], ri[3], mh[3], rh[3];
         for (int64_t k = 0; k < K; ++k) {
@@ -424,7 +420,7 @@ class GruRnnForward {
   const bool keep;  // save the two gate terms for backward (see terms_unused)
   const int64_t step_offset, inproj_rows;
   const bool hoisted;  // input projection by GEMM, not in the pass
-  BNSite<T> bn[2];
+  typename F::template Site<T> bn[2];  // the two sites' population statistics (batch axis)
   Tensor moments, XI, WT, XH, out, hn, stats, means, w_hh_t, gh;
   int64_t proj_end = 0, proj_base = 0;  // steps [.., proj_end) are projected; XI row 0 is packed row proj_base
   const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr;
@@ -445,12 +441,13 @@ struct GruRnnSaved {
   const Tensor &out, &XI, &XH, &stats;
 };
 
-// One backward call, with the statistic family M and the cell C fixed at compile time (the phases:
+// One backward call, with the statistic family F (families.h) and the cell C fixed at compile time (the phases:
 // fused_loop.h).
-template <typename T, Mode M, Cell C>
+template <typename T, class F, Cell C>
 class GruRnnBackward {
  public:
-  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel
+  static_assert(family_check<F, T>());
+  static constexpr bool kStep = F::kAxis == Axis::kBatch;  // per-step batch statistics: column-parallel
   static constexpr bool kGru = C == kGRU;
   static constexpr bool kRelu_ = C == kRelu;
   static constexpr int64_t VS = Vec<T>::size();
@@ -462,13 +459,13 @@ class GruRnnBackward {
         gv(G, a.bias, a.b_hn, a.g_ih, a.g_hh), b(gv.b), bhn(gv.bhn), gih(gv.gih), ghh(gv.ghh),
         d_out(ptr_or<T>(s.d_out, static_cast<const T*>(nullptr))),
         // The layer-norm backward's row sums (0 without a norm); its mean-of-gradient terms only when centred.
-        on(T(M != kNone)), ci(on * T(a.center[0] != 0)), ch(on * T(a.center[1] != 0)),
+        on(T(F::kAxis != Axis::kNone)), ci(on * T(a.center[0] != 0)), ch(on * T(a.center[1] != 0)),
         nthreads(max_threads()), PW(4 * G), nslots(kStep ? 1 : nthreads) {
     // dh_rec rows [0, bs[t]) hold dL/dh_t while step t runs; afterwards (GEMM) dL/dh_{t-1}.
     dh_rec = has(s.d_hn) ? s.d_hn->clone() : at::zeros({B0, H}, opts);
     dhr_p = dh_rec.data_ptr<T>();
     // Without kept terms (terms_unused), xi and xh stay null and nothing reads them.
-    TORCH_CHECK(s.XI.size(0) == N || (terms_unused<M, C>(a)), "fused GRU/RNN: backward needs the saved gate terms");
+    TORCH_CHECK(s.XI.size(0) == N || (terms_unused<F, C>(a)), "fused GRU/RNN: backward needs the saved gate terms");
     xi_all = s.XI.numel() ? s.XI.data_ptr<T>() : nullptr;
     xh_all = s.XH.numel() ? s.XH.data_ptr<T>() : nullptr;
     out_p = out.data_ptr<T>();
@@ -676,7 +673,7 @@ class GruRnnBackward {
       }
       const Vec<T> d = lanes(dh * act_grad(hv, kRelu_), n);
       st(dgir + j, d, n);
-      if constexpr (M != kNone) {  // the layer-norm backward's lane sums (no norm: unused, and xi may be null)
+      if constexpr (F::kAxis != Axis::kNone) {  // the layer-norm backward's lane sums (no norm: unused, and xi may be null)
         const Vec<T> yi = d * ld(gih + j, n), yh = d * ld(ghh + j, n);
         sia1 += yi;
         sia2 = fma(yi, ld(xir + j, n), sia2);
@@ -707,7 +704,7 @@ class GruRnnBackward {
           const Vec<T> di = ld(dgir, n), dh = own_dah ? ld(dghr, n) : di;
           // No kept terms (terms_unused: no norm, no gains): the gain sums and the norm backward use 0. A
           // normalized family always keeps them, so its test folds away at compile time.
-          const bool kept = M != kNone || xi;
+          const bool kept = F::kAxis != Axis::kNone || xi;
           const Vec<T> vxi = kept ? ld(xi + bb * G + q, n) : Vec<T>(T(0));
           const Vec<T> vxh = kept ? ld(xh + bb * G + q, n) : Vec<T>(T(0));
           adb += di;
@@ -729,7 +726,7 @@ class GruRnnBackward {
   // Batch statistics, column-parallel: per chunk of VS hidden units, the gate gradients (pass A) and the
   // gate batch norms' backward (pass C).
   void columns(int64_t t) {
-    const bool batch = training && Bt >= 2;
+    const bool batch = F::batch_step(training, Bt);
     const T invn = T(1) / T(Bt);
     const int64_t nchunks = (H + VS - 1) / VS;
     at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
@@ -910,9 +907,9 @@ int64_t check_common(const Tensor& x, const Tensor& h0, const Tensor& w_ih, cons
   return K;
 }
 
-void check_variant(int64_t cell, Mode mode, bool joint, const std::vector<int64_t>& one_group) {
+void check_variant(int64_t cell, int64_t family, bool joint, const std::vector<int64_t>& one_group) {
   TORCH_CHECK(one_group.size() == 2, "fused GRU/RNN: one_group needs one flag per site (ih, hh)");
-  TORCH_CHECK(!joint || (cell != kGRU && mode == kLayer), "fused GRU/RNN: a joint gate norm needs the RNN cell and row statistics");
+  TORCH_CHECK(!joint || (cell != kGRU && family_axis(family) == Axis::kRow), "fused GRU/RNN: a joint gate norm needs the RNN cell and row statistics");
 }
 
 void check_vec(const c10::optional<Tensor>& t, const Tensor& x, int64_t len, const char* what) {
@@ -932,8 +929,8 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
                             const c10::optional<Tensor>& w_hh_packed, bool joint, std::vector<int64_t> one_group,
                             const c10::optional<Tensor>& zone_h) {
   const int64_t K = check_common(x, h0, w_ih, w_hh, cell);
-  const Mode mode = family_of(stat, "fused GRU/RNN");
-  check_variant(cell, mode, joint, one_group);
+  const int64_t code = family_of(stat, "fused GRU/RNN");
+  check_variant(cell, code, joint, one_group);
   const ZoneRows zone(zone_h, x, w_hh.size(1), "fused GRU/RNN");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused GRU/RNN"), w_hh.size(1), x.size(1), K, "fused GRU/RNN");
   TORCH_CHECK(x.size(0) == sh.N && h0.dim() == 2 && h0.size(0) == sh.B0 && h0.size(1) == sh.H, "fused GRU/RNN: rows do not match batch_sizes");
@@ -945,9 +942,9 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
   const GruRnnArgs a{x, h0, w_ih, w_hh, bias, b_hn, g_ih, g_hh, w_hh_packed, center, batch_stats, joint, one_group, zone};
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_forward", [&] {
-    with_family(mode, [&](auto family) {
+    with_family(code, [&](auto family) {
       with_cell(cell, [&](auto c) {
-        GruRnnForward<scalar_t, decltype(family)::value, decltype(c)::value> k(a, sh, eps, save, step_offset, pop, inproj_max, inproj_rows);
+        GruRnnForward<scalar_t, decltype(family), decltype(c)::value> k(a, sh, eps, save, step_offset, pop, inproj_max, inproj_rows);
         res = run_forward(k, sh);
       });
     });
@@ -963,8 +960,8 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
                              bool batch_stats, bool need_dx, int64_t chunk_rows, const c10::optional<Tensor>& w_hh_packed,
                              bool joint, std::vector<int64_t> one_group, const c10::optional<Tensor>& zone_h) {
   const int64_t K = check_common(x, h0, w_ih, w_hh, cell);
-  const Mode mode = family_of(stat, "fused GRU/RNN");
-  check_variant(cell, mode, joint, one_group);
+  const int64_t code = family_of(stat, "fused GRU/RNN");
+  check_variant(cell, code, joint, one_group);
   const ZoneRows zone(zone_h, x, w_hh.size(1), "fused GRU/RNN");
   TORCH_CHECK(center.size() == 2, "fused GRU/RNN: bad norm arguments");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused GRU/RNN"), w_hh.size(1), x.size(1), K, "fused GRU/RNN");
@@ -977,9 +974,9 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
   const GruRnnSaved saved{d_out, d_hn, out, XI, XH, stats};
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_gru_rnn_backward", [&] {
-    with_family(mode, [&](auto family) {
+    with_family(code, [&](auto family) {
       with_cell(cell, [&](auto c) {
-        GruRnnBackward<scalar_t, decltype(family)::value, decltype(c)::value> k(a, saved, sh, need_dx, chunk_rows);
+        GruRnnBackward<scalar_t, decltype(family), decltype(c)::value> k(a, saved, sh, need_dx, chunk_rows);
         res = run_backward(k, sh);
       });
     });

@@ -1,11 +1,10 @@
-// The time loop the fused kernels share (fused_lstm.cpp, fused_gru_rnn.cpp), and the one dispatch that turns
-// a call's runtime choices (dtype, statistic family, cell) into template arguments.
+// The time loop the fused kernels share (fused_lstm.cpp, fused_gru_rnn.cpp).
 //
-// A kernel is a forward and a backward class, templated over the dtype T and the statistic family (Mode,
-// fused_common.h; the GRU/RNN kernel also over the cell), whose member functions are the phases below.
-// Inside them the family and the cell are compile-time constants (if constexpr): the choice is made once,
-// at the entry point, instead of in every step of the loop. A phase that a family or a cell does not need is
-// a branch that compiles away.
+// A kernel is a forward and a backward class, templated over the dtype T and the statistic family F (a type
+// from families.h; the GRU/RNN kernel also over the cell), whose member functions are the phases below.
+// Inside them the family's axis and the cell are compile-time constants (if constexpr): the choice is made
+// once, at the entry point (with_family, families.h), instead of in every step of the loop. A phase that an
+// axis or a cell does not need is a branch that compiles away; a pass takes its statistics from F.
 //
 // Forward, per step t (packed rows [off[t], off[t] + bs[t])):
 //   project(t)    the step's row pointers; where the input projection W_ih x is hoisted, the GEMM of the
@@ -24,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "families.h"  // the statistic families and with_family
 #include "fused_common.h"
 
 namespace {
@@ -51,26 +51,6 @@ std::vector<Tensor> run_backward(Backward& k, const Shape& sh) {
     k.weight_grads(t0, t1);
   }
   return k.gradients();
-}
-
-// The statistic family as a type: f(FamilyTag<kNone>{}) etc., the one place a call's family is asked.
-template <Mode M>
-using FamilyTag = std::integral_constant<Mode, M>;
-
-template <typename F>
-void with_family(Mode mode, F&& f) {
-  switch (mode) {
-    case kNone:
-      f(FamilyTag<kNone>{});
-      return;
-    case kLayer:
-      f(FamilyTag<kLayer>{});
-      return;
-    case kBatch:
-      f(FamilyTag<kBatch>{});
-      return;
-  }
-  TORCH_CHECK(false, "fused kernels: unknown statistic family ", int64_t(mode));
 }
 
 // H % VS != 0 as a type (kTail: the last vector of a row of H is partial): the row passes compile the

@@ -19,15 +19,17 @@
 //
 // The loop is fused_loop.h's skeleton; LstmForward and LstmBackward below implement its phases, with the
 // statistic family a template argument (chosen once, at the entry point), so the passes of one family
-// compile without the others' branches.
+// compile without the others' branches. The passes depend on the family's axis (family.h); its
+// statistics come from the family's header (family_none.h, family_row.h, family_batch.h).
 //
 // Statistic families (all three sites use the same one; `center` per site picks LN/BN or RMS):
-//   none:  pre = W_ih x + W_hh h + b
-//   row:   pre = g_ih * N(W_ih x) + g_hh * N(W_hh h) + b, h = o * tanh(g_c * N(c) + beta_c), N the
-//          layer norm (centred) or RMSNorm of each row
-//   batch: the same with per-step batch statistics over the valid rows (population statistics in
-//          eval mode and for steps with fewer than 2 valid rows); the batch moments go to the
-//          `moments` output, and the Python side updates the running statistics from them.
+//   none (Axis::kNone):   pre = W_ih x + W_hh h + b
+//   row (Axis::kRow):     pre = g_ih * N(W_ih x) + g_hh * N(W_hh h) + b, h = o * tanh(g_c * N(c) + beta_c),
+//                         N the layer norm (centred) or RMSNorm of each row
+//   step (Axis::kBatch):  the same with per-step batch statistics over the valid rows (population
+//                         statistics in eval mode and for steps with fewer than 2 valid rows); the batch
+//                         moments go to the `moments` output, and the Python side updates the running
+//                         statistics from them.
 // In both normalized modes a feature (BN: a column over the batch; LN: a row) whose values are all
 // equal normalizes to exactly 0 and passes no gradient (recnorm.nn.stats.degenerate_features); this
 // is stored as rstd = 0.
@@ -41,8 +43,8 @@
 #include <mutex>
 #include <vector>
 
-#include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, statistics, BN sites, Shape, GEMMs
-#include "fused_loop.h"    // the time loop and the dispatch over the statistic family
+#include "fused_common.h"  // vector helpers, exp/sigmoid/tanh, Shape, GEMMs
+#include "fused_loop.h"    // the time loop, and the statistic families with their dispatch (families.h)
 #include "running_stats.h"  // the running-statistics update of recurrent batch norm
 
 namespace {
@@ -214,13 +216,14 @@ struct LstmArgs {
 // Forward
 // ------------------------------------------------------------------------------------------------
 
-// One forward call, with the statistic family M fixed at compile time (the phases: fused_loop.h).
-template <typename T, Mode M>
+// One forward call, with the statistic family F (families.h) fixed at compile time (the phases: fused_loop.h).
+template <typename T, class F>
 class LstmForward {
  public:
-  static constexpr bool kPlain = M == kNone;  // no norm: pre = W_ih x + W_hh h + b
-  static constexpr bool kRow = M == kLayer;   // row statistics (layer norm, RMSNorm): row-parallel
-  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel (or folded)
+  static_assert(family_check<F, T>());
+  static constexpr bool kPlain = F::kAxis == Axis::kNone;  // no norm: pre = W_ih x + W_hh h + b
+  static constexpr bool kRow = F::kAxis == Axis::kRow;     // row statistics (layer norm, RMSNorm): row-parallel
+  static constexpr bool kStep = F::kAxis == Axis::kBatch;  // per-step batch statistics: column-parallel (or folded)
   static constexpr int64_t VS = Vec<T>::size();
 
   LstmForward(const LstmArgs& a, const Shape& shape, const std::vector<double>& eps, bool save_, int64_t step_offset_,
@@ -234,7 +237,8 @@ class LstmForward {
         var_joint(var.joint), var_carry(var.carry), training(a.training), save(save_), step_offset(step_offset_),
         inproj_rows(inproj_rows_), hoisted(I > inproj_max), dnn_in(hoisted && use_packed(w_ih_packed)),
         folded(kStep && !training && !save) {
-    TORCH_CHECK(!(var_joint || var_carry) || kRow, "fused LSTM: a joint gate norm and a carried cell need row statistics");
+    TORCH_CHECK(!(var_joint || var_carry) || kRow, "fused LSTM: a joint gate norm and a carried cell need row statistics, not ",
+                F::kName);
     // Batch moments of the steps that use batch statistics: (2, T, 2G + H) means and variances of the
     // input term, the recurrent term and the cell, per step (rows of other steps stay 0).
     moments = kStep && training ? at::zeros({2, Tn, 2 * G + H}, opts) : at::empty({0}, opts);
@@ -374,23 +378,23 @@ class LstmForward {
   // Batch norm in eval without autograd: every step uses population statistics, so each norm is an
   // affine map per feature, folded into per-step coefficients; the pass is then row-parallel.
   void fold(int64_t t) {
-    const BNStep<T> s_ih = bn_begin_step(bn[0], t, step_no, false);
-    const BNStep<T> s_hh = bn_begin_step(bn[1], t, step_no, false);
-    const BNStep<T> s_c = bn_begin_step(bn[2], t, step_no, false);
+    const auto s_ih = F::begin_step(bn[0], t, step_no, false);
+    const auto s_hh = F::begin_step(bn[1], t, step_no, false);
+    const auto s_c = F::begin_step(bn[2], t, step_no, false);
     // The same slots as the previous step's (one slot shared over time, or steps past the last slot): the
     // same coefficients.
     if (s_ih.rm == fold_slots_[0] && s_hh.rm == fold_slots_[1] && s_c.rm == fold_slots_[2]) return;
     fold_slots_[0] = s_ih.rm, fold_slots_[1] = s_hh.rm, fold_slots_[2] = s_c.rm;
     T* f = fold_.data();
     for (int64_t q = 0; q < G; ++q) {
-      const T ai = gih[q] * population_rstd(s_ih.rm[q], s_ih.rv[q], s_ih.eps);
-      const T ah = ghh[q] * population_rstd(s_hh.rm[q], s_hh.rv[q], s_hh.eps);
+      const T ai = gih[q] * F::population_rstd(s_ih.rm[q], s_ih.rv[q], s_ih.eps);
+      const T ah = ghh[q] * F::population_rstd(s_hh.rm[q], s_hh.rv[q], s_hh.eps);
       f[q] = ai;
       f[G + q] = ah;
       f[2 * G + q] = b[q] - (cen_ih ? ai * s_ih.rm[q] : T(0)) - (cen_hh ? ah * s_hh.rm[q] : T(0));
     }
     for (int64_t j = 0; j < H; ++j) {
-      const T ac = gc[j] * population_rstd(s_c.rm[j], s_c.rv[j], s_c.eps);
+      const T ac = gc[j] * F::population_rstd(s_c.rm[j], s_c.rv[j], s_c.eps);
       f[3 * G + j] = ac;
       f[3 * G + H + j] = betac[j] - (cen_c ? ac * s_c.rm[j] : T(0));
     }
@@ -418,14 +422,9 @@ class LstmForward {
         if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
         T mi = 0, ri = 0, mh = 0, rh = 0;
         if constexpr (kRow) {
-          T var;
           if (var_joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
-          row_stats(xir, G, cen_ih, mi, var);
-          ri = ln_rstd(mi, var, eps_ih);
-          if (!var_joint) {
-            row_stats(xhr, G, cen_hh, mh, var);
-            rh = ln_rstd(mh, var, eps_hh);
-          }
+          F::group(xir, G, cen_ih, eps_ih, mi, ri);
+          if (!var_joint) F::group(xhr, G, cen_hh, eps_hh, mh, rh);
           rs[0 * rstride + rbase + bb] = ri;
           rs[1 * rstride + rbase + bb] = rh;
         }
@@ -480,9 +479,8 @@ class LstmForward {
     T* csr = cs + bb * H;
     const T* orow = o_p + bb * H;
     T* hr = hout + bb * H;
-    T mean, var;
-    row_stats(ccr, H, cen_c, mean, var);
-    const T rstd = ln_rstd(mean, var, eps_c);
+    T mean, rstd;
+    F::group(ccr, H, cen_c, eps_c, mean, rstd);
     rs[2 * rstride + rbase + bb] = mean;
     rs[3 * rstride + rbase + bb] = rstd;
     const Vec<T> m(mean), r(rstd);
@@ -497,10 +495,10 @@ class LstmForward {
   // Batch statistics: every hidden unit j is independent of the others (column-parallel).
   template <bool kTail>
   void columns(int64_t t) {
-    const bool batch = training && Bt >= 2;
-    const BNStep<T> s_ih = bn_begin_step(bn[0], t, step_no, batch);
-    const BNStep<T> s_hh = bn_begin_step(bn[1], t, step_no, batch);
-    const BNStep<T> s_c = bn_begin_step(bn[2], t, step_no, batch);
+    const bool batch = F::batch_step(training, Bt);
+    const auto s_ih = F::begin_step(bn[0], t, step_no, batch);
+    const auto s_hh = F::begin_step(bn[1], t, step_no, batch);
+    const auto s_c = F::begin_step(bn[2], t, step_no, batch);
     const int64_t ts = save ? t : 0;
     T* r_ih = stats_g.data_ptr<T>() + (0 * (save ? Tn : 1) + ts) * G;
     T* r_hh = stats_g.data_ptr<T>() + (1 * (save ? Tn : 1) + ts) * G;
@@ -516,8 +514,8 @@ class LstmForward {
         if (!hoisted) project_gate_cols<4>(xrows, wt, I, G, H, j, n, Bt, xi);
         for (int k = 0; k < 4; ++k) {
           const int64_t q = k * H + j;
-          bn_columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
-          bn_columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
+          F::columns(xi + q, G, Bt, n, q, s_ih, m_ih + q, r_ih + q);
+          F::columns(xh + q, G, Bt, n, q, s_hh, m_hh + q, r_hh + q);
         }
         Vec<T> vg[4], vh[4], vb[4], mi[4], ri[4], mh[4], rh[4];
         for (int k = 0; k < 4; ++k) {
@@ -548,7 +546,7 @@ class LstmForward {
           st(cc + bb * H + j, fma(f, ld(cp + bb * H + j, n), i * g), n);
           st(o_p + bb * H + j, o, n);
         }
-        bn_columns(cc + j, H, Bt, n, j, s_c, m_c + j, r_c + j);
+        F::columns(cc + j, H, Bt, n, j, s_c, m_c + j, r_c + j);
         const Vec<T> m = ld(m_c + j, n), r = ld(r_c + j, n), gcv = ld(gc + j, n), bcv = ld(betac + j, n);
         for (int64_t bb = 0; bb < Bt; ++bb) {
           const Vec<T> cn_ = fma(gcv, (ld(cc + bb * H + j, n) - m) * r, bcv);
@@ -571,7 +569,7 @@ class LstmForward {
   const int64_t step_offset, inproj_rows;
   const bool hoisted, dnn_in;  // input projection by GEMM (oneDNN's, dnn_in), not in the pass
   const bool folded;           // batch norm with population statistics only: the folded row pass
-  BNSite<T> bn[3];
+  typename F::template Site<T> bn[3];  // the three sites' population statistics (batch axis)
   Tensor moments, XI, gx_chunk, WT, XH, C, out, hn, cn, O, stats_g, stats_h, means, w_hh_t, gh;
   int64_t chunk_o0 = 0, proj_end = 0;  // the current projection chunk's first row; steps [.., proj_end) are projected
   const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr, *c0_p = nullptr;
@@ -598,13 +596,14 @@ struct LstmSaved {
   const c10::optional<Tensor> &stats_g, &stats_h;
 };
 
-// One backward call, with the statistic family M fixed at compile time (the phases: fused_loop.h).
-template <typename T, Mode M>
+// One backward call, with the statistic family F (families.h) fixed at compile time (the phases: fused_loop.h).
+template <typename T, class F>
 class LstmBackward {
  public:
-  static constexpr bool kPlain = M == kNone;  // no norm: the saved input term holds the activations
-  static constexpr bool kRow = M == kLayer;   // row statistics: row-parallel
-  static constexpr bool kStep = M == kBatch;  // per-step batch statistics: column-parallel
+  static_assert(family_check<F, T>());
+  static constexpr bool kPlain = F::kAxis == Axis::kNone;  // no norm: the saved input term holds the activations
+  static constexpr bool kRow = F::kAxis == Axis::kRow;     // row statistics: row-parallel
+  static constexpr bool kStep = F::kAxis == Axis::kBatch;  // per-step batch statistics: column-parallel
   static constexpr int64_t VS = Vec<T>::size();
 
   LstmBackward(const LstmArgs& a, const LstmSaved& s, const Shape& shape, bool need_dx, int64_t chunk_rows, const Variant& var_)
@@ -910,7 +909,7 @@ class LstmBackward {
   // the gate batch norms' backward (pass C).
   template <bool kTail>
   void columns(int64_t t) {
-    const bool batch = training && Bt >= 2;
+    const bool batch = F::batch_step(training, Bt);
     const T invn = T(1) / T(Bt);
     const int64_t nchunks = (H + VS - 1) / VS;
     at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
@@ -1094,7 +1093,7 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
                             const c10::optional<Tensor>& zone_c) {
   check_common(x, h0, c0, w_ih, w_hh);
   const Variant var(joint, carry, zone_h, zone_c, x, w_hh.size(1));
-  const Mode mode = family_of(stat, "fused LSTM");
+  const int64_t code = family_of(stat, "fused LSTM");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused LSTM"), w_hh.size(1), x.size(1), 4, "fused LSTM");
   TORCH_CHECK(x.size(0) == sh.N && h0.size(0) == sh.B0 && c0.size(0) == sh.B0, "fused LSTM: rows do not match batch_sizes");
   TORCH_CHECK(stat.size() == 3 && center.size() == 3 && eps.size() == 3 && pop.size() == 9, "fused LSTM: bad norm arguments");
@@ -1102,8 +1101,8 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& batch_
   std::vector<Tensor> res;
   TIC(6);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_forward", [&] {
-    with_family(mode, [&](auto family) {
-      LstmForward<scalar_t, decltype(family)::value> k(a, sh, eps, save, step_offset, pop, inproj_max, inproj_rows, w_ih_packed, var);
+    with_family(code, [&](auto family) {
+      LstmForward<scalar_t, decltype(family)> k(a, sh, eps, save, step_offset, pop, inproj_max, inproj_rows, w_ih_packed, var);
       res = run_forward(k, sh);
     });
   });
@@ -1122,7 +1121,7 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
                              const c10::optional<Tensor>& zone_h, const c10::optional<Tensor>& zone_c) {
   check_common(x, h0, c0, w_ih, w_hh);
   const Variant var(joint, carry, zone_h, zone_c, x, w_hh.size(1));
-  const Mode mode = family_of(stat, "fused LSTM");
+  const int64_t code = family_of(stat, "fused LSTM");
   TORCH_CHECK(center.size() == 3, "fused LSTM: bad norm arguments");
   Shape sh(batch_sizes_of(batch_sizes, x.size(0), h0.size(0), "fused LSTM"), w_hh.size(1), x.size(1), 4, "fused LSTM");
   for (const c10::optional<Tensor>* g : {&d_out, &d_hn, &d_cn}) {
@@ -1133,8 +1132,8 @@ std::vector<Tensor> backward(const c10::optional<Tensor>& d_out, const c10::opti
   std::vector<Tensor> res;
   TIC(7);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "recnorm_fused_lstm_backward", [&] {
-    with_family(mode, [&](auto family) {
-      LstmBackward<scalar_t, decltype(family)::value> k(a, saved, sh, need_dx, chunk_rows, var);
+    with_family(code, [&](auto family) {
+      LstmBackward<scalar_t, decltype(family)> k(a, saved, sh, need_dx, chunk_rows, var);
       res = run_backward(k, sh);
     });
   });
