@@ -452,6 +452,12 @@ def test_the_memory_column_can_come_from_an_earlier_run(tmp_path, quiet_machine,
     assert "2026-01-02" in data["meta"]["memory_remeasured"] and data["meta"]["memory_samples"] == 2
     page = md.read_text()
     assert "taken over with `--memory-from`" in page and "0.50" in page
+    # taken over again from that run: the page still names the run that measured the column
+    js2 = tmp_path / "c.json"
+    _main(*_ARGS[:-4], "--no-compile", "--bf16-cells", "--no-variants", "--sizes", ",".join(map(str, TINY)),
+          "--memory-from", js, "--json", js2, "--out", tmp_path / "c.md")
+    again = json.loads(js2.read_text())["meta"]
+    assert again["memory_remeasured"] == data["meta"]["memory_remeasured"] and again["memory_samples"] == 2
 
 
 def test_a_figure_is_judged_by_the_interval_of_its_median():
