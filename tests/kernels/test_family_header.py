@@ -3,10 +3,11 @@
 The kernels' sources are copied, a family header is added beside them with its entry in ``families.h``'s
 list, and both kernels are compiled (syntax and template instantiation only, no code generation): every
 kernel class is instantiated for the new family at the entry points' dispatch, so a pass that still named a
-family, or asked a family for something outside family.h's contract, fails to compile. The family used is
-batch norm with frozen statistics (every step normalizes with its slot's population statistics, in
-training too), on the batch axis. A header that misses part of its axis's contract fails with
-family_check's message."""
+family, or asked a family for something outside family.h's contract, fails to compile. The families used
+hold exactly their axis's contract: batch norm with frozen statistics (every step normalizes with its slot's
+population statistics, in training too), on the batch axis, and an RMS-only row norm (no centring whatever
+the site asks), on the row axis. A header that misses part of its axis's contract fails with family_check's
+message."""
 
 import os
 import shutil
@@ -35,6 +36,22 @@ struct FrozenBatchFamily : StepBatchFamily {
 }  // namespace
 """
 
+RMS_ONLY = """#pragma once
+#include "family_row.h"
+namespace {
+// Row statistics that never subtract the mean: group() and nothing else, as family.h asks of the row axis.
+struct RmsOnlyFamily {
+  static constexpr int64_t kCode = 4;
+  static constexpr Axis kAxis = Axis::kRow;
+  static constexpr const char* kName = "rms_only";
+  template <typename T>
+  static void group(const T* x, int64_t n, bool, T eps, T& mean, T& rstd) {
+    RowFamily::group(x, n, false, eps, mean, rstd);
+  }
+};
+}  // namespace
+"""
+
 INCOMPLETE = """#pragma once
 #include "family.h"
 namespace {
@@ -52,16 +69,19 @@ struct FrozenBatchFamily {
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ compiler ({CXX})")
 
 
-def _sources_with(tmp_path, header_text):
-    """A copy of the kernels' sources with family_frozen.h added and listed."""
+def _sources_with(tmp_path, headers):
+    """A copy of the kernels' sources with ``headers`` (``{file name: (struct, text)}``) added and listed."""
     src = tmp_path / "csrc"
     shutil.copytree(CSRC, src)
-    (src / "family_frozen.h").write_text(header_text)
     families = (src / "families.h").read_text()
     listed = "using Families = FamilyList<NoneFamily, RowFamily, StepBatchFamily>;"
     assert listed in families, "families.h's list changed: update this test"
-    families = families.replace('#include "family_row.h"\n', '#include "family_row.h"\n#include "family_frozen.h"\n')
-    (src / "families.h").write_text(families.replace(listed, listed.replace(">;", ", FrozenBatchFamily>;")))
+    for name, (struct, text) in headers.items():
+        (src / name).write_text(text)
+        families = families.replace('#include "family_row.h"\n', f'#include "family_row.h"\n#include "{name}"\n')
+        listed, old = listed.replace(">;", f", {struct}>;"), listed
+        families = families.replace(old, listed)
+    (src / "families.h").write_text(families)
     return src
 
 
@@ -76,14 +96,14 @@ def _compile(path):
 
 
 @pytest.mark.parametrize("kernel", ["fused_lstm.cpp", "fused_gru_rnn.cpp"])
-def test_a_family_on_the_batch_axis_is_one_header(tmp_path, kernel):
-    src = _sources_with(tmp_path, FROZEN)
+def test_a_family_on_the_batch_or_the_row_axis_is_one_header(tmp_path, kernel):
+    src = _sources_with(tmp_path, {"family_frozen.h": ("FrozenBatchFamily", FROZEN), "family_rms_only.h": ("RmsOnlyFamily", RMS_ONLY)})
     done = _compile(src / kernel)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
 def test_a_header_missing_its_axis_contract_fails_with_family_checks_message(tmp_path):
-    src = _sources_with(tmp_path, INCOMPLETE)
+    src = _sources_with(tmp_path, {"family_frozen.h": ("FrozenBatchFamily", INCOMPLETE)})
     done = _compile(src / "fused_lstm.cpp")
     assert done.returncode != 0
     assert "a batch-axis family needs" in done.stderr, done.stderr[-4000:]

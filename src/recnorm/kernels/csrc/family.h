@@ -59,9 +59,19 @@ constexpr T degenerate_tol() {
   return T(16) * std::numeric_limits<T>::epsilon();
 }
 
-// What a family without batch statistics holds per site: nothing.
+// What a kernel holds per norm site for family F: the family's Site<T> on the batch axis; nothing on the
+// others, whose families need not define one.
 template <typename T>
 struct NoSite {};
+
+template <class F, typename T, bool = F::kAxis == Axis::kBatch>
+struct SiteOf {
+  using type = NoSite<T>;
+};
+template <class F, typename T>
+struct SiteOf<F, T, true> {
+  using type = typename F::template Site<T>;
+};
 
 // The contract above, checked where a kernel is instantiated: a family header missing what its axis's
 // passes ask for fails here, with these messages, before the errors from inside the passes.
@@ -102,7 +112,7 @@ constexpr bool family_check() {
                   "`columns(X, stride, rows, cnt, col, step, mean_out, rstd_out)`");
   } else {
     static_assert(HasGroup<F, T>::value,
-                  "a row-axis family needs `static void group(const T* x, int64_t n, bool center, T eps, T& mean, T& rstd)`");
+                  "a family on the row or the none axis needs `static void group(const T* x, int64_t n, bool center, T eps, T& mean, T& rstd)`");
   }
   return true;
 }

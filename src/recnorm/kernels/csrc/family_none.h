@@ -11,8 +11,6 @@ struct NoneFamily {
   static constexpr int64_t kCode = 0;
   static constexpr Axis kAxis = Axis::kNone;
   static constexpr const char* kName = "none";
-  template <typename T>
-  using Site = NoSite<T>;
 
   template <typename T>
   static void group(const T*, int64_t, bool, T, T& mean, T& rstd) {

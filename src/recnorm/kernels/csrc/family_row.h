@@ -80,8 +80,6 @@ struct RowFamily {
   static constexpr int64_t kCode = 1;
   static constexpr Axis kAxis = Axis::kRow;
   static constexpr const char* kName = "row";
-  template <typename T>
-  using Site = NoSite<T>;
 
   template <typename T>
   static void group(const T* x, int64_t n, bool center, T eps, T& mean, T& rstd) {

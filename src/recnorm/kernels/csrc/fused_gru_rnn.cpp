@@ -420,7 +420,7 @@ class GruRnnForward {
   const bool keep;  // save the two gate terms for backward (see terms_unused)
   const int64_t step_offset, inproj_rows;
   const bool hoisted;  // input projection by GEMM, not in the pass
-  typename F::template Site<T> bn[2];  // the two sites' population statistics (batch axis)
+  typename SiteOf<F, T>::type bn[2];  // the two sites' population statistics (batch axis)
   Tensor moments, XI, WT, XH, out, hn, stats, means, w_hh_t, gh;
   int64_t proj_end = 0, proj_base = 0;  // steps [.., proj_end) are projected; XI row 0 is packed row proj_base
   const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr;

@@ -569,7 +569,7 @@ class LstmForward {
   const int64_t step_offset, inproj_rows;
   const bool hoisted, dnn_in;  // input projection by GEMM (oneDNN's, dnn_in), not in the pass
   const bool folded;           // batch norm with population statistics only: the folded row pass
-  typename F::template Site<T> bn[3];  // the three sites' population statistics (batch axis)
+  typename SiteOf<F, T>::type bn[3];  // the three sites' population statistics (batch axis)
   Tensor moments, XI, gx_chunk, WT, XH, C, out, hn, cn, O, stats_g, stats_h, means, w_hh_t, gh;
   int64_t chunk_o0 = 0, proj_end = 0;  // the current projection chunk's first row; steps [.., proj_end) are projected
   const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr, *c0_p = nullptr;
