@@ -111,18 +111,25 @@ def test_the_fast_backward_runs_unless_a_graph_is_built(monkeypatch):
     assert calls == [1] and g.requires_grad
 
 
-@pytest.mark.parametrize("cell,norm", [pytest.param(c, n, id=case_id(c, n)) for c, n in CASES])
-def test_gradient_penalty_training_step_matches_reference(cell, norm):
-    """One SGD step on loss + |d loss / d x|^2 (a gradient penalty) with packed input: the fused kernel (and
-    auto) and the reference loop give the same parameters and running statistics afterwards."""
+@pytest.mark.parametrize("cell,norm,packed", [
+    pytest.param(c, n, p, id=case_id(c, n, "packed" if p else "full")) for (c, n), p in itertools.product(CASES, [True, False])
+])  # fmt: skip
+def test_gradient_penalty_training_step_matches_reference(cell, norm, packed):
+    """One SGD step on loss + |d loss / d x|^2 (a gradient penalty): the fused kernel (and auto) and the reference
+    loop give the same parameters and running statistics afterwards. Packed input has steps of one row, which read
+    population statistics that the step then updates (the forward keeps a copy of them); a full batch reads none
+    (the forward keeps the buffers uncopied)."""
     x = torch.randn(5, 4, 2, dtype=DT, generator=torch.Generator().manual_seed(2))
     results = []
     for kernel in ("reference", "fused", "auto"):
         m = _layer(cell, norm, kernel, hidden=4)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         xl = x.clone().requires_grad_(True)
-        out, _ = m(pack_padded_sequence(xl, LENGTHS, enforce_sorted=False))
-        out = pad_packed_sequence(out)[0]
+        if packed:
+            out, _ = m(pack_padded_sequence(xl, LENGTHS, enforce_sorted=False))
+            out = pad_packed_sequence(out)[0]
+        else:
+            out, _ = m(xl)
         loss = (out * torch.linspace(-1, 1, out.numel(), dtype=DT).view_as(out)).sum()
         (gx,) = torch.autograd.grad(loss, xl, create_graph=True)
         (loss + gx.square().sum()).backward()

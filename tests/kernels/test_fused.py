@@ -203,8 +203,9 @@ def test_fused_without_autograd_matches_reference_and_saves_nothing(cell, norm, 
     assert_all_close(*res, rtol=1e-9, atol=1e-10)
     # the no-grad call asks the operator to save nothing
     at = [a.name for a in real.default._schema.arguments].index("save")
-    spy = lambda *a: (saved.append(a[at]), real(*a))[1]  # noqa: E731
-    monkeypatch.setattr(torch.ops.recnorm, "fused_lstm" if cell == "lstm" else "fused_gru_rnn", spy)
+    call = fused._LSTM_CALL if cell == "lstm" else fused._GRU_RNN_CALL  # how the layers call the operator
+    spy = lambda *a: (saved.append(a[at]), call(*a))[1]  # noqa: E731
+    monkeypatch.setattr(fused, "_LSTM_CALL" if cell == "lstm" else "_GRU_RNN_CALL", spy)
     with torch.no_grad():
         fast(x)
     if kernels.choose(fast.direction_work(0, 0), x.reshape(-1, 3), None, (torch.zeros(4, 5, dtype=DT),) * 2)[0] == "fused":
@@ -334,7 +335,8 @@ def test_opcheck(cell, norm, training, packed, monkeypatch):
     work, x, state = _op_args(cell, norm, training, bs)
     calls = []
     op = torch.ops.recnorm.fused_lstm if cell == "lstm" else torch.ops.recnorm.fused_gru_rnn
-    monkeypatch.setattr(torch.ops.recnorm, "fused_lstm" if cell == "lstm" else "fused_gru_rnn", lambda *a: calls.append(a) or op(*a))
+    call = fused._LSTM_CALL if cell == "lstm" else fused._GRU_RNN_CALL  # how the layers call the operator
+    monkeypatch.setattr(fused, "_LSTM_CALL" if cell == "lstm" else "_GRU_RNN_CALL", lambda *a: calls.append(a) or call(*a))
     fused.run_direction(work, x, bs, state)
     monkeypatch.undo()
     (args,) = calls
@@ -349,8 +351,8 @@ def test_a_plain_rnn_saves_only_what_its_backward_reads(cell, norm, monkeypatch)
     bs = torch.tensor([3, 3, 2, 1])
     work, x, state = _op_args(cell, norm, True, bs)
     calls = []
-    op = torch.ops.recnorm.fused_gru_rnn
-    monkeypatch.setattr(torch.ops.recnorm, "fused_gru_rnn", lambda *a: calls.append(op(*a)) or calls[-1])
+    call = fused._GRU_RNN_CALL  # how the layers call the operator
+    monkeypatch.setattr(fused, "_GRU_RNN_CALL", lambda *a: calls.append(call(*a)) or calls[-1])
     fused.run_direction(work, x, bs, state)
     (res,) = calls
     XI, XH, stats = res[2], res[3], res[4]
