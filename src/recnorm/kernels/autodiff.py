@@ -12,9 +12,9 @@ that recomputation with ``create_graph=True`` (:func:`recompute_grads`): functio
 the incoming gradients that autograd differentiates again, to any order. The recomputation starts from
 views of the saved inputs, so each gradient is the operator's own (an input that another input depends on
 is not counted twice) and the graph still reaches the inputs. Without a graph (ordinary training), the C++
-backward runs as before. Population statistics that a step normalizes with are copied per step when the
-forward runs (:func:`population_copy`; :func:`population_snapshot` gives each step's): the layer updates its running statistics in place after the
-call, and the recomputation must see the values the forward saw. The recomputation also serves gradients
+backward runs as before. Population statistics that a step normalizes with are copied when the forward
+runs (:func:`population_copy`; :func:`population_snapshot` gives each step's): the layer updates its
+running statistics in place after the call, and the recomputation must see the values the forward saw. The recomputation also serves gradients
 batched by torch's older vmap (``torch.autograd.grad(..., is_grads_batched=True)``,
 ``torch.autograd.functional.jacobian(..., vectorize=True)``, gradcheck's batched check), which a custom
 operator cannot give a rule (:func:`recompute_reason`).
@@ -113,9 +113,10 @@ def population_copy(pop: Sequence[Tensor], stat: Sequence[int]) -> List[Tensor]:
 
 def population_snapshot(pop: Sequence[Tensor], stat: Sequence[int], steps: int, step_offset: int) -> List[Tensor]:
     """The population statistics of every batch-statistic slot as the ``steps`` steps of this call read
-    them (from the buffers as the call read them: :func:`population_copy`): per site ``(running_mean, running_var, num_batches_tracked)`` with one row per step
-    (``(steps, F)``, slot ``t`` for step ``t``) and every slot tracked. With these and a step offset of 0
-    the reference loop normalizes exactly as the call did, whatever happens to the buffers afterwards."""
+    them (from the buffers as the call read them: :func:`population_copy`): per site ``(running_mean,
+    running_var, num_batches_tracked)`` with one row per step (``(steps, F)``, slot ``t`` for step ``t``) and
+    every slot tracked. With these and a step offset of 0 the reference loop normalizes exactly as the call
+    did, whatever happens to the buffers afterwards."""
     out = list(pop)
     for k, code in enumerate(stat):
         if code != 2 or steps == 0:
@@ -238,6 +239,18 @@ def per_slice_vmap(op) -> Callable:
     return rule
 
 
+def _function_backward(backward: Callable, pop_index: int) -> Callable:
+    """An ``autograd.Function``'s backward from an operator's registered ``backward``: the gradient of the
+    ``Tensor[]`` argument at ``pop_index``, which a Function does not differentiate, is None."""
+
+    def bwd(ctx, *grads):
+        res = list(backward(ctx, grads))
+        res[pop_index] = None
+        return tuple(res)
+
+    return bwd
+
+
 def functorch_function(name: str, op, setup_context: Callable, backward: Callable, pop_index: int) -> type:
     """An ``autograd.Function`` that calls ``op`` and differentiates it with the operator's own
     ``setup_context`` and ``backward``, in the form ``torch.func`` accepts (``setup_context`` staticmethod,
@@ -250,16 +263,11 @@ def functorch_function(name: str, op, setup_context: Callable, backward: Callabl
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, list(output))
 
-    def bwd(ctx, *grads):
-        res = list(backward(ctx, grads))
-        res[pop_index] = None
-        return tuple(res)
-
     return type(name, (torch.autograd.Function,), {
         "generate_vmap_rule": True,
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup),
-        "backward": staticmethod(bwd),
+        "backward": staticmethod(_function_backward(backward, pop_index)),
     })  # fmt: skip
 
 
@@ -312,11 +320,7 @@ def _eager_function(name: str, cpu: Callable, setup_context: Callable, backward:
         setup_context(ctx, args, out)
         return tuple(out)
 
-    def bwd(ctx, *grads):
-        res = list(backward(ctx, grads))
-        res[pop_index] = None
-        return tuple(res)
-
+    bwd = _function_backward(backward, pop_index)
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
 
 
