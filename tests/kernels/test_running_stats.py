@@ -180,3 +180,33 @@ def test_a_traced_training_layer_still_updates_its_running_statistics():
         assert torch.allclose(v.double(), w.double(), atol=1e-6), k
         moved += "num_batches" in k and int(v.sum()) > 0
     assert moved
+
+
+@pytest.mark.parametrize("cls", [recnorm.LSTM, recnorm.GRU, recnorm.RNN])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_moments_name_their_steps_and_last_step(cls, packed):
+    """The fused kernels' moments: steps ``offset .. offset + T - 1``, ``last_step`` their largest (which
+    record() reads instead of the tensor), each site's mean and variance the columns of the kernel's output."""
+    torch.manual_seed(0)
+    layer = cls(3, 4, norm="batch")
+    T, B, offset = 5, 3, 7
+    x = torch.randn(T, B, 3)
+    batch_sizes = torch.tensor([3, 3, 2, 2, 1]) if packed else None
+    if packed:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2], enforce_sorted=True).data
+    work = layer.direction_work(0, 0, x=x).replace(step_offset=offset)
+    state = tuple(torch.zeros(B, 4) for _ in range(layer.cell.state_size))
+    res = fused.run_direction(work, x, batch_sizes, state)
+    assert set(res.moments) == ({"ih", "hh", "cell"} if cls is recnorm.LSTM else {"ih", "hh"})
+    for site, m in res.moments.items():
+        assert torch.equal(m.steps, torch.arange(offset, offset + T))
+        assert m.last_step == int(m.steps.max()) == offset + T - 1
+        width = 4 if site == "cell" else work.weight_hh.shape[0]
+        assert m.mean.shape == m.var.shape == (T, width)
+        assert torch.equal(m.count, batch_sizes if packed else torch.full((T,), B))
+    # the moments are the batch statistics of each term: the input term's, by hand, per step
+    rows = x.view(T, B, 3) if not packed else None
+    if rows is not None:
+        proj = rows @ work.weight_ih.T
+        torch.testing.assert_close(res.moments["ih"].mean, proj.mean(1))
+        torch.testing.assert_close(res.moments["ih"].var, proj.var(1, unbiased=False))

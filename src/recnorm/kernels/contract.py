@@ -233,13 +233,15 @@ class BatchMoments:
     ``steps`` ``(K,)`` holds the absolute step index of each row (``step_offset + t``; a single 0 for a
     ``"sequence"`` statistic), ``mean`` and ``var`` ``(K, F)`` the batch mean and biased variance (mean
     square when not centred), ``count`` ``(K,)`` the number of rows they are over. Rows with
-    ``count < 2`` were normalized with population statistics and carry no information.
+    ``count < 2`` were normalized with population statistics and carry no information. ``last_step``, where
+    the producer knows it without reading a tensor, is ``steps``' largest value (None: read ``steps``).
     """
 
     steps: Tensor
     mean: Tensor
     var: Tensor
     count: Tensor
+    last_step: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

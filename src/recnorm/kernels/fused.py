@@ -227,8 +227,8 @@ def running_stats_update(
     never builds one), a tensor that is not a plain contiguous CPU tensor (the moments: contiguous rows),
     buffers in autograd, dtypes other than one of float32 and float64 throughout, two steps of the call in one
     slot of their own, or under torch.compile or torch.jit.trace."""
-    ext = next((e.module for e in EXTENSIONS.values() if e.module is not None), None)
-    if ext is None or not hasattr(ext, "running_stats_update") or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    ext = EXTENSIONS["lstm"].module or EXTENSIONS["gru_rnn"].module  # either binds it
+    if ext is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None  # a trace records tensor operations: the reference's are what a traced module replays
     tensors = (running_mean, running_var, num_batches_tracked, m.steps, m.count)
     if not all(_is_plain_cpu(t) for t in tensors) or not all(_is_plain_cpu(t, rows=True) for t in (m.mean, m.var)):
@@ -835,14 +835,20 @@ def _site_args(work: DirectionWork, sites: Sequence[str]):
 
 def _moments(work: DirectionWork, sites: Sequence[str], moments: Tensor, widths: Sequence[int], counts: Tensor) -> Dict[str, BatchMoments]:
     """The batch moments output ``(2, T, sum(widths))`` split by site (sites without batch statistics,
-    or a call in eval mode, have none: the output is then empty and not read)."""
-    steps = torch.arange(moments.shape[1], device=moments.device) + work.step_offset
-    out, col = {}, 0
-    for site, w in zip(sites, widths):
+    or a call in eval mode, have none: the output is then empty and not read). Each site's mean and
+    variance are views of it, in as few operations as there are sites."""
+    T, offset = moments.shape[1], work.step_offset
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # a trace records the steps as an operation on its T: arange(T) + offset keeps it symbolic
+        steps, last = torch.arange(T, device=moments.device) + offset, None
+    else:
+        steps, last = torch.arange(offset, offset + T, device=moments.device), offset + T - 1
+    out = {}
+    for site, part in zip(sites, moments.split(list(widths), dim=2)):
         d = work.norm(site)
         if d is not None and d.is_batch:
-            out[site] = BatchMoments(steps, moments[0, :, col : col + w], moments[1, :, col : col + w], counts)
-        col += w
+            mean, var = part.unbind(0)
+            out[site] = BatchMoments(steps, mean, var, counts, last)
     return out
 
 

@@ -272,14 +272,15 @@ class RecurrentBatchNorm(nn.Module):
         return y
 
     # -- running statistics ------------------------------------------------------------------------
-    @torch.no_grad()
     def record(self, m: BatchMoments) -> None:
         """Fold a call's batch moments into the running statistics (steps in order, as if each step had
         updated them in turn); or pool them during a population pass; and report them to observers."""
-        for observe in self._observers:
-            for k in range(m.steps.shape[0]):
-                if int(m.count[k]) >= 2:
-                    observe(int(m.steps[k]), m.mean[k], m.var[k], int(m.count[k]))
+        if self._observers:
+            with torch.no_grad():
+                for observe in self._observers:
+                    for k in range(m.steps.shape[0]):
+                        if int(m.count[k]) >= 2:
+                            observe(int(m.steps[k]), m.mean[k], m.var[k], int(m.count[k]))
         self._check_steps(m)
         if self._population is None:  # the same update in one C++ call where it serves (it declines traced tensors)
             done = fused.running_stats_update(self.running_mean, self.running_var, self.num_batches_tracked, m, self.momentum)
@@ -288,11 +289,12 @@ class RecurrentBatchNorm(nn.Module):
                     self._warn_non_finite(m, done[0])
                 self._updated_since_calibration = True
                 return
-        finite = self._finite_steps(m)
-        if self._population is not None:
-            self._pool(m, finite)
-            return
-        self._update_reference(m, finite)
+        with torch.no_grad():
+            finite = self._finite_steps(m)
+            if self._population is not None:
+                self._pool(m, finite)
+                return
+            self._update_reference(m, finite)
 
     @torch.no_grad()
     def _update_reference(self, m: BatchMoments, finite: Tensor) -> None:
@@ -331,9 +333,14 @@ class RecurrentBatchNorm(nn.Module):
     def _check_steps(self, m: BatchMoments) -> None:
         """Warn (once per process and ``max_steps`` value) when a training sequence runs past the last slot of
         per-step statistics."""
-        if self.stat != "step" or self.max_steps in _WARNED_MAX_STEPS or m.steps.numel() == 0 or _traced(m.steps):
+        if self.stat != "step" or self.max_steps in _WARNED_MAX_STEPS:
             return
-        last = int(m.steps.max())
+        if m.last_step is not None:
+            last = m.last_step
+        elif m.steps.numel() == 0 or _traced(m.steps):
+            return
+        else:
+            last = int(m.steps.max())
         if last >= self.max_steps:
             _WARNED_MAX_STEPS.add(self.max_steps)
             log.warning(
