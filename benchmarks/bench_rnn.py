@@ -554,6 +554,27 @@ def _worst_noise(aa: Dict[Tuple[str, str], Dict]) -> Dict:
 
 
 # ---------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; else :func:`platform.processor`), "" when unknown. The
+    hosts of this VM differ between sessions (an AMD EPYC and an Intel Xeon Ice Lake so far), and so do the
+    ratios: the fused LSTM's eval forward at (784, 64, 1, 128) took 0.97 of torch's op on the first and 1.36
+    on the second. A run names its host."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
+def machine_text(meta: Dict) -> str:
+    """The machine a run was made on, its CPU model included where the run recorded it."""
+    cpu = meta.get("cpu")
+    return f"{meta['machine']}, {cpu}" if cpu else f"{meta['machine']} (CPU model not recorded)"
+
+
 # Is the machine quiet? (issue 17: a timing under load is not a measurement)
 # ---------------------------------------------------------------------------------------------------
 
@@ -1260,7 +1281,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         f"Produced by `python benchmarks/bench_rnn.py {meta['argv']}` on {meta['when']}"
         + (f" at commit {meta['commit']}" if meta.get("commit") else "")
         + (f"; this page written from its JSON by `python benchmarks/bench_rnn.py {meta['rendered']}`." if meta.get("rendered") else "."),
-        f"Machine: {meta['machine']}; torch {meta['torch']}; {_threads(meta['threads'])}; float32 unless marked; "
+        f"Machine: {machine_text(meta)}; torch {meta['torch']}; {_threads(meta['threads'])}; float32 unless marked; "
         f"{_rounds_text(meta, rows)}; kernel selection `{meta['kernel']}`.",
         "",
         f"**Load.** {quiet_text(meta)}",
@@ -1405,7 +1426,7 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
     lines = [
         README_BEGIN,
         f"Ratio to torch.nn at the worst size (judged worst, then the largest) of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
-        f"`python benchmarks/bench_rnn.py {meta['argv']}` on {meta['machine']}; {_rounds_text(meta, rows)}, "
+        f"`python benchmarks/bench_rnn.py {meta['argv']}` on {machine_text(meta)}; {_rounds_text(meta, rows)}, "
         f"{_threads(meta['threads'])}, {meta['when']}, commit {meta.get('commit', 'not recorded')}). {quiet_text(meta)} "
         + (LEGEND[0].upper() + LEGEND[1:] + "." if any("ratio_ci" in r for r in rows) else "Bold: over the target of issue 11."),
         "",
@@ -1698,6 +1719,7 @@ def main(argv=None) -> int:
         "argv": " ".join(sys.argv[1:] if argv is None else argv),
         "when": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": args.threads,
         "rounds": rounds,

@@ -159,6 +159,7 @@ def measure(args) -> None:
     data["meta"].update({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": bench_rnn.cpu_model(),
         "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
         "command": "python benchmarks/fit_dispatch.py " + " ".join(sys.argv[1:]),
     })  # fmt: skip
@@ -177,7 +178,8 @@ def measure(args) -> None:
             print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: other processes used {quiet['others_load']:.2f} cores meanwhile "
                   "(more than --max-load): not stored", file=sys.stderr, flush=True)  # fmt: skip
             continue
-        data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times, "load": quiet})
+        data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times, "load": quiet,
+                               "cpu": data["meta"]["cpu"]})
         _save(data, args.data)
         ratios = {ph: statistics.median(f / n for f, n in zip(t["fused"], t["native"])) for ph, t in times.items()}
         print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: fused/native train {ratios['train']:.2f} eval {ratios['eval']:.2f} "

@@ -278,6 +278,9 @@ def test_a_quiet_machine_gets_a_verdict_and_its_readme_table(tmp_path, quiet_mac
     assert meta["quiet"]["ratio_noise"]["noise"] == 0.01 and meta["quiet"]["ratio_noise"]["candidate"] == "torch.nn.RNN"
     assert meta["quiet"]["ratio_noise"]["measure"] == "interval" and meta["quiet"]["ratio_noise"]["interval"] == [0.99, 1.01]
     assert meta["commit"] and meta["min_time"] == bench_rnn.MIN_TIME
+    assert meta["cpu"] == bench_rnn.cpu_model()  # the host: its ratios differ from another's
+    if meta["cpu"]:
+        assert f"Machine: {meta['machine']}, {meta['cpu']};" in md.read_text()
     targets = _section(md.read_text(), "## Against the targets", "## Every size")
     assert "No verdict" not in targets and "train (≤ 0.9)" in targets
     text = readme.read_text()
@@ -537,3 +540,14 @@ def test_each_candidate_is_timed_back_to_back_with_its_baseline(monkeypatch):
     # ratios come from within each group; the baseline's own times (its first in each round) give its milliseconds
     assert len(times.ratios("recnorm.LSTM(norm=None)", base, "train")) == 4
     assert times.ratios(base, base, "eval") == [1.0] * 4 and len(times.own[(base, "eval")]) == 4
+
+
+def test_the_page_names_the_cpu_model_or_says_it_was_not_recorded():
+    meta = {"machine": "x86_64, 2 CPUs"}
+    assert bench_rnn.machine_text(meta) == "x86_64, 2 CPUs (CPU model not recorded)"
+    assert bench_rnn.machine_text({**meta, "cpu": "AMD EPYC 9B14"}) == "x86_64, 2 CPUs, AMD EPYC 9B14"
+    names = []
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    assert bench_rnn.cpu_model() == (names[0] if names else bench_rnn.platform.processor() or "")
