@@ -555,18 +555,13 @@ def _worst_noise(aa: Dict[Tuple[str, str], Dict]) -> Dict:
 
 # ---------------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo``; else :func:`platform.processor`), "" when unknown. The
-    hosts of this VM differ between sessions (an AMD EPYC and an Intel Xeon Ice Lake so far), and so do the
-    ratios: the fused LSTM's eval forward at (784, 64, 1, 128) took 0.97 of torch's op on the first and 1.36
-    on the second. A run names its host."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
+    """The processor's model name, as a run's provenance records it (:func:`recnorm.experiments.provenance.cpu`),
+    "" when unknown. The hosts of this VM differ between sessions (an AMD EPYC and an Intel Xeon, Ice Lake, so
+    far), and so do the ratios: the fused LSTM's eval forward at (784, 64, 1, 128) took 0.97 of torch's op in
+    the dispatch data and 1.36 on the Intel host. A run names its host."""
+    from recnorm.experiments.provenance import cpu
+
+    return cpu()["model"] or ""
 
 
 def machine_text(meta: Dict) -> str:
