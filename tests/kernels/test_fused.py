@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import recnorm
 from recnorm import kernels
-from recnorm.kernels import fused, reference
+from recnorm.kernels import fused, host, reference
 # CELL_IDS here: the registered cells whose math the fused kernels know (a plugin's cell runs the reference only)
 from registry_cases import KERNEL_CELL_IDS as CELL_IDS
 from registry_cases import DT, NORM_IDS, assert_all_close, case_id, is_built_in, make, randomize, run_and_grad
@@ -116,6 +116,34 @@ def _assert_as_accurate_as_reference(ref, fast, x, lengths):
         assert err_fused <= max(3 * err_ref, 5e-4), (err_fused, err_ref)
 
 
+def test_onednn_plan_follows_the_hosts_maker(monkeypatch):
+    """Each maker's rule as measured (benchmarks/onednn_rule.py): on the Intel host oneDNN's forward product
+    lost at every H up to 256 and its backward product won nowhere; a maker without a rule runs MKL."""
+    monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
+    monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
+    plan = fused.onednn_plan
+    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "Intel")
+    assert plan(128, 128, True, torch.float32, "lstm", saving=False) == (False, False, False)  # AMD: step on oneDNN
+    assert plan(64, 256, True, torch.float32, "lstm", saving=False) == (True, False, False)
+    assert plan(32, 512, True, torch.float32, "lstm", saving=False) == (True, True, False)  # AMD: backward too
+    assert plan(8, 512, True, torch.float32, "lstm", saving=True) == (False, False, False)
+    assert plan(128, 512, False, torch.float32, "lstm") == (False, False, False)
+    assert plan(128, 1024, False, torch.float32, "lstm") == (False, True, False)
+    assert plan(64, 256, False, torch.float32, "gru_rnn") == (False, False, False)  # AMD: step on oneDNN
+    assert plan(64, 512, False, torch.float32, "gru_rnn") == (False, True, False)  # AMD: backward too
+    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "AMD")
+    assert plan(128, 128, True, torch.float32, "lstm", saving=False) == (False, True, False)
+    assert plan(32, 512, True, torch.float32, "lstm", saving=True) == (False, True, True)
+    for maker in (None, "Apple"):
+        monkeypatch.setattr(fused, "_ONEDNN_MAKER", maker)
+        for family in ("lstm", "gru_rnn"):
+            assert plan(32, 1024, True, torch.float32, family, saving=False) == (False, False, False)
+    # the environment still forces either choice on any host
+    monkeypatch.setenv("RECNORM_FUSED_ONEDNN", "1")
+    assert plan(8, 64, True, torch.float32, "lstm") == (True, True, True)
+    assert set(fused.ONEDNN_HOSTS) == {"AMD", "Intel"}
+
+
 @pytest.mark.parametrize("cell,norm,mode", [
     pytest.param(c, n, m, id=case_id(c, n, m)) for c, n, m in itertools.product(CELL_IDS, [None, "layer", "batch"], ["train", "eval"])
 ])  # fmt: skip
@@ -150,9 +178,13 @@ def test_onednn_rule_restores_the_earlier_lstm_plan(monkeypatch):
     """Runs made before the LSTM's GEMM rule changed replay with the rule they ran with."""
     monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
     monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
-    with fused.onednn_rule("2026-12-04"):
-        assert fused.onednn_plan(64, 128, False, torch.float32, "lstm") == (False, False, False)
-        assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=False) == (False, True, True)
+    for maker in ("AMD", "Intel", None):  # the legacy rule is the same on every host
+        monkeypatch.setattr(fused, "_ONEDNN_MAKER", maker)
+        with fused.onednn_rule("2026-12-04"):
+            assert fused.onednn_plan(64, 128, False, torch.float32, "lstm") == (False, False, False)
+            assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=False) == (False, True, True)
+            assert fused.onednn_plan(32, 512, True, torch.float32, "gru_rnn", saving=False) == (False, True, True)
+    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "AMD")
     assert fused.onednn_plan(64, 128, False, torch.float32, "lstm")[1] is True  # restored on exit
     with pytest.raises(ValueError, match="expected one of"):
         with fused.onednn_rule("newest"):
@@ -164,6 +196,7 @@ def test_onednn_plan_knows_whether_the_forward_saves(monkeypatch):
     the plan must be told which forward it serves."""
     monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
     monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
+    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "AMD")
     assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=False) == (True, True, True)
     assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=True) == (False, True, True)
     assert fused.onednn_plan(32, 64, True, torch.float32, "lstm", saving=False) == (False, False, False)
@@ -172,6 +205,7 @@ def test_onednn_plan_knows_whether_the_forward_saves(monkeypatch):
     assert fused.onednn_plan(64, 128, False, torch.float32, "gru_rnn")[1] is False  # its own, older rule
     assert fused.onednn_plan(32, 512, True, torch.float64, "lstm", saving=False) == (False, False, False)
     seen = []
+    monkeypatch.setattr(fused, "_ONEDNN_MAKER", host.cpu_maker())
     real = fused.onednn_plan
     monkeypatch.setattr(fused, "onednn_plan", lambda *a, **k: seen.append(k.get("saving", True)) or real(*a, **k))
     layer = recnorm.LSTM(4, 8, kernel="fused")

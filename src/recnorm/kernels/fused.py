@@ -67,7 +67,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from recnorm.kernels import autodiff
+from recnorm.kernels import autodiff, host
 from recnorm.kernels.contract import BatchMoments, DirectionResult, DirectionWork, fixed_size_check
 from recnorm.kernels.functional import fold_sequence_norm
 
@@ -269,6 +269,7 @@ def _onednn_available(family: str) -> bool:
 #: MKL round differently, so runs made before the change replay with the old rule (:func:`onednn_rule`).
 ONEDNN_RULES = ("current", "2026-12-04")
 _ONEDNN_RULE = "current"
+_ONEDNN_MAKER = host.cpu_maker()
 
 
 @contextlib.contextmanager
@@ -284,24 +285,57 @@ def onednn_rule(rule: str) -> Iterator[None]:
         _ONEDNN_RULE = old
 
 
+#: Per CPU maker (:mod:`recnorm.kernels.host`) and kernel family, where each GEMM of the current rule goes
+#: to oneDNN's linear: ``proj``, the hoisted input projection of a forward that saves nothing, from this H
+#: (None: never); ``step``, the forward's ``h W_hh^T``, where any ``(min H, min B, max B)`` holds;
+#: ``back``, the backward's ``dG W_hh``, likewise. Measured by ``benchmarks/onednn_rule.py`` (see
+#: :func:`onednn_plan`). A maker not listed runs every GEMM on MKL.
+ONEDNN_HOSTS: Dict[str, Dict[str, Dict]] = {
+    "AMD": {
+        "lstm": {"proj": 256, "step": [(192, 1, None), (128, 64, None)], "back": [(512, 1, 64)]},
+        "gru_rnn": {"proj": None, "step": [(256, 1, None)], "back": [(512, 1, 64)]},
+    },
+    "Intel": {
+        "lstm": {"proj": 256, "step": [(1024, 1, None), (512, 32, 64)], "back": []},
+        "gru_rnn": {"proj": None, "step": [(1024, 1, None), (512, 32, 64)], "back": []},
+    },
+}
+
+
+def _holds(rule: Sequence[Tuple[int, int, Optional[int]]], batch: int, hidden: int) -> bool:
+    return any(hidden >= h and batch >= lo and (hi is None or batch <= hi) for h, lo, hi in rule)
+
+
 def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, family: str, saving: bool = True) -> Tuple[bool, bool, bool]:
     """Which GEMMs go to oneDNN's linear instead of MKL's sgemm: (input projection, forward step,
     backward step). ``hoisted``: whether the input projection runs as GEMMs at all; ``saving``: whether
     the forward keeps what a backward needs (False in eval and under ``no_grad``).
 
-    Measured on the 2-core AMD EPYC (AVX-512) of ``benchmarks/``, 2 threads, prepacked weights, the
-    LSTM's ``norm=None`` forward with one choice changed at a time (2026-12-05, load < 0.3):
+    Which library is faster depends on the CPU, so the rule is kept per CPU maker
+    (:data:`ONEDNN_HOSTS`, keyed by :func:`recnorm.kernels.host.cpu_maker`); a host of another maker runs
+    every GEMM on MKL. Measured with ``benchmarks/onednn_rule.py`` (a fused ``norm=None`` layer with one
+    GEMM moved at a time, T = 50, 2 threads, prepacked weights), as oneDNN / MKL time of the whole call:
 
-    * forward product ``h W_hh^T``: oneDNN takes 0.85-0.94 of MKL's time from H = 192 at every batch
-      from 4 to 256, 0.98-0.99 at H = 128 with a batch of 64 or more (and 1.29 -> 0.98 of torch.nn for the
-      whole eval forward at (T, B, I, H) = (784, 64, 1, 128)), but 1.1-2.1x at H <= 96 with small batches;
-    * hoisted input projection, in eval: 0.92 of the whole forward at (200, 32, 64, 512), neutral at
-      H <= 256; in training it won in isolation but not inside the loop, so MKL keeps it there;
-    * backward product ``dG W_hh``: 10-40% faster when H >= 512 with a batch of at most 64.
+    * **AMD** (the 2-core AMD EPYC, AVX-512, 2026-12-05, load < 0.3; measured before the script, with the
+      same masks): the forward product took 0.85-0.94 from H = 192 at every batch from 4 to 256, 0.98-0.99
+      at H = 128 with a batch of 64 or more (and 1.29 -> 0.98 of torch.nn for the whole eval forward at
+      (T, B, I, H) = (784, 64, 1, 128)), but 1.1-2.1x at H <= 96 with small batches; the hoisted
+      projection in eval 0.92 of the whole forward at (200, 32, 64, 512), neutral at H <= 256 (in training
+      it won in isolation but not inside the loop, so MKL keeps it there); the backward product 10-40%
+      faster when H >= 512 with a batch of at most 64.
+    * **Intel** (a 2-core Intel Xeon, Ice Lake, AVX-512 without BF16, 2026-12-07, load < 0.4): the LSTM's
+      forward product lost at every H up to 256 (1.00-1.98 in eval, 1.01-1.64 in training; 1.16-1.27 at
+      H = 128 with B >= 64, where the AMD rule takes it) and won only at H = 1024 (0.74-0.92) and at
+      H = 512 with B of 32 or 64 (0.90-0.96); the backward product won nowhere by more than 3%; the
+      projection in eval took 0.93-1.01 from H = 256. The GRU's the same: its forward product lost at every
+      H up to 256 (1.08-2.57 in eval; at H = 256, where the AMD rule takes it, 1.08-1.58) and won at
+      H = 1024 (0.68-0.93 in eval) and at H = 512 with B of 32 or 64 (0.91-0.96); its backward product won
+      nowhere by more than 4%. The tanh/relu RNN runs the same kernel and follows the GRU's rule (not
+      measured on its own).
 
-    Under :func:`onednn_rule` ``("2026-12-04")`` the LSTM follows the earlier rule too. The GRU/RNN kernel keeps its earlier rule (step from H >= 256; MKL for the projection): it was not
-    re-measured. ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice (or a mask such as ``011``).
-    float32 only.
+    Under :func:`onednn_rule` ``("2026-12-04")`` every host follows the earlier rule (step from H >= 256,
+    backward from H >= 512 with B <= 64, MKL for the projection), with which the legacy runs were made.
+    ``RECNORM_FUSED_ONEDNN=0`` or ``1`` forces either choice (or a mask such as ``011``). float32 only.
     """
     env = os.environ.get("RECNORM_FUSED_ONEDNN", "")
     if env == "0" or dtype != torch.float32 or not _onednn_available(family):
@@ -310,10 +344,13 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
         return (hoisted, True, True)
     if len(env) == 3 and set(env) <= {"0", "1"}:  # a mask, e.g. "011"
         return (hoisted and env[0] == "1", env[1] == "1", env[2] == "1")
-    backward = hidden >= 512 and batch <= 64
-    if family == "lstm" and _ONEDNN_RULE == "current":
-        return (hoisted and not saving and hidden >= 256, hidden >= 192 or (hidden >= 128 and batch >= 64), backward)
-    return (False, hidden >= 256, backward)
+    if _ONEDNN_RULE != "current":
+        return (False, hidden >= 256, hidden >= 512 and batch <= 64)
+    rule = ONEDNN_HOSTS.get(_ONEDNN_MAKER or "", {}).get(family)
+    if rule is None:
+        return (False, False, False)
+    proj = rule["proj"] is not None and hoisted and not saving and hidden >= rule["proj"]
+    return (proj, _holds(rule["step"], batch, hidden), _holds(rule["back"], batch, hidden))
 
 
 def _reorder(w: Tensor, batch: int) -> Tensor:
