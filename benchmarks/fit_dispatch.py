@@ -10,22 +10,28 @@ input weights), on CPU -- ``"auto"`` runs the one that this rule predicts to be 
    H 4-1024 under a cost cap -- time a ``norm=None`` layer on each implementation (``kernel="native"``,
    ``kernel="fused"``, same weights), in interleaved rounds, and store every round's times in
    ``benchmarks/dispatch_data.json``. Points already there are skipped, so an interrupted run resumes.
-2. ``--fit``: per cell, phase and dtype, fit the score ``c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H``
-   whose sign decides (below 0: the fused kernel first), and write the coefficients to ``RULE`` in
-   ``src/recnorm/kernels/autotune.py``. The fit is a logistic regression of "the fused kernel was faster" on
-   those features, each point weighted by ``|log(t_fused / t_native)|``, i.e. by what a wrong pick there
-   costs: the rule is a decision, and a least-squares fit of the log-ratio spends its five coefficients on
-   points far from the boundary (on the first quiet data set it picked torch's op at two benchmark sizes
-   where the fused kernel trained 12-13% faster). The fit's report says how often the rule picks the
-   slower implementation on the measured points, in sample and left-one-out, and what that costs (the
-   worst ratio of its pick to the faster one), and names any benchmark size where it picks the slower one.
-   The rule goes into ``src/recnorm/kernels/autotune.py`` itself (the ``RULE`` literal between its
-   ``# BEGIN RULE`` and ``# END RULE`` lines), so it ships with the code and needs no data file.
+2. ``--fit``: per CPU maker, cell, phase and dtype, fit the score
+   ``c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H`` whose sign decides (below 0: the fused kernel
+   first), and write the coefficients to ``RULES`` in ``src/recnorm/kernels/autotune.py``. The fit is a
+   logistic regression of "the fused kernel was faster" on those features, each point weighted by
+   ``|log(t_fused / t_native)|``, i.e. by what a wrong pick there costs: the rule is a decision, and a
+   least-squares fit of the log-ratio spends its five coefficients on points far from the boundary (on the
+   first quiet data set it picked torch's op at two benchmark sizes where the fused kernel trained 12-13%
+   faster). The fit's report says how often the rule picks the slower implementation on the measured
+   points, in sample and left-one-out, and what that costs (the worst ratio of its pick to the faster
+   one), and names any benchmark size where it picks the slower one. The rules go into
+   ``src/recnorm/kernels/autotune.py`` itself (the ``RULES`` literal between its ``# BEGIN RULE`` and
+   ``# END RULE`` lines), so they ship with the code and need no data file.
+
+Which implementation is faster depends on the CPU, so each point records the CPU it was measured on and
+its maker (:mod:`recnorm.kernels.host`), and each maker gets its own rule from its own points; a host
+running ``--measure`` measures the points its maker lacks. Points from before the CPU was recorded count
+as :data:`LEGACY_MAKER`'s. A host of a maker without a rule runs torch's op first.
 
 Usage::
 
-    python benchmarks/fit_dispatch.py --measure --rounds 5     # about 30-60 min on 2 busy cores
-    python benchmarks/fit_dispatch.py --fit                    # seconds; rewrites autotune.RULE
+    python benchmarks/fit_dispatch.py --measure --points 24 --rounds 7   # 3-10 min for the three cells on 2 cores
+    python benchmarks/fit_dispatch.py --fit                              # about a minute; rewrites autotune.RULES
 
 The measurement runs the implementations forced (``kernel=``), so it does not depend on the rule it fits.
 It refuses to start on a machine that is not quiet (load average above ``--max-load``, 0.5), and drops a
@@ -49,6 +55,8 @@ import time
 from typing import Dict, List, Tuple
 
 import torch
+
+from recnorm.kernels import host
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "dispatch_data.json")
@@ -130,10 +138,29 @@ def measure_point(cell: str, size, dtype, rounds: int) -> Dict[str, Dict[str, Li
     return out
 
 
+#: The maker of the points measured before points recorded their CPU (2026-12-06): every one of them was
+#: measured on the AMD EPYC host of the sessions before, whose meta has no "cpu" field.
+LEGACY_MAKER = "AMD"
+
+
+def point_maker(p: Dict) -> str:
+    """The CPU maker a point was measured on: its ``maker``, else the one its ``cpu`` names, else
+    :data:`LEGACY_MAKER` (points from before the CPU was recorded)."""
+    if p.get("maker"):
+        return p["maker"]
+    if p.get("cpu"):
+        return host.maker_of(p["cpu"]) or p["cpu"]
+    return LEGACY_MAKER
+
+
 def _load(path: str) -> Dict:
+    """The data file; a meta of the old form (one host's, with no maker) is filed under :data:`LEGACY_MAKER`."""
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
+        if "machine" in data.get("meta", {}):
+            data["meta"] = {LEGACY_MAKER: data["meta"]}
+        return data
     return {"meta": {}, "points": []}
 
 
@@ -156,14 +183,19 @@ def measure(args) -> None:
         )
     torch.set_num_threads(args.threads)
     data = _load(args.data)
-    data["meta"].update({
+    maker = host.cpu_maker()
+    if maker is None:
+        raise SystemExit("fit_dispatch: this host's CPU maker is neither AMD nor Intel (recnorm.kernels.host), and the rules "
+                         "are kept per maker; set $RECNORM_CPU_MAKER to file these measurements under one")  # fmt: skip
+    data["meta"].setdefault(maker, {}).update({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": bench_rnn.cpu_model(),
         "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
         "command": "python benchmarks/fit_dispatch.py " + " ".join(sys.argv[1:]),
     })  # fmt: skip
-    done = {(p["cell"], p["dtype"], tuple(p["size"])) for p in data["points"]}
+    # a host measures the points its maker lacks: the other maker's points are not its measurements
+    done = {(p["cell"], p["dtype"], tuple(p["size"])) for p in data["points"] if point_maker(p) == maker}
     # round-robin over the cells (the bench sizes of every cell first), so that an interrupted run has
     # points of every cell
     per_cell = {(c, d): sizes(c, args.points if d == "float32" else args.points // 3) for d in args.dtypes for c in args.cells}
@@ -179,7 +211,7 @@ def measure(args) -> None:
                   "(more than --max-load): not stored", file=sys.stderr, flush=True)  # fmt: skip
             continue
         data["points"].append({"cell": cell, "dtype": dt, "size": list(size), "times": times, "load": quiet,
-                               "cpu": data["meta"]["cpu"]})
+                               "cpu": data["meta"][maker]["cpu"], "maker": maker})
         _save(data, args.data)
         ratios = {ph: statistics.median(f / n for f, n in zip(t["fused"], t["native"])) for ph, t in times.items()}
         print(f"[{i + 1}/{len(todo)}] {cell} {dt} {size}: fused/native train {ratios['train']:.2f} eval {ratios['eval']:.2f} "
@@ -221,10 +253,10 @@ def _regret(coef: List[float], size, ratio: float) -> float:
     return (ratio if pred < 0 else 1.0) / min(ratio, 1.0)
 
 
-def fit(args) -> Dict:
-    data = _load(args.data)
+def fit_points(points: List[Dict]) -> Tuple[Dict, List[str]]:
+    """``(rules, report lines)``: one rule entry per cell, phase and dtype of ``points`` (one maker's)."""
     groups: Dict[Tuple[str, str, str], List[Tuple[List[int], float]]] = {}
-    for p in data["points"]:
+    for p in points:
         for phase, t in p["times"].items():
             ratio = statistics.median(f / n for f, n in zip(t["fused"], t["native"]))
             groups.setdefault((p["cell"], phase, p["dtype"]), []).append((p["size"], ratio))
@@ -248,26 +280,40 @@ def fit(args) -> Dict:
             + f"; {len(pts)} points, {wrong} picked the slower one (worst: {max(picks):.2f}x the faster); "
             f"left-one-out {loo_wrong} (worst {max(loo):.2f}x); benchmark sizes picked wrongly: {bench_wrong or 'none'}"
         )
-    rule = {
-        "about": "Fitted by benchmarks/fit_dispatch.py --fit from benchmarks/dispatch_data.json: per 'cell/phase/dtype', "
-        "coefficients (c0, cT, cB, cI, cH) of the score c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H, a logistic "
-        "regression of 'the fused kernel was faster' weighted by |log(t_fused / t_native)|; "
-        "kernel='auto' puts the fused kernel before torch's op where the score is below 0, inside 'range' "
-        "(the measured [min, max] of T, B, I, H); outside it, torch's op goes first.",
-        "measured": data.get("meta", {}),
-        "rules": rules,
-    }
-    write_rule(rule, args.rule)
+    return rules, report
+
+
+def fit(args) -> Dict:
+    """Fit one rule per CPU maker (:func:`point_maker`) and write them all to ``RULES`` in ``args.rule``."""
+    data = _load(args.data)
+    by_maker: Dict[str, List[Dict]] = {}
+    for p in data["points"]:
+        by_maker.setdefault(point_maker(p), []).append(p)
+    rules, report = {}, []
+    for maker, points in sorted(by_maker.items()):
+        entries, lines = fit_points(points)
+        rules[maker] = {
+            "about": f"Fitted by benchmarks/fit_dispatch.py --fit from the {maker} points of benchmarks/dispatch_data.json: per "
+            "'cell/phase/dtype', coefficients (c0, cT, cB, cI, cH) of the score c0 + cT log2 T + cB log2 B + cI log2 I + "
+            "cH log2 H, a logistic regression of 'the fused kernel was faster' weighted by |log(t_fused / t_native)|; "
+            "kernel='auto' puts the fused kernel before torch's op where the score is below 0, inside 'range' "
+            "(the measured [min, max] of T, B, I, H); outside it, torch's op goes first.",
+            "measured": data.get("meta", {}).get(maker, {}),
+            "rules": entries,
+        }
+        report += [f"# {maker}: {len(points)} points"] + lines
+    write_rule(rules, args.rule)
     print("\n".join(report))
-    return rule
+    return rules
 
 
 def write_rule(rule: Dict, path: str) -> None:
-    """Replace the lines between ``# BEGIN RULE`` and ``# END RULE`` of ``path`` with ``RULE = <rule>``."""
+    """Replace the lines between ``# BEGIN RULE`` and ``# END RULE`` of ``path`` with ``RULES = <rule>``
+    (``{maker: rule}``)."""
     with open(path) as f:
         lines = f.read().split("\n")
     begin, end = lines.index("# BEGIN RULE"), lines.index("# END RULE")
-    body = "RULE: Dict = " + pprint.pformat(rule, width=110, sort_dicts=False)
+    body = "RULES: Dict = " + pprint.pformat(rule, width=110, sort_dicts=False)
     new = lines[: begin + 1] + body.split("\n") + lines[end:]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -97,8 +97,10 @@ def _needs_avx2():
 
 def _maker(model) -> str:
     """The CPU maker in a model name ("AMD EPYC 9B14" -> "AMD"), or the name itself."""
+    from recnorm.kernels.host import maker_of
+
     model = model or "unknown CPU"
-    return next((m for m in ("AMD", "Intel") if m in model), model)
+    return maker_of(model) or model
 
 
 def _host_maker() -> str:

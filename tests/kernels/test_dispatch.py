@@ -31,12 +31,15 @@ def _choice(layer, T, B, grad: bool):
         return kernels.choose(work, x, None, state, "auto")[0]
 
 
-def test_rule_is_well_formed():
-    rules = autotune.RULE["rules"]
+@pytest.mark.parametrize("maker", sorted(autotune.RULES))
+def test_rule_is_well_formed(maker):
+    rules = autotune.RULES[maker]["rules"]
     for cell in ("lstm", "gru", "rnn_tanh"):
         for phase in ("train", "eval"):
-            coef = rules[f"{cell}/{phase}/float32"]["coef"]
+            entry = rules[f"{cell}/{phase}/float32"]
+            coef = entry["coef"]
             assert len(coef) == 5 and all(isinstance(c, float) for c in coef)
+            assert entry["points"] >= 28 and all(lo <= hi for lo, hi in entry["range"])
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -50,7 +53,9 @@ def test_auto_follows_the_rule(cell, norm, grad, T, B, I, H):
     assert _choice(layer, T, B, grad) == ("fused" if pred is not None and pred < 0 else "native")
 
 
-def test_the_rule_does_not_extrapolate():
+@pytest.mark.parametrize("maker", sorted(autotune.RULES))
+def test_the_rule_does_not_extrapolate(maker, monkeypatch):
+    monkeypatch.setattr(autotune, "RULE", autotune.RULES[maker])
     for key, entry in autotune.RULE["rules"].items():
         cell, phase, dtype = key.split("/")
         lo = [r[0] for r in entry["range"]]

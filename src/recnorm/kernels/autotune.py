@@ -23,6 +23,12 @@ mixed against 40 on torch's op alone, 39 on the fused kernel alone and 40 for to
 (``benchmarks/bench_rnn.py``'s peak-memory measurement, one training step). In eval nothing is saved, and each layer
 takes the faster implementation for its own size.
 
+The rule is kept per CPU maker (:mod:`recnorm.kernels.host`): :data:`RULES` maps ``"AMD"`` and ``"Intel"``
+to a rule fitted on a CPU of that maker, each with a record of where it was measured, and :data:`RULE` is
+this host's. The two disagree where it matters: the LSTM's eval forward at (784, 64, 1, 128) took 0.97 of
+torch's op on the fused kernel on the AMD EPYC and 1.39 on the Intel Xeon. A host of another maker has
+no rule, and torch's op goes first everywhere.
+
 Cases the rule has no entry for (another dtype, a cell kind without a fit), and sizes outside the range
 of T, B, I or H it was fitted on, keep the default order: torch's op first. The rule only orders the candidates: the dispatcher still takes the first one whose
 ``supports()`` accepts the case, so it can never pick an implementation that refuses it, and
@@ -36,7 +42,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-__all__ = ["eager_order", "compiled_order", "stack_first", "rule", "predict", "RULE"]
+from recnorm.kernels import host
+
+__all__ = ["eager_order", "compiled_order", "stack_first", "rule", "predict", "host_rule", "RULE", "RULES"]
 
 DEFAULT_ORDER = ("native", "fused", "reference")
 FUSED_FIRST = ("fused", "native", "reference")
@@ -46,7 +54,7 @@ _DTYPES = {"torch.float32": "float32", "torch.float64": "float64"}
 
 
 def rule() -> Dict[str, List[float]]:
-    """``{"cell/phase/dtype": [c0, cT, cB, cI, cH]}``: the fitted coefficients of :data:`RULE`."""
+    """``{"cell/phase/dtype": [c0, cT, cB, cI, cH]}``: the fitted coefficients of :data:`RULE` (this host's)."""
     return {k: v["coef"] for k, v in RULE["rules"].items()}
 
 
@@ -145,67 +153,141 @@ def stack_first(work, x: Tensor, batch_sizes: Optional[Tensor], widths: Sequence
     return FUSED_FIRST[0] if sum(preds) < 0 else DEFAULT_ORDER[0]
 
 
-# The rule below is generated: `python benchmarks/fit_dispatch.py --fit` rewrites everything from the
-# BEGIN line to the END line (the measurements it was fitted to are in benchmarks/dispatch_data.json).
+def host_rule(maker: Optional[str]) -> Dict:
+    """The rule fitted on CPUs of ``maker`` (``"AMD"``, ``"Intel"``); for any other, one without entries
+    (torch's op first everywhere)."""
+    return RULES.get(maker or "", NO_RULE)
+
+
+NO_RULE: Dict = {"about": "No rule was measured on this host's CPU maker: torch's op goes first.", "rules": {}}
+
+# The rules below are generated: `python benchmarks/fit_dispatch.py --fit` rewrites everything from the
+# BEGIN line to the END line (the measurements they were fitted to are in benchmarks/dispatch_data.json).
 # BEGIN RULE
-RULE: Dict = {'about': 'Fitted by benchmarks/fit_dispatch.py --fit from benchmarks/dispatch_data.json: per '
-          "'cell/phase/dtype', coefficients (c0, cT, cB, cI, cH) of the score c0 + cT log2 T + cB log2 B + "
-          "cI log2 I + cH log2 H, a logistic regression of 'the fused kernel was faster' weighted by "
-          "|log(t_fused / t_native)|; kernel='auto' puts the fused kernel before torch's op where the score "
-          "is below 0, inside 'range' (the measured [min, max] of T, B, I, H); outside it, torch's op goes "
-          'first.',
- 'measured': {'machine': 'x86_64, 2 CPUs',
-              'cpu_capability': 'AVX512',
-              'torch': '2.13.0+cpu',
-              'threads': 2,
-              'rounds': 7,
-              'command': 'python benchmarks/fit_dispatch.py --measure --points 24 --rounds 7 --cells lstm'},
- 'rules': {'gru/eval/float32': {'coef': [12.4012, -3.2202, -0.8504, 0.0994, 0.5147],
-                                'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
-                                'points': 28,
-                                'wrong_picks': 1,
-                                'worst_regret': 1.026,
-                                'loo_wrong_picks': 3,
-                                'loo_worst_regret': 1.259,
-                                'bench_sizes_wrong': []},
-           'gru/train/float32': {'coef': [7.3185, -3.2983, -0.0245, -0.1391, 0.2722],
-                                 'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
-                                 'points': 28,
-                                 'wrong_picks': 0,
-                                 'worst_regret': 1.0,
-                                 'loo_wrong_picks': 2,
-                                 'loo_worst_regret': 1.108,
-                                 'bench_sizes_wrong': []},
-           'lstm/eval/float32': {'coef': [20.1324, -2.0066, -1.8868, -0.4855, 1.4769],
-                                 'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
-                                 'points': 28,
-                                 'wrong_picks': 1,
-                                 'worst_regret': 1.017,
-                                 'loo_wrong_picks': 5,
-                                 'loo_worst_regret': 1.336,
-                                 'bench_sizes_wrong': []},
-           'lstm/train/float32': {'coef': [53.4453, -2.679, -4.0867, -1.2228, -0.7913],
-                                  'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
-                                  'points': 28,
-                                  'wrong_picks': 0,
-                                  'worst_regret': 1.0,
-                                  'loo_wrong_picks': 5,
-                                  'loo_worst_regret': 2.474,
-                                  'bench_sizes_wrong': []},
-           'rnn_tanh/eval/float32': {'coef': [15.8925, -2.569, -1.1329, 0.0437, -0.067],
-                                     'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
-                                     'points': 28,
-                                     'wrong_picks': 4,
-                                     'worst_regret': 1.176,
-                                     'loo_wrong_picks': 6,
-                                     'loo_worst_regret': 1.795,
-                                     'bench_sizes_wrong': []},
-           'rnn_tanh/train/float32': {'coef': [12.6712, -2.9201, -0.206, 0.0998, -0.1967],
-                                      'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
-                                      'points': 28,
-                                      'wrong_picks': 0,
-                                      'worst_regret': 1.0,
-                                      'loo_wrong_picks': 0,
-                                      'loo_worst_regret': 1.0,
-                                      'bench_sizes_wrong': []}}}
+RULES: Dict = {'AMD': {'about': 'Fitted by benchmarks/fit_dispatch.py --fit from the AMD points of '
+                  "benchmarks/dispatch_data.json: per 'cell/phase/dtype', coefficients (c0, cT, cB, cI, cH) "
+                  'of the score c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H, a logistic regression of '
+                  "'the fused kernel was faster' weighted by |log(t_fused / t_native)|; kernel='auto' puts "
+                  "the fused kernel before torch's op where the score is below 0, inside 'range' (the "
+                  "measured [min, max] of T, B, I, H); outside it, torch's op goes first.",
+         'measured': {'machine': 'x86_64, 2 CPUs',
+                      'cpu_capability': 'AVX512',
+                      'torch': '2.13.0+cpu',
+                      'threads': 2,
+                      'rounds': 7,
+                      'command': 'python benchmarks/fit_dispatch.py --measure --points 24 --rounds 7 --cells '
+                                 'lstm'},
+         'rules': {'gru/eval/float32': {'coef': [12.4012, -3.2202, -0.8504, 0.0994, 0.5147],
+                                        'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
+                                        'points': 28,
+                                        'wrong_picks': 1,
+                                        'worst_regret': 1.026,
+                                        'loo_wrong_picks': 3,
+                                        'loo_worst_regret': 1.259,
+                                        'bench_sizes_wrong': []},
+                   'gru/train/float32': {'coef': [7.3185, -3.2983, -0.0245, -0.1391, 0.2722],
+                                         'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
+                                         'points': 28,
+                                         'wrong_picks': 0,
+                                         'worst_regret': 1.0,
+                                         'loo_wrong_picks': 2,
+                                         'loo_worst_regret': 1.108,
+                                         'bench_sizes_wrong': []},
+                   'lstm/eval/float32': {'coef': [20.1324, -2.0066, -1.8868, -0.4855, 1.4769],
+                                         'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
+                                         'points': 28,
+                                         'wrong_picks': 1,
+                                         'worst_regret': 1.017,
+                                         'loo_wrong_picks': 5,
+                                         'loo_worst_regret': 1.336,
+                                         'bench_sizes_wrong': []},
+                   'lstm/train/float32': {'coef': [53.4453, -2.679, -4.0867, -1.2228, -0.7913],
+                                          'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
+                                          'points': 28,
+                                          'wrong_picks': 0,
+                                          'worst_regret': 1.0,
+                                          'loo_wrong_picks': 5,
+                                          'loo_worst_regret': 2.474,
+                                          'bench_sizes_wrong': []},
+                   'rnn_tanh/eval/float32': {'coef': [15.8925, -2.569, -1.1329, 0.0437, -0.067],
+                                             'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
+                                             'points': 28,
+                                             'wrong_picks': 4,
+                                             'worst_regret': 1.176,
+                                             'loo_wrong_picks': 6,
+                                             'loo_worst_regret': 1.795,
+                                             'bench_sizes_wrong': []},
+                   'rnn_tanh/train/float32': {'coef': [12.6712, -2.9201, -0.206, 0.0998, -0.1967],
+                                              'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
+                                              'points': 28,
+                                              'wrong_picks': 0,
+                                              'worst_regret': 1.0,
+                                              'loo_wrong_picks': 0,
+                                              'loo_worst_regret': 1.0,
+                                              'bench_sizes_wrong': []}}},
+ 'Intel': {'about': 'Fitted by benchmarks/fit_dispatch.py --fit from the Intel points of '
+                    "benchmarks/dispatch_data.json: per 'cell/phase/dtype', coefficients (c0, cT, cB, cI, "
+                    'cH) of the score c0 + cT log2 T + cB log2 B + cI log2 I + cH log2 H, a logistic '
+                    "regression of 'the fused kernel was faster' weighted by |log(t_fused / t_native)|; "
+                    "kernel='auto' puts the fused kernel before torch's op where the score is below 0, "
+                    "inside 'range' (the measured [min, max] of T, B, I, H); outside it, torch's op goes "
+                    'first.',
+           'measured': {'machine': 'x86_64, 2 CPUs',
+                        'cpu_capability': 'AVX512',
+                        'cpu': 'Intel(R) Xeon(R) Processor @ 2.80GHz',
+                        'torch': '2.13.0+cpu',
+                        'threads': 2,
+                        'rounds': 7,
+                        'command': 'python benchmarks/fit_dispatch.py --measure --points 24 --rounds 7'},
+           'rules': {'gru/eval/float32': {'coef': [15.0, -3.2296, -0.7981, -0.2696, 0.2251],
+                                          'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
+                                          'points': 28,
+                                          'wrong_picks': 0,
+                                          'worst_regret': 1.0,
+                                          'loo_wrong_picks': 1,
+                                          'loo_worst_regret': 1.042,
+                                          'bench_sizes_wrong': []},
+                     'gru/train/float32': {'coef': [-9.3636, -1.1919, -0.1205, -0.0338, 1.2863],
+                                           'range': [[3, 784], [2, 185], [1, 500], [5, 946]],
+                                           'points': 28,
+                                           'wrong_picks': 0,
+                                           'worst_regret': 1.0,
+                                           'loo_wrong_picks': 1,
+                                           'loo_worst_regret': 1.09,
+                                           'bench_sizes_wrong': []},
+                     'lstm/eval/float32': {'coef': [19.492, -0.7477, -1.1559, -1.4924, 0.8632],
+                                           'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
+                                           'points': 28,
+                                           'wrong_picks': 1,
+                                           'worst_regret': 1.014,
+                                           'loo_wrong_picks': 4,
+                                           'loo_worst_regret': 1.436,
+                                           'bench_sizes_wrong': []},
+                     'lstm/train/float32': {'coef': [31.416, -1.1653, -2.5153, -0.8666, -1.0317],
+                                            'range': [[2, 867], [1, 192], [1, 315], [4, 976]],
+                                            'points': 28,
+                                            'wrong_picks': 5,
+                                            'worst_regret': 1.308,
+                                            'loo_wrong_picks': 9,
+                                            'loo_worst_regret': 2.336,
+                                            'bench_sizes_wrong': [[28, 128, 28, 128]]},
+                     'rnn_tanh/eval/float32': {'coef': [10.9615, -1.701, -0.3192, 0.4127, -0.4142],
+                                               'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
+                                               'points': 28,
+                                               'wrong_picks': 3,
+                                               'worst_regret': 1.278,
+                                               'loo_wrong_picks': 5,
+                                               'loo_worst_regret': 2.532,
+                                               'bench_sizes_wrong': [[28, 128, 28, 128]]},
+                     'rnn_tanh/train/float32': {'coef': [10.9221, -2.8652, -0.3329, 0.2362, -0.2033],
+                                                'range': [[2, 815], [1, 200], [1, 418], [6, 913]],
+                                                'points': 28,
+                                                'wrong_picks': 0,
+                                                'worst_regret': 1.0,
+                                                'loo_wrong_picks': 0,
+                                                'loo_worst_regret': 1.0,
+                                                'bench_sizes_wrong': []}}}}
 # END RULE
+
+#: This host's rule (:func:`host_rule` of :func:`recnorm.kernels.host.cpu_maker`).
+RULE: Dict = host_rule(host.cpu_maker())
