@@ -1195,28 +1195,37 @@ def compile_lines(crows: List[Dict], verdict: bool = True) -> List[str]:
     return lines
 
 
-def dispatch_lines(sizes) -> List[str]:
-    """What ``kernel="auto"`` runs for ``norm=None`` (and ``"sequence_batch"``) at these sizes, by the rule,
-    next to the fused / torch time measured there by ``benchmarks/fit_dispatch.py`` (if it measured them)."""
-    from recnorm.kernels import autotune
+def dispatch_lines(sizes, cpu: str | None = None) -> List[str]:
+    """What ``kernel="auto"`` runs for ``norm=None`` (and ``"sequence_batch"``) at these sizes, by the rule of
+    the run's CPU maker (``cpu``: the model the run recorded; None: a run from before the CPU was recorded,
+    made on ``fit_dispatch.LEGACY_MAKER``'s), next to the fused / torch time measured there on CPUs of that
+    maker by ``benchmarks/fit_dispatch.py`` (if it measured them)."""
+    from recnorm.kernels import autotune, host
 
-    rules = autotune.RULE.get("rules", {})
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import fit_dispatch  # noqa: E402 (beside this file)
+
+    maker = fit_dispatch.point_maker({"cpu": cpu})
+    rule = autotune.host_rule(host.maker_of(maker))
+    rules = rule.get("rules", {})
     if not rules:
-        return ["The dispatch rule is empty: torch's op runs wherever it serves the case."]
+        return [f"No dispatch rule was measured on {maker} CPUs: torch's op runs wherever it serves the case."]
     measured = {}
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_data.json")
     if os.path.exists(path):
         with open(path) as f:
             for p in json.load(f)["points"]:
+                if fit_dispatch.point_maker(p) != maker:
+                    continue
                 for phase, t in p["times"].items():
                     ratio = statistics.median(a / b for a, b in zip(t["fused"], t["native"]))
                     measured[(p["cell"], phase, p["dtype"], tuple(p["size"]))] = ratio
     lines = [
         "Where torch's op and the fused kernel both serve a case (`norm=None`, `\"sequence_batch\"`), `kernel=\"auto\"` "
-        "runs the one that the rule in `src/recnorm/kernels/autotune.py` predicts to be faster, within the range of sizes it was "
-        "fitted on (outside it, torch's op). "
-        "`python benchmarks/fit_dispatch.py --fit` fitted it to the measurements in `benchmarks/dispatch_data.json` "
-        f"(`{autotune.RULE.get('measured', {}).get('command', '?')}`, `norm=None`, each implementation forced). "
+        f"runs the one that the {maker} rule in `src/recnorm/kernels/autotune.py` (the rule of this run's CPU maker) predicts "
+        "to be faster, within the range of sizes it was fitted on (outside it, torch's op). "
+        f"`python benchmarks/fit_dispatch.py --fit` fitted it to the {maker} measurements in `benchmarks/dispatch_data.json` "
+        f"(`{rule.get('measured', {}).get('command', '?')}`, `norm=None`, each implementation forced). "
         "Per size: fused / torch time as measured there (median of per-round ratios), the rule's score (below 0: fused), and the choice:",
         "",
         "| cell / phase | points fitted | slower picks on them (worst cost); left-one-out | " + " | ".join(str(s) for s in sizes) + " |",
@@ -1228,7 +1237,7 @@ def dispatch_lines(sizes) -> List[str]:
             continue
         cells = []
         for size in sizes:
-            pred = autotune.predict(cell, phase == "train", dtype, *size)
+            pred = autotune.predict(cell, phase == "train", dtype, *size, rule=rule)
             m = measured.get((cell, phase, dtype, tuple(size)))
             cells.append(f"{f'{m:.2f}' if m else '–'} / {pred:+.1f} → {'fused' if pred < 0 else 'torch'}")
         lines.append(
@@ -1323,7 +1332,7 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         "",
         "## What `kernel=\"auto\"` runs",
         "",
-        *dispatch_lines(SIZES),
+        *dispatch_lines(SIZES, meta.get("cpu")),
         "",
     ]
     if bf16:

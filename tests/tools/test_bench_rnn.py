@@ -551,3 +551,24 @@ def test_the_page_names_the_cpu_model_or_says_it_was_not_recorded():
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     assert bench_rnn.cpu_model() == (names[0] if names else bench_rnn.platform.processor() or "")
+
+
+def test_the_dispatch_table_shows_the_rule_of_the_runs_cpu_maker():
+    from recnorm.kernels import autotune
+
+    def rows(cpu):
+        return {line.split(" | ")[0].strip("| "): line for line in bench_rnn.dispatch_lines(bench_rnn.SIZES, cpu)
+                if line.startswith("| ") and "/" in line.split(" | ")[0] and not line.startswith("| cell")}  # fmt: skip
+
+    for cpu, maker in ((None, "AMD"), ("AMD EPYC 9B14", "AMD"), ("Intel(R) Xeon(R) Processor @ 2.80GHz", "Intel")):
+        lines = bench_rnn.dispatch_lines(bench_rnn.SIZES, cpu)
+        assert f"the {maker} rule" in lines[0]  # a run without a CPU record was made on the AMD host
+        table = rows(cpu)
+        assert set(table) == {k.rsplit("/", 1)[0].replace("/", " / ") for k in autotune.RULES[maker]["rules"]}
+        entry = autotune.RULES[maker]["rules"]["lstm/eval/float32"]
+        assert f"| {entry['points']} |" in table["lstm / eval"]  # that maker's fit, not this host's
+    # the two makers' rules disagree on the LSTM's eval at (784, 64, 1, 128), and each row says so
+    assert rows(None)["lstm / eval"].endswith("→ fused |")
+    assert rows("Intel Xeon")["lstm / eval"].endswith("→ torch |")
+    assert bench_rnn.dispatch_lines(bench_rnn.SIZES, "Apple M2") == [
+        "No dispatch rule was measured on Apple M2 CPUs: torch's op runs wherever it serves the case."]

@@ -58,9 +58,9 @@ def rule() -> Dict[str, List[float]]:
     return {k: v["coef"] for k, v in RULE["rules"].items()}
 
 
-def _entry(kind: str, train: bool, dtype: str) -> Optional[Dict]:
-    """The rule's entry for a cell, phase and dtype (None: it has none)."""
-    return RULE["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
+def _entry(kind: str, train: bool, dtype: str, rule: Optional[Dict] = None) -> Optional[Dict]:
+    """The entry of ``rule`` (default: this host's, :data:`RULE`) for a cell, phase and dtype (None: it has none)."""
+    return (RULE if rule is None else rule)["rules"].get(f"{_SAME_AS.get(kind, kind)}/{'train' if train else 'eval'}/{dtype}")
 
 
 def _dtype_key(work, x: Tensor) -> Optional[str]:
@@ -72,11 +72,11 @@ def _dtype_key(work, x: Tensor) -> Optional[str]:
     return dtype
 
 
-def predict(kind: str, train: bool, dtype: str, T: int, B: int, I: int, H: int) -> Optional[float]:
+def predict(kind: str, train: bool, dtype: str, T: int, B: int, I: int, H: int, rule: Optional[Dict] = None) -> Optional[float]:
     """The rule's score (log-odds that torch's op is the faster; below 0: the fused kernel), or None where it
     has no entry or the size lies outside the range of T, B, I or H that the rule was fitted on (it does
-    not extrapolate)."""
-    entry = _entry(kind, train, dtype)
+    not extrapolate). ``rule``: another maker's (:func:`host_rule`) instead of this host's."""
+    entry = _entry(kind, train, dtype, rule)
     if entry is None or min(T, B, I, H) < 1:
         return None
     rng = entry.get("range")
