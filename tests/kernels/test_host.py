@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -97,11 +96,43 @@ def test_a_host_without_a_rule_runs_torchs_op_first(monkeypatch):
     assert autotune.predict("lstm", True, "float32", 28, 16, 28, 128) is None
 
 
-def test_the_rules_disagree_where_the_hosts_did():
-    # the case that made the rules per maker: the LSTM's eval forward at (784, 64, 1, 128) ran 0.97 of torch's
-    # op on the fused kernel on the AMD host and 1.39 on the Intel one (benchmarks/dispatch_data.json)
-    score = {}
-    for maker in ("AMD", "Intel"):
-        coef = autotune.host_rule(maker)["rules"]["lstm/eval/float32"]["coef"]
-        score[maker] = coef[0] + sum(c * math.log2(v) for c, v in zip(coef[1:], (784, 64, 1, 128)))
-    assert score["AMD"] < 0 < score["Intel"]
+def test_each_makers_rule_follows_its_own_measurements_at_the_bench_sizes():
+    """The committed rules against the committed data (benchmarks/dispatch_data.json): at each benchmark size,
+    each maker's rule picks what that maker's measurements found faster, except where its fit reports the
+    size as picked wrongly."""
+    import json
+    import statistics
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "benchmarks", "dispatch_data.json")) as f:
+        points = json.load(f)["points"]
+    bench = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512), (784, 64, 1, 128)]
+    faster = {}
+    for p in points:
+        maker = p.get("maker") or (host.maker_of(p["cpu"]) if p.get("cpu") else "AMD")
+        if tuple(p["size"]) in bench and p["dtype"] == "float32":
+            for phase, t in p["times"].items():
+                ratio = statistics.median(a / b for a, b in zip(t["fused"], t["native"]))
+                faster[(maker, p["cell"], phase, tuple(p["size"]))] = ratio < 1.0
+    for maker, rule in autotune.RULES.items():
+        for key, entry in rule["rules"].items():
+            cell, phase, dtype = key.split("/")
+            for size in bench:
+                score = autotune.predict(cell, phase == "train", dtype, *size, rule=rule)
+                wrong = list(size) in entry["bench_sizes_wrong"]
+                assert (score < 0) == (faster[(maker, cell, phase, size)] != wrong), (maker, key, size)
+
+
+def test_the_build_is_avx512_only_on_an_intel_avx512_cpu(monkeypatch):
+    import torch
+
+    from recnorm.kernels import fused
+
+    for capability, maker, tag in (("AVX512", "Intel", "avx512"), ("AVX512", "AMD", "avx2"), ("AVX512", None, "avx2"),
+                                   ("AVX2", "Intel", "avx2"), ("DEFAULT", "Intel", "default")):  # fmt: skip
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(host, "cpu_maker", lambda m=maker: m)
+        got, flags = fused.build_flags()
+        assert got == tag, (capability, maker)
+        assert ("-DCPU_CAPABILITY_AVX512" in flags) == (tag == "avx512")
+        assert ("-DCPU_CAPABILITY_AVX2" in flags) == (tag == "avx2")
