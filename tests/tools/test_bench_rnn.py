@@ -567,8 +567,5 @@ def test_the_dispatch_table_shows_the_rule_of_the_runs_cpu_maker():
         assert set(table) == {k.rsplit("/", 1)[0].replace("/", " / ") for k in autotune.RULES[maker]["rules"]}
         entry = autotune.RULES[maker]["rules"]["lstm/eval/float32"]
         assert f"| {entry['points']} |" in table["lstm / eval"]  # that maker's fit, not this host's
-    # the two makers' rules disagree on the LSTM's eval at (784, 64, 1, 128), and each row says so
-    assert rows(None)["lstm / eval"].endswith("→ fused |")
-    assert rows("Intel Xeon")["lstm / eval"].endswith("→ torch |")
     assert bench_rnn.dispatch_lines(bench_rnn.SIZES, "Apple M2") == [
         "No dispatch rule was measured on Apple M2 CPUs: torch's op runs wherever it serves the case."]

@@ -4,8 +4,10 @@ Two of the kernels' choices are speed rules fitted to timings: which implementat
 tries first (:mod:`recnorm.kernels.autotune`) and which GEMMs the fused kernels run through oneDNN
 instead of MKL (:func:`recnorm.kernels.fused.onednn_plan`). Which side is faster depends on the CPU:
 on the 2-core AMD EPYC the rules were first fitted on, the fused LSTM's eval forward at
-(T, B, I, H) = (784, 64, 1, 128) took 0.97 of torch's op; on a 2-core Intel Xeon (Ice Lake) it took 1.39
-(``benchmarks/fit_dispatch.py``). So each rule is kept per maker, measured on a CPU of that maker, and a
+(T, B, I, H) = (784, 64, 1, 128) took 0.97 of torch's op; on a 2-core Intel Xeon (Ice Lake), with the
+GEMM rule and the build made for the AMD host, it took 1.39 (``benchmarks/fit_dispatch.py``), and with its
+own (oneDNN for fewer GEMMs, AVX-512 vectors) 0.93. The Intel CPU also builds the kernels with AVX-512
+(:func:`recnorm.kernels.fused.build_flags`). So each rule is kept per maker, measured on a CPU of that maker, and a
 host of a maker without measurements keeps the defaults (torch's op first; MKL for every GEMM).
 
 The maker is read once, from ``/proc/cpuinfo``'s ``vendor_id`` (else its ``model name``, else
