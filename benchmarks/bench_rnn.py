@@ -1200,13 +1200,15 @@ def dispatch_lines(sizes, cpu: str | None = None) -> List[str]:
     the run's CPU maker (``cpu``: the model the run recorded; None: a run from before the CPU was recorded,
     made on ``fit_dispatch.LEGACY_MAKER``'s), next to the fused / torch time measured there on CPUs of that
     maker by ``benchmarks/fit_dispatch.py`` (if it measured them)."""
-    from recnorm.kernels import autotune, host
+    from recnorm.kernels import autotune
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     import fit_dispatch  # noqa: E402 (beside this file)
 
     maker = fit_dispatch.point_maker({"cpu": cpu})
-    rule = autotune.host_rule(host.maker_of(maker))
+    rule = autotune.host_rule(maker)
     rules = rule.get("rules", {})
     if not rules:
         return [f"No dispatch rule was measured on {maker} CPUs: torch's op runs wherever it serves the case."]

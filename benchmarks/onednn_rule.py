@@ -49,8 +49,7 @@ CHOICES = {"step_eval": ("010", "000", "eval"), "step_train": ("010", "000", "tr
 
 def _layer(cell: str, I: int, H: int):
     torch.manual_seed(0)
-    layer = {"lstm": recnorm.LSTM, "gru": recnorm.GRU, "rnn": recnorm.RNN}[cell](I, H, kernel="fused")
-    return layer
+    return {"lstm": recnorm.LSTM, "gru": recnorm.GRU, "rnn": recnorm.RNN}[cell](I, H, kernel="fused")
 
 
 def _call(layer, x, phase: str) -> None:

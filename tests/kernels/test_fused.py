@@ -122,7 +122,7 @@ def test_onednn_plan_follows_the_hosts_maker(monkeypatch):
     monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
     monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
     plan = fused.onednn_plan
-    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "Intel")
+    monkeypatch.setattr(host, "cpu_maker", lambda: "Intel")
     assert plan(128, 128, True, torch.float32, "lstm", saving=False) == (False, False, False)  # AMD: step on oneDNN
     assert plan(64, 256, True, torch.float32, "lstm", saving=False) == (True, False, False)
     assert plan(32, 512, True, torch.float32, "lstm", saving=False) == (True, True, False)  # AMD: backward too
@@ -131,11 +131,11 @@ def test_onednn_plan_follows_the_hosts_maker(monkeypatch):
     assert plan(128, 1024, False, torch.float32, "lstm") == (False, True, False)
     assert plan(64, 256, False, torch.float32, "gru_rnn") == (False, False, False)  # AMD: step on oneDNN
     assert plan(64, 512, False, torch.float32, "gru_rnn") == (False, True, False)  # AMD: backward too
-    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "AMD")
+    monkeypatch.setattr(host, "cpu_maker", lambda: "AMD")
     assert plan(128, 128, True, torch.float32, "lstm", saving=False) == (False, True, False)
     assert plan(32, 512, True, torch.float32, "lstm", saving=True) == (False, True, True)
     for maker in (None, "Apple"):
-        monkeypatch.setattr(fused, "_ONEDNN_MAKER", maker)
+        monkeypatch.setattr(host, "cpu_maker", lambda m=maker: m)
         for family in ("lstm", "gru_rnn"):
             assert plan(32, 1024, True, torch.float32, family, saving=False) == (False, False, False)
     # the environment still forces either choice on any host
@@ -179,12 +179,12 @@ def test_onednn_rule_restores_the_earlier_lstm_plan(monkeypatch):
     monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
     monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
     for maker in ("AMD", "Intel", None):  # the legacy rule is the same on every host
-        monkeypatch.setattr(fused, "_ONEDNN_MAKER", maker)
+        monkeypatch.setattr(host, "cpu_maker", lambda m=maker: m)
         with fused.onednn_rule("2026-12-04"):
             assert fused.onednn_plan(64, 128, False, torch.float32, "lstm") == (False, False, False)
             assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=False) == (False, True, True)
             assert fused.onednn_plan(32, 512, True, torch.float32, "gru_rnn", saving=False) == (False, True, True)
-    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "AMD")
+    monkeypatch.setattr(host, "cpu_maker", lambda: "AMD")
     assert fused.onednn_plan(64, 128, False, torch.float32, "lstm")[1] is True  # restored on exit
     with pytest.raises(ValueError, match="expected one of"):
         with fused.onednn_rule("newest"):
@@ -196,7 +196,8 @@ def test_onednn_plan_knows_whether_the_forward_saves(monkeypatch):
     the plan must be told which forward it serves."""
     monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
     monkeypatch.setattr(fused, "_onednn_available", lambda family: True)
-    monkeypatch.setattr(fused, "_ONEDNN_MAKER", "AMD")
+    maker = host.cpu_maker()
+    monkeypatch.setattr(host, "cpu_maker", lambda: "AMD")
     assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=False) == (True, True, True)
     assert fused.onednn_plan(32, 512, True, torch.float32, "lstm", saving=True) == (False, True, True)
     assert fused.onednn_plan(32, 64, True, torch.float32, "lstm", saving=False) == (False, False, False)
@@ -205,7 +206,7 @@ def test_onednn_plan_knows_whether_the_forward_saves(monkeypatch):
     assert fused.onednn_plan(64, 128, False, torch.float32, "gru_rnn")[1] is False  # its own, older rule
     assert fused.onednn_plan(32, 512, True, torch.float64, "lstm", saving=False) == (False, False, False)
     seen = []
-    monkeypatch.setattr(fused, "_ONEDNN_MAKER", host.cpu_maker())
+    monkeypatch.setattr(host, "cpu_maker", lambda: maker)  # the layer below builds and runs as on this host
     real = fused.onednn_plan
     monkeypatch.setattr(fused, "onednn_plan", lambda *a, **k: seen.append(k.get("saving", True)) or real(*a, **k))
     layer = recnorm.LSTM(4, 8, kernel="fused")

@@ -100,16 +100,20 @@ def test_each_makers_rule_follows_its_own_measurements_at_the_bench_sizes():
     """The committed rules against the committed data (benchmarks/dispatch_data.json): at each benchmark size,
     each maker's rule picks what that maker's measurements found faster, except where its fit reports the
     size as picked wrongly."""
+    import importlib.util
     import json
     import statistics
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("fit_dispatch", os.path.join(root, "benchmarks", "fit_dispatch.py"))
+    fit_dispatch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_dispatch)
     with open(os.path.join(root, "benchmarks", "dispatch_data.json")) as f:
         points = json.load(f)["points"]
     bench = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512), (784, 64, 1, 128)]
     faster = {}
     for p in points:
-        maker = p.get("maker") or (host.maker_of(p["cpu"]) if p.get("cpu") else "AMD")
+        maker = fit_dispatch.point_maker(p)
         if tuple(p["size"]) in bench and p["dtype"] == "float32":
             for phase, t in p["times"].items():
                 ratio = statistics.median(a / b for a, b in zip(t["fused"], t["native"]))

@@ -285,7 +285,6 @@ def _onednn_available(family: str) -> bool:
 #: MKL round differently, so runs made before the change replay with the old rule (:func:`onednn_rule`).
 ONEDNN_RULES = ("current", "2026-12-04")
 _ONEDNN_RULE = "current"
-_ONEDNN_MAKER = host.cpu_maker()
 
 
 @contextlib.contextmanager
@@ -316,6 +315,8 @@ ONEDNN_HOSTS: Dict[str, Dict[str, Dict]] = {
         "gru_rnn": {"proj": None, "step": [(1024, 1, None), (512, 32, 64)], "back": []},
     },
 }
+#: The ``"2026-12-04"`` rule (:func:`onednn_rule`), the same for every host and family.
+ONEDNN_LEGACY: Dict = {"proj": None, "step": [(256, 1, None)], "back": [(512, 1, 64)]}
 
 
 def _holds(rule: Sequence[Tuple[int, int, Optional[int]]], batch: int, hidden: int) -> bool:
@@ -360,9 +361,10 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
         return (hoisted, True, True)
     if len(env) == 3 and set(env) <= {"0", "1"}:  # a mask, e.g. "011"
         return (hoisted and env[0] == "1", env[1] == "1", env[2] == "1")
-    if _ONEDNN_RULE != "current":
-        return (False, hidden >= 256, hidden >= 512 and batch <= 64)
-    rule = ONEDNN_HOSTS.get(_ONEDNN_MAKER or "", {}).get(family)
+    if _ONEDNN_RULE == "current":
+        rule = ONEDNN_HOSTS.get(host.cpu_maker() or "", {}).get(family)
+    else:
+        rule = ONEDNN_LEGACY
     if rule is None:
         return (False, False, False)
     proj = rule["proj"] is not None and hoisted and not saving and hidden >= rule["proj"]
