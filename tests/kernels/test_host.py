@@ -140,3 +140,44 @@ def test_the_build_is_avx512_only_on_an_intel_avx512_cpu(monkeypatch):
         assert got == tag, (capability, maker)
         assert ("-DCPU_CAPABILITY_AVX512" in flags) == (tag == "avx512")
         assert ("-DCPU_CAPABILITY_AVX2" in flags) == (tag == "avx2")
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru_rnn"])
+def test_the_gemm_prefill_follows_the_maker_and_changes_no_bit(family):
+    """Whether the kernels' GEMMs clear their output first (beta = 1 into zeros) or leave beta = 0 to MKL is
+    a speed choice per CPU maker (fused.GEMM_PREFILL_MAKERS); both give the same values, bit for bit, in
+    the forward and the backward."""
+    import torch
+
+    import recnorm
+    from recnorm.kernels import fused
+
+    ext = fused.load_extension(family)
+    if ext is None:
+        pytest.skip("the fused extension cannot be built here")
+    assert ext.gemm_prefill() == (host.cpu_maker() in fused.GEMM_PREFILL_MAKERS)
+    cls = recnorm.LSTM if family == "lstm" else recnorm.GRU
+    torch.manual_seed(0)
+    layer = cls(28, 32, norm="layer", kernel="fused")
+    x = torch.randn(9, 5, 28)
+
+    def run():
+        layer.zero_grad()
+        out, _ = layer(x)
+        out.sum().backward()
+        with torch.no_grad():
+            ev = layer.eval()(x)[0]
+        layer.train()
+        return [out.detach(), ev] + [p.grad.clone() for p in layer.parameters()]
+
+    before = ext.gemm_prefill()
+    try:
+        results = []
+        for on in (True, False):
+            ext.set_gemm_prefill(on)
+            assert ext.gemm_prefill() == on
+            results.append(run())
+    finally:
+        ext.set_gemm_prefill(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

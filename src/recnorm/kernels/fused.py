@@ -140,6 +140,13 @@ EXTENSIONS = {
 #: AVX-512 runs 512-bit vectors as two 256-bit halves, and was not measured: it keeps the AVX2 build.
 AVX512_MAKERS = ("Intel",)
 
+#: CPU makers on which the kernels' GEMMs clear their output with ATen's threads and then accumulate into it
+#: (beta = 1), instead of leaving beta = 0 to MKL. The same values either way. On the AMD EPYC MKL's beta = 0
+#: path clears the output on one thread first (11-13% of the LSTM's eval forward at (28, 128, 28, 128)); on
+#: the Intel Xeon (2026-12-07) it has no such pass, and the fill made the step's (128, 128) x (128, 512)
+#: product 84 us instead of 67 (2 threads). Other makers: MKL's own path, unmeasured.
+GEMM_PREFILL_MAKERS = ("AMD",)
+
 
 def build_flags() -> Tuple[str, List[str]]:
     """``(tag, compiler flags)`` of the extensions on this CPU; the tag ends the extension's name.
@@ -164,7 +171,8 @@ def build_flags() -> Tuple[str, List[str]]:
 
 def build_extension(name: str, path: str):
     """The kernel file ``path`` (its headers beside it) built and loaded as the extension ``name``, with this
-    CPU's flags (:func:`build_flags`) and the buffer pool's capacity set. Raises on a build error. What
+    CPU's flags (:func:`build_flags`), the buffer pool's capacity and the GEMMs' prefill
+    (:data:`GEMM_PREFILL_MAKERS`) set. Raises on a build error. What
     recnorm's own extensions are built with, and benchmarks/ab_kernels.py's build of an earlier revision."""
     from recnorm.kernels import _build
 
@@ -172,6 +180,8 @@ def build_extension(name: str, path: str):
     module = _build.load(name, [path], flags, ["-fopenmp"])
     if hasattr(module, "set_pool_capacity"):
         module.set_pool_capacity(_pool_bytes())
+    if hasattr(module, "set_gemm_prefill"):
+        module.set_gemm_prefill(host.cpu_maker() in GEMM_PREFILL_MAKERS)
     return module
 
 

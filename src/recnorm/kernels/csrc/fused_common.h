@@ -448,13 +448,27 @@ inline Tensor dnn_linear(const Tensor& x, const Tensor& packed) {
   return dnn_linear_op()->call(x, packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
 }
 
-// out = a @ b, the same values as at::mm_out(out, a, b) (the product plus an exact 0). at::mm_out passes
-// beta = 0 to MKL's sgemm, which on this AMD CPU first clears the output in a pass of its own on one thread
-// (mkl_blas_def_sgemm_mscale: 11-13% of the fused LSTM's eval forward at (T, B, I, H) = (28, 128, 28, 128)
-// on 2 threads, in perf); a fill by ATen's threads and beta = 1 skip it.
+// Whether gemm_into clears its output first (below). Set per CPU maker when the extension loads
+// (recnorm/kernels/fused.py, GEMM_PREFILL_MAKERS); on by default, as before the setting existed.
+inline bool& gemm_prefill() {
+  static bool on = true;
+  return on;
+}
+inline void set_gemm_prefill(bool on) { gemm_prefill() = on; }
+
+// out = a @ b, the same values as at::mm_out(out, a, b) either way (the product plus an exact 0).
+// at::mm_out passes beta = 0 to MKL's sgemm, which on the AMD EPYC host first clears the output in a pass
+// of its own on one thread (mkl_blas_def_sgemm_mscale: 11-13% of the fused LSTM's eval forward at
+// (T, B, I, H) = (28, 128, 28, 128) on 2 threads, in perf); there a fill by ATen's threads and beta = 1
+// skip it. On the Intel Xeon host MKL's AVX-512 path has no such pass, and the fill only adds one: the
+// step's (128, 128) x (128, 512) product took 84 us with it and 67 us without (2 threads, 2026-12-07).
 inline void gemm_into(Tensor& out, const Tensor& a, const Tensor& b) {
-  out.zero_();
-  at::addmm_out(out, out, a, b, 1, 1);
+  if (gemm_prefill()) {
+    out.zero_();
+    at::addmm_out(out, out, a, b, 1, 1);
+  } else {
+    at::mm_out(out, a, b);
+  }
 }
 
 // x @ W^T with W given either as wt = W^T (contiguous) or prepacked for oneDNN. Returns the tensor that
