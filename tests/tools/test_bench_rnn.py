@@ -567,5 +567,13 @@ def test_the_dispatch_table_shows_the_rule_of_the_runs_cpu_maker():
         assert set(table) == {k.rsplit("/", 1)[0].replace("/", " / ") for k in autotune.RULES[maker]["rules"]}
         entry = autotune.RULES[maker]["rules"]["lstm/eval/float32"]
         assert f"| {entry['points']} |" in table["lstm / eval"]  # that maker's fit, not this host's
+        for key, rule_entry in autotune.RULES[maker]["rules"].items():  # each size's pick is that maker's rule's
+            cell, phase, dtype = key.split("/")
+            picks = [part.split("→")[1].strip(" |") for part in table[f"{cell} / {phase}"].split(" | ") if "→" in part]
+            want = ["fused" if autotune.predict(cell, phase == "train", dtype, *size, rule=autotune.RULES[maker]) < 0
+                    else "torch" for size in bench_rnn.SIZES]  # fmt: skip
+            assert picks == want, (maker, key)
+    # the makers' rules disagree on the LSTM's training at (28, 128, 28, 128), and each row says so
+    assert rows(None)["lstm / train"] != rows("Intel Xeon")["lstm / train"]
     assert bench_rnn.dispatch_lines(bench_rnn.SIZES, "Apple M2") == [
         "No dispatch rule was measured on Apple M2 CPUs: torch's op runs wherever it serves the case."]

@@ -456,12 +456,10 @@ inline bool& gemm_prefill() {
 }
 inline void set_gemm_prefill(bool on) { gemm_prefill() = on; }
 
-// out = a @ b, the same values as at::mm_out(out, a, b) either way (the product plus an exact 0).
-// at::mm_out passes beta = 0 to MKL's sgemm, which on the AMD EPYC host first clears the output in a pass
-// of its own on one thread (mkl_blas_def_sgemm_mscale: 11-13% of the fused LSTM's eval forward at
-// (T, B, I, H) = (28, 128, 28, 128) on 2 threads, in perf); there a fill by ATen's threads and beta = 1
-// skip it. On the Intel Xeon host MKL's AVX-512 path has no such pass, and the fill only adds one: the
-// step's (128, 128) x (128, 512) product took 84 us with it and 67 us without (2 threads, 2026-12-07).
+// out = a @ b, the same values as at::mm_out(out, a, b) either way (the product plus an exact 0). With the
+// prefill, a fill by ATen's threads and beta = 1 skip the single-thread clearing pass that MKL's beta = 0
+// path makes on some CPUs (mkl_blas_def_sgemm_mscale on the AMD EPYC host); where MKL makes none, the fill
+// is an extra pass. The measurements behind the choice: fused.py, GEMM_PREFILL_MAKERS.
 inline void gemm_into(Tensor& out, const Tensor& a, const Tensor& b) {
   if (gemm_prefill()) {
     out.zero_();
