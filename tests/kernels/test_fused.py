@@ -82,6 +82,28 @@ def test_fused_matches_reference_wide_and_chunked(cell, norm, hoisted, monkeypat
         assert_all_close(run_and_grad(ref, x, lengths=lens), run_and_grad(fast, x, lengths=lens), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("cell", CELL_IDS)
+def test_fused_matches_reference_with_weights_transposed_in_bands(cell):
+    """Weights large enough that the kernels' transposing copy of W_ih and W_hh (fused_common.h, transposed)
+    runs in bands of 16 rows on two threads, with partial tiles at both edges (neither side a multiple of
+    16): I = 261 and H = 263 give W_ih (G, 261) and W_hh (G, 263), each of more bands than one thread takes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, fast = _pair(cell, "layer", input_size=261, hidden=263)
+        for w in (ref.weight_ih_l0, ref.weight_hh_l0):
+            bands, grain = -(-w.shape[0] // 16), max(1, 32768 // (16 * w.shape[1]))  # kTransposeTile, kTransposeGrain
+            assert w.shape[0] % 16 and w.shape[1] % 16 and bands > grain
+        x = torch.randn(3, 3, 261, dtype=DT)
+        assert_all_close(run_and_grad(ref, x), run_and_grad(fast, x), rtol=1e-9, atol=1e-10)
+        for m in (ref, fast):
+            m.eval()
+        with torch.no_grad():
+            assert_all_close(ref(x), fast(x), rtol=1e-9, atol=1e-10)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_chunk_rule_follows_the_floor_in_force_and_the_environment(monkeypatch):
     monkeypatch.delenv("RECNORM_FUSED_CHUNK_ROWS", raising=False)
     assert fused._chunk_rows(3584) == max(fused.CHUNK_FLOOR, 896) == 1024

@@ -191,7 +191,7 @@ class GruRnnForward {
     int64_t xi_rows = keep ? N : B0;
     if (hoisted && !keep) xi_rows = sh.proj_chunk_max(inproj_rows);
     XI = at::empty({xi_rows, G}, opts);  // input term (normalized in place when kept)
-    WT = a.w_ih.t().contiguous();  // (I, G)
+    WT = transposed<T>(a.w_ih);  // (I, G)
     wt = WT.data_ptr<T>();
     x_p = x.data_ptr<T>();
     XH = at::empty({keep ? N : B0, G}, opts);  // recurrent term (normalized in place when kept)
@@ -210,7 +210,7 @@ class GruRnnForward {
     out_p = out.data_ptr<T>();
     hn_p = hn.data_ptr<T>();
     h0_p = h0.data_ptr<T>();
-    w_hh_t = a.w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
+    w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
   }
 
   // Step t's row pointers, and the input projection of the chunk of steps that starts at t.

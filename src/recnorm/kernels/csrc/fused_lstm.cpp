@@ -339,7 +339,7 @@ class LstmForward {
     if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
     if (dnn_in && !save) xi_rows = 0;  // oneDNN returns each chunk's projection in a tensor of its own
     XI = pool_empty({xi_rows, G}, opts);
-    WT = a.w_ih.t().contiguous();  // (I, G)
+    WT = transposed<T>(a.w_ih);  // (I, G)
     wt = WT.data_ptr<T>();
     x_p = x.data_ptr<T>();
     XH = pool_empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
@@ -371,7 +371,7 @@ class LstmForward {
     hn_p = hn.data_ptr<T>();
     cn_p = cn.data_ptr<T>();
     c0_p = a.c0.data_ptr<T>();
-    w_hh_t = a.w_hh.t().contiguous();  // (H, G): a plain (not transposed) GEMM operand
+    w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
     fold_.resize(folded ? 3 * G + 2 * H : 0);
   }
 
