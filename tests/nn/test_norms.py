@@ -479,6 +479,34 @@ def test_running_averages_marks_a_deliberate_evaluation(caplog):
     assert any("lag the weights" in r.getMessage() for r in caplog.records)
 
 
+def test_the_layers_attribute_reads_match_getattr():
+    """rnn._module_attr (the per-call checks' attribute read, without nn.Module.__getattr__'s raised
+    AttributeError for an absent name) gives what getattr gives, object for object: a parameter, a buffer, a
+    submodule, an instance attribute, a class attribute, a property, a name that a subclass's property
+    shadows in the instance dict, and absent names with their default."""
+    import recnorm.nn.rnn as rnn
+
+    class Shadow(torch.nn.Module):
+        @property
+        def carry(self):
+            return "from the property"
+
+    m = recnorm.LSTM(3, 4, norm="batch", proj_size=2)
+    shadow = Shadow()
+    shadow.__dict__["carry"] = "from the instance dict"  # a data descriptor wins over the instance dict
+    missing = object()
+    cases = [(m, n) for n in ("weight_ih_l0", "weight_hr_l0", "norm_ih_l0", "training", "bias", "_num_directions",
+                              "num_batches_tracked", "_updated_since_calibration", "carry", "no_such_name")]
+    cases += [(m.norm_ih_l0, n) for n in ("num_batches_tracked", "running_mean", "_updated_since_calibration", "carry",
+                                          "training", "eps")]
+    cases += [(shadow, "carry"), (torch.nn.LayerNorm(3), "num_batches_tracked")]
+    for module, name in cases:
+        for default in (None, False, missing):
+            assert rnn._module_attr(module, name, default) is getattr(module, name, default), (type(module).__name__, name)
+    assert rnn._module_attr(m, "no_such_name", missing) is missing
+    assert rnn._module_attr(m.norm_ih_l0, "num_batches_tracked") is m.norm_ih_l0._buffers["num_batches_tracked"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # state_dict round trip
 # ---------------------------------------------------------------------------------------------------
