@@ -472,7 +472,7 @@ inline void gemm_into(Tensor& out, const Tensor& a, const Tensor& b) {
 // w^T as a contiguous tensor (a GEMM's plain operand), the same values as w.t().contiguous(): copied in
 // 16 x 16 tiles, bands of rows of w spread over ATen's threads once there are at least kTransposeGrain
 // elements per thread. ATen's transposing copy runs on one thread; each forward call transposes W_hh and
-// W_ih, and at (H, G) = (128, 512) that copy alone took about half of a one-step call.
+// W_ih, and at (H, G) = (128, 512) that copy took about half of the C++ forward of a one-step call.
 constexpr int64_t kTransposeTile = 16;
 constexpr int64_t kTransposeGrain = 32768;
 
