@@ -494,9 +494,9 @@ inline void transpose_band(const T* src, T* dst, int64_t R, int64_t C, int64_t r
   }
 }
 
+// w: 2-D and contiguous, as the entry points' check_common requires of the weights.
 template <typename T>
 inline Tensor transposed(const Tensor& w) {
-  if (w.dim() != 2 || !w.is_contiguous()) return w.t().contiguous();
   const int64_t R = w.size(0), C = w.size(1);
   Tensor out = at::empty({C, R}, w.options());
   if (R == 0 || C == 0) return out;
