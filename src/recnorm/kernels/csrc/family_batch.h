@@ -116,7 +116,10 @@ struct StepBatchFamily {
       if (s.center) {
         const Vec<T> x0 = ld(X, cnt);
         Vec<T> acc(T(0));
-        for (int64_t b = 1; b < n; ++b) acc += ld(X + b * stride, cnt) - x0;
+        for (int64_t b = 1; b < n; ++b) {  // the step's first touch of these rows: ask for them ahead
+          if (b + kAhead < n) prefetch(X + (b + kAhead) * stride);
+          acc += ld(X + b * stride, cnt) - x0;
+        }
         mean = x0 + acc / Vec<T>(T(n));
         Vec<T> q(T(0));
         for (int64_t b = 0; b < n; ++b) {
@@ -128,6 +131,7 @@ struct StepBatchFamily {
         mean = Vec<T>(T(0));
         Vec<T> q(T(0));
         for (int64_t b = 0; b < n; ++b) {
+          if (b + kAhead < n) prefetch(X + (b + kAhead) * stride);
           const Vec<T> d = ld(X + b * stride, cnt);
           q = fma(d, d, q);
         }

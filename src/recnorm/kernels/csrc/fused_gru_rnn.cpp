@@ -760,6 +760,17 @@ class GruRnnBackward {
     for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A: gate gradients
       const T* xir = xi + bb * G + j;
       const T* xhr = xh + bb * G + j;
+      if (bb + kAhead < Bt) {  // this step's first touch of the rows: ask for them kAhead rows on
+        const int64_t ra = kAhead * G, rh = (bb + kAhead) * H + j;
+        for (int k = 0; k < 3; ++k) {
+          prefetch(xir + ra + k * H);
+          prefetch(xhr + ra + k * H);
+          prefetch_write(dgi + (bb + kAhead) * G + k * H + j);
+        }
+        prefetch(dhr_p + rh);
+        prefetch(hp + rh);
+        if (dout) prefetch(dout + rh);
+      }
       Vec<T> a[3], h[3];
       for (int k = 0; k < 3; ++k) {
         a[k] = ld(xir + k * H, n);
@@ -800,6 +811,15 @@ class GruRnnBackward {
   void column_rnn(int64_t j, int64_t n, const Vec<T>* vgi, const Vec<T>* vgh, const Vec<T>* vb, Vec<T>* P1, Vec<T>* Pi,
                   Vec<T>* Ph) {
     for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A: gate gradients
+      if (bb + kAhead < Bt) {  // this step's first touch of the rows: ask for them kAhead rows on
+        const int64_t ra = (bb + kAhead) * G + j, rh = (bb + kAhead) * H + j;
+        prefetch(xi + ra);
+        prefetch(xh + ra);
+        prefetch_write(dgi + ra);
+        prefetch(dhr_p + rh);
+        prefetch(hc + rh);
+        if (dout) prefetch(dout + rh);
+      }
       Vec<T> dh = ld(dhr_p + bb * H + j, n);
       if (dout) dh += ld(dout + bb * H + j, n);
       Vec<T> hv;
@@ -851,6 +871,9 @@ class GruRnnBackward {
       const T* xhr = xh + bb * G + j;
       T* dgir = dgi + bb * G + j;
       T* dghr = dgh + bb * G + j;
+      if (bb + kAhead < Bt) {
+        for (int64_t k = 0; k < sh.K; ++k) prefetch_write(dghr + kAhead * G + k * H);
+      }
       for (int64_t k = 0; k < sh.K; ++k) {
         const Vec<T> di = ld(dgir + k * H, n);
         const Vec<T> dh = (kGru && k == 2) ? ld(dghr + k * H, n) : di;

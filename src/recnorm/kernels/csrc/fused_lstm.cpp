@@ -946,6 +946,17 @@ class LstmBackward {
     for (int64_t bb = 0; bb < Bt; ++bb) {  // pass A
       const T* xir = xi + bb * G + j;
       const T* xhr = xh + bb * G + j;
+      if (bb + kAhead < Bt) {  // the rows of passes A and B, kAhead rows on (first touch of this step)
+        const int64_t ra = (bb + kAhead) * G, rc = (bb + kAhead) * H + j;
+        for (int k = 0; k < 4; ++k) {
+          prefetch(xir + ra - bb * G + k * H);
+          prefetch(xhr + ra - bb * G + k * H);
+        }
+        prefetch(cp + rc);
+        if (cc) prefetch(cc + rc);
+        prefetch(dhr_p + rc);
+        if (dout) prefetch(dout + rc);
+      }
       Vec<T> a[4];  // recompute the activations from the saved normalized terms
       for (int k = 0; k < 4; ++k) a[k] = fma(vgi[k], ld(xir + k * H, n), fma(vgh[k], ld(xhr + k * H, n), vb[k]));
       a[0] = sigmoid(a[0]);
@@ -979,6 +990,9 @@ class LstmBackward {
     const Vec<T> m1 = S1 * Vec<T>(cen_c * invn), m2 = S2 * Vec<T>(invn);
     for (int k = 0; k < 4; ++k) P1[k] = Pi[k] = Ph[k] = Vec<T>(T(0));
     for (int64_t bb = 0; bb < Bt; ++bb) {  // pass B
+      if (bb + kAhead < Bt) {
+        for (int k = 0; k < 4; ++k) prefetch_write(dgh + (bb + kAhead) * G + k * H + j);
+      }
       const Vec<T> dyc = ld(sdy + bb * H + j, n);
       const Vec<T> dcn_norm = batch ? rc * (dyc - m1 - ld(sch + bb * H + j, n) * m2) : rc * dyc;
       const Vec<T> dcs = ld(dcr_p + bb * H + j, n);  // dL/d(carried c_t)
@@ -1027,6 +1041,9 @@ class LstmBackward {
       const T* xhr = xh + bb * G + j;
       T* dghr = dgh + bb * G + j;
       T* dgir = dgi + bb * G + j;
+      if (bb + kAhead < Bt) {
+        for (int k = 0; k < 4; ++k) prefetch_write(dgir + kAhead * G + k * H);
+      }
       for (int k = 0; k < 4; ++k) {
         const Vec<T> dp = ld(dghr + k * H, n);
         if (batch) {
