@@ -431,6 +431,12 @@ class LstmForward {
         const Vec<T> vmi(mi), vri(ri), vmh(mh), vrh(rh);
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = kTail ? std::min(VS, H - j) : VS;
+          if (bb + 1 < b1) {  // the next row's terms, for its statistics' first touch
+            for (int k = 0; k < 4; ++k) {
+              prefetch(xir + G + k * H + j);
+              prefetch(xhr + G + k * H + j);
+            }
+          }
           Vec<T> pre[4];
           for (int k = 0; k < 4; ++k) {
             const int64_t q = k * H + j;
@@ -809,6 +815,12 @@ class LstmBackward {
     const T* sar = sa;  // gate activations of this row
     for (int64_t j = 0; j < H; j += VS) {  // pass A: gates, output and cell-norm terms
       const int64_t n = kTail ? std::min(VS, H - j) : VS;
+      if (bb + 1 < Bt) {  // the next row's saved terms: at H >= 256 a row is a page, where hardware prefetch stops
+        for (int k = 0; k < 4; ++k) {
+          prefetch(xir + G + k * H + j);
+          prefetch(xhr + G + k * H + j);
+        }
+      }
       // Recompute the activations from the saved normalized terms (cheaper than keeping them).
       Vec<T> a[4];
       for (int k = 0; k < 4; ++k) {
