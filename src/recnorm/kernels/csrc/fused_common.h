@@ -63,7 +63,8 @@ inline void st(T* p, const Vec<T>& v, int64_t n) {
 
 // The column passes (batch statistics) walk a step's rows G or H values apart: a stride the hardware
 // prefetchers do not follow across pages, so every row's first touch waits on memory. They ask for row
-// b + kAhead while working on row b (a hint: no effect on any value).
+// b + kAhead while working on row b; the LSTM's row passes ask for row b + 1. A prefetch is a hint: it
+// changes no value.
 constexpr int64_t kAhead = 4;
 
 template <typename T>

@@ -959,10 +959,10 @@ class LstmBackward {
       const T* xir = xi + bb * G + j;
       const T* xhr = xh + bb * G + j;
       if (bb + kAhead < Bt) {  // the rows of passes A and B, kAhead rows on (first touch of this step)
-        const int64_t ra = (bb + kAhead) * G, rc = (bb + kAhead) * H + j;
+        const int64_t rc = (bb + kAhead) * H + j;
         for (int k = 0; k < 4; ++k) {
-          prefetch(xir + ra - bb * G + k * H);
-          prefetch(xhr + ra - bb * G + k * H);
+          prefetch(xir + kAhead * G + k * H);
+          prefetch(xhr + kAhead * G + k * H);
         }
         prefetch(cp + rc);
         if (cc) prefetch(cc + rc);
