@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -181,3 +182,64 @@ def test_the_gemm_prefill_follows_the_maker_and_changes_no_bit(family):
         ext.set_gemm_prefill(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _gemm_cases(family):
+    import recnorm
+
+    if family == "lstm":  # zoneout of h: the backward adds its product into what the pass left (beta = 1)
+        return [(recnorm.LSTM, {}), (recnorm.LSTM, {"norm": "layer", "zoneout": 0.3})]
+    return [(recnorm.GRU, {"norm": "layer"}), (recnorm.RNN, {}), (recnorm.RNN, {"norm": "batch", "zoneout": 0.3})]
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru_rnn"])
+@pytest.mark.parametrize("hidden", [40, 300])
+def test_the_mkl_packed_step_gemms_follow_the_maker_and_agree_with_at_mm(family, hidden):
+    """Where the maker's rule says so (fused.MKL_PACK_MAKERS) and torch exports MKL's packed API, the step
+    GEMMs multiply by W_hh packed once per call. Packed or not, the forward and the backward agree to float32
+    rounding: on a packed batch (later steps have fewer rows than the packing was made for), with zoneout (the
+    backward's product added into its output), in training and in eval. H = 300 makes the backward's inner
+    dimension (4H, 3H) long enough for MKL to block it: there the two may round differently."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from recnorm.kernels import fused
+
+    ext = fused.load_extension(family)
+    if ext is None:
+        pytest.skip("the fused extension cannot be built here")
+    assert ext.gemm_packed() == (fused.mkl_pack_wanted() and ext.mkl_pack_available())
+    if host.cpu_maker() == "Intel" and torch.backends.mkl.is_available():
+        assert ext.mkl_pack_available()  # torch's MKL exports the packed API: the weak symbols must find it
+    if not ext.mkl_pack_available():
+        pytest.skip("this torch build exports no MKL packed GEMM")
+    lengths = torch.tensor([7, 3, 6, 1, 7])
+    for cls, kw in _gemm_cases(family):
+        torch.manual_seed(0)
+        layer = cls(11, hidden, kernel="fused", **kw)
+        x = torch.randn(7, 5, 11)
+        start = copy.deepcopy(layer.state_dict())  # batch norm's running statistics move in training
+
+        def run():
+            layer.load_state_dict(start)
+            torch.manual_seed(1)  # the same zoneout masks
+            layer.train()
+            layer.zero_grad()
+            xg = x.clone().requires_grad_(True)
+            out, _ = layer(pack_padded_sequence(xg, lengths, enforce_sorted=False))
+            (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum().backward()
+            with torch.no_grad():
+                ev = layer.eval()(x)[0]
+            return [out.data.detach(), ev, xg.grad] + [p.grad.clone() for p in layer.parameters()]
+
+        before = ext.gemm_packed()
+        try:
+            results = []
+            for on in (True, False):
+                ext.set_gemm_packed(on)
+                assert ext.gemm_packed() == on
+                results.append(run())
+        finally:
+            ext.set_gemm_packed(before)
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * b.abs().max().item())

@@ -147,6 +147,22 @@ AVX512_MAKERS = ("Intel",)
 #: product 84 us instead of 67 (2 threads). Other makers: MKL's own path, unmeasured.
 GEMM_PREFILL_MAKERS = ("AMD",)
 
+#: CPU makers on which the kernels' step GEMMs (``h W_hh^T`` forward, ``dG W_hh`` backward) multiply by
+#: ``W_hh`` packed once per call with MKL's ``cblas_sgemm_pack``, instead of sgemm packing it again at
+#: every step. float32 only, where torch exports MKL's packed API (else every GEMM stays on ``at::mm``).
+#: ``RECNORM_FUSED_MKL_PACK=0`` or ``1`` overrides it. Measured on the Intel Xeon (2026-12-07): see
+#: docs/benchmarks.notes.md. The AMD EPYC was not measured.
+MKL_PACK_MAKERS = ("Intel",)
+
+
+def mkl_pack_wanted() -> bool:
+    """Whether the step GEMMs should use MKL's packed weights on this host (:data:`MKL_PACK_MAKERS`,
+    ``RECNORM_FUSED_MKL_PACK``)."""
+    env = os.environ.get("RECNORM_FUSED_MKL_PACK", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return host.cpu_maker() in MKL_PACK_MAKERS
+
 
 def build_flags() -> Tuple[str, List[str]]:
     """``(tag, compiler flags)`` of the extensions on this CPU; the tag ends the extension's name.
@@ -182,6 +198,8 @@ def build_extension(name: str, path: str):
         module.set_pool_capacity(_pool_bytes())
     if hasattr(module, "set_gemm_prefill"):
         module.set_gemm_prefill(host.cpu_maker() in GEMM_PREFILL_MAKERS)
+    if hasattr(module, "set_gemm_packed"):
+        module.set_gemm_packed(mkl_pack_wanted())
     return module
 
 
@@ -320,9 +338,9 @@ ONEDNN_HOSTS: Dict[str, Dict[str, Dict]] = {
         "lstm": {"proj": 256, "step": [(192, 1, None), (128, 64, None)], "back": [(512, 1, 64)]},
         "gru_rnn": {"proj": None, "step": [(256, 1, None)], "back": [(512, 1, 64)]},
     },
-    "Intel": {
-        "lstm": {"proj": 256, "step": [(1024, 1, None), (512, 32, 64)], "back": []},
-        "gru_rnn": {"proj": None, "step": [(1024, 1, None), (512, 32, 64)], "back": []},
+    "Intel": {  # against MKL with W_hh packed once per call (MKL_PACK_MAKERS), which oneDNN beat nowhere
+        "lstm": {"proj": 256, "step": [], "back": []},
+        "gru_rnn": {"proj": None, "step": [], "back": []},
     },
 }
 #: The ``"2026-12-04"`` rule (:func:`onednn_rule`), the same for every host and family.
@@ -350,15 +368,15 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
       projection in eval 0.92 of the whole forward at (200, 32, 64, 512), neutral at H <= 256 (in training
       it won in isolation but not inside the loop, so MKL keeps it there); the backward product 10-40%
       faster when H >= 512 with a batch of at most 64.
-    * **Intel** (a 2-core Intel Xeon, Ice Lake, AVX-512 without BF16, 2026-12-07, load < 0.4): the LSTM's
-      forward product lost at every H up to 256 (1.00-1.98 in eval, 1.01-1.64 in training; 1.16-1.27 at
-      H = 128 with B >= 64, where the AMD rule takes it) and won only at H = 1024 (0.74-0.92) and at
-      H = 512 with B of 32 or 64 (0.90-0.96); the backward product won nowhere by more than 3%; the
-      projection in eval took 0.93-1.01 from H = 256. The GRU's the same: its forward product lost at every
-      H up to 256 (1.08-2.57 in eval; at H = 256, where the AMD rule takes it, 1.08-1.58) and won at
-      H = 1024 (0.68-0.93 in eval) and at H = 512 with B of 32 or 64 (0.91-0.96); its backward product won
-      nowhere by more than 4%. The tanh/relu RNN runs the same kernel and follows the GRU's rule (not
-      measured on its own).
+    * **Intel** (a 2-core Intel Xeon, Ice Lake, AVX-512 without BF16, 2026-12-07, load < 0.4). Against
+      MKL's sgemm as at::mm calls it, the LSTM's forward product lost at every H up to 256 and won only at
+      H = 1024 (0.74-0.92) and at H = 512 with B of 32 or 64 (0.90-0.96); the GRU's likewise. Against MKL
+      with ``W_hh`` packed once per call (:data:`MKL_PACK_MAKERS`, the default there since the evening of
+      2026-12-07), oneDNN lost everywhere on the grid H in {128, 256, 512, 1024} x B in {8, 32, 64, 128}:
+      the LSTM's forward product 1.06-2.42 in eval and 1.04-1.51 in training, its backward product
+      1.06-1.54; the GRU's 1.11-2.38, 1.02-1.63 and 1.03-1.56. The LSTM's projection in eval took
+      0.93-1.01 from H = 256 (against MKL, which packs it per chunk). The tanh/relu RNN runs the GRU's
+      kernel and follows its rule (not measured on its own).
 
     Under :func:`onednn_rule` ``("2026-12-04")`` every host follows the earlier rule (step from H >= 256,
     backward from H >= 512 with B <= 64, MKL for the projection), with which the legacy runs were made.

@@ -526,11 +526,90 @@ inline Tensor transposed(const Tensor& w) {
   return out;
 }
 
-// x @ W^T with W given either as wt = W^T (contiguous) or prepacked for oneDNN. Returns the tensor that
-// holds the result: `out` itself, or a fresh tensor from oneDNN.
-inline Tensor step_gemm(const Tensor& x, const Tensor& wt, const c10::optional<Tensor>& packed, Tensor out) {
+// MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute), which libtorch_cpu exports where torch is
+// built with MKL: a weight that every step multiplies is packed once per call instead of by each step's
+// sgemm. The declarations are weak: where the symbols are absent they are null and the GEMMs stay on
+// at::mm. The arguments are MKL's LP64 interface (32-bit integers; its enums are ints); float32 only, as
+// torch exports no dgemm_pack.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
+                      float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda, const float* b,
+                         int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasBMatrix = 162;
+
+inline bool mkl_pack_available() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+}
+
+// Whether the step GEMMs use MKL's packed weights (where available). Set per CPU maker when the extension
+// loads (recnorm/kernels/fused.py, MKL_PACK_MAKERS); off by default.
+inline bool& gemm_packed() {
+  static bool on = false;
+  return on;
+}
+inline void set_gemm_packed(bool on) { gemm_packed() = on; }
+
+// A weight packed by MKL as the right operand of x W^T (transpose) or x W; empty (false) where the GEMM
+// stays on at::mm: not float32, packing off or unavailable, or an empty or too large a matrix. On the Intel
+// host the forward's products were at::mm's to the bit; the backward's, whose inner dimension is 4H or 3H,
+// were too up to H = 128 and rounded differently from H = 256 (tests/kernels/test_host.py checks that
+// both agree to float32 rounding).
+struct MklPacked {
+  Tensor buf;
+  int n = 0, k = 0;
+  explicit operator bool() const { return buf.defined(); }
+};
+
+// `alloc(sizes, options)` gives the packing's buffer (at::empty's signature): MKL asks for several MiB of
+// which it writes about the weight's size, so the LSTM's kernels take it from their pool.
+template <typename T, class Alloc>
+inline MklPacked mkl_pack(const Tensor& w, bool transpose, int64_t m, Alloc alloc) {
+  MklPacked p;
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t n = transpose ? w.size(0) : w.size(1), k = transpose ? w.size(1) : w.size(0);
+    constexpr int64_t kMax = std::numeric_limits<int>::max();
+    if (!gemm_packed() || !mkl_pack_available() || n == 0 || k == 0 || m <= 0 || n > kMax || k > kMax || m > kMax) return p;
+    p.n = int(n), p.k = int(k);
+    const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, int(m), p.n, p.k);
+    p.buf = alloc({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, w.options());
+    cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transpose ? kCblasTrans : kCblasNoTrans, int(m), p.n, p.k, 1.0f,
+                     w.data_ptr<float>(), int(w.size(1)), p.buf.data_ptr<float>());
+  }
+  return p;
+}
+
+template <typename T>
+inline MklPacked mkl_pack(const Tensor& w, bool transpose, int64_t m) {
+  return mkl_pack<T>(w, transpose, m, [](at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); });
+}
+
+// out = a @ op(W) (beta 0) or out += a @ op(W) (beta 1), W packed by mkl_pack; a and out: rows of
+// unit stride (a row-major matrix or rows of one).
+template <typename T>
+inline void mkl_compute(const MklPacked& p, const Tensor& a, Tensor& out, float beta) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t m = a.size(0);
+    if (m == 0) return;
+    TORCH_CHECK(a.size(1) == p.k && out.size(0) == m && out.size(1) == p.n && a.stride(1) == 1 && out.stride(1) == 1,
+                "fused kernels: packed GEMM operands do not match");
+    cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, int(m), p.n, p.k, a.data_ptr<float>(), int(a.stride(0)),
+                        p.buf.data_ptr<float>(), p.n, beta, out.data_ptr<float>(), int(out.stride(0)));
+  }
+}
+
+// x @ W^T with W given as MKL's packed weight, as wt = W^T (contiguous) or prepacked for oneDNN. Returns
+// the tensor that holds the result: `out` itself, or a fresh tensor from oneDNN.
+template <typename T>
+inline Tensor step_gemm(const Tensor& x, const Tensor& wt, const MklPacked& mkl, const c10::optional<Tensor>& packed, Tensor out) {
   if (use_packed(packed)) return dnn_linear(x, *packed);
-  gemm_into(out, x, wt);
+  if (mkl) {
+    mkl_compute<T>(mkl, x, out, 0.0f);
+  } else {
+    gemm_into(out, x, wt);
+  }
   return out;
 }
 

@@ -210,7 +210,8 @@ class GruRnnForward {
     out_p = out.data_ptr<T>();
     hn_p = hn.data_ptr<T>();
     h0_p = h0.data_ptr<T>();
-    w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
+    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0);  // W_hh^T packed by MKL, or
+    if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
   }
 
   // Step t's row pointers, and the input projection of the chunk of steps that starts at t.
@@ -236,7 +237,7 @@ class GruRnnForward {
   void recurrent(int64_t t) {
     Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
     Tensor dst = keep ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt);
-    gh = step_gemm(hprev, w_hh_t, w_hh_packed, dst);
+    gh = step_gemm<T>(hprev, w_hh_t, w_hh_mkl, w_hh_packed, dst);
     xh = gh.data_ptr<T>();
   }
 
@@ -422,6 +423,7 @@ class GruRnnForward {
   const bool hoisted;  // input projection by GEMM, not in the pass
   typename SiteOf<F, T>::type bn[2];  // the two sites' population statistics (batch axis)
   Tensor moments, XI, WT, XH, out, hn, stats, means, w_hh_t, gh;
+  MklPacked w_hh_mkl;
   int64_t proj_end = 0, proj_base = 0;  // steps [.., proj_end) are projected; XI row 0 is packed row proj_base
   const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr;
   T *xi_all = nullptr, *xh_all = nullptr, *out_p = nullptr, *hn_p = nullptr;
@@ -486,6 +488,7 @@ class GruRnnBackward {
     dW_ih = at::zeros_like(w_ih);
     dW_hh = at::zeros_like(w_hh);
     dx = need_dx ? at::empty_like(x) : Tensor();
+    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(w_hh, false, B0);  // dG W_hh's W_hh packed by MKL
   }
 
   const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
@@ -521,6 +524,8 @@ class GruRnnBackward {
       } else {
         dst.copy_(res);
       }
+    } else if (w_hh_mkl) {
+      mkl_compute<T>(w_hh_mkl, dg, dst, accumulate ? 1.0f : 0.0f);
     } else if (accumulate) {
       dst.addmm_(dg, w_hh);
     } else {
@@ -901,6 +906,7 @@ class GruRnnBackward {
   const T on, ci, ch;
   const int64_t nthreads, PW, nslots;  // threads, accumulator slot width, slots
   Tensor dh_rec, DGH, DGI, Hprev, dW_ih, dW_hh, dx;
+  MklPacked w_hh_mkl;
   T *dhr_p = nullptr, *dgh_p = nullptr, *dgi_p = nullptr;
   const T *xi_all = nullptr, *xh_all = nullptr, *out_p = nullptr, *h0_p = nullptr, *st_p = nullptr;
   std::vector<T> partial;
@@ -1018,5 +1024,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
   m.def("set_gemm_prefill", &set_gemm_prefill, "whether the GEMMs clear their output with ATen's threads first (beta = 1)");
   m.def("gemm_prefill", []() { return gemm_prefill(); }, "whether the GEMMs clear their output first (set_gemm_prefill)");
+  m.def("set_gemm_packed", &set_gemm_packed, "whether the step GEMMs use MKL's packed weights (where torch exports them)");
+  m.def("gemm_packed", []() { return gemm_packed() && mkl_pack_available(); }, "whether the step GEMMs use MKL's packed weights");
+  m.def("mkl_pack_available", &mkl_pack_available, "whether torch exports MKL's packed GEMM (cblas_sgemm_pack)");
   m.attr("VERSION") = 4;
 }

@@ -262,7 +262,7 @@ class LstmForward {
       const int64_t t2 = sh.proj_chunk_end(t, inproj_rows);
       const int64_t rows = sh.off[t2] - o0;
       TIC(0);
-      gx_chunk = step_gemm(x.narrow(0, o0, rows), WT, w_ih_packed, dnn_in ? Tensor() : XI.narrow(0, save ? o0 : 0, rows));
+      gx_chunk = step_gemm<T>(x.narrow(0, o0, rows), WT, MklPacked(), w_ih_packed, dnn_in ? Tensor() : XI.narrow(0, save ? o0 : 0, rows));
       TOC(0);
       chunk_o0 = o0;
       proj_end = t2;
@@ -282,7 +282,7 @@ class LstmForward {
   void recurrent(int64_t t) {
     Tensor hprev = t == 0 ? h0.narrow(0, 0, Bt) : out.narrow(0, sh.off[t - 1], Bt);
     TIC(1);
-    gh = step_gemm(hprev, w_hh_t, w_hh_packed, save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt));
+    gh = step_gemm<T>(hprev, w_hh_t, w_hh_mkl, w_hh_packed, save ? XH.narrow(0, o0, Bt) : XH.narrow(0, 0, Bt));
     TOC(1);
     xh = gh.data_ptr<T>();
   }
@@ -371,7 +371,8 @@ class LstmForward {
     hn_p = hn.data_ptr<T>();
     cn_p = cn.data_ptr<T>();
     c0_p = a.c0.data_ptr<T>();
-    w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
+    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0, pool_empty);  // W_hh^T packed by MKL, or
+    if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
     fold_.resize(folded ? 3 * G + 2 * H : 0);
   }
 
@@ -577,6 +578,7 @@ class LstmForward {
   const bool folded;           // batch norm with population statistics only: the folded row pass
   typename SiteOf<F, T>::type bn[3];  // the three sites' population statistics (batch axis)
   Tensor moments, XI, gx_chunk, WT, XH, C, out, hn, cn, O, stats_g, stats_h, means, w_hh_t, gh;
+  MklPacked w_hh_mkl;
   int64_t chunk_o0 = 0, proj_end = 0;  // the current projection chunk's first row; steps [.., proj_end) are projected
   const T *wt = nullptr, *x_p = nullptr, *h0_p = nullptr, *c0_p = nullptr;
   T *xi_all = nullptr, *xh_all = nullptr, *c_all = nullptr, *cs_all = nullptr, *cc_all = nullptr;
@@ -653,6 +655,7 @@ class LstmBackward {
     dW_ih = at::zeros_like(w_ih);
     dW_hh = at::zeros_like(w_hh);
     dx = need_dx ? at::empty(x.sizes(), opts) : Tensor();  // may become x.grad: not pooled
+    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(w_hh, false, B0, pool_empty);  // dG W_hh's W_hh packed by MKL
   }
 
   const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
@@ -687,11 +690,13 @@ class LstmBackward {
     if (var.zh) {
       if (use_packed(w_hh_packed)) {
         dst.add_(dnn_linear(dg_rec.narrow(0, o0 - cbase, Bt), *w_hh_packed));
+      } else if (w_hh_mkl) {
+        mkl_compute<T>(w_hh_mkl, dg_rec.narrow(0, o0 - cbase, Bt), dst, 1.0f);
       } else {
         dst.addmm_(dg_rec.narrow(0, o0 - cbase, Bt), w_hh);
       }
     } else {
-      Tensor res = step_gemm(dg_rec.narrow(0, o0 - cbase, Bt), w_hh, w_hh_packed, dst);
+      Tensor res = step_gemm<T>(dg_rec.narrow(0, o0 - cbase, Bt), w_hh, w_hh_mkl, w_hh_packed, dst);
       if (!res.is_same(dst)) dst.copy_(res);
     }
     TOC(4);
@@ -1082,6 +1087,7 @@ class LstmBackward {
   const bool training, var_carry, recompute_c;
   const int64_t nthreads, PW, nslots, SW;  // threads, accumulator slot width, slots, row scratch width
   Tensor dh_rec, dc_rec, bscratch, DGH, DGI, Hprev, dW_ih, dW_hh, dx;
+  MklPacked w_hh_mkl;
   T *dhr_p = nullptr, *dcr_p = nullptr, *bs_p = nullptr, *dgh_p = nullptr, *dgi_p = nullptr;
   const T *xi_all = nullptr, *xh_all = nullptr, *c_all = nullptr, *cs_all = nullptr, *c0_p = nullptr;
   const T *sg = nullptr, *sh_ = nullptr;  // saved statistics of the gate terms and of the cell
@@ -1189,6 +1195,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
   m.def("set_gemm_prefill", &set_gemm_prefill, "whether the GEMMs clear their output with ATen's threads first (beta = 1)");
   m.def("gemm_prefill", []() { return gemm_prefill(); }, "whether the GEMMs clear their output first (set_gemm_prefill)");
+  m.def("set_gemm_packed", &set_gemm_packed, "whether the step GEMMs use MKL's packed weights (where torch exports them)");
+  m.def("gemm_packed", []() { return gemm_packed() && mkl_pack_available(); }, "whether the step GEMMs use MKL's packed weights");
+  m.def("mkl_pack_available", &mkl_pack_available, "whether torch exports MKL's packed GEMM (cblas_sgemm_pack)");
   m.def("set_pool_capacity", &set_pool_capacity, "bytes of freed buffers kept for reuse (0: none)");
   m.def("pool_cached", &pool_cached, "bytes currently kept in the buffer pool");
   m.attr("VERSION") = 3;
