@@ -184,6 +184,19 @@ def test_the_gemm_prefill_follows_the_maker_and_changes_no_bit(family):
         assert torch.equal(a, b)
 
 
+def test_mkl_packing_follows_the_maker_and_the_environment(monkeypatch):
+    from recnorm.kernels import fused
+
+    monkeypatch.delenv("RECNORM_FUSED_MKL_PACK", raising=False)
+    for maker, wanted in (("Intel", True), ("AMD", False), (None, False)):
+        monkeypatch.setattr(host, "cpu_maker", lambda m=maker: m)
+        assert fused.mkl_pack_wanted() is wanted, maker
+        for env in ("0", "1"):
+            monkeypatch.setenv("RECNORM_FUSED_MKL_PACK", env)
+            assert fused.mkl_pack_wanted() is (env == "1")
+        monkeypatch.delenv("RECNORM_FUSED_MKL_PACK")
+
+
 def _gemm_cases(family):
     import recnorm
 

@@ -553,7 +553,8 @@ inline bool& gemm_packed() {
 inline void set_gemm_packed(bool on) { gemm_packed() = on; }
 
 // A weight packed by MKL as the right operand of x W^T (transpose) or x W; empty (false) where the GEMM
-// stays on at::mm: not float32, packing off or unavailable, or an empty or too large a matrix. On the Intel
+// stays on at::mm: not float32, packing off or unavailable, or an empty or too large a matrix (and, by the
+// kernels' choice, a call of one step, which has no second product to reuse the packing). On the Intel
 // host the forward's products were at::mm's to the bit; the backward's, whose inner dimension is 4H or 3H,
 // were too up to H = 128 and rounded differently from H = 256 (tests/kernels/test_host.py checks that
 // both agree to float32 rounding).

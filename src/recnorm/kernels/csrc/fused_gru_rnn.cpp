@@ -210,7 +210,7 @@ class GruRnnForward {
     out_p = out.data_ptr<T>();
     hn_p = hn.data_ptr<T>();
     h0_p = h0.data_ptr<T>();
-    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0);  // W_hh^T packed by MKL, or
+    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0);  // W_hh^T packed by MKL, or
     if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
   }
 
@@ -488,7 +488,7 @@ class GruRnnBackward {
     dW_ih = at::zeros_like(w_ih);
     dW_hh = at::zeros_like(w_hh);
     dx = need_dx ? at::empty_like(x) : Tensor();
-    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(w_hh, false, B0);  // dG W_hh's W_hh packed by MKL
+    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(w_hh, false, B0);  // dG W_hh's W_hh packed by MKL
   }
 
   const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }

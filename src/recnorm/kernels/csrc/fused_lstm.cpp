@@ -371,7 +371,7 @@ class LstmForward {
     hn_p = hn.data_ptr<T>();
     cn_p = cn.data_ptr<T>();
     c0_p = a.c0.data_ptr<T>();
-    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0, pool_empty);  // W_hh^T packed by MKL, or
+    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0, pool_empty);  // W_hh^T packed by MKL, or
     if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
     fold_.resize(folded ? 3 * G + 2 * H : 0);
   }
@@ -655,7 +655,7 @@ class LstmBackward {
     dW_ih = at::zeros_like(w_ih);
     dW_hh = at::zeros_like(w_hh);
     dx = need_dx ? at::empty(x.sizes(), opts) : Tensor();  // may become x.grad: not pooled
-    if (!use_packed(w_hh_packed)) w_hh_mkl = mkl_pack<T>(w_hh, false, B0, pool_empty);  // dG W_hh's W_hh packed by MKL
+    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(w_hh, false, B0, pool_empty);  // dG W_hh's W_hh packed by MKL
   }
 
   const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
