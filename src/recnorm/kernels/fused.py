@@ -338,8 +338,8 @@ ONEDNN_HOSTS: Dict[str, Dict[str, Dict]] = {
         "lstm": {"proj": 256, "step": [(192, 1, None), (128, 64, None)], "back": [(512, 1, 64)]},
         "gru_rnn": {"proj": None, "step": [(256, 1, None)], "back": [(512, 1, 64)]},
     },
-    "Intel": {  # against MKL with W_hh packed once per call (MKL_PACK_MAKERS), which oneDNN beat nowhere
-        "lstm": {"proj": 256, "step": [], "back": []},
+    "Intel": {  # against MKL with W_hh packed once per call (MKL_PACK_MAKERS): every GEMM on MKL
+        "lstm": {"proj": None, "step": [], "back": []},
         "gru_rnn": {"proj": None, "step": [], "back": []},
     },
 }
@@ -374,9 +374,10 @@ def onednn_plan(batch: int, hidden: int, hoisted: bool, dtype: torch.dtype, fami
       with ``W_hh`` packed once per call (:data:`MKL_PACK_MAKERS`, the default there since the evening of
       2026-12-07), oneDNN lost everywhere on the grid H in {128, 256, 512, 1024} x B in {8, 32, 64, 128}:
       the LSTM's forward product 1.06-2.42 in eval and 1.04-1.51 in training, its backward product
-      1.06-1.54; the GRU's 1.11-2.38, 1.02-1.63 and 1.03-1.56. The LSTM's projection in eval took
-      0.93-1.01 from H = 256 (against MKL, which packs it per chunk). The tanh/relu RNN runs the GRU's
-      kernel and follows its rule (not measured on its own).
+      1.06-1.54; the GRU's 1.11-2.38, 1.02-1.63 and 1.03-1.56. The LSTM's input projection in eval, which
+      had taken 0.93-1.01 from H = 256 when the step's product ran on at::mm, now took 0.89-1.27 (median
+      1.10; below 1.0 at 3 of 12 points) on H in {256, 512, 1024}, so it runs on MKL too. The tanh/relu
+      RNN runs the GRU's kernel and follows its rule (not measured on its own).
 
     Under :func:`onednn_rule` ``("2026-12-04")`` every host follows the earlier rule (step from H >= 256,
     backward from H >= 512 with B <= 64, MKL for the projection), with which the legacy runs were made.
