@@ -151,7 +151,10 @@ GEMM_PREFILL_MAKERS = ("AMD",)
 #: ``W_hh`` packed once per call with MKL's ``cblas_sgemm_pack``, instead of sgemm packing it again at
 #: every step. float32 only, where torch exports MKL's packed API (else every GEMM stays on ``at::mm``).
 #: ``RECNORM_FUSED_MKL_PACK=0`` or ``1`` overrides it. Measured on the Intel Xeon (2026-12-07): see
-#: docs/benchmarks.notes.md. The AMD EPYC was not measured.
+#: docs/benchmarks.notes.md. The AMD EPYC was not measured. The Intel rule of :data:`ONEDNN_HOSTS` was
+#: measured with the packing on; with ``RECNORM_FUSED_MKL_PACK=0`` there, ``RECNORM_FUSED_ONEDNN`` masks
+#: choose oneDNN's products explicitly (it won at H = 1024, and at H = 512 with B of 32 or 64, against
+#: unpacked MKL).
 MKL_PACK_MAKERS = ("Intel",)
 
 
