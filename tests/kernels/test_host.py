@@ -171,17 +171,22 @@ def test_the_gemm_prefill_follows_the_maker_and_changes_no_bit(family):
         layer.train()
         return [out.detach(), ev] + [p.grad.clone() for p in layer.parameters()]
 
-    before = ext.gemm_prefill()
+    for a, b in zip(*_on_and_off(ext.gemm_prefill, ext.set_gemm_prefill, run)):
+        assert torch.equal(a, b)
+
+
+def _on_and_off(get, set_, run):
+    """run()'s results with an extension's switch on, then off; the switch is restored after."""
+    before = get()
     try:
         results = []
         for on in (True, False):
-            ext.set_gemm_prefill(on)
-            assert ext.gemm_prefill() == on
+            set_(on)
+            assert get() == on
             results.append(run())
     finally:
-        ext.set_gemm_prefill(before)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        set_(before)
+    return results
 
 
 def test_mkl_packing_follows_the_maker_and_the_environment(monkeypatch):
@@ -245,14 +250,5 @@ def test_the_mkl_packed_step_gemms_follow_the_maker_and_agree_with_at_mm(family,
                 ev = layer.eval()(x)[0]
             return [out.data.detach(), ev, xg.grad] + [p.grad.clone() for p in layer.parameters()]
 
-        before = ext.gemm_packed()
-        try:
-            results = []
-            for on in (True, False):
-                ext.set_gemm_packed(on)
-                assert ext.gemm_packed() == on
-                results.append(run())
-        finally:
-            ext.set_gemm_packed(before)
-        for a, b in zip(*results):
+        for a, b in zip(*_on_and_off(ext.gemm_packed, ext.set_gemm_packed, run)):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * b.abs().max().item())

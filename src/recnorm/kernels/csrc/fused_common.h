@@ -582,9 +582,17 @@ inline MklPacked mkl_pack(const Tensor& w, bool transpose, int64_t m, Alloc allo
   return p;
 }
 
+// W_hh packed by MKL for a call's step products (x W_hh^T forward: transpose; dG W_hh backward), where they
+// run on MKL rather than oneDNN (`dnn`: oneDNN's packing) and the call has a second step to reuse it.
+template <typename T, class Alloc>
+inline MklPacked step_pack(const Tensor& w_hh, bool transpose, const Shape& sh, const c10::optional<Tensor>& dnn, Alloc alloc) {
+  if (use_packed(dnn) || sh.T < 2) return MklPacked();
+  return mkl_pack<T>(w_hh, transpose, sh.B0, alloc);
+}
+
 template <typename T>
-inline MklPacked mkl_pack(const Tensor& w, bool transpose, int64_t m) {
-  return mkl_pack<T>(w, transpose, m, [](at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); });
+inline MklPacked step_pack(const Tensor& w_hh, bool transpose, const Shape& sh, const c10::optional<Tensor>& dnn) {
+  return step_pack<T>(w_hh, transpose, sh, dnn, [](at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); });
 }
 
 // out = a @ op(W) (beta 0) or out += a @ op(W) (beta 1), W packed by mkl_pack; a and out: rows of
@@ -612,6 +620,27 @@ inline Tensor step_gemm(const Tensor& x, const Tensor& wt, const MklPacked& mkl,
     gemm_into(out, x, wt);
   }
   return out;
+}
+
+// dst = x @ op(W), or dst += x @ op(W) (accumulate), with W as MKL's packing, oneDNN's (`dnn`) or plain
+// (`w`, at::mm's operand): the backward's dL/dh_{t-1} from the step's gate gradients.
+template <typename T>
+inline void step_gemm_into(Tensor dst, const Tensor& x, const Tensor& w, const MklPacked& mkl, const c10::optional<Tensor>& dnn,
+                           bool accumulate) {
+  if (use_packed(dnn)) {
+    const Tensor res = dnn_linear(x, *dnn);
+    if (accumulate) {
+      dst.add_(res);
+    } else {
+      dst.copy_(res);
+    }
+  } else if (mkl) {
+    mkl_compute<T>(mkl, x, dst, accumulate ? 1.0f : 0.0f);
+  } else if (accumulate) {
+    dst.addmm_(x, w);
+  } else {
+    gemm_into(dst, x, w);
+  }
 }
 
 // Weight and input gradients of the backward's chunk of steps [t0, t1], from dL/d(W_hh h_{t-1}) (DGH)

@@ -210,7 +210,7 @@ class GruRnnForward {
     out_p = out.data_ptr<T>();
     hn_p = hn.data_ptr<T>();
     h0_p = h0.data_ptr<T>();
-    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0);  // W_hh^T packed by MKL, or
+    w_hh_mkl = step_pack<T>(a.w_hh, true, sh, w_hh_packed);  // W_hh^T packed by MKL, or
     if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
   }
 
@@ -488,7 +488,7 @@ class GruRnnBackward {
     dW_ih = at::zeros_like(w_ih);
     dW_hh = at::zeros_like(w_hh);
     dx = need_dx ? at::empty_like(x) : Tensor();
-    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(w_hh, false, B0);  // dG W_hh's W_hh packed by MKL
+    w_hh_mkl = step_pack<T>(w_hh, false, sh, w_hh_packed);  // dG W_hh's W_hh packed by MKL
   }
 
   const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
@@ -516,21 +516,7 @@ class GruRnnBackward {
   void recurrent(int64_t t, int64_t cbase) {
     Tensor dst = dh_rec.narrow(0, 0, Bt);
     Tensor dg = (joint ? DGI : DGH).narrow(0, o0 - cbase, Bt);
-    const bool accumulate = kGru || bool(zone);
-    if (use_packed(w_hh_packed)) {
-      Tensor res = dnn_linear(dg, *w_hh_packed);
-      if (accumulate) {
-        dst.add_(res);
-      } else {
-        dst.copy_(res);
-      }
-    } else if (w_hh_mkl) {
-      mkl_compute<T>(w_hh_mkl, dg, dst, accumulate ? 1.0f : 0.0f);
-    } else if (accumulate) {
-      dst.addmm_(dg, w_hh);
-    } else {
-      gemm_into(dst, dg, w_hh);
-    }
+    step_gemm_into<T>(dst, dg, w_hh, w_hh_mkl, w_hh_packed, kGru || bool(zone));
   }
 
   void weight_grads(int64_t t0, int64_t t1) {

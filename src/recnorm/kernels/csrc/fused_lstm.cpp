@@ -371,7 +371,7 @@ class LstmForward {
     hn_p = hn.data_ptr<T>();
     cn_p = cn.data_ptr<T>();
     c0_p = a.c0.data_ptr<T>();
-    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(a.w_hh, true, B0, pool_empty);  // W_hh^T packed by MKL, or
+    w_hh_mkl = step_pack<T>(a.w_hh, true, sh, w_hh_packed, pool_empty);  // W_hh^T packed by MKL, or
     if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
     fold_.resize(folded ? 3 * G + 2 * H : 0);
   }
@@ -655,7 +655,7 @@ class LstmBackward {
     dW_ih = at::zeros_like(w_ih);
     dW_hh = at::zeros_like(w_hh);
     dx = need_dx ? at::empty(x.sizes(), opts) : Tensor();  // may become x.grad: not pooled
-    if (!use_packed(w_hh_packed) && sh.T > 1) w_hh_mkl = mkl_pack<T>(w_hh, false, B0, pool_empty);  // dG W_hh's W_hh packed by MKL
+    w_hh_mkl = step_pack<T>(w_hh, false, sh, w_hh_packed, pool_empty);  // dG W_hh's W_hh packed by MKL
   }
 
   const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
@@ -687,18 +687,7 @@ class LstmBackward {
     Tensor dst = dh_rec.narrow(0, 0, Bt);
     const Tensor& dg_rec = var.joint ? DGI : DGH;
     TIC(4);
-    if (var.zh) {
-      if (use_packed(w_hh_packed)) {
-        dst.add_(dnn_linear(dg_rec.narrow(0, o0 - cbase, Bt), *w_hh_packed));
-      } else if (w_hh_mkl) {
-        mkl_compute<T>(w_hh_mkl, dg_rec.narrow(0, o0 - cbase, Bt), dst, 1.0f);
-      } else {
-        dst.addmm_(dg_rec.narrow(0, o0 - cbase, Bt), w_hh);
-      }
-    } else {
-      Tensor res = step_gemm<T>(dg_rec.narrow(0, o0 - cbase, Bt), w_hh, w_hh_mkl, w_hh_packed, dst);
-      if (!res.is_same(dst)) dst.copy_(res);
-    }
+    step_gemm_into<T>(dst, dg_rec.narrow(0, o0 - cbase, Bt), w_hh, w_hh_mkl, w_hh_packed, bool(var.zh));
     TOC(4);
   }
 
