@@ -189,17 +189,19 @@ def _on_and_off(get, set_, run):
     return results
 
 
-def test_mkl_packing_follows_the_maker_and_the_environment(monkeypatch):
+@pytest.mark.parametrize("env, wanted", [("RECNORM_FUSED_MKL_PACK", "mkl_pack_wanted"),
+                                          ("RECNORM_FUSED_WGRAD_T", "wgrad_transposed_wanted")])
+def test_the_intel_gemm_settings_follow_the_maker_and_the_environment(monkeypatch, env, wanted):
     from recnorm.kernels import fused
 
-    monkeypatch.delenv("RECNORM_FUSED_MKL_PACK", raising=False)
-    for maker, wanted in (("Intel", True), ("AMD", False), (None, False)):
+    monkeypatch.delenv(env, raising=False)
+    for maker, expected in (("Intel", True), ("AMD", False), (None, False)):
         monkeypatch.setattr(host, "cpu_maker", lambda m=maker: m)
-        assert fused.mkl_pack_wanted() is wanted, maker
-        for env in ("0", "1"):
-            monkeypatch.setenv("RECNORM_FUSED_MKL_PACK", env)
-            assert fused.mkl_pack_wanted() is (env == "1")
-        monkeypatch.delenv("RECNORM_FUSED_MKL_PACK")
+        assert getattr(fused, wanted)() is expected, maker
+        for value in ("0", "1"):
+            monkeypatch.setenv(env, value)
+            assert getattr(fused, wanted)() is (value == "1")
+        monkeypatch.delenv(env)
 
 
 def _gemm_cases(family):
@@ -252,3 +254,43 @@ def test_the_mkl_packed_step_gemms_follow_the_maker_and_agree_with_at_mm(family,
 
         for a, b in zip(*_on_and_off(ext.gemm_packed, ext.set_gemm_packed, run)):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru_rnn"])
+def test_the_transposed_weight_gradients_follow_the_maker_and_agree_with_the_plain_ones(family, monkeypatch):
+    """Where the maker's rule says so (fused.WGRAD_TRANSPOSED_MAKERS), the backward sums its weight gradients
+    as dW^T += x^T dG. Either way every gradient agrees to float32 rounding, and comes back in the weight's
+    own layout: over several chunks (8 rows each), on a packed batch (h_{t-1} gathered for the chunk), with
+    dx, zoneout and a narrow and a wide hidden size."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from recnorm.kernels import fused
+
+    ext = fused.load_extension(family)
+    if ext is None:
+        pytest.skip("the fused extension cannot be built here")
+    assert ext.wgrad_transposed() == fused.wgrad_transposed_wanted()
+    monkeypatch.setenv("RECNORM_FUSED_CHUNK_ROWS", "8")
+    lengths = torch.tensor([7, 3, 6, 1, 7])
+    for hidden in (40, 300):
+        for cls, kw in _gemm_cases(family):
+            torch.manual_seed(0)
+            layer = cls(11, hidden, kernel="fused", **kw)
+            x = torch.randn(7, 5, 11)
+            start = copy.deepcopy(layer.state_dict())
+
+            def run():
+                layer.load_state_dict(start)
+                torch.manual_seed(1)
+                layer.zero_grad()
+                xg = x.clone().requires_grad_(True)
+                out, _ = layer(pack_padded_sequence(xg, lengths, enforce_sorted=False))
+                (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum().backward()
+                return [xg.grad] + [p.grad.clone() for p in layer.parameters()]
+
+            on, off = _on_and_off(ext.wgrad_transposed, ext.set_wgrad_transposed, run)
+            for (name, param), a, b in zip(layer.named_parameters(), on[1:], off[1:]):
+                assert a.is_contiguous() and a.shape == param.shape, name
+                torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * b.abs().max().item())
+            torch.testing.assert_close(on[0], off[0], rtol=0, atol=0)  # dx = dG W_ih is not touched

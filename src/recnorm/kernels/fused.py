@@ -167,6 +167,24 @@ def mkl_pack_wanted() -> bool:
     return host.cpu_maker() in MKL_PACK_MAKERS
 
 
+#: CPU makers on which the fused backward accumulates the weight gradients transposed, ``dW^T += x^T dG``
+#: into an ``(I, G)`` and an ``(H, G)`` matrix, instead of ``dW += dG^T x`` (the same sums, in another GEMM
+#: layout, which MKL rounds differently). ``RECNORM_FUSED_WGRAD_T=0`` or ``1`` overrides it. On the Intel Xeon
+#: (2026-12-07, 2 threads, chunks of 1024 rows) the transposed product took 0.34 of the time at
+#: ``(G, I) = (512, 28)``, 0.60 at ``(2048, 64)``, 0.90 at ``(512, 128)`` and 0.95-1.01 from
+#: ``(768, 256)`` up: see docs/benchmarks.notes.md. The AMD EPYC was not measured.
+WGRAD_TRANSPOSED_MAKERS = ("Intel",)
+
+
+def wgrad_transposed_wanted() -> bool:
+    """Whether the fused backward should accumulate the weight gradients transposed on this host
+    (:data:`WGRAD_TRANSPOSED_MAKERS`, ``RECNORM_FUSED_WGRAD_T``)."""
+    env = os.environ.get("RECNORM_FUSED_WGRAD_T", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return host.cpu_maker() in WGRAD_TRANSPOSED_MAKERS
+
+
 def build_flags() -> Tuple[str, List[str]]:
     """``(tag, compiler flags)`` of the extensions on this CPU; the tag ends the extension's name.
 
@@ -190,8 +208,9 @@ def build_flags() -> Tuple[str, List[str]]:
 
 def build_extension(name: str, path: str):
     """The kernel file ``path`` (its headers beside it) built and loaded as the extension ``name``, with this
-    CPU's flags (:func:`build_flags`), the buffer pool's capacity and the GEMMs' prefill
-    (:data:`GEMM_PREFILL_MAKERS`) set. Raises on a build error. What
+    CPU's flags (:func:`build_flags`), the buffer pool's capacity, the GEMMs' prefill
+    (:data:`GEMM_PREFILL_MAKERS`), packing (:data:`MKL_PACK_MAKERS`) and weight-gradient layout
+    (:data:`WGRAD_TRANSPOSED_MAKERS`) set. Raises on a build error. What
     recnorm's own extensions are built with, and benchmarks/ab_kernels.py's build of an earlier revision."""
     from recnorm.kernels import _build
 
@@ -203,6 +222,8 @@ def build_extension(name: str, path: str):
         module.set_gemm_prefill(host.cpu_maker() in GEMM_PREFILL_MAKERS)
     if hasattr(module, "set_gemm_packed"):
         module.set_gemm_packed(mkl_pack_wanted())
+    if hasattr(module, "set_wgrad_transposed"):
+        module.set_wgrad_transposed(wgrad_transposed_wanted())
     return module
 
 

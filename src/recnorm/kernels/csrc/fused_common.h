@@ -643,13 +643,51 @@ inline void step_gemm_into(Tensor dst, const Tensor& x, const Tensor& w, const M
   }
 }
 
+// Whether the backward accumulates the weight gradients transposed, dW^T += x^T dG (an (I, G) and an (H, G)
+// accumulator), instead of dW += dG^T x. Set per CPU maker when the extension loads (recnorm/kernels/fused.py,
+// WGRAD_TRANSPOSED_MAKERS); off by default. The same sums in another GEMM layout: MKL rounds them
+// differently, not worse. On the Intel host, with a chunk of 1024 rows, dG^T x took 419 us and x^T dG 142
+// us at (G, I) = (512, 28), and 550 against 494 at (512, 128).
+inline bool& wgrad_transposed() {
+  static bool on = false;
+  return on;
+}
+inline void set_wgrad_transposed(bool on) { wgrad_transposed() = on; }
+
+// dL/dW_ih and dL/dW_hh, summed over the backward's chunks (chunk_weight_grads), in the layout
+// wgrad_transposed() picks; result() gives them in the weights' own layout.
+struct WeightGrads {
+  Tensor ih, hh;  // (G, I) and (G, H), or (I, G) and (H, G) where transposed
+  bool transposed = false;
+
+  WeightGrads() = default;
+  WeightGrads(const Tensor& w_ih, const Tensor& w_hh) : transposed(wgrad_transposed()) {
+    ih = transposed ? at::zeros({w_ih.size(1), w_ih.size(0)}, w_ih.options()) : at::zeros_like(w_ih);
+    hh = transposed ? at::zeros({w_hh.size(1), w_hh.size(0)}, w_hh.options()) : at::zeros_like(w_hh);
+  }
+
+  // += dG^T a, for the chunk's gate gradients dG (R, G) and its inputs a (R, I or H).
+  static void add(const Tensor& acc, bool transposed, const Tensor& dg, const Tensor& a) {
+    if (transposed) {
+      acc.addmm_(a.t(), dg);
+    } else {
+      acc.addmm_(dg.t(), a);
+    }
+  }
+
+  std::pair<Tensor, Tensor> result() const {
+    if (!transposed) return {ih, hh};
+    return {ih.t().contiguous(), hh.t().contiguous()};
+  }
+};
+
 // Weight and input gradients of the backward's chunk of steps [t0, t1], from dL/d(W_hh h_{t-1}) (DGH)
-// and dL/d(W_ih x_t) (DGI) of its rows: dW_hh += DGH^T h_{t-1}, dW_ih += DGI^T x and, where dx is
-// defined, dx = DGI W_ih. h_{t-1} is read in place from out (h0 for step 0) when every step of the chunk
-// has as many rows as the step before it, else gathered into Hprev.
+// and dL/d(W_ih x_t) (DGI) of its rows: dW_hh += DGH^T h_{t-1}, dW_ih += DGI^T x (into dW, in its layout)
+// and, where dx is defined, dx = DGI W_ih. h_{t-1} is read in place from out (h0 for step 0) when every
+// step of the chunk has as many rows as the step before it, else gathered into Hprev.
 inline void chunk_weight_grads(const Shape& sh, int64_t t0, int64_t t1, const Tensor& x, const Tensor& h0, const Tensor& out,
-                               const Tensor& w_ih, const Tensor& DGH, const Tensor& DGI, const Tensor& Hprev, const Tensor& dW_ih,
-                               const Tensor& dW_hh, const Tensor& dx) {
+                               const Tensor& w_ih, const Tensor& DGH, const Tensor& DGI, const Tensor& Hprev, WeightGrads& dW,
+                               const Tensor& dx) {
   const int64_t cbase = sh.off[t0];
   const int64_t R = sh.off[t1 + 1] - cbase;
   bool contiguous = t0 > 0;
@@ -664,9 +702,9 @@ inline void chunk_weight_grads(const Shape& sh, int64_t t0, int64_t t1, const Te
     }
     hp = Hprev.narrow(0, 0, R);
   }
-  dW_hh.addmm_(DGH.narrow(0, 0, R).t(), hp);
+  WeightGrads::add(dW.hh, dW.transposed, DGH.narrow(0, 0, R), hp);
   Tensor dgi_c = DGI.narrow(0, 0, R);
-  dW_ih.addmm_(dgi_c.t(), x.narrow(0, cbase, R));
+  WeightGrads::add(dW.ih, dW.transposed, dgi_c, x.narrow(0, cbase, R));
   if (dx.defined()) {
     Tensor dst = dx.narrow(0, cbase, R);
     gemm_into(dst, dgi_c, w_ih);

@@ -485,8 +485,7 @@ class GruRnnBackward {
     Hprev = at::empty({cap, H}, opts);
     dgh_p = DGH.data_ptr<T>();
     dgi_p = DGI.data_ptr<T>();
-    dW_ih = at::zeros_like(w_ih);
-    dW_hh = at::zeros_like(w_hh);
+    dW = WeightGrads(w_ih, w_hh);
     dx = need_dx ? at::empty_like(x) : Tensor();
     w_hh_mkl = step_pack<T>(w_hh, false, sh, w_hh_packed);  // dG W_hh's W_hh packed by MKL
   }
@@ -520,7 +519,7 @@ class GruRnnBackward {
   }
 
   void weight_grads(int64_t t0, int64_t t1) {
-    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, joint ? DGI : DGH, DGI, Hprev, dW_ih, dW_hh, dx);
+    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, joint ? DGI : DGH, DGI, Hprev, dW, dx);
   }
 
   std::vector<Tensor> gradients() {
@@ -530,6 +529,7 @@ class GruRnnBackward {
     Tensor dg_ih = vec_tensor(acc, G, G, opts);
     Tensor dg_hh = vec_tensor(acc, 2 * G, G, opts);
     Tensor db_hn = kGru ? vec_tensor(acc, 3 * G + 2 * H, H, opts) : at::empty({0}, opts);
+    const auto [dW_ih, dW_hh] = dW.result();
     return {dx, dh_rec, dW_ih, dW_hh, db, db_hn, dg_ih, dg_hh};
   }
 
@@ -891,7 +891,8 @@ class GruRnnBackward {
   const T* d_out;  // dL/d out (null: zero)
   const T on, ci, ch;
   const int64_t nthreads, PW, nslots;  // threads, accumulator slot width, slots
-  Tensor dh_rec, DGH, DGI, Hprev, dW_ih, dW_hh, dx;
+  Tensor dh_rec, DGH, DGI, Hprev, dx;
+  WeightGrads dW;
   MklPacked w_hh_mkl;
   T *dhr_p = nullptr, *dgh_p = nullptr, *dgi_p = nullptr;
   const T *xi_all = nullptr, *xh_all = nullptr, *out_p = nullptr, *h0_p = nullptr, *st_p = nullptr;
@@ -1012,6 +1013,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_prefill", []() { return gemm_prefill(); }, "whether the GEMMs clear their output first (set_gemm_prefill)");
   m.def("set_gemm_packed", &set_gemm_packed, "whether the step GEMMs use MKL's packed weights (where torch exports them)");
   m.def("gemm_packed", []() { return gemm_packed() && mkl_pack_available(); }, "whether the step GEMMs use MKL's packed weights");
+  m.def("set_wgrad_transposed", &set_wgrad_transposed, "whether the backward accumulates the weight gradients transposed (x^T dG)");
+  m.def("wgrad_transposed", []() { return wgrad_transposed(); }, "whether the backward accumulates the weight gradients transposed");
   m.def("mkl_pack_available", &mkl_pack_available, "whether torch exports MKL's packed GEMM (cblas_sgemm_pack)");
   m.attr("VERSION") = 4;
 }

@@ -652,8 +652,7 @@ class LstmBackward {
     Hprev = pool_empty({cap, H}, opts);
     dgh_p = DGH.data_ptr<T>();
     dgi_p = DGI.data_ptr<T>();
-    dW_ih = at::zeros_like(w_ih);
-    dW_hh = at::zeros_like(w_hh);
+    dW = WeightGrads(w_ih, w_hh);
     dx = need_dx ? at::empty(x.sizes(), opts) : Tensor();  // may become x.grad: not pooled
     w_hh_mkl = step_pack<T>(w_hh, false, sh, w_hh_packed, pool_empty);  // dG W_hh's W_hh packed by MKL
   }
@@ -693,7 +692,7 @@ class LstmBackward {
 
   void weight_grads(int64_t t0, int64_t t1) {
     TIC(5);
-    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, var.joint ? DGI : DGH, DGI, Hprev, dW_ih, dW_hh, dx);
+    chunk_weight_grads(sh, t0, t1, x, h0, out, w_ih, var.joint ? DGI : DGH, DGI, Hprev, dW, dx);
     TOC(5);
   }
 
@@ -708,6 +707,7 @@ class LstmBackward {
       dg_c = vec_tensor(acc, 3 * G, H, opts);
       dbeta_c = vec_tensor(acc, 3 * G + H, H, opts);
     }
+    const auto [dW_ih, dW_hh] = dW.result();
     return {dx, dh_rec, dc_rec, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c};
   }
 
@@ -1075,7 +1075,8 @@ class LstmBackward {
   const T cen_ih, cen_hh, cen_c;
   const bool training, var_carry, recompute_c;
   const int64_t nthreads, PW, nslots, SW;  // threads, accumulator slot width, slots, row scratch width
-  Tensor dh_rec, dc_rec, bscratch, DGH, DGI, Hprev, dW_ih, dW_hh, dx;
+  Tensor dh_rec, dc_rec, bscratch, DGH, DGI, Hprev, dx;
+  WeightGrads dW;
   MklPacked w_hh_mkl;
   T *dhr_p = nullptr, *dcr_p = nullptr, *bs_p = nullptr, *dgh_p = nullptr, *dgi_p = nullptr;
   const T *xi_all = nullptr, *xh_all = nullptr, *c_all = nullptr, *cs_all = nullptr, *c0_p = nullptr;
@@ -1186,6 +1187,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_prefill", []() { return gemm_prefill(); }, "whether the GEMMs clear their output first (set_gemm_prefill)");
   m.def("set_gemm_packed", &set_gemm_packed, "whether the step GEMMs use MKL's packed weights (where torch exports them)");
   m.def("gemm_packed", []() { return gemm_packed() && mkl_pack_available(); }, "whether the step GEMMs use MKL's packed weights");
+  m.def("set_wgrad_transposed", &set_wgrad_transposed, "whether the backward accumulates the weight gradients transposed (x^T dG)");
+  m.def("wgrad_transposed", []() { return wgrad_transposed(); }, "whether the backward accumulates the weight gradients transposed");
   m.def("mkl_pack_available", &mkl_pack_available, "whether torch exports MKL's packed GEMM (cblas_sgemm_pack)");
   m.def("set_pool_capacity", &set_pool_capacity, "bytes of freed buffers kept for reuse (0: none)");
   m.def("pool_cached", &pool_cached, "bytes currently kept in the buffer pool");
