@@ -20,6 +20,8 @@
 //   Axis::kNone and Axis::kRow: group(x, n, center, eps, mean, rstd): the statistics of one row group
 //       x[0:n) (mean 0 when not centred; rstd 0 for a degenerate group: it normalizes to 0 and passes no
 //       gradient, recnorm.kernels.stats.degenerate_features);
+//       optionally group_pair(x, y, n, center_x, center_y, eps_x, eps_y, mean_x, rstd_x, mean_y, rstd_y): two
+//       groups' statistics at once, the same values as group() of each (group_pair below falls back to that);
 //   Axis::kBatch: Site<T> (one norm site's population statistics and moments output, init(...)),
 //       begin_step(site, t, step, batch) -> Step<T> (what the site does at step t: batch or population
 //       statistics; with population statistics its rm, rv and eps are the slot's, which the LSTM's eval
@@ -99,6 +101,28 @@ struct HasSteps<F, T,
                                                 F::begin_step(std::declval<const typename F::template Site<T>&>(), int64_t(0),
                                                               int64_t(0), true),
                                                 std::declval<T*>(), std::declval<T*>()))>> : std::true_type {};
+
+// The statistics of two row groups of one size, x[0:n) and y[0:n): the family's group_pair where it has
+// one (the same values as group() of each, computed together: RowFamily interleaves the two rows' sums),
+// else group() of each.
+template <class F, typename T, class = void>
+struct HasGroupPair : std::false_type {};
+template <class F, typename T>
+struct HasGroupPair<F, T,
+                    std::void_t<decltype(F::group_pair(std::declval<const T*>(), std::declval<const T*>(), int64_t(0), true, true,
+                                                       T(0), T(0), std::declval<T&>(), std::declval<T&>(), std::declval<T&>(),
+                                                       std::declval<T&>()))>> : std::true_type {};
+
+template <class F, typename T>
+inline void group_pair(const T* x, const T* y, int64_t n, bool center_x, bool center_y, T eps_x, T eps_y, T& mean_x, T& rstd_x,
+                       T& mean_y, T& rstd_y) {
+  if constexpr (HasGroupPair<F, T>::value) {
+    F::group_pair(x, y, n, center_x, center_y, eps_x, eps_y, mean_x, rstd_x, mean_y, rstd_y);
+  } else {
+    F::group(x, n, center_x, eps_x, mean_x, rstd_x);
+    F::group(y, n, center_y, eps_y, mean_y, rstd_y);
+  }
+}
 
 template <class F, typename T>
 constexpr bool family_check() {

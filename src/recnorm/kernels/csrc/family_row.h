@@ -43,6 +43,48 @@ inline void row_moments(const T* x, int64_t n, T& mean, T& var) {
   var = hsum(q0 + q1) / T(n);
 }
 
+// row_moments of two rows x[0:n] and y[0:n] at once: each row's sums in the same order as row_moments's (the
+// same values), the two rows' chains interleaved, which doubles the additions in flight.
+template <typename T>
+inline void row_moments_pair(const T* x, const T* y, int64_t n, T& mean_x, T& var_x, T& mean_y, T& var_y) {
+  constexpr int64_t VS = Vec<T>::size();
+  const Vec<T> x0(x[0]), y0(y[0]);
+  Vec<T> s0(T(0)), s1(T(0)), u0(T(0)), u1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * VS <= n; j += 2 * VS) {
+    s0 += Vec<T>::loadu(x + j) - x0;
+    u0 += Vec<T>::loadu(y + j) - y0;
+    s1 += Vec<T>::loadu(x + j + VS) - x0;
+    u1 += Vec<T>::loadu(y + j + VS) - y0;
+  }
+  for (; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    s0 += lanes(ld(x + j, c) - x0, c);
+    u0 += lanes(ld(y + j, c) - y0, c);
+  }
+  mean_x = x[0] + hsum(s0 + s1) / T(n);
+  mean_y = y[0] + hsum(u0 + u1) / T(n);
+  const Vec<T> mx(mean_x), my(mean_y);
+  Vec<T> q0(T(0)), q1(T(0)), r0(T(0)), r1(T(0));
+  j = 0;
+  for (; j + 2 * VS <= n; j += 2 * VS) {
+    const Vec<T> d0 = Vec<T>::loadu(x + j) - mx, d1 = Vec<T>::loadu(x + j + VS) - mx;
+    const Vec<T> e0 = Vec<T>::loadu(y + j) - my, e1 = Vec<T>::loadu(y + j + VS) - my;
+    q0 = fma(d0, d0, q0);
+    r0 = fma(e0, e0, r0);
+    q1 = fma(d1, d1, q1);
+    r1 = fma(e1, e1, r1);
+  }
+  for (; j < n; j += VS) {
+    const int64_t c = std::min(VS, n - j);
+    const Vec<T> d = lanes(ld(x + j, c) - mx, c), e = lanes(ld(y + j, c) - my, c);
+    q0 = fma(d, d, q0);
+    r0 = fma(e, e, r0);
+  }
+  var_x = hsum(q0 + q1) / T(n);
+  var_y = hsum(r0 + r1) / T(n);
+}
+
 // Row statistics of a layer norm (centred: mean and biased variance) or of an RMSNorm (mean 0 and the
 // mean square).
 template <typename T>
@@ -86,6 +128,21 @@ struct RowFamily {
     T var;
     row_stats(x, n, center, mean, var);
     rstd = ln_rstd(mean, var, eps);
+  }
+
+  // The statistics of two row groups of one size (group() of each, the same values), computed together.
+  template <typename T>
+  static void group_pair(const T* x, const T* y, int64_t n, bool center_x, bool center_y, T eps_x, T eps_y, T& mean_x,
+                         T& rstd_x, T& mean_y, T& rstd_y) {
+    if (!(center_x && center_y)) {
+      group(x, n, center_x, eps_x, mean_x, rstd_x);
+      group(y, n, center_y, eps_y, mean_y, rstd_y);
+      return;
+    }
+    T var_x, var_y;
+    row_moments_pair(x, y, n, mean_x, var_x, mean_y, var_y);
+    rstd_x = ln_rstd(mean_x, var_x, eps_x);
+    rstd_y = ln_rstd(mean_y, var_y, eps_y);
   }
 };
 

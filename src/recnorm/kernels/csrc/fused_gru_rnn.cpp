@@ -274,22 +274,29 @@ class GruRnnForward {
   void row_norms(T* xir, const T* xhr, T* m, T* r) {
     T mia = 0, ria = 1, mib = 0, rib = 1, mha = 0, rha = 1, mhb = 0, rhb = 1;
     if (joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
-    F::group(xir, S_ih, cen_ih, eps_ih, mia, ria);
     if (joint) {
+      F::group(xir, S_ih, cen_ih, eps_ih, mia, ria);
       rha = 0;
+    } else if (S_ih == S_hh) {  // two groups of one size: computed together (the same values)
+      group_pair<F>(xir, xhr, S_ih, cen_ih, cen_hh, eps_ih, eps_hh, mia, ria, mha, rha);
     } else {
+      F::group(xir, S_ih, cen_ih, eps_ih, mia, ria);
       F::group(xhr, S_hh, cen_hh, eps_hh, mha, rha);
     }
     if constexpr (kGru) {
-      if (one_ih) {
-        mib = mia, rib = ria;
+      if (!one_ih && !one_hh) {
+        group_pair<F>(xir + S_ih, xhr + S_hh, H, cen_ih, cen_hh, eps_ih, eps_hh, mib, rib, mhb, rhb);
       } else {
-        F::group(xir + S_ih, H, cen_ih, eps_ih, mib, rib);
-      }
-      if (one_hh) {
-        mhb = mha, rhb = rha;
-      } else {
-        F::group(xhr + S_hh, H, cen_hh, eps_hh, mhb, rhb);
+        if (one_ih) {
+          mib = mia, rib = ria;
+        } else {
+          F::group(xir + S_ih, H, cen_ih, eps_ih, mib, rib);
+        }
+        if (one_hh) {
+          mhb = mha, rhb = rha;
+        } else {
+          F::group(xhr + S_hh, H, cen_hh, eps_hh, mhb, rhb);
+        }
       }
     }
     m[0] = mia, r[0] = ria, m[1] = mib, r[1] = rib, m[2] = mha, r[2] = rha, m[3] = mhb, r[3] = rhb;
@@ -529,7 +536,7 @@ class GruRnnBackward {
     Tensor dg_ih = vec_tensor(acc, G, G, opts);
     Tensor dg_hh = vec_tensor(acc, 2 * G, G, opts);
     Tensor db_hn = kGru ? vec_tensor(acc, 3 * G + 2 * H, H, opts) : at::empty({0}, opts);
-    const auto [dW_ih, dW_hh] = dW.result();
+    const auto [dW_ih, dW_hh] = dW.result<T>();
     return {dx, dh_rec, dW_ih, dW_hh, db, db_hn, dg_ih, dg_hh};
   }
 

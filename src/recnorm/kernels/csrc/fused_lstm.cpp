@@ -424,8 +424,11 @@ class LstmForward {
         T mi = 0, ri = 0, mh = 0, rh = 0;
         if constexpr (kRow) {
           if (var_joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
-          F::group(xir, G, cen_ih, eps_ih, mi, ri);
-          if (!var_joint) F::group(xhr, G, cen_hh, eps_hh, mh, rh);
+          if (var_joint) {
+            F::group(xir, G, cen_ih, eps_ih, mi, ri);
+          } else {
+            group_pair<F>(xir, xhr, G, cen_ih, cen_hh, eps_ih, eps_hh, mi, ri, mh, rh);
+          }
           rs[0 * rstride + rbase + bb] = ri;
           rs[1 * rstride + rbase + bb] = rh;
         }
@@ -707,7 +710,7 @@ class LstmBackward {
       dg_c = vec_tensor(acc, 3 * G, H, opts);
       dbeta_c = vec_tensor(acc, 3 * G + H, H, opts);
     }
-    const auto [dW_ih, dW_hh] = dW.result();
+    const auto [dW_ih, dW_hh] = dW.result<T>();
     return {dx, dh_rec, dc_rec, dW_ih, dW_hh, db, dg_ih, dg_hh, dg_c, dbeta_c};
   }
 
