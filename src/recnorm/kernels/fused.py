@@ -161,10 +161,16 @@ MKL_PACK_MAKERS = ("Intel",)
 def mkl_pack_wanted() -> bool:
     """Whether the step GEMMs should use MKL's packed weights on this host (:data:`MKL_PACK_MAKERS`,
     ``RECNORM_FUSED_MKL_PACK``)."""
-    env = os.environ.get("RECNORM_FUSED_MKL_PACK", "")
-    if env in ("0", "1"):
-        return env == "1"
-    return host.cpu_maker() in MKL_PACK_MAKERS
+    return _maker_setting("RECNORM_FUSED_MKL_PACK", MKL_PACK_MAKERS)
+
+
+def _maker_setting(env: str, makers: Tuple[str, ...]) -> bool:
+    """A per-maker switch: ``$env`` set to ``0`` or ``1`` decides, else whether this host's CPU maker is one of
+    ``makers``."""
+    value = os.environ.get(env, "")
+    if value in ("0", "1"):
+        return value == "1"
+    return host.cpu_maker() in makers
 
 
 #: CPU makers on which the fused backward accumulates the weight gradients transposed, ``dW^T += x^T dG``
@@ -179,10 +185,7 @@ WGRAD_TRANSPOSED_MAKERS = ("Intel",)
 def wgrad_transposed_wanted() -> bool:
     """Whether the fused backward should accumulate the weight gradients transposed on this host
     (:data:`WGRAD_TRANSPOSED_MAKERS`, ``RECNORM_FUSED_WGRAD_T``)."""
-    env = os.environ.get("RECNORM_FUSED_WGRAD_T", "")
-    if env in ("0", "1"):
-        return env == "1"
-    return host.cpu_maker() in WGRAD_TRANSPOSED_MAKERS
+    return _maker_setting("RECNORM_FUSED_WGRAD_T", WGRAD_TRANSPOSED_MAKERS)
 
 
 def build_flags() -> Tuple[str, List[str]]:

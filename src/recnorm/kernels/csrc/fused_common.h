@@ -681,8 +681,8 @@ struct WeightGrads {
     hh = transposed ? at::zeros({w_hh.size(1), w_hh.size(0)}, w_hh.options()) : at::zeros_like(w_hh);
   }
 
-  // += dG^T a, for the chunk's gate gradients dG (R, G) and its inputs a (R, I or H).
-  static void add(const Tensor& acc, bool transposed, const Tensor& dg, const Tensor& a) {
+  // acc (ih or hh) += dG^T a, for the chunk's gate gradients dG (R, G) and its inputs a (R, I or H).
+  void add(const Tensor& acc, const Tensor& dg, const Tensor& a) const {
     if (transposed) {
       acc.addmm_(a.t(), dg);
     } else {
@@ -720,13 +720,26 @@ inline void chunk_weight_grads(const Shape& sh, int64_t t0, int64_t t1, const Te
     }
     hp = Hprev.narrow(0, 0, R);
   }
-  WeightGrads::add(dW.hh, dW.transposed, DGH.narrow(0, 0, R), hp);
+  dW.add(dW.hh, DGH.narrow(0, 0, R), hp);
   Tensor dgi_c = DGI.narrow(0, 0, R);
-  WeightGrads::add(dW.ih, dW.transposed, dgi_c, x.narrow(0, cbase, R));
+  dW.add(dW.ih, dgi_c, x.narrow(0, cbase, R));
   if (dx.defined()) {
     Tensor dst = dx.narrow(0, cbase, R);
     gemm_into(dst, dgi_c, w_ih);
   }
+}
+
+// The GEMM settings every kernel extension exposes (set per CPU maker when it loads, recnorm/kernels/fused.py):
+// `m` is the extension's pybind11 module.
+template <class Module>
+inline void def_gemm_settings(Module& m) {
+  m.def("set_gemm_prefill", &set_gemm_prefill, "whether the GEMMs clear their output with ATen's threads first (beta = 1)");
+  m.def("gemm_prefill", []() { return gemm_prefill(); }, "whether the GEMMs clear their output first (set_gemm_prefill)");
+  m.def("set_gemm_packed", &set_gemm_packed, "whether the step GEMMs use MKL's packed weights (where torch exports them)");
+  m.def("gemm_packed", []() { return gemm_packed() && mkl_pack_available(); }, "whether the step GEMMs use MKL's packed weights");
+  m.def("set_wgrad_transposed", &set_wgrad_transposed, "whether the backward accumulates the weight gradients transposed (x^T dG)");
+  m.def("wgrad_transposed", []() { return wgrad_transposed(); }, "whether the backward accumulates the weight gradients transposed");
+  m.def("mkl_pack_available", &mkl_pack_available, "whether torch exports MKL's packed GEMM (cblas_sgemm_pack)");
 }
 
 }  // namespace

@@ -283,20 +283,15 @@ class GruRnnForward {
       F::group(xir, S_ih, cen_ih, eps_ih, mia, ria);
       F::group(xhr, S_hh, cen_hh, eps_hh, mha, rha);
     }
-    if constexpr (kGru) {
+    if constexpr (kGru) {  // the n block's groups: their own, or (one group per term) the term's
+      if (one_ih) mib = mia, rib = ria;
+      if (one_hh) mhb = mha, rhb = rha;
       if (!one_ih && !one_hh) {
         group_pair<F>(xir + S_ih, xhr + S_hh, H, cen_ih, cen_hh, eps_ih, eps_hh, mib, rib, mhb, rhb);
-      } else {
-        if (one_ih) {
-          mib = mia, rib = ria;
-        } else {
-          F::group(xir + S_ih, H, cen_ih, eps_ih, mib, rib);
-        }
-        if (one_hh) {
-          mhb = mha, rhb = rha;
-        } else {
-          F::group(xhr + S_hh, H, cen_hh, eps_hh, mhb, rhb);
-        }
+      } else if (!one_ih) {
+        F::group(xir + S_ih, H, cen_ih, eps_ih, mib, rib);
+      } else if (!one_hh) {
+        F::group(xhr + S_hh, H, cen_hh, eps_hh, mhb, rhb);
       }
     }
     m[0] = mia, r[0] = ria, m[1] = mib, r[1] = rib, m[2] = mha, r[2] = rha, m[3] = mhb, r[3] = rhb;
@@ -1016,12 +1011,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "fused GRU/RNN direction backward", py::call_guard<py::gil_scoped_release>());
   m.def("running_stats_update", &running_stats_update, "recurrent batch norm: fold a call's batch moments into the running statistics");
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
-  m.def("set_gemm_prefill", &set_gemm_prefill, "whether the GEMMs clear their output with ATen's threads first (beta = 1)");
-  m.def("gemm_prefill", []() { return gemm_prefill(); }, "whether the GEMMs clear their output first (set_gemm_prefill)");
-  m.def("set_gemm_packed", &set_gemm_packed, "whether the step GEMMs use MKL's packed weights (where torch exports them)");
-  m.def("gemm_packed", []() { return gemm_packed() && mkl_pack_available(); }, "whether the step GEMMs use MKL's packed weights");
-  m.def("set_wgrad_transposed", &set_wgrad_transposed, "whether the backward accumulates the weight gradients transposed (x^T dG)");
-  m.def("wgrad_transposed", []() { return wgrad_transposed(); }, "whether the backward accumulates the weight gradients transposed");
-  m.def("mkl_pack_available", &mkl_pack_available, "whether torch exports MKL's packed GEMM (cblas_sgemm_pack)");
+  def_gemm_settings(m);
   m.attr("VERSION") = 4;
 }

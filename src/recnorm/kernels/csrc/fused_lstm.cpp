@@ -423,8 +423,8 @@ class LstmForward {
         if (!hoisted) project_row(xrows + bb * I, wt, I, G, xir);
         T mi = 0, ri = 0, mh = 0, rh = 0;
         if constexpr (kRow) {
-          if (var_joint) add_row(xir, xhr, G);  // one norm of the sum; the recurrent term then counts 0
-          if (var_joint) {
+          if (var_joint) {  // one norm of the sum; the recurrent term then counts 0
+            add_row(xir, xhr, G);
             F::group(xir, G, cen_ih, eps_ih, mi, ri);
           } else {
             group_pair<F>(xir, xhr, G, cen_ih, cen_hh, eps_ih, eps_hh, mi, ri, mh, rh);
@@ -1186,13 +1186,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "fused LSTM direction backward", py::call_guard<py::gil_scoped_release>());
   m.def("running_stats_update", &running_stats_update, "recurrent batch norm: fold a call's batch moments into the running statistics");
   m.def("onednn_available", &dnn_linear_available, "whether mkldnn::_linear_pointwise can be called");
-  m.def("set_gemm_prefill", &set_gemm_prefill, "whether the GEMMs clear their output with ATen's threads first (beta = 1)");
-  m.def("gemm_prefill", []() { return gemm_prefill(); }, "whether the GEMMs clear their output first (set_gemm_prefill)");
-  m.def("set_gemm_packed", &set_gemm_packed, "whether the step GEMMs use MKL's packed weights (where torch exports them)");
-  m.def("gemm_packed", []() { return gemm_packed() && mkl_pack_available(); }, "whether the step GEMMs use MKL's packed weights");
-  m.def("set_wgrad_transposed", &set_wgrad_transposed, "whether the backward accumulates the weight gradients transposed (x^T dG)");
-  m.def("wgrad_transposed", []() { return wgrad_transposed(); }, "whether the backward accumulates the weight gradients transposed");
-  m.def("mkl_pack_available", &mkl_pack_available, "whether torch exports MKL's packed GEMM (cblas_sgemm_pack)");
+  def_gemm_settings(m);
   m.def("set_pool_capacity", &set_pool_capacity, "bytes of freed buffers kept for reuse (0: none)");
   m.def("pool_cached", &pool_cached, "bytes currently kept in the buffer pool");
   m.attr("VERSION") = 3;
