@@ -1,7 +1,9 @@
-"""A plain layer's lean path (RecurrentBase._lean_forward): where kernels.native_runs_plain says that every
-layer runs torch's op, the layer calls that op with nothing around it. It must be taken exactly where the
-full path would choose torch's op, and give the full path's results bit for bit; everywhere else (another
-implementation, mode, dtype or input, a hook that must see every call) it must step aside."""
+"""A plain layer's lean path (RecurrentBase._lean_forward): where kernels.plain_stack_runs says that every
+layer runs torch's op, the layer calls that op with nothing around it; where it says the fused kernel, the
+layer runs that kernel on each layer's DirectionWork without the full path's dispatch. It must be taken
+exactly where the full path would choose one implementation for every layer, and give the full path's
+results bit for bit; everywhere else (layers that differ, another implementation, mode, dtype or input, a
+hook that must see every call, a layer the fused kernel declines) it must step aside."""
 
 from __future__ import annotations
 
@@ -94,8 +96,9 @@ CASES = [pytest.param(cell, config, id=f"{cell}-{name}") for cell in ("lstm", "g
 @pytest.mark.parametrize("cell,config", CASES)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
-def test_lean_path_is_the_full_path_bit_for_bit(cell, config, train, with_hx, rule, lean_calls):
-    rule(+1.0)  # torch's op first: the lean path applies wherever it can
+@pytest.mark.parametrize("first", ["native", "fused"])
+def test_lean_path_is_the_full_path_bit_for_bit(cell, config, train, with_hx, first, rule, lean_calls):
+    rule(+1.0 if first == "native" else -1.0)  # the rule's first: the lean path applies wherever it can
     layer = _layer(cell, **config)
     T, B = 4, 3
     x = torch.randn(B, T, 5) if layer.batch_first else torch.randn(T, B, 5)
@@ -111,7 +114,7 @@ def test_lean_path_is_the_full_path_bit_for_bit(cell, config, train, with_hx, ru
                 t.requires_grad_(True)
     full, ran = _full_path(layer, x, hx, train)
     lean = _run(layer, x, hx, train)
-    assert set(ran) == {"native"}
+    assert set(ran) == {"native" if layer.proj_size else first}  # the rule has no entry with a projection
     grad_stack = train and layer.num_layers > 1  # a trained stack is weighed as a whole: the full path decides
     assert lean_calls[-1] is not grad_stack
     _same(lean, full)
@@ -119,7 +122,7 @@ def test_lean_path_is_the_full_path_bit_for_bit(cell, config, train, with_hx, ru
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_lean_path_is_taken_exactly_where_the_full_path_chooses_torchs_op(cell, train, rule, lean_calls):
+def test_lean_path_is_taken_where_the_full_path_chooses_one_implementation(cell, train, rule, lean_calls):
     x = torch.randn(6, 4, 5)
     for c0, expected in ((-1.0, "fused"), (+1.0, "native")):
         rule(c0)
@@ -127,7 +130,7 @@ def test_lean_path_is_taken_exactly_where_the_full_path_chooses_torchs_op(cell, 
         full, ran = _full_path(layer, x, None, train)
         assert ran == [expected]
         lean = _run(layer, x, None, train)
-        assert lean_calls[-1] is (expected == "native")
+        assert lean_calls[-1] is True
         _same(lean, full)
     # the fitted rule itself, at sizes where it picks either: the two paths agree on the choice
     for T, B, I, H in [(3, 2, 5, 7), (40, 64, 16, 32), (200, 8, 8, 64), (28, 128, 28, 128)]:
@@ -138,7 +141,38 @@ def test_lean_path_is_taken_exactly_where_the_full_path_chooses_torchs_op(cell, 
             layer(xs)
         work = layer.direction_work(0, 0, None, xs)
         grad = train
-        assert kernels.native_runs_plain(work.cell.kind, xs, [I], H, False, grad, "auto") is (ran == ["native"])
+        assert [kernels.plain_stack_runs(work.cell.kind, xs, [I], H, False, grad, "auto")] == ran
+
+
+def test_lean_path_steps_aside_where_the_layers_differ(monkeypatch, lean_calls):
+    """A rule that puts the first layer (5 input features) on torch's op and the second (7, its hidden size)
+    on the fused kernel: the full path runs each on its own, the lean path does not run either."""
+    fake = {"rules": {f"lstm/{p}/float32": {"coef": [2.5, 0.0, 0.0, -1.0, 0.0]} for p in ("train", "eval")}}
+    monkeypatch.setattr(autotune, "RULE", fake)
+    layer = _layer("lstm", num_layers=2).eval()
+    x = torch.randn(4, 3, 5)
+    assert kernels.plain_stack_runs("lstm", x, [5, 7], 7, False, False, "auto") is None
+    with kernels.recording() as ran:
+        full = _eval_run(layer, x, None)
+    assert ran == ["native", "fused"]
+    lean_calls.clear()
+    _same(_eval_run(layer, x, None), full)
+    assert lean_calls == [False]
+
+
+def test_the_fused_lean_path_steps_aside_where_the_fused_kernel_declines(rule, lean_calls, monkeypatch):
+    """Where plain_stack_runs names the fused kernel (forced or preferred) but the kernel cannot serve a layer
+    (a projection), the full path answers: the forced kernel's error, or the preference's fallback."""
+    rule(-1.0)
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="does not serve proj_size"):
+        _layer("lstm", proj_size=3, kernel="fused")(x)
+    assert lean_calls[-1] is False
+    monkeypatch.setenv("RECNORM_KERNEL", "fused")
+    layer = _layer("lstm", proj_size=3)
+    with kernels.recording() as ran:
+        layer(x)
+    assert ran == ["native"] and lean_calls[-1] is False
 
 
 def test_the_lean_path_reads_the_weights_a_parametrization_computes(rule, lean_calls):
@@ -190,6 +224,8 @@ def test_the_lean_path_steps_aside(rule, lean_calls, monkeypatch):
     assert not served(_layer("lstm", kernel="reference"), x)
     assert served(_layer("lstm", kernel="native"), x)
     monkeypatch.setenv("RECNORM_KERNEL", "fused")
+    assert served(_layer("lstm"), x)  # on the fused kernel
+    monkeypatch.setenv("RECNORM_KERNEL", "reference")
     assert not served(_layer("lstm"), x)
     monkeypatch.setenv("RECNORM_KERNEL", "native")
     assert served(_layer("lstm"), x)
@@ -302,12 +338,16 @@ def test_folded_lean_path_steps_aside_where_the_fold_needs_autograd_or_does_not_
                {"norm": "sequence_batch", "num_layers": 2, "between_layers": "batch"}, {"norm": "sequence_batch", "zoneout": 0.1}):
         other = _layer("lstm", **kw).eval()
         assert not _served(lean_calls, lambda: _eval_run(other, x, None)), kw
-    rule(-1.0)  # the fused kernel first: the full path runs it
+    rule(-1.0)  # the fused kernel first: the lean path runs it, which folds the norm itself, as the full path does
     layer.eval()
     with kernels.recording() as ran:
-        _eval_run(layer, x, None)
+        full = _eval_run(layer, x, None)
     assert ran == ["fused"]
-    assert not _served(lean_calls, lambda: _eval_run(layer, x, None))
+    lean_calls.clear()
+    _same(_eval_run(layer, x, None), full)
+    assert lean_calls == [True]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fused kernel's float32 upcast: the full path
+        assert not _served(lean_calls, lambda: _eval_run(layer, x, None))
 
 
 def test_folded_lean_path_keeps_the_full_paths_checks(rule, lean_calls):

@@ -46,9 +46,9 @@ A new implementation is a module with ``supports`` and ``run_direction``, regist
 :func:`_candidates` or :mod:`.autotune` lists it.
 
 A plain layer (no norm, zoneout, observer, dropout in training or second direction; see
-``RecurrentBase._lean_forward``) asks :func:`native_runs_plain` instead: the same answer as :func:`choose`
+``RecurrentBase._lean_forward``) asks :func:`plain_stack_runs` instead: the same answer as :func:`choose`
 for such a stack, from its sizes alone, so that a call that ends in torch's op costs about what
-``torch.nn``'s own does (building each layer's :class:`DirectionWork` and choosing took about 5% of an
+``torch.nn``'s own does, and one that ends in the fused kernel calls it without the rest of the full path (building each layer's :class:`DirectionWork` and choosing took about 5% of an
 eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied). An eval call without
 autograd of a layer whose only norm is a sequence-wise BN of the input term takes the same path, on the
 input weights with the norm folded in (:func:`.native.folded_stack`, computed at every call: nothing is
@@ -96,7 +96,7 @@ __all__ = [
     "stack_preference",
     "native_bf16",
     "native_runs_bf16",
-    "native_runs_plain",
+    "plain_stack_runs",
     "execution_mode",
     "KERNELS",
     "KernelPreference",
@@ -214,32 +214,42 @@ def stack_preference(
     return autotune.stack_first(work, x, batch_sizes, widths)
 
 
-def native_runs_plain(kind: Optional[str], x: Tensor, widths: Sequence[int], hidden: int, proj: bool, grad: bool,
-                      kernel: str) -> bool:
-    """Whether :func:`choose` would pick torch's op for every layer of a *plain* unidirectional stack: cells
-    of ``kind``, no norm (or, in eval without autograd, a sequence-wise BN of the input term, which folds
-    into ``W_ih`` and leaves the same choice), zoneout or per-step observer, layers that take ``widths`` input features and have
-    ``hidden`` units (``proj``: a projection), a full batch ``x`` ``(T, B, F)``, and autograd needed (``grad``)
-    as :func:`choose` would find it. False also where it cannot answer without :func:`choose` (a stack
-    trained with several layers, where :func:`stack_preference` weighs them together; a dispatch hook,
-    which must see every call): the caller then takes the full path, so the two never disagree."""
+def plain_stack_runs(kind: Optional[str], x: Tensor, widths: Sequence[int], hidden: int, proj: bool, grad: bool,
+                     kernel: str) -> Optional[str]:
+    """The implementation that :func:`choose` would pick for every layer of a *plain* unidirectional stack,
+    ``"native"`` or ``"fused"``, asked from its sizes alone: cells of ``kind``, no norm (or, in eval without
+    autograd, a sequence-wise BN of the input term, which folds into ``W_ih`` and leaves the same choice),
+    zoneout or per-step observer, layers that take ``widths`` input features and have ``hidden`` units
+    (``proj``: a projection), a full batch ``x`` ``(T, B, F)``, and autograd needed (``grad``) as
+    :func:`choose` would find it.
+
+    ``"fused"`` means that torch's op is not what runs and that the fused kernel is the first to ask: the
+    caller must still ask :func:`.fused.supports` of each layer (the weights' dtypes and devices, the
+    extension) and take the full path where it declines, as :func:`choose` would fall through. None where the
+    layers would not all run one implementation, or where the answer needs :func:`choose` itself (a stack
+    trained with several layers, where :func:`stack_preference` weighs them together; a dispatch hook, which
+    must see every call; another implementation forced or preferred): the caller then takes the full path,
+    so the two never disagree."""
     if _ROUTES or _OBSERVERS or kind not in native._OPS or (grad and len(widths) > 1):
-        return False
+        return None
     if x.dtype not in native.DTYPES or execution_mode() != "eager" or native._vmapped():
-        return False
+        return None
     if kernel != "auto":
-        return kernel == "native"  # native serves every plain layer; a preference for another runs "auto" only where that one cannot
+        # native serves every plain layer; a preference for another runs "auto" only where that one cannot
+        return str(kernel) if kernel in ("native", "fused") else None
     if proj:
-        return True  # no rule entry with a projection: torch's op first (autotune.eager_order)
+        return "native"  # no rule entry with a projection: torch's op first (autotune.eager_order)
     dtype = autotune._DTYPES.get(str(x.dtype))
     if dtype is None or x.device.type != "cpu":
-        return True
+        return "native"
     T, B = int(x.shape[0]), int(x.shape[1])
+    fused_first = set()
     for width in widths:
         pred = autotune.predict(kind, grad, dtype, T, B, int(width), hidden)
-        if pred is not None and pred < 0:
-            return False
-    return True
+        fused_first.add(pred is not None and pred < 0)
+    if len(fused_first) > 1:
+        return None  # the layers differ: the full path runs each on its own choice
+    return "fused" if fused_first.pop() else "native"
 
 
 def choose(

@@ -671,13 +671,19 @@ class RecurrentBase(_NormSetup, nn.Module):
 
     def _lean_forward(self, input: Tensor, hx):
         """The forward of a :meth:`_plain` layer, or of a :meth:`_folds_in_eval` one, on a batched tensor where
-        :func:`recnorm.kernels.native_runs_plain` says that every layer runs torch's op: that op, layer after
-        layer (for a normalized layer, on the input weights with the sequence-wise norm folded in, as
-        :func:`recnorm.kernels.native.run_direction` folds it), with what the full path computes and checks
-        around it and nothing else (so the call costs about what torch.nn's does). None where that is not so, or
-        where the input needs one of the full path's answers (another mode or dtype, an error, an empty batch, a
-        norm that does not fold): the full path then runs. Its results are the full path's, bit for bit
-        (tests/nn/test_lean.py)."""
+        :func:`recnorm.kernels.plain_stack_runs` says that every layer runs one implementation, with what the
+        full path computes and checks around it and nothing else:
+
+        * torch's op: that op, layer after layer (for a normalized layer, on the input weights with the
+          sequence-wise norm folded in, as :func:`recnorm.kernels.native.run_direction` folds it), so that
+          the call costs about what torch.nn's does;
+        * the fused kernel: :meth:`_lean_fused`, without the full path's second look at the input and the
+          states, its dispatch and its per-layer bookkeeping (0.6-0.9 ms of Python around a 5 ms eval call at
+          (28, 128, 28, 128) once the kernel has emptied the caches, against torch.nn's 0.2 ms).
+
+        None where that is not so, or where the input needs one of the full path's answers (another mode or
+        dtype, an error, an empty batch, a norm that does not fold, the fused kernel under autocast): the full
+        path then runs. Its results are the full path's, bit for bit (tests/nn/test_lean.py)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None  # before any look at the sizes: a trace or a graph must not record one
         if input.dim() != 3:
@@ -701,12 +707,22 @@ class RecurrentBase(_NormSetup, nn.Module):
             return None  # the 16-bit casts under autograd: the full path
         L, out_width = self.num_layers, self.proj_size or self.hidden_size
         kind = self.cell.kind()
-        if not kernels.native_runs_plain(kind, x if low is None else x.float(), [self.input_size] + [out_width] * (L - 1),
-                                         self.hidden_size, bool(self.proj_size), grad, kernel):
-            return None
+        runs = kernels.plain_stack_runs(kind, x if low is None else x.float(), [self.input_size] + [out_width] * (L - 1),
+                                        self.hidden_size, bool(self.proj_size), grad, kernel)
+        if runs is None or (runs == "fused" and low is not None):
+            return None  # under autocast, the fused kernel's float32 upcast is the full path's (kernels._run_upcast)
+        if self.norm is not None:
+            self._check_population_statistics(warn=True)  # the full path's checks, in its order (the input's came first)
+        if runs == "fused":
+            fused = self._lean_fused(x, state)
+            if fused is None:
+                return None
+            out, ends = fused
+            if self.batch_first:
+                out = out.transpose(0, 1)
+            return out, (ends if self.cell.state_size == 2 else ends[0])
         has_bias = self.bias
         if self.norm is not None:  # eval without autograd: fold each layer's sequence-wise norm into W_ih
-            self._check_population_statistics(warn=True)  # the full path's checks, in its order (the input's came first)
             with torch.autocast(x.device.type, enabled=False):  # as kernels._run_upcast folds it: in float32
                 folded = kernels.native.folded_stack([self.direction_work(layer, 0) for layer in range(L)], x)
             if folded is None:
@@ -722,6 +738,29 @@ class RecurrentBase(_NormSetup, nn.Module):
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, (ends if self.cell.state_size == 2 else ends[0])
+
+    def _lean_fused(self, x: Tensor, state: Tuple[Tensor, ...]) -> Optional[Tuple[Tensor, Tuple[Tensor, ...]]]:
+        """The layers of a lean call on the fused kernel, each as the full path runs it
+        (:func:`recnorm.kernels.fused.run_direction` on the layer's :meth:`direction_work`), without the full
+        path's dispatch: ``(out, final states)``. None, before anything runs, where the fused kernel declines
+        a layer (:func:`recnorm.kernels.fused.supports`), or where a layer's norm would take batch statistics
+        (what the full path then records): the full path then runs, and falls through as
+        :func:`recnorm.kernels.choose` does."""
+        works = [self.direction_work(layer, 0) for layer in range(self.num_layers)]
+        for work in works:
+            norms = work.present_norms()
+            if norms and (set(norms) != {"ih"} or norms["ih"].stat != "sequence" or norms["ih"].batch_stats):
+                return None
+            if kernels.fused.supports(work, x, None, "eager") is not None:
+                return None
+        finals: List[List[Tensor]] = [[] for _ in state]
+        h = x
+        for layer, work in enumerate(works):
+            res = kernels.fused.run_direction(work, h, None, tuple(s[layer] for s in state))
+            h = res.output
+            for i, f in enumerate(res.state):
+                finals[i].append(f)
+        return h, _stacked(finals)
 
     def _lean_upcast(self, kind: str, x: Tensor, state, weights: List[Tensor], has_bias: bool, low: torch.dtype):
         """The layers under CPU autocast as the full path runs them (:func:`recnorm.kernels._run_upcast`): each
@@ -778,8 +817,13 @@ class RecurrentBase(_NormSetup, nn.Module):
                 layer_input = bn.normalize_rows(layer_input.reshape(-1, layer_input.shape[-1])).view_as(layer_input)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
-        # one layer and direction: a view, not stack's copy (torch.nn returns its op's states as they are)
-        return layer_input, tuple(f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f, 0) for f in finals)
+        return layer_input, _stacked(finals)
+
+
+def _stacked(finals: List[List[Tensor]]) -> Tuple[Tensor, ...]:
+    """Each state's finals of every layer and direction ``(B, H')``, stacked ``(D*num_layers, B, H')``; for one
+    layer and direction a view, not stack's copy (torch.nn returns its op's states as they are)."""
+    return tuple(f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f, 0) for f in finals)
 
 
 _WARNED_UNCALIBRATED = False
