@@ -26,8 +26,8 @@
 //       begin_step(site, t, step, batch) -> Step<T> (what the site does at step t: batch or population
 //       statistics; with population statistics its rm, rv and eps are the slot's, which the LSTM's eval
 //       fold reads), columns(X, stride, rows, cnt, col, step, mean_out, rstd_out) (the statistics of cnt
-//       adjacent features over the step's rows), population_rstd(mean, var, eps) (one feature's rstd
-//       from population statistics: eval folds the norm into an affine map with it), and
+//       adjacent features over the step's rows), population_rstd(mean, var, eps) (the rstd of a
+//       vector of features, Vec<T>, from population statistics: eval folds the norm into an affine map with it), and
 //       batch_step(training, rows) (whether a step normalizes with its batch's statistics).
 //
 // The passes own the derivative: they differentiate y = (x - mean) * rstd as a standardization by the
@@ -91,7 +91,8 @@ struct HasBatchStep<F, std::void_t<decltype(bool(F::batch_step(true, int64_t(0))
 template <class F, typename T, class = void>
 struct HasPopulationRstd : std::false_type {};
 template <class F, typename T>
-struct HasPopulationRstd<F, T, std::void_t<decltype(T(F::population_rstd(T(0), T(0), T(0))))>> : std::true_type {};
+struct HasPopulationRstd<F, T, std::void_t<decltype(Vec<T>(F::population_rstd(Vec<T>(T(0)), Vec<T>(T(0)), T(0))))>>
+    : std::true_type {};
 
 template <class F, typename T, class = void>
 struct HasSteps : std::false_type {};
@@ -130,7 +131,7 @@ constexpr bool family_check() {
   static_assert(std::is_same<std::remove_cv_t<decltype(F::kCode)>, int64_t>::value, "a statistic family needs `static constexpr int64_t kCode`");
   if constexpr (F::kAxis == Axis::kBatch) {
     static_assert(HasBatchStep<F>::value, "a batch-axis family needs `static bool batch_step(bool training, int64_t rows)`");
-    static_assert(HasPopulationRstd<F, T>::value, "a batch-axis family needs `static T population_rstd(T mean, T var, T eps)`");
+    static_assert(HasPopulationRstd<F, T>::value, "a batch-axis family needs `static Vec<T> population_rstd(Vec<T> mean, Vec<T> var, T eps)`");
     static_assert(HasSteps<F, T>::value,
                   "a batch-axis family needs `Site<T>`, `begin_step(site, t, step, batch)` returning its Step<T>, and "
                   "`columns(X, stride, rows, cnt, col, step, mean_out, rstd_out)`");

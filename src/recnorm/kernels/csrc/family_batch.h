@@ -152,12 +152,12 @@ struct StepBatchFamily {
     st(rstd_out, rstd, cnt);
   }
 
-  // rstd of one feature from its population statistics (0 for a degenerate feature).
+  // rstd of VS features from their population statistics (0 for a degenerate feature): 1 / sqrt(var + eps),
+  // correctly rounded as one feature's scalar sqrt and division would be.
   template <typename T>
-  static T population_rstd(T mean, T var, T eps) {
-    const T tol = population_tol<T>() * mean;
-    if (var <= tol * tol) return T(0);
-    return T(1) / std::sqrt(var + eps);
+  static Vec<T> population_rstd(const Vec<T>& mean, const Vec<T>& var, T eps) {
+    const Vec<T> tol = mean * Vec<T>(population_tol<T>());
+    return Vec<T>::blendv(Vec<T>(T(1)) / (var + Vec<T>(eps)).sqrt(), Vec<T>(T(0)), var <= tol * tol);
   }
 };
 

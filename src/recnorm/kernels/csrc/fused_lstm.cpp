@@ -387,17 +387,25 @@ class LstmForward {
     if (s_ih.rm == fold_slots_[0] && s_hh.rm == fold_slots_[1] && s_c.rm == fold_slots_[2]) return;
     fold_slots_[0] = s_ih.rm, fold_slots_[1] = s_hh.rm, fold_slots_[2] = s_c.rm;
     T* f = fold_.data();
-    for (int64_t q = 0; q < G; ++q) {
-      const T ai = gih[q] * F::population_rstd(s_ih.rm[q], s_ih.rv[q], s_ih.eps);
-      const T ah = ghh[q] * F::population_rstd(s_hh.rm[q], s_hh.rv[q], s_hh.eps);
-      f[q] = ai;
-      f[G + q] = ah;
-      f[2 * G + q] = b[q] - (cen_ih ? ai * s_ih.rm[q] : T(0)) - (cen_hh ? ah * s_hh.rm[q] : T(0));
+    // VS features at a time, with the values the scalar loop gave (which the compiler had contracted to
+    // shift = fma(-a, mean, b)): 2G + H scalar square roots and divisions a step (1152 at H = 128) become
+    // (2G + H) / VS vector ones.
+    for (int64_t q = 0; q < G; q += VS) {
+      const int64_t n = std::min(VS, G - q);
+      const Vec<T> rmi = ld(s_ih.rm + q, n), rmh = ld(s_hh.rm + q, n);
+      const Vec<T> ai = ld(gih + q, n) * F::population_rstd(rmi, ld(s_ih.rv + q, n), s_ih.eps);
+      const Vec<T> ah = ld(ghh + q, n) * F::population_rstd(rmh, ld(s_hh.rv + q, n), s_hh.eps);
+      st(f + q, ai, n);
+      st(f + G + q, ah, n);
+      const Vec<T> si = cen_ih ? fma(ai.neg(), rmi, ld(b + q, n)) : ld(b + q, n);
+      st(f + 2 * G + q, cen_hh ? fma(ah.neg(), rmh, si) : si, n);
     }
-    for (int64_t j = 0; j < H; ++j) {
-      const T ac = gc[j] * F::population_rstd(s_c.rm[j], s_c.rv[j], s_c.eps);
-      f[3 * G + j] = ac;
-      f[3 * G + H + j] = betac[j] - (cen_c ? ac * s_c.rm[j] : T(0));
+    for (int64_t j = 0; j < H; j += VS) {
+      const int64_t n = std::min(VS, H - j);
+      const Vec<T> rmc = ld(s_c.rm + j, n);
+      const Vec<T> ac = ld(gc + j, n) * F::population_rstd(rmc, ld(s_c.rv + j, n), s_c.eps);
+      st(f + 3 * G + j, ac, n);
+      st(f + 3 * G + H + j, cen_c ? fma(ac.neg(), rmc, ld(betac + j, n)) : ld(betac + j, n), n);
     }
   }
 
