@@ -205,8 +205,10 @@ def test_the_lean_path_steps_aside(rule, lean_calls, monkeypatch):
         return bool(lean_calls) and lean_calls[-1]
 
     assert served(_layer("lstm"), x)
-    # structure: a norm, zoneout, a second direction, dropout in training, weight dropout in training
-    for kw in ({"norm": "layer"}, {"zoneout": 0.1}, {"bidirectional": True}):
+    # structure: a norm in training, zoneout, a second direction, dropout in training, weight dropout in training
+    assert not served(_layer("lstm", norm="layer"), x, train=True)
+    assert served(_layer("lstm", norm="layer"), x)  # eval without autograd: on the fused kernel
+    for kw in ({"zoneout": 0.1}, {"bidirectional": True}):
         assert not served(_layer("lstm", **kw), x)
     assert not served(_layer("lstm", num_layers=2, dropout=0.5), x, train=True)
     assert served(_layer("lstm", num_layers=2, dropout=0.5), x, train=False)
@@ -334,8 +336,8 @@ def test_folded_lean_path_steps_aside_where_the_fold_needs_autograd_or_does_not_
     layer.train()
     with torch.no_grad():  # training: batch statistics
         assert not _served(lean_calls, lambda: layer(x))
-    for kw in ({"norm": "layer"}, {"norm": "batch"}, {"norm": "shared_batch"}, {"norm": "sequence_batch", "bidirectional": True},
-               {"norm": "sequence_batch", "num_layers": 2, "between_layers": "batch"}, {"norm": "sequence_batch", "zoneout": 0.1}):
+    for kw in ({"norm": "sequence_batch", "bidirectional": True}, {"norm": "sequence_batch", "num_layers": 2, "between_layers": "batch"},
+               {"norm": "sequence_batch", "zoneout": 0.1}):
         other = _layer("lstm", **kw).eval()
         assert not _served(lean_calls, lambda: _eval_run(other, x, None)), kw
     rule(-1.0)  # the fused kernel first: the lean path runs it, which folds the norm itself, as the full path does
@@ -383,3 +385,82 @@ def test_lean_path_under_autocast_is_the_full_path_bit_for_bit(cell, config, nor
     assert lean_calls[-1] is True
     assert all(t.dtype == low for t in lean)
     _same(lean, full)
+
+
+# -- any norm the fused kernel serves, in eval without autograd (issue 17: the Python around the kernel) ----
+
+
+def _calibrated_norm(cell, norm, **kw):
+    """A layer with ``norm`` whose running statistics (batch norms) and affine parameters are not the defaults."""
+    torch.manual_seed(0)
+    extra = {"nonlinearity": "relu"} if cell == "rnn_relu" else {}
+    layer = LAYERS[cell](5, 7, norm=norm, **extra, **kw)
+    with torch.no_grad():
+        for _ in range(3):
+            layer.train()(torch.randn(4, 3, 5) * 2 + 1)
+        for name, p in layer.named_parameters():
+            if name.startswith("norm"):
+                p.copy_(torch.randn_like(p))
+    return layer.eval()
+
+
+NORMED = [pytest.param(cell, norm, config, id=f"{cell}-{norm}-{name}") for cell in ("lstm", "gru", "rnn", "rnn_relu")
+          for norm in ("layer", "batch", "shared_batch", "rms")
+          for name, config in {"one": {}, "two_layers": {"num_layers": 2}, "batch_first": {"batch_first": True}}.items()]
+
+
+NORMED += [pytest.param(cell, norm, config, id=f"{cell}-{name}") for cell, norm, name, config in (
+    ("lstm", "layer", "joint+carry", {"norm_kwargs": {"joint": True, "carry_cell": True}}),
+    ("lstm", "rms", "joint+carry", {"norm_kwargs": {"joint": True, "carry_cell": True}}),
+    ("lstm", "layer", "weight_dropout", {"weight_dropout": 0.25}),
+    ("gru", "layer", "one group", {"norm_kwargs": {"gate_groups": "one"}}),
+    ("rnn", "layer", "joint", {"norm_kwargs": {"joint": True}}),
+)]
+
+
+@pytest.mark.parametrize("cell,norm,config", NORMED)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
+@pytest.mark.parametrize("c0", [+1.0, -1.0], ids=["rule_native", "rule_fused"])
+def test_normalized_eval_lean_path_is_the_full_path_bit_for_bit(cell, norm, config, with_hx, c0, rule, lean_calls):
+    """Norms that torch's op does not serve run on the fused kernel whatever the rule says; the lean path
+    runs it as the full path does."""
+    rule(c0)
+    layer = _calibrated_norm(cell, norm, **config)
+    T, B = 6, 3
+    x = torch.randn(B, T, 5) if layer.batch_first else torch.randn(T, B, 5)
+    hx = None
+    if with_hx:
+        hx = tuple(torch.randn(s) for s in layer._state_shapes(B))
+        hx = hx if cell == "lstm" else hx[0]
+    with kernels.recording() as ran:  # a dispatch observer: the full path
+        full = _eval_run(layer, x, hx)
+    assert set(ran) == {"fused"} and lean_calls[-1] is False
+    lean = _eval_run(layer, x, hx)
+    assert lean_calls[-1] is True
+    _same(lean, full)
+
+
+def test_normalized_lean_path_steps_aside_where_it_must(rule, lean_calls):
+    """Training or autograd (batch statistics, the graph), another implementation forced, the fused kernel
+    declining (a projection), a second direction: the full path."""
+    rule(-1.0)
+    x = torch.randn(4, 3, 5)
+    layer = _calibrated_norm("lstm", "batch")
+    assert _served(lean_calls, lambda: _eval_run(layer, x, None))
+    with torch.enable_grad():
+        assert not _served(lean_calls, lambda: layer(x))
+    with torch.no_grad():
+        layer.train()
+        assert not _served(lean_calls, lambda: layer(x))  # batch statistics, recorded into the running averages
+        layer.eval()
+    layer.kernel = "reference"
+    assert not _served(lean_calls, lambda: _eval_run(layer, x, None))
+    layer.kernel = "native"  # torch's op cannot serve batch norm: the full path's error
+    with pytest.raises(ValueError, match="cannot run this layer"):
+        _eval_run(layer, x, None)
+    assert lean_calls[-1] is False
+    proj = _layer("lstm", norm="layer", proj_size=3).eval()
+    with kernels.recording() as ran:
+        _eval_run(proj, x, None)
+    assert ran == ["reference"] and lean_calls[-1] is False
+    assert not _served(lean_calls, lambda: _eval_run(_layer("lstm", norm="layer", bidirectional=True).eval(), x, None))

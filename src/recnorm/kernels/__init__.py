@@ -48,7 +48,8 @@ A new implementation is a module with ``supports`` and ``run_direction``, regist
 A plain layer (no norm, zoneout, observer, dropout in training or second direction; see
 ``RecurrentBase._lean_forward``) asks :func:`plain_stack_runs` instead: the same answer as :func:`choose`
 for such a stack, from its sizes alone, so that a call that ends in torch's op costs about what
-``torch.nn``'s own does, and one that ends in the fused kernel calls it without the rest of the full path (building each layer's :class:`DirectionWork` and choosing took about 5% of an
+``torch.nn``'s own does, and one that ends in the fused kernel calls it without the rest of the full path
+(so does an eval call without autograd of a one-direction layer with any norm the fused kernel serves) (building each layer's :class:`DirectionWork` and choosing took about 5% of an
 eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied). An eval call without
 autograd of a layer whose only norm is a sequence-wise BN of the input term takes the same path, on the
 input weights with the norm folded in (:func:`.native.folded_stack`, computed at every call: nothing is
@@ -215,13 +216,15 @@ def stack_preference(
 
 
 def plain_stack_runs(kind: Optional[str], x: Tensor, widths: Sequence[int], hidden: int, proj: bool, grad: bool,
-                     kernel: str) -> Optional[str]:
+                     kernel: str, native_serves: bool = True) -> Optional[str]:
     """The implementation that :func:`choose` would pick for every layer of a *plain* unidirectional stack,
     ``"native"`` or ``"fused"``, asked from its sizes alone: cells of ``kind``, no norm (or, in eval without
     autograd, a sequence-wise BN of the input term, which folds into ``W_ih`` and leaves the same choice),
     zoneout or per-step observer, layers that take ``widths`` input features and have ``hidden`` units
     (``proj``: a projection), a full batch ``x`` ``(T, B, F)``, and autograd needed (``grad``) as
-    :func:`choose` would find it.
+    :func:`choose` would find it. ``native_serves=False``: a stack in eval without autograd whose norms
+    torch's op does not serve (layer norm, per-step batch norm, ...), which :func:`choose` gives to the
+    fused kernel wherever that serves it, whatever the sizes.
 
     ``"fused"`` means that torch's op is not what runs and that the fused kernel is the first to ask: the
     caller must still ask :func:`.fused.supports` of each layer (the weights' dtypes and devices, the
@@ -236,7 +239,9 @@ def plain_stack_runs(kind: Optional[str], x: Tensor, widths: Sequence[int], hidd
         return None
     if kernel != "auto":
         # native serves every plain layer; a preference for another runs "auto" only where that one cannot
-        return str(kernel) if kernel in ("native", "fused") else None
+        return str(kernel) if kernel == "fused" or (kernel == "native" and native_serves) else None
+    if not native_serves:
+        return "fused"
     if proj:
         return "native"  # no rule entry with a projection: torch's op first (autotune.eager_order)
     dtype = autotune._DTYPES.get(str(x.dtype))

@@ -590,7 +590,7 @@ class RecurrentBase(_NormSetup, nn.Module):
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         """Run the layer. Inputs and outputs are those of the corresponding torch.nn layer."""
-        if type(input) is Tensor and (self._plain() or self._folds_in_eval()):
+        if type(input) is Tensor and (self._plain() or self._lean_in_eval()):
             lean = self._lean_forward(input, hx)
             if lean is not None:
                 return lean
@@ -659,27 +659,35 @@ class RecurrentBase(_NormSetup, nn.Module):
                 and not any(self._zoneout_rates)
                 and not (self.training and (self.weight_dropout or (self.dropout and self.num_layers > 1))))
 
-    def _folds_in_eval(self) -> bool:
-        """A normalized layer whose eval call without autograd may end in torch's op: one direction, no zoneout,
-        observer or batch norm between layers, in eval mode with gradients off. Whether its norms do fold
-        (sequence-wise BN of the input term on population statistics only) is for
-        :func:`recnorm.kernels.native.folded_stack` to say, from the layers' descriptors."""
+    def _lean_in_eval(self) -> bool:
+        """A normalized layer whose eval call without autograd may take the lean path: one direction, no
+        zoneout, observer or batch norm between layers, in eval mode with gradients off. Its norms decide
+        where it runs: a sequence-wise BN of the input term alone folds into ``W_ih`` and leaves torch's op
+        or the fused kernel to the rule (:meth:`_native_serves`); any other norm runs on the fused kernel
+        where it serves the layer (:func:`recnorm.kernels.fused.supports`)."""
         return (self.norm is not None and not self.training and not torch.is_grad_enabled() and not self.bidirectional
-                and self._step_observer is None and not any(self._zoneout_rates) and self.between_layers is None
-                and all(set(sites) == {"ih"} and getattr(getattr(self, sites["ih"]), "stat", None) == "sequence"
-                        for sites in self._norm_sites))  # a cheap look first: other norms never fold
+                and self._step_observer is None and not any(self._zoneout_rates) and self.between_layers is None)
+
+    def _native_serves(self) -> bool:
+        """Whether torch's op can serve this layer's every direction as far as its norms go: none, or a
+        sequence-wise BN of the input term alone (folded into ``W_ih``; whether it folds in this call, on
+        population statistics, is for :func:`recnorm.kernels.native.folded_stack` to say). A cheap look at
+        the layer's structure."""
+        return self.norm is None or all(set(sites) == {"ih"} and getattr(getattr(self, sites["ih"]), "stat", None) == "sequence"
+                                        for sites in self._norm_sites)
 
     def _lean_forward(self, input: Tensor, hx):
-        """The forward of a :meth:`_plain` layer, or of a :meth:`_folds_in_eval` one, on a batched tensor where
+        """The forward of a :meth:`_plain` layer, or of a :meth:`_lean_in_eval` one, on a batched tensor where
         :func:`recnorm.kernels.plain_stack_runs` says that every layer runs one implementation, with what the
         full path computes and checks around it and nothing else:
 
         * torch's op: that op, layer after layer (for a normalized layer, on the input weights with the
           sequence-wise norm folded in, as :func:`recnorm.kernels.native.run_direction` folds it), so that
           the call costs about what torch.nn's does;
-        * the fused kernel: :meth:`_lean_fused`, without the full path's second look at the input and the
-          states, its dispatch and its per-layer bookkeeping (0.6-0.9 ms of Python around a 5 ms eval call at
-          (28, 128, 28, 128) once the kernel has emptied the caches, against torch.nn's 0.2 ms).
+        * the fused kernel (any norm it serves, in eval): :meth:`_lean_fused`, without the full path's second
+          look at the input and the states, its dispatch and its per-layer bookkeeping (0.6-0.9 ms of Python
+          around a 5 ms eval call at (28, 128, 28, 128) once the kernel has emptied the caches, against
+          torch.nn's 0.2 ms).
 
         None where that is not so, or where the input needs one of the full path's answers (another mode or
         dtype, an error, an empty batch, a norm that does not fold, the fused kernel under autocast): the full
@@ -707,8 +715,9 @@ class RecurrentBase(_NormSetup, nn.Module):
             return None  # the 16-bit casts under autograd: the full path
         L, out_width = self.num_layers, self.proj_size or self.hidden_size
         kind = self.cell.kind()
+        native_serves = self._native_serves()
         runs = kernels.plain_stack_runs(kind, x if low is None else x.float(), [self.input_size] + [out_width] * (L - 1),
-                                        self.hidden_size, bool(self.proj_size), grad, kernel)
+                                        self.hidden_size, bool(self.proj_size), grad, kernel, native_serves)
         if runs is None or (runs == "fused" and low is not None):
             return None  # under autocast, the fused kernel's float32 upcast is the full path's (kernels._run_upcast)
         if self.norm is not None:
@@ -744,12 +753,11 @@ class RecurrentBase(_NormSetup, nn.Module):
         (:func:`recnorm.kernels.fused.run_direction` on the layer's :meth:`direction_work`), without the full
         path's dispatch: ``(out, final states)``. None, before anything runs, where the fused kernel declines
         a layer (:func:`recnorm.kernels.fused.supports`), or where a layer's norm would take batch statistics
-        (what the full path then records): the full path then runs, and falls through as
-        :func:`recnorm.kernels.choose` does."""
+        (what the full path records into the running averages): the full path then runs, and falls through
+        as :func:`recnorm.kernels.choose` does."""
         works = [self.direction_work(layer, 0) for layer in range(self.num_layers)]
         for work in works:
-            norms = work.present_norms()
-            if norms and (set(norms) != {"ih"} or norms["ih"].stat != "sequence" or norms["ih"].batch_stats):
+            if any(d.batch_stats for d in work.present_norms().values()):
                 return None
             if kernels.fused.supports(work, x, None, "eager") is not None:
                 return None
