@@ -180,6 +180,31 @@ def test_a_run_records_provenance_and_its_config_replays_its_kernels(tmp_path):
     assert again.final == result.final and again.provenance["kernels"] == p["kernels"]
 
 
+def test_a_run_records_the_fused_kernels_gemm_settings(tmp_path, monkeypatch):
+    """The settings that round the fused kernels' products differently (MKL's packed W_hh, the transposed
+    weight gradients, the oneDNN rule) are recorded as the extension that ran had them, not as constants."""
+    from recnorm.kernels import fused
+
+    monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
+    ext = fused.load_extension("lstm")
+    if ext is None:
+        pytest.skip("the fused LSTM extension is not available")
+    result = train_and_evaluate(tiny(kernel="fused"), str(tmp_path / "a"))
+    assert result.provenance["gemm"] == {"mkl_pack": ext.gemm_packed(), "wgrad_transposed": ext.wgrad_transposed(),
+                                         "onednn_rule": "current"}
+    before = ext.wgrad_transposed()
+    ext.set_wgrad_transposed(not before)
+    try:
+        flipped = train_and_evaluate(tiny(kernel="fused"), str(tmp_path / "b"))
+    finally:
+        ext.set_wgrad_transposed(before)
+    assert flipped.provenance["gemm"]["wgrad_transposed"] is (not before)
+    legacy = train_and_evaluate(tiny(kernel="legacy"), str(tmp_path / "c"))  # replays with the rule it ran with
+    assert legacy.provenance["gemm"]["onednn_rule"] == "2026-12-04"
+    monkeypatch.setenv("RECNORM_FUSED_ONEDNN", "0")
+    assert fused.gemm_setting()["onednn_env"] == "0"
+
+
 def test_a_run_records_its_chunk_floor_and_replays_with_it(tmp_path, monkeypatch):
     from recnorm.kernels import fused
 

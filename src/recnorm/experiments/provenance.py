@@ -13,7 +13,10 @@ run only on the same kernels, so every run records what ran (``kernels``) and a 
 (``kernel_pin``, a value for ``RunConfig.kernel``). Runs made before the rule existed replay with ``"legacy"``.
 The fused backward's weight-gradient chunking fixes the order in which weight gradients are summed, so a run
 also records its chunk floor (``chunk_floor``, a value for ``RunConfig.chunk_floor``); runs that do not record
-one replay with the floor they ran with, 2048 (:data:`recnorm.kernels.fused.LEGACY_CHUNK_FLOOR`).
+one replay with the floor they ran with, 2048 (:data:`recnorm.kernels.fused.LEGACY_CHUNK_FLOOR`). The fused
+kernels' GEMM settings per CPU maker (MKL's packed ``W_hh``, the transposed weight gradients, the oneDNN rule)
+round differently too, and are recorded under ``gemm`` (runs since 2026-12-07; the environment overrides
+named there replay another setting).
 
 The machine matters too: torch's own op (oneDNN) and ATen's vectorized kernels pick code paths by the CPU's
 vector ISA (``cpu.capability``: AVX2, AVX512...), with different rounding. A run reproduces on a machine with
@@ -152,6 +155,7 @@ class DispatchLog:
     def __init__(self) -> None:
         self.seen: Dict[str, Dict[str, Set[str]]] = {}
         self.chunks: Dict[str, Any] = {}
+        self.gemm: Dict[str, Any] = {}
 
     def add(self, layer: str, phase: str, name: str) -> None:
         self.seen.setdefault(layer, {}).setdefault(phase, set()).add(name)
@@ -179,7 +183,8 @@ def kernel_dispatch(model: torch.nn.Module, kernel: str, chunk_floor: Optional[i
     """Within the block, every recnorm layer of ``model`` runs the implementation ``kernel`` (a
     ``RunConfig.kernel`` value) asks for, with the fused backward's weight-gradient chunks of at least
     ``chunk_floor`` rows (``RunConfig.chunk_floor``; None: the library's), and the returned log records what
-    ran (``log.chunks``: the chunk setting in force, :func:`recnorm.kernels.fused.chunk_setting`).
+    ran (``log.chunks``: the chunk setting in force, :func:`recnorm.kernels.fused.chunk_setting`; ``log.gemm``,
+    at the end of the block: the GEMM settings, :func:`recnorm.kernels.fused.gemm_setting`).
 
     The pin applies to the calls that compute the model's outputs; a call with a per-step observer (the
     diagnostics' capture, which only the reference loop serves) keeps ``"auto"``. It is a
@@ -212,7 +217,10 @@ def kernel_dispatch(model: torch.nn.Module, kernel: str, chunk_floor: Optional[i
     rule = fused.onednn_rule("2026-12-04") if pin.get("*") == "legacy" else contextlib.nullcontext()
     with kernels.route_dispatch(policy), rule, fused.chunk_floor(chunk_floor):
         log.chunks = fused.chunk_setting()
-        yield log
+        try:
+            yield log
+        finally:  # after the calls: the extension that ran them is loaded by then
+            log.gemm = fused.gemm_setting()
 
 
 def _choose_pinned(call: Any, wanted: str) -> Tuple[str, str]:

@@ -699,7 +699,7 @@ def train_and_evaluate(config: RunConfig, workdir: str, progress: Optional[Progr
     with kernel_dispatch(run.model, config.kernel, config.chunk_floor) as dispatch:
         outcome = _train_loop(run)
         final, population = _final_evaluation(run) if outcome[1] is None else ({}, {})
-    provenance.update(kernels=dispatch.kernels(), kernel_pin=dispatch.pin(), **dispatch.chunks)
+    provenance.update(kernels=dispatch.kernels(), kernel_pin=dispatch.pin(), **dispatch.chunks, gemm=dispatch.gemm)
     replay = {}  # config.json replays the kernels that ran and their chunk floor
     if config.kernel == "auto" and provenance["kernel_pin"]:
         replay["kernel"] = provenance["kernel_pin"]

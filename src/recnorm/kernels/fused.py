@@ -503,6 +503,26 @@ def chunk_setting() -> Dict[str, object]:
     return setting
 
 
+def gemm_setting() -> Dict[str, object]:
+    """What the fused kernels' GEMMs do on this host, for a run's provenance, beside :func:`chunk_setting`:
+    each of these choices rounds the same products differently, so a run replays bit for bit only with the
+    same. ``{"mkl_pack": ..., "wgrad_transposed": ..., "onednn_rule": ...}``: ``W_hh`` packed by MKL
+    (:data:`MKL_PACK_MAKERS`), the weight gradients accumulated transposed (:data:`WGRAD_TRANSPOSED_MAKERS`),
+    the rule in force of :func:`onednn_plan`, plus ``"onednn_env"`` where ``$RECNORM_FUSED_ONEDNN`` overrides it.
+    Read from the LSTM extension where it is loaded (this never builds one), else what a build would set.
+    ``RECNORM_FUSED_MKL_PACK`` and ``RECNORM_FUSED_WGRAD_T`` (set before the extension loads) replay another."""
+    ext = EXTENSIONS["lstm"].module
+    setting: Dict[str, object] = {
+        "mkl_pack": bool(ext.gemm_packed()) if ext is not None else mkl_pack_wanted(),
+        "wgrad_transposed": bool(ext.wgrad_transposed()) if ext is not None else wgrad_transposed_wanted(),
+        "onednn_rule": _ONEDNN_RULE,
+    }
+    env = os.environ.get("RECNORM_FUSED_ONEDNN")
+    if env:
+        setting["onednn_env"] = env
+    return setting
+
+
 def _chunk_rows(n_rows: int) -> int:
     """Rows per chunk of the backward's weight-gradient GEMMs: a quarter of the rows, and at least the floor
     in force (:data:`CHUNK_FLOOR`, or :func:`chunk_floor`'s); ``$RECNORM_FUSED_CHUNK_ROWS``, if set, is the
