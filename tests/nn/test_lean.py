@@ -257,10 +257,11 @@ def test_bad_input_gets_the_full_paths_error(rule):
 # -- a sequence-wise BN of the input term, folded in eval (issue 17: the wrapper above torch's op) --------
 
 
-def _calibrated(cell, **kw):
-    """A sequence_batch layer whose running statistics and affine parameters are not the defaults (a few
-    training batches, then random gains and shifts), so that a fold that ignored any of them would show."""
-    layer = _layer(cell, norm="sequence_batch", **kw)
+def _calibrated(cell, norm="sequence_batch", **kw):
+    """A layer with ``norm`` whose running statistics (batch norms) and affine parameters are not the defaults
+    (a few training batches, then random gains and shifts), so that a fold or a kernel that ignored any of
+    them would show."""
+    layer = _layer(cell, norm=norm, **kw)
     with torch.no_grad():
         for _ in range(3):
             layer.train()(torch.randn(4, 3, 5) * 2 + 1)
@@ -276,23 +277,29 @@ def _eval_run(layer, x, hx):
     return [out, *(fin if isinstance(fin, tuple) else (fin,))]
 
 
-@pytest.mark.parametrize("cell,config", CASES)
-@pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
-def test_folded_lean_path_is_the_full_path_bit_for_bit(cell, config, with_hx, rule, lean_calls):
-    rule(+1.0)
-    layer = _calibrated(cell, **config)
-    T, B = 4, 3
+def _lean_is_full(layer, cell, with_hx, expected, lean_calls, T=4, B=3):
+    """An eval call through the full path (a dispatch observer makes the lean path step aside), which must run
+    ``expected``, then the same call, which the lean path must serve with the same bits: ``(lean, x, hx)``."""
     x = torch.randn(B, T, 5) if layer.batch_first else torch.randn(T, B, 5)
     hx = None
     if with_hx:
         hx = tuple(torch.randn(s) for s in layer._state_shapes(B))
         hx = hx if cell == "lstm" else hx[0]
-    with kernels.recording() as ran:  # a dispatch observer: the full path
+    with kernels.recording() as ran:
         full = _eval_run(layer, x, hx)
-    assert set(ran) == {"native"} and lean_calls[-1] is False
+    assert set(ran) == {expected} and lean_calls[-1] is False
     lean = _eval_run(layer, x, hx)
     assert lean_calls[-1] is True
     _same(lean, full)
+    return lean, x, hx
+
+
+@pytest.mark.parametrize("cell,config", CASES)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
+def test_folded_lean_path_is_the_full_path_bit_for_bit(cell, config, with_hx, rule, lean_calls):
+    rule(+1.0)
+    layer = _calibrated(cell, **config)
+    lean, x, hx = _lean_is_full(layer, cell, with_hx, "native", lean_calls)
     # and the same as the reference loop, which normalizes W_ih x with the running statistics step by step
     with torch.no_grad():
         layer.kernel = "reference"
@@ -390,20 +397,6 @@ def test_lean_path_under_autocast_is_the_full_path_bit_for_bit(cell, config, nor
 # -- any norm the fused kernel serves, in eval without autograd (issue 17: the Python around the kernel) ----
 
 
-def _calibrated_norm(cell, norm, **kw):
-    """A layer with ``norm`` whose running statistics (batch norms) and affine parameters are not the defaults."""
-    torch.manual_seed(0)
-    extra = {"nonlinearity": "relu"} if cell == "rnn_relu" else {}
-    layer = LAYERS[cell](5, 7, norm=norm, **extra, **kw)
-    with torch.no_grad():
-        for _ in range(3):
-            layer.train()(torch.randn(4, 3, 5) * 2 + 1)
-        for name, p in layer.named_parameters():
-            if name.startswith("norm"):
-                p.copy_(torch.randn_like(p))
-    return layer.eval()
-
-
 NORMED = [pytest.param(cell, norm, config, id=f"{cell}-{norm}-{name}") for cell in ("lstm", "gru", "rnn", "rnn_relu")
           for norm in ("layer", "batch", "shared_batch", "rms")
           for name, config in {"one": {}, "two_layers": {"num_layers": 2}, "batch_first": {"batch_first": True}}.items()]
@@ -425,19 +418,7 @@ def test_normalized_eval_lean_path_is_the_full_path_bit_for_bit(cell, norm, conf
     """Norms that torch's op does not serve run on the fused kernel whatever the rule says; the lean path
     runs it as the full path does."""
     rule(c0)
-    layer = _calibrated_norm(cell, norm, **config)
-    T, B = 6, 3
-    x = torch.randn(B, T, 5) if layer.batch_first else torch.randn(T, B, 5)
-    hx = None
-    if with_hx:
-        hx = tuple(torch.randn(s) for s in layer._state_shapes(B))
-        hx = hx if cell == "lstm" else hx[0]
-    with kernels.recording() as ran:  # a dispatch observer: the full path
-        full = _eval_run(layer, x, hx)
-    assert set(ran) == {"fused"} and lean_calls[-1] is False
-    lean = _eval_run(layer, x, hx)
-    assert lean_calls[-1] is True
-    _same(lean, full)
+    _lean_is_full(_calibrated(cell, norm, **config), cell, with_hx, "fused", lean_calls)
 
 
 def test_normalized_lean_path_steps_aside_where_it_must(rule, lean_calls):
@@ -445,7 +426,7 @@ def test_normalized_lean_path_steps_aside_where_it_must(rule, lean_calls):
     declining (a projection), a second direction: the full path."""
     rule(-1.0)
     x = torch.randn(4, 3, 5)
-    layer = _calibrated_norm("lstm", "batch")
+    layer = _calibrated("lstm", "batch")
     assert _served(lean_calls, lambda: _eval_run(layer, x, None))
     with torch.enable_grad():
         assert not _served(lean_calls, lambda: layer(x))
