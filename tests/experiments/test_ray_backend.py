@@ -182,15 +182,21 @@ SERVER_START_FAILED = ConnectionAbortedError(
     "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for detailed logs.\n")
 
 
+#: The same failure where the proxy looked at the dead server first (seen in a full test run, 2026-12-07).
+SERVER_ZOMBIE = ConnectionAbortedError(
+    "Initialization failure from server: psutil.ZombieProcess: PID still exists but it's a zombie (pid=13516)")
+
+
 @pytest.mark.parametrize("address, outcomes, joins, inits", [
     ("ray://127.0.0.1:{port}", [SERVER_START_FAILED, None], True, 2),  # the proxy's failure: once more
-    ("ray://127.0.0.1:{port}", [SERVER_START_FAILED, SERVER_START_FAILED], False, 2),  # not a third time
+    ("ray://127.0.0.1:{port}", [SERVER_ZOMBIE, None], True, 2),  # the same, seen as a zombie
+    ("ray://127.0.0.1:{port}", [SERVER_START_FAILED, SERVER_ZOMBIE, None], True, 3),
+    ("ray://127.0.0.1:{port}", [SERVER_START_FAILED] * 3, False, 3),  # not a fourth time
     ("127.0.0.1:{port}", [SERVER_START_FAILED], False, 1),  # only a ray:// address goes through the proxy
     ("ray://127.0.0.1:{port}", [ConnectionAbortedError("Initialization failure from server:\nValueError: x")],
      False, 1),  # any other failure of the server: at once
 ])
-def test_a_client_server_that_failed_to_start_is_asked_once_more(monkeypatch, caplog, address, outcomes, joins,
-                                                                    inits):
+def test_a_client_server_that_failed_to_start_is_asked_again(monkeypatch, caplog, address, outcomes, joins, inits):
     import socket
 
     import recnorm.experiments.ray_backend as rb
@@ -205,9 +211,9 @@ def test_a_client_server_that_failed_to_start_is_asked_once_more(monkeypatch, ca
         if joins:
             with caplog.at_level("WARNING", logger="recnorm.experiments.ray_backend"):
                 backend.connect()
-            assert backend._owns and fake.shutdowns == 1
+            assert backend._owns and fake.shutdowns == inits - 1
             assert "the head could not start this client's server (ConnectionAbortedError: Initialization " \
-                   "failure from server: RuntimeError: Starting Ray client server failed." in caplog.text
+                   "failure from server: " in caplog.text
         else:
             with pytest.raises(rb.RayConnectError, match="cannot join the Ray cluster at") as info:
                 backend.connect()

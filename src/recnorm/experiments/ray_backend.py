@@ -130,11 +130,18 @@ def task_failure(exc: BaseException) -> Tuple[str, str]:
     return error, _ANSI.sub("", str(exc))
 
 
+#: How many times :meth:`RayBackend.connect` asks a ``ray://`` head for a session whose server failed to start.
+CLIENT_SERVER_ATTEMPTS = 3
+
+
 def _transient_client_server_failure(address: Optional[str], error: BaseException) -> bool:
     """Whether ``ray.init("ray://...")`` failed because the head's proxy could not start the session's server,
-    a failure that a second connection does not repeat."""
+    a failure that the next connection need not repeat. The proxy forks that server while its own gRPC threads
+    run, and the child sometimes dies at once (ray-project/ray#63202): the proxy then reports that starting it
+    failed, or, where it looked at the dead child first, that the process is a zombie (``psutil.ZombieProcess``)."""
+    text = str(error)
     return (address or "").startswith("ray://") and isinstance(error, ConnectionAbortedError) and \
-        "Starting Ray client server failed" in str(error)
+        ("Starting Ray client server failed" in text or "ZombieProcess" in text)
 
 
 def _auth_hint(address: Optional[str], error: Optional[BaseException]) -> str:
@@ -355,13 +362,13 @@ class RayBackend:
         start = time.perf_counter()
         if address is not None:
             _probe(address, self.connect_timeout)
-        for attempt in (1, 2):
+        for attempt in range(1, CLIENT_SERVER_ATTEMPTS + 1):
             error = self._init_within_limit(ray, address, kwargs)
             if error is None:
                 break
-            if attempt == 1 and _transient_client_server_failure(address, error):
+            if attempt < CLIENT_SERVER_ATTEMPTS and _transient_client_server_failure(address, error):
                 # The head's client proxy sometimes fails to start the session's own server (Ray 2.60: about
-                # one first connection in five to a fresh `ray start --head` here); the next one starts it.
+                # one first connection in five to a fresh `ray start --head` here); a next one starts it.
                 logger.warning("ray: the head could not start this client's server (%s); connecting again",
                                _one_line(error))
                 ray.shutdown()

@@ -48,9 +48,10 @@ A new implementation is a module with ``supports`` and ``run_direction``, regist
 A plain layer (no norm, zoneout, observer, dropout in training or second direction; see
 ``RecurrentBase._lean_forward``) asks :func:`plain_stack_runs` instead: the same answer as :func:`choose`
 for such a stack, from its sizes alone, so that a call that ends in torch's op costs about what
-``torch.nn``'s own does, and one that ends in the fused kernel calls it without the rest of the full path
-(so does an eval call without autograd of a one-direction layer with any norm the fused kernel serves) (building each layer's :class:`DirectionWork` and choosing took about 5% of an
-eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied). An eval call without
+``torch.nn``'s own does (building each layer's :class:`DirectionWork` and choosing took about 5% of an
+eval forward at (28, 128, 28, 128), most of it in a cache the op had just emptied), and one that ends in
+the fused kernel calls it without the rest of the full path. So does an eval call without autograd of a
+one-direction layer with any norm the fused kernel serves. An eval call without
 autograd of a layer whose only norm is a sequence-wise BN of the input term takes the same path, on the
 input weights with the norm folded in (:func:`.native.folded_stack`, computed at every call: nothing is
 cached, so no change of the weights or statistics can be missed). Under CPU autocast without autograd both
