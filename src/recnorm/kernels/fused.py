@@ -509,9 +509,10 @@ def gemm_setting() -> Dict[str, object]:
     same. ``{"mkl_pack": ..., "wgrad_transposed": ..., "onednn_rule": ...}``: ``W_hh`` packed by MKL
     (:data:`MKL_PACK_MAKERS`), the weight gradients accumulated transposed (:data:`WGRAD_TRANSPOSED_MAKERS`),
     the rule in force of :func:`onednn_plan`, plus ``"onednn_env"`` where ``$RECNORM_FUSED_ONEDNN`` overrides it.
-    Read from the LSTM extension where it is loaded (this never builds one), else what a build would set.
-    ``RECNORM_FUSED_MKL_PACK`` and ``RECNORM_FUSED_WGRAD_T`` (set before the extension loads) replay another."""
-    ext = EXTENSIONS["lstm"].module
+    Read from a loaded extension (both are set alike when they load; this never builds one), else what a build
+    would set. ``RECNORM_FUSED_MKL_PACK`` and ``RECNORM_FUSED_WGRAD_T`` (set before the extension loads)
+    replay another."""
+    ext = EXTENSIONS["lstm"].module or EXTENSIONS["gru_rnn"].module
     setting: Dict[str, object] = {
         "mkl_pack": bool(ext.gemm_packed()) if ext is not None else mkl_pack_wanted(),
         "wgrad_transposed": bool(ext.wgrad_transposed()) if ext is not None else wgrad_transposed_wanted(),

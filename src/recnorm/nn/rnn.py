@@ -722,15 +722,20 @@ class RecurrentBase(_NormSetup, nn.Module):
             return None  # under autocast, the fused kernel's float32 upcast is the full path's (kernels._run_upcast)
         if self.norm is not None:
             self._check_population_statistics(warn=True)  # the full path's checks, in its order (the input's came first)
-        if runs == "fused":
-            fused = self._lean_fused(x, state)
-            if fused is None:
-                return None
-            out, ends = fused
-            if self.batch_first:
-                out = out.transpose(0, 1)
-            return out, (ends if self.cell.state_size == 2 else ends[0])
-        has_bias = self.bias
+        ran = self._lean_fused(x, state) if runs == "fused" else self._lean_native(kind, x, state, weights, low)
+        if ran is None:
+            return None
+        out, ends = ran
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (ends if self.cell.state_size == 2 else ends[0])
+
+    def _lean_native(self, kind: str, x: Tensor, state: Tuple[Tensor, ...], weights: List[Tensor],
+                     low: Optional[torch.dtype]) -> Optional[Tuple[Tensor, Tuple[Tensor, ...]]]:
+        """The layers of a lean call on torch's op (``weights``: the layer's ``_flat_weights``; ``low``: the
+        16-bit dtype under CPU autocast, or None): ``(out, final states)``, or None where a norm does not fold
+        (:func:`recnorm.kernels.native.folded_stack`)."""
+        L, has_bias = self.num_layers, self.bias
         if self.norm is not None:  # eval without autograd: fold each layer's sequence-wise norm into W_ih
             with torch.autocast(x.device.type, enabled=False):  # as kernels._run_upcast folds it: in float32
                 folded = kernels.native.folded_stack([self.direction_work(layer, 0) for layer in range(L)], x)
@@ -738,15 +743,11 @@ class RecurrentBase(_NormSetup, nn.Module):
                 return None
             weights, has_bias = folded
         if low is None:
-            out, ends = kernels.native.run_plain_stack(kind, x, state, weights, L, has_bias)
-        elif self.norm is None and kernels.native_bf16(kind, low, bool(self.proj_size), packed=False):
+            return kernels.native.run_plain_stack(kind, x, state, weights, L, has_bias)
+        if self.norm is None and kernels.native_bf16(kind, low, bool(self.proj_size), packed=False):
             # torch's op in bfloat16 with autocast on, as the full path runs each layer (kernels._run_upcast)
-            out, ends = kernels.native.run_plain_stack(kind, x.to(low), tuple(s.to(low) for s in state), weights, L, has_bias)
-        else:
-            out, ends = self._lean_upcast(kind, x, state, weights, has_bias, low)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        return out, (ends if self.cell.state_size == 2 else ends[0])
+            return kernels.native.run_plain_stack(kind, x.to(low), tuple(s.to(low) for s in state), weights, L, has_bias)
+        return self._lean_upcast(kind, x, state, weights, has_bias, low)
 
     def _lean_fused(self, x: Tensor, state: Tuple[Tensor, ...]) -> Optional[Tuple[Tensor, Tuple[Tensor, ...]]]:
         """The layers of a lean call on the fused kernel, each as the full path runs it
