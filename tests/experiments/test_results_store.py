@@ -182,7 +182,8 @@ def test_a_run_records_provenance_and_its_config_replays_its_kernels(tmp_path):
 
 def test_a_run_records_the_fused_kernels_gemm_settings(tmp_path, monkeypatch):
     """The settings that round the fused kernels' products differently (MKL's packed W_hh, the transposed
-    weight gradients, the oneDNN rule) are recorded as the extension that ran had them, not as constants."""
+    weight gradients, the oneDNN rule, each extension's vector build) are recorded as the extension that ran
+    had them, not as constants."""
     from recnorm.kernels import fused
 
     monkeypatch.delenv("RECNORM_FUSED_ONEDNN", raising=False)
@@ -190,8 +191,12 @@ def test_a_run_records_the_fused_kernels_gemm_settings(tmp_path, monkeypatch):
     if ext is None:
         pytest.skip("the fused LSTM extension is not available")
     result = train_and_evaluate(tiny(kernel="fused"), str(tmp_path / "a"))
+    builds = {family: e.tag if e.module is not None else fused.build_flags(family)[0]
+              for family, e in fused.EXTENSIONS.items()}
+    assert builds["lstm"] == fused.EXTENSIONS["lstm"].tag and fused.EXTENSIONS["lstm"].module.__name__.endswith(
+        "_" + builds["lstm"])
     assert result.provenance["gemm"] == {"mkl_pack": ext.gemm_packed(), "wgrad_transposed": ext.wgrad_transposed(),
-                                         "onednn_rule": "current"}
+                                         "onednn_rule": "current", "build": builds}
     before = ext.wgrad_transposed()
     ext.set_wgrad_transposed(not before)
     try:

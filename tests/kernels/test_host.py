@@ -128,19 +128,32 @@ def test_each_makers_rule_follows_its_own_measurements_at_the_bench_sizes():
                 assert (score < 0) == (faster[(maker, cell, phase, size)] != wrong), (maker, key, size)
 
 
-def test_the_build_is_avx512_only_on_an_intel_avx512_cpu(monkeypatch):
+def test_the_avx512_build_follows_the_capability_the_maker_and_the_family(monkeypatch):
+    """The LSTM's extension is built for AVX-512 on Intel and AMD AVX-512 CPUs, the GRU/RNN's on Intel ones
+    only; a capability capped to AVX2 (``ATEN_CPU_CAPABILITY``, how runs made on AVX2 replay) gets the AVX2
+    build, and ``RECNORM_FUSED_AVX512`` decides for both families."""
     import torch
 
     from recnorm.kernels import fused
 
-    for capability, maker, tag in (("AVX512", "Intel", "avx512"), ("AVX512", "AMD", "avx2"), ("AVX512", None, "avx2"),
-                                   ("AVX2", "Intel", "avx2"), ("DEFAULT", "Intel", "default")):  # fmt: skip
+    monkeypatch.delenv("RECNORM_FUSED_AVX512", raising=False)
+    for capability, maker, family, tag in (
+            ("AVX512", "Intel", "lstm", "avx512"), ("AVX512", "Intel", "gru_rnn", "avx512"),
+            ("AVX512", "AMD", "lstm", "avx512"), ("AVX512", "AMD", "gru_rnn", "avx2"),
+            ("AVX512", None, "lstm", "avx2"), ("AVX512", None, "gru_rnn", "avx2"),
+            ("AVX2", "Intel", "lstm", "avx2"), ("AVX2", "AMD", "lstm", "avx2"),
+            ("DEFAULT", "Intel", "lstm", "default")):  # fmt: skip
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         monkeypatch.setattr(host, "cpu_maker", lambda m=maker: m)
-        got, flags = fused.build_flags()
-        assert got == tag, (capability, maker)
+        got, flags = fused.build_flags(family)
+        assert got == tag, (capability, maker, family)
         assert ("-DCPU_CAPABILITY_AVX512" in flags) == (tag == "avx512")
         assert ("-DCPU_CAPABILITY_AVX2" in flags) == (tag == "avx2")
+        for value, forced in (("0", "avx2"), ("1", "avx512")):
+            monkeypatch.setenv("RECNORM_FUSED_AVX512", value)
+            assert fused.build_flags(family)[0] == (forced if capability == "AVX512" else tag)
+        monkeypatch.delenv("RECNORM_FUSED_AVX512")
+    assert fused.build_flags()[0] == fused.build_flags("lstm")[0]
 
 
 @pytest.mark.parametrize("family", ["lstm", "gru_rnn"])

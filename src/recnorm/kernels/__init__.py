@@ -484,9 +484,9 @@ def extensions_built() -> bool:
     """Whether every fused C++ extension is already compiled for this machine and torch (nothing to build)."""
     from recnorm.kernels import _build
 
-    tag, flags = fused.build_flags()
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
     for ext in fused.EXTENSIONS.values():
+        tag, flags = fused.build_flags(ext.family)
         full = f"{ext.name}_{tag}"
         directory = _build.build_directory(full, [os.path.join(folder, ext.source)], flags + ["|", "-fopenmp"])
         if not os.path.exists(os.path.join(directory, f"{full}.so")):

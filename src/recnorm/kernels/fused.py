@@ -96,11 +96,12 @@ _CELL_CODES = {"gru": 0, "rnn_tanh": 1, "rnn_relu": 2}
 class _Extension:
     """One C++ extension, built on first use; a failure is logged once and remembered."""
 
-    def __init__(self, name: str, source: str, what: str) -> None:
-        self.name, self.source, self.what = name, source, what
+    def __init__(self, family: str, name: str, source: str, what: str) -> None:
+        self.family, self.name, self.source, self.what = family, name, source, what
         self.module = None
         self.error: Optional[str] = None
         self.onednn: Optional[bool] = None
+        self.tag: Optional[str] = None  # the build (:func:`build_flags`) of the loaded module
         self._lock = threading.Lock()
 
     def load(self):
@@ -109,9 +110,10 @@ class _Extension:
         with self._lock:
             if self.module is None and self.error is None:
                 try:
-                    tag, _ = build_flags()
+                    tag, _ = build_flags(self.family)
                     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", self.source)
-                    self.module = build_extension(f"{self.name}_{tag}", path)
+                    self.module = build_extension(f"{self.name}_{tag}", path, self.family)
+                    self.tag = tag
                 except Exception as exc:  # no compiler, no ninja, a build error, ...
                     text = str(exc).strip().splitlines()
                     self.error = f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -124,21 +126,26 @@ class _Extension:
 
     def reset(self) -> None:
         """Forget the extension and any failure, so the next use tries again (tests)."""
-        self.module, self.error, self.onednn = None, None, None
+        self.module, self.error, self.onednn, self.tag = None, None, None, None
 
 
 EXTENSIONS = {
-    "lstm": _Extension("recnorm_fused_lstm", "fused_lstm.cpp", "LSTM"),
-    "gru_rnn": _Extension("recnorm_fused_gru_rnn", "fused_gru_rnn.cpp", "GRU/RNN"),
+    "lstm": _Extension("lstm", "recnorm_fused_lstm", "fused_lstm.cpp", "LSTM"),
+    "gru_rnn": _Extension("gru_rnn", "recnorm_fused_gru_rnn", "fused_gru_rnn.cpp", "GRU/RNN"),
 }
 
 
-#: CPU makers whose AVX-512 CPUs get an AVX-512 build (``host.cpu_maker()``). On the Intel Xeon (Ice Lake,
-#: 2026-12-07) the AVX-512 build took the LSTM's fused forward pass (gates and norms, GEMMs excluded) from
-#: 3.5-3.7 ms to 2.0-2.2 ms (``norm=None``) and from 5.6-5.7 to 3.6-3.7 ms (layer norm) at
-#: (T, B, I, H) = (28, 128, 4 or 28, 128), one thread (the kernel's development timers). The AMD EPYC's
-#: AVX-512 runs 512-bit vectors as two 256-bit halves, and was not measured: it keeps the AVX2 build.
-AVX512_MAKERS = ("Intel",)
+#: CPU makers whose AVX-512 CPUs get an AVX-512 build of each extension (``host.cpu_maker()``; the keys of
+#: :data:`EXTENSIONS`). On the Intel Xeon (Ice Lake, 2026-12-07) the AVX-512 build took the LSTM's fused
+#: forward pass (gates and norms, GEMMs excluded) from 3.5-3.7 ms to 2.0-2.2 ms (``norm=None``) and from
+#: 5.6-5.7 to 3.6-3.7 ms (layer norm) at (T, B, I, H) = (28, 128, 4 or 28, 128), one thread (the kernel's
+#: development timers). The AMD EPYC runs 512-bit vectors as two 256-bit halves, but still gains on the LSTM
+#: (2026-12-07, AVX-512 BF16 host, load < 0.6): its forward pass took 1.09-1.54 ms instead of 1.73-2.25 at that
+#: size, one thread, and the whole fused LSTM, with both builds in one process in alternation (11 rounds,
+#: 2 threads, (28, 128, 28, 128)), 0.89-0.99 of the AVX2 build's time over every norm in training and eval
+#: (0.92-0.96 at (100, 64, 128, 256)). Its GRU and RNN gained nothing to speak of (0.94-1.04, and 1.14 for
+#: the RNN's batch-norm eval), so they keep the AVX2 build there.
+AVX512_MAKERS: Dict[str, Tuple[str, ...]] = {"lstm": ("Intel", "AMD"), "gru_rnn": ("Intel",)}
 
 #: CPU makers on which the kernels' GEMMs clear their output with ATen's threads and then accumulate into it
 #: (beta = 1), instead of leaving beta = 0 to MKL. The same values either way. On the AMD EPYC MKL's beta = 0
@@ -188,20 +195,29 @@ def wgrad_transposed_wanted() -> bool:
     return _maker_setting("RECNORM_FUSED_WGRAD_T", WGRAD_TRANSPOSED_MAKERS)
 
 
-def build_flags() -> Tuple[str, List[str]]:
-    """``(tag, compiler flags)`` of the extensions on this CPU; the tag ends the extension's name.
+def avx512_wanted(family: str = "lstm") -> bool:
+    """Whether an AVX-512 CPU gets the AVX-512 build of extension ``family`` (:data:`AVX512_MAKERS`;
+    ``RECNORM_FUSED_AVX512`` set to 0 or 1 decides for both extensions)."""
+    return _maker_setting("RECNORM_FUSED_AVX512", AVX512_MAKERS[family])
+
+
+def build_flags(family: str = "lstm") -> Tuple[str, List[str]]:
+    """``(tag, compiler flags)`` of extension ``family`` (a key of :data:`EXTENSIONS`) on this CPU; the tag
+    ends the extension's name.
 
     AVX-512 vectors where torch's kernels use AVX-512 (``torch.backends.cpu.get_cpu_capability()``, which
-    ``ATEN_CPU_CAPABILITY`` caps) on a CPU of :data:`AVX512_MAKERS`; AVX2 vectors on any other AVX2 or
-    AVX-512 CPU; else the compiler's defaults. The AVX-512 build computes the same functions with the same
+    ``ATEN_CPU_CAPABILITY`` caps) on a CPU of :data:`AVX512_MAKERS` for that family; AVX2 vectors on any other
+    AVX2 or AVX-512 CPU; else the compiler's defaults. The AVX-512 build computes the same functions with the same
     exp and tanh forms, but 16 lanes at a time (so its sums, and its reciprocal's estimate, round
-    differently): a run replays on the build it was made with, which capping the ISA to AVX2 selects."""
+    differently): a run replays on the build it was made with, which capping the ISA to AVX2 selects, or,
+    for a run made on an AMD AVX-512 CPU before its LSTM got the AVX-512 build (2026-12-07, the records whose
+    ``provenance.gemm`` names no ``build``), ``RECNORM_FUSED_AVX512=0``."""
     flags = ["-O3", "-fopenmp"]
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         capability = "DEFAULT"
-    if capability == "AVX512" and host.cpu_maker() in AVX512_MAKERS:
+    if capability == "AVX512" and avx512_wanted(family):
         return "avx512", flags + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"]
     if capability in ("AVX2", "AVX512"):
         # AVX2 vectors with torch's own SLEEF exp/tanh (the functions torch.sigmoid/tanh use).
@@ -209,15 +225,18 @@ def build_flags() -> Tuple[str, List[str]]:
     return "default", flags
 
 
-def build_extension(name: str, path: str):
+def build_extension(name: str, path: str, family: Optional[str] = None):
     """The kernel file ``path`` (its headers beside it) built and loaded as the extension ``name``, with this
-    CPU's flags (:func:`build_flags`), the buffer pool's capacity, the GEMMs' prefill
+    CPU's flags for ``family`` (:func:`build_flags`; by default the family of ``path``'s file name,
+    ``fused_lstm.cpp`` or another), the buffer pool's capacity, the GEMMs' prefill
     (:data:`GEMM_PREFILL_MAKERS`), packing (:data:`MKL_PACK_MAKERS`) and weight-gradient layout
     (:data:`WGRAD_TRANSPOSED_MAKERS`) set. Raises on a build error. What
     recnorm's own extensions are built with, and benchmarks/ab_kernels.py's build of an earlier revision."""
     from recnorm.kernels import _build
 
-    _, flags = build_flags()
+    if family is None:
+        family = "lstm" if os.path.basename(path) == EXTENSIONS["lstm"].source else "gru_rnn"
+    _, flags = build_flags(family)
     module = _build.load(name, [path], flags, ["-fopenmp"])
     if hasattr(module, "set_pool_capacity"):
         module.set_pool_capacity(_pool_bytes())
@@ -506,17 +525,20 @@ def chunk_setting() -> Dict[str, object]:
 def gemm_setting() -> Dict[str, object]:
     """What the fused kernels' GEMMs do on this host, for a run's provenance, beside :func:`chunk_setting`:
     each of these choices rounds the same products differently, so a run replays bit for bit only with the
-    same. ``{"mkl_pack": ..., "wgrad_transposed": ..., "onednn_rule": ...}``: ``W_hh`` packed by MKL
-    (:data:`MKL_PACK_MAKERS`), the weight gradients accumulated transposed (:data:`WGRAD_TRANSPOSED_MAKERS`),
-    the rule in force of :func:`onednn_plan`, plus ``"onednn_env"`` where ``$RECNORM_FUSED_ONEDNN`` overrides it.
-    Read from a loaded extension (both are set alike when they load; this never builds one), else what a build
-    would set. ``RECNORM_FUSED_MKL_PACK`` and ``RECNORM_FUSED_WGRAD_T`` (set before the extension loads)
-    replay another."""
+    same. ``{"mkl_pack": ..., "wgrad_transposed": ..., "onednn_rule": ..., "build": ...}``: ``W_hh`` packed by
+    MKL (:data:`MKL_PACK_MAKERS`), the weight gradients accumulated transposed
+    (:data:`WGRAD_TRANSPOSED_MAKERS`), the rule in force of :func:`onednn_plan`, the vector build of each
+    extension (``{"lstm": "avx512", "gru_rnn": "avx2"}``, :func:`build_flags`), plus ``"onednn_env"`` where
+    ``$RECNORM_FUSED_ONEDNN`` overrides it. Read from a loaded extension (both are set alike when they load;
+    this never builds one), else what a build would set. ``RECNORM_FUSED_MKL_PACK``, ``RECNORM_FUSED_WGRAD_T``
+    and ``RECNORM_FUSED_AVX512`` (set before the extension loads) replay another."""
     ext = EXTENSIONS["lstm"].module or EXTENSIONS["gru_rnn"].module
     setting: Dict[str, object] = {
         "mkl_pack": bool(ext.gemm_packed()) if ext is not None else mkl_pack_wanted(),
         "wgrad_transposed": bool(ext.wgrad_transposed()) if ext is not None else wgrad_transposed_wanted(),
         "onednn_rule": _ONEDNN_RULE,
+        "build": {family: e.tag if e.module is not None and e.tag else build_flags(family)[0]
+                  for family, e in EXTENSIONS.items()},
     }
     env = os.environ.get("RECNORM_FUSED_ONEDNN")
     if env:
