@@ -1715,8 +1715,10 @@ def main(argv=None) -> int:
         memory_note = (f"The memory column comes from an earlier run ({em.get('when', '?')}, {_threads(em.get('threads'))}, "
                        f"`bench_rnn.py {em.get('argv', '?')}`), taken over with `--memory-from`: peak memory does not "
                        "depend on the load.")  # fmt: skip
-        if em.get("memory_remeasured", "").startswith("The memory column comes from an earlier run"):
-            memory_note = em["memory_remeasured"]  # that run took its column over too: name the run that measured it
+        if em.get("memory_remeasured"):
+            # that run's column was not its own either (taken over, or re-measured by --memory-only): keep naming
+            # the run that measured it
+            memory_note = em["memory_remeasured"]
     else:
         memory = {} if args.no_memory else measure_memory(args.cells, norms, sizes, args.threads, args.kernel, bf16_cells,
                                                           variant_sizes, args.memory_samples)

@@ -461,6 +461,15 @@ def test_the_memory_column_can_come_from_an_earlier_run(tmp_path, quiet_machine,
           "--memory-from", js, "--json", js2, "--out", tmp_path / "c.md")
     again = json.loads(js2.read_text())["meta"]
     assert again["memory_remeasured"] == data["meta"]["memory_remeasured"] and again["memory_samples"] == 2
+    # and from a run whose column a --memory-only run re-measured: the page names that re-measurement
+    remeasured = "The peak memory of 2 candidates (rnn; 1 size) was re-measured on 2026-01-03 at commit abc1234."
+    data["meta"]["memory_remeasured"] = remeasured
+    js3, js4 = tmp_path / "d.json", tmp_path / "e.json"
+    js3.write_text(json.dumps(data))
+    _main(*_ARGS[:-4], "--no-compile", "--bf16-cells", "--no-variants", "--sizes", ",".join(map(str, TINY)),
+          "--memory-from", js3, "--json", js4, "--out", tmp_path / "e.md")
+    assert json.loads(js4.read_text())["meta"]["memory_remeasured"] == remeasured
+    assert remeasured in (tmp_path / "e.md").read_text()
 
 
 def test_a_figure_is_judged_by_the_interval_of_its_median():
