@@ -158,3 +158,29 @@ def test_runs_of_the_current_code_reproduce_on_the_kernels_they_recorded():
     for record, ref in zip(records, refs):
         _assert_same_final(record, reruns[ref])
         assert reruns[ref]["kernels"] == record["provenance"]["kernels"]
+
+
+#: A committed study run made on an AMD EPYC with torch's kernels on AVX-512 (no ISA cap), before the fused LSTM got its
+#: AVX-512 build on AMD CPUs (2d425ab): its LSTM trained on the AVX2 build, which ``RECNORM_FUSED_AVX512=0`` selects.
+UNCAPPED_AMD = f"{os.path.join(ROOT, 'results', 'shared_bn', 'runs.jsonl')}#fashion_rows-lstm-shared_batch-default1-s9-3dc43f57e3"
+
+
+def test_an_amd_run_from_before_the_lstm_avx512_build_replays_with_that_build_switched_off():
+    """What docs/guide.md tells a user who replays such a run: without the override the fused LSTM rounds as the
+    AVX-512 build does and the run ends elsewhere (0.764 -> 0.765 valid accuracy with the EMA statistics, measured
+    when the default changed); with it the run's final metrics come back to 1e-6."""
+    import torch
+
+    _needs_avx2()
+    _needs_maker(["AMD"], "the uncapped AMD study runs")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this run was made with torch's kernels on AVX-512; this CPU runs "
+                    f"{torch.backends.cpu.get_cpu_capability()}")
+    path, run_id = UNCAPPED_AMD.split("#")
+    record = next(r for r in load_records(path) if r["run_id"] == run_id)
+    assert record["provenance"]["cpu"] == {"model": "AMD EPYC", "capability": "AVX512", "isa_env": {}}
+    assert "build" not in (record["provenance"].get("gemm") or {})
+    assert record["provenance"]["kernels"]["l0"]["train"] == ["fused"]
+    rerun = _rerun([UNCAPPED_AMD], {"RECNORM_FUSED_AVX512": "0"})[UNCAPPED_AMD]
+    _assert_same_final(record, rerun)
+    assert rerun["kernels"] == record["provenance"]["kernels"]
