@@ -143,7 +143,7 @@ EXTENSIONS = {
 #: (2026-12-07, AVX-512 BF16 host, load < 0.6): its forward pass took 1.09-1.54 ms instead of 1.73-2.25 at that
 #: size, one thread, and the whole fused LSTM, with both builds in one process in alternation (11 rounds,
 #: 2 threads, (28, 128, 28, 128)), 0.89-0.99 of the AVX2 build's time over every norm in training and eval
-#: (0.92-0.96 at (100, 64, 128, 256)). Its GRU and RNN gained nothing to speak of (0.94-1.04, and 1.14 for
+#: (0.94-0.96 at (100, 64, 128, 256)). Its GRU and RNN gained nothing to speak of (0.94-1.04, and 1.14 for
 #: the RNN's batch-norm eval), so they keep the AVX2 build there.
 AVX512_MAKERS: Dict[str, Tuple[str, ...]] = {"lstm": ("Intel", "AMD"), "gru_rnn": ("Intel",)}
 
