@@ -69,7 +69,8 @@ def load_base(cell: str, rev: str, dest: str):
     """The extension of ``cell``'s kernel file built from ``rev`` (cached like recnorm's own builds)."""
     family, source = FAMILIES[cell]
     directory = sources_at(rev, dest)
-    return fused.build_extension(f"recnorm_ab_{family}_{os.path.basename(directory)}", os.path.join(directory, source))
+    return fused.build_extension(f"recnorm_ab_{family}_{os.path.basename(directory)}", os.path.join(directory, source),
+                                 family)
 
 
 def _step(model, x: torch.Tensor, train: bool) -> List[torch.Tensor]:

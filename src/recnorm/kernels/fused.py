@@ -225,17 +225,14 @@ def build_flags(family: str = "lstm") -> Tuple[str, List[str]]:
     return "default", flags
 
 
-def build_extension(name: str, path: str, family: Optional[str] = None):
+def build_extension(name: str, path: str, family: str):
     """The kernel file ``path`` (its headers beside it) built and loaded as the extension ``name``, with this
-    CPU's flags for ``family`` (:func:`build_flags`; by default the family of ``path``'s file name,
-    ``fused_lstm.cpp`` or another), the buffer pool's capacity, the GEMMs' prefill
+    CPU's flags for ``family`` (a key of :data:`EXTENSIONS`, :func:`build_flags`), the buffer pool's capacity, the GEMMs' prefill
     (:data:`GEMM_PREFILL_MAKERS`), packing (:data:`MKL_PACK_MAKERS`) and weight-gradient layout
     (:data:`WGRAD_TRANSPOSED_MAKERS`) set. Raises on a build error. What
     recnorm's own extensions are built with, and benchmarks/ab_kernels.py's build of an earlier revision."""
     from recnorm.kernels import _build
 
-    if family is None:
-        family = "lstm" if os.path.basename(path) == EXTENSIONS["lstm"].source else "gru_rnn"
     _, flags = build_flags(family)
     module = _build.load(name, [path], flags, ["-fopenmp"])
     if hasattr(module, "set_pool_capacity"):
@@ -537,8 +534,7 @@ def gemm_setting() -> Dict[str, object]:
         "mkl_pack": bool(ext.gemm_packed()) if ext is not None else mkl_pack_wanted(),
         "wgrad_transposed": bool(ext.wgrad_transposed()) if ext is not None else wgrad_transposed_wanted(),
         "onednn_rule": _ONEDNN_RULE,
-        "build": {family: e.tag if e.module is not None and e.tag else build_flags(family)[0]
-                  for family, e in EXTENSIONS.items()},
+        "build": {family: e.tag or build_flags(family)[0] for family, e in EXTENSIONS.items()},
     }
     env = os.environ.get("RECNORM_FUSED_ONEDNN")
     if env:
