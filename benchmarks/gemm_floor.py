@@ -1,21 +1,28 @@
-"""What bounds the fused LSTM's eval forward: its GEMMs alone, timed against torch.nn.LSTM's whole forward.
+"""What bounds the fused LSTM: its GEMMs alone, timed against torch.nn.LSTM's whole eval forward or
+training step.
 
 An LSTM layer's eval forward is one input projection ``x W_ih^T + b`` over all T*B rows and T recurrent
 products ``h W_hh^T`` of (B, H) x (H, 4H); everything else (the gates, a norm's statistics) is a pass over
-the (B, 4H) result. This script times, at each size, in interleaved rounds with the same threads:
+the (B, 4H) result. A training step (``out.sum().backward()``, the input not requiring a gradient, as in
+``bench_rnn.py``) adds T products ``dG W_hh`` of (B, 4H) x (4H, H) for dL/dh_{t-1} and the weight gradients
+``dG^T x`` and ``dG^T h`` over all T*B rows. This script times, at each size, in interleaved rounds with the
+same threads:
 
-* ``torch.nn``: ``torch.nn.LSTM``'s eval forward (oneDNN's fused LSTM primitive on CPU);
-* ``fused``: recnorm's fused kernel, ``norm=None`` and ``norm="layer"``, eval forward;
+* ``torch.nn``: ``torch.nn.LSTM``'s eval forward or training step (oneDNN's fused LSTM primitive on CPU);
+* ``fused``: recnorm's fused kernel, ``norm=None`` and ``norm="layer"``, the same;
 * ``GEMMs (MKL)``: only the products above, through ``torch.addmm`` / ``torch.mm`` (MKL's sgemm);
-* ``GEMMs (oneDNN)``: the same products through oneDNN's linear with prepacked weights, the choice
-  ``recnorm.kernels.fused.onednn_plan`` can make.
+* ``GEMMs (oneDNN)``: the same, the products with a fixed right operand (the projection and the step
+  products) through oneDNN's linear with prepacked weights, the choice
+  ``recnorm.kernels.fused.onednn_plan`` can make; the weight gradients stay on ``torch.mm``.
 
 It prints each time as a ratio to torch.nn's. Where the GEMMs alone take 0.95 or more of torch.nn's whole
 forward, an eval forward built on those GEMMs cannot reach 1.0 however the rest is fused: the bound is the
-GEMM, not the kernel around it. Like every timing here it means something only on a quiet machine; it
-refuses to start above ``--max-load`` and reports the load around the run::
+GEMM, not the kernel around it (and likewise a training step at 0.85 or more against a target of 0.9). Like
+every timing here it means something only on a quiet machine; it refuses to start above ``--max-load`` and
+reports the load around the run::
 
-    python benchmarks/gemm_floor.py                   # the four sizes of bench_rnn.py, 2 threads
+    python benchmarks/gemm_floor.py                   # the four sizes of bench_rnn.py, 2 threads, eval
+    python benchmarks/gemm_floor.py --mode train
     python benchmarks/gemm_floor.py --threads 1
 """
 
@@ -48,18 +55,26 @@ def _time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def _onednn_gemms(x2, w_ih, w_hh, bias, h, T):
-    """The products through oneDNN's linear with prepacked weights, or None where this build lacks it."""
+def _onednn_gemms(x2, w_ih, w_hh, bias, h, T, train=None):
+    """The products through oneDNN's linear with prepacked weights (``train``: the backward's operands, the
+    weight gradients on ``torch.mm``), or None where this build lacks it."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
     B = h.shape[0]
     p_ih = torch.ops.mkldnn._reorder_linear_weight(w_ih, x2.shape[0])
     p_hh = torch.ops.mkldnn._reorder_linear_weight(w_hh, B)
+    p_hh_t = torch.ops.mkldnn._reorder_linear_weight(w_hh.t().contiguous(), B)  # dG W_hh = dG (W_hh^T)^T
 
     def run():
         torch.ops.mkldnn._linear_pointwise(x2, p_ih, bias, "none", [], "")
         for _ in range(T):
             torch.ops.mkldnn._linear_pointwise(h, p_hh, None, "none", [], "")
+        if train is not None:
+            dg, dg_all, hs, dw_ih, dw_hh = train
+            for _ in range(T):
+                torch.ops.mkldnn._linear_pointwise(dg, p_hh_t, None, "none", [], "")
+            torch.mm(dg_all.t(), x2, out=dw_ih)
+            torch.mm(dg_all.t(), hs, out=dw_hh)
 
     try:
         run()
@@ -68,30 +83,58 @@ def _onednn_gemms(x2, w_ih, w_hh, bias, h, T):
     return run
 
 
-def measure(size, rounds: int, reps: int) -> dict:
+MODES = ("eval", "train")
+
+
+def measure(size, rounds: int, reps: int, mode: str = "eval") -> dict:
+    """torch.nn's median milliseconds and each candidate's median ratio to it, at ``size`` (T, B, I, H), for
+    the eval forward or the training step (``mode``)."""
+    if mode not in MODES:
+        raise ValueError(f"gemm_floor.measure: mode must be one of {MODES}, got {mode!r}")
+    train = mode == "train"
     T, B, I, H = size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, B, I, generator=g)
-    ref = torch.nn.LSTM(I, H).eval()
-    fused = {n: recnorm.LSTM(I, H, norm=n, kernel="fused").eval() for n in (None, "layer")}
+    ref = torch.nn.LSTM(I, H).train(train)
+    fused = {n: recnorm.LSTM(I, H, norm=n, kernel="fused").train(train) for n in (None, "layer")}
     w_ih, w_hh = ref.weight_ih_l0.detach(), ref.weight_hh_l0.detach()
     bias = (ref.bias_ih_l0 + ref.bias_hh_l0).detach()
     x2, h = x.reshape(T * B, I), torch.randn(B, H, generator=g)
     out_in, out_h = torch.empty(T * B, 4 * H), torch.empty(B, 4 * H)
+    back = None
+    if train:  # the backward's operands: a step's gate gradients, all of them, the states they multiply
+        back = (torch.randn(B, 4 * H, generator=g), torch.randn(T * B, 4 * H, generator=g), torch.randn(T * B, H, generator=g),
+                torch.empty(4 * H, I), torch.empty(4 * H, H))  # fmt: skip
+        out_dh = torch.empty(B, H)
 
     def mkl():
         torch.addmm(bias, x2, w_ih.t(), out=out_in)
         for _ in range(T):
             torch.mm(h, w_hh.t(), out=out_h)
+        if back is not None:
+            dg, dg_all, hs, dw_ih, dw_hh = back
+            for _ in range(T):
+                torch.mm(dg, w_hh, out=out_dh)
+            torch.mm(dg_all.t(), x2, out=dw_ih)
+            torch.mm(dg_all.t(), hs, out=dw_hh)
 
-    cands = {"torch.nn": lambda: ref(x), "fused None": lambda: fused[None](x), "fused layer": lambda: fused["layer"](x),
-             "GEMMs (MKL)": mkl}  # fmt: skip
-    dnn = _onednn_gemms(x2, w_ih, w_hh, bias, h, T)
+    def step(model):
+        if not train:
+            return lambda: model(x)
+
+        def run():
+            model(x)[0].sum().backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    cands = {"torch.nn": step(ref), "fused None": step(fused[None]), "fused layer": step(fused["layer"]), "GEMMs (MKL)": mkl}
+    dnn = _onednn_gemms(x2, w_ih, w_hh, bias, h, T, back)
     if dnn is not None:
         cands["GEMMs (oneDNN)"] = dnn
     ratios = {k: [] for k in cands if k != "torch.nn"}
     base_ms = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(train):
         for _ in range(rounds):
             base = _time(cands["torch.nn"], reps)
             base_ms.append(base * 1e3)
@@ -107,15 +150,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--max-load", type=float, default=0.5)
+    ap.add_argument("--mode", choices=MODES, default="eval", help="eval forward (default) or training step")
     args = ap.parse_args(argv)
     if refuse_loaded("gemm_floor", load_average(), args.max_load):
         return 2
     torch.set_num_threads(args.threads)
     watch = LoadWatch()
-    rows = [(s, measure(s, args.rounds, args.reps)) for s in SIZES]
+    rows = [(s, measure(s, args.rounds, args.reps, args.mode)) for s in SIZES]
     load = watch.stop()
     keys = [k for k in rows[0][1] if k != "torch.nn ms"]
-    what = f"LSTM eval forward, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.LSTM"
+    step = "eval forward" if args.mode == "eval" else "training step"
+    what = f"LSTM {step}, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.LSTM"
     print("\n".join(ratio_table(what, load, rows, keys)))
     if refuse_others(load, args.max_load):
         return 2
