@@ -55,9 +55,10 @@ def _time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def _onednn_gemms(x2, w_ih, w_hh, bias, h, T, train=None):
-    """The products through oneDNN's linear with prepacked weights (``train``: the backward's operands, the
-    weight gradients on ``torch.mm``), or None where this build lacks it."""
+def _onednn_gemms(x2, w_ih, w_hh, bias, h, T, back=None):
+    """The products through oneDNN's linear with prepacked weights, or None where this build lacks it.
+    ``back``: for a training step, ``(dG, weight_grads)``, a step's gate gradients and the weight-gradient
+    products (on ``torch.mm``, shared with the MKL candidate)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
     B = h.shape[0]
@@ -69,12 +70,11 @@ def _onednn_gemms(x2, w_ih, w_hh, bias, h, T, train=None):
         torch.ops.mkldnn._linear_pointwise(x2, p_ih, bias, "none", [], "")
         for _ in range(T):
             torch.ops.mkldnn._linear_pointwise(h, p_hh, None, "none", [], "")
-        if train is not None:
-            dg, dg_all, hs, dw_ih, dw_hh = train
+        if back is not None:
+            dg, weight_grads = back
             for _ in range(T):
                 torch.ops.mkldnn._linear_pointwise(dg, p_hh_t, None, "none", [], "")
-            torch.mm(dg_all.t(), x2, out=dw_ih)
-            torch.mm(dg_all.t(), hs, out=dw_hh)
+            weight_grads()
 
     try:
         run()
@@ -103,20 +103,24 @@ def measure(size, rounds: int, reps: int, mode: str = "eval") -> dict:
     out_in, out_h = torch.empty(T * B, 4 * H), torch.empty(B, 4 * H)
     back = None
     if train:  # the backward's operands: a step's gate gradients, all of them, the states they multiply
-        back = (torch.randn(B, 4 * H, generator=g), torch.randn(T * B, 4 * H, generator=g), torch.randn(T * B, H, generator=g),
-                torch.empty(4 * H, I), torch.empty(4 * H, H))  # fmt: skip
-        out_dh = torch.empty(B, H)
+        dg, dg_all, hs = (torch.randn(B, 4 * H, generator=g), torch.randn(T * B, 4 * H, generator=g),
+                          torch.randn(T * B, H, generator=g))  # fmt: skip
+        dw_ih, dw_hh, out_dh = torch.empty(4 * H, I), torch.empty(4 * H, H), torch.empty(B, H)
+
+        def weight_grads():
+            torch.mm(dg_all.t(), x2, out=dw_ih)
+            torch.mm(dg_all.t(), hs, out=dw_hh)
+
+        back = (dg, weight_grads)
 
     def mkl():
         torch.addmm(bias, x2, w_ih.t(), out=out_in)
         for _ in range(T):
             torch.mm(h, w_hh.t(), out=out_h)
         if back is not None:
-            dg, dg_all, hs, dw_ih, dw_hh = back
             for _ in range(T):
                 torch.mm(dg, w_hh, out=out_dh)
-            torch.mm(dg_all.t(), x2, out=dw_ih)
-            torch.mm(dg_all.t(), hs, out=dw_hh)
+            weight_grads()
 
     def step(model):
         if not train:

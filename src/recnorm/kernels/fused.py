@@ -129,10 +129,8 @@ class _Extension:
         self.module, self.error, self.onednn, self.tag = None, None, None, None
 
 
-EXTENSIONS = {
-    "lstm": _Extension("lstm", "recnorm_fused_lstm", "fused_lstm.cpp", "LSTM"),
-    "gru_rnn": _Extension("gru_rnn", "recnorm_fused_gru_rnn", "fused_gru_rnn.cpp", "GRU/RNN"),
-}
+EXTENSIONS = {e.family: e for e in (_Extension("lstm", "recnorm_fused_lstm", "fused_lstm.cpp", "LSTM"),
+                                     _Extension("gru_rnn", "recnorm_fused_gru_rnn", "fused_gru_rnn.cpp", "GRU/RNN"))}
 
 
 #: CPU makers whose AVX-512 CPUs get an AVX-512 build of each extension (``host.cpu_maker()``; the keys of
