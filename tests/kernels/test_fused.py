@@ -104,6 +104,35 @@ def test_fused_matches_reference_with_weights_transposed_in_bands(cell):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("cell,norm,hoisted", [
+    pytest.param(c, n, h, id=case_id(c, n, h)) for c, n, h in itertools.product(CELL_IDS, [None, "layer", "batch"], [False, True])
+])  # fmt: skip
+def test_one_step_calls_read_the_weights_untransposed_and_match(cell, norm, hoisted):
+    """A call of one step multiplies by the transposed views of W_hh (and of W_ih where the input is
+    projected by GEMM), not by contiguous copies (fused_common.h, plain_operand): its outputs and gradients
+    match the reference. Decoding step by step, the states carried from call to call, matches the
+    reference decoding so, and, where the statistics do not depend on the step (recurrent batch norm reads
+    slot 0 at every call of one step), gives the outputs of one call over the whole sequence."""
+    ref, fast = _pair(cell, norm, input_size=33 if hoisted else 3, hidden=19)
+    x = torch.randn(1, 4, ref.input_size, dtype=DT)
+    assert_all_close(run_and_grad(ref, x, _hx(ref, 4)), run_and_grad(fast, x, _hx(fast, 4)), rtol=1e-9, atol=1e-10)
+    seq = torch.randn(5, 4, ref.input_size, dtype=DT)
+    for m in (ref, fast):
+        m(seq)  # running statistics for eval
+        m.eval()
+    with torch.no_grad():
+        decoded = []
+        for m in (ref, fast):
+            state, outs = None, []
+            for t in range(seq.shape[0]):
+                out, state = m(seq[t : t + 1], state)
+                outs.append(out)
+            decoded.append(torch.cat(outs))
+        assert_all_close(decoded[1], decoded[0], rtol=1e-9, atol=1e-10)
+        if norm != "batch":
+            assert_all_close(decoded[1], fast(seq)[0], rtol=1e-12, atol=1e-13)
+
+
 def test_chunk_rule_follows_the_floor_in_force_and_the_environment(monkeypatch):
     monkeypatch.delenv("RECNORM_FUSED_CHUNK_ROWS", raising=False)
     assert fused._chunk_rows(3584) == max(fused.CHUNK_FLOOR, 896) == 1024

@@ -191,8 +191,9 @@ class GruRnnForward {
     int64_t xi_rows = keep ? N : B0;
     if (hoisted && !keep) xi_rows = sh.proj_chunk_max(inproj_rows);
     XI = at::empty({xi_rows, G}, opts);  // input term (normalized in place when kept)
-    WT = transposed<T>(a.w_ih);  // (I, G)
-    wt = WT.data_ptr<T>();
+    // W_ih^T (I, G): the hoisted GEMMs' operand, or the rows the pass reads.
+    WT = hoisted ? plain_operand<T>(a.w_ih, sh.T) : transposed<T>(a.w_ih);
+    wt = hoisted ? nullptr : WT.data_ptr<T>();
     x_p = x.data_ptr<T>();
     XH = at::empty({keep ? N : B0, G}, opts);  // recurrent term (normalized in place when kept)
     out = at::empty({N, H}, opts);
@@ -211,7 +212,7 @@ class GruRnnForward {
     hn_p = hn.data_ptr<T>();
     h0_p = h0.data_ptr<T>();
     w_hh_mkl = step_pack<T>(a.w_hh, true, sh, w_hh_packed);  // W_hh^T packed by MKL, or
-    if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
+    if (!w_hh_mkl) w_hh_t = plain_operand<T>(a.w_hh, sh.T);  // (H, G): a plain GEMM operand (or its view)
   }
 
   // Step t's row pointers, and the input projection of the chunk of steps that starts at t.

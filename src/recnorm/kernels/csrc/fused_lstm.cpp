@@ -339,8 +339,10 @@ class LstmForward {
     if (hoisted && !save) xi_rows = sh.proj_chunk_max(inproj_rows);
     if (dnn_in && !save) xi_rows = 0;  // oneDNN returns each chunk's projection in a tensor of its own
     XI = pool_empty({xi_rows, G}, opts);
-    WT = transposed<T>(a.w_ih);  // (I, G)
-    wt = WT.data_ptr<T>();
+    // W_ih^T (I, G): the hoisted GEMMs' operand (none with oneDNN's packing), or the rows the pass reads.
+    if (!hoisted) WT = transposed<T>(a.w_ih);
+    else if (!dnn_in) WT = plain_operand<T>(a.w_ih, sh.T);
+    wt = hoisted ? nullptr : WT.data_ptr<T>();
     x_p = x.data_ptr<T>();
     XH = pool_empty({save ? N : B0, G}, opts);  // recurrent term (normalized in place when saved)
     // The carried cells of every step (or of the last two); where they differ from c~ (carry, zone_c), then
@@ -372,7 +374,7 @@ class LstmForward {
     cn_p = cn.data_ptr<T>();
     c0_p = a.c0.data_ptr<T>();
     w_hh_mkl = step_pack<T>(a.w_hh, true, sh, w_hh_packed, pool_empty);  // W_hh^T packed by MKL, or
-    if (!w_hh_mkl) w_hh_t = transposed<T>(a.w_hh);  // (H, G): a plain (not transposed) GEMM operand
+    if (!w_hh_mkl) w_hh_t = plain_operand<T>(a.w_hh, sh.T);  // (H, G): a plain GEMM operand (or its view)
     fold_.resize(folded ? 3 * G + 2 * H : 0);
   }
 
