@@ -28,7 +28,13 @@ measurement (issue 17: two cores shared with a test suite move ratios by 0.5), s
   torch.nn is 1 on a machine that can tell two layers apart, and the farthest end of that median's 95%
   interval from 1 is the smallest difference the run resolves (the worst over sizes and modes is kept),
 
-and a run that is not quiet -- load average before it or other processes' CPU during it above
+and it times under a steady allocator (``--allocator steady``, :mod:`allocator`): glibc's malloc set so that
+no layer pays page faults for buffers it frees and asks for again on every call. Under glibc's defaults
+torch.nn's op maps its large buffers afresh on every call and recnorm's kernels keep theirs in a pool, so a
+ratio would count the allocator on torch.nn's side (its LSTM training step at (784, 64, 1, 128) took 348 ms
+with 115,000 minor page faults and 184 ms without; recnorm's the same either way). Every row records its
+minor page faults per call (``faults``), and a run under ``--allocator default`` gives no verdict. A run that
+is not quiet -- load average before it or other processes' CPU during it above
 ``--max-load`` (0.5), or an A/A interval reaching farther than ``--max-noise`` (5%) from 1 -- gives no
 verdict on the targets (the page shows the ratios unjudged and says why) and does not rewrite ``--readme``
 (exit status 2). Where a size's A/A interval is too wide, ``--rounds`` (9) more rounds of all its candidates
@@ -102,6 +108,7 @@ from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 import torch
 
 import recnorm
+import allocator
 from bench_compile import interval as _interval  # the median's 95% interval, as a JSON-ready list
 
 SIZES: List[Tuple[int, int, int, int]] = [(28, 128, 28, 128), (100, 64, 128, 256), (200, 32, 64, 512), (784, 64, 1, 128)]
@@ -411,6 +418,7 @@ def measure_time(cells, norms, sizes, rounds: int, kernel=None, log=print, bf16_
                     "ratio_to_fp32_ci": _interval(to_fp32),
                     "rounds": times.rounds,
                     "calls": built[c.label][3][mode],
+                    "faults": statistics.median(times.faults[(c.label, mode)]),
                 }
                 if c.label in ran:
                     row["kernel"] = ran[c.label][mode]
@@ -437,6 +445,7 @@ class Timings:
     def __init__(self) -> None:
         self.groups: Dict[Tuple[str, str], List[Dict[str, float]]] = {}
         self.own: Dict[Tuple[str, str], List[float]] = {}
+        self.faults: Dict[Tuple[str, str], List[float]] = {}  # minor page faults per call of those timings
         self.rounds = 0
 
     def ratios(self, label: str, base: str, mode: str) -> List[float]:
@@ -495,10 +504,13 @@ def _rounds(built: Dict, groups: Dict[str, List[str]], rounds: int, size, log, t
             for label in _order(list(groups), size, r, mode):
                 got = {}
                 for member in _order(groups[label], size, f"{r}/{label}", mode):
+                    before = allocator.minor_faults()
                     got[member] = _time_built(built[member], mode)
                     if member not in seen:
                         seen.add(member)
                         times.own.setdefault((member, mode), []).append(got[member])
+                        faults = (allocator.minor_faults() - before) / built[member][3][mode]
+                        times.faults.setdefault((member, mode), []).append(faults)
                 times.groups.setdefault((label, mode), []).append(got)
         times.rounds += 1
         log(f"  size {size}: round {r + 1} done")
@@ -701,6 +713,10 @@ def not_quiet(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_SP
     if not quiet:
         return ["the load was not recorded (a run from before issue 17)"]
     why = []
+    alloc = meta.get("allocator")
+    if alloc and alloc["name"] != "steady":
+        why.append("glibc's default malloc (`--allocator default`): torch.nn's time includes the page faults of the "
+                   "buffers its op maps afresh on every call, which recnorm's pooled kernels do not pay")
     if quiet["load_before"] > max_load:
         why.append(f"load average {quiet['load_before']:.2f} before the run (more than {max_load})")
     if quiet["others_load"] > max_load:
@@ -747,6 +763,34 @@ def run_reasons(meta: Dict, max_load: float = MAX_LOAD, max_spread: float = MAX_
     if vmeta and vmeta.get("argv") != meta.get("argv"):
         why += [f"variants' run: {w}" for w in not_quiet(vmeta, max_load, max_spread, max_noise)]
     return why
+
+
+def worst_faults(rows: List[Dict]) -> Dict | None:
+    """The torch.nn row with the most minor page faults per call (float32), None where no row recorded them."""
+    return _worst_row([r for r in rows if r["norm"] == "torch" and not r.get("bf16") and "faults" in r], "faults", "faults")
+
+
+def allocator_text(meta: Dict, rows: List[Dict]) -> str:
+    """The page's paragraph on the allocator a run timed under (benchmarks/allocator.py) and the page faults
+    torch.nn's layers took per call in it."""
+    text = allocator.describe(meta.get("allocator"))
+    w = worst_faults(rows)
+    if w is not None:
+        ours = max((r["faults"] for r in rows if r["norm"] != "torch" and "faults" in r), default=0.0)
+        text += (f" Minor page faults per call in this run: torch.nn's at most {w['faults']:,.0f} ({w['candidate']}, "
+                 f"{tuple(w['size'])}, {w['mode']}), recnorm's and the peers' at most {ours:,.0f} (the median over "
+                 "rounds, `faults` in the JSON).")
+    return text
+
+
+def readme_allocator(meta: Dict) -> str:
+    """The README's sentence on the allocator."""
+    alloc = meta.get("allocator")
+    if alloc and alloc["name"] == "steady":
+        return ("glibc's malloc held steady (`--allocator steady`), so that torch.nn's op pays no page faults for "
+                "the buffers it maps afresh on every call under glibc's defaults (docs/benchmarks.md, Allocator).")
+    return ("glibc's default malloc: torch.nn's time includes page faults that recnorm's pooled kernels do not "
+            "pay (docs/benchmarks.md, Allocator).")
 
 
 def quiet_text(meta: Dict) -> str:
@@ -1144,16 +1188,29 @@ def peer_lines(rows: List[Dict]) -> List[str]:
     return lines
 
 
-def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05, threads: int | None = None) -> List[str]:
+def allocation_of(meta: Dict) -> str:
+    """The allocator setting a run timed under (benchmarks/allocator.py): a run from before the setting ran
+    glibc's default."""
+    return (meta.get("allocator") or {}).get("name", "default")
+
+
+def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05, threads: int | None = None,
+               allocation: str | None = None) -> List[str]:
     """Rows whose ratio to torch.nn rose by more than ``threshold`` against the same row of ``baseline``.
-    A baseline timed with another number of threads than this run (``threads``) is not compared: a ratio
-    to torch.nn moves with the threads both use, so the check would report the change of setting."""
+    A baseline timed with another number of threads than this run (``threads``), or under another allocator
+    setting (``allocation``, benchmarks/allocator.py; a run without one ran glibc's default), is not compared:
+    a ratio to torch.nn moves with either, so the check would report the change of setting."""
     if not baseline:
         return ["No baseline JSON was given or found: no regression check in this run."]
     before = baseline.get("meta", {}).get("threads")
     if threads is not None and before is not None and before != threads:
         return [f"No regression check in this run: the previous run ({baseline.get('meta', {}).get('when', '?')}) "
                 f"used {before} threads and this one {threads}, and a ratio to torch.nn moves with the threads."]
+    previous = allocation_of(baseline.get("meta", {}))
+    if allocation is not None and previous != allocation:
+        return [f"No regression check in this run: the previous run ({baseline.get('meta', {}).get('when', '?')}) timed "
+                f"under the `{previous}` allocator and this one under `{allocation}`, and a ratio to torch.nn moves with "
+                "the page faults its op pays (benchmarks/allocator.py)."]
     old = {(r["candidate"], tuple(r["size"]), r["mode"]): r["ratio"] for r in baseline.get("rows", [])}
     compared, new, worse = 0, 0, []
     for r in rows:
@@ -1251,17 +1308,17 @@ def dispatch_lines(sizes, cpu: str | None = None) -> List[str]:
 
 
 def regression_sections(rows: List[Dict], baseline: Dict | None, stored: Dict | None = None, main_baseline: bool = True,
-                        threads: int | None = None) -> Dict[str, List[str]]:
+                        threads: int | None = None, allocation: str | None = None) -> Dict[str, List[str]]:
     """The regression check of the main rows and of the variants' rows, each against ``baseline``; where
     there is none (or, with ``main_baseline`` False, for the main rows, which a ``--only-variants`` run did
-    not measure), the lines stored in the JSON by the run that measured them. ``threads``: this run's (see
-    :func:`regression`)."""
+    not measure), the lines stored in the JSON by the run that measured them. ``threads`` and ``allocation``:
+    this run's (see :func:`regression`)."""
     stored = stored or {}
     main, vrows = split_rows(rows)
     out = {}
     for key, part, use in (("main", main, main_baseline), ("variants", vrows, True)):
         if baseline and use:
-            out[key] = regression(part, baseline, threads=threads)
+            out[key] = regression(part, baseline, threads=threads, allocation=allocation)
         else:
             out[key] = stored.get(key) or regression(part, None)
     return out
@@ -1291,6 +1348,8 @@ def to_markdown(rows: List[Dict], memory: Dict, meta: Dict, crows=(), baseline=N
         f"{_rounds_text(meta, rows)}; kernel selection `{meta['kernel']}`.",
         "",
         f"**Load.** {quiet_text(meta)}",
+        "",
+        f"**Allocator.** {allocator_text(meta, rows)}",
         "",
         *([f"**{'More rounds' if new else 'Re-timed'}.** {retimed}", ""] if retimed else []),
         *([f"**Memory.** {meta['memory_remeasured']}", ""] if meta.get("memory_remeasured") else []),
@@ -1434,6 +1493,7 @@ def readme_block(rows: List[Dict], memory: Dict, meta: Dict) -> str:
         f"Ratio to torch.nn at the worst size (judged worst, then the largest) of [docs/benchmarks.md](docs/benchmarks.md) (produced by "
         f"`python benchmarks/bench_rnn.py {meta['argv']}` on {machine_text(meta)}; {_rounds_text(meta, rows)}, "
         f"{_threads(meta['threads'])}, {meta['when']}, commit {meta.get('commit', 'not recorded')}). {quiet_text(meta)} "
+        f"{readme_allocator(meta)} "
         + (LEGEND[0].upper() + LEGEND[1:] + "." if any("ratio_ci" in r for r in rows) else "Bold: over the target of issue 11."),
         "",
         *summary_table(summ),
@@ -1642,6 +1702,10 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-from", default=None,
                     help="take the memory column from this JSON of an earlier run instead of measuring it (peak memory "
                          "does not depend on the load; the page says where the column comes from)")
+    ap.add_argument("--allocator", choices=allocator.CHOICES, default="steady",
+                    help="glibc's malloc during the timing: steady (no page faults for buffers freed and asked for again on "
+                         "every call) or glibc's default, under which torch.nn's op pays them and recnorm's pooled kernels "
+                         "do not; a default run gives no verdict on the targets (benchmarks/allocator.py; default %(default)s)")
     ap.add_argument("--retries", type=int, default=2,
                     help="add --rounds more rounds of a size, all its candidates, when the 95%% interval of its A/A "
                          "control's median ratio reaches farther than --max-noise from 1, at most this many times; the "
@@ -1659,6 +1723,10 @@ def main(argv=None) -> int:
     if args.only_variants and not args.variants:
         raise SystemExit("--only-variants and --no-variants exclude each other")
     torch.set_num_threads(args.threads)
+    try:
+        alloc = allocator.set_allocator(args.allocator)  # before anything is built or timed
+    except RuntimeError as exc:
+        raise SystemExit(f"bench_rnn.py: {exc}") from None
     norms = [None if n == "None" else n for n in args.norms]
     sizes = _sizes_arg(args.sizes) if args.sizes else list(SIZES)
     rounds = args.rounds
@@ -1739,6 +1807,7 @@ def main(argv=None) -> int:
         "retries": args.retries,
         "memory_samples": args.memory_samples,
         "memory_mmap_threshold": int(memory_env()["MALLOC_MMAP_THRESHOLD_"]),
+        "allocator": alloc,
     }
     if memory_note:
         meta["memory_remeasured"] = memory_note
@@ -1754,11 +1823,12 @@ def main(argv=None) -> int:
         FAILED.update(_keyed(data["failed"]))
         # the main rows were not measured now: their check is the stored one, or against an explicit --baseline
         regressions = regression_sections(data["rows"], baseline, (previous or {}).get("regression"),
-                                          main_baseline=bool(args.baseline), threads=args.threads)  # fmt: skip
+                                          main_baseline=bool(args.baseline), threads=args.threads,
+                                          allocation=args.allocator)  # fmt: skip
         memory = _keyed(data["memory_mib"])
         crows = data.get("compile", [])
     else:
-        regressions = regression_sections(rows, baseline, threads=args.threads)
+        regressions = regression_sections(rows, baseline, threads=args.threads, allocation=args.allocator)
     data["regression"] = regressions
     reasons = run_reasons(data["meta"], args.max_load, args.max_spread, args.max_noise)
     md = to_markdown(data["rows"], memory, data["meta"], crows, notes=_read_notes(args.notes), regressions=regressions, reasons=reasons)

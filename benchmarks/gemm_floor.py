@@ -19,7 +19,9 @@ It prints each time as a ratio to torch.nn's. Where the GEMMs alone take 0.95 or
 forward, an eval forward built on those GEMMs cannot reach 1.0 however the rest is fused: the bound is the
 GEMM, not the kernel around it (and likewise a training step at 0.85 or more against a target of 0.9). Like
 every timing here it means something only on a quiet machine; it refuses to start above ``--max-load`` and
-reports the load around the run::
+reports the load around the run. It times under bench_rnn.py's steady allocator by default
+(``--allocator``, benchmarks/allocator.py): under glibc's defaults torch.nn's training step pays page faults
+that are no GEMM's::
 
     python benchmarks/gemm_floor.py                   # the four sizes of bench_rnn.py, 2 threads, eval
     python benchmarks/gemm_floor.py --mode train
@@ -38,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import allocator  # noqa: E402
 from bench_rnn import LoadWatch, load_average, ratio_table, refuse_loaded, refuse_others  # noqa: E402
 
 import recnorm  # noqa: E402
@@ -155,16 +158,23 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--max-load", type=float, default=0.5)
     ap.add_argument("--mode", choices=MODES, default="eval", help="eval forward (default) or training step")
+    ap.add_argument("--allocator", choices=allocator.CHOICES, default="steady",
+                    help="glibc's malloc during the timing, as in bench_rnn.py (benchmarks/allocator.py; default %(default)s)")
     args = ap.parse_args(argv)
     if refuse_loaded("gemm_floor", load_average(), args.max_load):
         return 2
+    try:
+        alloc = allocator.set_allocator(args.allocator)
+    except RuntimeError as exc:
+        raise SystemExit(f"gemm_floor.py: {exc}") from None
     torch.set_num_threads(args.threads)
     watch = LoadWatch()
     rows = [(s, measure(s, args.rounds, args.reps, args.mode)) for s in SIZES]
     load = watch.stop()
     keys = [k for k in rows[0][1] if k != "torch.nn ms"]
     step = "eval forward" if args.mode == "eval" else "training step"
-    what = f"LSTM {step}, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.LSTM"
+    what = (f"LSTM {step}, {args.threads} thread(s), median of {args.rounds} interleaved rounds, ratio to torch.nn.LSTM; "
+            f"allocator {alloc['name']}")
     print("\n".join(ratio_table(what, load, rows, keys)))
     if refuse_others(load, args.max_load):
         return 2
