@@ -56,6 +56,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+import allocator  # benchmarks/allocator.py, beside this file
 from recnorm.kernels import host
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -187,12 +188,25 @@ def measure(args) -> None:
     if maker is None:
         raise SystemExit("fit_dispatch: this host's CPU maker is neither AMD nor Intel (recnorm.kernels.host), and the rules "
                          "are kept per maker; set $RECNORM_CPU_MAKER to file these measurements under one")  # fmt: skip
+    # the points a maker has were timed under one allocator setting (points from before the setting: glibc's
+    # default); a resumed run must not mix another in, since torch's op pays page faults under the default only
+    had = data["meta"].get(maker, {})
+    before = (had.get("allocator") or {}).get("name", "default" if had else None)
+    if before is not None and before != args.allocator and any(point_maker(p) == maker for p in data["points"]):
+        raise SystemExit(f"fit_dispatch: the {maker} points in {args.data} were timed under the `{before}` allocator and "
+                         f"this run would time under `{args.allocator}` (benchmarks/allocator.py); measure into a fresh "
+                         f"--data file, or give --allocator {before}")  # fmt: skip
+    try:
+        alloc = allocator.set_allocator(args.allocator)
+    except RuntimeError as exc:
+        raise SystemExit(f"fit_dispatch: {exc}") from None
     data["meta"].setdefault(maker, {}).update({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": bench_rnn.cpu_model(),
         "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
         "command": "python benchmarks/fit_dispatch.py " + " ".join(sys.argv[1:]),
+        "allocator": alloc,
     })  # fmt: skip
     # a host measures the points its maker lacks: the other maker's points are not its measurements
     done = {(p["cell"], p["dtype"], tuple(p["size"])) for p in data["points"] if point_maker(p) == maker}
@@ -335,6 +349,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-load", type=float, default=0.5,
                     help="--measure refuses to start above this load average, and drops a point during which other "
                          "processes used more than this many cores (default %(default)s)")  # fmt: skip
+    ap.add_argument("--allocator", choices=allocator.CHOICES, default="steady",
+                    help="glibc's malloc while --measure times, as in bench_rnn.py (benchmarks/allocator.py; default "
+                         "%(default)s); the points of one maker are all timed under one setting")  # fmt: skip
     args = ap.parse_args(argv)
     if not (args.measure or args.fit):
         ap.error("give --measure and/or --fit")

@@ -377,9 +377,15 @@ def test_fit_dispatch_measures_on_a_quiet_machine_only(tmp_path, monkeypatch):
     assert not data.exists() or json.loads(data.read_text())["points"] == []
     _Machine(monkeypatch, load=0.1, others=0.0, spread=None)
     fit_dispatch.main(argv)
-    points = json.loads(data.read_text())["points"]
+    saved = json.loads(data.read_text())
+    points = saved["points"]
     assert [tuple(p["size"]) for p in points] == fit_dispatch.BENCH_SIZES
     assert all(p["load"]["others_load"] == 0.0 for p in points)
+    # timed under the steady allocator, recorded per maker; a resumed run under another setting is refused
+    maker = fit_dispatch.point_maker(points[0])
+    assert saved["meta"][maker]["allocator"]["name"] == "steady"
+    with pytest.raises(SystemExit, match="timed under the `steady` allocator and this run would time under `default`"):
+        fit_dispatch.main([*argv, "--allocator", "default"])
 
 
 def test_memory_children_fix_glibcs_mmap_threshold(monkeypatch):
