@@ -64,6 +64,20 @@ def set_allocator(name: str) -> Dict:
     return {"name": "steady", "mallopt": dict(STEADY)}
 
 
+def set_or_exit(name: str, tool: str) -> Dict:
+    """:func:`set_allocator` for a command-line tool: its RuntimeError becomes the tool's exit message."""
+    try:
+        return set_allocator(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"{tool}: {exc}") from None
+
+
+def recorded(meta: Dict) -> str:
+    """The setting a run's ``meta`` records (``meta["allocator"]["name"]``); a run from before the setting
+    existed ran glibc's default."""
+    return (meta.get("allocator") or {}).get("name", "default")
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far (``getrusage``'s ``ru_minflt``)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -785,8 +785,7 @@ def allocator_text(meta: Dict, rows: List[Dict]) -> str:
 
 def readme_allocator(meta: Dict) -> str:
     """The README's sentence on the allocator."""
-    alloc = meta.get("allocator")
-    if alloc and alloc["name"] == "steady":
+    if allocator.recorded(meta) == "steady":
         return ("glibc's malloc held steady (`--allocator steady`), so that torch.nn's op pays no page faults for "
                 "the buffers it maps afresh on every call under glibc's defaults (docs/benchmarks.md, Allocator).")
     return ("glibc's default malloc: torch.nn's time includes page faults that recnorm's pooled kernels do not "
@@ -1188,12 +1187,6 @@ def peer_lines(rows: List[Dict]) -> List[str]:
     return lines
 
 
-def allocation_of(meta: Dict) -> str:
-    """The allocator setting a run timed under (benchmarks/allocator.py): a run from before the setting ran
-    glibc's default."""
-    return (meta.get("allocator") or {}).get("name", "default")
-
-
 def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05, threads: int | None = None,
                allocation: str | None = None) -> List[str]:
     """Rows whose ratio to torch.nn rose by more than ``threshold`` against the same row of ``baseline``.
@@ -1206,7 +1199,7 @@ def regression(rows: List[Dict], baseline: Dict | None, threshold: float = 1.05,
     if threads is not None and before is not None and before != threads:
         return [f"No regression check in this run: the previous run ({baseline.get('meta', {}).get('when', '?')}) "
                 f"used {before} threads and this one {threads}, and a ratio to torch.nn moves with the threads."]
-    previous = allocation_of(baseline.get("meta", {}))
+    previous = allocator.recorded(baseline.get("meta", {}))
     if allocation is not None and previous != allocation:
         return [f"No regression check in this run: the previous run ({baseline.get('meta', {}).get('when', '?')}) timed "
                 f"under the `{previous}` allocator and this one under `{allocation}`, and a ratio to torch.nn moves with "
@@ -1723,10 +1716,7 @@ def main(argv=None) -> int:
     if args.only_variants and not args.variants:
         raise SystemExit("--only-variants and --no-variants exclude each other")
     torch.set_num_threads(args.threads)
-    try:
-        alloc = allocator.set_allocator(args.allocator)  # before anything is built or timed
-    except RuntimeError as exc:
-        raise SystemExit(f"bench_rnn.py: {exc}") from None
+    alloc = allocator.set_or_exit(args.allocator, "bench_rnn.py")  # before anything is built or timed
     norms = [None if n == "None" else n for n in args.norms]
     sizes = _sizes_arg(args.sizes) if args.sizes else list(SIZES)
     rounds = args.rounds

@@ -191,15 +191,12 @@ def measure(args) -> None:
     # the points a maker has were timed under one allocator setting (points from before the setting: glibc's
     # default); a resumed run must not mix another in, since torch's op pays page faults under the default only
     had = data["meta"].get(maker, {})
-    before = (had.get("allocator") or {}).get("name", "default" if had else None)
+    before = allocator.recorded(had) if had else None
     if before is not None and before != args.allocator and any(point_maker(p) == maker for p in data["points"]):
         raise SystemExit(f"fit_dispatch: the {maker} points in {args.data} were timed under the `{before}` allocator and "
                          f"this run would time under `{args.allocator}` (benchmarks/allocator.py); measure into a fresh "
                          f"--data file, or give --allocator {before}")  # fmt: skip
-    try:
-        alloc = allocator.set_allocator(args.allocator)
-    except RuntimeError as exc:
-        raise SystemExit(f"fit_dispatch: {exc}") from None
+    alloc = allocator.set_or_exit(args.allocator, "fit_dispatch")
     data["meta"].setdefault(maker, {}).update({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

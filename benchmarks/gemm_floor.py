@@ -163,10 +163,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if refuse_loaded("gemm_floor", load_average(), args.max_load):
         return 2
-    try:
-        alloc = allocator.set_allocator(args.allocator)
-    except RuntimeError as exc:
-        raise SystemExit(f"gemm_floor.py: {exc}") from None
+    alloc = allocator.set_or_exit(args.allocator, "gemm_floor.py")
     torch.set_num_threads(args.threads)
     watch = LoadWatch()
     rows = [(s, measure(s, args.rounds, args.reps, args.mode)) for s in SIZES]

@@ -677,5 +677,6 @@ def test_a_run_records_its_allocator_and_page_faults_and_default_gets_no_verdict
 
 def test_a_run_from_before_the_setting_says_glibcs_default_ran():
     assert allocator.describe(None).startswith("Not recorded: the run predates `--allocator` and ran glibc's default malloc")
-    assert bench_rnn.allocation_of({}) == "default"
+    assert allocator.recorded({}) == "default" and allocator.recorded({"allocator": None}) == "default"
+    assert allocator.recorded({"allocator": {"name": "steady", "mallopt": {}}}) == "steady"
     assert bench_rnn.worst_faults([{"norm": "torch", "candidate": "torch.nn.RNN", "size": [1, 1, 1, 1], "mode": "train"}]) is None
